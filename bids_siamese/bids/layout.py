@@ -1,0 +1,206 @@
+"""Input side: validate the raw dataset and select the T1w scans to process.
+
+Only the selected subjects are indexed by pybids (the others are ignored by a path pattern), so a
+large dataset is not walked in full when one participant is asked for.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import EmptySelectionError, NoInputError, UsageError, ValidationError
+
+LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
+#: Entities users may filter on in ``--bids-filter-file`` (fMRIPrep's format: {"t1w": {...}}).
+FILTER_QUERIES = {"t1w": {"datatype": "anat", "suffix": "T1w", "extension": [".nii", ".nii.gz"]}}
+MAX_LISTED_ISSUES = 10
+
+
+def clean_label(label: str, prefix: str) -> str:
+    """``sub-01`` or ``01`` -> ``01``; anything but letters and digits is a usage error.
+
+    Examples:
+        >>> clean_label("sub-01", "sub-")
+        '01'
+    """
+    text = str(label).strip()
+    if text.startswith(prefix):
+        text = text[len(prefix):]
+    if not LABEL_RE.match(text):
+        raise UsageError(
+            f"invalid label '{label}': BIDS labels contain only letters and digits; fix: pass e.g. {prefix}01 or 01"
+        )
+    return text
+
+
+def existing_subjects(bids_dir: Path) -> list[str]:
+    """Subject labels present as ``sub-<label>`` folders (a cheap listing, no indexing)."""
+    return sorted(p.name[4:] for p in Path(bids_dir).glob("sub-*") if p.is_dir() and LABEL_RE.match(p.name[4:]))
+
+
+def resolve_participants(bids_dir: Path, requested: list[str]) -> list[str]:
+    """The requested subjects (all when none requested); exit 66 naming missing and existing labels."""
+    present = existing_subjects(bids_dir)
+    if not present:
+        raise NoInputError(f"no sub-<label> folders in {bids_dir}; fix: point BIDS_DIR at a BIDS dataset")
+    if not requested:
+        return present
+    missing = [label for label in requested if label not in present]
+    if missing:
+        shown = ", ".join(present[:20]) + (" ..." if len(present) > 20 else "")
+        raise NoInputError(
+            f"participant(s) {', '.join(missing)} not found in {bids_dir}; existing: {shown}; fix: correct --participant-label"
+        )
+    return list(dict.fromkeys(requested))
+
+
+def load_filter_file(path: Path) -> dict[str, dict[str, Any]]:
+    """Read and check a ``--bids-filter-file`` (JSON, fMRIPrep format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NoInputError(f"BIDS filter file {path} not found; fix: give an existing JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise UsageError(f"BIDS filter file {path} is not valid JSON ({err.msg} at line {err.lineno}); fix: correct the JSON") from err
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UsageError(f'BIDS filter file {path} must map a query name to entities, e.g. {{"t1w": {{"session": "01"}}}}')
+    unknown = sorted(set(data) - set(FILTER_QUERIES))
+    if unknown:
+        raise UsageError(f"BIDS filter file {path} has unknown query {', '.join(unknown)}; fix: use one of {', '.join(FILTER_QUERIES)}")
+    return data
+
+
+def validator_command() -> list[str]:
+    exe = shutil.which("bids-validator-deno")
+    if exe is None:
+        candidate = Path(sys.executable).parent / "bids-validator-deno"
+        if candidate.exists():
+            exe = str(candidate)
+    if exe is None:
+        raise NoInputError(
+            "bids-validator-deno is not installed; fix: pip install bids-validator-deno, or pass --skip-bids-validation"
+        )
+    return [exe]
+
+
+@dataclass(frozen=True)
+class ValidatorIssue:
+    code: str
+    severity: str
+    location: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        extra = f" ({self.detail})" if self.detail else ""
+        return f"{self.code} {self.location}{extra}"
+
+
+def run_validator(dataset: Path, timeout: float = 300.0) -> list[ValidatorIssue]:
+    """Run ``bids-validator-deno --format json`` offline; return its issues (all severities)."""
+    cmd = validator_command() + ["--format", "json", str(dataset)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as err:
+        raise ValidationError(f"bids-validator-deno timed out on {dataset}; fix: pass --skip-bids-validation") from err
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError as err:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ValidationError(f"bids-validator-deno failed on {dataset}: {tail[0]}; fix: pass --skip-bids-validation") from err
+    issues = []
+    for item in report.get("issues", {}).get("issues", []):
+        issues.append(
+            ValidatorIssue(
+                code=str(item.get("code", "?")),
+                severity=str(item.get("severity", "error")),
+                location=str(item.get("location", "")),
+                detail=str(item.get("subCode") or item.get("issueMessage") or "")[:120],
+            )
+        )
+    return issues
+
+
+def validate_dataset(dataset: Path) -> list[ValidatorIssue]:
+    """Raise :class:`ValidationError` (exit 16) listing the validator's errors; return warnings."""
+    issues = run_validator(dataset)
+    errors = [i for i in issues if i.severity == "error"]
+    if errors:
+        listed = "; ".join(str(e) for e in errors[:MAX_LISTED_ISSUES])
+        more = f" (+{len(errors) - MAX_LISTED_ISSUES} more)" if len(errors) > MAX_LISTED_ISSUES else ""
+        raise ValidationError(
+            f"{dataset} failed BIDS validation with {len(errors)} error(s): {listed}{more}; "
+            "fix: correct the dataset, or pass --skip-bids-validation"
+        )
+    return [i for i in issues if i.severity != "error"]
+
+
+@dataclass(frozen=True)
+class T1wScan:
+    """One selected T1w scan and its BIDS entities."""
+
+    path: Path
+    entities: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        """The file name without extension, e.g. ``sub-01_ses-1_T1w``."""
+        name = self.path.name
+        return name[:-7] if name.endswith(".nii.gz") else self.path.stem
+
+
+def _ignore_other_subjects(subjects: list[str]) -> list[Any]:
+    keep = "|".join(re.escape(s) for s in subjects)
+    return [
+        re.compile(rf"^/sub-(?!({keep})(/|$))"),
+        re.compile(r"^/(code|sourcedata|stimuli|derivatives|models)(/|$)"),
+        re.compile(r"/\."),
+    ]
+
+
+def collect_t1w(
+    bids_dir: Path,
+    subjects: list[str],
+    sessions: list[str] | None = None,
+    filters: dict[str, dict[str, Any]] | None = None,
+) -> list[T1wScan]:
+    """Select T1w scans of ``subjects`` (and ``sessions``), applying the filter file's ``t1w`` query."""
+    from bids import BIDSLayout
+    from bids.layout import BIDSLayoutIndexer
+
+    indexer = BIDSLayoutIndexer(validate=False, index_metadata=False, ignore=_ignore_other_subjects(subjects))
+    layout = BIDSLayout(str(bids_dir), validate=False, indexer=indexer)
+    query: dict[str, Any] = dict(FILTER_QUERIES["t1w"])
+    user = dict((filters or {}).get("t1w", {}))
+    for key, value in user.items():
+        query[key] = value
+    query["subject"] = subjects
+    if sessions:
+        query["session"] = sessions
+    try:
+        files = layout.get(return_type="object", invalid_filters="error", **query)
+    except ValueError as err:
+        raise UsageError(f"invalid BIDS filter: {err}; fix: use BIDS entity names such as session, acquisition, run") from err
+    scans = []
+    for f in files:
+        ents = {k: str(v) for k, v in f.get_entities().items() if k in ENTITY_ORDER}
+        scans.append(T1wScan(path=Path(f.path), entities=ents))
+    scans.sort(key=lambda s: str(s.path))
+    if not scans:
+        raise EmptySelectionError(
+            f"no T1w scan in {bids_dir} matches subjects {', '.join(subjects)}"
+            + (f", sessions {', '.join(sessions)}" if sessions else "")
+            + (f" and filters {user}" if user else "")
+            + "; fix: relax --session-label/--bids-filter-file"
+        )
+    return scans
+
+
+#: Entities kept from the input file name, in BIDS order.
+ENTITY_ORDER = ["subject", "session", "acquisition", "ceagent", "reconstruction", "run"]

@@ -1,0 +1,176 @@
+"""BIDS-Apps command line: ``bids-siamese BIDS_DIR OUTPUT_DIR {participant,group} [options]``."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from .. import __version__
+from ..bids.layout import clean_label, load_filter_file
+from ..config import Settings, available_cpus, available_memory_gb
+from ..errors import AnalysisLevelError, NoInputError, UsageError
+
+ANALYSIS_LEVELS = ("participant", "group")
+KNOWN_DERIVATIVES = ("fmriprep",)
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` (exit 64) instead of exiting with 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message}; fix: see bids-siamese --help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="bids-siamese",
+        description="3D Siamese networks for brain MRI, as a BIDS App (participant: preprocessing and "
+        "orientation QC per T1w scan; group: collects per-scan results).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("bids_dir", type=Path, help="the raw BIDS dataset (read only)")
+    p.add_argument("output_dir", type=Path, help="where derivatives are written")
+    p.add_argument("analysis_level", help="participant or group")
+    p.add_argument("--version", action="version", version=f"bids-siamese {__version__}")
+
+    sel = p.add_argument_group("selecting data")
+    sel.add_argument("--participant-label", "--participant_label", nargs="+", default=[], metavar="LABEL",
+                     help="subjects to process, with or without 'sub-' (default: all)")
+    sel.add_argument("--session-label", nargs="+", default=[], metavar="LABEL",
+                     help="sessions to process, with or without 'ses-' (default: all)")
+    sel.add_argument("--bids-filter-file", type=Path, metavar="FILE",
+                     help='JSON query in fMRIPrep format, e.g. {"t1w": {"session": "01", "acquisition": null}}')
+    sel.add_argument("--skip-bids-validation", action="store_true", help="do not run bids-validator-deno")
+    sel.add_argument("--derivatives", nargs="+", default=[], metavar="NAME=PATH",
+                     help="reuse existing derivatives, e.g. fmriprep=/data/derivatives/fmriprep")
+
+    proc = p.add_argument_group("processing")
+    proc.add_argument("--resolution", type=float, default=2.0, help="model grid spacing in mm")
+
+    perf = p.add_argument_group("performance and reproducibility")
+    perf.add_argument("-w", "--work-dir", type=Path,
+                      help="intermediate files (default: a folder in the system temp dir keyed by OUTPUT_DIR)")
+    perf.add_argument("--nprocs", "--n-cpus", type=int, default=None, help="parallel processes (default: CPUs available)")
+    perf.add_argument("--omp-nthreads", type=int, default=None, help="threads per process (default: min(8, nprocs))")
+    perf.add_argument("--mem-gb", type=float, default=None, help="memory limit for the scheduler in GB")
+    perf.add_argument("--use-plugin", type=Path, metavar="FILE",
+                      help="nipype plugin settings (YAML/JSON: plugin, plugin_args), e.g. for SLURM")
+    perf.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    perf.add_argument("--seed", type=int, default=0, help="random seed")
+    perf.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0, help="more output (repeatable)")
+    return p
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    try:
+        path.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is usable, else ``cpu``; check an explicit CUDA request."""
+    if not DEVICE_RE.match(requested):
+        raise UsageError(f"invalid --device '{requested}'; fix: use auto, cpu, cuda or cuda:N")
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {requested} asked for, but no CUDA device is usable; fix: use --device cpu or auto")
+    index = int(requested.split(":")[1]) if ":" in requested else 0
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s); fix: pick a valid index")
+    return requested
+
+
+def parse_derivatives(items: Sequence[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise UsageError(f"--derivatives '{item}' must be NAME=PATH; fix: e.g. --derivatives fmriprep=/out/fmriprep")
+        if name not in KNOWN_DERIVATIVES:
+            raise UsageError(f"--derivatives: unknown name '{name}'; fix: use one of {', '.join(KNOWN_DERIVATIVES)}")
+        path = Path(value).expanduser().resolve()
+        if not (path / "dataset_description.json").is_file():
+            raise NoInputError(
+                f"--derivatives {name}: {path} has no dataset_description.json; fix: point it at the {name} output folder"
+            )
+        out[name] = path
+    return out
+
+
+def default_work_dir(output_dir: Path) -> Path:
+    key = hashlib.sha1(str(output_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"bids-siamese-work-{key}"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Settings:
+    """Parse and check the command line; raise a :class:`UserError` for anything the user must fix."""
+    args = build_parser().parse_args(argv)
+    if args.analysis_level not in ANALYSIS_LEVELS:
+        raise AnalysisLevelError(
+            f"analysis level '{args.analysis_level}' is not one of {', '.join(ANALYSIS_LEVELS)}; fix: use participant or group"
+        )
+    bids_dir = args.bids_dir.expanduser().resolve()
+    if not bids_dir.is_dir():
+        raise NoInputError(f"BIDS_DIR {bids_dir} does not exist; fix: give the path of a BIDS dataset")
+    if not (bids_dir / "dataset_description.json").is_file():
+        raise NoInputError(f"{bids_dir} has no dataset_description.json; fix: point BIDS_DIR at the root of a BIDS dataset")
+    output_dir = args.output_dir.expanduser().resolve()
+    if output_dir == bids_dir or (
+        _is_within(output_dir, bids_dir) and not _is_within(output_dir, bids_dir / "derivatives")
+    ) or output_dir == bids_dir / "derivatives":
+        raise UsageError(
+            f"OUTPUT_DIR {output_dir} is inside BIDS_DIR; fix: use a folder outside it or BIDS_DIR/derivatives/<name>"
+        )
+    work_dir = (args.work_dir.expanduser().resolve() if args.work_dir else default_work_dir(output_dir))
+    if _is_within(work_dir, bids_dir):
+        raise UsageError(f"work dir {work_dir} is inside BIDS_DIR; fix: pass -w with a folder outside the dataset")
+    if _is_within(work_dir, output_dir) or _is_within(output_dir, work_dir):
+        raise UsageError(f"work dir {work_dir} and OUTPUT_DIR {output_dir} overlap; fix: keep them apart")
+    if args.resolution <= 0 or args.resolution > 8:
+        raise UsageError(f"--resolution {args.resolution} mm is out of range; fix: use a value in (0, 8], e.g. 2")
+
+    cpus = available_cpus()
+    nprocs = args.nprocs if args.nprocs is not None else cpus
+    if nprocs < 1:
+        raise UsageError(f"--nprocs {nprocs} must be at least 1")
+    omp = args.omp_nthreads if args.omp_nthreads is not None else min(8, nprocs)
+    if omp < 1:
+        raise UsageError(f"--omp-nthreads {omp} must be at least 1")
+    mem_gb = args.mem_gb if args.mem_gb is not None else round(0.9 * available_memory_gb(), 1)
+    if mem_gb <= 0:
+        raise UsageError(f"--mem-gb {mem_gb} must be positive")
+    filters = load_filter_file(args.bids_filter_file) if args.bids_filter_file else {}
+    if args.use_plugin is not None and not args.use_plugin.is_file():
+        raise NoInputError(f"--use-plugin file {args.use_plugin} not found; fix: give an existing YAML/JSON file")
+
+    return Settings(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=args.analysis_level,
+        work_dir=work_dir,
+        participant_label=[clean_label(x, "sub-") for x in args.participant_label],
+        session_label=[clean_label(x, "ses-") for x in args.session_label],
+        bids_filters=filters,
+        bids_filter_file=args.bids_filter_file.resolve() if args.bids_filter_file else None,
+        skip_bids_validation=args.skip_bids_validation,
+        derivatives=parse_derivatives(args.derivatives),
+        nprocs=nprocs,
+        omp_nthreads=omp,
+        mem_gb=mem_gb,
+        device=resolve_device(args.device),
+        seed=args.seed,
+        verbosity=args.verbosity,
+        resolution=float(args.resolution),
+        use_plugin=args.use_plugin.resolve() if args.use_plugin else None,
+    )

@@ -1,0 +1,65 @@
+"""Group level: gather per-scan participant results into group tables at the top of OUTPUT_DIR."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from ..bids.derivatives import GROUP_FILES, write_tsv
+
+LOG = logging.getLogger("bids_siamese.group")
+
+ORIENTATION_COLUMNS = [
+    "participant_id",
+    "session_id",
+    "lr_flip_probability",
+    "lr_flip_suspected",
+    "header_checks_failed",
+    "scan",
+]
+
+
+def orientation_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per scan from orientation QC records (the ``*_desc-orientation_qc.json`` content)."""
+    rows = []
+    for rec in records:
+        failed = [c["name"] for c in rec.get("header_checks", []) if not c.get("passed", True)]
+        rows.append(
+            {
+                "participant_id": rec["participant_id"],
+                "session_id": rec.get("session_id") or "n/a",
+                "lr_flip_probability": round(float(rec["lr_flip_probability"]), 4),
+                "lr_flip_suspected": bool(rec["lr_flip_suspected"]),
+                "header_checks_failed": ";".join(failed) if failed else "n/a",
+                "scan": rec.get("scan", "n/a"),
+            }
+        )
+    table = pd.DataFrame(rows, columns=ORIENTATION_COLUMNS)
+    return table.sort_values(["participant_id", "session_id", "scan"], kind="stable").reset_index(drop=True)
+
+
+def find_orientation_records(output_dir: Path, subjects: list[str]) -> list[dict[str, Any]]:
+    records = []
+    for subject in subjects:
+        for path in sorted((Path(output_dir) / f"sub-{subject}").glob("**/*_desc-orientation_qc.json")):
+            records.append(json.loads(path.read_text()))
+    return records
+
+
+def run_group(settings, subjects: list[str]) -> list[Path]:
+    """Write the group tables that the available participant results allow; return their paths."""
+    written = []
+    records = find_orientation_records(settings.output_dir, subjects)
+    if records:
+        path = settings.output_dir / GROUP_FILES["orientation"]
+        table = orientation_table(records)
+        write_tsv(path, table)
+        LOG.info("%d scan(s) in %s; %d flagged as left-right flipped", len(table), path.name,
+                 int(table["lr_flip_suspected"].sum()))
+        written.append(path)
+    else:
+        LOG.warning("no participant-level orientation results found in %s", settings.output_dir)
+    return written
