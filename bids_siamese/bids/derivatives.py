@@ -182,6 +182,7 @@ def dataset_description(bids_dir: Path | None = None) -> dict[str, Any]:
         if src.get("Name"):
             description["Name"] = f"bids-siamese derivatives of {src['Name']}"
         description["SourceDatasets"] = [source]
+        description["DatasetLinks"] = {"raw": source["URL"]}
     return description
 
 

@@ -1,0 +1,132 @@
+"""The one node that writes per-scan derivatives into OUTPUT_DIR (names from BIDS entities)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    Directory,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from ..resources import TEMPLATE
+
+TEMPLATE_URI = f"https://templateflow.s3.amazonaws.com/tpl-{TEMPLATE}/tpl-{TEMPLATE}_res-01_T1w.nii.gz"
+
+
+class _WriteInputSpec(BaseInterfaceInputSpec):
+    output_dir = Directory(mandatory=True)
+    bids_dir = Directory(mandatory=True)
+    source_file = File(mandatory=True, desc="the raw T1w the outputs derive from")
+    entities = traits.Dict(mandatory=True, desc="BIDS entities of the source (subject, session, ...)")
+    resolution = traits.Float(mandatory=True)
+    resolution_label = traits.Str(mandatory=True)
+    brain_source = traits.Enum("deepbet", "fmriprep", usedefault=True)
+    preproc = File(exists=True, mandatory=True)
+    grid_mask = File(exists=True, mandatory=True)
+    native_mask = File(exists=True, mandatory=True)
+    xfm = File(exists=True, mandatory=True)
+    orientation = File(exists=True, mandatory=True)
+    figures = InputMultiObject(File(exists=True), desc="mask, registration, orientation SVGs")
+
+
+class _WriteOutputSpec(TraitedSpec):
+    out_files = traits.List(traits.Str, desc="paths written, relative to OUTPUT_DIR")
+    out_orientation = File(desc="the orientation QC JSON in OUTPUT_DIR")
+
+
+FIGURE_DESCS = ("brainmask", "reg", "orientation")
+
+
+def output_names(entities: dict, resolution_label: str) -> dict[str, Path]:
+    """Relative output paths for one scan (a pure function of its entities)."""
+    from ..bids.derivatives import build_path
+
+    base = {k: v for k, v in entities.items()}
+    std = dict(base, space=TEMPLATE, res=resolution_label)
+    names = {
+        "preproc": build_path(dict(std, desc="preproc", suffix="T1w", extension=".nii.gz")),
+        "grid_mask": build_path(dict(std, desc="brain", suffix="mask", extension=".nii.gz")),
+        "native_mask": build_path(dict(base, desc="brain", suffix="mask", extension=".nii.gz")),
+        "xfm": build_path(dict(base, **{"from": "T1w", "to": TEMPLATE, "mode": "image"}, suffix="xfm", extension=".txt")),
+        "orientation": build_path(dict(base, desc="orientation", suffix="qc", extension=".json")),
+    }
+    for desc in FIGURE_DESCS:
+        names[f"figure_{desc}"] = build_path(dict(base, desc=desc, suffix="T1w", extension=".svg"))
+    return names
+
+
+class WriteDerivatives(SimpleInterface):
+    """Copy one scan's results into OUTPUT_DIR atomically, with JSON sidecars."""
+
+    input_spec = _WriteInputSpec
+    output_spec = _WriteOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from ..bids.derivatives import sidecar_path, write_bytes, write_json, write_nifti
+
+        out_dir = Path(self.inputs.output_dir)
+        names = output_names(dict(self.inputs.entities), self.inputs.resolution_label)
+        raw = "bids:raw:" + str(Path(self.inputs.source_file).resolve().relative_to(Path(self.inputs.bids_dir).resolve()))
+        native_mask_uri = "bids::" + str(names["native_mask"])
+        res_desc = {self.inputs.resolution_label: f"{self.inputs.resolution:g} mm isotropic bids-siamese model grid "
+                    "(template-aligned box, symmetric about x=0)"}
+        written = []
+
+        def put_nifti(key: str, src: str, sidecar: dict) -> None:
+            write_nifti(out_dir / names[key], nib.load(src))
+            write_json(out_dir / sidecar_path(names[key]), sidecar)
+            written.extend([str(names[key]), str(sidecar_path(names[key]))])
+
+        put_nifti("preproc", self.inputs.preproc, {
+            "Description": "Skull-stripped T1w affinely registered to MNI152NLin2009cAsym, resampled to the model "
+                           "grid and intensity-normalised inside the brain mask (median 0, IQR 1).",
+            "SkullStripped": True,
+            "Sources": [raw, native_mask_uri, "bids::" + str(names["xfm"])],
+            "SpatialReference": TEMPLATE_URI,
+            "Resolution": res_desc,
+            "BrainExtraction": self.inputs.brain_source,
+        })
+        put_nifti("grid_mask", self.inputs.grid_mask, {
+            "Description": "Brain mask on the model grid.",
+            "Type": "Brain",
+            "Sources": [native_mask_uri, "bids::" + str(names["xfm"])],
+            "SpatialReference": TEMPLATE_URI,
+            "Resolution": res_desc,
+        })
+        put_nifti("native_mask", self.inputs.native_mask, {
+            "Description": f"Brain mask in the T1w space (RAS), from {self.inputs.brain_source}.",
+            "Type": "Brain",
+            "Sources": [raw],
+            "RawSources": [raw],
+        })
+        write_bytes(out_dir / names["xfm"], Path(self.inputs.xfm).read_bytes())
+        written.append(str(names["xfm"]))
+
+        report = json.loads(Path(self.inputs.orientation).read_text())
+        ents = self.inputs.entities
+        report = {
+            "participant_id": f"sub-{ents['subject']}",
+            "session_id": f"ses-{ents['session']}" if ents.get("session") else None,
+            "scan": Path(self.inputs.source_file).name,
+            "source": raw,
+            **report,
+        }
+        write_json(out_dir / names["orientation"], report)
+        written.append(str(names["orientation"]))
+        self._results["out_orientation"] = str(out_dir / names["orientation"])
+
+        if isdefined(self.inputs.figures):
+            for desc, src in zip(FIGURE_DESCS, self.inputs.figures):
+                write_bytes(out_dir / names[f"figure_{desc}"], Path(src).read_bytes())
+                written.append(str(names[f"figure_{desc}"]))
+        self._results["out_files"] = written
+        return runtime

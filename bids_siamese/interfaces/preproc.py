@@ -1,0 +1,318 @@
+"""Thin nipype interfaces around the pure preprocessing and QC steps.
+
+Each interface reads its inputs, calls one pure function and writes its outputs into the node's
+working directory; the derivatives are written by :class:`WriteDerivatives` only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(n)))
+
+
+def _save(img, name: str) -> str:
+    import nibabel as nib
+
+    path = os.path.abspath(name)
+    nib.save(img, path)
+    return path
+
+
+class _CheckHeaderInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="raw T1w image")
+
+
+class _CheckHeaderOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the image, squeezed to 3D when it had one volume")
+    out_checks = File(exists=True, desc="JSON list of {name, passed, detail}")
+
+
+class CheckHeader(SimpleInterface):
+    """Load a T1w image (rejecting unusable files) and record its header checks."""
+
+    input_spec = _CheckHeaderInputSpec
+    output_spec = _CheckHeaderOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..preproc.conform import header_checks, load_t1w
+
+        img = load_t1w(self.inputs.in_file)
+        checks = header_checks(img)
+        out_checks = os.path.abspath("header_checks.json")
+        Path(out_checks).write_text(json.dumps(checks, indent=2))
+        self._results["out_checks"] = out_checks
+        import nibabel as nib
+
+        if len(nib.load(self.inputs.in_file).shape) == 3:
+            self._results["out_file"] = str(self.inputs.in_file)
+        else:  # a 4D file with a single volume, squeezed by load_t1w
+            self._results["out_file"] = _save(img, "t1w_3d.nii.gz")
+        return runtime
+
+
+class _ConformInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+
+
+class _ConformOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="T1w in RAS (closest canonical), float32, same world coordinates")
+
+
+class Conform(SimpleInterface):
+    input_spec = _ConformInputSpec
+    output_spec = _ConformOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..preproc.conform import conform, load_t1w
+
+        self._results["out_file"] = _save(conform(load_t1w(self.inputs.in_file)), "t1w_ras.nii.gz")
+        return runtime
+
+
+class _BrainInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="conformed T1w")
+    device = traits.Str("cpu", usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _BrainOutputSpec(TraitedSpec):
+    out_mask = File(exists=True, desc="native-space brain mask (uint8)")
+
+
+class BrainExtraction(SimpleInterface):
+    """deepbet brain extraction (weights ship in its wheel)."""
+
+    input_spec = _BrainInputSpec
+    output_spec = _BrainOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from ..preproc.brain import extract_brain
+
+        _set_threads(self.inputs.num_threads)
+        img = nib.load(self.inputs.in_file)
+        mask, _ = extract_brain(img, device=self.inputs.device)
+        out = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
+        out.header.set_xyzt_units("mm", "sec")
+        self._results["out_mask"] = _save(out, "brain_mask.nii.gz")
+        return runtime
+
+
+class _ExternalMaskInputSpec(BaseInterfaceInputSpec):
+    in_mask = File(exists=True, mandatory=True, desc="an fMRIPrep desc-brain_mask")
+    reference = File(exists=True, mandatory=True, desc="the conformed T1w defining the grid")
+
+
+class ExternalMask(SimpleInterface):
+    """Use an existing (fMRIPrep) brain mask on the conformed T1w grid."""
+
+    input_spec = _ExternalMaskInputSpec
+    output_spec = _BrainOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from ..preproc.brain import mask_from_image
+
+        ref = nib.load(self.inputs.reference)
+        mask = mask_from_image(nib.load(self.inputs.in_mask), ref)
+        out = nib.Nifti1Image(np.asarray(mask).astype(np.uint8), ref.affine)
+        self._results["out_mask"] = _save(out, "brain_mask.nii.gz")
+        return runtime
+
+
+class _RegisterInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="conformed T1w")
+    in_mask = File(exists=True, mandatory=True, desc="its brain mask")
+    resolution = traits.Float(2.0, usedefault=True, desc="working resolution in mm")
+    seed = traits.Int(0, usedefault=True)
+    device = traits.Str("cpu", usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+    identity = traits.Bool(False, usedefault=True, desc="input is already in template space (fMRIPrep MNI output)")
+
+
+class _RegisterOutputSpec(TraitedSpec):
+    out_matrix = File(exists=True, desc="4x4 matrix (text) mapping template mm to T1w mm")
+    out_itk = File(exists=True, desc="ITK affine transform file")
+
+
+class AffineRegistration(SimpleInterface):
+    """Affine registration of the brain to the MNI152NLin2009cAsym brain."""
+
+    input_spec = _RegisterInputSpec
+    output_spec = _RegisterOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from ..preproc.register import register_affine, write_itk_affine
+        from ..resources import template_brain_path
+
+        _set_threads(self.inputs.num_threads)
+        if self.inputs.identity:
+            matrix = np.eye(4)
+        else:
+            img = nib.load(self.inputs.in_file)
+            mask = np.asanyarray(nib.load(self.inputs.in_mask).dataobj) > 0
+            matrix = register_affine(
+                img, mask, nib.load(template_brain_path()), resolution=self.inputs.resolution,
+                seed=self.inputs.seed, device=self.inputs.device, n_threads=self.inputs.num_threads,
+            )
+        out_matrix = os.path.abspath("template_to_t1w.txt")
+        np.savetxt(out_matrix, matrix, fmt="%.10f")
+        self._results["out_matrix"] = out_matrix
+        self._results["out_itk"] = os.path.abspath("from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.txt")
+        write_itk_affine(matrix, self._results["out_itk"])
+        return runtime
+
+
+class _GridInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="conformed T1w")
+    in_mask = File(exists=True, mandatory=True, desc="its brain mask")
+    in_matrix = File(exists=True, mandatory=True, desc="template-to-T1w matrix")
+    resolution = traits.Float(2.0, usedefault=True)
+
+
+class _GridOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="skull-stripped, normalised T1w on the model grid")
+    out_mask = File(exists=True, desc="brain mask on the model grid")
+
+
+class ModelGrid(SimpleInterface):
+    """Resample to the fixed template-aligned model grid and normalise intensities in the mask."""
+
+    input_spec = _GridInputSpec
+    output_spec = _GridOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from ..preproc.grid import normalise_intensity, resample_to_grid
+        from ..resources import model_grid
+
+        grid = model_grid(self.inputs.resolution)
+        matrix = np.loadtxt(self.inputs.in_matrix)
+        img = nib.load(self.inputs.in_file)
+        mask_img = nib.load(self.inputs.in_mask)
+        mask = resample_to_grid(mask_img, matrix, grid, order=1) > 0.5
+        data = resample_to_grid(img, matrix, grid, order=1)
+        data = normalise_intensity(data, mask).astype(np.float32)
+        out = nib.Nifti1Image(data, grid.affine)
+        out_mask = nib.Nifti1Image(mask.astype(np.uint8), grid.affine)
+        for im in (out, out_mask):
+            im.header.set_xyzt_units("mm", "sec")
+            im.set_qform(grid.affine, 4)  # 4 = MNI152 template space
+            im.set_sform(grid.affine, 4)
+        self._results["out_file"] = _save(out, "preproc_grid.nii.gz")
+        self._results["out_mask"] = _save(out_mask, "mask_grid.nii.gz")
+        return runtime
+
+
+class _OrientationInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="normalised T1w on the model grid")
+    in_mask = File(exists=True, mandatory=True)
+    in_checks = File(exists=True, mandatory=True, desc="header checks JSON")
+    native_mask = File(exists=True, mandatory=True, desc="native-space brain mask (for the brain volume)")
+
+
+class _OrientationOutputSpec(TraitedSpec):
+    out_report = File(exists=True, desc="orientation QC JSON")
+
+
+class OrientationCheck(SimpleInterface):
+    """Header verdict plus the image-based left-right flip test."""
+
+    input_spec = _OrientationInputSpec
+    output_spec = _OrientationOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from ..preproc.grid import template_on_grid
+        from ..qc.orientation import LR_FLIP_THRESHOLD, header_orientation_verdict, orientation_check
+        from ..resources import Grid
+
+        img = nib.load(self.inputs.in_file)
+        data = np.asanyarray(img.dataobj, dtype=np.float32)
+        mask = np.asanyarray(nib.load(self.inputs.in_mask).dataobj) > 0
+        grid = Grid(shape=tuple(int(s) for s in img.shape), affine=img.affine)
+        template, _ = template_on_grid(grid)
+        result = orientation_check(data, mask, template)
+        checks = json.loads(Path(self.inputs.in_checks).read_text())
+        native = nib.load(self.inputs.native_mask)
+        voxel_ml = float(np.prod(native.header.get_zooms()[:3])) / 1000.0
+        report = {
+            "lr_flip_probability": float(result["lr_flip_probability"]),
+            "lr_flip_suspected": bool(result["lr_flip_suspected"]),
+            "lr_flip_threshold": float(LR_FLIP_THRESHOLD),
+            "lr_flip_statistic": float(result["statistic"]),
+            "header_verdict": header_orientation_verdict(checks),
+            "header_checks": checks,
+            "brain_volume_cm3": round(float((np.asanyarray(native.dataobj) > 0).sum()) * voxel_ml, 1),
+            "template_correlation": float(result.get("template_correlation", np.nan)),
+        }
+        out = os.path.abspath("orientation_qc.json")
+        Path(out).write_text(json.dumps(report, indent=2))
+        self._results["out_report"] = out
+        return runtime
+
+
+class _FiguresInputSpec(BaseInterfaceInputSpec):
+    t1w = File(exists=True, mandatory=True, desc="conformed native T1w")
+    native_mask = File(exists=True, mandatory=True)
+    grid_file = File(exists=True, mandatory=True, desc="normalised T1w on the model grid")
+
+
+class _FiguresOutputSpec(TraitedSpec):
+    out_mask_svg = File(exists=True)
+    out_reg_svg = File(exists=True)
+    out_orient_svg = File(exists=True)
+
+
+class ReportFigures(SimpleInterface):
+    """SVG figures for the per-subject report."""
+
+    input_spec = _FiguresInputSpec
+    output_spec = _FiguresOutputSpec
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from ..preproc.grid import template_on_grid
+        from ..reports.figures import mask_contour_mosaic, orientation_figure, registration_mosaic
+        from ..resources import Grid
+
+        t1 = nib.load(self.inputs.t1w)
+        mask = np.asanyarray(nib.load(self.inputs.native_mask).dataobj) > 0
+        grid_img = nib.load(self.inputs.grid_file)
+        moving = np.asanyarray(grid_img.dataobj, dtype=np.float32)
+        grid = Grid(shape=tuple(int(s) for s in grid_img.shape), affine=grid_img.affine)
+        template, _ = template_on_grid(grid)
+        figures = {
+            "out_mask_svg": mask_contour_mosaic(np.asanyarray(t1.dataobj, dtype=np.float32), mask,
+                                                zooms=tuple(float(z) for z in t1.header.get_zooms()[:3])),
+            "out_reg_svg": registration_mosaic(moving, template),
+            "out_orient_svg": orientation_figure(moving, template),
+        }
+        for key, svg in figures.items():
+            path = os.path.abspath(key[4:] + ".svg")
+            Path(path).write_text(svg)
+            self._results[key] = path
+        return runtime

@@ -1,0 +1,267 @@
+"""Participant level: one nipype sub-workflow per selected T1w scan.
+
+``init_participant_wf`` follows fMRIPrep's habits: every node declares ``mem_gb`` and ``n_procs`` so
+MultiProc never starts more torch models than the memory allows, and each per-scan workflow has an
+``inputnode``/``outputnode``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..bids.layout import T1wScan
+from ..interfaces.derivatives import WriteDerivatives, output_names
+from ..interfaces.preproc import (
+    AffineRegistration,
+    BrainExtraction,
+    CheckHeader,
+    Conform,
+    ExternalMask,
+    ModelGrid,
+    OrientationCheck,
+    ReportFigures,
+)
+
+LOG = logging.getLogger("bids_siamese.participant")
+
+#: Memory per node in GB, measured with benchmarks/participant.py on 1 mm scans (see docs/benchmarks.md).
+MEM_GB = {"light": 0.5, "conform": 1.0, "brain": 3.0, "register": 1.5, "grid": 1.0, "figures": 0.8}
+
+
+def _wf_name(scan: T1wScan) -> str:
+    return "scan_" + re.sub(r"[^A-Za-z0-9]", "_", scan.name) + "_wf"
+
+
+def fmriprep_inputs(fmriprep_dir: Path, scan: T1wScan) -> dict[str, Path] | None:
+    """fMRIPrep/sMRIPrep anatomical outputs for ``scan``: native preproc + mask, MNI ones when present.
+
+    fMRIPrep writes one anatomical reference per subject (no session entity) unless run per session,
+    so the session-specific files are preferred and the subject-level ones are the fallback.
+    """
+    sub = scan.entities["subject"]
+    candidates = []
+    if scan.entities.get("session"):
+        ses = scan.entities["session"]
+        candidates.append((fmriprep_dir / f"sub-{sub}" / f"ses-{ses}" / "anat", f"sub-{sub}_ses-{ses}"))
+    candidates.append((fmriprep_dir / f"sub-{sub}" / "anat", f"sub-{sub}"))
+    for folder, prefix in candidates:
+        preproc = folder / f"{prefix}_desc-preproc_T1w.nii.gz"
+        mask = folder / f"{prefix}_desc-brain_mask.nii.gz"
+        if preproc.is_file() and mask.is_file():
+            found = {"preproc": preproc, "mask": mask}
+            mni = sorted(folder.glob(f"{prefix}_space-MNI152NLin2009cAsym*_desc-preproc_T1w.nii.gz"))
+            for mni_preproc in mni:
+                mni_mask = Path(str(mni_preproc).replace("_desc-preproc_T1w", "_desc-brain_mask"))
+                if mni_mask.is_file():
+                    found.update(mni_preproc=mni_preproc, mni_mask=mni_mask)
+                    break
+            return found
+    return None
+
+
+def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflow:
+    """Preprocessing, orientation QC, figures and derivatives for one T1w scan."""
+    omp = settings.omp_nthreads
+    wf = pe.Workflow(name=name or _wf_name(scan))
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
+    inputnode.inputs.t1w = str(scan.path)
+    outputnode = pe.Node(niu.IdentityInterface(fields=["orientation", "out_files"]), name="outputnode")
+
+    check = pe.Node(CheckHeader(), name="check_header", mem_gb=MEM_GB["conform"], n_procs=1)
+    conform = pe.Node(Conform(), name="conform", mem_gb=MEM_GB["conform"], n_procs=1)
+    register = pe.Node(
+        AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, device=settings.device,
+                           num_threads=omp),
+        name="register", mem_gb=MEM_GB["register"], n_procs=omp,
+    )
+    grid = pe.Node(ModelGrid(resolution=settings.resolution), name="model_grid", mem_gb=MEM_GB["grid"], n_procs=1)
+    orient = pe.Node(OrientationCheck(), name="orientation", mem_gb=MEM_GB["grid"], n_procs=1)
+    figures = pe.Node(ReportFigures(), name="figures", mem_gb=MEM_GB["figures"], n_procs=1)
+    merge_figs = pe.Node(niu.Merge(3), name="merge_figures", mem_gb=MEM_GB["light"], n_procs=1)
+    sink = pe.Node(
+        WriteDerivatives(
+            output_dir=str(settings.output_dir), bids_dir=str(settings.bids_dir), source_file=str(scan.path),
+            entities=dict(scan.entities), resolution=settings.resolution, resolution_label=settings.resolution_label,
+        ),
+        name="write_derivatives", mem_gb=MEM_GB["light"], n_procs=1, overwrite=True,
+    )
+
+    fmriprep = None
+    if "fmriprep" in settings.derivatives:
+        fmriprep = fmriprep_inputs(settings.derivatives["fmriprep"], scan)
+        if fmriprep is None:
+            LOG.warning("%s: no fMRIPrep anatomical outputs found; using deepbet and our registration", scan.name)
+
+    wf.connect([(inputnode, check, [("t1w", "in_file")]), (check, orient, [("out_checks", "in_checks")])])
+    if fmriprep is None:
+        brain = pe.Node(BrainExtraction(device=settings.device, num_threads=omp), name="brain_extraction",
+                        mem_gb=MEM_GB["brain"], n_procs=omp)
+        wf.connect([
+            (check, conform, [("out_file", "in_file")]),
+            (conform, brain, [("out_file", "in_file")]),
+            (conform, register, [("out_file", "in_file")]),
+            (brain, register, [("out_mask", "in_mask")]),
+            (conform, grid, [("out_file", "in_file")]),
+            (brain, grid, [("out_mask", "in_mask")]),
+            (conform, figures, [("out_file", "t1w")]),
+            (brain, figures, [("out_mask", "native_mask")]),
+            (brain, orient, [("out_mask", "native_mask")]),
+            (brain, sink, [("out_mask", "native_mask")]),
+        ])
+    else:
+        sink.inputs.brain_source = "fmriprep"
+        conform.inputs.in_file = str(fmriprep["preproc"])
+        native_mask = pe.Node(ExternalMask(in_mask=str(fmriprep["mask"])), name="fmriprep_mask",
+                              mem_gb=MEM_GB["conform"], n_procs=1)
+        wf.connect([
+            (conform, native_mask, [("out_file", "reference")]),
+            (conform, figures, [("out_file", "t1w")]),
+            (native_mask, figures, [("out_mask", "native_mask")]),
+            (native_mask, orient, [("out_mask", "native_mask")]),
+            (native_mask, sink, [("out_mask", "native_mask")]),
+        ])
+        if "mni_preproc" in fmriprep:  # already in MNI152NLin2009cAsym: skip our registration
+            register.inputs.identity = True
+            mni = pe.Node(Conform(in_file=str(fmriprep["mni_preproc"])), name="conform_mni",
+                          mem_gb=MEM_GB["conform"], n_procs=1)
+            mni_mask = pe.Node(ExternalMask(in_mask=str(fmriprep["mni_mask"])), name="fmriprep_mni_mask",
+                               mem_gb=MEM_GB["conform"], n_procs=1)
+            wf.connect([
+                (mni, mni_mask, [("out_file", "reference")]),
+                (mni, register, [("out_file", "in_file")]),
+                (mni_mask, register, [("out_mask", "in_mask")]),
+                (mni, grid, [("out_file", "in_file")]),
+                (mni_mask, grid, [("out_mask", "in_mask")]),
+            ])
+        else:
+            wf.connect([
+                (conform, register, [("out_file", "in_file")]),
+                (native_mask, register, [("out_mask", "in_mask")]),
+                (conform, grid, [("out_file", "in_file")]),
+                (native_mask, grid, [("out_mask", "in_mask")]),
+            ])
+
+    wf.connect([
+        (register, grid, [("out_matrix", "in_matrix")]),
+        (grid, orient, [("out_file", "in_file"), ("out_mask", "in_mask")]),
+        (grid, figures, [("out_file", "grid_file")]),
+        (figures, merge_figs, [("out_mask_svg", "in1"), ("out_reg_svg", "in2"), ("out_orient_svg", "in3")]),
+        (merge_figs, sink, [("out", "figures")]),
+        (grid, sink, [("out_file", "preproc"), ("out_mask", "grid_mask")]),
+        (register, sink, [("out_itk", "xfm")]),
+        (orient, sink, [("out_report", "orientation")]),
+        (sink, outputnode, [("out_orientation", "orientation"), ("out_files", "out_files")]),
+    ])
+    return wf
+
+
+def init_participant_wf(scans: list[T1wScan], settings, name: str = "bids_siamese_wf") -> pe.Workflow:
+    """The participant-level workflow: one :func:`init_scan_wf` per scan."""
+    wf = pe.Workflow(name=name)
+    wf.base_dir = str(settings.work_dir)
+    for scan in scans:
+        wf.add_nodes([init_scan_wf(scan, settings)])
+    return wf
+
+
+def plugin_settings(settings) -> tuple[str, dict[str, Any]]:
+    """MultiProc with --nprocs/--mem-gb, or the plugin given by --use-plugin (YAML or JSON)."""
+    if settings.use_plugin is not None:
+        import yaml
+
+        spec = yaml.safe_load(Path(settings.use_plugin).read_text()) or {}
+        return str(spec.get("plugin", "MultiProc")), dict(spec.get("plugin_args", {}))
+    if settings.nprocs == 1:
+        return "Linear", {}
+    return "MultiProc", {"n_procs": settings.nprocs, "memory_gb": settings.mem_gb, "raise_insufficient": False,
+                         "maxtasksperchild": 1}
+
+
+def _crash_messages(crash_dir: Path) -> dict[str, str]:
+    """Map per-scan workflow name -> the one-line error of its crashed node."""
+    messages: dict[str, str] = {}
+    for crash in sorted(crash_dir.glob("crash-*.txt")):
+        text = crash.read_text(errors="replace")
+        node = re.search(r"^Node: (\S+)", text, re.M)
+        wf = next((part for part in (node.group(1).split(".") if node else []) if part.startswith("scan_")), None)
+        if wf is None:
+            continue
+        user = re.findall(r"(?:bids_siamese\.errors\.)?\w*Error: (.+)", text)
+        messages.setdefault(wf, (user[-1] if user else f"see {crash.name}").strip())
+    return messages
+
+
+def run_participant(settings, scans: list[T1wScan]) -> list[tuple[str, str]]:
+    """Run the workflow; return ``(scan name, error)`` for each failed scan (others finish)."""
+    from nipype import config as nipype_config
+
+    crash_dir = settings.log_dir / "crash"
+    wf = init_participant_wf(scans, settings)
+    wf.config["execution"] = {
+        "crashdump_dir": str(crash_dir),
+        "crashfile_format": "txt",
+        "stop_on_first_crash": False,
+        "remove_unnecessary_outputs": False,
+        "hash_method": "content",
+        "poll_sleep_duration": 0.2,
+        "create_report": False,
+    }
+    wf.config["monitoring"] = {"enabled": False}
+    nipype_config.set("execution", "check_version", "false")
+    plugin, plugin_args = plugin_settings(settings)
+    LOG.info("running %d scan workflow(s) with %s %s", len(scans), plugin, plugin_args)
+    try:
+        wf.run(plugin=plugin, plugin_args=plugin_args)
+    except RuntimeError as err:  # nipype raises after the other nodes finished
+        LOG.debug("workflow finished with errors: %s", err)
+
+    messages = _crash_messages(crash_dir) if crash_dir.exists() else {}
+    failures: list[tuple[str, str]] = []
+    done: dict[str, list[dict[str, Any]]] = {}
+    for scan in scans:
+        qc = settings.output_dir / output_names(scan.entities, settings.resolution_label)["orientation"]
+        ok = qc.is_file() and _wf_name(scan) not in messages
+        if ok:
+            done.setdefault(scan.entities["subject"], []).append(json.loads(qc.read_text()))
+        else:
+            failures.append((scan.name, messages.get(_wf_name(scan), "failed; see the crash files")))
+    write_reports(settings, scans, failures)
+    return failures
+
+
+def write_reports(settings, scans: list[T1wScan], failures: list[tuple[str, str]]) -> list[Path]:
+    """One ``sub-<label>.html`` per subject from the written derivatives (failed scans shown as such)."""
+    from .. import __version__
+    from ..reports.html import render_subject_report
+
+    failed = dict(failures)
+    by_subject: dict[str, list[dict[str, Any]]] = {}
+    for scan in scans:
+        names = output_names(scan.entities, settings.resolution_label)
+        entry: dict[str, Any] = {"name": scan.name, "source": str(scan.path.relative_to(settings.bids_dir))}
+        if scan.name in failed:
+            entry.update(error=failed[scan.name], header_checks=[], orientation={}, figures={})
+        else:
+            qc = json.loads((settings.output_dir / names["orientation"]).read_text())
+            entry.update(
+                header_checks=qc["header_checks"],
+                orientation={"lr_flip_probability": qc["lr_flip_probability"],
+                             "lr_flip_suspected": qc["lr_flip_suspected"], "threshold": qc["lr_flip_threshold"]},
+                figures={"Brain mask": str(names["figure_brainmask"]), "Registration": str(names["figure_reg"]),
+                         "Orientation": str(names["figure_orientation"])},
+                metrics={"Brain volume (cm³)": qc.get("brain_volume_cm3"),
+                         "Correlation with template": qc.get("template_correlation")},
+            )
+        by_subject.setdefault(scan.entities["subject"], []).append(entry)
+    written = []
+    for subject, entries in by_subject.items():
+        path = settings.output_dir / f"sub-{subject}.html"
+        render_subject_report(subject, entries, out_path=path, app_version=__version__)
+        written.append(path)
+    return written

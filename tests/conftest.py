@@ -1,0 +1,68 @@
+"""Shared fixtures: a minimal hand-made BIDS dataset and helpers to run the CLI."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_siamese.cli.main import main
+
+
+def write_t1w(path: Path, shape=(20, 24, 20), zooms=(2.0, 2.0, 2.0), seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    data = rng.normal(100, 10, size=shape).astype(np.int16)
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = -np.array(shape) * np.array(zooms) / 2
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.to_filename(path)
+    return path
+
+
+def make_mini_bids(root: Path) -> Path:
+    """Two subjects: sub-01 with sessions 1 and 2, sub-02 with session 1."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(
+        json.dumps({"Name": "mini", "BIDSVersion": "1.10.0", "DatasetType": "raw", "Authors": ["a", "b"]})
+    )
+    (root / "README").write_text("A minimal dataset for bids-siamese tests.\n")
+    (root / "participants.tsv").write_text("participant_id\tage\nsub-01\t30\nsub-02\t40\n")
+    for sub, ses in [("01", "1"), ("01", "2"), ("02", "1")]:
+        anat = root / f"sub-{sub}" / f"ses-{ses}" / "anat"
+        write_t1w(anat / f"sub-{sub}_ses-{ses}_T1w.nii.gz", seed=int(sub + ses))
+        (anat / f"sub-{sub}_ses-{ses}_T1w.json").write_text(json.dumps({"MagneticFieldStrength": 3}))
+    return root
+
+
+@pytest.fixture
+def mini_bids(tmp_path: Path) -> Path:
+    return make_mini_bids(tmp_path / "bids")
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, float]]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.stat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime)
+    return out
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+
+    def _run(*args: object) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return _run
