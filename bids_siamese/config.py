@@ -56,6 +56,25 @@ class Settings:
     verbosity: int = 0
     resolution: float = 2.0
     use_plugin: Path | None = None
+    # group level: Siamese models
+    model: Path | None = None
+    task: str | None = None
+    mode: str = "train"
+    backbone: str = "small"
+    embedding_dim: int = 128
+    distance: str = "cosine"
+    margin: float = 0.2
+    dz_positives: bool = False
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    patience: int = 5
+    n_draws: int = 10
+    family_column: str = "family_id"
+    zygosity_column: str = "zygosity"
+    label_column: str = "group"
+    pairs_file: Path | None = None
+    atlas: str = "harvard_oxford"
     run_id: str = field(default_factory=new_run_id)
     version: str = __version__
     command_line: list[str] = field(default_factory=list)

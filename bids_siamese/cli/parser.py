@@ -14,6 +14,8 @@ from ..config import Settings, available_cpus, available_memory_gb
 from ..errors import AnalysisLevelError, NoInputError, UsageError
 
 ANALYSIS_LEVELS = ("participant", "group")
+TASKS = ("twin", "longitudinal", "symmetry")
+BACKBONES = ("small", "unet", "resnet18", "densenet121")
 KNOWN_DERIVATIVES = ("fmriprep",)
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -50,6 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     proc = p.add_argument_group("processing")
     proc.add_argument("--resolution", type=float, default=2.0, help="model grid spacing in mm")
+    proc.add_argument("--model", type=Path, metavar="PATH",
+                      help="a trained checkpoint (folder with model card); participant level also writes embeddings")
+
+    grp = p.add_argument_group("group level: Siamese models")
+    grp.add_argument("--task", choices=TASKS, help="group analysis to run (default: only collect participant tables)")
+    grp.add_argument("--mode", choices=("train", "apply"), default="train", help="train a model or apply --model")
+    grp.add_argument("--backbone", choices=BACKBONES, default="small", help="3D encoder")
+    grp.add_argument("--embedding-dim", type=int, default=128, help="embedding size")
+    grp.add_argument("--distance", choices=("cosine", "euclidean"), default="cosine", help="embedding distance")
+    grp.add_argument("--margin", type=float, default=0.2, help="triplet loss margin")
+    grp.add_argument("--dz-positives", action="store_true", help="use DZ co-twins as weaker positives")
+    grp.add_argument("--epochs", type=int, default=30, help="maximum training epochs")
+    grp.add_argument("--batch-size", type=int, default=8, help="training batch size")
+    grp.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    grp.add_argument("--patience", type=int, default=5, help="early stopping patience (epochs)")
+    grp.add_argument("--n-draws", type=int, default=10, help="random draws of non-twin test pairs for mean +- std")
+    grp.add_argument("--family-column", default="family_id", help="participants.tsv column with family ids")
+    grp.add_argument("--zygosity-column", default="zygosity", help="participants.tsv column with MZ/DZ")
+    grp.add_argument("--label-column", default="group", help="participants.tsv column with decline/stable")
+    grp.add_argument("--pairs-file", type=Path, metavar="TSV", help="twin pairs TSV instead of family columns")
+    grp.add_argument("--atlas", default="harvard_oxford", help="bundled atlas name or a NIfTI with a label TSV")
 
     perf = p.add_argument_group("performance and reproducibility")
     perf.add_argument("-w", "--work-dir", type=Path,
@@ -151,6 +174,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     if mem_gb <= 0:
         raise UsageError(f"--mem-gb {mem_gb} must be positive")
     filters = load_filter_file(args.bids_filter_file) if args.bids_filter_file else {}
+    if args.model is not None and not args.model.exists():
+        raise NoInputError(f"--model {args.model} not found; fix: give a checkpoint written by --mode train")
+    if args.mode == "apply" and args.task and args.model is None:
+        raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
+    if args.pairs_file is not None and not args.pairs_file.is_file():
+        raise NoInputError(f"--pairs-file {args.pairs_file} not found; fix: give an existing TSV")
+    for name in ("epochs", "batch_size", "embedding_dim", "n_draws"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.use_plugin is not None and not args.use_plugin.is_file():
         raise NoInputError(f"--use-plugin file {args.use_plugin} not found; fix: give an existing YAML/JSON file")
 
@@ -173,4 +205,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         verbosity=args.verbosity,
         resolution=float(args.resolution),
         use_plugin=args.use_plugin.resolve() if args.use_plugin else None,
+        model=args.model.resolve() if args.model else None,
+        task=args.task,
+        mode=args.mode,
+        backbone=args.backbone,
+        embedding_dim=args.embedding_dim,
+        distance=args.distance,
+        margin=args.margin,
+        dz_positives=args.dz_positives,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        n_draws=args.n_draws,
+        family_column=args.family_column,
+        zygosity_column=args.zygosity_column,
+        label_column=args.label_column,
+        pairs_file=args.pairs_file.resolve() if args.pairs_file else None,
+        atlas=args.atlas,
     )
