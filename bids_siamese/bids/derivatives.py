@@ -43,6 +43,7 @@ BIDSIGNORE = [
     "*_qc.json",
     "group_*.tsv",
     "group_*.json",
+    "models/",
 ]
 
 
