@@ -260,7 +260,9 @@ def build_report_context(participant_label: str, scans: Sequence[Mapping[str, An
 # --------------------------------------------------------------------------------------------------
 @lru_cache(maxsize=1)
 def _template() -> jinja2.Template:
-    source = resources.files("bids_siamese.reports").joinpath("templates", _TEMPLATE_FILE).read_text(encoding="utf-8")
+    # One joinpath argument at a time: multi-argument joinpath needs Python >= 3.11 for some loaders.
+    template_file = resources.files("bids_siamese.reports").joinpath("templates").joinpath(_TEMPLATE_FILE)
+    source = template_file.read_text(encoding="utf-8")
     env = jinja2.Environment(
         autoescape=True,
         undefined=jinja2.StrictUndefined,
