@@ -1,0 +1,214 @@
+"""The Siamese hemisphere model: one shared 3D encoder on the left hemisphere and on the mirrored right
+hemisphere, a fusion of the two, and two outputs:
+
+* ``logit`` of p(abnormal asymmetry) - symmetric in the two hemispheres (swapping them changes nothing);
+* ``side_logit`` of p(the abnormality is in the left hemisphere | abnormal) - antisymmetric by construction
+  (swapping the hemispheres flips its sign), so the model cannot prefer a side.
+
+The encoder is one of the backbones of :mod:`bids_siamese.models.backbones`, which return a feature map.
+Because the right hemisphere is mirrored before it is encoded, the two feature maps are spatially aligned:
+feature voxel ``v`` of both describes the same homologous place. Fusions (``fusion=``):
+
+``difference`` (default)
+    ``D = F_left - F_right`` voxel by voxel; average and maximum pooling of ``|D|`` and ``D`` feed a small
+    MLP. Focal differences survive the maximum pooling, which a global embedding would average away.
+``embedding``
+    The classic Siamese: each hemisphere's feature map becomes an embedding (global pooling + MLP, the
+    :class:`~bids_siamese.models.heads.EmbeddingHead`), fused as ``[|e_l - e_r|, e_l * e_r]``.
+``cross_attention``
+    In the spirit of SA-Swin (symmetry-aware cross-attention between an image and its mirror, MICCAI 2024):
+    the feature voxels become tokens (projection + a learned encoding of their normalised position); each
+    hemisphere's tokens attend to the other hemisphere's tokens (shared multi-head attention), so every place
+    is compared with the best-matching content around its homologue rather than with exactly the mirrored
+    voxel (robust to imperfect registration and normal anatomical shifts). ``D = token - attended`` is pooled
+    as in ``difference``, in both directions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.backbones import Encoder, build_backbone
+from ..models.heads import EmbeddingHead
+
+FUSIONS = ("difference", "embedding", "cross_attention")
+
+
+def split_hemispheres(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(left, mirrored right)`` halves of a batch ``(B, C, X, Y, Z)`` on a grid symmetric about x = 0.
+
+    The left hemisphere is ``x[..., :X // 2, :, :]``; the right one is flipped along x so that both halves
+    have the same orientation (medial side last). An odd middle slice is dropped.
+
+    Examples:
+        >>> x = torch.arange(4.0).reshape(1, 1, 4, 1, 1)
+        >>> [h.flatten().tolist() for h in split_hemispheres(x)]
+        [[0.0, 1.0], [3.0, 2.0]]
+    """
+    nx = x.shape[2]
+    half = nx // 2
+    left = x[:, :, :half]
+    right = torch.flip(x[:, :, nx - half:], dims=[2])
+    return left, right
+
+
+def _pool_stats(d: torch.Tensor) -> torch.Tensor:
+    """``[mean |d|, max |d|, mean d, max d]`` over the spatial/token axis of ``(B, C, N)``."""
+    a = d.abs()
+    return torch.cat([a.mean(dim=2), a.amax(dim=2), d.mean(dim=2), d.amax(dim=2)], dim=1)
+
+
+class CrossHemisphereAttention(nn.Module):
+    """Tokens of hemisphere ``a`` attend to the tokens of hemisphere ``b``; returns ``content_a - attended``.
+
+    Args:
+        channels: encoder feature channels.
+        dim: token width.
+        heads: attention heads.
+
+    Examples:
+        >>> att = CrossHemisphereAttention(8, dim=16, heads=2)
+        >>> f = torch.randn(2, 8, 2, 3, 2)
+        >>> att(f, f).shape
+        torch.Size([2, 16, 12])
+    """
+
+    def __init__(self, channels: int, dim: int = 64, heads: int = 4):
+        super().__init__()
+        self.content = nn.Linear(channels, dim)
+        self.position = nn.Sequential(nn.Linear(3, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_k = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    @staticmethod
+    def _coords(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        axes = [torch.linspace(-1.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device)
+                for n in shape]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+
+    def forward(self, f_a: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
+        pos = self.position(self._coords(tuple(f_a.shape[2:]), f_a.device))[None]
+        c_a = self.content(f_a.flatten(2).transpose(1, 2))
+        c_b = self.content(f_b.flatten(2).transpose(1, 2))
+        attended, _ = self.attention(self.norm_q(c_a + pos), self.norm_k(c_b + pos), c_b, need_weights=False)
+        return (c_a - attended).transpose(1, 2)
+
+
+class SymmetrySiamese(nn.Module):
+    """Shared encoder on both hemispheres, fusion, abnormality and side logits (see the module docstring).
+
+    Args:
+        encoder: a backbone :class:`~bids_siamese.models.backbones.Encoder` (shared by both hemispheres).
+        fusion: ``difference``, ``embedding`` or ``cross_attention``.
+        embedding_dim: embedding size (``embedding`` fusion) or token width (``cross_attention``).
+        hidden: width of the MLPs.
+        heads: attention heads (``cross_attention``).
+        dropout: dropout in the MLPs.
+
+    Examples:
+        >>> from bids_siamese.models.backbones import small_encoder
+        >>> x = torch.randn(2, 1, 16, 16, 16)
+        >>> for fusion in FUSIONS:
+        ...     m = SymmetrySiamese(small_encoder(channels=(4, 8)), fusion=fusion, embedding_dim=16).eval()
+        ...     logit, side = m(x)
+        ...     _, side_flipped = m(torch.flip(x, dims=[2]))
+        ...     print(fusion, tuple(logit.shape), bool(torch.allclose(side, -side_flipped, atol=1e-5)))
+        difference (2,) True
+        embedding (2,) True
+        cross_attention (2,) True
+    """
+
+    def __init__(self, encoder: Encoder, fusion: str = "difference", embedding_dim: int = 64, hidden: int = 64,
+                 heads: int = 4, dropout: float = 0.2):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion '{fusion}'; choose one of {', '.join(FUSIONS)}")
+        self.encoder = encoder
+        self.fusion = fusion
+        channels = encoder.out_channels
+        if fusion == "embedding":
+            self.embed = EmbeddingHead(channels, out_channels=embedding_dim, normalize=False, pooling="avgmax")
+            width = 2 * embedding_dim
+            self.side = nn.Linear(embedding_dim, 1, bias=False)
+        else:
+            if fusion == "cross_attention":
+                self.cross = CrossHemisphereAttention(channels, dim=embedding_dim, heads=heads)
+                channels = embedding_dim
+            width = 4 * channels
+            self.side = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+        self.classifier = nn.Sequential(
+            nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 1)
+        )
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature maps of the left and the mirrored right hemisphere (one encoder pass on both)."""
+        left, right = split_hemispheres(x)
+        both = self.encoder(torch.cat([left, right], dim=0))
+        return both[: x.shape[0]], both[x.shape[0]:]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logit, side_logit)``, each of shape ``(B,)``; ``side_logit > 0`` means left."""
+        f_l, f_r = self.features(x)
+        if self.fusion == "embedding":
+            e_l, e_r = self.embed(f_l), self.embed(f_r)
+            logit = self.classifier(torch.cat([(e_l - e_r).abs(), e_l * e_r], dim=1)).squeeze(1)
+            return logit, self.side(e_l - e_r).squeeze(1)
+        if self.fusion == "cross_attention":
+            d_lr, d_rl = self.cross(f_l, f_r), self.cross(f_r, f_l)
+        else:
+            d_lr = (f_l - f_r).flatten(2)
+            d_rl = -d_lr
+        s_lr, s_rl = _pool_stats(d_lr), _pool_stats(d_rl)
+        logit = (self.classifier(s_lr) + self.classifier(s_rl)).squeeze(1) / 2.0
+        side = (self.side(s_lr) - self.side(s_rl)).squeeze(1)
+        return logit, side
+
+
+def build_symmetry_model(backbone: str = "small", fusion: str = "difference", embedding_dim: int = 64,
+                         hidden: int = 64, heads: int = 4) -> SymmetrySiamese:
+    """A fresh :class:`SymmetrySiamese` with the named backbone.
+
+    Examples:
+        >>> build_symmetry_model("small").fusion
+        'difference'
+    """
+    return SymmetrySiamese(build_backbone(backbone, spatial_dims=3, in_channels=1), fusion=fusion,
+                           embedding_dim=embedding_dim, hidden=hidden, heads=heads)
+
+
+def predict_proba(model: SymmetrySiamese, volumes: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p_abnormal, p_left)`` for a stack of model-grid volumes ``(N, X, Y, Z)`` or ``(N, 1, X, Y, Z)``.
+
+    Examples:
+        >>> m = build_symmetry_model("small").eval()
+        >>> p, side = predict_proba(m, torch.randn(3, 32, 32, 32))
+        >>> tuple(p.shape), bool(((p >= 0) & (p <= 1)).all())
+        ((3,), True)
+    """
+    if volumes.dim() == 4:
+        volumes = volumes[:, None]
+    was_training = model.training
+    model.eval()
+    probs, sides = [], []
+    with torch.no_grad():
+        for start in range(0, volumes.shape[0], batch_size):
+            logit, side = model(volumes[start:start + batch_size].float())
+            probs.append(torch.sigmoid(logit))
+            sides.append(torch.sigmoid(side))
+    model.train(was_training)
+    return torch.cat(probs), torch.cat(sides)
+
+
+def side_loss(side_logit: torch.Tensor, label: torch.Tensor, is_left: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the side, counted only on abnormal samples (0 when there are none).
+
+    Examples:
+        >>> float(side_loss(torch.zeros(2), torch.zeros(2), torch.ones(2)))
+        0.0
+    """
+    keep = label > 0.5
+    if not bool(keep.any()):
+        return side_logit.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(side_logit[keep], is_left[keep].float())
