@@ -1,0 +1,1 @@
+"""Explanations: LRP relevance maps (captum), atlas region ranking and statistics."""

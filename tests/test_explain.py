@@ -1,0 +1,198 @@
+"""Explanations: LRP through captum (conservation, planted signal, all backbones), atlas ranking, statistics."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from torch import nn
+
+from bids_siamese.explain.lrp import (
+    attach_rules,
+    canonize,
+    distance_shares,
+    embedding_network,
+    relevance_embedding,
+    relevance_pair_distance,
+)
+
+
+def _zero_bias_batchnorm(net: nn.Module) -> nn.Module:
+    """BatchNorm with running mean 0 and shift 0: merged into the conv it adds no bias."""
+    gen = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.zero_()
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.zero_()
+    return net.eval()
+
+
+class ResidualNet(nn.Module):
+    """Conv-BN-ReLU stem, one residual block (in-place add, a ReLU module used three times), max pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.b0 = nn.Conv3d(1, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4)
+        self.c1, self.b1 = nn.Conv3d(4, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4)
+        self.c2, self.b2 = nn.Conv3d(4, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4)
+        self.act = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool3d(2)
+        self.fc = nn.Linear(4, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.b0(self.c0(x)))
+        y = self.act(self.b1(self.c1(x)))
+        y = self.b2(self.c2(y))
+        y += x
+        y = self.pool(self.act(y))
+        return self.fc(y.flatten(2).mean(dim=2))
+
+
+class DenseNet(nn.Module):
+    """Two pre-activation dense layers (BN-ReLU-conv, concatenation), average pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = nn.Conv3d(1, 3, 3, padding=1, bias=False)
+        self.n1, self.c1 = nn.BatchNorm3d(3), nn.Conv3d(3, 2, 3, padding=1, bias=False)
+        self.n2, self.c2 = nn.BatchNorm3d(5), nn.Conv3d(5, 2, 3, padding=1, bias=False)
+        self.pool = nn.AvgPool3d(2)
+        self.fc = nn.Linear(7, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c0(x))
+        x = torch.cat([x, self.c1(torch.relu(self.n1(x)))], 1)
+        x = torch.cat([x, self.c2(torch.relu(self.n2(x)))], dim=1)
+        x = self.pool(torch.relu(x))
+        return self.fc(x.flatten(2).mean(dim=2))
+
+
+def _volume(seed: int = 0, shape: tuple[int, int, int] = (12, 12, 12)) -> np.ndarray:
+    return np.abs(np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("net_class", [ResidualNet, DenseNet])
+@pytest.mark.parametrize("rules", ["epsilon", "epsilon_plus"])
+def test_lrp_conserves_relevance_on_bias_free_networks(net_class, rules):
+    torch.manual_seed(0)
+    net = _zero_bias_batchnorm(net_class())
+    vol = _volume()
+    with torch.no_grad():
+        embedding = net(torch.as_tensor(vol)[None, None])
+    for target, value in (("embedding", float(embedding.sum())), ("embedding_abs", float(embedding.abs().sum()))):
+        relevance = relevance_embedding(net, vol, target=target, normalised=False, rules=rules)
+        assert relevance.shape == vol.shape
+        if rules == "epsilon":  # LRP-0: exact
+            assert relevance.sum() == pytest.approx(value, rel=1e-4, abs=1e-6)
+        elif target == "embedding_abs":  # the relative stabilisers absorb some relevance, never create it
+            assert 0.6 * value < relevance.sum() <= value * 1.0001
+
+
+def test_lrp_pair_distance_conserves_the_distance():
+    torch.manual_seed(0)
+    net = _zero_bias_batchnorm(ResidualNet())
+    a, b = _volume(1), _volume(2)
+    ra, rb, d = relevance_pair_distance(net, a, b, distance="cosine", rules="epsilon")
+    with torch.no_grad():
+        ea, eb = net(torch.as_tensor(a)[None, None]), net(torch.as_tensor(b)[None, None])
+    assert d == pytest.approx(float(1 - torch.cosine_similarity(ea, eb)), rel=1e-5)
+    assert ra.sum() + rb.sum() == pytest.approx(d, rel=1e-3)
+    ca, cb = distance_shares(ea[0], eb[0], "euclidean")
+    assert float(ca.sum() + cb.sum()) == pytest.approx(float((ea - eb).norm()), rel=1e-5)
+
+
+def test_canonised_model_computes_the_same_function():
+    torch.manual_seed(0)
+    net = _zero_bias_batchnorm(DenseNet())
+    for m in net.modules():  # non-zero statistics this time: merging must not change the output
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.as_tensor(_volume(3))[None, None]
+    canon = canonize(net)
+    with torch.no_grad():
+        assert torch.allclose(canon.module(x), net(x), atol=1e-5)
+
+
+def test_lrp_refuses_a_layer_without_rule():
+    net = nn.Sequential(nn.Conv3d(1, 1, 3), nn.Upsample(scale_factor=2))
+    with pytest.raises(TypeError, match="no rule"):
+        attach_rules(canonize(net).module)
+
+
+class PositionNet(nn.Module):
+    """Position-aware regressor: conv-BN-ReLU, residual conv, pooling, flatten, linear."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.c0, self.b0 = nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4)
+        self.c1 = nn.Conv3d(4, 4, 3, padding=1)
+        self.pool = nn.MaxPool3d(2)
+        self.fc = nn.Linear(4 * (size // 2) ** 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b0(self.c0(x)))
+        x = torch.relu(self.c1(x) + x)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _planted(n: int, size: int, gen: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Volumes with noise, a signal cube A (its brightness is the label) and a distractor cube B."""
+    x = gen.normal(0.0, 0.3, size=(n, 1, size, size, size)).astype(np.float32)
+    a, b = gen.uniform(0, 2, n), gen.uniform(0, 2, n)
+    x[:, 0, 2:6, 2:6, 2:6] += a[:, None, None, None]
+    x[:, 0, 10:14, 10:14, 10:14] += b[:, None, None, None]
+    return x, a.astype(np.float32)
+
+
+@pytest.mark.slow
+def test_relevance_concentrates_on_the_planted_signal():
+    torch.manual_seed(0)
+    gen = np.random.default_rng(0)
+    size = 16
+    net = PositionNet(size)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(150):
+        x, y = _planted(16, size, gen)
+        net.train()
+        loss = ((net(torch.as_tensor(x))[:, 0] - torch.as_tensor(y)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    x, _ = _planted(1, size, np.random.default_rng(7))
+    x[0, 0, 2:6, 2:6, 2:6] = 1.5 + x[0, 0, 2:6, 2:6, 2:6] - x[0, 0, 2:6, 2:6, 2:6].mean()
+    x[0, 0, 10:14, 10:14, 10:14] = 1.5 + x[0, 0, 10:14, 10:14, 10:14] - x[0, 0, 10:14, 10:14, 10:14].mean()
+    relevance = relevance_embedding(net, x[0, 0], normalised=False)
+    in_signal = relevance[2:6, 2:6, 2:6].sum()
+    in_distractor = relevance[10:14, 10:14, 10:14].sum()
+    # the signal cube is 1/64 of the volume but carries most of the (signed) relevance; the distractor,
+    # as bright, carries little; the smoothed map peaks inside the signal cube
+    assert in_signal > 0.6 * relevance.sum()
+    assert abs(in_distractor) < 0.2 * in_signal
+    smoothed = ndimage.gaussian_filter(relevance, 1.0)
+    peak = np.unravel_index(np.argmax(smoothed), smoothed.shape)
+    assert all(1 <= p <= 6 for p in peak), peak
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["small", "unet", "resnet18", "densenet121"])
+def test_lrp_runs_on_every_backbone(backbone):
+    from bids_siamese.models.heads import build_model
+
+    torch.manual_seed(0)
+    model = build_model("twin", backbone, embedding_dim=8).eval()
+    net, normalised = embedding_network(model)
+    assert normalised
+    canon = canonize(net)
+    x = torch.as_tensor(np.random.default_rng(0).normal(size=(32, 32, 32)).astype(np.float32))[None, None]
+    with torch.no_grad():
+        reference = nn.functional.normalize(net(x), dim=1)
+        assert torch.allclose(reference, model(x), atol=1e-5)
+        out = canon.calibrate(x) if canon.needs_calibration else canon.module(x)
+        assert torch.allclose(out, net(x), atol=1e-4)
+    relevance = relevance_embedding(canon, x, normalised=True)
+    assert relevance.shape == (32, 32, 32)
+    assert np.isfinite(relevance).all() and np.abs(relevance).sum() > 0
