@@ -1,0 +1,269 @@
+"""Model-grid volumes: finding and loading the participant-level outputs, batching and augmentation.
+
+The participant level writes, per scan, ``<source>_space-MNI152NLin2009cAsym_res-<R>_desc-preproc_T1w.nii.gz``
+(float32 on :func:`bids_siamese.resources.model_grid`, 0 outside the brain) and the matching
+``desc-brain_mask``. Volumes are held in memory as one ``(N, 1, X, Y, Z)`` float32 array (3 MB per scan at
+2 mm). The array axes are RAS, so axis 2 of a batch tensor is left-right.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import BadDataError, NoInputError
+from ..resources import TEMPLATE, Grid
+from .pairs import order_sessions, participant_id
+
+LOG = logging.getLogger("bids_siamese.data")
+
+PREPROC_SUFFIX = "desc-preproc_T1w.nii.gz"
+MASK_SUFFIX = "desc-brain_mask.nii.gz"
+_ENTITY = re.compile(r"(?:^|_)(ses|acq|ce|rec|run)-([a-zA-Z0-9]+)")
+
+
+def preproc_name_pattern(resolution_label: str) -> str:
+    """Glob for the model-grid T1w of one subject, e.g. ``*_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz``."""
+    return f"*_space-{TEMPLATE}_res-{resolution_label}_{PREPROC_SUFFIX}"
+
+
+def mask_path_for(preproc: Path) -> Path:
+    """The brain mask written next to a ``desc-preproc_T1w`` file.
+
+    Examples:
+        >>> mask_path_for(Path("sub-1_space-X_res-2_desc-preproc_T1w.nii.gz")).name
+        'sub-1_space-X_res-2_desc-brain_mask.nii.gz'
+    """
+    return Path(preproc).with_name(Path(preproc).name.replace(PREPROC_SUFFIX, MASK_SUFFIX))
+
+
+def find_preproc(output_dir: Path, subjects: Sequence[str], resolution_label: str,
+                 sessions: Sequence[str] = ()) -> pd.DataFrame:
+    """All model-grid T1w files of the selected subjects: ``participant_id, session, path`` (one per session;
+    the first in name order when a session has several runs).
+
+    Args:
+        output_dir: the participant level's OUTPUT_DIR.
+        subjects: participant labels (with or without ``sub-``).
+        resolution_label: the ``res-`` label (``2`` for 2 mm).
+        sessions: restrict to these session labels (empty: all).
+
+    Raises:
+        NoInputError: a selected subject has no such file (names the expected file and the fix).
+    """
+    rows, missing = [], []
+    wanted_sessions = {s.removeprefix("ses-") for s in sessions}
+    for sub in subjects:
+        pid = participant_id(sub)
+        files = sorted((Path(output_dir) / pid).glob(f"**/anat/{pid}{preproc_name_pattern(resolution_label)}"))
+        seen: set[str] = set()
+        for path in files:
+            entities = dict(_ENTITY.findall(path.name.split(f"_space-{TEMPLATE}")[0]))
+            ses = entities.get("ses", "")
+            if wanted_sessions and ses not in wanted_sessions:
+                continue
+            if ses in seen:
+                LOG.info("%s: several scans in session '%s'; using the first (%s)", pid, ses, rows[-1][2].name)
+                continue
+            seen.add(ses)
+            rows.append((pid, ses, path))
+        if not seen:
+            missing.append(pid)
+    if missing:
+        other = sorted({p.name.split("_res-")[1].split("_")[0] for p in Path(output_dir).glob(
+            f"sub-*/**/anat/*_space-{TEMPLATE}_res-*_{PREPROC_SUFFIX}")})
+        hint = (f" (outputs exist for --resolution label(s) {', '.join(other)}: pass the same --resolution as the "
+                "participant level)" if other and resolution_label not in other else "")
+        example = Path(output_dir) / missing[0] / "[ses-<label>/]anat" / (
+            f"{missing[0]}[_ses-<label>]_space-{TEMPLATE}_res-{resolution_label}_{PREPROC_SUFFIX}")
+        raise NoInputError(
+            f"no participant-level output for {len(missing)} subject(s) ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}): {example} not found{hint}; fix: run the participant level "
+            "first for these subjects, or leave them out with --participant-label")
+    return pd.DataFrame(rows, columns=["participant_id", "session", "path"])
+
+
+def first_scan_per_subject(scans: pd.DataFrame, times: dict[str, dict] | None = None) -> pd.DataFrame:
+    """One row per participant: the scan of the earliest session.
+
+    Examples:
+        >>> s = pd.DataFrame({"participant_id": ["sub-1", "sub-1"], "session": ["2", "1"], "path": ["b", "a"]})
+        >>> first_scan_per_subject(s)["path"].tolist()
+        ['a']
+    """
+    rows = []
+    for pid, group in scans.groupby("participant_id", sort=True):
+        first = order_sessions(list(group["session"].astype(str)), (times or {}).get(pid, {}))[0]
+        rows.append(group[group["session"].astype(str) == first].iloc[0])
+    return pd.DataFrame(rows).reset_index(drop=True)
+
+
+def load_volume(path: Path, grid: Grid) -> np.ndarray:
+    """A model-grid volume as float32 (NaN -> 0), checked against ``grid``.
+
+    Raises:
+        BadDataError: unreadable file, or not on the model grid.
+    """
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel raises many types for corrupt files
+        raise BadDataError(f"cannot read {path} ({err}); fix: re-run the participant level for this scan") from err
+    if data.shape != tuple(grid.shape) or not np.allclose(img.affine, grid.affine, atol=1e-3):
+        raise BadDataError(
+            f"{path} is not on the {grid.resolution:g} mm model grid (shape {data.shape}, want {grid.shape}); "
+            "fix: re-run the participant level with the same --resolution")
+    return np.nan_to_num(data, copy=False)
+
+
+def load_volumes(paths: Sequence[Path], grid: Grid) -> np.ndarray:
+    """Stack volumes into ``(N, 1, X, Y, Z)`` float32."""
+    out = np.empty((len(paths), 1, *grid.shape), dtype=np.float32)
+    for i, path in enumerate(paths):
+        out[i, 0] = load_volume(path, grid)
+    return out
+
+
+def load_masks(paths: Sequence[Path], grid: Grid) -> np.ndarray:
+    """Brain masks ``(N, X, Y, Z)`` bool for the given preproc files (the mask next to each one; where a mask is
+    missing, the non-zero voxels of the volume)."""
+    out = np.empty((len(paths), *grid.shape), dtype=bool)
+    for i, path in enumerate(paths):
+        mask = mask_path_for(path)
+        out[i] = (load_volume(mask, grid) > 0.5) if mask.is_file() else (load_volume(path, grid) != 0)
+    return out
+
+
+def augment(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    flip_lr: bool = False,
+    max_shift: int = 2,
+    intensity: float = 0.1,
+    noise_std: float = 0.05,
+) -> torch.Tensor:
+    """Random augmentation of a batch ``(B, C, X, Y, Z)``; channels of one sample get the same transform.
+
+    Per sample: an integer translation of up to ``max_shift`` voxels per axis (zero filled), an intensity
+    scale ``1 +- intensity`` and offset ``+- intensity`` inside the brain (non-zero voxels) and Gaussian
+    noise of ``noise_std`` inside the brain. Left-right flips (axis 2) happen only with ``flip_lr=True``: a
+    mirrored brain is a different brain for twin identification and orientation QC.
+
+    Args:
+        x: batch on any device.
+        generator: a CPU ``torch.Generator`` (seeded by the caller).
+        flip_lr: allow random left-right flips (off by default).
+        max_shift: maximum translation in voxels.
+        intensity: relative scale/offset range.
+        noise_std: noise standard deviation (the inputs have an inter-quartile range of 1).
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.zeros(2, 1, 8, 8, 8); x[:, :, 2:6, 2:6, 2:6] = 1.0
+        >>> y = augment(x, g)
+        >>> y.shape, bool((y[x == 0] == 0).float().mean() > 0.5)
+        (torch.Size([2, 1, 8, 8, 8]), True)
+    """
+    b = x.shape[0]
+    out = torch.empty_like(x)
+    shifts = torch.randint(-max_shift, max_shift + 1, (b, 3), generator=generator) if max_shift > 0 else \
+        torch.zeros((b, 3), dtype=torch.long)
+    scale = 1.0 + (torch.rand(b, generator=generator) * 2 - 1) * intensity
+    offset = (torch.rand(b, generator=generator) * 2 - 1) * intensity
+    flips = (torch.rand(b, generator=generator) < 0.5) if flip_lr else torch.zeros(b, dtype=torch.bool)
+    for i in range(b):
+        vol = _shift(x[i], [int(s) for s in shifts[i]])
+        if flips[i]:
+            vol = torch.flip(vol, dims=[1])
+        brain = vol != 0
+        noise = torch.randn(vol.shape, generator=generator).to(vol.device) * noise_std if noise_std > 0 else 0.0
+        out[i] = torch.where(brain, vol * float(scale[i]) + float(offset[i]) + noise, torch.zeros_like(vol))
+    return out
+
+
+def _shift(vol: torch.Tensor, shifts: Sequence[int]) -> torch.Tensor:
+    """Translate ``(C, X, Y, Z)`` by integer voxels, filling with zeros."""
+    out = torch.zeros_like(vol)
+    src, dst = [slice(None)], [slice(None)]
+    for s, n in zip(shifts, vol.shape[1:]):
+        if s >= 0:
+            src.append(slice(0, n - s))
+            dst.append(slice(s, n))
+        else:
+            src.append(slice(-s, n))
+            dst.append(slice(0, n + s))
+    out[tuple(dst)] = vol[tuple(src)]
+    return out
+
+
+def family_batches(
+    family: Sequence[int],
+    has_positive: Sequence[bool],
+    batch_size: int,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Batches of subject indices for triplet training: whole families, every batch with positives and negatives.
+
+    Each family with a positive pair (a twin family) appears once per epoch; twin families fill up to about
+    three quarters of a batch and the rest is taken from the other subjects (singletons and families without
+    positives, cycled in random order), so that every anchor has non-relatives to mine negatives from.
+
+    Args:
+        family: family index per subject.
+        has_positive: per subject, whether it has a positive (MZ co-twin, or DZ with ``--dz-positives``).
+        batch_size: target subjects per batch (at least 3).
+        rng: numpy random generator.
+
+    Examples:
+        >>> fam = [0, 0, 1, 1, 2, 3, 4]
+        >>> pos = [True, True, True, True, False, False, False]
+        >>> batches = family_batches(fam, pos, 4, np.random.default_rng(0))
+        >>> sorted(len(b) for b in batches), sorted(int(i) for b in batches for i in b if pos[i])
+        ([4, 4], [0, 1, 2, 3])
+    """
+    family = np.asarray(family)
+    has_positive = np.asarray(has_positive, dtype=bool)
+    twin_fams = sorted({int(f) for f in family[has_positive]})
+    others = np.flatnonzero(~np.isin(family, twin_fams))
+    members = {f: np.flatnonzero(family == f) for f in twin_fams}
+    order = rng.permutation(len(twin_fams))
+    target_twins = max(2, int(round(batch_size * 0.75)))
+    batches, current = [], []
+    for k in order:
+        fam_idx = members[twin_fams[k]]
+        if current and len(current) + len(fam_idx) > target_twins:
+            batches.append(current)
+            current = []
+        current = current + fam_idx.tolist()
+    if current:
+        batches.append(current)
+    pool = rng.permutation(others).tolist() if len(others) else []
+    out = []
+    for i, batch in enumerate(batches):
+        fill = max(1, batch_size - len(batch))
+        extra = [pool[(i * fill + j) % len(pool)] for j in range(min(fill, len(pool)))] if pool else []
+        out.append(np.asarray(batch + extra, dtype=int))
+    if not pool and len(out) > 1:
+        # without other subjects, a batch holding one family has no negatives: merge batches pairwise
+        merged = [np.concatenate(out[i:i + 2]) for i in range(0, len(out) - len(out) % 2, 2)]
+        if len(out) % 2:
+            merged[-1] = np.concatenate([merged[-1], out[-1]])
+        out = merged
+    return out
+
+
+def pair_batches(n_pairs: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of pair indices (the last one may be smaller).
+
+    Examples:
+        >>> [len(b) for b in pair_batches(5, 2, np.random.default_rng(0))]
+        [2, 2, 1]
+    """
+    order = rng.permutation(n_pairs)
+    return [order[i:i + batch_size] for i in range(0, n_pairs, batch_size)]

@@ -1,0 +1,470 @@
+"""Training loops: triplet training of the twin embedding and BCE training of the longitudinal classifier.
+
+Both loops: AdamW, random augmentation (no left-right flips unless asked), early stopping on the validation
+loss (the best epoch's weights are kept), AMP on CUDA, a tqdm progress bar on stderr (only on a terminal and
+on rank 0), and DistributedDataParallel when started by torchrun (see :mod:`bids_siamese.train.ddp`).
+The history (one row per epoch) is returned as a table.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.losses import batch_hard_triplet_loss, pairwise_distance
+from .data import augment, family_batches, pair_batches
+from .ddp import DistContext, all_reduce_mean, shard, unwrap, wrap_model
+from .evaluate import safe_auc
+
+LOG = logging.getLogger("bids_siamese.train")
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (the CLI's ``--epochs``, ``--batch-size``, ``--lr``, ``--patience``, ...).
+
+    Attributes:
+        epochs: maximum epochs.
+        batch_size: subjects (twin) or pairs (longitudinal) per step and rank.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        patience: epochs without a better validation loss before stopping.
+        distance: ``cosine`` or ``euclidean`` (twin).
+        margin: triplet margin (twin).
+        dz_positives: DZ co-twins as positives with weight ``dz_weight`` (twin).
+        dz_weight: margin scale of DZ positives.
+        flip_lr: allow left-right flip augmentation (off: mirrored brains are different brains).
+        max_shift: translation augmentation in voxels.
+        intensity: intensity scale/offset augmentation.
+        noise_std: noise augmentation.
+        seed: random seed.
+        amp: mixed precision on CUDA (ignored on CPU).
+        progress: show a progress bar (None: only when stderr is a terminal).
+        eval_batch_size: volumes per forward pass at evaluation.
+    """
+
+    epochs: int = 30
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 5
+    distance: str = "cosine"
+    margin: float = 0.2
+    dz_positives: bool = False
+    dz_weight: float = 0.5
+    flip_lr: bool = False
+    max_shift: int = 2
+    intensity: float = 0.1
+    noise_std: float = 0.05
+    seed: int = 0
+    amp: bool = True
+    progress: bool | None = None
+    eval_batch_size: int = 8
+
+
+@dataclass
+class TrainResult:
+    """A trained model (best validation epoch, unwrapped, eval mode) and its history.
+
+    Attributes:
+        model: the model with the best epoch's weights.
+        history: one row per epoch.
+        best_epoch: 1-based epoch of the kept weights.
+        seconds: wall time of the whole loop.
+        volumes_per_second: training throughput (forward + backward, all ranks).
+    """
+
+    model: nn.Module
+    history: pd.DataFrame
+    best_epoch: int
+    seconds: float
+    volumes_per_second: float
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    use = device.type == "cuda" and enabled and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler("cuda", enabled=use)
+
+
+def _progress(total: int, desc: str, config: TrainConfig, ctx: DistContext):
+    from tqdm.auto import tqdm
+
+    show = config.progress if config.progress is not None else sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not show or not ctx.is_main, leave=False)
+
+
+def _batches(volumes: np.ndarray, idx: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    for start in range(0, len(idx), size):
+        chunk = idx[start:start + size]
+        yield chunk, torch.from_numpy(volumes[chunk])
+
+
+@torch.no_grad()
+def embed(model: nn.Module, volumes: np.ndarray, idx: np.ndarray | None = None, device: torch.device | str = "cpu",
+          batch_size: int = 8, amp: bool = True) -> torch.Tensor:
+    """Embeddings ``(len(idx), D)`` (float32, CPU) of ``volumes[idx]`` with the model in eval mode.
+
+    Args:
+        model: a model with ``embed`` (or a plain module returning embeddings).
+        volumes: ``(N, 1, X, Y, Z)``.
+        idx: which volumes (default all).
+        device: where to run.
+        batch_size: volumes per forward pass.
+        amp: autocast on CUDA.
+    """
+    device = torch.device(device)
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    idx = np.arange(len(volumes)) if idx is None else np.asarray(idx)
+    out = []
+    for _, x in _batches(volumes, idx, batch_size):
+        with _autocast(device, amp):
+            e = net.embed(x.to(device)) if hasattr(net, "embed") else net(x.to(device))
+        out.append(e.float().cpu())
+    net.train(was_training)
+    return torch.cat(out) if out else torch.zeros((0, 0))
+
+
+@torch.no_grad()
+def recompute_batch_norm(model: nn.Module, volumes: np.ndarray, idx: np.ndarray, device: torch.device | str = "cpu",
+                         batch_size: int = 8) -> int:
+    """Re-estimate the running statistics of every batch-norm layer on ``volumes[idx]`` (no augmentation).
+
+    Run after each epoch, this makes evaluation use the statistics of the current weights rather than a
+    momentum average over earlier weights, which matters with few steps per epoch ("precise BN"). The
+    statistics are averaged over batches of about ``batch_size`` volumes, the size the model trains with.
+
+    Args:
+        model: the model (DDP wrapper accepted).
+        volumes: ``(N, 1, X, Y, Z)``.
+        idx: volumes to use (the training set).
+        device: where to run.
+        batch_size: volumes per batch.
+
+    Returns:
+        The number of batch-norm layers updated.
+    """
+    net = unwrap(model)
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    idx = np.asarray(idx)
+    if not layers or len(idx) == 0:
+        return 0
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was_training = net.training
+    net.train()
+    device = torch.device(device)
+    for chunk in np.array_split(idx, max(1, int(np.ceil(len(idx) / batch_size)))):
+        x = torch.from_numpy(volumes[chunk]).to(device)
+        net.embed(x) if hasattr(net, "embed") else net(x)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    net.train(was_training)
+    return len(layers)
+
+
+@dataclass
+class TwinData:
+    """Inputs of twin training.
+
+    Attributes:
+        volumes: ``(N, 1, X, Y, Z)`` float32, one scan per subject.
+        family: ``(N,)`` family index (relatives share it).
+        positive: ``(N, N)`` positive weights (1 MZ co-twins, ``dz_weight`` DZ when used, else 0).
+        unrelated: ``(N, N)`` bool, True for pairs from different families (the non-twin pairs).
+    """
+
+    volumes: np.ndarray
+    family: np.ndarray
+    positive: np.ndarray
+    unrelated: np.ndarray
+
+
+def _twin_validation(model: nn.Module, data: TwinData, idx: np.ndarray, config: TrainConfig,
+                     device: torch.device) -> dict[str, float]:
+    if len(idx) < 2:
+        return {"val_loss": float("nan"), "val_twin_distance": float("nan"), "val_nontwin_distance": float("nan"),
+                "val_auc": float("nan")}
+    emb = embed(model, data.volumes, idx, device, config.eval_batch_size, config.amp)
+    pos = torch.from_numpy(data.positive[np.ix_(idx, idx)]).float()
+    related = torch.from_numpy(~data.unrelated[np.ix_(idx, idx)])
+    out = batch_hard_triplet_loss(emb, pos, related, config.margin, config.distance)
+    dist = pairwise_distance(emb, config.distance).numpy()
+    upper = np.triu(np.ones_like(dist, dtype=bool), 1)
+    twin = upper & (pos.numpy() > 0)
+    non = upper & data.unrelated[np.ix_(idx, idx)]
+    labels = np.r_[np.ones(twin.sum()), np.zeros(non.sum())]
+    scores = -np.r_[dist[twin], dist[non]]
+    return {
+        "val_loss": float(out.loss) if out.n_anchors else float("nan"),
+        "val_twin_distance": float(dist[twin].mean()) if twin.any() else float("nan"),
+        "val_nontwin_distance": float(dist[non].mean()) if non.any() else float("nan"),
+        "val_auc": safe_auc(labels, scores),
+    }
+
+
+def _improved(score: tuple[float, float], best: tuple[float, float] | None, tol: float = 1e-6) -> bool:
+    """Lower loss wins; on (near) equal loss a larger twin/non-twin gap wins."""
+    if best is None:
+        return True
+    if np.isnan(score[0]):
+        return False
+    if np.isnan(best[0]) or score[0] < best[0] - tol:
+        return True
+    return abs(score[0] - best[0]) <= tol and score[1] > best[1] + tol
+
+
+def train_twin(
+    model: nn.Module,
+    data: TwinData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    config: TrainConfig,
+    device: torch.device | str = "cpu",
+    ctx: DistContext | None = None,
+) -> TrainResult:
+    """Train an embedding model with the batch-hard triplet loss; keep the best validation epoch.
+
+    Each step takes a batch of whole families (:func:`~bids_siamese.train.data.family_batches`), augments it,
+    embeds it and mines, per anchor with a co-twin in the batch, the closest non-relative as the negative.
+
+    Args:
+        model: a :class:`~bids_siamese.models.heads.SiameseEncoder`.
+        data: volumes and relations.
+        train_idx: subjects to train on.
+        val_idx: validation subjects (early stopping).
+        config: training settings.
+        device: where to train.
+        ctx: distributed context (None: single process).
+
+    Returns:
+        :class:`TrainResult`; its history has ``epoch, train_loss, val_loss, val_twin_distance,
+        val_nontwin_distance, val_auc, active_triplets, seconds, volumes_per_second``.
+    """
+    ctx = ctx or DistContext()
+    device = torch.device(device)
+    torch.manual_seed(config.seed)
+    net = wrap_model(model, ctx, device)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = _scaler(device, config.amp)
+    gen = torch.Generator().manual_seed(config.seed + 1000 * ctx.rank)
+    train_idx = np.asarray(train_idx)
+    has_pos = (data.positive[np.ix_(train_idx, train_idx)] > 0).any(axis=1)
+    rows, best, best_state, best_epoch, stale = [], None, None, 0, 0
+    start = time.perf_counter()
+    n_vols, train_time = 0, 0.0
+    bar = _progress(config.epochs, "twin training", config, ctx)
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        net.train()
+        rng = np.random.default_rng([config.seed, epoch])
+        batches = shard(family_batches(data.family[train_idx], has_pos, config.batch_size, rng), ctx)
+        losses, active = [], []
+        for local in batches:
+            idx = train_idx[local]
+            x = augment(torch.from_numpy(data.volumes[idx]), gen, config.flip_lr, config.max_shift,
+                        config.intensity, config.noise_std).to(device)
+            pos = torch.from_numpy(data.positive[np.ix_(idx, idx)]).float().to(device)
+            related = torch.from_numpy(~data.unrelated[np.ix_(idx, idx)]).to(device)
+            with _autocast(device, config.amp):
+                emb = net(x)
+            out = batch_hard_triplet_loss(emb.float(), pos, related, config.margin, config.distance)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(out.loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(out.loss.detach()))
+            active.append(out.active_fraction)
+            n_vols += len(idx) * ctx.world_size
+        step_time = time.perf_counter() - t0
+        train_time += step_time
+        train_loss = all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), ctx)
+        recompute_batch_norm(net, data.volumes, train_idx, device, config.batch_size)
+        val = _twin_validation(net, data, np.asarray(val_idx), config, device)
+        row = {"epoch": epoch, "train_loss": train_loss, **val,
+               "active_triplets": float(np.mean(active)) if active else float("nan"),
+               "seconds": time.perf_counter() - t0,
+               "volumes_per_second": sum(len(b) for b in batches) * ctx.world_size / step_time}
+        rows.append(row)
+        score = (val["val_loss"], val["val_nontwin_distance"] - val["val_twin_distance"])
+        if np.isnan(score[0]):  # no validation set: keep the last epoch
+            score = (train_loss, 0.0)
+        if _improved(score, best):
+            best, best_epoch, stale = score, epoch, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()})
+        else:
+            stale += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val['val_loss']:.3f}", auc=f"{val['val_auc']:.2f}")
+        LOG.debug("twin epoch %d: %s", epoch, row)
+        if stale >= config.patience:
+            LOG.info("early stopping after epoch %d (best epoch %d)", epoch, best_epoch)
+            break
+    bar.close()
+    final = unwrap(net)
+    if best_state is not None:
+        final.load_state_dict(best_state)
+    final.eval()
+    return TrainResult(final, pd.DataFrame(rows), best_epoch, time.perf_counter() - start,
+                       n_vols / train_time if train_time else float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Longitudinal
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairData:
+    """Inputs of longitudinal training.
+
+    Attributes:
+        volumes: ``(M, 1, X, Y, Z)`` float32, one per scan.
+        pairs: ``(P, 2)`` indices into ``volumes`` (earlier session, later session).
+        labels: ``(P,)`` 1 decline, 0 stable, NaN unknown.
+    """
+
+    volumes: np.ndarray
+    pairs: np.ndarray
+    labels: np.ndarray
+
+
+@torch.no_grad()
+def predict_pairs(model: nn.Module, data: PairData, idx: np.ndarray | None = None,
+                  device: torch.device | str = "cpu", batch_size: int = 8, amp: bool = True) -> np.ndarray:
+    """p(decline) for ``data.pairs[idx]``: each scan is embedded once, then the pairs are fused."""
+    idx = np.arange(len(data.pairs)) if idx is None else np.asarray(idx)
+    if len(idx) == 0:
+        return np.zeros(0)
+    net = unwrap(model)
+    scans = np.unique(data.pairs[idx].ravel())
+    emb = embed(net, data.volumes, scans, device, batch_size, amp)
+    pos = {int(s): i for i, s in enumerate(scans)}
+    a = emb[[pos[int(i)] for i in data.pairs[idx, 0]]]
+    b = emb[[pos[int(i)] for i in data.pairs[idx, 1]]]
+    was_training = net.training
+    net.eval()
+    logits = net.fuse(a.to(next(net.parameters()).device), b.to(next(net.parameters()).device))
+    net.train(was_training)
+    return torch.sigmoid(logits.float()).cpu().numpy()
+
+
+def train_longitudinal(
+    model: nn.Module,
+    data: PairData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    config: TrainConfig,
+    device: torch.device | str = "cpu",
+    ctx: DistContext | None = None,
+) -> TrainResult:
+    """Train the session-pair classifier with class-balanced BCE; keep the best validation epoch.
+
+    Both sessions of a pair get the same random translation (they stay aligned); the positive class weight is
+    ``n_stable / n_decline`` of the training pairs, so that p = 0.5 is the balanced decision point.
+
+    Args:
+        model: a :class:`~bids_siamese.models.heads.LongitudinalSiamese`.
+        data: scans, pairs and labels.
+        train_idx: training pair indices (labelled).
+        val_idx: validation pair indices (labelled).
+        config: training settings.
+        device: where to train.
+        ctx: distributed context.
+
+    Returns:
+        :class:`TrainResult`; history columns ``epoch, train_loss, val_loss, val_accuracy, val_auc, seconds,
+        volumes_per_second``.
+    """
+    ctx = ctx or DistContext()
+    device = torch.device(device)
+    torch.manual_seed(config.seed)
+    net = wrap_model(model, ctx, device)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = _scaler(device, config.amp)
+    gen = torch.Generator().manual_seed(config.seed + 1000 * ctx.rank)
+    train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
+    y_train = data.labels[train_idx]
+    n_pos, n_neg = float((y_train == 1).sum()), float((y_train == 0).sum())
+    pos_weight = torch.tensor([n_neg / n_pos if n_pos and n_neg else 1.0], device=device)
+    rows, best, best_state, best_epoch, stale = [], None, None, 0, 0
+    start = time.perf_counter()
+    n_vols, train_time = 0, 0.0
+    bar = _progress(config.epochs, "longitudinal training", config, ctx)
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        net.train()
+        rng = np.random.default_rng([config.seed, epoch])
+        batches = shard(pair_batches(len(train_idx), config.batch_size, rng), ctx)
+        losses = []
+        for local in batches:
+            idx = train_idx[local]
+            pa, pb = data.pairs[idx, 0], data.pairs[idx, 1]
+            both = torch.cat([torch.from_numpy(data.volumes[pa]), torch.from_numpy(data.volumes[pb])], dim=1)
+            both = augment(both, gen, config.flip_lr, config.max_shift, config.intensity, config.noise_std)
+            x_a, x_b = both[:, :1].to(device), both[:, 1:].to(device)
+            y = torch.from_numpy(data.labels[idx]).float().to(device)
+            with _autocast(device, config.amp):
+                logits = net(x_a, x_b)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            n_vols += 2 * len(idx) * ctx.world_size
+        step_time = time.perf_counter() - t0
+        train_time += step_time
+        train_loss = all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), ctx)
+        recompute_batch_norm(net, data.volumes, np.unique(data.pairs[train_idx]), device, 2 * config.batch_size)
+        if len(val_idx):
+            p = predict_pairs(net, data, val_idx, device, config.eval_batch_size, config.amp)
+            y_val = data.labels[val_idx]
+            logit = torch.logit(torch.from_numpy(p).double().clamp(1e-6, 1 - 1e-6))
+            val_loss = float(F.binary_cross_entropy_with_logits(logit, torch.from_numpy(y_val).double(),
+                                                                pos_weight=pos_weight.double().cpu()))
+            val_acc = float(((p >= 0.5) == (y_val == 1)).mean())
+            val_auc = safe_auc(y_val, p)
+        else:
+            val_loss = val_acc = val_auc = float("nan")
+        rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
+                     "val_auc": val_auc, "seconds": time.perf_counter() - t0,
+                     "volumes_per_second": 2 * sum(len(b) for b in batches) * ctx.world_size / step_time})
+        score = (val_loss, val_acc) if not np.isnan(val_loss) else (train_loss, 0.0)
+        if _improved(score, best):
+            best, best_epoch, stale = score, epoch, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()})
+        else:
+            stale += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+        if stale >= config.patience:
+            LOG.info("early stopping after epoch %d (best epoch %d)", epoch, best_epoch)
+            break
+    bar.close()
+    final = unwrap(net)
+    if best_state is not None:
+        final.load_state_dict(best_state)
+    final.eval()
+    return TrainResult(final, pd.DataFrame(rows), best_epoch, time.perf_counter() - start,
+                       n_vols / train_time if train_time else float("nan"))
