@@ -39,9 +39,10 @@ reference scans at group level.
 """
 from __future__ import annotations
 
-import gzip
 import difflib
+import gzip
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -72,6 +73,11 @@ PROBABILISTIC_THRESHOLD = 0.25
 MIN_REFERENCE_SCANS = 8
 #: Robust sd of a normal distribution from its median absolute deviation.
 MAD_TO_SD = 1.4826
+#: ``asymmetry_score`` above which a scan is reported as ``asymmetry_suspected`` (robust z against the
+#: dataset's scans at group level).
+ASYMMETRY_THRESHOLD = 3.0
+#: Smallest spread (regional AI units) by which regional deviations are divided.
+REGION_SD_FLOOR = 0.005
 #: Number of regions reported as the most asymmetric.
 TOP_REGIONS = 5
 
@@ -601,7 +607,8 @@ def regional_z(regions: pd.DataFrame, reference: Reference) -> pd.DataFrame:
     """Add ``reference_index`` and ``z_score`` to a regional table.
 
     With a regional reference sd (group level) ``z = (AI - mean) / sd``; otherwise the deviations from the
-    reference mean are standardised by their robust spread across the scan's regions.
+    reference mean are standardised by their robust spread across the scan's regions (at least
+    :data:`REGION_SD_FLOOR`).
 
     Examples:
         >>> t = pd.DataFrame({"region": list("abcd"), "asymmetry_index": [0.0, 0.01, -0.01, 0.2]})
@@ -621,7 +628,7 @@ def regional_z(regions: pd.DataFrame, reference: Reference) -> pd.DataFrame:
     else:
         finite = dev[np.isfinite(dev)]
         spread = float(robust_sd(finite)) if len(finite) >= 3 else np.nan
-        out["z_score"] = dev / spread if spread and np.isfinite(spread) and spread > 0 else np.nan
+        out["z_score"] = dev / max(spread, REGION_SD_FLOOR) if np.isfinite(spread) else np.nan
     return out
 
 
@@ -706,7 +713,20 @@ def score_scan(
         ((2, 4, 4), True)
     """
     mask = np.asarray(mask) > 0
-    ai = asymmetry_map(data, mask, voxel_mm, fwhm_mm)
+    return score_map(asymmetry_map(data, mask, voxel_mm, fwhm_mm), mask, voxel_mm, reference, top_volume_mm3)
+
+
+def score_map(ai: np.ndarray, mask: np.ndarray, voxel_mm: float, reference: Reference,
+              top_volume_mm3: float = TOP_VOLUME_MM3) -> dict:
+    """:func:`score_scan` for an existing asymmetry map (same keys).
+
+    Examples:
+        >>> ai = np.zeros((12, 8, 8)); ai[2, 4, 4], ai[9, 4, 4] = -0.3, 0.3
+        >>> ai += np.random.default_rng(0).normal(0, 0.01, ai.shape) * [[[1]]]
+        >>> score_map(ai, np.ones(ai.shape, bool), 4.0, Reference(mean=np.zeros(ai.shape)))["peak"]
+        (2, 4, 4)
+    """
+    mask = np.asarray(mask) > 0
     z = z_map(ai, mask, reference, voxel_mm)
     focal, peak = focal_statistic(z, mask, voxel_mm, top_volume_mm3)
     sym = symmetric_mask(mask) & left_hemisphere(mask.shape)
@@ -824,7 +844,8 @@ def group_reference(
     data = np.where(valid, stack, np.nan)
     # voxels seen in fewer than half of the maps keep the template's value and the global spread
     enough = valid.sum(axis=0) >= max(2, (n + 1) // 2)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN voxels (outside every mask)
         med = np.nanmedian(data, axis=0)
         sd = MAD_TO_SD * np.nanmedian(np.abs(data - med), axis=0)
     mean = np.where(enough, med, template.mean).astype(np.float32)
@@ -840,7 +861,8 @@ def group_reference(
     ref = Reference(mean=mean, sd=sd, source="template+dataset", n_scans=n)
     if reg is not None:
         values = reg.to_numpy(dtype=float)
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # regions absent from every scan
             r_med = np.nanmedian(values, axis=1)
             r_sd = MAD_TO_SD * np.nanmedian(np.abs(values - r_med[:, None]), axis=1)
         ref.regions_mean = pd.Series(r_med, index=reg.index)

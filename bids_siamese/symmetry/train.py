@@ -373,14 +373,27 @@ def train_symmetry_model(
     return model, pd.DataFrame(rows), info
 
 
+def siamese_predict(model: SymmetrySiamese, volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                    in_resolution: float, model_resolution: float, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """``(p_abnormal, p_left)`` of images on ``model_grid(in_resolution)`` (brought to the model's grid)."""
+    p_all, side_all = [], []
+    for start in range(0, len(volumes), batch_size):
+        small = [to_model_resolution(v, m, in_resolution, model_resolution)[0]
+                 for v, m in zip(volumes[start:start + batch_size], masks[start:start + batch_size])]
+        p, side = predict_proba(model, torch.from_numpy(np.stack(small)), batch_size=batch_size)
+        p_all.append(p.numpy())
+        side_all.append(side.numpy())
+    if not p_all:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(p_all).astype(float), np.concatenate(side_all).astype(float)
+
+
 def siamese_scorer(model: SymmetrySiamese, in_resolution: float, model_resolution: float,
                    batch_size: int = 8) -> Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], np.ndarray]:
     """A scorer ``f(volumes, masks) -> p(abnormal)`` for images on ``model_grid(in_resolution)``."""
 
     def score(volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
-        small = [to_model_resolution(v, m, in_resolution, model_resolution)[0] for v, m in zip(volumes, masks)]
-        p, _ = predict_proba(model, torch.from_numpy(np.stack(small)), batch_size=batch_size)
-        return p.numpy().astype(float)
+        return siamese_predict(model, volumes, masks, in_resolution, model_resolution, batch_size)[0]
 
     return score
 
@@ -525,3 +538,74 @@ def with_overrides(config: TrainConfig, **kwargs) -> TrainConfig:
     other = {k: v for k, v in kwargs.items() if not k.startswith("lesion_")}
     lesion = replace(config.lesion, **lesion_kw) if lesion_kw else config.lesion
     return replace(config, lesion=lesion, **other)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints (the layout of bids_siamese.models.checkpoint, task "symmetry")
+# ----------------------------------------------------------------------------------------------------------
+
+TASK = "symmetry"
+
+
+def save_symmetry_checkpoint(folder, model: SymmetrySiamese, config: TrainConfig, training_data: Mapping,
+                             metrics: Mapping, threshold: float = 0.5) -> list:
+    """Write ``model.pt``, ``model.pt.sha256`` and ``model_card.json`` for a trained symmetry model.
+
+    Args:
+        folder: checkpoint folder (``OUTPUT_DIR/models/symmetry_<backbone>/``).
+        model: the trained model.
+        config: its :class:`TrainConfig` (stored as the card's hyper-parameters).
+        training_data: ``fingerprint`` and counts of the scans used.
+        metrics: validation/test metrics.
+        threshold: decision threshold on p(abnormal).
+
+    Returns:
+        The paths written.
+    """
+    from ..models.checkpoint import make_card, save_checkpoint
+
+    hyper = config.as_dict()
+    card = make_card(
+        task=TASK, backbone=config.backbone, embedding_dim=config.embedding_dim,
+        grid=model_grid(config.resolution), seed=config.seed, training_data=training_data,
+        decision={"threshold": float(threshold), "output": "p_abnormal = sigmoid(logit); p_left = sigmoid(side_logit)",
+                  "calibration": "none (probabilities of a model trained on balanced simulated data)"},
+        metrics=metrics, hyperparameters=hyper,
+    )
+    card["input"]["left_right_flip_augmentation"] = bool(config.flip_lr)
+    card["input"]["resampling"] = ("finer participant-level grids are block-averaged to the model grid "
+                                   "(bids_siamese.symmetry.train.to_model_resolution)")
+    return save_checkpoint(folder, model, card)
+
+
+def load_symmetry_model(path) -> tuple[SymmetrySiamese, dict]:
+    """The symmetry model of a checkpoint (folder, ``model.pt`` or ``model_card.json``), in eval mode.
+
+    Raises:
+        UsageError: the checkpoint is for another task.
+        NoInputError, BadDataError: missing or corrupt checkpoint files.
+    """
+    from ..errors import BadDataError
+    from ..models.checkpoint import WEIGHTS, check_card, checkpoint_folder, read_card
+
+    card = read_card(path)
+    check_card(card, TASK, None, source=f"--model {path}")
+    hyper = card.get("hyperparameters", {})
+    model = build_symmetry_model(card["backbone"], hyper.get("fusion", "difference"), int(card["embedding_dim"]))
+    weights = checkpoint_folder(path) / WEIGHTS
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise BadDataError(f"{weights} does not fit a symmetry/{card['backbone']} model ({err}); fix: retrain "
+                           "with --task symmetry --mode train") from err
+    return model.eval(), card
+
+
+def model_resolution(card: Mapping) -> float:
+    """The model grid resolution recorded in a card.
+
+    Examples:
+        >>> model_resolution({"grid": {"resolution": 4.0}})
+        4.0
+    """
+    return float(card["grid"]["resolution"])

@@ -1,0 +1,307 @@
+"""Group level of the symmetry task: dataset reference, group table, Siamese model training/application.
+
+``run_symmetry(settings, subjects)``:
+
+1. reads every participant-level ``*_space-MNI152NLin2009cAsym_res-<R>_desc-preproc_T1w.nii.gz`` (and its
+   ``desc-brain_mask``) of the selected subjects;
+2. computes each scan's asymmetry map and regional indices, builds the dataset reference (template + scans,
+   :func:`~bids_siamese.symmetry.asymmetry.group_reference`) and re-scores every scan against it;
+3. with ``--task symmetry --mode train``: trains the Siamese hemisphere model on the scans that look
+   lesion-free (``asymmetry_score`` <= 3 and not flagged as left-right flipped by the orientation QC), split by
+   family/subject into training (70 %), validation (15 %) and test (15 %) scans; evaluates it and the
+   asymmetry score on lesions planted in the test scans per volume bin; saves the checkpoint to
+   ``models/symmetry_<backbone>/``; with ``--mode apply``: loads ``--model``;
+4. writes ``group_symmetry.tsv`` (one row per scan, with the Siamese probability when a model was trained
+   or applied) and, after training, ``group_symmetry_training.tsv``, ``group_symmetry_evaluation.tsv``,
+   ``group_symmetry_evaluation.json`` and ``figures/group_symmetry_detection.svg``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from ..bids.derivatives import write_json, write_text, write_tsv
+from ..errors import BadDataError, NoInputError
+from ..resources import TEMPLATE, model_grid
+from .asymmetry import (
+    ASYMMETRY_THRESHOLD,
+    DEFAULT_FWHM_MM,
+    REGION_COLUMNS,
+    asymmetry_map,
+    atlas_on_grid,
+    format_top_regions,
+    group_reference,
+    homologous_pairs,
+    positive_intensities,
+    regional_asymmetry,
+    regional_z,
+    score_map,
+    score_scan,
+    template_reference,
+    top_regions,
+)
+from .simulate import LesionConfig
+
+LOG = logging.getLogger("bids_siamese.symmetry")
+
+GROUP_TABLE = "group_symmetry.tsv"
+TRAINING_TABLE = "group_symmetry_training.tsv"
+EVALUATION_TABLE = "group_symmetry_evaluation.tsv"
+EVALUATION_JSON = "group_symmetry_evaluation.json"
+FIGURE = "figures/group_symmetry_detection.svg"
+
+GROUP_COLUMNS = [
+    "participant_id", "session_id", "asymmetry_score", "asymmetry_suspected", "focal_z", "raw_magnitude",
+    "peak_mm", "top_regions", "siamese_probability", "siamese_p_left", "split", "scan",
+]
+
+_ENTITY = re.compile(r"(?:^|_)(sub|ses)-([A-Za-z0-9]+)")
+
+
+@dataclass
+class ScanFiles:
+    """A participant-level scan: its preproc image, mask and identifiers."""
+
+    preproc: Path
+    mask: Path
+    participant_id: str
+    session_id: str
+    source: str
+    orientation_qc: Path | None = None
+
+
+def find_scans(output_dir: Path, subjects: Sequence[str], resolution_label: str) -> list[ScanFiles]:
+    """The participant-level model-grid outputs of ``subjects`` at ``res-<resolution_label>``.
+
+    Examples:
+        >>> find_scans(Path("/nonexistent"), ["01"], "2")
+        []
+    """
+    pattern = f"*_space-{TEMPLATE}_res-{resolution_label}_desc-preproc_T1w.nii.gz"
+    found = []
+    for subject in subjects:
+        for preproc in sorted((Path(output_dir) / f"sub-{subject}").glob(f"**/anat/{pattern}")):
+            mask = Path(str(preproc).replace("_desc-preproc_T1w.nii.gz", "_desc-brain_mask.nii.gz"))
+            if not mask.is_file():
+                LOG.warning("%s has no brain mask next to it; skipped", preproc.name)
+                continue
+            source = preproc.name.split(f"_space-{TEMPLATE}")[0]
+            ents = dict(_ENTITY.findall(source))
+            qc = preproc.with_name(f"{source}_desc-orientation_qc.json")
+            found.append(ScanFiles(preproc, mask, f"sub-{ents.get('sub', subject)}",
+                                   f"ses-{ents['ses']}" if "ses" in ents else "n/a", source,
+                                   qc if qc.is_file() else None))
+    return found
+
+
+def load_scan(files: ScanFiles, resolution: float) -> tuple[np.ndarray, np.ndarray]:
+    """Image and mask of a scan, checked to be on ``model_grid(resolution)``."""
+    img = nib.load(str(files.preproc))
+    grid = model_grid(resolution)
+    if tuple(img.shape) != tuple(grid.shape) or not np.allclose(img.affine, grid.affine, atol=1e-3):
+        raise BadDataError(f"{files.preproc} is not on the {resolution:g} mm model grid; fix: rerun the participant "
+                           f"level with --resolution {resolution:g}")
+    data = np.asanyarray(img.dataobj, dtype=np.float32)
+    mask = np.asanyarray(nib.load(str(files.mask)).dataobj) > 0
+    return data, mask
+
+
+def lr_flip_suspected(files: ScanFiles) -> bool:
+    """Whether the orientation QC of the scan flagged a left-right flip (False without a QC file)."""
+    if files.orientation_qc is None:
+        return False
+    try:
+        return bool(json.loads(files.orientation_qc.read_text()).get("lr_flip_suspected", False))
+    except (OSError, ValueError):
+        return False
+
+
+def family_split(subjects: Sequence[str], families: dict[str, str] | None, seed: int,
+                 fractions: tuple[float, float] = (0.15, 0.15)) -> dict[str, str]:
+    """Assign subjects to ``test``, ``validation`` and ``train`` by family (co-twins stay together).
+
+    At least one family goes to test and one to validation when there are three or more families.
+
+    Examples:
+        >>> split = family_split([f"sub-{i:02d}" for i in range(10)], None, seed=0)
+        >>> sorted(set(split.values())), list(split.values()).count("test")
+        (['test', 'train', 'validation'], 2)
+    """
+    families = families or {}
+    groups: dict[str, list[str]] = {}
+    for sub in subjects:
+        groups.setdefault(str(families.get(sub) or sub), []).append(sub)
+    keys = sorted(groups)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    n_sub = len(subjects)
+    out: dict[str, str] = {}
+    counts = {"test": 0, "validation": 0}
+    targets = {"test": max(1, int(round(fractions[0] * n_sub))), "validation": max(1, int(round(fractions[1] * n_sub)))}
+    for rank, idx in enumerate(order):
+        members = groups[keys[idx]]
+        remaining = len(keys) - rank
+        if len(keys) >= 3 and counts["test"] < targets["test"] and remaining > 1:
+            part = "test"
+        elif len(keys) >= 3 and counts["validation"] < targets["validation"] and remaining > 1:
+            part = "validation"
+        else:
+            part = "train"
+        if part in counts:
+            counts[part] += len(members)
+        for sub in members:
+            out[sub] = part
+    return out
+
+
+def read_families(bids_dir: Path, column: str) -> dict[str, str] | None:
+    """``participant_id -> family`` from ``participants.tsv`` when it has ``column``."""
+    path = Path(bids_dir) / "participants.tsv"
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path, sep="\t", dtype=str)
+    if column not in table.columns or "participant_id" not in table.columns:
+        return None
+    return {p: f for p, f in zip(table["participant_id"], table[column]) if isinstance(f, str) and f != "n/a"}
+
+
+def fingerprint(files: Sequence[ScanFiles], split: dict[str, str]) -> str:
+    """sha256 over the scans' file names, sizes and split (identifies the training data in the model card)."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda x: x.source):
+        h.update(f"{f.source}\t{f.preproc.stat().st_size}\t{split.get(f.source, '')}\n".encode())
+    return h.hexdigest()
+
+
+def run_symmetry(settings, subjects: list[str]) -> list[Path]:
+    """The symmetry group level (see the module docstring); returns the paths written.
+
+    Raises:
+        NoInputError: no participant-level outputs for the selected subjects.
+        BadDataError: an output is not on the model grid of ``--resolution``.
+        UsageError: ``--mode apply`` with a checkpoint of another task.
+    """
+    from .train import (
+        TrainConfig, detection_figure, evaluate_detection, load_symmetry_model, model_resolution, prepare_scan,
+        save_symmetry_checkpoint, siamese_predict, siamese_scorer, to_model_resolution, train_symmetry_model,
+    )
+
+    out_dir = Path(settings.output_dir)
+    resolution = float(settings.resolution)
+    fwhm = float(getattr(settings, "symmetry_fwhm", DEFAULT_FWHM_MM) or DEFAULT_FWHM_MM)
+    files = find_scans(out_dir, subjects, settings.resolution_label)
+    if not files:
+        raise NoInputError(f"no participant-level outputs (*_space-{TEMPLATE}_res-{settings.resolution_label}_"
+                           f"desc-preproc_T1w.nii.gz) in {out_dir}; fix: run the participant level first with the "
+                           "same --resolution")
+    LOG.info("symmetry: %d scan(s) at %g mm", len(files), resolution)
+    labels, names = atlas_on_grid(settings.atlas, resolution)
+    pairs = homologous_pairs(names)
+    template = template_reference(resolution, fwhm, settings.atlas)
+    volumes, masks, maps, regions = [], [], [], []
+    for f in files:
+        data, mask = load_scan(f, resolution)
+        volumes.append(data)
+        masks.append(mask)
+        maps.append(asymmetry_map(data, mask, resolution, fwhm))
+        regions.append(regional_asymmetry(positive_intensities(data, mask), mask, labels, pairs))
+    reference = group_reference(maps, masks, regions, template, resolution, fwhm)
+    grid = model_grid(resolution)
+    rows = []
+    for f, ai, mask, reg in zip(files, maps, masks, regions):
+        s = score_map(ai, mask, resolution, reference)
+        peak_mm = (grid.affine @ np.array([*s["peak"], 1.0]))[:3]
+        top = top_regions(regional_z(reg, reference), 3)
+        rows.append({
+            "participant_id": f.participant_id, "session_id": f.session_id,
+            "asymmetry_score": round(s["asymmetry_score"], 3),
+            "asymmetry_suspected": bool(s["asymmetry_score"] > ASYMMETRY_THRESHOLD),
+            "focal_z": round(s["focal_z"], 3), "raw_magnitude": round(s["raw_magnitude"], 5),
+            "peak_mm": ",".join(f"{v:.0f}" for v in peak_mm), "top_regions": format_top_regions(top),
+            "siamese_probability": np.nan, "siamese_p_left": np.nan, "split": "n/a", "scan": f.preproc.name,
+        })
+    table = pd.DataFrame(rows, columns=GROUP_COLUMNS)
+    written: list[Path] = []
+
+    if getattr(settings, "task", None) == "symmetry":
+        threads = max(1, int(getattr(settings, "omp_nthreads", 1) or 1))
+        if settings.mode == "apply":
+            model, card = load_symmetry_model(settings.model)
+            model_res = model_resolution(card)
+        else:
+            healthy = [i for i, f in enumerate(files)
+                       if not table.at[i, "asymmetry_suspected"] and not lr_flip_suspected(f)]
+            split = family_split(sorted({files[i].participant_id for i in healthy}),
+                                 read_families(settings.bids_dir, settings.family_column), settings.seed)
+            parts = {name: [i for i in healthy if split.get(files[i].participant_id) == name]
+                     for name in ("train", "validation", "test")}
+            if min(len(p) for p in parts.values()) < 1 or len(parts["train"]) < 2:
+                raise NoInputError(
+                    f"symmetry training needs lesion-free scans of at least 4 subjects/families (got {len(healthy)} "
+                    f"scan(s) of {len(split)} subject(s)); fix: add participants or use --mode apply --model PATH")
+            for i in range(len(files)):
+                table.at[i, "split"] = "excluded"
+            for name, idx in parts.items():
+                for i in idx:
+                    table.at[i, "split"] = name
+            config = TrainConfig(
+                backbone=settings.backbone, fusion=getattr(settings, "symmetry_fusion", "difference") or "difference",
+                embedding_dim=int(min(settings.embedding_dim, 128)), resolution=max(resolution, 4.0),
+                epochs=int(settings.epochs), batch_size=int(settings.batch_size), lr=float(settings.lr),
+                patience=int(settings.patience), seed=int(settings.seed), num_threads=threads,
+                lesion=LesionConfig(),
+            )
+
+            def on_grid(i: int) -> object:
+                small, small_mask = to_model_resolution(volumes[i], masks[i], resolution, config.resolution)
+                return prepare_scan(small, small_mask, config.resolution, files[i].source)
+
+            train_scans = [on_grid(i) for i in parts["train"]]
+            val_scans = [on_grid(i) for i in parts["validation"]]
+            LOG.info("symmetry: training the %s/%s model on %d scans (validation %d, test %d)", config.backbone,
+                     config.fusion, len(train_scans), len(val_scans), len(parts["test"]))
+            model, history, info = train_symmetry_model(train_scans, val_scans, config)
+            test_scans = [prepare_scan(volumes[i], masks[i], resolution, files[i].source) for i in parts["test"]]
+            scorers = {
+                "siamese_probability": siamese_scorer(model, resolution, config.resolution),
+                "asymmetry_score": lambda vols, ms: np.array(
+                    [score_scan(v, m, resolution, reference, fwhm)["asymmetry_score"] for v, m in zip(vols, ms)]),
+            }
+            thresholds = {"siamese_probability": 0.5, "asymmetry_score": ASYMMETRY_THRESHOLD}
+            samples, per_bin, overall = evaluate_detection(test_scans, resolution, scorers, thresholds, config.lesion,
+                                                           draws=2, seed=settings.seed + 7)
+            metrics = {"validation": {"loss": info["best_val_loss"], "auc": info["best_val_auc"],
+                                      "best_epoch": info["best_epoch"]},
+                       "test_simulated": overall.set_index("scorer").to_dict(orient="index"),
+                       "training_seconds": info["seconds"]}
+            training_data = {"fingerprint": fingerprint(files, {files[i].source: table.at[i, "split"]
+                                                                for i in range(len(files))}),
+                             "n_train": len(parts["train"]), "n_validation": len(parts["validation"]),
+                             "n_test": len(parts["test"]), "selection": "asymmetry_score <= 3 and no left-right flip"}
+            folder = out_dir / "models" / f"symmetry_{config.backbone}"
+            written += save_symmetry_checkpoint(folder, model, config, training_data, metrics)
+            model_res = config.resolution
+            written.append(write_tsv(out_dir / TRAINING_TABLE, history.round(5)))
+            written.append(write_tsv(out_dir / EVALUATION_TABLE, per_bin))
+            written.append(write_json(out_dir / EVALUATION_JSON, {
+                "overall": overall.to_dict(orient="records"), "training": info, "config": config.as_dict(),
+                "split": {k: len(v) for k, v in parts.items()}, "checkpoint": str(folder.relative_to(out_dir)),
+            }))
+            written.append(write_text(out_dir / FIGURE, detection_figure(
+                per_bin, f"Held-out scans with planted lesions ({len(test_scans)} scans)")))
+        p, p_left = siamese_predict(model, volumes, masks, resolution, model_res)
+        table["siamese_probability"] = np.round(p, 4)
+        table["siamese_p_left"] = np.round(p_left, 4)
+    table = table.sort_values(["participant_id", "session_id", "scan"], kind="stable").reset_index(drop=True)
+    written.insert(0, write_tsv(out_dir / GROUP_TABLE, table))
+    LOG.info("symmetry: %d scan(s) in %s, %d with asymmetry_score > %g", len(table), GROUP_TABLE,
+             int(table["asymmetry_suspected"].sum()), ASYMMETRY_THRESHOLD)
+    return written
