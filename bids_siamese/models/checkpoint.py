@@ -227,9 +227,9 @@ def check_card(card: Mapping[str, Any], task: str | None = None, grid: Grid | No
             np.asarray(have.get("affine", np.zeros((4, 4)))), np.asarray(want["affine"]), atol=1e-4)
         if not same:
             raise UsageError(
-                f"{source}: the checkpoint expects the {have.get('resolution')} mm model grid "
+                f"{source}: the checkpoint expects the {float(have.get('resolution', 0)):g} mm model grid "
                 f"({'x'.join(map(str, have.get('shape', [])))}), but this run uses {want['resolution']:g} mm "
-                f"({'x'.join(map(str, want['shape']))}); fix: use --resolution {have.get('resolution'):g} "
+                f"({'x'.join(map(str, want['shape']))}); fix: use --resolution {float(have.get('resolution', 0)):g} "
                 "(and run the participant level at that resolution)")
 
 
