@@ -196,3 +196,167 @@ def test_lrp_runs_on_every_backbone(backbone):
     relevance = relevance_embedding(canon, x, normalised=True)
     assert relevance.shape == (32, 32, 32)
     assert np.isfinite(relevance).all() and np.abs(relevance).sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Regions and statistics
+# ----------------------------------------------------------------------------------------------------------
+def _thalamus_map(resolution: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    from bids_siamese.resources import model_grid
+
+    grid = model_grid(resolution)
+    ijk = np.indices(grid.shape).reshape(3, -1)
+    xyz = (grid.affine[:3, :3] @ ijk + grid.affine[:3, 3:4]).T.reshape(*grid.shape, 3)
+    blob = np.exp(-((np.abs(xyz[..., 0]) - 11) ** 2 + (xyz[..., 1] + 18) ** 2 + (xyz[..., 2] - 7) ** 2) / (2 * 7 ** 2))
+    return blob.astype(np.float32), grid.affine
+
+
+@pytest.mark.parametrize("atlas", ["harvard_oxford", "aal", "neuromorphometrics"])
+def test_thalamus_map_ranks_thalamus_first(atlas):
+    from bids_siamese.explain.regions import labels_on_grid, load_atlas, rank_regions
+    from bids_siamese.resources import model_grid
+
+    grid = model_grid(2.0)
+    volume, _ = _thalamus_map()
+    at = load_atlas(atlas)
+    ranking = rank_regions(volume, labels_on_grid(at, grid.shape, grid.affine), at.table)
+    assert list(ranking.columns[:5]) == ["region", "hemisphere", "structure_class", "importance", "rank"]
+    assert set(ranking.head(2)["region"].str.lower().str.contains("thalam")) == {True}
+    assert set(ranking.head(2)["hemisphere"]) == {"L", "R"}
+    assert ranking["importance"].iloc[0] == 1.0 and ranking["importance"].between(0, 1).all()
+    assert ranking["rank"].tolist() == list(range(1, len(ranking) + 1))
+    if atlas == "aal":
+        assert "cerebellar" in set(ranking["structure_class"])
+    if atlas == "harvard_oxford":
+        assert {"cortical", "subcortical", "brainstem"} <= set(ranking["structure_class"])
+
+
+def test_user_atlas_with_label_tsv(tmp_path):
+    import nibabel as nib
+
+    from bids_siamese.explain.regions import load_atlas
+
+    labels = np.zeros((10, 10, 10), np.int16)
+    labels[:5] = 1
+    labels[5:] = 2
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "my_atlas.nii.gz")
+    (tmp_path / "my_atlas.tsv").write_text("index\tname\tstructure_class\n1\tLeft_Blob\tsubcortical\n2\tRight_Blob\tcortical\n")
+    at = load_atlas(str(tmp_path / "my_atlas.nii.gz"))
+    assert at.table[["region", "hemisphere", "structure_class"]].values.tolist() == [
+        ["Blob", "L", "subcortical"], ["Blob", "R", "cortical"]]
+    with pytest.raises(Exception, match="not found"):
+        load_atlas(str(tmp_path / "missing.nii.gz"))
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "unlabelled.nii.gz")
+    with pytest.raises(Exception, match="no label table"):
+        load_atlas(str(tmp_path / "unlabelled.nii.gz"))
+
+
+def test_class_contrast_statistics():
+    import pandas as pd
+
+    from bids_siamese.explain.regions import class_contrast
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in range(8):
+        for r in range(4):
+            rows.append({"participant_id": f"sub-{s}", "label": f"s{r}", "structure_class": "subcortical",
+                         "importance": 0.8 + rng.normal(0, 0.05)})
+            rows.append({"participant_id": f"sub-{s}", "label": f"c{r}", "structure_class": "cortical",
+                         "importance": 0.3 + rng.normal(0, 0.05)})
+    per_subject = pd.DataFrame(rows)
+    ranking = per_subject.groupby(["label", "structure_class"], as_index=False)["importance"].mean()
+    stats = class_contrast(per_subject, ranking, n_permutations=1000)
+    subj = stats[stats["level"] == "subjects"].iloc[0]
+    assert subj["cohens_d"] > 3 and subj["welch_p"] < 1e-6
+    assert subj["permutation_p"] == pytest.approx(2 / 2 ** 8)  # exact: all-same-sign flips only
+    assert subj["n_permutations"] == 256
+    assert set(stats["level"]) == {"subjects", "regions"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The group-level step end to end on a tiny synthetic output folder
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory):
+    import types
+
+    import nibabel as nib
+
+    from bids_siamese.explain.run import run_explain
+    from bids_siamese.models.checkpoint import make_card, save_checkpoint
+    from bids_siamese.models.heads import build_model
+    from bids_siamese.resources import model_grid
+
+    from bids_siamese.bids.derivatives import init_output_dir
+
+    out = tmp_path_factory.mktemp("out")
+    bids = tmp_path_factory.mktemp("bids")
+    (bids / "dataset_description.json").write_text('{"Name": "tiny", "BIDSVersion": "1.10.0"}')
+    init_output_dir(out)
+    (bids / "participants.tsv").write_text("participant_id\tfamily_id\tzygosity\n" + "".join(
+        f"sub-{i:02d}\tf{i // 2}\tMZ\n" for i in range(6)))
+    resolution = 8.0
+    grid = model_grid(resolution)
+    blob, _ = _thalamus_map(resolution)
+    rng = np.random.default_rng(0)
+    brain = blob > -1
+    for i in range(6):
+        anat = out / f"sub-{i:02d}" / "anat"
+        anat.mkdir(parents=True)
+        vol = (rng.normal(0, 0.2, grid.shape) + (1 + i % 2) * blob).astype(np.float32)
+        stem = f"sub-{i:02d}_space-MNI152NLin2009cAsym_res-8"
+        nib.save(nib.Nifti1Image(vol, grid.affine), anat / f"{stem}_desc-preproc_T1w.nii.gz")
+        nib.save(nib.Nifti1Image(brain.astype(np.uint8), grid.affine), anat / f"{stem}_desc-brain_mask.nii.gz")
+    torch.manual_seed(0)
+    model = build_model("twin", "small", embedding_dim=8).eval()
+    card = make_card("twin", "small", 8, grid, 0, {"fingerprint": "x"}, {"threshold_distance": 0.5}, {}, {"distance": "cosine"})
+    save_checkpoint(out / "models" / "twins_small", model, card)
+    settings = types.SimpleNamespace(output_dir=out, bids_dir=bids, resolution=resolution, resolution_label="8",
+                                     session_label=[], atlas="harvard_oxford", seed=0, backbone="small",
+                                     family_column="family_id", zygosity_column="zygosity", pairs_file=None,
+                                     distance="cosine", model=None, report_subjects=True, explain_surfaces=True,
+                                     relevance_fwhm=8.0)
+    return out, run_explain(settings, ["01", "00", "02", "03", "04", "05"])
+
+
+@pytest.mark.slow
+def test_run_explain_writes_every_output(explained):
+    import pandas as pd
+
+    out, written = explained
+    names = {p.name for p in written}
+    assert "sub-00_space-MNI152NLin2009cAsym_res-8_desc-lrp_relevance.nii.gz" in names
+    assert "sub-00_space-MNI152NLin2009cAsym_res-8_desc-lrp_relevance.json" in names
+    assert "sub-00_hemi-L_space-fsLR_den-32k_desc-lrp_relevance.func.gii" in names
+    for name in ("group_regions_ranking.tsv", "group_regions_statistics.tsv", "group_regions_subjects.tsv",
+                 "group.html"):
+        assert (out / name).is_file(), name
+    for name in ("group_fsLR.spec", "group_space-fsLR_den-91k_desc-lrp_relevance.dscalar.nii",
+                 "group_hemi-R_space-fsaverage5_desc-lrp_relevance.func.gii",
+                 "group_space-MNI152NLin2009cAsym_res-8_desc-lrp_relevance.nii.gz"):
+        assert (out / "group" / name).is_file(), name
+    ranking = pd.read_csv(out / "group_regions_ranking.tsv", sep="\t")
+    assert ranking["importance"].max() == 1.0
+    assert {"group", "*_relevance.*"} <= set((out / ".bidsignore").read_text().split())
+    html = (out / "group.html").read_text()
+    assert "Region ranking" in html and "<svg" in html and "Subjects" in html
+
+
+@pytest.mark.slow
+def test_run_explain_outputs_pass_the_bids_validator(explained):
+    import json
+    import shutil
+    import subprocess
+
+    validator = shutil.which("bids-validator-deno")
+    if validator is None:
+        pytest.skip("bids-validator-deno is not installed")
+    out, _ = explained
+    lines = (out / ".bidsignore").read_text().split() if (out / ".bidsignore").is_file() else []
+    # the participant-level and model outputs of this synthetic folder are the other engineers' concern
+    (out / ".bidsignore").write_text("\n".join(lines + ["models", "*_desc-preproc_T1w.*", "*_mask.*"]) + "\n")
+    res = subprocess.run([validator, str(out), "--json"], capture_output=True, text=True, timeout=300)
+    issues = json.loads(res.stdout)["issues"]["issues"]
+    errors = [(i["code"], i.get("location")) for i in issues if i["severity"] == "error"]
+    assert not errors, errors

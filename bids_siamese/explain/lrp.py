@@ -224,6 +224,13 @@ class CanonicalModel:
                 m.calibrating = False
 
 
+class _Tracer(fx.Tracer):
+    """Keeps normalisation layers (and subclasses with their own ``forward``) as single modules."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _NORMS) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _replace_node_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, args: tuple, name: str) -> fx.Node:
     gm.add_submodule(name, module)
     with gm.graph.inserting_after(node):
@@ -263,7 +270,7 @@ def canonize(model: nn.Module) -> CanonicalModel:
         if hasattr(m, "inplace"):
             m.inplace = False
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as err:  # pragma: no cover - every bundled backbone traces
         raise TypeError(f"LRP: the model cannot be traced by torch.fx ({err})") from err
     graph = gm.graph
@@ -321,6 +328,28 @@ def canonize(model: nn.Module) -> CanonicalModel:
             source.target = name
             node.replace_all_uses_with(source)
             graph.erase_node(node)
+
+    # BatchNorm (eval) feeding a linear layer: merged into that layer (W (a x + b) + c)
+    for node in list(graph.nodes):
+        mod = module_of(node)
+        if not isinstance(mod, _BATCHNORM) or len(node.users) != 1:
+            continue
+        user = next(iter(node.users))
+        lin = module_of(user)
+        if not isinstance(lin, nn.Linear) or mod.running_mean is None:
+            continue
+        std = torch.sqrt(mod.running_var + mod.eps)
+        scale = (mod.weight.detach() if mod.affine else torch.ones_like(std)) / std
+        shift = (mod.bias.detach() if mod.affine else torch.zeros_like(std)) - mod.running_mean * scale
+        merged = copy.deepcopy(lin)
+        bias = lin.bias.detach() if lin.bias is not None else torch.zeros(lin.out_features)
+        merged.weight = nn.Parameter(lin.weight.detach() * scale[None, :])
+        merged.bias = nn.Parameter(bias + lin.weight.detach() @ shift)
+        name = fresh("normlinear")
+        gm.add_submodule(name, merged)
+        user.target = name
+        user.replace_input_with(node, node.args[0])
+        graph.erase_node(node)
 
     # 3. functional operations -> modules
     for node in list(graph.nodes):

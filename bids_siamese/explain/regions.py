@@ -102,8 +102,8 @@ def structure_class(name: str) -> str:
 
     Examples:
         >>> [structure_class(n) for n in ("Right_Thalamus_Proper", "Brain-Stem", "Vermis_4_5",
-        ...  "Left-Cerebral-White-Matter", "Left_Lateral_Ventrical", "ctx-lh-insula")]
-        ['subcortical', 'brainstem', 'cerebellar', 'white-matter', 'other', 'cortical']
+        ...  "Left-Cerebral-White-Matter", "Left_Lateral_Ventrical", "ctx-lh-insula", "ParaHippocampal_L")]
+        ['subcortical', 'brainstem', 'cerebellar', 'white-matter', 'other', 'cortical', 'cortical']
     """
     low = str(name).lower()
     if any(k in low for k in _BRAINSTEM):
@@ -114,7 +114,7 @@ def structure_class(name: str) -> str:
         return "other"
     if any(k in low for k in _WHITE):
         return "white-matter"
-    if any(k in low for k in _SUBCORTICAL):
+    if any(k in low for k in _SUBCORTICAL) and "parahippocamp" not in low:
         return "subcortical"
     return "cortical"
 

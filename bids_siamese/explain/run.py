@@ -1,0 +1,348 @@
+"""Group level: relevance maps of a trained twin model, region ranking, Workbench files and the group report.
+
+:func:`run_explain` is called by the group level after ``--task twin`` training or application. It reads the
+participant-level model-grid T1w files and the checkpoint, and writes (names in docs/outputs.md):
+
+* per scan, ``<source>_space-MNI152NLin2009cAsym_res-<R>_desc-lrp_relevance.nii.gz`` (+ ``.json``): the LRP
+  relevance on the model grid (signed, summing to about the target value); with ``explain_surfaces``
+  also ``<source>_hemi-{L,R}_space-{fsLR_den-32k,fsaverage5}_desc-lrp_relevance.func.gii``;
+* ``group/``: the 0..1 group map as NIfTI, GIFTI (fsLR 32k, fsaverage5) and CIFTI-2, the template surfaces
+  and brain, and the Workbench spec files;
+* ``group_regions_ranking.tsv``, ``group_regions_subjects.tsv``, ``group_regions_statistics.tsv``;
+* ``group.html`` (via :func:`bids_siamese.reports.group.write_group_report`).
+
+Group map: each scan's map is divided by its total relevance (so every scan weighs the same and the sign
+means "for" the target), averaged per subject, then over subjects, smoothed (Gaussian, ``relevance_fwhm``
+mm), its negative part set to 0, divided by its maximum and restricted to the brain (voxels inside at
+least half of the subjects' brain masks).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+
+from ..bids.derivatives import write_json, write_nifti, write_text, write_tsv
+from ..errors import NoInputError
+from ..resources import TEMPLATE, model_grid
+from .lrp import CanonicalModel, canonize, embedding_network, relevance_embedding, relevance_pair_distance
+from .regions import class_contrast, labels_on_grid, load_atlas, rank_regions, subject_region_importance
+
+LOG = logging.getLogger("bids_siamese.group.explain")
+
+#: Fixed names at the top of OUTPUT_DIR.
+EXPLAIN_FILES = {
+    "ranking": "group_regions_ranking.tsv",
+    "subjects": "group_regions_subjects.tsv",
+    "statistics": "group_regions_statistics.tsv",
+    "embeddings": "group_twins_embeddings.tsv",
+    "workbench": "group",
+    "report": "group.html",
+}
+#: Patterns the validator must ignore (added to .bidsignore when missing).
+BIDSIGNORE_PATTERNS = ("group", "*_relevance.*")
+
+DEFAULTS = {
+    "lrp_target": "embedding",
+    "lrp_rules": "epsilon_plus",
+    "relevance_fwhm": 6.0,
+    "explain_surfaces": False,
+    "report_subjects": False,
+    "atlas_labels": None,
+}
+
+
+def option(settings: Any, name: str) -> Any:
+    """A setting of the explanation step, with its default when the run's settings lack it."""
+    value = getattr(settings, name, None)
+    return DEFAULTS[name] if value is None else value
+
+
+@dataclass
+class ExplainResult:
+    """What the explanation step computed (used by the group report)."""
+
+    scans: pd.DataFrame
+    group_map: np.ndarray
+    affine: np.ndarray
+    template: np.ndarray | None
+    ranking: pd.DataFrame
+    statistics: pd.DataFrame
+    embeddings: pd.DataFrame
+    target: str
+    atlas: str
+    fwhm: float
+    written: list[Path] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure steps
+# ----------------------------------------------------------------------------------------------------------
+def unit_total(relevance: np.ndarray) -> np.ndarray:
+    """A relevance map divided by its total (0 map when the total is 0).
+
+    Examples:
+        >>> unit_total(np.array([1.0, 3.0])).tolist(), unit_total(np.array([-1.0, -1.0])).tolist()
+        ([0.25, 0.75], [0.5, 0.5])
+    """
+    total = float(np.sum(relevance, dtype=np.float64))
+    return (relevance / total).astype(np.float32) if abs(total) > 1e-20 else np.zeros_like(relevance, np.float32)
+
+
+def smooth(volume: np.ndarray, fwhm_mm: float, voxel_mm: float) -> np.ndarray:
+    """Gaussian smoothing with a full width at half maximum in mm (0: unchanged).
+
+    Examples:
+        >>> v = np.zeros((9, 9, 9)); v[4, 4, 4] = 1
+        >>> s = smooth(v, 4.0, 2.0)
+        >>> round(float(s.sum()), 4), bool(s[4, 4, 4] < 1)
+        (1.0, True)
+    """
+    if not fwhm_mm or fwhm_mm <= 0:
+        return np.asarray(volume, dtype=np.float32)
+    sigma = fwhm_mm / (2.0 * np.sqrt(2.0 * np.log(2.0))) / voxel_mm
+    return ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), sigma, mode="constant")
+
+
+def to_unit_range(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Negative part set to 0, divided by the maximum (0..1), 0 outside ``mask``.
+
+    Examples:
+        >>> to_unit_range(np.array([-1.0, 1.0, 4.0])).tolist()
+        [0.0, 0.25, 1.0]
+    """
+    out = np.clip(np.asarray(volume, dtype=np.float32), 0, None)
+    if mask is not None:
+        out = np.where(mask, out, 0.0).astype(np.float32)
+    top = float(out.max()) if out.size else 0.0
+    return out / top if top > 0 else out
+
+
+def group_relevance(subject_maps: Mapping[str, np.ndarray], brain: np.ndarray, fwhm_mm: float, voxel_mm: float
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The 0..1 group map and each subject's 0..1 map from per-subject mean unit-total maps.
+
+    Returns:
+        ``(group map, {subject: map})``.
+    """
+    stack = np.stack([subject_maps[s] for s in sorted(subject_maps)])
+    group = to_unit_range(smooth(stack.mean(axis=0), fwhm_mm, voxel_mm), brain)
+    per_subject = {s: to_unit_range(smooth(subject_maps[s], fwhm_mm, voxel_mm), brain) for s in sorted(subject_maps)}
+    return group, per_subject
+
+
+def impostor_partners(families: Sequence[str]) -> list[int]:
+    """For each scan, the next scan (cyclically) from another family: the pair whose distance is explained.
+
+    Examples:
+        >>> impostor_partners(["a", "a", "b", "c"])
+        [2, 2, 3, 0]
+    """
+    n = len(families)
+    partners = []
+    for i in range(n):
+        j = next((k % n for k in range(i + 1, i + n) if families[k % n] != families[i]), (i + 1) % n)
+        partners.append(j)
+    return partners
+
+
+def ensure_bidsignore(output_dir: Path, patterns: Sequence[str] = BIDSIGNORE_PATTERNS) -> None:
+    """Append the explanation outputs' patterns to OUTPUT_DIR/.bidsignore when missing."""
+    path = Path(output_dir) / ".bidsignore"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    missing = [p for p in patterns if p not in lines]
+    if missing:
+        write_text(path, "\n".join(lines + missing) + "\n")
+
+
+def relevance_name(preproc: Path) -> Path:
+    """The per-scan relevance path next to a ``desc-preproc_T1w`` file.
+
+    Examples:
+        >>> relevance_name(Path("sub-1_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz")).name
+        'sub-1_space-MNI152NLin2009cAsym_res-2_desc-lrp_relevance.nii.gz'
+    """
+    return Path(preproc).with_name(Path(preproc).name.replace("_desc-preproc_T1w.nii.gz", "_desc-lrp_relevance.nii.gz"))
+
+
+def source_stem(preproc: Path) -> str:
+    """``sub-1_ses-2`` from ``sub-1_ses-2_space-..._desc-preproc_T1w.nii.gz``."""
+    return Path(preproc).name.split(f"_space-{TEMPLATE}")[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------------------
+def _families(settings: Any, pids: Sequence[str]) -> dict[str, str]:
+    try:
+        from ..train.run import load_relations
+
+        return dict(load_relations(settings, [p.removeprefix("sub-") for p in pids]).family)
+    except Exception as err:  # no family information: every subject is its own family
+        LOG.info("no family information for the explanations (%s)", err)
+        return {p: p for p in pids}
+
+
+def _find_checkpoint(settings: Any, model_path: Path | None) -> Path:
+    if model_path is not None:
+        return Path(model_path)
+    if getattr(settings, "model", None):
+        return Path(settings.model)
+    from ..train.run import model_folder
+
+    folder = model_folder(settings.output_dir, "twin", getattr(settings, "backbone", "small"))
+    if folder.is_dir():
+        return folder
+    raise NoInputError(f"no twin checkpoint at {folder}; fix: run the group level with --task twin --mode train "
+                       "first, or pass --model PATH")
+
+
+def run_explain(settings: Any, subjects: list[str], model_path: Path | None = None) -> list[Path]:
+    """Relevance maps, region ranking and statistics, Workbench files and ``group.html`` for a twin model.
+
+    Args:
+        settings: the run's :class:`~bids_siamese.config.Settings` (``output_dir``, ``resolution``,
+            ``session_label``, ``atlas``, ``device``, ``seed``; optional ``lrp_target``, ``lrp_rules``,
+            ``relevance_fwhm``, ``explain_surfaces``, ``report_subjects``, ``atlas_labels``).
+        subjects: participant labels.
+        model_path: the checkpoint (folder, ``model.pt`` or ``model_card.json``); default ``--model`` or
+            ``OUTPUT_DIR/models/twins_<backbone>``.
+
+    Returns:
+        Every path written.
+    """
+    from ..models.checkpoint import load_checkpoint
+    from ..surface.spec import write_surface_maps, write_workbench_bundle
+    from ..train.data import find_preproc, load_volume, mask_path_for
+
+    t0 = time.perf_counter()
+    out_dir = Path(settings.output_dir)
+    grid = model_grid(settings.resolution)
+    res_label = settings.resolution_label
+    target = option(settings, "lrp_target")
+    rules = option(settings, "lrp_rules")
+    fwhm = float(option(settings, "relevance_fwhm"))
+    checkpoint = _find_checkpoint(settings, model_path)
+    model, card = load_checkpoint(checkpoint, "twin", grid, "cpu")
+    distance = card.get("hyperparameters", {}).get("distance", getattr(settings, "distance", "cosine"))
+    torch.manual_seed(int(getattr(settings, "seed", 0)))
+    scans = find_preproc(out_dir, subjects, res_label, getattr(settings, "session_label", []))
+    scans = scans.sort_values(["participant_id", "session"], kind="stable").reset_index(drop=True)
+    pids = scans["participant_id"].tolist()
+    families = _families(settings, sorted(set(pids)))
+    scans["family"] = [families.get(p, p) for p in pids]
+    net, normalised = embedding_network(model)
+    canon = canonize(net)
+    ensure_bidsignore(out_dir)
+    written: list[Path] = []
+    volumes = [load_volume(Path(p), grid) for p in scans["path"]]
+    masks = [(load_volume(mask_path_for(Path(p)), grid) > 0.5) if mask_path_for(Path(p)).is_file() else v != 0
+             for p, v in zip(scans["path"], volumes)]
+    partners = impostor_partners(scans["family"].tolist()) if target == "distance" else [None] * len(scans)
+    unit_maps: list[np.ndarray] = []
+    embeddings = []
+    totals = []
+    for i, (path, vol) in enumerate(zip(scans["path"], volumes)):
+        t_scan = time.perf_counter()
+        if target == "distance":
+            relevance, _, value = relevance_pair_distance(canon, vol, volumes[partners[i]], distance, rules)
+        else:
+            relevance = relevance_embedding(canon, vol, target=target, normalised=normalised, rules=rules)
+            value = float(relevance.sum())
+        emb = _embedding(canon, vol, normalised)
+        embeddings.append(emb)
+        totals.append(float(relevance.sum()))
+        unit_maps.append(unit_total(relevance))
+        out_path = relevance_name(Path(path))
+        written.append(write_nifti(out_path, nib.Nifti1Image(relevance.astype(np.float32), grid.affine)))
+        written.append(write_json(out_path.with_name(out_path.name.replace(".nii.gz", ".json")), {
+            "Description": "Layer-wise relevance propagation (captum) of the twin model for this scan: signed "
+                           "relevance per voxel, summing to about the explained target.",
+            "Sources": [f"bids::{Path(path).relative_to(out_dir).as_posix()}"],
+            "SpatialReference": TEMPLATE,
+            "Resolution": f"{grid.resolution:g} mm model grid",
+            "RelevanceTarget": target,
+            "TargetValue": round(value, 6),
+            "RelevanceSum": round(float(relevance.sum()), 6),
+            "PairedWith": (Path(scans["path"][partners[i]]).name if target == "distance" else None),
+            "Distance": distance if target == "distance" else None,
+            "LRPRules": rules,
+            "Model": {"checkpoint": Path(checkpoint).name, "backbone": card.get("backbone"),
+                      "weights_sha256": card.get("weights", {}).get("sha256")},
+        }))
+        if option(settings, "explain_surfaces"):
+            written += list(write_surface_maps(out_path.parent, source_stem(Path(path)),
+                                               {"relevance": (relevance, grid.affine)}, res_label, cifti=False).values())
+        LOG.info("relevance %d/%d (%s): %.1f s", i + 1, len(scans), Path(path).name, time.perf_counter() - t_scan)
+    # group and subject maps
+    subject_maps = {pid: np.mean([unit_maps[i] for i in idx], axis=0)
+                    for pid, idx in scans.groupby("participant_id").indices.items()}
+    subject_masks = {pid: np.mean([masks[i] for i in idx], axis=0) > 0.5
+                     for pid, idx in scans.groupby("participant_id").indices.items()}
+    brain = np.mean(list(subject_masks.values()), axis=0) >= 0.5
+    group_map, per_subject = group_relevance(subject_maps, brain, fwhm, grid.resolution)
+    # ranking and statistics
+    atlas = load_atlas(str(settings.atlas), option(settings, "atlas_labels"))
+    grid_labels = labels_on_grid(atlas, grid.shape, grid.affine)
+    ranking = rank_regions(group_map, grid_labels, atlas.table)
+    per_subject_regions = subject_region_importance(per_subject, grid_labels, atlas.table)
+    statistics = class_contrast(per_subject_regions, ranking, seed=int(getattr(settings, "seed", 0)))
+    written.append(write_tsv(out_dir / EXPLAIN_FILES["ranking"], ranking))
+    written.append(write_tsv(out_dir / EXPLAIN_FILES["subjects"], per_subject_regions))
+    written.append(write_tsv(out_dir / EXPLAIN_FILES["statistics"], statistics))
+    emb_table = _embedding_table(scans, np.stack(embeddings), totals)
+    written.append(write_tsv(out_dir / EXPLAIN_FILES["embeddings"], emb_table))
+    # Workbench folder
+    written += write_workbench_bundle(out_dir / EXPLAIN_FILES["workbench"], {"relevance": (group_map, grid.affine)},
+                                      res_label)
+    LOG.info("explanations: %d scans, atlas %s, top regions %s (%.0f s)", len(scans), atlas.name,
+             ", ".join(f"{r.region} {r.hemisphere}" for r in ranking.head(3).itertuples()), time.perf_counter() - t0)
+    result = ExplainResult(scans=scans, group_map=group_map, affine=grid.affine, template=_template_on_grid(grid),
+                           ranking=ranking, statistics=statistics, embeddings=emb_table, target=target,
+                           atlas=atlas.name, fwhm=fwhm, written=written)
+    from ..reports.group import write_group_report
+
+    written.append(write_group_report(settings, explain=result))
+    return written
+
+
+def _embedding(canon: CanonicalModel, vol: np.ndarray, normalised: bool) -> np.ndarray:
+    x = torch.as_tensor(vol, dtype=torch.float32)[None, None]
+    with torch.no_grad():
+        e = (canon.calibrate(x) if canon.needs_calibration else canon.module(x))[0]
+    if normalised:
+        e = e / e.norm().clamp_min(1e-12)
+    return e.numpy().astype(np.float32)
+
+
+def _embedding_table(scans: pd.DataFrame, embeddings: np.ndarray, totals: Sequence[float]) -> pd.DataFrame:
+    table = pd.DataFrame({
+        "participant_id": scans["participant_id"],
+        "session_id": scans["session"].replace("", "n/a").fillna("n/a"),
+        "family_id": scans["family"],
+        "relevance_sum": np.round(totals, 6),
+    })
+    emb = pd.DataFrame(np.round(embeddings, 6), columns=[f"e{k}" for k in range(embeddings.shape[1])])
+    return pd.concat([table.reset_index(drop=True), emb], axis=1)
+
+
+def _template_on_grid(grid) -> np.ndarray | None:
+    try:
+        from ..resources import template_brain_path
+        from ..surface.gifti import sample_volume
+
+        img = nib.load(str(template_brain_path()))
+        ijk = np.indices(grid.shape).reshape(3, -1)
+        xyz = (grid.affine[:3, :3] @ ijk + grid.affine[:3, 3:4]).T
+        return sample_volume(np.asarray(img.dataobj, np.float32), img.affine, xyz).reshape(grid.shape)
+    except Exception as err:  # the report still works without the template underlay
+        LOG.info("no template underlay for the report (%s)", err)
+        return None

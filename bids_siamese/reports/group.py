@@ -1,0 +1,396 @@
+"""The group report ``group.html``: model metrics, curves, embedding map, relevance, ranking, QC summaries.
+
+One self-contained HTML file at the top of OUTPUT_DIR (figures inline as SVG, raster layers embedded), built
+from what the group level wrote: ``group_twins_metrics.tsv``, ``figures/group_twins_{loss,roc}.svg``,
+``group_twins_embeddings.tsv``, ``group_regions_ranking.tsv``, ``group_regions_statistics.tsv``,
+``group_orientation.tsv``, ``group_symmetry.tsv`` and the group relevance map. Every section is shown only
+when its inputs exist, so the report also works for a run without twin model or explanations. With
+``report_subjects`` a per-subject section lists each subject's most important regions.
+
+Figures are drawn with :class:`matplotlib.figure.Figure` (no pyplot state). Slices are in neurological
+convention (subject's left on the left, "L"/"R" marked); surfaces are fsaverage5 inflated meshes,
+lateral and medial views, coloured by the group map sampled at the cortex.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import re
+from datetime import datetime, timezone
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jinja2
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
+
+from .. import __version__
+from ..bids.derivatives import write_text
+
+LOG = logging.getLogger("bids_siamese.group.report")
+
+__all__ = ["build_group_context", "render_group_report", "write_group_report", "ranking_figure",
+           "embedding_figure", "slices_figure", "surface_figure", "table_view"]
+
+REPORT_NAME = "group.html"
+CLASS_COLOURS = {"subcortical": "#d62728", "cortical": "#1f77b4", "cerebellar": "#2ca02c", "brainstem": "#9467bd",
+                 "white-matter": "#8c564b"}
+_SALT = "bids-siamese-group"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures (pure: arrays/tables in, SVG text out)
+# ----------------------------------------------------------------------------------------------------------
+def _svg(fig: Figure, dpi: int = 90) -> str:
+    import matplotlib
+
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.hashsalt": _SALT, "svg.fonttype": "none"}):
+        fig.savefig(buffer, format="svg", dpi=dpi, metadata={"Date": None}, bbox_inches="tight")
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]
+
+
+def ranking_figure(ranking: pd.DataFrame, top: int = 20) -> str:
+    """Horizontal bars of the ``top`` regions' importance, coloured by structure class."""
+    rows = ranking.head(top).iloc[::-1]
+    fig = Figure(figsize=(7.5, 0.28 * len(rows) + 1.0))
+    ax = fig.add_subplot()
+    labels = [f"{r.region} ({r.hemisphere})" if r.hemisphere != "bilateral" else str(r.region)
+              for r in rows.itertuples()]
+    ax.barh(range(len(rows)), rows["importance"], color=[CLASS_COLOURS.get(c, "#7f7f7f") for c in rows["structure_class"]])
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("importance (region mean of the 0..1 group map / largest region mean)")
+    handles = [ax.bar(0, 0, color=c, label=k) for k, c in CLASS_COLOURS.items() if k in set(rows["structure_class"])]
+    if handles:
+        ax.legend(loc="lower right", fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _svg(fig)
+
+
+def _project_2d(embeddings: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
+    x = embeddings - embeddings.mean(axis=0)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        perplexity = float(max(2.0, min(30.0, (len(x) - 1) / 3.0)))
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    out = u[:, :2] * s[:2]
+    return out if out.shape[1] == 2 else np.c_[out, np.zeros(len(out))]
+
+
+def embedding_figure(table: pd.DataFrame, seed: int = 0) -> str:
+    """PCA and t-SNE maps of the scan embeddings, coloured by family, family members joined by lines."""
+    cols = [c for c in table.columns if re.fullmatch(r"e\d+", str(c))]
+    emb = table[cols].to_numpy(float)
+    methods = ["pca"] + (["tsne"] if len(table) >= 6 else [])
+    fig = Figure(figsize=(5.2 * len(methods), 4.6))
+    families = table["family_id"].astype(str).to_numpy()
+    uniq = sorted(set(families))
+    cmap = colormaps["tab20"]
+    colour = {f: cmap(i % 20) for i, f in enumerate(uniq)}
+    for k, method in enumerate(methods):
+        ax = fig.add_subplot(1, len(methods), k + 1)
+        xy = _project_2d(emb, method, seed)
+        for fam in uniq:
+            idx = np.flatnonzero(families == fam)
+            if len(idx) > 1:
+                ax.plot(xy[idx, 0], xy[idx, 1], "-", color=colour[fam], lw=1, alpha=0.7)
+            ax.scatter(xy[idx, 0], xy[idx, 1], color=colour[fam], s=28, edgecolor="black", linewidth=0.4)
+        ax.set_title("PCA" if method == "pca" else "t-SNE", fontsize=11)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("scan embeddings, one colour per family (lines join members of a family)", fontsize=10)
+    return _svg(fig)
+
+
+def _world_slices(volume: np.ndarray, affine: np.ndarray, axis: int, positions_mm: Sequence[float]) -> list[int]:
+    idx = []
+    for mm in positions_mm:
+        k = int(round((mm - affine[axis, 3]) / affine[axis, axis]))
+        idx.append(min(max(k, 0), volume.shape[axis] - 1))
+    return idx
+
+
+def slices_figure(group_map: np.ndarray, affine: np.ndarray, template: np.ndarray | None = None,
+                  threshold: float = 0.2) -> str:
+    """Axial, coronal and sagittal slices of the 0..1 group map over the template (neurological convention)."""
+    views = [("axial", 2, (-30, -15, 0, 10, 25, 45, 60)), ("coronal", 1, (-70, -40, -20, -5, 10, 30)),
+             ("sagittal", 0, (-45, -25, -10, 10, 25, 45))]
+    n_cols = max(len(v[2]) for v in views)
+    fig = Figure(figsize=(1.6 * n_cols, 1.75 * len(views) + 0.5), facecolor="black")
+    under = template if template is not None else np.zeros_like(group_map)
+    lo, hi = (np.percentile(under[under > 0], [2, 99.5]) if (under > 0).any() else (0.0, 1.0))
+    overlay = np.ma.masked_less(group_map, threshold)
+    for r, (name, axis, positions) in enumerate(views):
+        for c, k in enumerate(_world_slices(group_map, affine, axis, positions)):
+            ax = fig.add_subplot(len(views), n_cols, r * n_cols + c + 1)
+            take = lambda v: np.take(v, k, axis=axis).T  # noqa: E731 - rows: the later axis, bottom up
+            ax.imshow(take(under), cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
+            im = ax.imshow(take(overlay), cmap="hot", vmin=threshold, vmax=1.0, origin="lower",
+                           interpolation="nearest", alpha=0.85)
+            mm = affine[axis, 3] + k * affine[axis, axis]
+            ax.set_title(f"{'xyz'[axis]}={mm:.0f}", color="white", fontsize=7, pad=2)
+            if axis in (1, 2):
+                ax.text(0.02, 0.03, "L", color="white", fontsize=7, transform=ax.transAxes)
+                ax.text(0.92, 0.03, "R", color="white", fontsize=7, transform=ax.transAxes)
+            ax.set_axis_off()
+    cax = fig.add_axes((0.92, 0.25, 0.012, 0.5))
+    cbar = fig.colorbar(im, cax=cax)
+    cbar.ax.tick_params(colors="white", labelsize=7)
+    cbar.set_label("group relevance (0..1)", color="white", fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.9, top=0.95, bottom=0.02, wspace=0.03, hspace=0.18)
+    return _svg(fig)
+
+
+def _render_mesh(ax, coords: np.ndarray, faces: np.ndarray, values: np.ndarray, view: str, hemi: str,
+                 threshold: float) -> None:
+    camera_x = -1.0 if (hemi == "L") == (view == "lateral") else 1.0
+    right = np.array([0.0, -1.0, 0.0]) if camera_x < 0 else np.array([0.0, 1.0, 0.0])
+    xy = np.c_[coords @ right, coords[:, 2]]
+    tri = coords[faces]
+    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
+    facing = normals[:, 0] * camera_x
+    shade = 0.35 + 0.65 * np.abs(facing)
+    depth = -tri[:, :, 0].mean(axis=1) * camera_x  # larger: farther from the camera
+    order = np.argsort(-depth)
+    face_values = values[faces].mean(axis=1)
+    cmap = colormaps["hot"]
+    base = np.tile(np.array([0.72, 0.72, 0.72, 1.0]), (len(faces), 1))
+    hot = face_values >= threshold
+    base[hot] = cmap(np.clip((face_values[hot] - threshold) / (1 - threshold), 0, 1) * 0.85)
+    colours = base.copy()
+    colours[:, :3] *= shade[:, None]
+    coll = PolyCollection(xy[faces[order]], facecolors=colours[order], edgecolors="none", antialiased=False)
+    coll.set_rasterized(True)
+    ax.add_collection(coll)
+    ax.set_xlim(xy[:, 0].min() - 2, xy[:, 0].max() + 2)
+    ax.set_ylim(xy[:, 1].min() - 2, xy[:, 1].max() + 2)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+
+
+def surface_figure(group_map: np.ndarray, affine: np.ndarray, threshold: float = 0.2) -> str:
+    """Lateral and medial views of both hemispheres (fsaverage5 inflated) coloured by the group map."""
+    from ..surface.gifti import load_mesh, vol_to_surf
+
+    fig = Figure(figsize=(10, 5.2))
+    panels = [("L", "lateral"), ("R", "lateral"), ("L", "medial"), ("R", "medial")]
+    for k, (hemi, view) in enumerate(panels):
+        values = vol_to_surf(group_map, affine, "fsaverage5", hemi)
+        mesh = load_mesh("fsaverage5", hemi, "inflated")
+        ax = fig.add_subplot(2, 2, k + 1)
+        _render_mesh(ax, mesh.coords.astype(float), mesh.faces, values, view, hemi, threshold)
+        ax.set_title(f"{'left' if hemi == 'L' else 'right'} hemisphere, {view}", fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.94, bottom=0.01, wspace=0.02, hspace=0.12)
+    return _svg(fig, dpi=80)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Context
+# ----------------------------------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "n/a"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3g}"
+        return f"{v:.4g}" if abs(v) < 100 else f"{v:.1f}"
+    return str(value)
+
+
+def table_view(table: pd.DataFrame | None, max_rows: int = 50, columns: Sequence[str] | None = None) -> dict | None:
+    """``{"columns", "rows", "more"}`` with formatted cells (``None`` for a missing/empty table).
+
+    Examples:
+        >>> table_view(pd.DataFrame({"a": [0.123456, None]}))["rows"]
+        [['0.1235'], ['n/a']]
+    """
+    if table is None or len(table) == 0:
+        return None
+    if columns:
+        table = table[[c for c in columns if c in table.columns]]
+    rows = [[_fmt(v) for v in row] for row in table.head(max_rows).itertuples(index=False)]
+    return {"columns": [str(c) for c in table.columns], "rows": rows, "more": max(0, len(table) - max_rows)}
+
+
+def _statistics_sentence(stats: pd.DataFrame | None) -> str | None:
+    if stats is None or not len(stats):
+        return None
+    parts = []
+    for row in stats.itertuples():
+        parts.append(f"{row.level}: {row.comparison}, mean {_fmt(row.mean_a)} vs {_fmt(row.mean_b)}, Cohen's d = "
+                     f"{_fmt(row.cohens_d)}, Welch t = {_fmt(row.welch_t)} (df {_fmt(row.welch_df)}), p = "
+                     f"{_fmt(row.welch_p)}, permutation p = {_fmt(row.permutation_p)} "
+                     f"({int(row.n_permutations)} permutations)")
+    return "; ".join(parts) + "."
+
+
+def _inline_svg(text: str | None) -> str | None:
+    if not text:
+        return None
+    start = text.find("<svg")
+    return text[start:] if start >= 0 else None
+
+
+def build_group_context(
+    dataset: str = "",
+    metrics: pd.DataFrame | None = None,
+    loss_svg: str | None = None,
+    roc_svg: str | None = None,
+    embeddings: pd.DataFrame | None = None,
+    ranking: pd.DataFrame | None = None,
+    statistics: pd.DataFrame | None = None,
+    group_map: np.ndarray | None = None,
+    affine: np.ndarray | None = None,
+    template: np.ndarray | None = None,
+    orientation: pd.DataFrame | None = None,
+    symmetry: pd.DataFrame | None = None,
+    subjects_regions: pd.DataFrame | None = None,
+    files: Sequence[str] = (),
+    notes: Mapping[str, str] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Everything the template shows; each figure is drawn only when its data are given."""
+    context: dict[str, Any] = {
+        "title": "bids-siamese group report",
+        "dataset": dataset,
+        "version": __version__,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "notes": dict(notes or {}),
+        "metrics": table_view(metrics),
+        "loss_svg": _inline_svg(loss_svg),
+        "roc_svg": _inline_svg(roc_svg),
+        "embedding_svg": None,
+        "ranking_svg": None,
+        "ranking": table_view(ranking, 25, ["rank", "region", "hemisphere", "structure_class", "importance", "voxels"]),
+        "statistics": table_view(statistics),
+        "statistics_sentence": _statistics_sentence(statistics),
+        "slices_svg": None,
+        "surface_svg": None,
+        "orientation": None,
+        "symmetry": None,
+        "subjects": [],
+        "files": list(files),
+    }
+    counts = {}
+    if embeddings is not None and len(embeddings) >= 3:
+        context["embedding_svg"] = embedding_figure(embeddings, seed)
+        counts = {"scans": len(embeddings), "subjects": embeddings["participant_id"].nunique(),
+                  "families": embeddings["family_id"].nunique()}
+    context["counts"] = counts
+    if ranking is not None and len(ranking):
+        context["ranking_svg"] = ranking_figure(ranking)
+    if group_map is not None and affine is not None:
+        context["slices_svg"] = slices_figure(group_map, affine, template)
+        try:
+            context["surface_svg"] = surface_figure(group_map, affine)
+        except Exception as err:  # missing surface package: the slices still show the map
+            LOG.warning("no surface views in the report (%s)", err)
+    if orientation is not None and len(orientation):
+        flagged = orientation[orientation["lr_flip_suspected"].astype(str).str.lower() == "true"]
+        failed = orientation[orientation["header_checks_failed"].astype(str) != "n/a"]
+        context["orientation"] = {"n": len(orientation), "flagged": len(flagged), "header_failed": len(failed),
+                                  "table": table_view(pd.concat([flagged, failed]).drop_duplicates(), 30)}
+    if symmetry is not None and len(symmetry):
+        numeric = symmetry.select_dtypes("number")
+        summary = numeric.describe().T[["mean", "std", "min", "max"]].reset_index().rename(columns={"index": "column"})
+        context["symmetry"] = {"n": len(symmetry), "summary": table_view(summary, 30)}
+    if subjects_regions is not None and len(subjects_regions):
+        for pid, rows in subjects_regions.groupby("participant_id", sort=True):
+            top = rows.sort_values("importance", ascending=False).head(5)
+            context["subjects"].append({"id": pid, "top": table_view(top, 5, ["region", "hemisphere",
+                                                                                 "structure_class", "importance"])})
+    return context
+
+
+@lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    source = resources.files("bids_siamese.reports").joinpath("templates").joinpath("group.html.j2").read_text("utf-8")
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(source)
+
+
+def render_group_report(context: Mapping[str, Any]) -> str:
+    """The HTML of the group report (text is escaped; the SVG figures are inserted as markup)."""
+    return _template().render(**context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Edge: read what the group level wrote, write group.html
+# ----------------------------------------------------------------------------------------------------------
+def _read_tsv(path: Path) -> pd.DataFrame | None:
+    try:
+        return pd.read_csv(path, sep="\t") if path.is_file() else None
+    except (OSError, ValueError) as err:
+        LOG.warning("cannot read %s for the report (%s)", path, err)
+        return None
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def write_group_report(settings: Any, explain: Any = None, output_dir: Path | None = None) -> Path:
+    """Write ``OUTPUT_DIR/group.html`` from the group-level outputs present.
+
+    Args:
+        settings: the run's settings (``output_dir``, ``bids_dir``, ``seed``; optional ``report_subjects``).
+        explain: the :class:`~bids_siamese.explain.run.ExplainResult` of this run (group map, template); without
+            it the tables on disk are used and the map figures are left out.
+        output_dir: overrides ``settings.output_dir``.
+
+    Returns:
+        The report path.
+    """
+    out = Path(output_dir or settings.output_dir)
+    dataset = ""
+    try:
+        import json
+
+        dataset = json.loads((Path(settings.bids_dir) / "dataset_description.json").read_text()).get("Name", "")
+    except Exception:  # the report does not need the dataset name
+        dataset = ""
+    ranking = explain.ranking if explain is not None else _read_tsv(out / "group_regions_ranking.tsv")
+    statistics = explain.statistics if explain is not None else _read_tsv(out / "group_regions_statistics.tsv")
+    embeddings = explain.embeddings if explain is not None else _read_tsv(out / "group_twins_embeddings.tsv")
+    subjects_regions = (_read_tsv(out / "group_regions_subjects.tsv")
+                        if getattr(settings, "report_subjects", False) else None)
+    notes = {}
+    if explain is not None:
+        notes = {"relevance target": explain.target, "atlas": explain.atlas, "smoothing FWHM (mm)": f"{explain.fwhm:g}",
+                 "scans explained": str(len(explain.scans))}
+    files = [p for p in ("group/group_fsLR.spec", "group/group_fsaverage5.spec", "group_regions_ranking.tsv",
+                         "group_regions_statistics.tsv", "group_regions_subjects.tsv", "group_twins_metrics.tsv",
+                         "group_twins_pairs.tsv", "group_orientation.tsv", "group_symmetry.tsv") if (out / p).is_file()]
+    context = build_group_context(
+        dataset=dataset,
+        metrics=_read_tsv(out / "group_twins_metrics.tsv"),
+        loss_svg=_read_text(out / "figures" / "group_twins_loss.svg"),
+        roc_svg=_read_text(out / "figures" / "group_twins_roc.svg"),
+        embeddings=embeddings,
+        ranking=ranking,
+        statistics=statistics,
+        group_map=getattr(explain, "group_map", None),
+        affine=getattr(explain, "affine", None),
+        template=getattr(explain, "template", None),
+        orientation=_read_tsv(out / "group_orientation.tsv"),
+        symmetry=_read_tsv(out / "group_symmetry.tsv"),
+        subjects_regions=subjects_regions,
+        files=files,
+        notes=notes,
+        seed=int(getattr(settings, "seed", 0) or 0),
+    )
+    return write_text(out / REPORT_NAME, render_group_report(context))
+
