@@ -126,7 +126,7 @@ class SignalParams:
     decline_hippocampus: tuple[float, float] = (-0.10, -0.05)
     decline_ventricles: tuple[float, float] = (0.10, 0.25)
     #: scan-rescan displacement noise between sessions (all longitudinal subjects)
-    rescan_amplitude_mm: float = 0.3
+    rescan_amplitude_mm: float = 0.15
     rescan_sigma_mm: float = 10.0
     #: width (Gaussian sigma) of the structure-volume fields (gradient of the smoothed structure mask)
     structure_sigma_mm: float = 3.0
@@ -723,15 +723,36 @@ def session_displacement(model: Model, session1: np.ndarray, decline: tuple[floa
     """Session-2 total field: rescan noise (+ hippocampal shrinkage / ventricular growth) after session 1.
 
     ``decline`` is the target (hippocampus, ventricles) relative volume change, or None for a stable subject.
+    The two structure-field amplitudes are calibrated on this subject (one secant step from the template
+    calibration, the rescan noise included), so the achieved changes land close to the targets.
     """
     p = model.params
-    shape = model.anatomy.field_shape
-    change = smooth_displacement(shape, p.rescan_sigma_mm / FIELD_SPACING, p.rescan_amplitude_mm, rng)
-    if decline is not None:
-        structures = (model.hippocampus, model.ventricles)
-        for structure, beta in zip(structures, volume_betas(structures, decline)):
-            change += np.float32(beta) * shifted_structure_field(model, structure, session1)
-    return compose(session1, change, model.anatomy.field_affine)
+    affine = model.anatomy.field_affine
+    noise = smooth_displacement(model.anatomy.field_shape, p.rescan_sigma_mm / FIELD_SPACING,
+                                p.rescan_amplitude_mm, rng)
+    if decline is None:
+        return compose(session1, noise, affine)
+    structures = (model.hippocampus, model.ventricles)
+    fields = [shifted_structure_field(model, s, session1) for s in structures]
+    base = [structure_volume(model.anatomy, s, session1) for s in structures]
+
+    def field_for(betas: Sequence[float]) -> np.ndarray:
+        change = noise.copy()
+        for f, beta in zip(fields, betas):
+            change += np.float32(beta) * f
+        return compose(session1, change, affine)
+
+    def achieved(total: np.ndarray) -> list[float]:
+        return [structure_volume(model.anatomy, s, total) / b - 1.0 for s, b in zip(structures, base)]
+
+    first = volume_betas(structures, decline)
+    at_zero = achieved(compose(session1, noise, affine))
+    at_first = achieved(field_for(first))
+    betas = []
+    for target, beta, a0, a1 in zip(decline, first, at_zero, at_first):
+        slope = (a1 - a0) / beta if beta else 0.0
+        betas.append((target - a0) / slope if slope * beta * (target - a0) > 0 else beta)
+    return field_for(betas)
 
 
 # --------------------------------------------------------------------------------------------------------------
