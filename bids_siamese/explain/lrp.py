@@ -65,6 +65,7 @@ __all__ = [
     "embedding_network",
     "relevance_embedding",
     "relevance_pair_distance",
+    "relevance_distance_to",
     "distance_shares",
 ]
 
@@ -703,6 +704,34 @@ def relevance_pair_distance(model: nn.Module | CanonicalModel, volume_a: np.ndar
     ra, _ = _propagate(canon, xa, lambda e: ca, rules, epsilon)
     rb, _ = _propagate(canon, xb, lambda e: cb, rules, epsilon)
     return ra, rb, float(ca.sum() + cb.sum())
+
+
+def relevance_distance_to(model: nn.Module | CanonicalModel, volume: np.ndarray | torch.Tensor,
+                          other_embedding: torch.Tensor | np.ndarray, distance: str = "cosine",
+                          rules: str = "epsilon_plus", epsilon: float = 1e-9) -> tuple[np.ndarray, float]:
+    """LRP map of one scan for its share of the distance to another scan's (pre-normalisation) embedding.
+
+    The same as the first map of :func:`relevance_pair_distance`, without propagating the other scan.
+
+    Returns:
+        ``(relevance, the scan's share of the distance)`` (the share is half the distance).
+
+    Examples:
+        >>> net = nn.Sequential(nn.Flatten(1), nn.Linear(8, 3, bias=False))
+        >>> rng = np.random.default_rng(2)
+        >>> a, b = rng.random((2, 2, 2)), rng.random((2, 2, 2))
+        >>> eb = net(torch.as_tensor(b, dtype=torch.float32).reshape(1, 1, 2, 2, 2))[0].detach()
+        >>> r, share = relevance_distance_to(net, a, eb, rules="epsilon")
+        >>> bool(abs(r.sum() - share) < 1e-5)
+        True
+    """
+    canon = model if isinstance(model, CanonicalModel) else canonize(model)
+    x = _as_input(volume)
+    with torch.no_grad():
+        e = (canon.calibrate(x) if canon.needs_calibration else canon.module(x)).reshape(-1)
+    c, _ = distance_shares(e, torch.as_tensor(np.asarray(other_embedding), dtype=e.dtype).reshape(-1), distance)
+    relevance, _ = _propagate(canon, x, lambda _e: c, rules, epsilon)
+    return relevance, float(c.sum())
 
 
 def explain_scans(model: nn.Module, volumes: Iterable[np.ndarray], target: str = "embedding",

@@ -33,7 +33,7 @@ from scipy import ndimage
 from ..bids.derivatives import write_json, write_nifti, write_text, write_tsv
 from ..errors import NoInputError
 from ..resources import TEMPLATE, model_grid
-from .lrp import CanonicalModel, canonize, embedding_network, relevance_embedding, relevance_pair_distance
+from .lrp import CanonicalModel, canonize, embedding_network, relevance_distance_to, relevance_embedding
 from .regions import class_contrast, labels_on_grid, load_atlas, rank_regions, subject_region_importance
 
 LOG = logging.getLogger("bids_siamese.group.explain")
@@ -248,36 +248,39 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
              for p, v in zip(scans["path"], volumes)]
     partners = impostor_partners(scans["family"].tolist()) if target == "distance" else [None] * len(scans)
     unit_maps: list[np.ndarray] = []
-    embeddings = []
+    raw_embeddings = [_embedding(canon, vol) for vol in volumes]
+    embeddings = [e / max(float(np.linalg.norm(e)), 1e-12) if normalised else e for e in raw_embeddings]
     totals = []
     for i, (path, vol) in enumerate(zip(scans["path"], volumes)):
         t_scan = time.perf_counter()
         if target == "distance":
-            relevance, _, value = relevance_pair_distance(canon, vol, volumes[partners[i]], distance, rules)
+            relevance, share = relevance_distance_to(canon, vol, torch.as_tensor(raw_embeddings[partners[i]]),
+                                                     distance, rules)
+            value = 2.0 * share
         else:
             relevance = relevance_embedding(canon, vol, target=target, normalised=normalised, rules=rules)
-            value = float(relevance.sum())
-        emb = _embedding(canon, vol, normalised)
-        embeddings.append(emb)
+            value = float(np.sum(embeddings[i])) if target == "embedding" else float(np.abs(embeddings[i]).sum())
         totals.append(float(relevance.sum()))
         unit_maps.append(unit_total(relevance))
         out_path = relevance_name(Path(path))
         written.append(write_nifti(out_path, nib.Nifti1Image(relevance.astype(np.float32), grid.affine)))
-        written.append(write_json(out_path.with_name(out_path.name.replace(".nii.gz", ".json")), {
+        sidecar = {
             "Description": "Layer-wise relevance propagation (captum) of the twin model for this scan: signed "
                            "relevance per voxel, summing to about the explained target.",
             "Sources": [f"bids::{Path(path).relative_to(out_dir).as_posix()}"],
             "SpatialReference": TEMPLATE,
             "Resolution": f"{grid.resolution:g} mm model grid",
             "RelevanceTarget": target,
-            "TargetValue": round(value, 6),
+            "TargetValue": round(float(value), 6),
             "RelevanceSum": round(float(relevance.sum()), 6),
             "PairedWith": (Path(scans["path"][partners[i]]).name if target == "distance" else None),
             "Distance": distance if target == "distance" else None,
             "LRPRules": rules,
             "Model": {"checkpoint": Path(checkpoint).name, "backbone": card.get("backbone"),
                       "weights_sha256": card.get("weights", {}).get("sha256")},
-        }))
+        }
+        written.append(write_json(out_path.with_name(out_path.name.replace(".nii.gz", ".json")),
+                                  {k: v for k, v in sidecar.items() if v is not None}))
         if option(settings, "explain_surfaces"):
             written += list(write_surface_maps(out_path.parent, source_stem(Path(path)),
                                                {"relevance": (relevance, grid.affine)}, res_label, cifti=False).values())
@@ -314,12 +317,11 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
     return written
 
 
-def _embedding(canon: CanonicalModel, vol: np.ndarray, normalised: bool) -> np.ndarray:
+def _embedding(canon: CanonicalModel, vol: np.ndarray) -> np.ndarray:
+    """The pre-normalisation embedding of one scan."""
     x = torch.as_tensor(vol, dtype=torch.float32)[None, None]
     with torch.no_grad():
         e = (canon.calibrate(x) if canon.needs_calibration else canon.module(x))[0]
-    if normalised:
-        e = e / e.norm().clamp_min(1e-12)
     return e.numpy().astype(np.float32)
 
 
