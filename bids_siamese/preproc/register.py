@@ -60,7 +60,8 @@ class Level:
     learning_rate: float
 
 
-#: Pyramid used by :func:`register_affine`; the last level's spacing is replaced by ``resolution``.
+#: Pyramid used by :func:`register_affine`: the levels coarser than ``resolution``, then a last level
+#: at ``resolution`` with the last entry's iterations (8, 4, 2 mm for the model grid at 2 mm).
 LEVELS: tuple[Level, ...] = (Level(8.0, 120, 0.03), Level(4.0, 80, 0.01), Level(2.0, 40, 0.004))
 
 #: Iterations spent on each initial rotation candidate (coarsest level) before keeping the best.
@@ -153,7 +154,7 @@ def _rotation_to_vector(r: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 def _skew(w: torch.Tensor) -> torch.Tensor:
-    zero = torch.zeros((), dtype=w.dtype)
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
     return torch.stack(
         [
             torch.stack([zero, -w[2], w[1]]),
@@ -167,7 +168,8 @@ def _linear_part(params: torch.Tensor, log_scale0: float) -> torch.Tensor:
     """``R(w) @ diag(s0 * exp(l)) @ H(h)`` from ``params = [t(3), w(3), l(3), h(3)]``; det > 0."""
     rotation = torch.linalg.matrix_exp(_skew(params[3:6]))
     scale = torch.diag(torch.exp(params[6:9] + log_scale0))
-    one, zero = torch.ones((), dtype=params.dtype), torch.zeros((), dtype=params.dtype)
+    one = torch.ones((), dtype=params.dtype, device=params.device)
+    zero = torch.zeros((), dtype=params.dtype, device=params.device)
     shear = torch.stack(
         [
             torch.stack([one, params[9], params[10]]),
@@ -185,7 +187,7 @@ def _template_to_subject(
     linear = _linear_part(params, log_scale0)
     translation = centre_moving + TRANSLATION_UNIT_MM * params[:3] - linear @ centre_fixed
     top = torch.cat([linear, translation[:, None]], dim=1)
-    bottom = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=params.dtype)
+    bottom = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=params.dtype, device=params.device)
     return torch.cat([top, bottom], dim=0)
 
 
@@ -335,23 +337,30 @@ def register_affine(
     centre_f, cov_f, volume_f = _centre_and_cov(fixed_mask, fixed_affine)
     centre_m, cov_m, volume_m = _centre_and_cov(moving_mask, moving_affine)
     log_scale0 = math.log(volume_m / volume_f) / 3.0
-    centres = (torch.from_numpy(centre_f), torch.from_numpy(centre_m))
-    levels = [*LEVELS[:-1], Level(float(resolution), LEVELS[-1].iterations, LEVELS[-1].learning_rate)]
+    levels = _levels(float(resolution))
     rng = np.random.default_rng(seed)
 
-    with torch_threads(n_threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch_threads(n_threads):
         data = [
-            _prepare_level(fixed, fixed_affine, fixed_mask, moving, moving_affine, lv.spacing_mm, rng)
+            _to_device(
+                _prepare_level(fixed, fixed_affine, fixed_mask, moving, moving_affine, lv.spacing_mm, rng), device
+            )
             for lv in levels
         ]
-        data = [_to_device(d, device) for d in data]
+        centres = (torch.from_numpy(centre_f).to(device), torch.from_numpy(centre_m).to(device))
         params = _initial_parameters(data[0], centres, log_scale0, levels[0].learning_rate, cov_f, cov_m, device)
         for index, (level, lv) in enumerate(zip(data, levels)):
             iterations = lv.iterations - (CANDIDATE_ITERATIONS if index == 0 else 0)
             params, _ = _optimise(level, params, centres, log_scale0, max(iterations, 0), lv.learning_rate)
-        matrix = _template_to_subject(params.detach().cpu(), *centres, log_scale0)
+        matrix = _template_to_subject(params.detach(), *centres, log_scale0).cpu()
     return matrix.numpy().astype(np.float64)
+
+
+def _levels(resolution: float) -> list[Level]:
+    """The pyramid for a final spacing: the coarser levels of :data:`LEVELS`, then ``resolution``."""
+    coarse = [lv for lv in LEVELS[:-1] if lv.spacing_mm > resolution * 1.01]
+    last = LEVELS[-1] if coarse else LEVELS[0]
+    return [*coarse, Level(resolution, last.iterations, last.learning_rate)]
 
 
 def _initial_parameters(
