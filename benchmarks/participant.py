@@ -1,0 +1,395 @@
+"""Benchmark of the participant preprocessing steps on a (synthetic demo) BIDS dataset.
+
+Runs the pure steps of :mod:`bids_siamese.preproc` and :mod:`bids_siamese.qc.orientation` on each
+T1w scan and prints one line per figure: wall time per stage, total per scan, peak memory, the
+left-right flip check, and the registration accuracy (Dice of the registered brain mask with the
+template mask, correlation with the template, and mean displacement error against the demo's true
+affine). The same scans then go through a reference registration, ANTs ``Affine`` via antspyx (the
+optional ``reference`` extra), and optionally ``torchreg.AffineRegistration``, on the same deepbet
+brains, and the time ratio and accuracy of each engine are printed.
+
+Usage::
+
+    python benchmarks/participant.py /tmp/demo_small --resolution 2 --limit 8 --n-threads 2
+
+The per-scan end-to-end time of the reference pipeline is our own load/checks, conform, deepbet
+and grid+normalise times plus the ANTs registration time (deepbet is run once and shared, since
+both pipelines use it identically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def _set_thread_env(n_threads: int) -> None:
+    """Thread counts for the native libraries, before they are imported."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        os.environ[name] = str(n_threads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Scan:
+    """One T1w scan and what the demo truth says about it (when available)."""
+
+    path: Path
+    lr_flipped: bool | None = None
+    template_to_subject: np.ndarray | None = None  # true affine (None when unknown)
+    truth_mask: Path | None = None
+
+
+def find_scans(bids_dir: Path, limit: int | None, flipped_first: bool = True) -> list[Scan]:
+    """T1w scans of the dataset, with the demo truth when ``sourcedata/truth/scans.tsv`` exists.
+
+    With ``flipped_first`` the truth's flipped scans come first (so a small ``--limit`` includes
+    them), then the others in table order.
+    """
+    truth = bids_dir / "sourcedata" / "truth" / "scans.tsv"
+    scans: list[Scan] = []
+    if truth.is_file():
+        import pandas as pd
+
+        table = pd.read_csv(truth, sep="\t")
+        for row in table.itertuples():
+            flipped = str(row.lr_flipped).lower() in ("true", "1")
+            w2t = np.asarray(json.loads(row.world_to_template_affine), dtype=np.float64)
+            stem = Path(row.path).name.replace(".nii.gz", "")
+            mask = truth.parent / "masks" / f"{stem}_desc-brain_mask.nii.gz"
+            scans.append(Scan(bids_dir / row.path, flipped, np.linalg.inv(w2t), mask if mask.is_file() else None))
+        if flipped_first:
+            scans.sort(key=lambda s: not s.lr_flipped)
+    else:
+        scans = [Scan(p) for p in sorted(bids_dir.glob("sub-*/**/anat/*_T1w.nii*"))]
+    return scans[:limit] if limit else scans
+
+
+def lr_axis(affine: np.ndarray) -> int:
+    """The voxel axis closest to world x (left-right)."""
+    return int(np.argmax(np.abs(np.asarray(affine)[0, :3])))
+
+
+def flip_array(img: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
+    """The image with its voxel array flipped along the left-right axis, header unchanged."""
+    data = np.flip(img.get_fdata(dtype=np.float32), axis=lr_axis(img.affine))
+    return nib.Nifti1Image(np.ascontiguousarray(data), img.affine, img.header)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean arrays."""
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * float(np.logical_and(a, b).sum()) / total if total else 1.0
+
+
+def correlation(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
+    """Pearson correlation of two arrays over a region."""
+    return float(np.corrcoef(a[region].astype(np.float64), b[region].astype(np.float64))[0, 1])
+
+
+def displacement_error_mm(estimate: np.ndarray, truth: np.ndarray, points: np.ndarray) -> float:
+    """Mean distance (mm) between where two template->subject affines send template points (N, 3)."""
+    homogeneous = np.c_[points, np.ones(len(points))]
+    return float(np.linalg.norm(homogeneous @ estimate.T - homogeneous @ truth.T, axis=1).mean())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipelines
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """What the stages before registration produce for one scan."""
+
+    conformed: nib.Nifti1Image
+    mask: np.ndarray
+    brain: nib.Nifti1Image
+    times: dict[str, float] = field(default_factory=dict)
+
+
+def prepare(path: Path, n_threads: int, flip: bool = False) -> Prepared:
+    """load + header checks, conform and deepbet for one scan (optionally array-flipped first)."""
+    from bids_siamese.preproc.brain import extract_brain
+    from bids_siamese.preproc.conform import conform, header_checks, load_t1w
+
+    times = {}
+    t = time.perf_counter()
+    img = load_t1w(path)
+    header_checks(img)
+    if flip:
+        img = flip_array(img)
+    times["load_checks"] = time.perf_counter() - t
+    t = time.perf_counter()
+    conformed = conform(img)
+    times["conform"] = time.perf_counter() - t
+    t = time.perf_counter()
+    mask, brain = extract_brain(conformed, n_threads=n_threads)
+    times["brain_extraction"] = time.perf_counter() - t
+    return Prepared(conformed, mask, brain, times)
+
+
+def finish(prepared: Prepared, matrix: np.ndarray, resolution: float) -> tuple[dict, dict]:
+    """grid + normalise and the orientation check; returns (times, results)."""
+    from bids_siamese.preproc.grid import normalise_intensity, resample_mask_to_grid, resample_to_grid, template_on_grid
+    from bids_siamese.qc.orientation import orientation_check
+    from bids_siamese.resources import model_grid
+
+    grid = model_grid(resolution)
+    template, template_mask = template_on_grid(grid)
+    times = {}
+    t = time.perf_counter()
+    on_grid = resample_to_grid(prepared.brain, matrix, grid)
+    mask_on_grid = resample_mask_to_grid(prepared.mask, prepared.brain.affine, matrix, grid)
+    normalised = normalise_intensity(on_grid, mask_on_grid)
+    times["grid_normalise"] = time.perf_counter() - t
+    t = time.perf_counter()
+    check = orientation_check(on_grid, mask_on_grid, template)
+    times["orientation"] = time.perf_counter() - t
+    region = mask_on_grid | template_mask
+    results = {
+        **check,
+        "dice": dice(mask_on_grid, template_mask),
+        "corr": correlation(on_grid, template, region),
+        "normalised_median": float(np.median(normalised[mask_on_grid])),
+    }
+    return times, results
+
+
+def register_torch(prepared: Prepared, resolution: float, n_threads: int, seed: int = 0) -> np.ndarray:
+    """This package's engine."""
+    from bids_siamese.preproc.register import register_affine
+
+    fixed = nib.load(str(_template_path()))
+    return register_affine(prepared.brain, prepared.mask, fixed, resolution=resolution, seed=seed, n_threads=n_threads)
+
+
+def register_ants(prepared: Prepared, resolution: float, n_threads: int, seed: int = 0) -> np.ndarray:
+    """antspyx ``ants.registration(type_of_transform='Affine')``, template brain fixed, subject brain moving.
+
+    The forward transform maps fixed (MNI) LPS points to moving (subject) LPS points, the same
+    direction as ``register_affine``; it is converted to RAS.
+    """
+    import ants
+
+    from bids_siamese.preproc.register import LPS_FROM_RAS
+
+    ants.config._random_seed = seed  # what set_ants_deterministic() sets, without forcing 1 thread
+    fixed = ants.image_read(str(_template_path()))
+    moving = ants.from_nibabel_nifti(prepared.brain)
+    result = ants.registration(fixed=fixed, moving=moving, type_of_transform="Affine")
+    transform = ants.read_transform(result["fwdtransforms"][0])
+    params = np.asarray(transform.parameters, dtype=np.float64)
+    centre = np.asarray(transform.fixed_parameters, dtype=np.float64)
+    linear = params[:9].reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = linear
+    lps[:3, 3] = params[9:] + centre - linear @ centre
+    for path in result["fwdtransforms"] + result["invtransforms"]:
+        Path(path).unlink(missing_ok=True)
+    return LPS_FROM_RAS @ lps @ LPS_FROM_RAS
+
+
+def register_torchreg(prepared: Prepared, resolution: float, n_threads: int, seed: int = 0) -> np.ndarray:
+    """``torchreg.AffineRegistration`` with its defaults (Adam, MSE, scales 4 and 2, 500+100 steps).
+
+    torchreg registers two arrays on the same grid in normalised coordinates and knows nothing of
+    world space, so the subject brain is first resampled onto the template's 2 mm grid with the
+    same centre-of-mass/volume initialisation as ``register_affine``; the result is converted back
+    to a template->subject world matrix. Intensities are scaled to [0, 1] (99th percentile).
+    """
+    import torch
+    import torchreg
+
+    from bids_siamese.preproc.brain import torch_threads
+    from bids_siamese.preproc.grid import resample_to_grid
+    from bids_siamese.resources import Grid
+
+    template = nib.load(str(_template_path()))
+    grid_affine = template.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    grid = Grid(shape=tuple(s // 2 for s in template.shape), affine=grid_affine)
+    init = _moments_init(prepared, template)
+    fixed = resample_to_grid(template, np.eye(4), grid)
+    moving = resample_to_grid(prepared.brain, init, grid)
+    fixed /= np.percentile(fixed[fixed > 0], 99)
+    moving /= np.percentile(moving[moving > 0], 99)
+    with torch_threads(n_threads):
+        torch.manual_seed(seed)
+        reg = torchreg.AffineRegistration(is_3d=True, verbose=False)
+        reg(torch.from_numpy(moving)[None, None], torch.from_numpy(fixed)[None, None], return_moved=False)
+        theta = reg.get_affine().numpy()[0].astype(np.float64)  # (3, 4): output (x,y,z) -> input (x,y,z)
+    # grid voxel (i, j, k) <-> normalised (x, y, z) = (k, j, i) scaled to [-1, 1] (align_corners)
+    shape = np.asarray(grid.shape, dtype=float)
+    to_norm = np.zeros((4, 4))
+    for out_axis, array_axis in enumerate((2, 1, 0)):
+        to_norm[out_axis, array_axis] = 2.0 / (shape[array_axis] - 1)
+        to_norm[out_axis, 3] = -1.0
+    to_norm[3, 3] = 1.0
+    theta4 = np.vstack([theta, [0, 0, 0, 1]])
+    vox2vox = np.linalg.inv(to_norm) @ theta4 @ to_norm  # grid voxel -> moving-grid voxel
+    return init @ grid.affine @ vox2vox @ np.linalg.inv(grid.affine)
+
+
+def _moments_init(prepared: Prepared, template: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """Centre-of-mass translation and cube-root volume-ratio scale (template -> subject)."""
+    from bids_siamese.preproc.register import _centre_and_cov
+
+    centre_f, _, volume_f = _centre_and_cov(template.get_fdata() > 0, template.affine)
+    centre_m, _, volume_m = _centre_and_cov(prepared.mask, prepared.brain.affine)
+    scale = (volume_m / volume_f) ** (1.0 / 3.0)
+    init = np.eye(4)
+    init[:3, :3] *= scale
+    init[:3, 3] = centre_m - scale * centre_f
+    return init
+
+
+ENGINES = {"torch": register_torch, "ants": register_ants, "torchreg": register_torchreg}
+
+
+def _template_path() -> Path:
+    from bids_siamese.resources import template_brain_path
+
+    return template_brain_path()
+
+
+def template_points(resolution: float) -> np.ndarray:
+    """Template-brain voxel centres on the model grid (mm), where displacement errors are measured."""
+    from bids_siamese.preproc.grid import template_on_grid
+    from bids_siamese.resources import model_grid
+
+    grid = model_grid(resolution)
+    _, mask = template_on_grid(grid)
+    ijk = np.argwhere(mask)
+    return ijk @ grid.affine[:3, :3].T + grid.affine[:3, 3]
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+STAGES = ("load_checks", "conform", "brain_extraction", "registration", "grid_normalise", "orientation")
+
+
+def _summary(values: list[float]) -> str:
+    array = np.asarray(values, dtype=float)
+    return f"median {np.median(array):.2f}  mean {array.mean():.2f}  max {array.max():.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bids_dir", type=Path)
+    parser.add_argument("--resolution", type=float, default=2.0)
+    parser.add_argument("--limit", type=int, default=None, help="first N scans (flipped ones first)")
+    parser.add_argument("--n-threads", type=int, default=2, help="torch/ITK threads (deepbet, ANTs)")
+    parser.add_argument("--reg-threads", type=int, default=None, help="threads for our registration (default: --n-threads)")
+    parser.add_argument("--reference", default="ants", help="comma-separated reference engines: ants,torchreg or none")
+    parser.add_argument("--json", type=Path, default=None, help="also write per-scan results as JSON")
+    args = parser.parse_args(argv)
+    _set_thread_env(args.n_threads)
+    reg_threads = args.reg_threads or args.n_threads
+    references = [e for e in args.reference.split(",") if e and e != "none"]
+
+    scans = find_scans(args.bids_dir, args.limit)
+    if not scans:
+        print(f"no T1w scans under {args.bids_dir}", file=sys.stderr)
+        return 1
+    points = template_points(args.resolution)
+    print(f"scans: {len(scans)}  resolution: {args.resolution} mm  threads: {args.n_threads} (registration {reg_threads})")
+
+    rows = []
+    prepared_all = []
+    for scan in scans:
+        prepared = prepare(scan.path, args.n_threads)
+        t = time.perf_counter()
+        matrix = register_torch(prepared, args.resolution, reg_threads)
+        prepared.times["registration"] = time.perf_counter() - t
+        times, results = finish(prepared, matrix, args.resolution)
+        prepared.times.update(times)
+        error = None
+        if scan.template_to_subject is not None and not scan.lr_flipped:
+            error = displacement_error_mm(matrix, scan.template_to_subject, points)
+        row = {"scan": scan.path.name, "lr_flipped": scan.lr_flipped, **prepared.times,
+               "total": sum(prepared.times.values()), **results, "error_mm": error, "engine": "torch"}
+        rows.append(row)
+        prepared_all.append((scan, prepared))
+        print(
+            f"{scan.path.name}: total {row['total']:.2f} s "
+            + " ".join(f"{k}={prepared.times[k]:.2f}" for k in STAGES)
+            + f" | flip p={row['lr_flip_probability']:.3f} (truth {scan.lr_flipped}) stat={row['statistic']:+.3f}"
+            + f" | dice={row['dice']:.3f} corr={row['corr']:.3f} err={'n/a' if error is None else f'{error:.2f} mm'}",
+            flush=True,
+        )
+    ours_peak = peak_rss_mb()
+
+    for stage in (*STAGES, "total"):
+        print(f"stage {stage:16s} s/scan: {_summary([r[stage] for r in rows])}")
+    print(f"peak RSS (our pipeline, all scans): {ours_peak:.0f} MB")
+    flipped = [r for r in rows if r["lr_flipped"]]
+    unflipped = [r for r in rows if r["lr_flipped"] is False]
+    if flipped:
+        print("flipped scans p(flip): " + ", ".join(f"{r['scan']}={r['lr_flip_probability']:.3f}" for r in flipped))
+    if unflipped:
+        worst = max(unflipped, key=lambda r: r["lr_flip_probability"])
+        print(f"max p(flip) among unflipped: {worst['lr_flip_probability']:.3f} ({worst['scan']})")
+    detected = sum(r["lr_flip_suspected"] for r in flipped)
+    false_alarms = sum(r["lr_flip_suspected"] for r in unflipped)
+    print(f"flip detection: {detected}/{len(flipped)} flipped flagged, {false_alarms}/{len(unflipped)} unflipped flagged")
+
+    engine_rows = {"torch": rows}
+    for engine in references:
+        engine_rows[engine] = []
+        for scan, prepared in prepared_all:
+            t = time.perf_counter()
+            matrix = ENGINES[engine](prepared, args.resolution, args.n_threads)
+            reg_time = time.perf_counter() - t
+            times, results = finish(prepared, matrix, args.resolution)
+            error = None
+            if scan.template_to_subject is not None and not scan.lr_flipped:
+                error = displacement_error_mm(matrix, scan.template_to_subject, points)
+            base = {k: v for k, v in prepared.times.items() if k not in ("registration",)}
+            base.update(times)
+            total = sum(base.values()) + reg_time
+            engine_rows[engine].append({"scan": scan.path.name, "lr_flipped": scan.lr_flipped, "registration": reg_time,
+                                        "total": total, **results, "error_mm": error, "engine": engine})
+            print(f"{engine} {scan.path.name}: registration {reg_time:.2f} s total {total:.2f} s | "
+                  f"dice={results['dice']:.3f} corr={results['corr']:.3f} "
+                  f"err={'n/a' if error is None else f'{error:.2f} mm'} flip p={results['lr_flip_probability']:.3f}",
+                  flush=True)
+
+    print("engine comparison (median over scans; error over unflipped scans with truth):")
+    for engine, erows in engine_rows.items():
+        errors = [r["error_mm"] for r in erows if r["error_mm"] is not None]
+        err = f"{np.median(errors):.2f} mm (max {np.max(errors):.2f})" if errors else "n/a"
+        ratio = np.median([r["registration"] for r in erows]) / np.median([r["registration"] for r in rows])
+        total_ratio = np.median([r["total"] for r in erows]) / np.median([r["total"] for r in rows])
+        print(f"  {engine:8s} registration {np.median([r['registration'] for r in erows]):6.2f} s "
+              f"(x{ratio:.2f} of torch)  total {np.median([r['total'] for r in erows]):6.2f} s (x{total_ratio:.2f}) "
+              f"dice {np.median([r['dice'] for r in erows]):.3f} corr {np.median([r['corr'] for r in erows]):.3f} "
+              f"error {err}")
+    print(f"peak RSS (whole run, including references): {peak_rss_mb():.0f} MB")
+    if args.json:
+        args.json.write_text(json.dumps({e: r for e, r in engine_rows.items()}, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
