@@ -231,7 +231,7 @@ def test_input_untouched_and_outputs_described(run_cli, mini_bids, tmp_path, fak
     assert gen["Name"] == "bids-siamese" and gen["Version"] == __version__ and gen["CodeURL"].startswith("https://")
     assert desc["SourceDatasets"][0]["URL"] == mini_bids.resolve().as_uri()
     ignore = (out / ".bidsignore").read_text().splitlines()
-    assert "logs/" in ignore and "*.html" in ignore
+    assert "logs" in ignore and "*.html" in ignore
     runs = list((out / "logs").iterdir())
     assert len(runs) == 1
     saved = json.loads((runs[0] / "settings.json").read_text())

@@ -36,14 +36,14 @@ GROUP_FILES = {
 #: Non-BIDS files in the output folder, hidden from the validator (as fMRIPrep does).
 BIDSIGNORE = [
     "*.html",
-    "logs/",
-    "figures/",
-    "*/figures/",
+    "logs",
+    "figures",
+    "sub-*/figures",
     "*_xfm.txt",
     "*_qc.json",
     "group_*.tsv",
     "group_*.json",
-    "models/",
+    "models",
 ]
 
 

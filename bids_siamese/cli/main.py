@@ -14,7 +14,15 @@ LOG = logging.getLogger("bids_siamese")
 def setup_logging(verbosity: int) -> None:
     level = logging.WARNING - 10 * min(verbosity + 1, 2)  # default INFO, -v DEBUG
     logging.basicConfig(level=level, format="%(asctime)s [%(name)s] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("nipype").setLevel(logging.WARNING if verbosity < 2 else logging.INFO)
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    nipype_level = "INFO" if verbosity >= 2 else "WARNING"
+    for key in ("workflow_level", "interface_level", "utils_level"):
+        nipype_config.set("logging", key, nipype_level)
+    nipype_logging.update_logging(nipype_config)
+    for name in ("nipype", "nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).propagate = False  # nipype has its own handler: avoid double lines
 
 
 def run(settings) -> int:

@@ -107,6 +107,7 @@ class WriteDerivatives(SimpleInterface):
             "Type": "Brain",
             "Sources": [raw],
             "RawSources": [raw],
+            "SpatialReference": raw,
         })
         write_bytes(out_dir / names["xfm"], Path(self.inputs.xfm).read_bytes())
         written.append(str(names["xfm"]))

@@ -225,6 +225,14 @@ class ModelGrid(SimpleInterface):
         return runtime
 
 
+def _correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Pearson correlation of two images inside ``mask`` (0.0 when either is constant)."""
+    x, y = a[mask].astype(np.float64), b[mask].astype(np.float64)
+    if x.size < 2 or x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
 class _OrientationInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="normalised T1w on the model grid")
     in_mask = File(exists=True, mandatory=True)
@@ -266,7 +274,7 @@ class OrientationCheck(SimpleInterface):
             "header_verdict": header_orientation_verdict(checks),
             "header_checks": checks,
             "brain_volume_cm3": round(float((np.asanyarray(native.dataobj) > 0).sum()) * voxel_ml, 1),
-            "template_correlation": float(result.get("template_correlation", np.nan)),
+            "template_correlation": round(_correlation(data, template, mask), 4),
         }
         out = os.path.abspath("orientation_qc.json")
         Path(out).write_text(json.dumps(report, indent=2))
