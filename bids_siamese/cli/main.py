@@ -14,6 +14,7 @@ LOG = logging.getLogger("bids_siamese")
 def setup_logging(verbosity: int) -> None:
     level = logging.WARNING - 10 * min(verbosity + 1, 2)  # default INFO, -v DEBUG
     logging.basicConfig(level=level, format="%(asctime)s [%(name)s] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("bidsschematools").setLevel(logging.WARNING)
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
