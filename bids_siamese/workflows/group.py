@@ -62,4 +62,21 @@ def run_group(settings, subjects: list[str]) -> list[Path]:
         written.append(path)
     else:
         LOG.warning("no participant-level orientation results found in %s", settings.output_dir)
+
+    task = getattr(settings, "task", None)
+    if task == "twin":
+        from ..explain.run import run_explain
+        from ..train.run import run_twin
+
+        written += run_twin(settings, subjects)
+        if getattr(settings, "explain", True):
+            written += run_explain(settings, subjects)
+    elif task == "longitudinal":
+        from ..train.run import run_longitudinal
+
+        written += run_longitudinal(settings, subjects)
+    elif task == "symmetry":
+        from ..symmetry.run import run_symmetry
+
+        written += run_symmetry(settings, subjects)
     return written
