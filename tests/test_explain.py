@@ -154,8 +154,8 @@ def test_relevance_concentrates_on_the_planted_signal():
     size = 16
     net = PositionNet(size)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    for _ in range(150):
-        x, y = _planted(16, size, gen)
+    for _ in range(80):
+        x, y = _planted(8, size, gen)
         net.train()
         loss = ((net(torch.as_tensor(x))[:, 0] - torch.as_tensor(y)) ** 2).mean()
         opt.zero_grad()
