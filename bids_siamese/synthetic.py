@@ -29,7 +29,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -88,6 +88,7 @@ class SizeSpec:
 
     @property
     def n_subjects(self) -> int:
+        """Number of participants."""
         return 2 * self.mz_pairs + 2 * self.dz_pairs + self.singletons
 
 
@@ -312,6 +313,7 @@ class Anatomy:
 
     @property
     def field_shape(self) -> tuple[int, int, int]:
+        """Shape of the displacement-field grid."""
         return tuple(int(np.ceil(s / FIELD_SPACING)) for s in self.head.shape)  # type: ignore[return-value]
 
 
@@ -737,12 +739,14 @@ def session_displacement(model: Model, session1: np.ndarray, decline: tuple[floa
     base = [structure_volume(model.anatomy, s, session1) for s in structures]
 
     def field_for(betas: Sequence[float]) -> np.ndarray:
+        """Session-2 field for the given structure-field amplitudes."""
         change = noise.copy()
         for f, beta in zip(fields, betas):
             change += np.float32(beta) * f
         return compose(session1, change, affine)
 
     def achieved(total: np.ndarray) -> list[float]:
+        """Relative volume changes of the structures under ``total``."""
         return [structure_volume(model.anatomy, s, total) / b - 1.0 for s, b in zip(structures, base)]
 
     first = volume_betas(structures, decline)
@@ -779,6 +783,7 @@ class Lesion:
 
     @property
     def hemisphere(self) -> str:
+        """'L' or 'R' from the sign of the centre's template x."""
         return "L" if self.center[0] < 0 else "R"
 
     @property
@@ -1112,6 +1117,7 @@ class ScanPlan:
 
     @property
     def stem(self) -> str:
+        """File name stem of the scan, e.g. ``sub-001_ses-01_T1w``."""
         return f"{self.participant_id}_{self.session_id}_T1w"
 
     @property
@@ -1483,8 +1489,9 @@ TRUTH_README = """\
 # Ground truth of the bids-siamese synthetic demo dataset
 
 Made by `bids-siamese-demo` {version} (size `{size}`, seed {seed}). Paths in the tables are relative to the BIDS
-root (the generator's OUTDIR). Template mm = MNI152NLin2009cAsym RAS mm; "template (affine-normalised) space" is the frame the
-true affine maps a scan into (before the subject's non-linear deformation). Missing values are `n/a`.
+root (the generator's OUTDIR). Template mm = MNI152NLin2009cAsym RAS mm; "template (affine-normalised) space"
+is the frame the true affine maps a scan into (before the subject's non-linear deformation). Missing values
+are `n/a`. Volume changes are fractions (-0.07 = 7 % smaller).
 
 ## scans.tsv (one row per scan)
 
@@ -1744,6 +1751,7 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors become :class:`UsageError` (exit code 64, one line)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        """Turn argparse's usage error into a :class:`UsageError`."""
         raise UsageError(f"{message}; fix: see {self.prog} --help")
 
 
