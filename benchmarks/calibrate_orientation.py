@@ -5,7 +5,8 @@ its voxel array flipped along the left-right axis under the unchanged header. Bo
 participant steps (load, conform, deepbet, affine registration, model grid) and
 :func:`bids_siamese.qc.orientation.flip_statistic`; the label is "flipped" when exactly one of
 (the demo truth's ``lr_flipped``, our extra flip) holds. The flipped example re-uses the deepbet mask
-flipped the same way (deepbet is run once per scan) and is registered from scratch.
+flipped the same way (deepbet is run once per scan) and is registered from scratch, with the
+shear-free (9-dof) registration the orientation check is specified for.
 
 The fit is a logistic regression ``p = 1 / (1 + exp(-(a + b * statistic)))`` with Firth's penalty
 (Jeffreys prior), which stays finite when the two classes are perfectly separated, as they are on
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from participant import _set_thread_env, find_scans  # noqa: E402 - benchmarks/ is on sys.path when run
+from participant import QC_DOF, _set_thread_env, find_scans  # noqa: E402 - benchmarks/ is on sys.path when run
 
 
 def examples_for_scan(path: Path, stored_flipped: bool, resolution: float, n_threads: int, reg_threads: int) -> list[dict]:
@@ -51,7 +52,7 @@ def examples_for_scan(path: Path, stored_flipped: bool, resolution: float, n_thr
         img = nib.Nifti1Image(np.ascontiguousarray(conformed.get_fdata(dtype=np.float32)[::-1]), conformed.affine) if extra_flip else conformed
         m = np.ascontiguousarray(mask[::-1]) if extra_flip else mask
         brain = brain_image(img, m)
-        matrix = register_affine(brain, m, fixed, resolution=resolution, seed=0, n_threads=reg_threads)
+        matrix = register_affine(brain, m, fixed, resolution=resolution, seed=0, n_threads=reg_threads, dof=QC_DOF)
         on_grid = resample_to_grid(brain, matrix, grid)
         mask_on_grid = resample_mask_to_grid(m, brain.affine, matrix, grid)
         out.append({

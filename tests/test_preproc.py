@@ -362,6 +362,24 @@ def test_register_affine_recovers_a_random_affine() -> None:
 
 
 @pytest.mark.slow
+def test_register_affine_dof_restricts_the_transform() -> None:
+    brain, mask, truth = _subject(np.random.default_rng(4))
+    for dof in (7, 9):
+        estimate = register_affine(brain, mask, _template(3), resolution=4.0, n_threads=1, dof=dof)
+        linear = estimate[:3, :3]
+        # no shear: the columns are orthogonal (linear = R @ diag(s)); 7 dof: all scales equal
+        gram = linear.T @ linear
+        assert np.abs(gram - np.diag(np.diag(gram))).max() < 1e-9
+        scales = np.sqrt(np.diag(gram))
+        if dof == 7:
+            assert np.ptp(scales) < 1e-9
+        assert np.linalg.det(linear) > 0
+        assert _mean_error_mm(estimate, truth) < 6.0  # the truth has anisotropic scales
+    with pytest.raises(ValueError):
+        register_affine(brain, mask, _template(3), dof=8)
+
+
+@pytest.mark.slow
 def test_register_affine_is_deterministic_for_a_seed() -> None:
     brain, mask, _ = _subject(np.random.default_rng(5))
     first = register_affine(brain, mask, _template(3), resolution=4.0, seed=7, n_threads=1)

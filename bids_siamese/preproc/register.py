@@ -257,6 +257,29 @@ def _loss(level: _LevelData, matrix: torch.Tensor) -> torch.Tensor:
     return 1.0 - corr
 
 
+#: Degrees of freedom :func:`register_affine` accepts: rigid, rigid + isotropic scale, rigid +
+#: anisotropic scale, full affine (rigid + scales + shears).
+DOF_CHOICES = (6, 7, 9, 12)
+
+
+def _project_gradient(grad: torch.Tensor, dof: int) -> torch.Tensor:
+    """Zero the gradient of the parameters that ``dof`` keeps fixed.
+
+    Parameters are ``[t(3), w(3), l(3), h(3)]``: 6 dof frees ``t, w``; 7 adds one isotropic scale
+    (the three log-scales share the summed gradient, so they stay equal); 9 frees the three
+    log-scales; 12 frees the shears too.
+    """
+    if dof == 12:
+        return grad
+    grad = grad.clone()
+    grad[9:12] = 0.0
+    if dof == 7:
+        grad[6:9] = grad[6:9].sum()
+    elif dof == 6:
+        grad[6:9] = 0.0
+    return grad
+
+
 def _optimise(
     level: _LevelData,
     params: torch.Tensor,
@@ -264,8 +287,11 @@ def _optimise(
     log_scale0: float,
     iterations: int,
     learning_rate: float,
+    dof: int = 12,
 ) -> tuple[torch.Tensor, float]:
     """Adam on ``params`` for one level; returns the best parameters seen and their loss.
+
+    ``dof`` restricts the free parameters (see :func:`_project_gradient`).
 
     Adam is written out (12 parameters) rather than taken from ``torch.optim``, whose first step
     costs about a second of imports in a fresh process.
@@ -278,6 +304,7 @@ def _optimise(
         current = params.clone().requires_grad_(True)
         loss = _loss(level, _template_to_subject(current, *centres, log_scale0))
         (grad,) = torch.autograd.grad(loss, current)
+        grad = _project_gradient(grad, dof)
         value = float(loss.detach())
         if value < best_loss:
             best_loss, best = value, params.clone()
@@ -305,6 +332,7 @@ def register_affine(
     device: str = "cpu",
     n_threads: int | None = 1,
     fixed_mask: np.ndarray | None = None,
+    dof: int = 12,
 ) -> np.ndarray:
     """Affine (12-dof, no reflection) registration of a subject brain to a template brain.
 
@@ -317,6 +345,7 @@ def register_affine(
         device: torch device; CPU results are deterministic for a given ``seed`` and ``n_threads``.
         n_threads: torch CPU threads for this call (restored afterwards; ``None``: unchanged).
         fixed_mask: template brain mask (default: ``fixed_img > 0``).
+        dof: 12 (affine, the default), 9 (no shear), 7 (rigid + isotropic scale) or 6 (rigid).
 
     Returns:
         ``template_to_subject``: float64 4x4 matrix mapping template (MNI RAS mm) points to subject
@@ -325,6 +354,8 @@ def register_affine(
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
+    if dof not in DOF_CHOICES:
+        raise ValueError(f"dof must be one of {DOF_CHOICES}, got {dof}")
     moving_mask = np.asarray(moving_mask, dtype=bool)
     if not moving_mask.any():
         raise ValueError("the moving brain mask is empty")
@@ -336,7 +367,7 @@ def register_affine(
 
     centre_f, cov_f, volume_f = _centre_and_cov(fixed_mask, fixed_affine)
     centre_m, cov_m, volume_m = _centre_and_cov(moving_mask, moving_affine)
-    log_scale0 = math.log(volume_m / volume_f) / 3.0
+    log_scale0 = math.log(volume_m / volume_f) / 3.0 if dof > 6 else 0.0
     levels = _levels(float(resolution))
     rng = np.random.default_rng(seed)
 
@@ -348,10 +379,10 @@ def register_affine(
             for lv in levels
         ]
         centres = (torch.from_numpy(centre_f).to(device), torch.from_numpy(centre_m).to(device))
-        params = _initial_parameters(data[0], centres, log_scale0, levels[0].learning_rate, cov_f, cov_m, device)
+        params = _initial_parameters(data[0], centres, log_scale0, levels[0].learning_rate, cov_f, cov_m, dof)
         for index, (level, lv) in enumerate(zip(data, levels)):
             iterations = lv.iterations - (CANDIDATE_ITERATIONS if index == 0 else 0)
-            params, _ = _optimise(level, params, centres, log_scale0, max(iterations, 0), lv.learning_rate)
+            params, _ = _optimise(level, params, centres, log_scale0, max(iterations, 0), lv.learning_rate, dof)
         matrix = _template_to_subject(params.detach(), *centres, log_scale0).cpu()
     return matrix.numpy().astype(np.float64)
 
@@ -370,7 +401,7 @@ def _initial_parameters(
     learning_rate: float,
     cov_fixed: np.ndarray,
     cov_moving: np.ndarray,
-    device: str,
+    dof: int,
 ) -> torch.Tensor:
     """Pick the start rotation: identity or a principal-axes rotation, after a short refinement.
 
@@ -380,7 +411,7 @@ def _initial_parameters(
     candidate is a proper rotation, so no reflection can be introduced here either.
     """
     def start(rotation: np.ndarray) -> torch.Tensor:
-        params = torch.zeros(12, dtype=torch.float64, device=device)
+        params = torch.zeros(12, dtype=torch.float64, device=level.points.device)
         params[3:6] = torch.from_numpy(_rotation_to_vector(rotation))
         return params
 
@@ -390,7 +421,7 @@ def _initial_parameters(
     ranked = [principal[i] for i in np.argsort(scores, kind="stable")[:N_PRINCIPAL_CANDIDATES]]
     best_params, best_loss = None, math.inf
     for params in (start(np.eye(3)), *ranked):
-        params, loss = _optimise(level, params, centres, log_scale0, CANDIDATE_ITERATIONS, learning_rate)
+        params, loss = _optimise(level, params, centres, log_scale0, CANDIDATE_ITERATIONS, learning_rate, dof)
         if loss < best_loss:
             best_params, best_loss = params, loss
     return best_params

@@ -2,9 +2,16 @@
 
 Image-based flip detection
 --------------------------
-After affine registration (which cannot reflect, see :mod:`bids_siamese.preproc.register`), a scan
-whose voxel array was flipped left-right under an unchanged header shows up in template space as
-the *mirror image* of a brain. The MNI152NLin2009cAsym template is asymmetric (frontal/occipital
+After registration (which cannot reflect, see :mod:`bids_siamese.preproc.register`), a scan whose
+voxel array was flipped left-right under an unchanged header shows up in template space as the
+*mirror image* of a brain.
+
+**Use a shear-free registration for this check** (``register_affine(..., dof=9)``): the
+population's left-right asymmetry is largely a torque (right frontal and left occipital lobes
+protruding), which an affine *shear* can imitate. A 12-dof registration of a flipped brain shears
+it back towards the template's torque and removes most of the evidence (on the demo data the
+statistic of flipped scans drops from about +0.35 with 9 dof to about +0.05 with 12 dof), whereas
+rotations and scalings cannot reverse a torque. The MNI152NLin2009cAsym template is asymmetric (frontal/occipital
 petalia, sulcal asymmetries) and the model grid is symmetric about x = 0, so mirroring is
 ``array[::-1]`` along axis 0.
 
@@ -98,7 +105,8 @@ def orientation_check(
     """Image-based left-right flip check of a registered brain on the model grid.
 
     Args:
-        brain_on_grid: the subject brain resampled to the model grid (raw or normalised intensities).
+        brain_on_grid: the subject brain resampled to the model grid through a *shear-free*
+            registration (``register_affine(..., dof=9)``), before intensity normalisation.
         mask_on_grid: its boolean brain mask on the grid.
         template_on_grid: the template brain on the same grid (:func:`~bids_siamese.preproc.grid.template_on_grid`).
 
