@@ -113,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fwhm", type=float, default=6.0)
     p.add_argument("--timing", action="store_true", help="time one LRP map per backbone")
     p.add_argument("--wb", action="store_true", help="run wb_command -file-information on the files written")
+    p.add_argument("--regions", nargs="+", help="planted regions (default: truth.json signal.family_regions)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.results.mkdir(parents=True, exist_ok=True)
     link_outputs(args.outputs, args.results)
     subjects = resolve_participants(args.bids, [])
-    truth = json.loads((args.bids / "sourcedata" / "truth" / "truth.json").read_text())
-    planted = list(truth["signal"]["family_regions"])
+    planted = args.regions or list(json.loads((args.bids / "sourcedata" / "truth" / "truth.json").read_text())[
+        "signal"]["family_regions"])
     print(f"# explanations benchmark: {len(subjects)} subjects, backbone {args.backbone}, {args.resolution:g} mm, "
           f"planted family regions {', '.join(planted)}; {platform.machine()}, {torch.get_num_threads()} threads")
     settings = parse_args(group_argv(args, args.atlases[0]))

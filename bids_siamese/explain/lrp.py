@@ -25,9 +25,12 @@ Relevance *targets* (what is explained), from the scan's embedding ``u`` (unit l
 L2-normalises; the normalisation itself, being scale-free, is not propagated through: relevance is
 assigned to the pre-normalisation embedding, which is proportional to ``u``):
 
-* ``embedding`` (the default, as in the twin-identification paper): the embedding summed over its
-  dimensions, ``sum_k u_k``;
-* ``embedding_abs``: ``sum_k |u_k|``, so dimensions of opposite sign do not cancel;
+* ``embedding`` (as in the twin-identification paper): the embedding summed over its dimensions,
+  ``sum_k u_k``;
+* ``embedding_abs`` (the default of :func:`bids_siamese.explain.run.run_explain`): ``sum_k |u_k|``. The sign of
+  an embedding dimension is arbitrary, so with the signed sum dimensions of opposite sign cancel and a
+  scan's target can be near zero or negative; with the absolute values every dimension contributes its
+  magnitude. On the demo dataset this target ranks the planted family regions highest (docs/benchmarks.md);
 * ``distance``: the distance of a pair of scans. Both distances decompose exactly over embedding
   dimensions (cosine: ``1 - u.v = sum_k (u_k - v_k)^2 / 2``; euclidean: ``d = sum_k (e_k - f_k)^2 / d``);
   each scan of the pair receives half of every dimension's share, which LRP propagates to its voxels, so

@@ -51,7 +51,7 @@ EXPLAIN_FILES = {
 BIDSIGNORE_PATTERNS = ("group", "*_relevance.*")
 
 DEFAULTS = {
-    "lrp_target": "embedding",
+    "lrp_target": "embedding_abs",
     "lrp_rules": "epsilon_plus",
     "relevance_fwhm": 6.0,
     "explain_surfaces": False,
