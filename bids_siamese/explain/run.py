@@ -13,8 +13,8 @@ participant-level model-grid T1w files and the checkpoint, and writes (names in 
 
 Group map: each scan's map is divided by its total relevance (so every scan weighs the same and the sign
 means "for" the target), averaged per subject, then over subjects, smoothed (Gaussian, ``relevance_fwhm``
-mm), its negative part set to 0, divided by its maximum and restricted to the brain (voxels inside at
-least half of the subjects' brain masks).
+mm), its negative part set to 0, divided by its 99.5th percentile and clipped at 1 (0..1), and restricted to
+the brain (voxels inside at least half of the subjects' brain masks).
 """
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ EXPLAIN_FILES = {
 }
 #: Patterns the validator must ignore (added to .bidsignore when missing).
 BIDSIGNORE_PATTERNS = ("group", "*_relevance.*")
+
+#: The group and subject maps are divided by this percentile of their positive in-brain values (then clipped).
+UNIT_PERCENTILE = 99.5
 
 DEFAULTS = {
     "lrp_target": "embedding_abs",
@@ -112,18 +115,20 @@ def smooth(volume: np.ndarray, fwhm_mm: float, voxel_mm: float) -> np.ndarray:
     return ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), sigma, mode="constant")
 
 
-def to_unit_range(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Negative part set to 0, divided by the maximum (0..1), 0 outside ``mask``.
+def to_unit_range(volume: np.ndarray, mask: np.ndarray | None = None, percentile: float = UNIT_PERCENTILE) -> np.ndarray:
+    """Negative part set to 0, divided by a high percentile of the positive values and clipped (0..1); 0 outside
+    ``mask``. A percentile rather than the maximum keeps one extreme voxel from squashing the whole map.
 
     Examples:
-        >>> to_unit_range(np.array([-1.0, 1.0, 4.0])).tolist()
+        >>> to_unit_range(np.array([-1.0, 1.0, 4.0]), percentile=100).tolist()
         [0.0, 0.25, 1.0]
     """
     out = np.clip(np.asarray(volume, dtype=np.float32), 0, None)
     if mask is not None:
         out = np.where(mask, out, 0.0).astype(np.float32)
-    top = float(out.max()) if out.size else 0.0
-    return out / top if top > 0 else out
+    positive = out[out > 0]
+    top = float(np.percentile(positive, percentile)) if positive.size else 0.0
+    return np.clip(out / top, 0.0, 1.0).astype(np.float32) if top > 0 else out
 
 
 def group_relevance(subject_maps: Mapping[str, np.ndarray], brain: np.ndarray, fwhm_mm: float, voxel_mm: float

@@ -120,7 +120,7 @@ def _world_slices(volume: np.ndarray, affine: np.ndarray, axis: int, positions_m
 
 
 def slices_figure(group_map: np.ndarray, affine: np.ndarray, template: np.ndarray | None = None,
-                  threshold: float = 0.2) -> str:
+                  threshold: float = 0.25) -> str:
     """Axial, coronal and sagittal slices of the 0..1 group map over the template (neurological convention)."""
     views = [("axial", 2, (-30, -15, 0, 10, 25, 45, 60)), ("coronal", 1, (-70, -40, -20, -5, 10, 30)),
              ("sagittal", 0, (-45, -25, -10, 10, 25, 45))]
@@ -178,7 +178,7 @@ def _render_mesh(ax, coords: np.ndarray, faces: np.ndarray, values: np.ndarray, 
     ax.set_axis_off()
 
 
-def surface_figure(group_map: np.ndarray, affine: np.ndarray, threshold: float = 0.2) -> str:
+def surface_figure(group_map: np.ndarray, affine: np.ndarray, threshold: float = 0.25) -> str:
     """Lateral and medial views of both hemispheres (fsaverage5 inflated) coloured by the group map."""
     from ..surface.gifti import load_mesh, vol_to_surf
 
