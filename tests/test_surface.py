@@ -102,7 +102,7 @@ def test_wb_command_reads_every_file_written(bundle):
             res = subprocess.run([WB, "-file-information", str(path)], capture_output=True, text=True, timeout=120)
             assert res.returncode == 0 and "ERROR" not in res.stdout + res.stderr, (path.name, res.stdout, res.stderr)
             checked += 1
-    assert checked >= 17
+    assert checked >= 19
     res = subprocess.run([WB, "-file-information", str(next(p for p in written if p.name.endswith(".dscalar.nii")))],
                          capture_output=True, text=True, timeout=120)
     assert "ThalamusLeft" in res.stdout and "CortexRight" in res.stdout

@@ -9,7 +9,8 @@ when its inputs exist, so the report also works for a run without twin model or 
 
 Figures are drawn with :class:`matplotlib.figure.Figure` (no pyplot state). Slices are in neurological
 convention (subject's left on the left, "L"/"R" marked); surfaces are fsaverage5 inflated meshes,
-lateral and medial views, coloured by the group map sampled at the cortex.
+lateral and medial views of the fsLR 32k surface (inflated for display, medial wall grey), coloured by the
+group map sampled at the cortex.
 """
 from __future__ import annotations
 
@@ -178,15 +179,15 @@ def _render_mesh(ax, coords: np.ndarray, faces: np.ndarray, values: np.ndarray, 
     ax.set_axis_off()
 
 
-def surface_figure(group_map: np.ndarray, affine: np.ndarray, threshold: float = 0.25) -> str:
-    """Lateral and medial views of both hemispheres (fsaverage5 inflated) coloured by the group map."""
+def surface_figure(group_map: np.ndarray, affine: np.ndarray, threshold: float = 0.25, mesh_name: str = "fsLR") -> str:
+    """Lateral and medial views of both hemispheres (inflated fsLR 32k, medial wall grey) coloured by the group map."""
     from ..surface.gifti import load_mesh, vol_to_surf
 
     fig = Figure(figsize=(10, 5.2))
     panels = [("L", "lateral"), ("R", "lateral"), ("L", "medial"), ("R", "medial")]
     for k, (hemi, view) in enumerate(panels):
-        values = vol_to_surf(group_map, affine, "fsaverage5", hemi)
-        mesh = load_mesh("fsaverage5", hemi, "inflated")
+        values = vol_to_surf(group_map, affine, mesh_name, hemi)
+        mesh = load_mesh(mesh_name, hemi, "inflated")
         ax = fig.add_subplot(2, 2, k + 1)
         _render_mesh(ax, mesh.coords.astype(float), mesh.faces, values, view, hemi, threshold)
         ax.set_title(f"{'left' if hemi == 'L' else 'right'} hemisphere, {view}", fontsize=9)

@@ -5,7 +5,8 @@ Two template meshes are available offline:
 * ``fsaverage5`` (10,242 vertices per hemisphere) from nilearn's bundled data: ``white``, ``pial``,
   ``inflated``, ``sphere``; ``midthickness`` is the mean of white and pial;
 * ``fsLR`` 32k (32,492 vertices per hemisphere, the HCP/Workbench standard) from brainspace's bundled
-  Conte69 atlas: ``midthickness`` and ``sphere``, with its medial-wall mask.
+  Conte69 atlas: ``midthickness`` and ``sphere``, with its medial-wall mask; ``inflated`` is computed from the
+  midthickness surface by Laplacian smoothing (:func:`inflate`, for display).
 
 Both meshes lie in MNI space (fsaverage: MNI305; Conte69: MNI152 nonlinear 6th generation), close enough to
 MNI152NLin2009cAsym for 2 mm relevance maps, so a template-space map is sampled directly at the vertex
@@ -128,11 +129,43 @@ def load_mesh(mesh: str, hemi: str, surface: str = "midthickness") -> Mesh:
             raise ValueError(f"unknown fsaverage5 surface {surface!r}")
         return _read_mesh(Path(files[f"{key}_{side}"]))
     if mesh == "fsLR":
+        if surface == "inflated":
+            return inflate(load_mesh(mesh, hemi, "midthickness"))
         name = {"midthickness": f"conte69_32k_{side[0]}h.gii", "sphere": f"conte69_32k_{side[0]}h_sphere.gii"}.get(surface)
         if name is None:
-            raise ValueError(f"the fsLR 32k mesh has midthickness and sphere surfaces only, not {surface!r}")
+            raise ValueError(f"the fsLR 32k mesh has midthickness, inflated (computed) and sphere surfaces, not {surface!r}")
         return _read_mesh(_brainspace_dir() / name)
     raise ValueError(f"mesh must be one of {MESHES}, got {mesh!r}")
+
+
+def inflate(mesh: Mesh, iterations: int = 60, step: float = 0.5) -> Mesh:
+    """An inflated copy of a surface (Laplacian smoothing of the vertex coordinates, rescaled to the original
+    size), for display: sulci open up while every vertex keeps its index.
+
+    Examples:
+        >>> m = load_mesh("fsLR", "L", "midthickness")
+        >>> inflate(m, iterations=5).n_vertices == m.n_vertices
+        True
+    """
+    from scipy import sparse
+
+    n = mesh.n_vertices
+    f = mesh.faces
+    rows = np.concatenate([f[:, 0], f[:, 1], f[:, 2], f[:, 1], f[:, 2], f[:, 0]])
+    cols = np.concatenate([f[:, 1], f[:, 2], f[:, 0], f[:, 0], f[:, 1], f[:, 2]])
+    adjacency = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    adjacency.data[:] = 1.0
+    degree = np.asarray(adjacency.sum(axis=1)).ravel()
+    average = sparse.diags(1.0 / np.maximum(degree, 1)) @ adjacency
+    coords = mesh.coords.astype(np.float64)
+    centre = coords.mean(axis=0)
+    size = np.sqrt(((coords - centre) ** 2).sum(axis=1).mean())
+    for _ in range(iterations):
+        coords = (1 - step) * coords + step * (average @ coords)
+    new_centre = coords.mean(axis=0)
+    new_size = np.sqrt(((coords - new_centre) ** 2).sum(axis=1).mean())
+    coords = (coords - new_centre) * (size / max(new_size, 1e-9)) + centre
+    return Mesh(coords.astype(np.float32), mesh.faces)
 
 
 @lru_cache(maxsize=None)

@@ -141,7 +141,8 @@ def map_file_names(stem: str, desc: str, suffix: str, resolution_label: str) -> 
 
 
 TEMPLATE_FILE = "tpl-MNI152NLin2009cAsym_res-01_desc-brain_T1w.nii.gz"
-BUNDLED_SURFACES = {"fsLR": ("midthickness", "sphere"), "fsaverage5": ("midthickness", "pial", "white", "inflated")}
+BUNDLED_SURFACES = {"fsLR": ("midthickness", "inflated", "sphere"),
+                    "fsaverage5": ("midthickness", "pial", "white", "inflated")}
 
 
 def write_surface_maps(folder, stem: str, maps, resolution_label: str, desc: str = "lrp",
