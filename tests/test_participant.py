@@ -1,0 +1,199 @@
+"""End to end: the participant and group levels on the tiny demo dataset at a coarse grid."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from bids_siamese.bids.layout import run_validator
+from bids_siamese.cli.main import main
+from bids_siamese.interfaces.derivatives import output_names
+from bids_siamese.synthetic import generate
+
+pytestmark = pytest.mark.slow
+RES = "4"  # coarse model grid keeps the test quick
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo") / "bids"
+    generate(root, size="tiny", seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def truth(demo) -> pd.DataFrame:
+    return pd.read_csv(demo / "sourcedata" / "truth" / "scans.tsv", sep="\t")
+
+
+@pytest.fixture(scope="module")
+def participant_run(demo, tmp_path_factory):
+    base = tmp_path_factory.mktemp("run")
+    out, work = base / "out", base / "work"
+    code = main([str(demo), str(out), "participant", "-w", str(work), "--resolution", RES, "--nprocs", "2",
+                 "--omp-nthreads", "1"])
+    return code, out, work
+
+
+def entities_of(path: str) -> dict[str, str]:
+    name = Path(path).name.split(".")[0]
+    ents = dict(part.split("-", 1) for part in name.split("_")[:-1])
+    keys = {"sub": "subject", "ses": "session", "acq": "acquisition", "run": "run"}
+    return {keys[k]: v for k, v in ents.items() if k in keys}
+
+
+def test_participant_writes_every_output(participant_run, truth):
+    code, out, _ = participant_run
+    assert code == 0
+    for path in truth["path"]:
+        names = output_names(entities_of(path), RES)
+        for key, rel in names.items():
+            assert (out / rel).is_file(), rel
+        preproc = nib.load(out / names["preproc"])
+        mask = np.asanyarray(nib.load(out / names["grid_mask"]).dataobj) > 0
+        data = preproc.get_fdata()
+        assert preproc.shape == (42, 52, 44)
+        assert np.allclose(preproc.affine[:3, :3], np.eye(3) * 4)
+        assert 0.5 * 1.2e6 / 64 < mask.sum() < 2.0 * 1.2e6 / 64  # a brain-sized mask at 4 mm
+        assert abs(np.median(data[mask])) < 0.1 and np.all(data[~mask] == 0)
+        sidecar = json.loads((out / names["preproc"]).with_name(names["preproc"].name.replace(".nii.gz", ".json")).read_text())
+        assert sidecar["SkullStripped"] is True and RES in sidecar["Resolution"]
+        assert sidecar["Sources"][0].startswith("bids:raw:sub-")
+        qc = json.loads((out / names["orientation"]).read_text())
+        assert 0.0 <= qc["lr_flip_probability"] <= 1.0
+        assert {"name", "passed", "detail"} <= set(qc["header_checks"][0])
+        assert qc["brain_volume_cm3"] > 900
+        xfm = (out / names["xfm"]).read_text()
+        assert xfm.startswith("#Insight Transform File V1.0")
+
+
+def test_every_flipped_scan_flagged_and_no_other(participant_run, truth):
+    _, out, _ = participant_run
+    for _, row in truth.iterrows():
+        qc = json.loads((out / output_names(entities_of(row["path"]), RES)["orientation"]).read_text())
+        assert qc["lr_flip_suspected"] == bool(row["lr_flipped"]), (row["path"], qc["lr_flip_probability"])
+
+
+def test_output_passes_bids_validator(participant_run):
+    _, out, _ = participant_run
+    errors = [i for i in run_validator(out) if i.severity == "error"]
+    assert errors == []
+
+
+def test_subject_reports(participant_run, truth):
+    _, out, _ = participant_run
+    for subject in truth["participant_id"].unique():
+        html = (out / f"{subject}.html").read_text()
+        scans = truth.loc[truth["participant_id"] == subject, "path"]
+        for path in scans:
+            assert Path(path).name.replace(".nii.gz", "") in html
+            for key, rel in output_names(entities_of(path), RES).items():
+                if key.startswith("figure_"):
+                    assert str(rel) in html
+                    assert (out / rel).read_text().lstrip().startswith(("<?xml", "<svg"))
+
+
+def test_group_collects_orientation(participant_run, demo, truth):
+    _, out, work = participant_run
+    code = main([str(demo), str(out), "group", "-w", str(work), "--skip-bids-validation"])
+    assert code == 0
+    table = pd.read_csv(out / "group_orientation.tsv", sep="\t")
+    assert list(table.columns)[:4] == ["participant_id", "session_id", "lr_flip_probability", "lr_flip_suspected"]
+    assert "header_checks_failed" in table.columns
+    assert len(table) == len(truth)
+    merged = table.merge(truth, left_on=["participant_id", "session_id"], right_on=["participant_id", "session_id"])
+    assert (merged["lr_flip_suspected"] == merged["lr_flipped"].astype(bool)).all()
+    assert [i for i in run_validator(out) if i.severity == "error"] == []
+
+
+def test_rerun_reuses_work_and_is_deterministic(participant_run, demo, truth, tmp_path):
+    code, out, work = participant_run
+    subject = truth["participant_id"].iloc[0][4:]
+    results = sorted(work.glob("**/brain_extraction/result_brain_extraction.pklz"))
+    assert results
+    before = {p: p.stat().st_mtime_ns for p in results}
+    again = main([str(demo), str(out), "participant", "-w", str(work), "--resolution", RES, "--nprocs", "1",
+                  "--skip-bids-validation", "--participant-label", subject])
+    assert again == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # cached, not recomputed
+
+    out2 = tmp_path / "out2"
+    code2 = main([str(demo), str(out2), "participant", "-w", str(tmp_path / "work2"), "--resolution", RES,
+                  "--nprocs", "1", "--skip-bids-validation", "--participant-label", subject])
+    assert code2 == 0
+    compared = 0
+    for path in sorted(out2.glob(f"sub-{subject}/**/*")):
+        if path.is_file() and path.suffix != ".svg":
+            assert path.read_bytes() == (out / path.relative_to(out2)).read_bytes(), path.name
+            compared += 1
+    assert compared >= 8
+
+
+def test_bad_scan_fails_alone(demo, truth, tmp_path):
+    """A truncated scan exits 65 with its name; the other scan finishes; existing outputs survive."""
+    bids = tmp_path / "bids"
+    keep = truth["participant_id"].unique()[:2].tolist()
+    shutil.copytree(demo, bids, ignore=lambda d, names: [
+        n for n in names if Path(d) == demo and n.startswith("sub-") and n not in keep])
+    bad_path = bids / truth.loc[truth["participant_id"] == keep[1], "path"].iloc[0]
+    raw = bad_path.read_bytes()
+    bad_path.write_bytes(raw[: len(raw) // 3])
+    out = tmp_path / "out"
+    out.mkdir()
+    sentinel = out / "group_orientation.tsv"
+    sentinel.write_text("participant_id\nkept\n")
+    code = main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--resolution", RES,
+                 "--skip-bids-validation", "--nprocs", "1"])
+    assert code == 65
+    assert sentinel.read_text() == "participant_id\nkept\n"
+    good = truth.loc[truth["participant_id"] == keep[0], "path"]
+    for path in good:
+        assert (out / output_names(entities_of(path), RES)["orientation"]).is_file()
+    assert not (out / output_names(entities_of(str(bad_path.relative_to(bids))), RES)["preproc"]).exists()
+    crashes = list((out / "logs").glob("*/crash/crash-*.txt"))
+    assert crashes
+    html = (out / f"{keep[1]}.html").read_text()
+    assert "FAILED" in html.upper()
+
+
+def test_fmriprep_derivatives_reused(demo, truth, tmp_path):
+    """--derivatives fmriprep=PATH: fMRIPrep's mask is used instead of deepbet's."""
+    row = truth[~truth["lr_flipped"].astype(bool)].iloc[0]
+    sub = row["participant_id"]
+    fmriprep = tmp_path / "fmriprep"
+    anat = fmriprep / sub / "anat"
+    anat.mkdir(parents=True)
+    (fmriprep / "dataset_description.json").write_text(json.dumps(
+        {"Name": "fMRIPrep", "BIDSVersion": "1.10.0", "DatasetType": "derivative", "GeneratedBy": [{"Name": "fMRIPrep"}]}))
+    src = nib.load(demo / row["path"])
+    nib.save(src, anat / f"{sub}_desc-preproc_T1w.nii.gz")
+    mask_file = demo / "sourcedata" / "truth" / "masks" / (Path(row["path"]).name.replace("_T1w.nii.gz", "_T1w_desc-brain_mask.nii.gz"))
+    true_mask = nib.load(mask_file)
+    nib.save(true_mask, anat / f"{sub}_desc-brain_mask.nii.gz")
+    out = tmp_path / "out"
+    code = main([str(demo), str(out), "participant", "-w", str(tmp_path / "work"), "--resolution", RES,
+                 "--skip-bids-validation", "--participant-label", sub, "--session-label", str(row["session_id"]),
+                 "--derivatives", f"fmriprep={fmriprep}", "--nprocs", "1"])
+    assert code == 0
+    names = output_names(entities_of(row["path"]), RES)
+    sidecar = json.loads((out / str(names["preproc"]).replace(".nii.gz", ".json")).read_text())
+    assert sidecar["BrainExtraction"] == "fmriprep"
+    ours = nib.load(out / names["native_mask"])
+    theirs = nib.as_closest_canonical(true_mask)
+    assert (np.asanyarray(ours.dataobj) > 0).sum() == (np.asanyarray(theirs.dataobj) > 0).sum()
+
+
+def test_output_tree_matches_listing(participant_run):
+    """The file tree of the tiny run is listed in tests/data and diffed here (as fMRIPrep does in CI)."""
+    _, out, _ = participant_run
+    listed = (Path(__file__).parent / "data" / "tiny_participant_outputs.txt").read_text().split()
+    found = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                   if p.is_file() and p.relative_to(out).parts[0] not in ("logs",)
+                   and not p.name.startswith("group_"))
+    assert found == sorted(listed)
