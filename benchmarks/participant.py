@@ -337,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     prepared_all = []
+    print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (on {os.cpu_count()} CPUs)")
     for scan in scans:
+        cpu_start = time.process_time()
         prepared = prepare(scan.path, args.n_threads)
         t = time.perf_counter()
         matrix = register_torch(prepared, args.resolution, reg_threads)
@@ -349,11 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         if scan.template_to_subject is not None and not scan.lr_flipped:
             error = displacement_error_mm(matrix, scan.template_to_subject, points)
         row = {"scan": scan.path.name, "lr_flipped": scan.lr_flipped, **prepared.times,
-               "total": sum(prepared.times.values()), **results, "error_mm": error, "engine": "torch"}
+               "total": sum(prepared.times.values()), "cpu_total": time.process_time() - cpu_start,
+               **results, "error_mm": error, "engine": "torch"}
         rows.append(row)
         prepared_all.append((scan, prepared))
         print(
-            f"{scan.path.name}: total {row['total']:.2f} s "
+            f"{scan.path.name}: total {row['total']:.2f} s (cpu {row['cpu_total']:.2f} s) "
             + " ".join(f"{k}={prepared.times[k]:.2f}" for k in STAGES)
             + f" | flip p={row['lr_flip_probability']:.3f} (truth {scan.lr_flipped}) stat={row['statistic']:+.3f}"
             + f" | dice={row['dice']:.3f} corr={row['corr']:.3f} err={'n/a' if error is None else f'{error:.2f} mm'}",
@@ -361,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     ours_peak = peak_rss_mb()
 
-    for stage in (*STAGES, "total"):
+    print(f"load average after our pipeline: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    for stage in (*STAGES, "total", "cpu_total"):
         print(f"stage {stage:16s} s/scan: {_summary([r[stage] for r in rows])}")
     print(f"peak RSS (our pipeline, all scans): {ours_peak:.0f} MB")
     flipped = [r for r in rows if r["lr_flipped"]]

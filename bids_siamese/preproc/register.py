@@ -31,7 +31,10 @@ aligns the brain-mask centres of mass, scales by the cube root of the brain volu
 the identity and the principal-axes rotations; then Adam minimises ``1 - Pearson correlation``
 between the template brain and the subject brain over a pyramid (8 mm, 4 mm, ``resolution`` mm),
 sampling a seeded random subset of template voxels at each level. On CPU it is deterministic for a
-given ``seed`` and ``n_threads``.
+given ``seed`` and ``n_threads``. ``dof`` restricts the model to 9 (no shear), 7 (one isotropic
+scale) or 6 (rigid) parameters; the left-right orientation check needs a shear-free (``dof=9``)
+registration (see :mod:`bids_siamese.qc.orientation`). Use ``n_threads=1``: the tensors are small
+(at most :data:`MAX_POINTS` samples), so more threads gain little and stall badly on a busy machine.
 """
 from __future__ import annotations
 
