@@ -146,6 +146,7 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     device = traits.Str("cpu", usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
     identity = traits.Bool(False, usedefault=True, desc="input is already in template space (fMRIPrep MNI output)")
+    dof = traits.Enum(12, 9, 7, 6, usedefault=True, desc="12 affine; 9 shear-free (the orientation check's)")
 
 
 class _RegisterOutputSpec(TraitedSpec):
@@ -162,6 +163,7 @@ class AffineRegistration(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
 
+        from ..preproc.brain import brain_image
         from ..preproc.register import register_affine, write_itk_affine
         from ..resources import template_brain_path
 
@@ -172,8 +174,9 @@ class AffineRegistration(SimpleInterface):
             img = nib.load(self.inputs.in_file)
             mask = np.asanyarray(nib.load(self.inputs.in_mask).dataobj) > 0
             matrix = register_affine(
-                img, mask, nib.load(template_brain_path()), resolution=self.inputs.resolution,
+                brain_image(img, mask), mask, nib.load(template_brain_path()), resolution=self.inputs.resolution,
                 seed=self.inputs.seed, device=self.inputs.device, n_threads=self.inputs.num_threads,
+                dof=self.inputs.dof,
             )
         out_matrix = os.path.abspath("template_to_t1w.txt")
         np.savetxt(out_matrix, matrix, fmt="%.10f")
@@ -235,9 +238,11 @@ def _correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 class _OrientationInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="normalised T1w on the model grid")
-    in_mask = File(exists=True, mandatory=True)
+    in_mask = File(exists=True, mandatory=True, desc="brain mask on the model grid")
     in_checks = File(exists=True, mandatory=True, desc="header checks JSON")
-    native_mask = File(exists=True, mandatory=True, desc="native-space brain mask (for the brain volume)")
+    t1w = File(exists=True, mandatory=True, desc="conformed native T1w")
+    native_mask = File(exists=True, mandatory=True, desc="native-space brain mask")
+    in_matrix = File(exists=True, mandatory=True, desc="shear-free (9-dof) template-to-T1w matrix")
 
 
 class _OrientationOutputSpec(TraitedSpec):
@@ -253,7 +258,8 @@ class OrientationCheck(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
 
-        from ..preproc.grid import template_on_grid
+        from ..preproc.brain import brain_image
+        from ..preproc.grid import resample_mask_to_grid, resample_to_grid, template_on_grid
         from ..qc.orientation import LR_FLIP_THRESHOLD, header_orientation_verdict, orientation_check
         from ..resources import Grid
 
@@ -262,9 +268,17 @@ class OrientationCheck(SimpleInterface):
         mask = np.asanyarray(nib.load(self.inputs.in_mask).dataobj) > 0
         grid = Grid(shape=tuple(int(s) for s in img.shape), affine=img.affine)
         template, _ = template_on_grid(grid)
-        result = orientation_check(data, mask, template)
-        checks = json.loads(Path(self.inputs.in_checks).read_text())
+        # the flip test runs on the brain through the shear-free registration, before normalisation
         native = nib.load(self.inputs.native_mask)
+        native_mask = np.asanyarray(native.dataobj) > 0
+        brain = brain_image(nib.load(self.inputs.t1w), native_mask)
+        qc_matrix = np.loadtxt(self.inputs.in_matrix)
+        result = orientation_check(
+            resample_to_grid(brain, qc_matrix, grid),
+            resample_mask_to_grid(native_mask, brain.affine, qc_matrix, grid),
+            template,
+        )
+        checks = json.loads(Path(self.inputs.in_checks).read_text())
         voxel_ml = float(np.prod(native.header.get_zooms()[:3])) / 1000.0
         report = {
             "lr_flip_probability": float(result["lr_flip_probability"]),

@@ -80,6 +80,12 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
                            num_threads=omp),
         name="register", mem_gb=MEM_GB["register"], n_procs=omp,
     )
+    # the orientation check needs a shear-free registration (shears imitate the brain's torque asymmetry)
+    register_qc = pe.Node(
+        AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, device=settings.device,
+                           num_threads=omp, dof=9),
+        name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=omp,
+    )
     grid = pe.Node(ModelGrid(resolution=settings.resolution), name="model_grid", mem_gb=MEM_GB["grid"], n_procs=1)
     orient = pe.Node(OrientationCheck(), name="orientation", mem_gb=MEM_GB["grid"], n_procs=1)
     figures = pe.Node(ReportFigures(), name="figures", mem_gb=MEM_GB["figures"], n_procs=1)
@@ -107,6 +113,9 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
             (conform, brain, [("out_file", "in_file")]),
             (conform, register, [("out_file", "in_file")]),
             (brain, register, [("out_mask", "in_mask")]),
+            (conform, register_qc, [("out_file", "in_file")]),
+            (brain, register_qc, [("out_mask", "in_mask")]),
+            (conform, orient, [("out_file", "t1w")]),
             (conform, grid, [("out_file", "in_file")]),
             (brain, grid, [("out_mask", "in_mask")]),
             (conform, figures, [("out_file", "t1w")]),
@@ -121,6 +130,9 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
                               mem_gb=MEM_GB["conform"], n_procs=1)
         wf.connect([
             (conform, native_mask, [("out_file", "reference")]),
+            (conform, register_qc, [("out_file", "in_file")]),
+            (native_mask, register_qc, [("out_mask", "in_mask")]),
+            (conform, orient, [("out_file", "t1w")]),
             (conform, figures, [("out_file", "t1w")]),
             (native_mask, figures, [("out_mask", "native_mask")]),
             (native_mask, orient, [("out_mask", "native_mask")]),
@@ -149,6 +161,7 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
 
     wf.connect([
         (register, grid, [("out_matrix", "in_matrix")]),
+        (register_qc, orient, [("out_matrix", "in_matrix")]),
         (grid, orient, [("out_file", "in_file"), ("out_mask", "in_mask")]),
         (grid, figures, [("out_file", "grid_file")]),
         (figures, merge_figs, [("out_mask_svg", "in1"), ("out_reg_svg", "in2"), ("out_orient_svg", "in3")]),
