@@ -19,6 +19,9 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
 else
     $PIP install --no-cache-dir "torch==${TORCH_VERSION}"
 fi
+# brainspace is only read for its bundled fsLR 32k (conte69) surface files; its hard dependency on VTK
+# (~640 MB) is never imported, so it is installed without dependencies.
+$PIP install --no-cache-dir --no-deps "brainspace>=0.1.10"
 if [ -n "$EXTRAS" ]; then
     $PIP install --no-cache-dir ".[${EXTRAS}]"
 else
