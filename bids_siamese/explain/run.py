@@ -12,9 +12,10 @@ participant-level model-grid T1w files and the checkpoint, and writes (names in 
 * ``group.html`` (via :func:`bids_siamese.reports.group.write_group_report`).
 
 Group map: each scan's map is divided by its total relevance (so every scan weighs the same and the sign
-means "for" the target), averaged per subject, then over subjects, smoothed (Gaussian, ``relevance_fwhm``
-mm), its negative part set to 0, divided by its 99.5th percentile and clipped at 1 (0..1), and restricted to
-the brain (voxels inside at least half of the subjects' brain masks).
+means "for" the target) and averaged per subject; each subject's map is smoothed (Gaussian,
+``relevance_fwhm`` mm), its negative part set to 0, divided by its 99.5th percentile and clipped at 1
+(0..1), restricted to the brain (voxels inside at least half of the subjects' brain masks); the group map is
+the mean of the subjects' 0..1 maps, scaled to 0..1 the same way.
 """
 from __future__ import annotations
 
@@ -133,14 +134,23 @@ def to_unit_range(volume: np.ndarray, mask: np.ndarray | None = None, percentile
 
 def group_relevance(subject_maps: Mapping[str, np.ndarray], brain: np.ndarray, fwhm_mm: float, voxel_mm: float
                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The 0..1 group map and each subject's 0..1 map from per-subject mean unit-total maps.
+    """Each subject's 0..1 map and the 0..1 group map (the mean of the subjects' 0..1 maps, rescaled).
+
+    A subject's map (its scans' unit-total maps averaged) is smoothed and scaled to 0..1 by
+    :func:`to_unit_range` before averaging, so every subject weighs the same and one scan whose relevance
+    is concentrated in a few voxels (a lesion, an artefact) cannot dominate the group map.
 
     Returns:
         ``(group map, {subject: map})``.
+
+    Examples:
+        >>> maps = {"a": np.array([0.0, 1.0, 0.0]), "b": np.array([0.0, 0.5, 100.0])}  # b: one extreme voxel
+        >>> group, _ = group_relevance(maps, np.ones(3, bool), 0.0, 1.0)
+        >>> bool(group[1] >= group[2])  # the plain mean would be [0, 0.75, 50]
+        True
     """
-    stack = np.stack([subject_maps[s] for s in sorted(subject_maps)])
-    group = to_unit_range(smooth(stack.mean(axis=0), fwhm_mm, voxel_mm), brain)
     per_subject = {s: to_unit_range(smooth(subject_maps[s], fwhm_mm, voxel_mm), brain) for s in sorted(subject_maps)}
+    group = to_unit_range(np.mean([per_subject[s] for s in sorted(per_subject)], axis=0), brain)
     return group, per_subject
 
 
