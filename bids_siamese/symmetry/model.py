@@ -53,6 +53,34 @@ def split_hemispheres(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return left, right
 
 
+def _layers(module: nn.Module) -> list[nn.Module]:
+    """The layers of a plain ``nn.Sequential``, nested plain sequences flattened (same computation)."""
+    if type(module) is not nn.Sequential:
+        return [module]
+    out: list[nn.Module] = []
+    for child in module:
+        out.extend(_layers(child))
+    return out
+
+
+def _middle_level(layers: list[nn.Module], in_channels: int, stride: int = 8) -> tuple[int, int]:
+    """Index and channels of the deepest layer whose output grid is at most ``stride`` times coarser than the
+    input (found with a dry run on a 32^3 volume); -1 and the input channels when none is."""
+    best, channels = -1, in_channels
+    modes = [m.training for m in layers]
+    for m in layers:
+        m.eval()
+    with torch.no_grad():
+        h = torch.zeros(1, in_channels, 32, 32, 32)
+        for index, layer in enumerate(layers):
+            h = layer(h)
+            if h.dim() == 5 and min(h.shape[2:]) >= 32 // stride:
+                best, channels = index, int(h.shape[1])
+    for m, mode in zip(layers, modes):
+        m.train(mode)
+    return best, channels
+
+
 def _pool_stats(d: torch.Tensor) -> torch.Tensor:
     """``[mean |d|, max |d|, mean d, max d]`` over the spatial/token axis of ``(B, C, N)``."""
     a = d.abs()
@@ -106,6 +134,11 @@ class SymmetrySiamese(nn.Module):
         hidden: width of the MLPs.
         heads: attention heads (``cross_attention``).
         dropout: dropout in the MLPs.
+        difference_channel: encode each hemisphere as two channels, itself and its difference from the
+            mirrored other hemisphere (``[l, l - r]`` and ``[r, r - l]``), with an encoder built for two input
+            channels. The weights stay shared and swapping the hemispheres still swaps the inputs, so the
+            symmetry properties hold; the explicit difference makes a focal asymmetry visible to the first
+            convolution, which trains much faster on a CPU than letting the encoder discover it.
 
     Examples:
         >>> from bids_siamese.models.backbones import small_encoder
@@ -121,13 +154,16 @@ class SymmetrySiamese(nn.Module):
     """
 
     def __init__(self, encoder: Encoder, fusion: str = "difference", embedding_dim: int = 64, hidden: int = 64,
-                 heads: int = 4, dropout: float = 0.2):
+                 heads: int = 4, dropout: float = 0.2, difference_channel: bool = False):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion '{fusion}'; choose one of {', '.join(FUSIONS)}")
         self.encoder = encoder
+        self.difference_channel = bool(difference_channel)
         self.fusion = fusion
         channels = encoder.out_channels
+        self._body = _layers(encoder.body)  # plain list: the modules stay registered under ``encoder``
+        self.mid_index, mid_channels = _middle_level(self._body, 2 if difference_channel else 1)
         if fusion == "embedding":
             self.embed = EmbeddingHead(channels, out_channels=embedding_dim, normalize=False, pooling="avgmax")
             width = 2 * embedding_dim
@@ -136,46 +172,68 @@ class SymmetrySiamese(nn.Module):
             if fusion == "cross_attention":
                 self.cross = CrossHemisphereAttention(channels, dim=embedding_dim, heads=heads)
                 channels = embedding_dim
-            width = 4 * channels
+            width = 4 * (channels + mid_channels)
             self.side = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+            self.position_head = nn.Linear(mid_channels, 1)
         self.classifier = nn.Sequential(
             nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 1)
         )
 
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feature maps of the left and the mirrored right hemisphere (one encoder pass on both)."""
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final and middle feature maps of the left and the mirrored right hemisphere (one encoder pass on
+        both): ``(final_left, final_right, middle_left, middle_right)``."""
         left, right = split_hemispheres(x)
-        both = self.encoder(torch.cat([left, right], dim=0))
-        return both[: x.shape[0]], both[x.shape[0]:]
+        if self.difference_channel:
+            left, right = torch.cat([left, left - right], dim=1), torch.cat([right, right - left], dim=1)
+        h = torch.cat([left, right], dim=0)
+        middle = h
+        for index, layer in enumerate(self._body):
+            h = layer(h)
+            if index == self.mid_index:
+                middle = h
+        n = x.shape[0]
+        return h[:n], h[n:], middle[:n], middle[n:]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logit, side_logit)``, each of shape ``(B,)``; ``side_logit > 0`` means left."""
-        f_l, f_r = self.features(x)
+        out = self.forward_all(x)
+        return out["logit"], out["side"]
+
+    def forward_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``logit``, ``side`` and, except for the ``embedding`` fusion, ``positions``: one asymmetry logit per
+        feature-map position in hemisphere coordinates ``(B, d, h, w)``, symmetric in the two hemispheres.
+        Training supervises the positions with the simulated lesion (deep supervision), which teaches the shared
+        encoder what a focal asymmetry looks like far faster than the image label alone."""
+        f_l, f_r, m_l, m_r = self.features(x)
         if self.fusion == "embedding":
             e_l, e_r = self.embed(f_l), self.embed(f_r)
             logit = self.classifier(torch.cat([(e_l - e_r).abs(), e_l * e_r], dim=1)).squeeze(1)
-            return logit, self.side(e_l - e_r).squeeze(1)
+            return {"logit": logit, "side": self.side(e_l - e_r).squeeze(1)}
         if self.fusion == "cross_attention":
             d_lr, d_rl = self.cross(f_l, f_r), self.cross(f_r, f_l)
         else:
             d_lr = (f_l - f_r).flatten(2)
             d_rl = -d_lr
-        s_lr, s_rl = _pool_stats(d_lr), _pool_stats(d_rl)
+        m_lr = (m_l - m_r).flatten(2)
+        s_lr = torch.cat([_pool_stats(d_lr), _pool_stats(m_lr)], dim=1)
+        s_rl = torch.cat([_pool_stats(d_rl), _pool_stats(-m_lr)], dim=1)
         logit = (self.classifier(s_lr) + self.classifier(s_rl)).squeeze(1) / 2.0
         side = (self.side(s_lr) - self.side(s_rl)).squeeze(1)
-        return logit, side
+        positions = self.position_head(m_lr.abs().transpose(1, 2)).squeeze(2).reshape(x.shape[0], *m_l.shape[2:])
+        return {"logit": logit, "side": side, "positions": positions}
 
 
 def build_symmetry_model(backbone: str = "small", fusion: str = "difference", embedding_dim: int = 64,
-                         hidden: int = 64, heads: int = 4) -> SymmetrySiamese:
+                         hidden: int = 64, heads: int = 4, difference_channel: bool = False) -> SymmetrySiamese:
     """A fresh :class:`SymmetrySiamese` with the named backbone.
 
     Examples:
         >>> build_symmetry_model("small").fusion
         'difference'
     """
-    return SymmetrySiamese(build_backbone(backbone, spatial_dims=3, in_channels=1), fusion=fusion,
-                           embedding_dim=embedding_dim, hidden=hidden, heads=heads)
+    encoder = build_backbone(backbone, spatial_dims=3, in_channels=2 if difference_channel else 1)
+    return SymmetrySiamese(encoder, fusion=fusion, embedding_dim=embedding_dim, hidden=hidden, heads=heads,
+                           difference_channel=difference_channel)
 
 
 def predict_proba(model: SymmetrySiamese, volumes: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

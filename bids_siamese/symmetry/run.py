@@ -254,7 +254,7 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
                     table.at[i, "split"] = name
             config = TrainConfig(
                 backbone=settings.backbone, fusion=getattr(settings, "symmetry_fusion", "difference") or "difference",
-                embedding_dim=int(min(settings.embedding_dim, 128)), resolution=max(resolution, 4.0),
+                embedding_dim=int(min(settings.embedding_dim, 128)), resolution=resolution,
                 epochs=int(settings.epochs), batch_size=int(settings.batch_size), lr=float(settings.lr),
                 patience=int(settings.patience), seed=int(settings.seed), num_threads=threads,
                 lesion=LesionConfig(),

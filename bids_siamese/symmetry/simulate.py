@@ -346,7 +346,8 @@ def simulate_lesion(
     hemisphere: str | None = None,
     bilateral: bool = False,
     depth_mm: np.ndarray | None = None,
-) -> tuple[np.ndarray, Lesion]:
+    return_weights: bool = False,
+) -> tuple[np.ndarray, Lesion] | tuple[np.ndarray, Lesion, np.ndarray]:
     """Plant one random lesion (or a mirrored pair when ``bilateral``) in a model-grid image.
 
     Args:
@@ -360,9 +361,11 @@ def simulate_lesion(
         bilateral: also plant the mirror image of the lesion in the other hemisphere (a *symmetric*
             abnormality: a negative example for the symmetry model).
         depth_mm: precomputed distance to the mask border (see :func:`sample_center`).
+        return_weights: also return the partial-volume lesion weights (the training target of the model's
+            position head).
 
     Returns:
-        ``(image, lesion)``.
+        ``(image, lesion)`` or ``(image, lesion, weights)``.
 
     Examples:
         >>> m = np.zeros((24, 24, 24), bool); m[3:21, 3:21, 3:21] = True
@@ -388,6 +391,8 @@ def simulate_lesion(
     out = insert_lesion(volume, mask, weights, intensity, rng, config.texture_sd)
     lesion = Lesion(hemisphere=side, shape=shape, center_mm=center_mm(centre, affine), nominal_volume_mm3=target,
                     volume_mm3=vol, cross_section_mm2=cross, intensity=intensity)
+    if return_weights:
+        return out, lesion, weights
     return out, lesion
 
 

@@ -1,19 +1,26 @@
 """Training and evaluation of the Siamese symmetry model with simulated lesions.
 
-Training (:func:`train_symmetry_model`) sees every training scan twice per epoch: once with a synthetic
-unilateral lesion (label 1; lesion volume from the epoch's curriculum range, see
-:mod:`bids_siamese.symmetry.simulate`) and once without (label 0; with probability ``p_bilateral`` the
+Training (:func:`train_symmetry_model`) draws ``samples_per_scan`` pairs of samples from every training scan
+per epoch: one with a synthetic unilateral lesion (label 1; lesion volume from the epoch's curriculum range,
+see :mod:`bids_siamese.symmetry.simulate`) and one without (label 0; with probability ``p_bilateral`` the
 negative carries a mirrored *pair* of lesions, a symmetric abnormality, so the model learns asymmetry rather
 than "any lesion"). Both kinds get the same augmentations: a left-right flip of the whole brain (the lesion
 side flips with it), a sub-voxel shift along x (imperfect mid-sagittal alignment), an intensity scale and
 offset and Gaussian noise inside the brain. The loss is the binary cross-entropy of p(abnormal) plus
-``side_weight`` times that of the lesion side on the lesioned samples. Validation uses a fixed simulated set
+``side_weight`` times that of the lesion side on the lesioned samples plus ``position_weight`` times the
+cross-entropy of the model's per-position asymmetry logits against the cells that hold the planted lesion
+(deep supervision: without it the encoder needs many hundreds of steps to find a focal asymmetry from the
+image label alone, with it a CPU training of a few minutes suffices). Validation uses a fixed simulated set
 (one clean and ``val_draws`` lesioned copies of each validation scan, volumes log-uniform over the whole
 range); the weights with the lowest validation loss are kept, and early stopping (``patience`` epochs
 without improvement) only starts once the curriculum has reached the full volume range.
 
-The model works on its own grid, ``model_grid(TrainConfig.resolution)`` (4 mm by default, so that it trains
-on a CPU in minutes); finer participant-level images are block-averaged to it (:func:`to_model_resolution`).
+The model works on its own grid, ``model_grid(TrainConfig.resolution)`` (the participant-level resolution at
+the group level); images on a finer grid are block-averaged to it (:func:`to_model_resolution`).
+
+Batch norm: the backbones normalise with batch statistics during training; before every evaluation the
+running statistics are re-estimated on the training scans (:func:`recompute_batch_norm`), without which the
+evaluation-mode outputs of a model trained for a few hundred steps are meaningless.
 
 Evaluation (:func:`evaluate_detection`): lesions are planted in held-out scans at their own resolution, per
 lesion-volume bin, and every image (plus the clean scans) is scored by any number of scorers (the Siamese
@@ -41,8 +48,9 @@ from .simulate import VOLUME_BINS, LesionConfig, bin_label, curriculum_range, si
 
 LOG = logging.getLogger("bids_siamese.symmetry")
 
-#: Resolution (mm) of the symmetry model's grid unless told otherwise.
-MODEL_RESOLUTION = 4.0
+#: Resolution (mm) of the symmetry model's grid unless told otherwise (the group level uses ``--resolution``;
+#: the ``small`` backbone averages 2 mm inputs to 4 mm in its stem, so 2 mm inputs train on a CPU).
+MODEL_RESOLUTION = 2.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,8 @@ class TrainConfig:
         backbone: encoder name (:data:`bids_siamese.models.backbones.BACKBONES`).
         fusion: ``difference``, ``embedding`` or ``cross_attention``.
         embedding_dim: embedding size / token width.
+        difference_channel: give the shared encoder each hemisphere together with its difference from the
+            mirrored other hemisphere (2 input channels; see :class:`~bids_siamese.symmetry.model.SymmetrySiamese`).
         resolution: the model grid resolution in mm.
         epochs: maximum epochs.
         batch_size: scans per batch (each contributes both hemispheres).
@@ -68,13 +78,17 @@ class TrainConfig:
         intensity_jitter: relative intensity scale jitter (and offset, in normalised units).
         noise_sd: Gaussian noise inside the brain (normalised units).
         side_weight: weight of the lesion-side loss.
+        position_weight: weight of the deep supervision of the model's position map by the simulated lesion
+            (binary cross-entropy per feature cell; 0 turns it off).
         val_draws: lesioned copies of each validation scan.
+        samples_per_scan: lesioned (and as many lesion-free) samples drawn from each training scan per epoch.
         num_threads: torch threads.
     """
 
     backbone: str = "small"
     fusion: str = "difference"
     embedding_dim: int = 64
+    difference_channel: bool = True
     resolution: float = MODEL_RESOLUTION
     epochs: int = 30
     batch_size: int = 8
@@ -90,7 +104,9 @@ class TrainConfig:
     intensity_jitter: float = 0.1
     noise_sd: float = 0.05
     side_weight: float = 0.2
+    position_weight: float = 1.0
     val_draws: int = 4
+    samples_per_scan: int = 2
     num_threads: int = 1
 
     def as_dict(self) -> dict:
@@ -206,14 +222,31 @@ def augment(volume: np.ndarray, mask: np.ndarray, rng: np.random.Generator, conf
     return np.ascontiguousarray(out, dtype=np.float32), flipped
 
 
+def hemisphere_weights(weights: np.ndarray) -> np.ndarray:
+    """Lesion weights in hemisphere coordinates: the left half and the mirrored right half, overlaid (the
+    position map of the model is indexed this way).
+
+    Examples:
+        >>> w = np.zeros((4, 1, 1)); w[3] = 1.0
+        >>> hemisphere_weights(w).ravel().tolist()
+        [1.0, 0.0]
+    """
+    half = weights.shape[0] // 2
+    return np.maximum(weights[:half], weights[::-1][:half]).astype(np.float32)
+
+
 def make_example(scan: Scan, lesioned: bool, rng: np.random.Generator, config: TrainConfig,
-                 volume_range: tuple[float, float], affine: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """One training image: ``(volume, label, is_left)`` (``is_left`` is 0 for negatives)."""
+                 volume_range: tuple[float, float], affine: np.ndarray) -> tuple[np.ndarray, float, float, np.ndarray]:
+    """One training sample: ``(volume, label, is_left, target)``; ``is_left`` is 0 for negatives, ``target`` the
+    unilateral lesion's weights in hemisphere coordinates (:func:`hemisphere_weights`; zeros for negatives)."""
     is_left = 0.0
+    half = scan.volume.shape[0] // 2
+    target = np.zeros((half, *scan.volume.shape[1:]), dtype=np.float32)
     if lesioned:
-        image, lesion = simulate_lesion(scan.volume, scan.mask, affine, rng, config.lesion, volume_range,
-                                        depth_mm=scan.depth_mm)
+        image, lesion, weights = simulate_lesion(scan.volume, scan.mask, affine, rng, config.lesion, volume_range,
+                                                 depth_mm=scan.depth_mm, return_weights=True)
         is_left = 1.0 if lesion.hemisphere == "L" else 0.0
+        target = hemisphere_weights(weights)
     elif rng.random() < config.p_bilateral:
         image, _ = simulate_lesion(scan.volume, scan.mask, affine, rng, config.lesion, volume_range,
                                    bilateral=True, depth_mm=scan.depth_mm)
@@ -221,26 +254,49 @@ def make_example(scan: Scan, lesioned: bool, rng: np.random.Generator, config: T
         image = scan.volume
     image, flipped = augment(image, scan.mask, rng, config)
     if flipped and lesioned:
-        is_left = 1.0 - is_left
-    return image, float(lesioned), is_left
+        is_left = 1.0 - is_left  # the hemisphere-coordinate target is the same after a flip
+    return image, float(lesioned), is_left, target
+
+
+def position_targets(weights: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Binary targets of the position head: the feature cells holding at least half as much of the lesion as
+    the cell holding most of it (all zeros without a lesion).
+
+    Args:
+        weights: ``(B, X/2, Y, Z)`` lesion weights in hemisphere coordinates.
+        shape: the feature-map shape ``(d, h, w)``.
+
+    Examples:
+        >>> w = torch.zeros(1, 8, 8, 8); w[0, :2, :2, :2] = 1.0
+        >>> position_targets(w, (2, 2, 2))[0].flatten().tolist()
+        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    pooled = F.adaptive_avg_pool3d(weights[:, None], tuple(int(s) for s in shape))[:, 0]
+    peak = pooled.flatten(1).amax(dim=1).clamp_min(1e-12).reshape(-1, 1, 1, 1)
+    return ((pooled / peak >= 0.5) & (pooled > 0)).float()
 
 
 def validation_set(scans: Sequence[Scan], config: TrainConfig, affine: np.ndarray,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed validation images: each scan clean and with ``val_draws`` lesions over the full volume range."""
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed validation samples ``(x, label, is_left, target)``: each scan clean and with ``val_draws``
+    unilateral lesions over the full volume range (no augmentation)."""
     rng = np.random.default_rng(seed)
-    images, labels, sides = [], [], []
+    images, labels, sides, targets = [], [], [], []
     for scan in scans:
+        half = scan.volume.shape[0] // 2
         images.append(scan.volume)
         labels.append(0.0)
         sides.append(0.0)
+        targets.append(np.zeros((half, *scan.volume.shape[1:]), dtype=np.float32))
         for _ in range(config.val_draws):
-            image, lesion = simulate_lesion(scan.volume, scan.mask, affine, rng, config.lesion,
-                                            depth_mm=scan.depth_mm)
+            image, lesion, weights = simulate_lesion(scan.volume, scan.mask, affine, rng, config.lesion,
+                                                     depth_mm=scan.depth_mm, return_weights=True)
             images.append(image)
             labels.append(1.0)
             sides.append(1.0 if lesion.hemisphere == "L" else 0.0)
-    return torch.from_numpy(np.stack(images)[:, None]), torch.tensor(labels), torch.tensor(sides)
+            targets.append(hemisphere_weights(weights))
+    return (torch.from_numpy(np.stack(images)[:, None]), torch.tensor(labels), torch.tensor(sides),
+            torch.from_numpy(np.stack(targets)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,10 +326,46 @@ def roc_auc(labels: Sequence[float], scores: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _loss(model: SymmetrySiamese, x: torch.Tensor, y: torch.Tensor, left: torch.Tensor,
-          side_weight: float) -> torch.Tensor:
-    logit, side = model(x)
-    return F.binary_cross_entropy_with_logits(logit, y) + side_weight * side_loss(side, y, left)
+def _loss(model: SymmetrySiamese, x: torch.Tensor, y: torch.Tensor, left: torch.Tensor, target: torch.Tensor,
+          config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(total loss, logits)``: image BCE + side BCE (lesioned samples) + position BCE (deep supervision)."""
+    out = model.forward_all(x)
+    loss = F.binary_cross_entropy_with_logits(out["logit"], y) + config.side_weight * side_loss(out["side"], y, left)
+    if "positions" in out and config.position_weight > 0:
+        tgt = position_targets(target, out["positions"].shape[1:])
+        loss = loss + config.position_weight * F.binary_cross_entropy_with_logits(out["positions"], tgt)
+    return loss, out["logit"]
+
+
+@torch.no_grad()
+def recompute_batch_norm(model: SymmetrySiamese, volumes: torch.Tensor, batch_size: int = 8) -> int:
+    """Re-estimate the running statistics of every batch-norm layer on ``volumes`` ``(N, 1, X, Y, Z)``.
+
+    The backbones normalise with batch norm; after a few dozen steps its momentum-averaged running statistics
+    still describe earlier weights, and evaluation mode then gives meaningless outputs. Run before every
+    evaluation ("precise BN", as the twin trainer does; that one embeds single volumes, this one runs the
+    hemisphere model). Returns the number of layers updated.
+
+    Examples:
+        >>> m = build_symmetry_model("small")
+        >>> recompute_batch_norm(m, torch.randn(2, 1, 42, 52, 44))
+        6
+    """
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers or len(volumes) == 0:
+        return 0
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    for start in range(0, len(volumes), batch_size):
+        model(volumes[start:start + batch_size])
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return len(layers)
 
 
 def train_symmetry_model(
@@ -311,18 +403,21 @@ def train_symmetry_model(
     torch.set_num_threads(max(1, int(config.num_threads)))
     rng = np.random.default_rng(config.seed)
     affine = np.diag([config.resolution] * 3 + [1.0])  # only the voxel size matters to the simulator
-    model = build_symmetry_model(config.backbone, config.fusion, config.embedding_dim)
+    model = build_symmetry_model(config.backbone, config.fusion, config.embedding_dim,
+                                 difference_channel=config.difference_channel)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, config.epochs),
                                                           eta_min=0.05 * config.lr)
-    val_x, val_y, val_side = validation_set(val_scans, config, affine, config.seed + 1)
+    val_x, val_y, val_side, val_target = validation_set(val_scans, config, affine, config.seed + 1)
+    bn_x = torch.from_numpy(np.stack([scan.volume for scan in train_scans])[:, None])
     ramp_end = int(np.ceil(config.ramp_fraction * config.epochs))
     best = {"loss": np.inf, "epoch": 0, "auc": float("nan"), "state": None}
     rows, waited, stopped, start = [], 0, False, time.time()
     for epoch in range(config.epochs):
         t0 = time.time()
         vrange = curriculum_range(epoch, config.epochs, config.lesion.volume_mm3, config.ramp_fraction)
-        items = [(i, lesioned) for i in range(len(train_scans)) for lesioned in (True, False)]
+        items = [(i, lesioned) for i in range(len(train_scans)) for lesioned in (True, False)
+                 for _ in range(max(1, config.samples_per_scan))]
         order = rng.permutation(len(items))
         model.train()
         losses = []
@@ -332,20 +427,21 @@ def train_symmetry_model(
             x = torch.from_numpy(np.stack([e[0] for e in batch])[:, None])
             y = torch.tensor([e[1] for e in batch])
             left = torch.tensor([e[2] for e in batch])
-            loss = _loss(model, x, y, left, config.side_weight)
+            target = torch.from_numpy(np.stack([e[3] for e in batch]))
+            loss, _ = _loss(model, x, y, left, target, config)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()) * len(batch))
         schedule.step()
+        recompute_batch_norm(model, bn_x, config.batch_size)
         model.eval()
         with torch.no_grad():
             val_losses, val_scores = [], []
             for b in range(0, len(val_y), config.batch_size):
-                xb, yb, sb = val_x[b:b + config.batch_size], val_y[b:b + config.batch_size], val_side[b:b + config.batch_size]
-                logit, side = model(xb)
-                val_losses.append(float((F.binary_cross_entropy_with_logits(logit, yb) +
-                                         config.side_weight * side_loss(side, yb, sb))) * len(yb))
+                sl = slice(b, b + config.batch_size)
+                loss, logit = _loss(model, val_x[sl], val_y[sl], val_side[sl], val_target[sl], config)
+                val_losses.append(float(loss) * len(val_y[sl]))
                 val_scores.append(torch.sigmoid(logit))
         val_loss = sum(val_losses) / len(val_y)
         val_auc = roc_auc(val_y.numpy(), torch.cat(val_scores).numpy())
@@ -591,7 +687,8 @@ def load_symmetry_model(path) -> tuple[SymmetrySiamese, dict]:
     card = read_card(path)
     check_card(card, TASK, None, source=f"--model {path}")
     hyper = card.get("hyperparameters", {})
-    model = build_symmetry_model(card["backbone"], hyper.get("fusion", "difference"), int(card["embedding_dim"]))
+    model = build_symmetry_model(card["backbone"], hyper.get("fusion", "difference"), int(card["embedding_dim"]),
+                                 difference_channel=bool(hyper.get("difference_channel", False)))
     weights = checkpoint_folder(path) / WEIGHTS
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
