@@ -69,11 +69,24 @@ class DenseNet(nn.Module):
         return self.fc(x.flatten(2).mean(dim=2))
 
 
+class AvgMaxNet(nn.Module):
+    """Conv-BN-ReLU, then global average and maximum pooling concatenated (the ``avgmax`` embedding head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.b0 = nn.Conv3d(1, 4, 3, padding=1, bias=False), nn.BatchNorm3d(4)
+        self.fc = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = torch.relu(self.b0(self.c0(x))).flatten(2)
+        return self.fc(torch.cat([flat.mean(dim=2), flat.amax(dim=2)], dim=1))
+
+
 def _volume(seed: int = 0, shape: tuple[int, int, int] = (12, 12, 12)) -> np.ndarray:
     return np.abs(np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
 
 
-@pytest.mark.parametrize("net_class", [ResidualNet, DenseNet])
+@pytest.mark.parametrize("net_class", [ResidualNet, DenseNet, AvgMaxNet])
 @pytest.mark.parametrize("rules", ["epsilon", "epsilon_plus"])
 def test_lrp_conserves_relevance_on_bias_free_networks(net_class, rules):
     torch.manual_seed(0)
