@@ -35,7 +35,6 @@ from ..resources import TEMPLATE, model_grid
 from .asymmetry import (
     ASYMMETRY_THRESHOLD,
     DEFAULT_FWHM_MM,
-    REGION_COLUMNS,
     asymmetry_map,
     atlas_on_grid,
     format_top_regions,
@@ -181,31 +180,23 @@ def fingerprint(files: Sequence[ScanFiles], split: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def run_symmetry(settings, subjects: list[str]) -> list[Path]:
-    """The symmetry group level (see the module docstring); returns the paths written.
+@dataclass
+class ScoredDataset:
+    """Every scan of the group level with its asymmetry results."""
 
-    Raises:
-        NoInputError: no participant-level outputs for the selected subjects.
-        BadDataError: an output is not on the model grid of ``--resolution``.
-        UsageError: ``--mode apply`` with a checkpoint of another task.
-    """
-    from .train import (
-        TrainConfig, detection_figure, evaluate_detection, load_symmetry_model, model_resolution, prepare_scan,
-        save_symmetry_checkpoint, siamese_predict, siamese_scorer, to_model_resolution, train_symmetry_model,
-    )
+    files: list[ScanFiles]
+    volumes: list[np.ndarray]
+    masks: list[np.ndarray]
+    reference: object
+    table: pd.DataFrame
 
-    out_dir = Path(settings.output_dir)
-    resolution = float(settings.resolution)
-    fwhm = float(getattr(settings, "symmetry_fwhm", DEFAULT_FWHM_MM) or DEFAULT_FWHM_MM)
-    files = find_scans(out_dir, subjects, settings.resolution_label)
-    if not files:
-        raise NoInputError(f"no participant-level outputs (*_space-{TEMPLATE}_res-{settings.resolution_label}_"
-                           f"desc-preproc_T1w.nii.gz) in {out_dir}; fix: run the participant level first with the "
-                           "same --resolution")
-    LOG.info("symmetry: %d scan(s) at %g mm", len(files), resolution)
-    labels, names = atlas_on_grid(settings.atlas, resolution)
+
+def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwhm: float) -> ScoredDataset:
+    """Asymmetry maps and regional indices of every scan, the dataset reference and the group table rows
+    (Siamese columns empty, ``split`` ``n/a``)."""
+    labels, names = atlas_on_grid(atlas, resolution)
     pairs = homologous_pairs(names)
-    template = template_reference(resolution, fwhm, settings.atlas)
+    template = template_reference(resolution, fwhm, atlas)
     volumes, masks, maps, regions = [], [], [], []
     for f in files:
         data, mask = load_scan(f, resolution)
@@ -228,79 +219,113 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
             "peak_mm": ",".join(f"{v:.0f}" for v in peak_mm), "top_regions": format_top_regions(top),
             "siamese_probability": np.nan, "siamese_p_left": np.nan, "split": "n/a", "scan": f.preproc.name,
         })
-    table = pd.DataFrame(rows, columns=GROUP_COLUMNS)
-    written: list[Path] = []
+    return ScoredDataset(list(files), volumes, masks, reference, pd.DataFrame(rows, columns=GROUP_COLUMNS))
 
+
+def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[object, float, list[Path]]:
+    """Split the lesion-free scans, train the symmetry model, evaluate it on planted lesions in the test scans,
+    write the checkpoint and the training/evaluation files; fills ``data.table['split']``.
+
+    Returns:
+        ``(model, model resolution, paths written)``.
+    """
+    from .train import (
+        TrainConfig, detection_figure, evaluate_detection, prepare_scan, save_symmetry_checkpoint, siamese_scorer,
+        to_model_resolution, train_symmetry_model,
+    )
+
+    out_dir = Path(settings.output_dir)
+    resolution = float(settings.resolution)
+    files, table = data.files, data.table
+    healthy = [i for i, f in enumerate(files) if not table.at[i, "asymmetry_suspected"] and not lr_flip_suspected(f)]
+    split = family_split(sorted({files[i].participant_id for i in healthy}),
+                         read_families(settings.bids_dir, settings.family_column), settings.seed)
+    parts = {name: [i for i in healthy if split.get(files[i].participant_id) == name]
+             for name in ("train", "validation", "test")}
+    if min(len(p) for p in parts.values()) < 1 or len(parts["train"]) < 2:
+        raise NoInputError(
+            f"symmetry training needs lesion-free scans of at least 4 subjects/families (got {len(healthy)} "
+            f"scan(s) of {len(split)} subject(s)); fix: add participants or use --mode apply --model PATH")
+    table["split"] = "excluded"
+    for name, idx in parts.items():
+        table.loc[idx, "split"] = name
+    config = TrainConfig(
+        backbone=settings.backbone, fusion=getattr(settings, "symmetry_fusion", None) or "difference",
+        embedding_dim=int(min(settings.embedding_dim, 128)), resolution=resolution, epochs=int(settings.epochs),
+        batch_size=int(settings.batch_size), lr=float(settings.lr), patience=int(settings.patience),
+        seed=int(settings.seed), num_threads=max(1, int(getattr(settings, "omp_nthreads", 1) or 1)),
+        lesion=LesionConfig(),
+    )
+
+    def on_grid(i: int):
+        small, small_mask = to_model_resolution(data.volumes[i], data.masks[i], resolution, config.resolution)
+        return prepare_scan(small, small_mask, config.resolution, files[i].source)
+
+    LOG.info("symmetry: training the %s/%s model on %d scans (validation %d, test %d)", config.backbone,
+             config.fusion, len(parts["train"]), len(parts["validation"]), len(parts["test"]))
+    model, history, info = train_symmetry_model([on_grid(i) for i in parts["train"]],
+                                                [on_grid(i) for i in parts["validation"]], config)
+    test_scans = [prepare_scan(data.volumes[i], data.masks[i], resolution, files[i].source) for i in parts["test"]]
+    reference = data.reference
+    scorers = {
+        "siamese_probability": siamese_scorer(model, resolution, config.resolution),
+        "asymmetry_score": lambda vols, ms: np.array(
+            [score_scan(v, m, resolution, reference, fwhm)["asymmetry_score"] for v, m in zip(vols, ms)]),
+    }
+    thresholds = {"siamese_probability": 0.5, "asymmetry_score": ASYMMETRY_THRESHOLD}
+    _, per_bin, overall = evaluate_detection(test_scans, resolution, scorers, thresholds, config.lesion, draws=2,
+                                             seed=settings.seed + 7)
+    metrics = {"validation": {"loss": info["best_val_loss"], "auc": info["best_val_auc"],
+                              "best_epoch": info["best_epoch"]},
+               "test_simulated": overall.set_index("scorer").to_dict(orient="index"),
+               "training_seconds": info["seconds"]}
+    training_data = {"fingerprint": fingerprint(files, dict(zip([f.source for f in files], table["split"]))),
+                     "n_train": len(parts["train"]), "n_validation": len(parts["validation"]),
+                     "n_test": len(parts["test"]), "selection": "asymmetry_score <= 3 and no left-right flip"}
+    folder = out_dir / "models" / f"symmetry_{config.backbone}"
+    written = list(save_symmetry_checkpoint(folder, model, config, training_data, metrics))
+    written.append(write_tsv(out_dir / TRAINING_TABLE, history.round(5)))
+    written.append(write_tsv(out_dir / EVALUATION_TABLE, per_bin))
+    written.append(write_json(out_dir / EVALUATION_JSON, {
+        "overall": overall.to_dict(orient="records"), "training": info, "config": config.as_dict(),
+        "split": {k: len(v) for k, v in parts.items()}, "checkpoint": str(folder.relative_to(out_dir)),
+    }))
+    written.append(write_text(out_dir / FIGURE, detection_figure(
+        per_bin, f"Held-out scans with planted lesions ({len(test_scans)} scans)")))
+    return model, config.resolution, written
+
+
+def run_symmetry(settings, subjects: list[str]) -> list[Path]:
+    """The symmetry group level (see the module docstring); returns the paths written (the group table first).
+
+    Raises:
+        NoInputError: no participant-level outputs for the selected subjects, or too few scans to train.
+        BadDataError: an output is not on the model grid of ``--resolution``.
+        UsageError: ``--mode apply`` with a checkpoint of another task.
+    """
+    from .train import load_symmetry_model, model_resolution, siamese_predict
+
+    out_dir = Path(settings.output_dir)
+    resolution = float(settings.resolution)
+    fwhm = float(getattr(settings, "symmetry_fwhm", None) or DEFAULT_FWHM_MM)
+    files = find_scans(out_dir, subjects, settings.resolution_label)
+    if not files:
+        raise NoInputError(f"no participant-level outputs (*_space-{TEMPLATE}_res-{settings.resolution_label}_"
+                           f"desc-preproc_T1w.nii.gz) in {out_dir}; fix: run the participant level first with the "
+                           "same --resolution")
+    LOG.info("symmetry: %d scan(s) at %g mm", len(files), resolution)
+    data = score_dataset(files, resolution, settings.atlas, fwhm)
+    written: list[Path] = []
     if getattr(settings, "task", None) == "symmetry":
-        threads = max(1, int(getattr(settings, "omp_nthreads", 1) or 1))
         if settings.mode == "apply":
             model, card = load_symmetry_model(settings.model)
             model_res = model_resolution(card)
         else:
-            healthy = [i for i, f in enumerate(files)
-                       if not table.at[i, "asymmetry_suspected"] and not lr_flip_suspected(f)]
-            split = family_split(sorted({files[i].participant_id for i in healthy}),
-                                 read_families(settings.bids_dir, settings.family_column), settings.seed)
-            parts = {name: [i for i in healthy if split.get(files[i].participant_id) == name]
-                     for name in ("train", "validation", "test")}
-            if min(len(p) for p in parts.values()) < 1 or len(parts["train"]) < 2:
-                raise NoInputError(
-                    f"symmetry training needs lesion-free scans of at least 4 subjects/families (got {len(healthy)} "
-                    f"scan(s) of {len(split)} subject(s)); fix: add participants or use --mode apply --model PATH")
-            for i in range(len(files)):
-                table.at[i, "split"] = "excluded"
-            for name, idx in parts.items():
-                for i in idx:
-                    table.at[i, "split"] = name
-            config = TrainConfig(
-                backbone=settings.backbone, fusion=getattr(settings, "symmetry_fusion", "difference") or "difference",
-                embedding_dim=int(min(settings.embedding_dim, 128)), resolution=resolution,
-                epochs=int(settings.epochs), batch_size=int(settings.batch_size), lr=float(settings.lr),
-                patience=int(settings.patience), seed=int(settings.seed), num_threads=threads,
-                lesion=LesionConfig(),
-            )
-
-            def on_grid(i: int) -> object:
-                small, small_mask = to_model_resolution(volumes[i], masks[i], resolution, config.resolution)
-                return prepare_scan(small, small_mask, config.resolution, files[i].source)
-
-            train_scans = [on_grid(i) for i in parts["train"]]
-            val_scans = [on_grid(i) for i in parts["validation"]]
-            LOG.info("symmetry: training the %s/%s model on %d scans (validation %d, test %d)", config.backbone,
-                     config.fusion, len(train_scans), len(val_scans), len(parts["test"]))
-            model, history, info = train_symmetry_model(train_scans, val_scans, config)
-            test_scans = [prepare_scan(volumes[i], masks[i], resolution, files[i].source) for i in parts["test"]]
-            scorers = {
-                "siamese_probability": siamese_scorer(model, resolution, config.resolution),
-                "asymmetry_score": lambda vols, ms: np.array(
-                    [score_scan(v, m, resolution, reference, fwhm)["asymmetry_score"] for v, m in zip(vols, ms)]),
-            }
-            thresholds = {"siamese_probability": 0.5, "asymmetry_score": ASYMMETRY_THRESHOLD}
-            samples, per_bin, overall = evaluate_detection(test_scans, resolution, scorers, thresholds, config.lesion,
-                                                           draws=2, seed=settings.seed + 7)
-            metrics = {"validation": {"loss": info["best_val_loss"], "auc": info["best_val_auc"],
-                                      "best_epoch": info["best_epoch"]},
-                       "test_simulated": overall.set_index("scorer").to_dict(orient="index"),
-                       "training_seconds": info["seconds"]}
-            training_data = {"fingerprint": fingerprint(files, {files[i].source: table.at[i, "split"]
-                                                                for i in range(len(files))}),
-                             "n_train": len(parts["train"]), "n_validation": len(parts["validation"]),
-                             "n_test": len(parts["test"]), "selection": "asymmetry_score <= 3 and no left-right flip"}
-            folder = out_dir / "models" / f"symmetry_{config.backbone}"
-            written += save_symmetry_checkpoint(folder, model, config, training_data, metrics)
-            model_res = config.resolution
-            written.append(write_tsv(out_dir / TRAINING_TABLE, history.round(5)))
-            written.append(write_tsv(out_dir / EVALUATION_TABLE, per_bin))
-            written.append(write_json(out_dir / EVALUATION_JSON, {
-                "overall": overall.to_dict(orient="records"), "training": info, "config": config.as_dict(),
-                "split": {k: len(v) for k, v in parts.items()}, "checkpoint": str(folder.relative_to(out_dir)),
-            }))
-            written.append(write_text(out_dir / FIGURE, detection_figure(
-                per_bin, f"Held-out scans with planted lesions ({len(test_scans)} scans)")))
-        p, p_left = siamese_predict(model, volumes, masks, resolution, model_res)
-        table["siamese_probability"] = np.round(p, 4)
-        table["siamese_p_left"] = np.round(p_left, 4)
-    table = table.sort_values(["participant_id", "session_id", "scan"], kind="stable").reset_index(drop=True)
+            model, model_res, written = train_from_dataset(settings, data, fwhm)
+        p, p_left = siamese_predict(model, data.volumes, data.masks, resolution, model_res)
+        data.table["siamese_probability"] = np.round(p, 4)
+        data.table["siamese_p_left"] = np.round(p_left, 4)
+    table = data.table.sort_values(["participant_id", "session_id", "scan"], kind="stable").reset_index(drop=True)
     written.insert(0, write_tsv(out_dir / GROUP_TABLE, table))
     LOG.info("symmetry: %d scan(s) in %s, %d with asymmetry_score > %g", len(table), GROUP_TABLE,
              int(table["asymmetry_suspected"].sum()), ASYMMETRY_THRESHOLD)
