@@ -41,6 +41,8 @@ BIDSIGNORE = [
     "sub-*/figures",
     "*_xfm.txt",
     "*_qc.json",
+    "*_regions.tsv",
+    "*_embedding.tsv",
     "group_*.tsv",
     "group_*.json",
     "models",

@@ -34,6 +34,12 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     xfm = File(exists=True, mandatory=True)
     orientation = File(exists=True, mandatory=True)
     figures = InputMultiObject(File(exists=True), desc="mask, registration, orientation SVGs")
+    asymmetry_map = File(exists=True, desc="voxelwise asymmetry index on the model grid")
+    asymmetry_regions = File(exists=True, desc="regional asymmetry indices (TSV)")
+    asymmetry_report = File(exists=True, desc="asymmetry scores (JSON)")
+    fwhm = traits.Float(6.0, usedefault=True, desc="smoothing of the asymmetry map (mm)")
+    embedding = File(exists=True, desc="embedding TSV of a trained model")
+    embedding_task = traits.Str(desc="the model's task, for desc-<task>")
 
 
 class _WriteOutputSpec(TraitedSpec):
@@ -57,9 +63,20 @@ def output_names(entities: dict, resolution_label: str) -> dict[str, Path]:
         "xfm": build_path(dict(base, **{"from": "T1w", "to": TEMPLATE, "mode": "image"}, suffix="xfm", extension=".txt")),
         "orientation": build_path(dict(base, desc="orientation", suffix="qc", extension=".json")),
     }
+    names["asymmetry_map"] = build_path(dict(std, desc="asymmetry", suffix="T1w", extension=".nii.gz"))
+    names["asymmetry_regions"] = build_path(dict(base, space=TEMPLATE, desc="asymmetry", suffix="regions",
+                                                 extension=".tsv"))
+    names["asymmetry_report"] = build_path(dict(base, desc="asymmetry", suffix="qc", extension=".json"))
     for desc in FIGURE_DESCS:
         names[f"figure_{desc}"] = build_path(dict(base, desc=desc, suffix="T1w", extension=".svg"))
     return names
+
+
+def embedding_name(entities: dict, task: str) -> Path:
+    """``<source>_desc-<task>_embedding.tsv`` for a participant-level embedding."""
+    from ..bids.derivatives import build_path
+
+    return build_path(dict(entities, desc=task, suffix="embedding", extension=".tsv"))
 
 
 class WriteDerivatives(SimpleInterface):
@@ -125,6 +142,25 @@ class WriteDerivatives(SimpleInterface):
         written.append(str(names["orientation"]))
         self._results["out_orientation"] = str(out_dir / names["orientation"])
 
+        if isdefined(self.inputs.asymmetry_map):
+            put_nifti("asymmetry_map", self.inputs.asymmetry_map, {
+                "Description": "Voxelwise hemispheric asymmetry index (I - I_mirror) / (I + I_mirror) of the "
+                               "model-grid brain and its mirror about x = 0, smoothed and masked; positive where the "
+                               "voxel is brighter than its contralateral homologue.",
+                "SkullStripped": True,
+                "Sources": ["bids::" + str(names["preproc"]), "bids::" + str(names["grid_mask"])],
+                "SpatialReference": TEMPLATE_URI,
+                "Resolution": res_desc,
+                "SmoothingFWHM": self.inputs.fwhm,
+            })
+            for key, src in (("asymmetry_regions", self.inputs.asymmetry_regions),
+                             ("asymmetry_report", self.inputs.asymmetry_report)):
+                write_bytes(out_dir / names[key], Path(src).read_bytes())
+                written.append(str(names[key]))
+        if isdefined(self.inputs.embedding):
+            rel = embedding_name(dict(self.inputs.entities), self.inputs.embedding_task)
+            write_bytes(out_dir / rel, Path(self.inputs.embedding).read_bytes())
+            written.append(str(rel))
         if isdefined(self.inputs.figures):
             for desc, src in zip(FIGURE_DESCS, self.inputs.figures):
                 write_bytes(out_dir / names[f"figure_{desc}"], Path(src).read_bytes())

@@ -65,6 +65,18 @@ def fmriprep_inputs(fmriprep_dir: Path, scan: T1wScan) -> dict[str, Path] | None
     return None
 
 
+def model_task(model: Path | None) -> str | None:
+    """The task recorded in a checkpoint's model card (None without a model or card)."""
+    if model is None:
+        return None
+    model = Path(model)
+    card = model / "model_card.json" if model.is_dir() else model.with_name("model_card.json")
+    try:
+        return str(json.loads(card.read_text())["task"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflow:
     """Preprocessing, orientation QC, figures and derivatives for one T1w scan."""
     omp = settings.omp_nthreads
@@ -97,6 +109,26 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
         ),
         name="write_derivatives", mem_gb=MEM_GB["light"], n_procs=1, overwrite=True,
     )
+
+    from ..interfaces.symmetry import AsymmetryAnalysis
+
+    task = model_task(getattr(settings, "model", None))
+    asymmetry = pe.Node(AsymmetryAnalysis(atlas=settings.atlas, num_threads=omp), name="asymmetry",
+                        mem_gb=MEM_GB["grid"], n_procs=1)
+    if task == "symmetry":
+        asymmetry.inputs.model = str(settings.model)
+    wf.connect([
+        (grid, asymmetry, [("out_file", "in_file"), ("out_mask", "in_mask")]),
+        (asymmetry, sink, [("out_map", "asymmetry_map"), ("out_regions", "asymmetry_regions"),
+                           ("out_report", "asymmetry_report")]),
+    ])
+    if task in ("twin", "longitudinal"):
+        from ..interfaces.embedding import ComputeEmbedding
+
+        embed = pe.Node(ComputeEmbedding(model=str(settings.model), device=settings.device, num_threads=omp),
+                        name="embedding", mem_gb=MEM_GB["brain"], n_procs=omp)
+        wf.connect([(grid, embed, [("out_file", "in_file")]),
+                    (embed, sink, [("out_tsv", "embedding"), ("out_task", "embedding_task")])])
 
     fmriprep = None
     if "fmriprep" in settings.derivatives:
