@@ -467,3 +467,35 @@ def test_output_names_pass_the_validator(template8, tmp_path):
     issues = json.loads(proc.stdout)["issues"]["issues"]
     errors = [i for i in issues if i.get("severity") == "error"]
     assert not errors, errors
+
+
+def test_precise_batch_norm_matches_training_mode(template8):
+    from bids_siamese.symmetry.train import recompute_batch_norm
+
+    data, _ = template8
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.stack([data + 0.1 * rng.normal(size=data.shape) for _ in range(4)])[:, None]).float()
+    torch.manual_seed(0)
+    model = build_symmetry_model("small")
+    model.train()
+    with torch.no_grad():
+        train_features = model.features(x)[0]  # batch statistics
+        stale = model.eval().features(x)[0]  # initial running statistics
+    assert recompute_batch_norm(model, x, batch_size=4) > 0
+    model.eval()
+    with torch.no_grad():
+        eval_features = model.features(x)[0]
+    scale = float(train_features.abs().mean())
+    assert float((eval_features - train_features).abs().mean()) < 0.05 * scale
+    assert float((stale - train_features).abs().mean()) > 0.2 * scale
+
+
+def test_position_map_points_at_the_lesion_cells():
+    from bids_siamese.symmetry.train import hemisphere_weights, position_targets
+
+    w = np.zeros((20, 16, 16), np.float32)
+    w[16:18, 2:4, 2:4] = 1.0  # right hemisphere, mirrored to x index 2..3 of the hemisphere grid
+    hemi = hemisphere_weights(w)
+    assert hemi.shape == (10, 16, 16) and hemi[2:4, 2:4, 2:4].all()
+    targets = position_targets(torch.from_numpy(hemi[None]), (2, 4, 4))[0]
+    assert targets.sum() == 1 and targets[0, 0, 0] == 1
