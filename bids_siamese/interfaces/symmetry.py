@@ -150,6 +150,25 @@ def siamese_score(data: np.ndarray, mask: np.ndarray, resolution: float, model_p
     }
 
 
+def is_symmetry_checkpoint(path: str | Path | None) -> bool:
+    """Whether ``--model PATH`` is a symmetry checkpoint (so the participant workflow passes it to
+    :class:`AsymmetryAnalysis`; twin/longitudinal checkpoints are for the embedding node).
+
+    Examples:
+        >>> is_symmetry_checkpoint(None)
+        False
+    """
+    if not path:
+        return False
+    from ..models.checkpoint import CARD, checkpoint_folder
+
+    card = checkpoint_folder(Path(path)) / CARD
+    try:
+        return json.loads(card.read_text()).get("task") == "symmetry"
+    except (OSError, ValueError):
+        return False
+
+
 def read_report(path: str | Path) -> dict:
     """The JSON report of :class:`AsymmetryAnalysis`."""
     return json.loads(Path(path).read_text())

@@ -78,6 +78,9 @@ MAD_TO_SD = 1.4826
 ASYMMETRY_THRESHOLD = 3.0
 #: Smallest spread (regional AI units) by which regional deviations are divided.
 REGION_SD_FLOOR = 0.005
+#: Names of the extra rows of the regional table (see :func:`regional_asymmetry`).
+UNLABELLED = "Unlabelled"
+WHOLE_HEMISPHERE = "Whole_hemisphere"
 #: Number of regions reported as the most asymmetric.
 TOP_REGIONS = 5
 
@@ -350,6 +353,7 @@ def regional_asymmetry(
     labels: np.ndarray,
     pairs: Sequence[RegionPair],
     min_voxels: int = 1,
+    extra_regions: bool = True,
 ) -> pd.DataFrame:
     """Regional indices of homologous regions (symmetrised, see the module docstring).
 
@@ -359,16 +363,19 @@ def regional_asymmetry(
         labels: integer label image on the same grid.
         pairs: homologous label pairs.
         min_voxels: regions with fewer voxels in the symmetric mask get ``NaN`` values.
+        extra_regions: add two rows after the pairs: :data:`UNLABELLED` (brain voxels that carry a label on
+            neither side, e.g. the white matter of Harvard-Oxford, which has no white-matter label) and
+            :data:`WHOLE_HEMISPHERE` (every brain voxel).
 
     Returns:
-        Columns ``region, left, right, asymmetry_index, n_voxels`` (one row per pair).
+        Columns ``region, left, right, asymmetry_index, n_voxels`` (one row per pair, then the extra rows).
 
     Examples:
         >>> lab = np.array([1, 0, 0, 2]).reshape(4, 1, 1)
         >>> pos = np.array([0.5, 1.0, 1.0, 1.0]).reshape(4, 1, 1)
         >>> t = regional_asymmetry(pos, np.ones((4, 1, 1), bool), lab, [RegionPair("A", 1, 2)])
-        >>> t[["left", "right"]].values.ravel().tolist(), round(float(t.asymmetry_index[0]), 3)
-        ([0.5, 1.0], -0.333)
+        >>> t.region.tolist(), t[["left", "right"]].values[0].tolist(), round(float(t.asymmetry_index[0]), 3)
+        (['A', 'Unlabelled', 'Whole_hemisphere'], [0.5, 1.0], -0.333)
     """
     sym = symmetric_mask(mask) & left_hemisphere(np.shape(mask))
     labels = np.asarray(labels)
@@ -376,16 +383,19 @@ def regional_asymmetry(
     pos = np.asarray(positive, dtype=np.float64)
     pos_m = mirror(pos)
     rows = []
-    for pair in pairs:
-        region = sym & ((labels == pair.left) | (labels_m == pair.right))
+    regions = [(pair.name, sym & ((labels == pair.left) | (labels_m == pair.right))) for pair in pairs]
+    if extra_regions:
+        regions.append((UNLABELLED, sym & (labels == 0) & (labels_m == 0)))
+        regions.append((WHOLE_HEMISPHERE, sym))
+    for name, region in regions:
         n = int(region.sum())
         if n < max(1, min_voxels):
-            rows.append({"region": pair.name, "left": np.nan, "right": np.nan, "asymmetry_index": np.nan,
+            rows.append({"region": name, "left": np.nan, "right": np.nan, "asymmetry_index": np.nan,
                          "n_voxels": n})
             continue
         lv, rv = float(pos[region].mean()), float(pos_m[region].mean())
         ai = (lv - rv) / (lv + rv) if lv + rv > 0 else np.nan
-        rows.append({"region": pair.name, "left": lv, "right": rv, "asymmetry_index": ai, "n_voxels": n})
+        rows.append({"region": name, "left": lv, "right": rv, "asymmetry_index": ai, "n_voxels": n})
     return pd.DataFrame(rows, columns=["region", "left", "right", "asymmetry_index", "n_voxels"])
 
 
