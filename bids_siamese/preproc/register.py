@@ -102,12 +102,31 @@ def _box_downsample(data: np.ndarray, affine: np.ndarray, spacing_mm: float) -> 
 
 
 def _centre_and_cov(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """World centre of mass, covariance (mm^2) and volume (mm^3) of a boolean mask."""
-    ijk = np.argwhere(mask).astype(np.float64)
-    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
-    centre = xyz.mean(axis=0)
-    cov = np.cov((xyz - centre).T)
-    volume = float(len(ijk) * abs(np.linalg.det(affine[:3, :3])))
+    """World centre of mass, covariance (mm^2) and volume (mm^3) of a boolean mask.
+
+    Computed from the mask's 1D and 2D marginal sums (no per-voxel coordinate arrays).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    count = int(np.count_nonzero(mask))
+    pair_sums = {(0, 1): mask.sum(axis=2, dtype=np.int64), (0, 2): mask.sum(axis=1, dtype=np.int64),
+                 (1, 2): mask.sum(axis=0, dtype=np.int64)}
+    index = [np.arange(n, dtype=np.float64) for n in mask.shape]
+    marginals = [
+        pair_sums[(0, 1)].sum(axis=1),
+        pair_sums[(0, 1)].sum(axis=0),
+        pair_sums[(0, 2)].sum(axis=0),
+    ]
+    mean = np.array([index[a] @ marginals[a] for a in range(3)]) / count
+    second = np.empty((3, 3))
+    for a in range(3):
+        second[a, a] = (index[a] ** 2) @ marginals[a] / count
+    for (a, b), table in pair_sums.items():
+        second[a, b] = second[b, a] = index[a] @ table @ index[b] / count
+    cov_voxel = second - np.outer(mean, mean)
+    linear = affine[:3, :3]
+    centre = linear @ mean + affine[:3, 3]
+    cov = linear @ cov_voxel @ linear.T
+    volume = float(count * abs(np.linalg.det(linear)))
     return centre, cov, volume
 
 
@@ -228,9 +247,12 @@ def _prepare_level(
     spacing_mm: float,
     rng: np.random.Generator,
 ) -> _LevelData:
-    """Downsample both brains to ``spacing_mm`` and pick the template sample points."""
+    """Downsample both brains to ``spacing_mm`` and pick the template sample points.
+
+    ``fixed_mask`` is the template brain mask as float32 (0/1).
+    """
     fixed_small, fixed_small_aff = _box_downsample(fixed, fixed_affine, spacing_mm)
-    mask_small, _ = _box_downsample(fixed_mask.astype(np.float32), fixed_affine, spacing_mm)
+    mask_small, _ = _box_downsample(fixed_mask, fixed_affine, spacing_mm)
     voxel = float(np.mean(np.linalg.norm(fixed_small_aff[:3, :3], axis=0)))
     margin = max(1, int(round(MASK_MARGIN_MM / voxel)))
     region = ndimage.binary_dilation(mask_small > 0.5, iterations=margin)
@@ -365,6 +387,7 @@ def register_affine(
     fixed = fixed_img.get_fdata(dtype=np.float32)
     fixed_affine = np.asarray(fixed_img.affine, dtype=np.float64)
     fixed_mask = fixed > 0 if fixed_mask is None else np.asarray(fixed_mask, dtype=bool)
+    fixed_mask_f32 = fixed_mask.astype(np.float32)
     moving = np.where(moving_mask, moving_img.get_fdata(dtype=np.float32), np.float32(0))
     moving_affine = np.asarray(moving_img.affine, dtype=np.float64)
 
@@ -377,7 +400,7 @@ def register_affine(
     with torch_threads(n_threads):
         data = [
             _to_device(
-                _prepare_level(fixed, fixed_affine, fixed_mask, moving, moving_affine, lv.spacing_mm, rng), device
+                _prepare_level(fixed, fixed_affine, fixed_mask_f32, moving, moving_affine, lv.spacing_mm, rng), device
             )
             for lv in levels
         ]
