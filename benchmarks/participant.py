@@ -20,10 +20,12 @@ shear-free (9-dof) registration, as the orientation check requires.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +111,23 @@ def displacement_error_mm(estimate: np.ndarray, truth: np.ndarray, points: np.nd
     return float(np.linalg.norm(homogeneous @ estimate.T - homogeneous @ truth.T, axis=1).mean())
 
 
+class Stopwatch:
+    """Wall and CPU (all threads of this process) seconds per named stage."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -125,7 +144,12 @@ class Prepared:
     conformed: nib.Nifti1Image
     mask: np.ndarray
     brain: nib.Nifti1Image
-    times: dict[str, float] = field(default_factory=dict)
+    watch: Stopwatch = field(default_factory=Stopwatch)
+
+    @property
+    def times(self) -> dict[str, float]:
+        """Wall seconds per stage."""
+        return self.watch.wall
 
 
 def prepare(path: Path, n_threads: int, flip: bool = False) -> Prepared:
@@ -133,20 +157,17 @@ def prepare(path: Path, n_threads: int, flip: bool = False) -> Prepared:
     from bids_siamese.preproc.brain import extract_brain
     from bids_siamese.preproc.conform import conform, header_checks, load_t1w
 
-    times = {}
-    t = time.perf_counter()
-    img = load_t1w(path)
-    header_checks(img)
-    if flip:
-        img = flip_array(img)
-    times["load_checks"] = time.perf_counter() - t
-    t = time.perf_counter()
-    conformed = conform(img)
-    times["conform"] = time.perf_counter() - t
-    t = time.perf_counter()
-    mask, brain = extract_brain(conformed, n_threads=n_threads)
-    times["brain_extraction"] = time.perf_counter() - t
-    return Prepared(conformed, mask, brain, times)
+    watch = Stopwatch()
+    with watch.stage("load_checks"):
+        img = load_t1w(path)
+        header_checks(img)
+        if flip:
+            img = flip_array(img)
+    with watch.stage("conform"):
+        conformed = conform(img)
+    with watch.stage("brain_extraction"):
+        mask, brain = extract_brain(conformed, n_threads=n_threads)
+    return Prepared(conformed, mask, brain, watch)
 
 
 #: Degrees of freedom of the registration used for the left-right orientation check (shear-free,
@@ -161,17 +182,19 @@ def grid_stage(prepared: Prepared, matrix: np.ndarray, resolution: float) -> tup
 
     grid = model_grid(resolution)
     template, template_mask = template_on_grid(grid)
-    t = time.perf_counter()
-    on_grid = resample_to_grid(prepared.brain, matrix, grid)
-    mask_on_grid = resample_mask_to_grid(prepared.mask, prepared.brain.affine, matrix, grid)
-    normalised = normalise_intensity(on_grid, mask_on_grid)
-    seconds = time.perf_counter() - t
+    watch = Stopwatch()
+    with watch.stage("grid_normalise"):
+        on_grid = resample_to_grid(prepared.brain, matrix, grid)
+        mask_on_grid = resample_mask_to_grid(prepared.mask, prepared.brain.affine, matrix, grid)
+        normalised = normalise_intensity(on_grid, mask_on_grid)
+    seconds = watch.wall["grid_normalise"]
     region = mask_on_grid | template_mask
     results = {
         "dice": dice(mask_on_grid, template_mask),
         "corr": correlation(on_grid, template, region),
         "normalised_median": float(np.median(normalised[mask_on_grid])),
     }
+    results["cpu"] = watch.cpu["grid_normalise"]
     return seconds, results
 
 
@@ -185,12 +208,15 @@ def orientation_stage(prepared: Prepared, resolution: float, n_threads: int) -> 
     grid = model_grid(resolution)
     template, _ = template_on_grid(grid)
     fixed = nib.load(str(_template_path()))
-    t = time.perf_counter()
-    matrix = register_affine(prepared.brain, prepared.mask, fixed, resolution=resolution, n_threads=n_threads, dof=QC_DOF)
-    on_grid = resample_to_grid(prepared.brain, matrix, grid)
-    mask_on_grid = resample_mask_to_grid(prepared.mask, prepared.brain.affine, matrix, grid)
-    check = orientation_check(on_grid, mask_on_grid, template)
-    return time.perf_counter() - t, check
+    watch = Stopwatch()
+    with watch.stage("orientation"):
+        matrix = register_affine(
+            prepared.brain, prepared.mask, fixed, resolution=resolution, n_threads=n_threads, dof=QC_DOF
+        )
+        on_grid = resample_to_grid(prepared.brain, matrix, grid)
+        mask_on_grid = resample_mask_to_grid(prepared.mask, prepared.brain.affine, matrix, grid)
+        check = orientation_check(on_grid, mask_on_grid, template)
+    return watch.wall["orientation"], {**check, "cpu": watch.cpu["orientation"]}
 
 
 def register_torch(prepared: Prepared, resolution: float, n_threads: int, seed: int = 0) -> np.ndarray:
@@ -337,27 +363,34 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     prepared_all = []
+    spill = tempfile.TemporaryDirectory(prefix="bench_participant_")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())} (on {os.cpu_count()} CPUs)")
     for scan in scans:
-        cpu_start = time.process_time()
         prepared = prepare(scan.path, args.n_threads)
-        t = time.perf_counter()
-        matrix = register_torch(prepared, args.resolution, reg_threads)
-        prepared.times["registration"] = time.perf_counter() - t
+        with prepared.watch.stage("registration"):
+            matrix = register_torch(prepared, args.resolution, reg_threads)
         prepared.times["grid_normalise"], results = grid_stage(prepared, matrix, args.resolution)
+        prepared.watch.cpu["grid_normalise"] = results.pop("cpu")
         prepared.times["orientation"], check = orientation_stage(prepared, args.resolution, reg_threads)
+        prepared.watch.cpu["orientation"] = check.pop("cpu")
         results.update(check)
         error = None
         if scan.template_to_subject is not None and not scan.lr_flipped:
             error = displacement_error_mm(matrix, scan.template_to_subject, points)
         row = {"scan": scan.path.name, "lr_flipped": scan.lr_flipped, **prepared.times,
-               "total": sum(prepared.times.values()), "cpu_total": time.process_time() - cpu_start,
+               "total": sum(prepared.times.values()), "cpu_total": sum(prepared.watch.cpu.values()),
+               **{f"cpu_{k}": v for k, v in prepared.watch.cpu.items()},
                **results, "error_mm": error, "engine": "torch"}
         rows.append(row)
-        prepared_all.append((scan, prepared))
+        if references:  # keep the deepbet result on disk, not in memory (peak RSS is per process)
+            stem = Path(spill.name) / f"{len(prepared_all)}"
+            nib.save(prepared.brain, f"{stem}_brain.nii")
+            np.save(f"{stem}_mask.npy", prepared.mask)
+            prepared_all.append((scan, f"{stem}", dict(prepared.times)))
+        del prepared
         print(
             f"{scan.path.name}: total {row['total']:.2f} s (cpu {row['cpu_total']:.2f} s) "
-            + " ".join(f"{k}={prepared.times[k]:.2f}" for k in STAGES)
+            + " ".join(f"{k}={row[k]:.2f}" for k in STAGES)
             + f" | flip p={row['lr_flip_probability']:.3f} (truth {scan.lr_flipped}) stat={row['statistic']:+.3f}"
             + f" | dice={row['dice']:.3f} corr={row['corr']:.3f} err={'n/a' if error is None else f'{error:.2f} mm'}",
             flush=True,
@@ -365,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     ours_peak = peak_rss_mb()
 
     print(f"load average after our pipeline: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    for stage in (*STAGES, "total", "cpu_total"):
-        print(f"stage {stage:16s} s/scan: {_summary([r[stage] for r in rows])}")
+    for stage in (*STAGES, "total"):
+        cpu_key = "cpu_total" if stage == "total" else f"cpu_{stage}"
+        print(f"stage {stage:16s} wall s/scan: {_summary([r[stage] for r in rows])}   "
+              f"cpu s/scan: {_summary([r[cpu_key] for r in rows])}")
     print(f"peak RSS (our pipeline, all scans): {ours_peak:.0f} MB")
     flipped = [r for r in rows if r["lr_flipped"]]
     unflipped = [r for r in rows if r["lr_flipped"] is False]
@@ -382,11 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     engine_rows = {"torch": rows}
     for engine in references:
         engine_rows[engine] = []
-        for scan, prepared in prepared_all:
+        for scan, stem, times in prepared_all:
+            brain = nib.load(f"{stem}_brain.nii")
+            brain = nib.Nifti1Image(brain.get_fdata(dtype=np.float32), brain.affine)
+            prepared = Prepared(brain, np.load(f"{stem}_mask.npy"), brain)
+            prepared.watch.wall.update(times)
             t = time.perf_counter()
             matrix = ENGINES[engine](prepared, args.resolution, args.n_threads)
             reg_time = time.perf_counter() - t
             grid_time, results = grid_stage(prepared, matrix, args.resolution)
+            results.pop("cpu")
             error = None
             if scan.template_to_subject is not None and not scan.lr_flipped:
                 error = displacement_error_mm(matrix, scan.template_to_subject, points)
@@ -411,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
               f"dice {np.median([r['dice'] for r in erows]):.3f} corr {np.median([r['corr'] for r in erows]):.3f} "
               f"error {err}")
     print(f"peak RSS (whole run, including references): {peak_rss_mb():.0f} MB")
+    spill.cleanup()
     if args.json:
         args.json.write_text(json.dumps({e: r for e, r in engine_rows.items()}, indent=1, default=float))
     return 0
