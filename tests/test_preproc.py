@@ -134,11 +134,12 @@ def test_load_t1w_empty_file(tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_load_t1w_truncated_gzip(tmp_path: Path) -> None:
-    path = _save(nib.Nifti1Image(_volume((40, 40, 40)), np.eye(4)), tmp_path / "t1.nii.gz")
+@pytest.mark.parametrize("name", ["t1.nii.gz", "t1.nii"])
+def test_load_t1w_truncated(tmp_path: Path, name: str) -> None:
+    path = _save(nib.Nifti1Image(_volume((40, 40, 40)), np.eye(4)), tmp_path / name)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(BadDataError, match="t1.nii.gz.*(unreadable|truncated).*fix:"):
+    with pytest.raises(BadDataError, match=f"{name}: unreadable or truncated.*fix:"):
         load_t1w(path)
 
 
