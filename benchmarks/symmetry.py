@@ -7,7 +7,8 @@ Ranks the scans with planted lesions against the lesion-free scans by
   simulated lesions, applied to held-out lesion-free scans and to every planted-lesion scan),
 
 and reports AUC overall and per lesion-volume bin, detection rate and false-positive rate at the default
-thresholds (asymmetry_score > 3, p > 0.5), plus the simulated-lesion evaluation of the held-out scans.
+thresholds (asymmetry_score > 3; p >= the threshold chosen on the validation samples), plus the
+simulated-lesion evaluation of the held-out scans.
 
 Inputs: the participant-level outputs (``--outputs``, the model-grid ``desc-preproc`` T1w and mask); scans
 without them are resampled from the raw data with the generator's true scan-to-template affine
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                               held["lesion"].str.lower().eq("true")),
                              ("held-out lesion-free + flipped", np.ones(len(held), bool))):
             per_bin, overall = per_bin_table(held[keep].reset_index(drop=True),
-                                             held.loc[keep, "siamese_probability"].reset_index(drop=True), 0.5)
+                                             held.loc[keep, "siamese_probability"].reset_index(drop=True),
+                                             info["threshold"])
             tables[("siamese_probability", subset)] = per_bin
             results[f"siamese_probability | {subset}"] = overall
         # the asymmetry score on exactly the same scans, for comparison
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                    "asymmetry_score": lambda vs, ms: np.array(
                        [score_scan(v, m, res, reference, args.fwhm)["asymmetry_score"] for v, m in zip(vs, ms)])}
         samples, sim_bins, sim_overall = evaluate_detection(
-            test_scans, res, scorers, {"siamese_probability": 0.5, "asymmetry_score": ASYMMETRY_THRESHOLD},
+            test_scans, res, scorers, {"siamese_probability": info["threshold"], "asymmetry_score": ASYMMETRY_THRESHOLD},
             LesionConfig(), draws=args.draws, seed=args.seed + 11)
         samples.to_csv(args.results / "simulated_samples.tsv", sep="\t", index=False)
         sim_bins.to_csv(args.results / "simulated_bins.tsv", sep="\t", index=False)

@@ -60,7 +60,7 @@ FIGURE = "figures/group_symmetry_detection.svg"
 
 GROUP_COLUMNS = [
     "participant_id", "session_id", "asymmetry_score", "asymmetry_suspected", "focal_z", "raw_magnitude",
-    "peak_mm", "top_regions", "siamese_probability", "siamese_p_left", "split", "scan",
+    "peak_mm", "top_regions", "siamese_probability", "siamese_suspected", "siamese_p_left", "split", "scan",
 ]
 
 _ENTITY = re.compile(r"(?:^|_)(sub|ses)-([A-Za-z0-9]+)")
@@ -217,17 +217,18 @@ def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwh
             "asymmetry_suspected": bool(s["asymmetry_score"] > ASYMMETRY_THRESHOLD),
             "focal_z": round(s["focal_z"], 3), "raw_magnitude": round(s["raw_magnitude"], 5),
             "peak_mm": ",".join(f"{v:.0f}" for v in peak_mm), "top_regions": format_top_regions(top),
-            "siamese_probability": np.nan, "siamese_p_left": np.nan, "split": "n/a", "scan": f.preproc.name,
+            "siamese_probability": np.nan, "siamese_suspected": np.nan, "siamese_p_left": np.nan, "split": "n/a",
+            "scan": f.preproc.name,
         })
     return ScoredDataset(list(files), volumes, masks, reference, pd.DataFrame(rows, columns=GROUP_COLUMNS))
 
 
-def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[object, float, list[Path]]:
+def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[object, dict, list[Path]]:
     """Split the lesion-free scans, train the symmetry model, evaluate it on planted lesions in the test scans,
     write the checkpoint and the training/evaluation files; fills ``data.table['split']``.
 
     Returns:
-        ``(model, model resolution, paths written)``.
+        ``(model, the model card's grid and decision, paths written)``.
     """
     from .train import (
         TrainConfig, detection_figure, evaluate_detection, prepare_scan, save_symmetry_checkpoint, siamese_scorer,
@@ -272,7 +273,7 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[obje
         "asymmetry_score": lambda vols, ms: np.array(
             [score_scan(v, m, resolution, reference, fwhm)["asymmetry_score"] for v, m in zip(vols, ms)]),
     }
-    thresholds = {"siamese_probability": 0.5, "asymmetry_score": ASYMMETRY_THRESHOLD}
+    thresholds = {"siamese_probability": info["threshold"], "asymmetry_score": ASYMMETRY_THRESHOLD}
     _, per_bin, overall = evaluate_detection(test_scans, resolution, scorers, thresholds, config.lesion, draws=2,
                                              seed=settings.seed + 7)
     metrics = {"validation": {"loss": info["best_val_loss"], "auc": info["best_val_auc"],
@@ -283,7 +284,7 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[obje
                      "n_train": len(parts["train"]), "n_validation": len(parts["validation"]),
                      "n_test": len(parts["test"]), "selection": "asymmetry_score <= 3 and no left-right flip"}
     folder = out_dir / "models" / f"symmetry_{config.backbone}"
-    written = list(save_symmetry_checkpoint(folder, model, config, training_data, metrics))
+    written = list(save_symmetry_checkpoint(folder, model, config, training_data, metrics, info["threshold"]))
     written.append(write_tsv(out_dir / TRAINING_TABLE, history.round(5)))
     written.append(write_tsv(out_dir / EVALUATION_TABLE, per_bin))
     written.append(write_json(out_dir / EVALUATION_JSON, {
@@ -292,7 +293,7 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[obje
     }))
     written.append(write_text(out_dir / FIGURE, detection_figure(
         per_bin, f"Held-out scans with planted lesions ({len(test_scans)} scans)")))
-    return model, config.resolution, written
+    return model, {"grid": {"resolution": config.resolution}, "decision": {"threshold": info["threshold"]}}, written
 
 
 def run_symmetry(settings, subjects: list[str]) -> list[Path]:
@@ -319,11 +320,11 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
     if getattr(settings, "task", None) == "symmetry":
         if settings.mode == "apply":
             model, card = load_symmetry_model(settings.model)
-            model_res = model_resolution(card)
         else:
-            model, model_res, written = train_from_dataset(settings, data, fwhm)
-        p, p_left = siamese_predict(model, data.volumes, data.masks, resolution, model_res)
+            model, card, written = train_from_dataset(settings, data, fwhm)
+        p, p_left = siamese_predict(model, data.volumes, data.masks, resolution, model_resolution(card))
         data.table["siamese_probability"] = np.round(p, 4)
+        data.table["siamese_suspected"] = p >= float(card.get("decision", {}).get("threshold", 0.5))
         data.table["siamese_p_left"] = np.round(p_left, 4)
     table = data.table.sort_values(["participant_id", "session_id", "scan"], kind="stable").reset_index(drop=True)
     written.insert(0, write_tsv(out_dir / GROUP_TABLE, table))

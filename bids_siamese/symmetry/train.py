@@ -9,11 +9,13 @@ side flips with it), a sub-voxel shift along x (imperfect mid-sagittal alignment
 offset and Gaussian noise inside the brain. The loss is the binary cross-entropy of p(abnormal) plus
 ``side_weight`` times that of the lesion side on the lesioned samples plus ``position_weight`` times the
 cross-entropy of the model's per-position asymmetry logits against the cells that hold the planted lesion
-(deep supervision: without it the encoder needs many hundreds of steps to find a focal asymmetry from the
-image label alone, with it a CPU training of a few minutes suffices). Validation uses a fixed simulated set
-(one clean and ``val_draws`` lesioned copies of each validation scan, volumes log-uniform over the whole
-range); the weights with the lowest validation loss are kept, and early stopping (``patience`` epochs
-without improvement) only starts once the curriculum has reached the full volume range.
+(deep supervision: with it the encoder learns to see a focal asymmetry within a few hundred steps, from the
+image label alone it had not after several hundred). Validation uses a fixed simulated set (``val_draws``
+lesion-free and ``val_draws`` lesioned samples of each validation scan, volumes log-uniform over the whole
+range, augmented like the training samples); the weights with the lowest validation loss are kept, early
+stopping (``patience`` epochs without improvement) only starts once the curriculum has reached the full volume
+range, and the decision threshold on p(abnormal) is the one with the largest Youden's J on the validation
+samples.
 
 The model works on its own grid, ``model_grid(TrainConfig.resolution)`` (the participant-level resolution at
 the group level); images on a finer grid are block-averaged to it (:func:`to_model_resolution`).
@@ -278,25 +280,14 @@ def position_targets(weights: torch.Tensor, shape: Sequence[int]) -> torch.Tenso
 
 def validation_set(scans: Sequence[Scan], config: TrainConfig, affine: np.ndarray,
                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed validation samples ``(x, label, is_left, target)``: each scan clean and with ``val_draws``
-    unilateral lesions over the full volume range (no augmentation)."""
+    """Fixed validation samples ``(x, label, is_left, target)``: from each scan ``val_draws`` lesion-free and
+    ``val_draws`` lesioned samples, drawn like training samples (same augmentation) but with lesion volumes over
+    the whole range (no curriculum)."""
     rng = np.random.default_rng(seed)
-    images, labels, sides, targets = [], [], [], []
-    for scan in scans:
-        half = scan.volume.shape[0] // 2
-        images.append(scan.volume)
-        labels.append(0.0)
-        sides.append(0.0)
-        targets.append(np.zeros((half, *scan.volume.shape[1:]), dtype=np.float32))
-        for _ in range(config.val_draws):
-            image, lesion, weights = simulate_lesion(scan.volume, scan.mask, affine, rng, config.lesion,
-                                                     depth_mm=scan.depth_mm, return_weights=True)
-            images.append(image)
-            labels.append(1.0)
-            sides.append(1.0 if lesion.hemisphere == "L" else 0.0)
-            targets.append(hemisphere_weights(weights))
-    return (torch.from_numpy(np.stack(images)[:, None]), torch.tensor(labels), torch.tensor(sides),
-            torch.from_numpy(np.stack(targets)))
+    samples = [make_example(scan, lesioned, rng, config, config.lesion.volume_mm3, affine)
+               for scan in scans for lesioned in (False, True) for _ in range(max(1, config.val_draws))]
+    return (torch.from_numpy(np.stack([e[0] for e in samples])[:, None]), torch.tensor([e[1] for e in samples]),
+            torch.tensor([e[2] for e in samples]), torch.from_numpy(np.stack([e[3] for e in samples])))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -385,7 +376,10 @@ def train_symmetry_model(
     Returns:
         ``(model with the best validation weights, in eval mode, history, info)``; the history has one row
         per epoch (``epoch, volume_min_mm3, volume_max_mm3, train_loss, val_loss, val_auc, seconds``), ``info``
-        holds ``best_epoch``, ``best_val_loss``, ``best_val_auc``, ``stopped_early``, ``seconds``.
+        holds ``best_epoch``, ``best_val_loss``, ``best_val_auc``, ``threshold`` (the probability with the
+        largest Youden's J on the validation samples, ``bids_siamese.train.evaluate.choose_threshold``: the
+        network is trained on balanced simulated data, so 0.5 is not a calibrated cut-off), ``stopped_early``,
+        ``epochs_run``, ``seconds``.
 
     Examples:
         >>> m = np.zeros((20, 40, 40), bool); m[3:17, 6:34, 6:34] = True
@@ -464,8 +458,13 @@ def train_symmetry_model(
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()
+    from ..train.evaluate import choose_threshold
+
+    p_val, _ = predict_proba(model, val_x, batch_size=config.batch_size)
+    threshold = choose_threshold(val_y.numpy(), p_val.numpy()) if 0 < float(val_y.sum()) < len(val_y) else 0.5
     info = {"best_epoch": int(best["epoch"]), "best_val_loss": float(best["loss"]), "best_val_auc": float(best["auc"]),
-            "stopped_early": stopped, "epochs_run": len(rows), "seconds": round(time.time() - start, 1)}
+            "threshold": float(threshold), "stopped_early": stopped, "epochs_run": len(rows),
+            "seconds": round(time.time() - start, 1)}
     return model, pd.DataFrame(rows), info
 
 
