@@ -75,6 +75,10 @@ class Settings:
     label_column: str = "group"
     pairs_file: Path | None = None
     atlas: str = "harvard_oxford"
+    lrp_target: str = "embedding_abs"
+    relevance_fwhm: float = 6.0
+    explain_surfaces: bool = False
+    explain: bool = True
     run_id: str = field(default_factory=new_run_id)
     version: str = __version__
     command_line: list[str] = field(default_factory=list)

@@ -46,6 +46,8 @@ BIDSIGNORE = [
     "group_*.tsv",
     "group_*.json",
     "models",
+    "group",
+    "*_relevance.*",
 ]
 
 

@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     grp.add_argument("--label-column", default="group", help="participants.tsv column with decline/stable")
     grp.add_argument("--pairs-file", type=Path, metavar="TSV", help="twin pairs TSV instead of family columns")
     grp.add_argument("--atlas", default="harvard_oxford", help="bundled atlas name or a NIfTI with a label TSV")
+    grp.add_argument("--lrp-target", choices=("embedding_abs", "embedding", "distance"), default="embedding_abs",
+                     help="what LRP explains (see docs/outputs.md)")
+    grp.add_argument("--relevance-fwhm", type=float, default=6.0, help="smoothing of the group relevance map (mm)")
+    grp.add_argument("--explain-surfaces", action="store_true", help="also project per-scan relevance to surfaces")
+    grp.add_argument("--no-explain", dest="explain", action="store_false",
+                     help="skip LRP, region ranking and Workbench files after --task twin")
 
     perf = p.add_argument_group("performance and reproducibility")
     perf.add_argument("-w", "--work-dir", type=Path,
@@ -223,4 +229,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         label_column=args.label_column,
         pairs_file=args.pairs_file.resolve() if args.pairs_file else None,
         atlas=args.atlas,
+        lrp_target=args.lrp_target,
+        relevance_fwhm=args.relevance_fwhm,
+        explain_surfaces=args.explain_surfaces,
+        explain=args.explain,
     )
