@@ -63,8 +63,8 @@ from bids_siamese.symmetry.train import (
     train_symmetry_model,
 )
 
-#: Volume bins (mm^3) for the planted demo lesions (the generator draws 100-8000 mm^3).
-REAL_BINS = (100.0, 500.0, 2000.0, 8000.0)
+#: Volume bins (mm^3) for the planted demo lesions (the small demo set has two lesions in each: 98-8101 mm^3).
+REAL_BINS = (50.0, 250.0, 1000.0, 3000.0, 10000.0)
 
 
 def normalise(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -154,10 +154,12 @@ def per_bin_table(truth: pd.DataFrame, scores: pd.Series, threshold: float, bins
                      "volume_mm3": round(float(vol[sel].median()), 0),
                      "cross_section_mm2": round(float(cross[sel].median()), 0),
                      "auc": round(roc_auc(y, s), 3),
-                     "detection_rate": round(float((scores[sel] > threshold).mean()), 3)})
+                     "detection_rate": round(float((scores[sel] > threshold).mean()), 3)
+                     if np.isfinite(threshold) else float("nan")})
     y = lesion[lesion | clean].astype(float).to_numpy()
     overall = {"auc": round(roc_auc(y, scores[lesion | clean].to_numpy()), 3),
-               "false_positive_rate": round(float((scores[clean] > threshold).mean()), 3),
+               "false_positive_rate": round(float((scores[clean] > threshold).mean()), 3)
+               if np.isfinite(threshold) else float("nan"),
                "n_lesion": int(lesion.sum()), "n_clean": int(clean.sum())}
     return pd.DataFrame(rows), overall
 
@@ -299,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.results / "results.json").write_text(json.dumps(results, indent=2, default=float))
     print(json.dumps(results, indent=1, default=float))
     print((args.results / "per_bin.md").read_text())
-    print(f"sphere cross-section of 100 / 500 / 2000 / 8000 mm3: "
-          f"{', '.join(f'{sphere_cross_section_mm2(v):.0f}' for v in REAL_BINS)} mm2; total {time.time() - t0:.0f} s")
+    print(f"sphere cross-sections of {' / '.join(f'{v:g}' for v in REAL_BINS)} mm3: "
+          f"{' / '.join(f'{sphere_cross_section_mm2(v):.0f}' for v in REAL_BINS)} mm2; total {time.time() - t0:.0f} s")
     return 0
 
 

@@ -160,6 +160,9 @@ def test_planted_lesion_raises_its_region_with_the_right_sign(symmetric8, side, 
     assert np.sign(regions.at[hit, "asymmetry_index"]) == sign
     assert abs(regions.at[hit, "asymmetry_index"]) > 0.05
     assert result.report["top_regions"][0]["region"] == hit
+    # the peak is reported on the lesion's (darker) side, within two voxels of the lesion
+    assert np.sign(result.report["peak_mm"][0]) == np.sign(centre_mm[0])
+    assert np.linalg.norm(np.subtract(result.report["peak_mm"], centre_mm)) <= 2 * RES * np.sqrt(3)
     # voxelwise: darker than the mirror at the lesion, brighter at its mirror position
     assert result.ai[centre] < -0.05
     assert result.ai[(sym.shape[0] - 1 - centre[0], centre[1], centre[2])] > 0.05

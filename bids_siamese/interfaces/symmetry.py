@@ -101,7 +101,7 @@ class AsymmetryAnalysis(SimpleInterface):
         labels, names = atlas_on_grid(self.inputs.atlas, resolution)
         reference = template_reference(resolution, self.inputs.fwhm, self.inputs.atlas)
         result = analyse_scan(data, mask, resolution, labels, homologous_pairs(names), reference,
-                              fwhm_mm=self.inputs.fwhm, affine=grid.affine)
+                              fwhm_mm=self.inputs.fwhm, affine=grid.affine, names=names)
         report = dict(result.report)
         report["atlas"] = self.inputs.atlas
         report["asymmetry_score_definition"] = (

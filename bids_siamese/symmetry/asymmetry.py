@@ -749,6 +749,42 @@ def score_map(ai: np.ndarray, mask: np.ndarray, voxel_mm: float, reference: Refe
             "peak": peak}
 
 
+def peak_location(peak: Sequence[int], z: np.ndarray, affine: np.ndarray) -> tuple[float, float, float]:
+    """Template mm of the most deviant voxel pair, on the side that is darker than the reference expects.
+
+    The z-map is antisymmetric, so the peak found in the left hemisphere stands for a pair of mirrored voxels.
+    With ``z < 0`` the left voxel is darker than expected and its position is returned; with ``z > 0`` the
+    right one is, and the mirrored position (x -> -x) is returned. T1w lesions are mostly hypointense, so this
+    is usually where the lesion is; a hyperintense lesion is reported at its mirror position.
+
+    Examples:
+        >>> z = np.zeros((4, 1, 1)); z[0] = 5.0
+        >>> peak_location((0, 0, 0), z, np.diag([2.0, 2.0, 2.0, 1.0]) + np.array([[0, 0, 0, -3.0]] + [[0] * 4] * 3))
+        (3.0, 0.0, 0.0)
+    """
+    xyz = (np.asarray(affine, dtype=float) @ np.array([*peak, 1.0]))[:3]
+    if float(z[tuple(peak)]) > 0:
+        xyz[0] = -xyz[0]
+    return tuple(round(float(v), 1) for v in xyz)  # type: ignore[return-value]
+
+
+def region_at(point_mm: Sequence[float], labels: np.ndarray, names: Mapping[int, str], affine: np.ndarray) -> str:
+    """The atlas label name at a template-mm point (nearest voxel), or ``Unlabelled (left|right)``.
+
+    Examples:
+        >>> lab = np.zeros((4, 1, 1), int); lab[3] = 7
+        >>> aff = np.diag([2.0, 2.0, 2.0, 1.0]); aff[0, 3] = -3.0
+        >>> region_at((3.0, 0, 0), lab, {7: "Right_X"}, aff), region_at((-3.0, 0, 0), lab, {7: "Right_X"}, aff)
+        ('Right_X', 'Unlabelled (left)')
+    """
+    vox = np.rint(np.linalg.inv(np.asarray(affine, dtype=float)) @ np.array([*point_mm, 1.0]))[:3].astype(int)
+    vox = np.clip(vox, 0, np.array(labels.shape) - 1)
+    value = int(labels[tuple(vox)])
+    if value and value in names:
+        return str(names[value])
+    return f"{UNLABELLED} ({'left' if point_mm[0] < 0 else 'right'})"
+
+
 @dataclass
 class AsymmetryResult:
     """Everything :func:`analyse_scan` computes for one scan."""
@@ -769,6 +805,7 @@ def analyse_scan(
     fwhm_mm: float = DEFAULT_FWHM_MM,
     top_volume_mm3: float = TOP_VOLUME_MM3,
     affine: np.ndarray | None = None,
+    names: Mapping[int, str] | None = None,
 ) -> AsymmetryResult:
     """Voxelwise map, z-map, regional table and score of one model-grid scan.
 
@@ -782,12 +819,14 @@ def analyse_scan(
         fwhm_mm: smoothing.
         top_volume_mm3: volume of the focal statistic.
         affine: grid affine (for the peak in mm); default ``model_grid(voxel_mm).affine``.
+        names: atlas label names (for ``peak_region``; omitted when not given).
 
     Returns:
         :class:`AsymmetryResult`; its ``report`` holds ``asymmetry_score`` (the focal statistic standardised
         against the reference scans when the reference has them, else the focal statistic itself),
         ``focal_z`` (mean |z| of the most deviant ``top_volume_mm3``), ``raw_magnitude`` (mean |AI| over
-        the left hemisphere, no reference), ``peak_mm``, ``peak_asymmetry_index``, ``peak_z``,
+        the left hemisphere, no reference), ``peak_mm`` (:func:`peak_location`), ``peak_asymmetry_index``,
+        ``peak_z`` (both at the left-hemisphere member of the peak pair), ``peak_region`` (:func:`region_at`),
         ``top_regions``.
 
     Examples:
@@ -804,12 +843,13 @@ def analyse_scan(
     score = score_scan(data, mask, voxel_mm, reference, fwhm_mm, top_volume_mm3)
     ai, z, peak = score.pop("ai"), score.pop("z"), score.pop("peak")
     regions = regional_z(regional_asymmetry(positive_intensities(data, mask), mask, labels, pairs), reference)
-    peak_mm = (affine @ np.array([*peak, 1.0]))[:3]
+    peak_mm = peak_location(peak, z, affine)
     report = {
         "asymmetry_score": round(float(score["asymmetry_score"]), 4),
         "focal_z": round(float(score["focal_z"]), 4),
         "raw_magnitude": round(float(score["raw_magnitude"]), 6),
-        "peak_mm": [round(float(v), 1) for v in peak_mm],
+        "peak_mm": list(peak_mm),
+        "peak_region": region_at(peak_mm, labels, names, affine) if names is not None else None,
         "peak_asymmetry_index": round(float(ai[peak]), 4),
         "peak_z": round(float(z[peak]), 3),
         "top_regions": top_regions(regions),

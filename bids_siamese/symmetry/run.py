@@ -40,7 +40,9 @@ from .asymmetry import (
     format_top_regions,
     group_reference,
     homologous_pairs,
+    peak_location,
     positive_intensities,
+    region_at,
     regional_asymmetry,
     regional_z,
     score_map,
@@ -60,7 +62,7 @@ FIGURE = "figures/group_symmetry_detection.svg"
 
 GROUP_COLUMNS = [
     "participant_id", "session_id", "asymmetry_score", "asymmetry_suspected", "focal_z", "raw_magnitude",
-    "peak_mm", "top_regions", "siamese_probability", "siamese_suspected", "siamese_p_left", "split", "scan",
+    "peak_mm", "peak_region", "top_regions", "siamese_probability", "siamese_suspected", "siamese_p_left", "split", "scan",
 ]
 
 _ENTITY = re.compile(r"(?:^|_)(sub|ses)-([A-Za-z0-9]+)")
@@ -209,14 +211,15 @@ def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwh
     rows = []
     for f, ai, mask, reg in zip(files, maps, masks, regions):
         s = score_map(ai, mask, resolution, reference)
-        peak_mm = (grid.affine @ np.array([*s["peak"], 1.0]))[:3]
+        peak_mm = peak_location(s["peak"], s["z"], grid.affine)
         top = top_regions(regional_z(reg, reference), 3)
         rows.append({
             "participant_id": f.participant_id, "session_id": f.session_id,
             "asymmetry_score": round(s["asymmetry_score"], 3),
             "asymmetry_suspected": bool(s["asymmetry_score"] > ASYMMETRY_THRESHOLD),
             "focal_z": round(s["focal_z"], 3), "raw_magnitude": round(s["raw_magnitude"], 5),
-            "peak_mm": ",".join(f"{v:.0f}" for v in peak_mm), "top_regions": format_top_regions(top),
+            "peak_mm": ",".join(f"{v:.0f}" for v in peak_mm),
+            "peak_region": region_at(peak_mm, labels, names, grid.affine), "top_regions": format_top_regions(top),
             "siamese_probability": np.nan, "siamese_suspected": np.nan, "siamese_p_left": np.nan, "split": "n/a",
             "scan": f.preproc.name,
         })
