@@ -193,6 +193,24 @@ def test_checkpoint_roundtrip_and_card(tmp_path):
         assert loaded_card["seed"] == 3
 
 
+def test_checkpoint_records_pooling_and_loads_cards_without_it(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("twin", "small", embedding_dim=16, pooling="avg").eval()
+    card = make_card("twin", "small", 16, model_grid(8.0), seed=0, training_data={}, decision={}, metrics={},
+                     hyperparameters={})  # card default avgmax: the saved card must say what the model has
+    folder = tmp_path / "twins_small"
+    save_checkpoint(folder, model, card)
+    card_path = folder / "model_card.json"
+    saved = json.loads(card_path.read_text())
+    assert saved["pooling"] == "avg"
+    x = torch.randn(2, 1, 21, 26, 22)
+    assert torch.allclose(load_checkpoint(folder)[0](x), model(x), atol=1e-6)
+    del saved["pooling"]  # a card written before the pooling option existed: average pooling
+    card_path.write_text(json.dumps(saved))
+    assert torch.allclose(load_checkpoint(folder)[0](x), model(x), atol=1e-6)
+    assert _save(tmp_path / "b")[0].head.pooling == "avgmax"  # the default architecture
+
+
 def test_checkpoint_refuses_other_task_and_grid(tmp_path):
     _, folder, _ = _save(tmp_path)
     with pytest.raises(UsageError, match="trained for --task twin, not longitudinal.*fix"):

@@ -273,6 +273,23 @@ def test_model_is_hemisphere_symmetric(fusion, template8):
     assert torch.allclose(side, -side_f, atol=1e-4)  # the side flips with the brain
 
 
+def test_reference_standardises_the_difference_channel(template8):
+    data, _ = template8
+    rng = np.random.default_rng(0)
+    population = torch.from_numpy(np.stack([data + 0.05 * rng.normal(size=data.shape) for _ in range(9)]))
+    population = population[:, None].float()
+    model = build_symmetry_model("small", difference_channel=True).eval()
+    model.set_reference(population)
+    left, right = split_hemispheres(population)
+    assert model.reference_mean.shape == left.shape[2:]
+    # the population's own typical asymmetry (the template's) is removed: the median difference is ~0
+    z = (left - right - model.reference_mean) / model.reference_sd
+    assert float(z.median(dim=0).values.abs().max()) < 1e-5
+    assert float(model.reference_sd.min()) > 0
+    state = model.state_dict()
+    assert {"reference_mean", "reference_sd"} <= set(state)  # saved with the weights
+
+
 def test_model_uses_the_backbones_module():
     from bids_siamese.models.backbones import Encoder
 

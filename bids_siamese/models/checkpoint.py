@@ -27,7 +27,7 @@ from .. import __version__
 from ..bids.derivatives import write_bytes, write_json, write_text
 from ..errors import BadDataError, NoInputError, UsageError
 from ..resources import TEMPLATE, Grid
-from .heads import build_model
+from .heads import EmbeddingHead, build_model
 
 WEIGHTS = "model.pt"
 CARD = "model_card.json"
@@ -99,6 +99,7 @@ def make_card(
     decision: Mapping[str, Any],
     metrics: Mapping[str, Any],
     hyperparameters: Mapping[str, Any],
+    pooling: str = "avgmax",
 ) -> dict[str, Any]:
     """A model card (the weights' sha256 is added by :func:`save_checkpoint`).
 
@@ -113,12 +114,14 @@ def make_card(
         decision: how scores become decisions (``threshold`` chosen on validation, probability calibration).
         metrics: test (and validation) metrics of this model.
         hyperparameters: training settings (distance, margin, epochs, lr, ...).
+        pooling: the embedding head's global pooling (rebuilds the same architecture).
     """
     return {
         "format_version": CARD_FORMAT,
         "task": task,
         "backbone": backbone,
         "embedding_dim": int(embedding_dim),
+        "pooling": pooling,
         "in_channels": 1,
         "grid": grid_record(grid),
         "template": TEMPLATE,
@@ -156,6 +159,9 @@ def save_checkpoint(folder: Path, model: nn.Module, card: Mapping[str, Any]) -> 
     data = buffer.getvalue()
     digest = sha256_bytes(data)
     full = dict(card)
+    heads = [m for m in model.modules() if isinstance(m, EmbeddingHead)]
+    if heads and "pooling" in full:  # the card records the architecture actually saved
+        full["pooling"] = heads[0].pooling
     full["weights"] = {"file": WEIGHTS, "sha256": digest, "bytes": len(data),
                        "parameters": int(sum(p.numel() for p in model.parameters()))}
     weights = write_bytes(folder / WEIGHTS, data)
@@ -250,7 +256,7 @@ def load_checkpoint(path: Path, task: str | None = None, grid: Grid | None = Non
     card = read_card(path)
     check_card(card, task, grid, source=f"--model {path}")
     model = build_model(card["task"], card["backbone"], embedding_dim=int(card["embedding_dim"]),
-                        in_channels=int(card.get("in_channels", 1)))
+                        in_channels=int(card.get("in_channels", 1)), pooling=card.get("pooling", "avg"))  # cards before 0.1.0 had no pooling: avg
     weights = checkpoint_folder(path) / WEIGHTS
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)

@@ -33,6 +33,8 @@ from ..models.backbones import Encoder, build_backbone
 from ..models.heads import EmbeddingHead
 
 FUSIONS = ("difference", "embedding", "cross_attention")
+#: Largest magnitude of the standardised difference channel.
+REFERENCE_CLIP = 10.0
 
 
 def split_hemispheres(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +140,8 @@ class SymmetrySiamese(nn.Module):
             mirrored other hemisphere (``[l, l - r]`` and ``[r, r - l]``), with an encoder built for two input
             channels. The weights stay shared and swapping the hemispheres still swaps the inputs, so the
             symmetry properties hold; the explicit difference makes a focal asymmetry visible to the first
-            convolution, which trains much faster on a CPU than letting the encoder discover it.
+            convolution, which trains much faster on a CPU than letting the encoder discover it. After
+            :meth:`set_reference` the difference is standardised by the training population.
 
     Examples:
         >>> from bids_siamese.models.backbones import small_encoder
@@ -160,6 +163,9 @@ class SymmetrySiamese(nn.Module):
             raise ValueError(f"unknown fusion '{fusion}'; choose one of {', '.join(FUSIONS)}")
         self.encoder = encoder
         self.difference_channel = bool(difference_channel)
+        # reference of the hemisphere difference (set_reference); empty = none
+        self.register_buffer("reference_mean", torch.zeros(0))
+        self.register_buffer("reference_sd", torch.zeros(0))
         self.fusion = fusion
         channels = encoder.out_channels
         self._body = _layers(encoder.body)  # plain list: the modules stay registered under ``encoder``
@@ -179,12 +185,35 @@ class SymmetrySiamese(nn.Module):
             nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, 1)
         )
 
+    @torch.no_grad()
+    def set_reference(self, volumes: torch.Tensor, smooth_vox: float = 1.0) -> None:
+        """Standardise the difference channel by the lesion-free ``volumes`` ``(N, 1, X, Y, Z)``: their voxelwise
+        median left-minus-mirrored-right difference and its robust spread (1.4826 MAD, Gaussian-smoothed by
+        ``smooth_vox`` voxels, floored at its 5th percentile), stored as buffers (saved with the weights).
+        The channel then shows how unusual each voxel's asymmetry is for this population, as the asymmetry
+        score's z-map does, instead of the raw difference in which normal anatomical asymmetry dominates."""
+        left, right = split_hemispheres(volumes.float())
+        diff = (left - right)[:, 0]
+        mean = diff.median(dim=0).values
+        sd = 1.4826 * (diff - mean).abs().median(dim=0).values
+        if smooth_vox > 0:
+            from scipy import ndimage as ndi
+
+            sd = torch.from_numpy(ndi.gaussian_filter(sd.numpy(), smooth_vox)).to(sd)
+        inside = sd > 0
+        floor = float(torch.quantile(sd[inside], 0.05)) if bool(inside.any()) else 1.0
+        self.reference_mean = mean
+        self.reference_sd = sd.clamp_min(max(floor, 1e-3))
+
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Final and middle feature maps of the left and the mirrored right hemisphere (one encoder pass on
         both): ``(final_left, final_right, middle_left, middle_right)``."""
         left, right = split_hemispheres(x)
         if self.difference_channel:
-            left, right = torch.cat([left, left - right], dim=1), torch.cat([right, right - left], dim=1)
+            diff = left - right
+            if self.reference_mean.numel() and tuple(self.reference_mean.shape) == tuple(diff.shape[2:]):
+                diff = ((diff - self.reference_mean) / self.reference_sd).clamp(-REFERENCE_CLIP, REFERENCE_CLIP)
+            left, right = torch.cat([left, diff], dim=1), torch.cat([right, -diff], dim=1)
         h = torch.cat([left, right], dim=0)
         middle = h
         for index, layer in enumerate(self._body):

@@ -65,6 +65,8 @@ class TrainConfig:
         embedding_dim: embedding size / token width.
         difference_channel: give the shared encoder each hemisphere together with its difference from the
             mirrored other hemisphere (2 input channels; see :class:`~bids_siamese.symmetry.model.SymmetrySiamese`).
+        reference: standardise that difference by the training scans' voxelwise median and robust spread
+            (:meth:`~bids_siamese.symmetry.model.SymmetrySiamese.set_reference`; stored with the weights).
         resolution: the model grid resolution in mm.
         epochs: maximum epochs.
         batch_size: scans per batch (each contributes both hemispheres).
@@ -91,6 +93,7 @@ class TrainConfig:
     fusion: str = "difference"
     embedding_dim: int = 64
     difference_channel: bool = True
+    reference: bool = True
     resolution: float = MODEL_RESOLUTION
     epochs: int = 30
     batch_size: int = 8
@@ -404,6 +407,8 @@ def train_symmetry_model(
                                                           eta_min=0.05 * config.lr)
     val_x, val_y, val_side, val_target = validation_set(val_scans, config, affine, config.seed + 1)
     bn_x = torch.from_numpy(np.stack([scan.volume for scan in train_scans])[:, None])
+    if config.difference_channel and config.reference:
+        model.set_reference(bn_x)
     ramp_end = int(np.ceil(config.ramp_fraction * config.epochs))
     best = {"loss": np.inf, "epoch": 0, "auc": float("nan"), "state": None}
     rows, waited, stopped, start = [], 0, False, time.time()
@@ -690,7 +695,11 @@ def load_symmetry_model(path) -> tuple[SymmetrySiamese, dict]:
                                  difference_channel=bool(hyper.get("difference_channel", False)))
     weights = checkpoint_folder(path) / WEIGHTS
     try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        for name in ("reference_mean", "reference_sd"):  # buffers sized by the training grid
+            if name in state:
+                setattr(model, name, torch.zeros_like(state[name]))
+        model.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as err:
         raise BadDataError(f"{weights} does not fit a symmetry/{card['backbone']} model ({err}); fix: retrain "
                            "with --task symmetry --mode train") from err

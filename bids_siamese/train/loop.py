@@ -44,7 +44,8 @@ class TrainConfig:
         dz_positives: DZ co-twins as positives with weight ``dz_weight`` (twin).
         dz_weight: margin scale of DZ positives.
         flip_lr: allow left-right flip augmentation (off: mirrored brains are different brains).
-        max_shift: translation augmentation in voxels.
+        max_shift: translation augmentation in voxels (registered brains: keep it at about 2 mm, see
+            :func:`shift_voxels`; larger shifts destroy the positional cues the twin signal lives in).
         intensity: intensity scale/offset augmentation.
         noise_std: noise augmentation.
         seed: random seed.
@@ -63,7 +64,7 @@ class TrainConfig:
     dz_positives: bool = False
     dz_weight: float = 0.5
     flip_lr: bool = False
-    max_shift: int = 2
+    max_shift: int = 1
     intensity: float = 0.1
     noise_std: float = 0.05
     seed: int = 0
@@ -89,6 +90,16 @@ class TrainResult:
     best_epoch: int
     seconds: float
     volumes_per_second: float
+
+
+def shift_voxels(resolution: float, max_shift_mm: float = 2.0) -> int:
+    """Translation augmentation in voxels for a grid: ``floor(max_shift_mm / resolution)``.
+
+    Examples:
+        >>> shift_voxels(2.0), shift_voxels(4.0), shift_voxels(1.0)
+        (1, 0, 2)
+    """
+    return max(0, int(max_shift_mm // float(resolution)))
 
 
 def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -282,10 +293,11 @@ def train_twin(
         losses, active = [], []
         for local in batches:
             idx = train_idx[local]
+            pos_np, related_np = data.positive[np.ix_(idx, idx)], ~data.unrelated[np.ix_(idx, idx)]
             x = augment(torch.from_numpy(data.volumes[idx]), gen, config.flip_lr, config.max_shift,
                         config.intensity, config.noise_std).to(device)
-            pos = torch.from_numpy(data.positive[np.ix_(idx, idx)]).float().to(device)
-            related = torch.from_numpy(~data.unrelated[np.ix_(idx, idx)]).to(device)
+            pos = torch.from_numpy(pos_np).float().to(device)
+            related = torch.from_numpy(related_np).to(device)
             with _autocast(device, config.amp):
                 emb = net(x)
             out = batch_hard_triplet_loss(emb.float(), pos, related, config.margin, config.distance)

@@ -41,7 +41,16 @@ from .evaluate import (
     summarise,
     voxel_correlation,
 )
-from .loop import PairData, TrainConfig, TwinData, embed, predict_pairs, train_longitudinal, train_twin
+from .loop import (
+    PairData,
+    TrainConfig,
+    TwinData,
+    embed,
+    predict_pairs,
+    shift_voxels,
+    train_longitudinal,
+    train_twin,
+)
 from .pairs import (
     Relations,
     find_column,
@@ -95,6 +104,7 @@ def train_config(settings: Any) -> TrainConfig:
     return TrainConfig(
         epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, patience=settings.patience,
         distance=settings.distance, margin=settings.margin, dz_positives=settings.dz_positives, seed=settings.seed,
+        max_shift=shift_voxels(settings.resolution),
     )
 
 
@@ -370,7 +380,7 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
             {"distance": settings.distance, "margin": settings.margin, "dz_positives": settings.dz_positives,
              "epochs": settings.epochs, "epochs_run": len(history), "best_epoch": result.best_epoch,
              "batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
-             "flip_lr": config.flip_lr, "max_shift": config.max_shift, "world_size": ctx.world_size,
+             "flip_lr": config.flip_lr, "max_shift_voxels": config.max_shift, "world_size": ctx.world_size,
              "training_seconds": round(result.seconds, 1),
              "volumes_per_second": round(result.volumes_per_second, 2)})
         written += save_checkpoint(model_folder(out_dir, "twin", settings.backbone), model, card)
@@ -560,7 +570,7 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
             {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["mean"])},
             {"epochs": settings.epochs, "epochs_run": len(first.history), "best_epoch": first.best_epoch,
              "batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
-             "flip_lr": config.flip_lr, "max_shift": config.max_shift, "n_runs": len(run_rows),
+             "flip_lr": config.flip_lr, "max_shift_voxels": config.max_shift, "n_runs": len(run_rows),
              "world_size": ctx.world_size, "training_seconds": round(first.seconds, 1),
              "volumes_per_second": round(first.volumes_per_second, 2)})
         written += save_checkpoint(model_folder(out_dir, "longitudinal", settings.backbone), model, card)

@@ -1,0 +1,178 @@
+"""Benchmark of twin identification on the synthetic demo dataset (``bids-siamese-demo --size small``).
+
+Runs the whole group level twice on the participant-level outputs of the demo dataset:
+
+1. ``group --task twin --mode train`` (family-aware split, triplet training with batch-hard negatives,
+   threshold on validation, test metrics over ``--n-draws`` draws of unrelated test pairs), and
+2. ``group --task twin --mode apply --model <checkpoint>`` (no training; must reproduce the test metrics),
+
+and prints the learned model's metrics next to the model-free baseline (voxel correlation of the two
+registered brains, threshold chosen on the same validation pairs), one line per figure. The small demo
+dataset has only 10 MZ families, so one split tests 2 MZ pairs: ``--seeds 0,1,2,3,4`` repeats the training
+run on other family splits (other ``--seed``) and also prints the mean +- std over splits of the per-split
+means. ``--throughput`` also measures training throughput (forward + backward volumes/s) of every backbone on
+the 2 mm grid.
+
+The group outputs go to ``--results`` (a folder that links the participant-level ``sub-*`` folders, so the
+participant output folder itself is left untouched).
+
+Usage::
+
+    python benchmarks/twins.py --bids /tmp/demo_small --outputs /tmp/demo_small_out --results /tmp/twins_bench \
+        --epochs 40 --throughput
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from bids_siamese.bids.layout import resolve_participants
+from bids_siamese.cli.parser import parse_args
+from bids_siamese.models import BACKBONES, build_model
+from bids_siamese.resources import model_grid
+from bids_siamese.train.run import TWIN_FILES, run_twin
+
+METRIC_ORDER = ("accuracy", "precision", "recall", "f1", "auc_roc")
+
+
+def link_outputs(outputs: Path, results: Path) -> None:
+    """Make ``results`` a group-level OUTPUT_DIR whose ``sub-*`` folders link to the participant outputs."""
+    results.mkdir(parents=True, exist_ok=True)
+    for item in sorted(outputs.iterdir()):
+        target = results / item.name
+        if item.name.startswith("sub-") and item.is_dir() and not target.exists():
+            os.symlink(item.resolve(), target)
+    for name in ("dataset_description.json", ".bidsignore"):
+        if (outputs / name).is_file() and not (results / name).exists():
+            (results / name).write_text((outputs / name).read_text())
+
+
+def group_args(bids: Path, results: Path, args: argparse.Namespace, mode: str, seed: int = 0) -> list[str]:
+    argv = [str(bids), str(results), "group", "--task", "twin", "--mode", mode, "--backbone", args.backbone,
+            "--resolution", f"{args.resolution:g}", "--epochs", str(args.epochs), "--batch-size",
+            str(args.batch_size), "--lr", str(args.lr), "--patience", str(args.patience), "--n-draws",
+            str(args.n_draws), "--seed", str(seed), "--device", "cpu", "--skip-bids-validation",
+            "--omp-nthreads", str(args.threads), "--nprocs", str(args.threads)]
+    if mode == "apply":
+        argv += ["--model", str(results / "models" / f"twins_{args.backbone}")]
+    return argv
+
+
+def metric_line(metrics: pd.DataFrame, prefix: str, label: str) -> str:
+    m = metrics.set_index("metric")
+    parts = []
+    for name in METRIC_ORDER:
+        key = f"{prefix}{name}"
+        if key in m.index and pd.notna(m.loc[key, "mean"]):
+            parts.append(f"{name} {100 * m.loc[key, 'mean']:.1f} +- {100 * m.loc[key, 'std']:.1f}")
+    runs = int(m.loc[f"{prefix}auc_roc", "n_runs"]) if f"{prefix}auc_roc" in m.index else 0
+    return f"{label}: " + ", ".join(parts) + f" (% , mean +- std over {runs} draws)"
+
+
+def throughput(backbone: str, resolution: float, batch_size: int, steps: int = 3) -> float:
+    """Training volumes/s (forward + backward + AdamW step) of a twin model on random inputs."""
+    torch.manual_seed(0)
+    model = build_model("twin", backbone).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch_size, 1, *model_grid(resolution).shape)
+    times = []
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        loss = model(x).pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step:  # the first step warms up
+            times.append(time.perf_counter() - t0)
+    return batch_size / statistics.median(times)
+
+
+def train_and_report(args: argparse.Namespace, results: Path, subjects: list[str], seed: int, apply: bool
+                     ) -> dict[str, float]:
+    """Train (and with ``apply``, apply) on one family split; print its lines; return its metric means."""
+    t0 = time.perf_counter()
+    run_twin(parse_args(group_args(args.bids, results, args, "train", seed)), subjects)
+    train_s = time.perf_counter() - t0
+    trained = pd.read_csv(results / TWIN_FILES["metrics"], sep="\t")
+    card = json.loads((results / "models" / f"twins_{args.backbone}" / "model_card.json").read_text())
+    hyper = card["hyperparameters"]
+    m = trained.set_index("metric")["mean"]
+    print(f"test pairs: {int(m['n_test_mz_pairs'])} MZ, {int(m['n_test_dz_pairs'])} DZ, "
+          f"{int(m['n_test_unrelated_pairs'])} unrelated; threshold (validation) distance {m['threshold_distance']:.4f}, "
+          f"correlation {m['baseline_threshold_correlation']:.4f}")
+    print(metric_line(trained, "", f"learned {args.backbone}, MZ vs unrelated"))
+    print(metric_line(trained, "baseline_", "baseline voxel correlation, MZ vs unrelated"))
+    print(metric_line(trained, "dz_", f"learned {args.backbone}, DZ vs unrelated"))
+    print(metric_line(trained, "baseline_dz_", "baseline voxel correlation, DZ vs unrelated"))
+    print(f"validation AUC: learned {m['validation_auc_roc']:.3f}, baseline {m['baseline_validation_auc_roc']:.3f}")
+    print(f"training: {hyper['epochs_run']} epochs (best {hyper['best_epoch']}), {hyper['training_seconds']:.0f} s, "
+          f"{hyper['volumes_per_second']:.1f} volumes/s; whole train run {train_s:.0f} s")
+    if apply:
+        t1 = time.perf_counter()
+        run_twin(parse_args(group_args(args.bids, results, args, "apply", seed)), subjects)
+        applied = pd.read_csv(results / TWIN_FILES["metrics"], sep="\t").set_index("metric")
+        same = abs(applied.loc["auc_roc", "mean"] - m["auc_roc"]) < 1e-3
+        print(f"apply (--model, no training): {time.perf_counter() - t1:.0f} s, test AUC "
+              f"{applied.loc['auc_roc', 'mean']:.3f} ({'reproduces' if same else 'DIFFERS FROM'} the training run)")
+    return {**m.to_dict(), "seconds": train_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bids", type=Path, default=Path("/tmp/demo_small"))
+    p.add_argument("--outputs", type=Path, default=Path("/tmp/demo_small_out"), help="participant-level outputs")
+    p.add_argument("--results", type=Path, default=Path("/tmp/twins_benchmark"))
+    p.add_argument("--backbone", default="small", choices=BACKBONES)
+    p.add_argument("--resolution", type=float, default=2.0)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--n-draws", type=int, default=10)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds: one family split and training run each")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--throughput", action="store_true", help="also measure volumes/s of every backbone")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    subjects = resolve_participants(args.bids, [])
+    print(f"# twins benchmark: {len(subjects)} subjects, backbone {args.backbone}, {args.resolution:g} mm grid, "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+    seeds = [int(x) for x in args.seeds.split(",")]
+    per_seed = []
+    for k, seed in enumerate(seeds):
+        results = args.results if k == 0 else args.results.with_name(f"{args.results.name}_seed{seed}")
+        link_outputs(args.outputs, results)
+        print(f"## split seed {seed}")
+        per_seed.append(train_and_report(args, results, subjects, seed, apply=k == 0))
+    if len(seeds) > 1:
+        table = pd.DataFrame(per_seed)
+        for prefix, label in (("", f"learned {args.backbone}, MZ vs unrelated"),
+                              ("baseline_", "baseline voxel correlation, MZ vs unrelated"),
+                              ("dz_", f"learned {args.backbone}, DZ vs unrelated"),
+                              ("baseline_dz_", "baseline voxel correlation, DZ vs unrelated")):
+            parts = [f"{name} {100 * table[prefix + name].mean():.1f} +- {100 * table[prefix + name].std():.1f}"
+                     for name in METRIC_ORDER]
+            print(f"over {len(seeds)} splits, {label}: " + ", ".join(parts) + " (%, mean +- std of the split means)")
+        print(f"over {len(seeds)} splits: {int(table['n_test_mz_pairs'].sum())} MZ and "
+              f"{int(table['n_test_dz_pairs'].sum())} DZ test pairs in all; training {table['seconds'].mean():.0f} s "
+              f"per split on average")
+    if args.throughput:
+        for backbone in BACKBONES:
+            vps = throughput(backbone, args.resolution, batch_size=2)
+            print(f"throughput {backbone}: {vps:.2f} volumes/s (train step, batch 2, {args.resolution:g} mm, CPU, "
+                  f"{torch.get_num_threads()} threads)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
