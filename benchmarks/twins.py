@@ -14,12 +14,16 @@ means. ``--throughput`` also measures training throughput (forward + backward vo
 the 2 mm grid.
 
 The group outputs go to ``--results`` (a folder that links the participant-level ``sub-*`` folders, so the
-participant output folder itself is left untouched).
+participant output folder itself is left untouched). With ``--inputs truth`` the model-grid inputs are made
+without the participant level: every scan is resampled through the generator's true scan-to-template affine
+and masked with its true brain mask (``benchmarks/symmetry.py``: what a registration without error gives), so
+that the larger ``full`` demo (60 MZ pairs) can be benchmarked without an hour of preprocessing.
 
 Usage::
 
     python benchmarks/twins.py --bids /tmp/demo_small --outputs /tmp/demo_small_out --results /tmp/twins_bench \
         --epochs 40 --throughput
+    python benchmarks/twins.py --bids /tmp/demo_full --inputs truth --results /tmp/twins_full --seeds 0,1,2
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np
 import pandas as pd
 import torch
 
@@ -54,6 +61,34 @@ def link_outputs(outputs: Path, results: Path) -> None:
     for name in ("dataset_description.json", ".bidsignore"):
         if (outputs / name).is_file() and not (results / name).exists():
             (results / name).write_text((outputs / name).read_text())
+
+
+def truth_outputs(bids: Path, results: Path, resolution: float) -> int:
+    """Write the model-grid ``desc-preproc_T1w`` and brain mask of every demo scan into ``results`` from the
+    generator's truth (true affine and mask); existing files are kept. Returns the number written."""
+    import nibabel as nib
+
+    from bids_siamese.bids.derivatives import init_output_dir
+    from symmetry import resample_with_truth
+
+    truth = pd.read_csv(bids / "sourcedata" / "truth" / "scans.tsv", sep="\t", dtype=str)
+    grid = model_grid(resolution)
+    label = f"{resolution:g}".replace(".", "p")
+    written = 0
+    for _, row in truth.iterrows():
+        rel = Path(row["path"])
+        stem = rel.name.replace("_T1w.nii.gz", "")
+        pre = results / rel.parent / f"{stem}_space-MNI152NLin2009cAsym_res-{label}_desc-preproc_T1w.nii.gz"
+        if pre.is_file():
+            continue
+        volume, mask = resample_with_truth(bids, row, resolution)
+        pre.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(volume, grid.affine), str(pre))
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), grid.affine),
+                 str(pre).replace("desc-preproc_T1w", "desc-brain_mask"))
+        written += 1
+    init_output_dir(results, bids)
+    return written
 
 
 def group_args(bids: Path, results: Path, args: argparse.Namespace, mode: str, seed: int = 0) -> list[str]:
@@ -131,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bids", type=Path, default=Path("/tmp/demo_small"))
     p.add_argument("--outputs", type=Path, default=Path("/tmp/demo_small_out"), help="participant-level outputs")
     p.add_argument("--results", type=Path, default=Path("/tmp/twins_benchmark"))
+    p.add_argument("--inputs", choices=("participant", "truth"), default="participant",
+                   help="model-grid inputs: the participant-level outputs (--outputs) or truth resampling")
     p.add_argument("--backbone", default="small", choices=BACKBONES)
     p.add_argument("--resolution", type=float, default=2.0)
     p.add_argument("--epochs", type=int, default=40)
@@ -151,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = []
     for k, seed in enumerate(seeds):
         results = args.results if k == 0 else args.results.with_name(f"{args.results.name}_seed{seed}")
-        link_outputs(args.outputs, results)
+        if args.inputs == "truth":
+            t0 = time.perf_counter()
+            n = truth_outputs(args.bids, results, args.resolution)
+            print(f"truth resampling: {n} scans written in {time.perf_counter() - t0:.0f} s")
+        else:
+            link_outputs(args.outputs, results)
         print(f"## split seed {seed}")
         per_seed.append(train_and_report(args, results, subjects, seed, apply=k == 0))
     if len(seeds) > 1:

@@ -305,3 +305,24 @@ def test_ddp_two_cpu_processes_gloo(group_data, tmp_path):
     assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the replicas identical
     assert ranks[0]["written"] > 0 and ranks[1]["written"] == 0  # only rank 0 writes
     assert (ddp_out / TWIN_FILES["metrics"]).is_file()
+
+
+def test_group_level_explains_and_writes_tables_in_the_first_process_only(tmp_path, monkeypatch):
+    """Under torchrun every process runs the group level: processes other than RANK 0 only train."""
+    from types import SimpleNamespace
+
+    import bids_siamese.explain.run as explain_run
+    import bids_siamese.train.run as train_run
+    from bids_siamese.workflows import group
+
+    calls = []
+    monkeypatch.setattr(train_run, "run_twin", lambda settings, subjects: calls.append("train") or [])
+    monkeypatch.setattr(explain_run, "run_explain", lambda settings, subjects: calls.append("explain") or [])
+    monkeypatch.setattr(group, "find_orientation_records", lambda out, subjects: calls.append("tables") or [])
+    settings = SimpleNamespace(output_dir=tmp_path, task="twin", explain=True)
+    monkeypatch.setenv("RANK", "1")
+    assert group.run_group(settings, ["01"]) == [] and calls == ["train"]
+    calls.clear()
+    monkeypatch.setenv("RANK", "0")
+    group.run_group(settings, ["01"])
+    assert calls == ["tables", "train", "explain"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -50,9 +51,14 @@ def find_orientation_records(output_dir: Path, subjects: list[str]) -> list[dict
 
 
 def run_group(settings, subjects: list[str]) -> list[Path]:
-    """Write the group tables that the available participant results allow; return their paths."""
+    """Write the group tables that the available participant results allow; return their paths.
+
+    Under ``torchrun`` every process runs this function: only the first (``RANK`` 0) writes the tables, the
+    explanations and the report; the others take part in the distributed training only.
+    """
     written = []
-    records = find_orientation_records(settings.output_dir, subjects)
+    main_process = int(os.environ.get("RANK", "0") or 0) == 0
+    records = find_orientation_records(settings.output_dir, subjects) if main_process else []
     if records:
         path = settings.output_dir / GROUP_FILES["orientation"]
         table = orientation_table(records)
@@ -60,7 +66,7 @@ def run_group(settings, subjects: list[str]) -> list[Path]:
         LOG.info("%d scan(s) in %s; %d flagged as left-right flipped", len(table), path.name,
                  int(table["lr_flip_suspected"].sum()))
         written.append(path)
-    else:
+    elif main_process:
         LOG.warning("no participant-level orientation results found in %s", settings.output_dir)
 
     task = getattr(settings, "task", None)
@@ -69,12 +75,14 @@ def run_group(settings, subjects: list[str]) -> list[Path]:
         from ..train.run import run_twin
 
         written += run_twin(settings, subjects)
-        if getattr(settings, "explain", True):
+        if getattr(settings, "explain", True) and main_process:
             written += run_explain(settings, subjects)
     elif task == "longitudinal":
         from ..train.run import run_longitudinal
 
         written += run_longitudinal(settings, subjects)
+    elif task == "symmetry" and not main_process:
+        LOG.info("symmetry training is not distributed: process %s leaves it to process 0", os.environ["RANK"])
     elif task == "symmetry":
         from ..symmetry.run import run_symmetry
 
