@@ -109,6 +109,9 @@ def test_group_collects_orientation(participant_run, demo, truth):
     assert len(table) == len(truth)
     merged = table.merge(truth, left_on=["participant_id", "session_id"], right_on=["participant_id", "session_id"])
     assert (merged["lr_flip_suspected"] == merged["lr_flipped"].astype(bool)).all()
+    report = (out / "group.html").read_text()  # the group report, with the orientation summary
+    assert "Orientation and symmetry" in report
+    assert f"{len(truth)} scans; {int(truth['lr_flipped'].astype(bool).sum())} flagged as left-right flipped" in report
     assert [i for i in run_validator(out) if i.severity == "error"] == []
 
 
@@ -195,5 +198,5 @@ def test_output_tree_matches_listing(participant_run):
     listed = (Path(__file__).parent / "data" / "tiny_participant_outputs.txt").read_text().split()
     found = sorted(str(p.relative_to(out)) for p in out.rglob("*")
                    if p.is_file() and p.relative_to(out).parts[0] not in ("logs",)
-                   and not p.name.startswith("group_"))
+                   and not p.name.startswith(("group_", "group.")))
     assert found == sorted(listed)

@@ -319,10 +319,12 @@ def test_group_level_explains_and_writes_tables_in_the_first_process_only(tmp_pa
     monkeypatch.setattr(train_run, "run_twin", lambda settings, subjects: calls.append("train") or [])
     monkeypatch.setattr(explain_run, "run_explain", lambda settings, subjects: calls.append("explain") or [])
     monkeypatch.setattr(group, "find_orientation_records", lambda out, subjects: calls.append("tables") or [])
-    settings = SimpleNamespace(output_dir=tmp_path, task="twin", explain=True)
+    settings = SimpleNamespace(output_dir=tmp_path, bids_dir=tmp_path, task="twin", explain=True)
     monkeypatch.setenv("RANK", "1")
     assert group.run_group(settings, ["01"]) == [] and calls == ["train"]
     calls.clear()
     monkeypatch.setenv("RANK", "0")
     group.run_group(settings, ["01"])
-    assert calls == ["tables", "train", "explain"]
+    assert calls == ["tables", "train", "explain"] and not (tmp_path / "group.html").exists()
+    settings.explain = False  # without explanations the report is still written, from the tables present
+    assert group.run_group(settings, ["01"]) == [tmp_path / "group.html"]

@@ -87,4 +87,9 @@ def run_group(settings, subjects: list[str]) -> list[Path]:
         from ..symmetry.run import run_symmetry
 
         written += run_symmetry(settings, subjects)
+    explained = task == "twin" and getattr(settings, "explain", True)
+    if main_process and not explained:  # the explanation step writes the report with its maps
+        from ..reports.group import write_group_report
+
+        written.append(write_group_report(settings))
     return written
