@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     run_longitudinal(parse_args(group_args(args.bids, args.results, args, "train")), subjects)
     train_s = time.perf_counter() - t0
     metrics = pd.read_csv(args.results / LONGITUDINAL_FILES["metrics"], sep="\t")
-    predictions = pd.read_csv(args.results / LONGITUDINAL_FILES["predictions"], sep="\t")
+    sessions = {"session_a": str, "session_b": str}  # labels such as 01 stay strings
+    predictions = pd.read_csv(args.results / LONGITUDINAL_FILES["predictions"], sep="\t", dtype=sessions)
     splits = pd.read_csv(args.results / LONGITUDINAL_FILES["splits"], sep="\t")
     history = pd.read_csv(args.results / LONGITUDINAL_FILES["history"], sep="\t")
     m = metrics.set_index("metric")["mean"]
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{train_s:.0f} s; saved model: run 0 ({card['hyperparameters']['epochs_run']} epochs)")
     t1 = time.perf_counter()
     run_longitudinal(parse_args(group_args(args.bids, args.results, args, "apply")), subjects)
-    applied = pd.read_csv(args.results / LONGITUDINAL_FILES["predictions"], sep="\t")
+    applied = pd.read_csv(args.results / LONGITUDINAL_FILES["predictions"], sep="\t", dtype=sessions)
     same = np.allclose(applied["p_decline"], predictions["p_decline"], atol=1e-3)
     print(f"apply (--model, no training): {time.perf_counter() - t1:.0f} s, predictions "
           f"{'reproduce' if same else 'DIFFER FROM'} the training run")
