@@ -91,6 +91,54 @@ def truth_outputs(bids: Path, results: Path, resolution: float) -> int:
     return written
 
 
+def signal_check(bids: Path, results: Path, subjects: list[str], resolution: float) -> str:
+    """Is the family signal in the inputs? Model-free AUC (MZ co-twins vs unrelated pairs, all subjects) of the
+    Pearson correlation of the two brains' residuals (image minus the mean of all subjects) over the whole
+    brain and over the generator's family regions only (``sourcedata/truth/truth.json``; neuromorphometrics
+    labels): an upper reference that uses the truth of where the signal is, which no model is given."""
+    from nilearn.image import resample_to_img
+    import nibabel as nib
+    from sklearn.metrics import roc_auc_score
+
+    from bids_siamese.resources import atlas_paths
+    from bids_siamese.train.data import find_preproc, first_scan_per_subject, load_volumes
+    from bids_siamese.train.pairs import read_participants
+
+    grid = model_grid(resolution)
+    scans = first_scan_per_subject(find_preproc(results, subjects, f"{resolution:g}".replace(".", "p")))
+    volumes = load_volumes(list(scans["path"]), grid)[:, 0]
+    regions = json.loads((bids / "sourcedata" / "truth" / "truth.json").read_text())["signal"]["family_regions"]
+    image, labels, _ = atlas_paths("neuromorphometrics")
+    names = pd.read_csv(labels).set_index("index")["name"]
+    atlas = resample_to_img(nib.load(str(image)), nib.Nifti1Image(np.zeros(grid.shape, np.float32), grid.affine),
+                            interpolation="nearest", force_resample=True, copy_header=True).get_fdata().astype(int)
+    roi = np.isin(atlas, [i for i, n in names.items() if any(r in str(n) for r in regions)])
+    brain = (volumes != 0).mean(axis=0) > 0.5
+    table = read_participants(bids).set_index("participant_id")
+    ids = scans["participant_id"].tolist()
+    residual = volumes - volumes.mean(axis=0)
+    out = []
+    for name, mask in (("whole brain", brain), (f"family regions ({', '.join(regions)})", roi)):
+        x = residual[:, mask]
+        x = (x - x.mean(axis=1, keepdims=True)) / x.std(axis=1, keepdims=True)
+        corr = x @ x.T / x.shape[1]
+        y, score = [], []
+        for i in range(len(ids)):
+            for j in range(i + 1, len(ids)):
+                fam_i, fam_j = table.at[ids[i], "family_id"], table.at[ids[j], "family_id"]
+                related = isinstance(fam_i, str) and fam_i == fam_j
+                if related and table.at[ids[i], "zygosity"] == "MZ":
+                    y.append(1)
+                elif related:
+                    continue
+                else:
+                    y.append(0)
+                score.append(corr[i, j])
+        out.append(f"{name} {roc_auc_score(y, score):.3f}")
+    return (f"signal check (residual correlation AUC, MZ vs unrelated, all {len(ids)} subjects, "
+            f"{int(np.sum(y))} MZ pairs): " + ", ".join(out))
+
+
 def group_args(bids: Path, results: Path, args: argparse.Namespace, mode: str, seed: int = 0) -> list[str]:
     argv = [str(bids), str(results), "group", "--task", "twin", "--mode", mode, "--backbone", args.backbone,
             "--resolution", f"{args.resolution:g}", "--epochs", str(args.epochs), "--batch-size",
@@ -178,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0", help="comma-separated seeds: one family split and training run each")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--throughput", action="store_true", help="also measure volumes/s of every backbone")
+    p.add_argument("--signal-check", action="store_true",
+                   help="also print the model-free AUC with the truth of where the family signal is")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     subjects = resolve_participants(args.bids, [])
@@ -208,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"over {len(seeds)} splits: {int(table['n_test_mz_pairs'].sum())} MZ and "
               f"{int(table['n_test_dz_pairs'].sum())} DZ test pairs in all; training {table['seconds'].mean():.0f} s "
               f"per split on average")
+    if args.signal_check:
+        print(signal_check(args.bids, args.results, subjects, args.resolution))
     if args.throughput:
         for backbone in BACKBONES:
             vps = throughput(backbone, args.resolution, batch_size=2)
