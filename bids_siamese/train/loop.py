@@ -245,6 +245,49 @@ def _improved(score: tuple[float, float], best: tuple[float, float] | None, tol:
     return abs(score[0] - best[0]) <= tol and score[1] > best[1] + tol
 
 
+def _setup(model: nn.Module, config: TrainConfig, device: torch.device | str, ctx: DistContext | None):
+    """Seeded start of a training run: ``(ctx, device, wrapped model, AdamW, grad scaler, augmentation RNG)``."""
+    ctx = ctx or DistContext()
+    device = torch.device(device)
+    torch.manual_seed(config.seed)
+    net = wrap_model(model, ctx, device)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed + 1000 * ctx.rank)
+    return ctx, device, net, opt, _scaler(device, config.amp), gen
+
+
+class _BestEpoch:
+    """Keeps the weights of the best epoch (:func:`_improved`) and counts epochs without improvement."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.score: tuple[float, float] | None = None
+        self.epoch = 0
+        self.stale = 0
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def update(self, score: tuple[float, float], epoch: int, net: nn.Module) -> bool:
+        """Record an epoch's score; True when training should stop (``patience`` epochs without improvement)."""
+        if _improved(score, self.score):
+            self.score, self.epoch, self.stale = score, epoch, 0
+            self.state = copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()})
+        else:
+            self.stale += 1
+        if self.stale >= self.patience:
+            LOG.info("early stopping after epoch %d (best epoch %d)", epoch, self.epoch)
+            return True
+        return False
+
+    def result(self, net: nn.Module, rows: list[dict], start: float, n_vols: int, train_time: float) -> "TrainResult":
+        """The model with the best epoch's weights, in eval mode, and the training record."""
+        final = unwrap(net)
+        if self.state is not None:
+            final.load_state_dict(self.state)
+        final.eval()
+        return TrainResult(final, pd.DataFrame(rows), self.epoch, time.perf_counter() - start,
+                           n_vols / train_time if train_time else float("nan"))
+
+
 def train_twin(
     model: nn.Module,
     data: TwinData,
@@ -272,16 +315,10 @@ def train_twin(
         :class:`TrainResult`; its history has ``epoch, train_loss, val_loss, val_twin_distance,
         val_nontwin_distance, val_auc, active_triplets, seconds, volumes_per_second``.
     """
-    ctx = ctx or DistContext()
-    device = torch.device(device)
-    torch.manual_seed(config.seed)
-    net = wrap_model(model, ctx, device)
-    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scaler = _scaler(device, config.amp)
-    gen = torch.Generator().manual_seed(config.seed + 1000 * ctx.rank)
+    ctx, device, net, opt, scaler, gen = _setup(model, config, device, ctx)
     train_idx = np.asarray(train_idx)
     has_pos = (data.positive[np.ix_(train_idx, train_idx)] > 0).any(axis=1)
-    rows, best, best_state, best_epoch, stale = [], None, None, 0, 0
+    rows, best = [], _BestEpoch(config.patience)
     start = time.perf_counter()
     n_vols, train_time = 0, 0.0
     bar = _progress(config.epochs, "twin training", config, ctx)
@@ -321,24 +358,14 @@ def train_twin(
         score = (val["val_loss"], val["val_nontwin_distance"] - val["val_twin_distance"])
         if np.isnan(score[0]):  # no validation set: keep the last epoch
             score = (train_loss, 0.0)
-        if _improved(score, best):
-            best, best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()})
-        else:
-            stale += 1
+        stop = best.update(score, epoch, net)
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val['val_loss']:.3f}", auc=f"{val['val_auc']:.2f}")
         LOG.debug("twin epoch %d: %s", epoch, row)
-        if stale >= config.patience:
-            LOG.info("early stopping after epoch %d (best epoch %d)", epoch, best_epoch)
+        if stop:
             break
     bar.close()
-    final = unwrap(net)
-    if best_state is not None:
-        final.load_state_dict(best_state)
-    final.eval()
-    return TrainResult(final, pd.DataFrame(rows), best_epoch, time.perf_counter() - start,
-                       n_vols / train_time if train_time else float("nan"))
+    return best.result(net, rows, start, n_vols, train_time)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -408,18 +435,12 @@ def train_longitudinal(
         :class:`TrainResult`; history columns ``epoch, train_loss, val_loss, val_accuracy, val_auc, seconds,
         volumes_per_second``.
     """
-    ctx = ctx or DistContext()
-    device = torch.device(device)
-    torch.manual_seed(config.seed)
-    net = wrap_model(model, ctx, device)
-    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scaler = _scaler(device, config.amp)
-    gen = torch.Generator().manual_seed(config.seed + 1000 * ctx.rank)
+    ctx, device, net, opt, scaler, gen = _setup(model, config, device, ctx)
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     y_train = data.labels[train_idx]
     n_pos, n_neg = float((y_train == 1).sum()), float((y_train == 0).sum())
     pos_weight = torch.tensor([n_neg / n_pos if n_pos and n_neg else 1.0], device=device)
-    rows, best, best_state, best_epoch, stale = [], None, None, 0, 0
+    rows, best = [], _BestEpoch(config.patience)
     start = time.perf_counter()
     n_vols, train_time = 0, 0.0
     bar = _progress(config.epochs, "longitudinal training", config, ctx)
@@ -463,20 +484,10 @@ def train_longitudinal(
                      "val_auc": val_auc, "seconds": time.perf_counter() - t0,
                      "volumes_per_second": 2 * sum(len(b) for b in batches) * ctx.world_size / step_time})
         score = (val_loss, val_acc) if not np.isnan(val_loss) else (train_loss, 0.0)
-        if _improved(score, best):
-            best, best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()})
-        else:
-            stale += 1
+        stop = best.update(score, epoch, net)
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-        if stale >= config.patience:
-            LOG.info("early stopping after epoch %d (best epoch %d)", epoch, best_epoch)
+        if stop:
             break
     bar.close()
-    final = unwrap(net)
-    if best_state is not None:
-        final.load_state_dict(best_state)
-    final.eval()
-    return TrainResult(final, pd.DataFrame(rows), best_epoch, time.perf_counter() - start,
-                       n_vols / train_time if train_time else float("nan"))
+    return best.result(net, rows, start, n_vols, train_time)
