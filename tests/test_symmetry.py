@@ -519,3 +519,17 @@ def test_position_map_points_at_the_lesion_cells():
     assert hemi.shape == (10, 16, 16) and hemi[2:4, 2:4, 2:4].all()
     targets = position_targets(torch.from_numpy(hemi[None]), (2, 4, 4))[0]
     assert targets.sum() == 1 and targets[0, 0, 0] == 1
+
+
+def test_peak_region_outside_every_label_names_the_nearest_on_its_side():
+    from bids_siamese.symmetry.asymmetry import region_at
+
+    labels = np.zeros((10, 3, 3), int)
+    labels[0], labels[9] = 1, 2  # left and right labels at the two ends of the x axis
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[0, 3] = -9.0  # voxel i sits at x = 2 i - 9
+    names = {1: "Left_A", 2: "Right_B"}
+    assert region_at((-9.0, 2.0, 2.0), labels, names, affine) == "Left_A"
+    assert region_at((-5.0, 2.0, 2.0), labels, names, affine) == "Left_A (nearest, 4 mm)"
+    assert region_at((1.0, 2.0, 2.0), labels, names, affine) == "Right_B (nearest, 8 mm)"  # not the left label
+    assert region_at((-1.0, 2.0, 2.0), labels, names, affine, search_mm=5.0) == "Unlabelled (left)"

@@ -768,21 +768,44 @@ def peak_location(peak: Sequence[int], z: np.ndarray, affine: np.ndarray) -> tup
     return tuple(round(float(v), 1) for v in xyz)  # type: ignore[return-value]
 
 
-def region_at(point_mm: Sequence[float], labels: np.ndarray, names: Mapping[int, str], affine: np.ndarray) -> str:
-    """The atlas label name at a template-mm point (nearest voxel), or ``Unlabelled (left|right)``.
+def region_at(point_mm: Sequence[float], labels: np.ndarray, names: Mapping[int, str], affine: np.ndarray,
+              search_mm: float = 10.0) -> str:
+    """The atlas label name at a template-mm point (nearest voxel).
+
+    A point outside every label (often white matter, which cortical/subcortical atlases leave out) gets the
+    nearest label on the same side within ``search_mm``, as ``<name> (nearest, <d> mm)``; else
+    ``Unlabelled (left|right)``.
 
     Examples:
         >>> lab = np.zeros((4, 1, 1), int); lab[3] = 7
         >>> aff = np.diag([2.0, 2.0, 2.0, 1.0]); aff[0, 3] = -3.0
-        >>> region_at((3.0, 0, 0), lab, {7: "Right_X"}, aff), region_at((-3.0, 0, 0), lab, {7: "Right_X"}, aff)
-        ('Right_X', 'Unlabelled (left)')
+        >>> region_at((3.0, 0, 0), lab, {7: "Right_X"}, aff), region_at((1.0, 0, 0), lab, {7: "Right_X"}, aff)
+        ('Right_X', 'Right_X (nearest, 2 mm)')
+        >>> region_at((-3.0, 0, 0), lab, {7: "Right_X"}, aff)
+        'Unlabelled (left)'
     """
-    vox = np.rint(np.linalg.inv(np.asarray(affine, dtype=float)) @ np.array([*point_mm, 1.0]))[:3].astype(int)
+    affine = np.asarray(affine, dtype=float)
+    vox = np.rint(np.linalg.inv(affine) @ np.array([*point_mm, 1.0]))[:3].astype(int)
     vox = np.clip(vox, 0, np.array(labels.shape) - 1)
     value = int(labels[tuple(vox)])
     if value and value in names:
         return str(names[value])
-    return f"{UNLABELLED} ({'left' if point_mm[0] < 0 else 'right'})"
+    side = "left" if point_mm[0] < 0 else "right"
+    step = np.abs(affine[:3, :3]).max(axis=0)
+    reach = np.ceil(search_mm / step).astype(int)
+    lo, hi = np.maximum(vox - reach, 0), np.minimum(vox + reach + 1, labels.shape)
+    window = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    found = np.argwhere(np.isin(window, [k for k in names if k]))
+    if len(found):
+        world = (affine @ np.c_[found + lo, np.ones(len(found))].T)[:3].T
+        same_side = (world[:, 0] < 0) == (point_mm[0] < 0)
+        dist = np.linalg.norm(world - np.asarray(point_mm, dtype=float), axis=1)
+        dist[~same_side] = np.inf
+        best = int(np.argmin(dist))
+        if np.isfinite(dist[best]) and dist[best] <= search_mm:
+            name = names[int(window[tuple(found[best])])]
+            return f"{name} (nearest, {dist[best]:.0f} mm)"
+    return f"{UNLABELLED} ({side})"
 
 
 @dataclass
