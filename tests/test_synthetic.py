@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 import pytest
 
 from bids_siamese import synthetic as syn
+from bids_siamese.bids.layout import validator_command
 from bids_siamese.errors import EXIT_CANT_CREATE, EXIT_USAGE
 
 pytestmark = pytest.mark.slow
@@ -95,10 +95,8 @@ def test_geometry_has_requested_orientation_and_voxels() -> None:
 
 def test_bids_validator_reports_no_errors(tiny: tuple[Path, pd.DataFrame]) -> None:
     root, _ = tiny
-    exe = shutil.which("bids-validator-deno")
-    if exe is None:
-        pytest.skip("bids-validator-deno is not installed")
-    run = subprocess.run([exe, str(root), "--format", "json"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(validator_command() + [str(root), "--format", "json"], capture_output=True, text=True,
+                         timeout=300)
     report = json.loads(run.stdout)
     errors = [i for i in report["issues"]["issues"] if i.get("severity") == "error"]
     assert not errors, errors[:5]

@@ -13,11 +13,11 @@ All backbones use batch norm. Instance (or group) norm right before global avera
 distinguishes subjects: the spatial mean of ``act(instance_norm(x))`` is nearly the same for every input.
 (MONAI's U-Net defaults to instance norm; its encoder is built here with batch norm.) The training loop
 re-estimates the batch-norm statistics on the training set after every epoch (see
-:func:`bids_siamese.train.loop.recompute_batch_norm`).
+:func:`precise_batch_norm`, used by the twin, longitudinal and symmetry trainers).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -48,6 +48,38 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+
+
+def precise_batch_norm(model: nn.Module, forward_batches: Callable[[], None]) -> int:
+    """Re-estimate the running statistics of every batch-norm layer of ``model`` ("precise BN").
+
+    The statistics are reset and then averaged cumulatively (momentum ``None``) over the forward passes that
+    ``forward_batches`` makes in training mode; momenta and the training flag are restored afterwards. After
+    few training steps the momentum averages still describe earlier weights; evaluation then uses these.
+    Returns the number of layers updated (0: nothing to do, ``forward_batches`` is not called).
+
+    Examples:
+        >>> enc = small_encoder()
+        >>> precise_batch_norm(enc, lambda: enc(torch.randn(2, 1, 16, 16, 16)))  # layers updated
+        6
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return 0
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            forward_batches()
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return len(layers)
 
 def _conv_block(spatial_dims: int, in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
     conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d

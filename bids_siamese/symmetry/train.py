@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from ..models.backbones import precise_batch_norm
 from ..resources import model_grid
 from .asymmetry import resample_to_grid
 from .model import SymmetrySiamese, build_symmetry_model, predict_proba, side_loss
@@ -345,21 +346,14 @@ def recompute_batch_norm(model: SymmetrySiamese, volumes: torch.Tensor, batch_si
         >>> recompute_batch_norm(m, torch.randn(2, 1, 42, 52, 44))
         6
     """
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not layers or len(volumes) == 0:
+    if len(volumes) == 0:
         return 0
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    was_training = model.training
-    model.train()
-    for start in range(0, len(volumes), batch_size):
-        model(volumes[start:start + batch_size])
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
-    model.train(was_training)
-    return len(layers)
+
+    def forward_batches() -> None:
+        for start in range(0, len(volumes), batch_size):
+            model(volumes[start:start + batch_size])
+
+    return precise_batch_norm(model, forward_batches)
 
 
 def train_symmetry_model(

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.backbones import precise_batch_norm
 from ..models.losses import batch_hard_triplet_loss, pairwise_distance
 from .data import augment, family_batches, pair_batches
 from .ddp import DistContext, all_reduce_mean, shard, unwrap, wrap_model
@@ -174,24 +175,17 @@ def recompute_batch_norm(model: nn.Module, volumes: np.ndarray, idx: np.ndarray,
         The number of batch-norm layers updated.
     """
     net = unwrap(model)
-    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     idx = np.asarray(idx)
-    if not layers or len(idx) == 0:
+    if len(idx) == 0:
         return 0
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    was_training = net.training
-    net.train()
     device = torch.device(device)
-    for chunk in np.array_split(idx, max(1, int(np.ceil(len(idx) / batch_size)))):
-        x = torch.from_numpy(volumes[chunk]).to(device)
-        net.embed(x) if hasattr(net, "embed") else net(x)
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
-    net.train(was_training)
-    return len(layers)
+
+    def forward_batches() -> None:
+        for chunk in np.array_split(idx, max(1, int(np.ceil(len(idx) / batch_size)))):
+            x = torch.from_numpy(volumes[chunk]).to(device)
+            net.embed(x) if hasattr(net, "embed") else net(x)
+
+    return precise_batch_norm(net, forward_batches)
 
 
 @dataclass
