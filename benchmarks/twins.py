@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 
 from bids_siamese.bids.layout import resolve_participants
-from bids_siamese.cli.parser import parse_args
+from bids_siamese.cli.parser import MODEL_CHOICES, parse_args
 from bids_siamese.models import BACKBONES, build_model
 from bids_siamese.resources import model_grid
 from bids_siamese.train.run import TWIN_FILES, run_twin
@@ -141,10 +141,12 @@ def signal_check(bids: Path, results: Path, subjects: list[str], resolution: flo
 
 def group_args(bids: Path, results: Path, args: argparse.Namespace, mode: str, seed: int = 0) -> list[str]:
     argv = [str(bids), str(results), "group", "--task", "twin", "--mode", mode, "--backbone", args.backbone,
-            "--resolution", f"{args.resolution:g}", "--epochs", str(args.epochs), "--batch-size",
-            str(args.batch_size), "--lr", str(args.lr), "--patience", str(args.patience), "--n-draws",
-            str(args.n_draws), "--seed", str(seed), "--device", "cpu", "--skip-bids-validation",
-            "--omp-nthreads", str(args.threads), "--nprocs", str(args.threads)]
+            "--resolution", f"{args.resolution:g}", "--n-draws", str(args.n_draws), "--seed", str(seed),
+            "--device", "cpu", "--skip-bids-validation", "--omp-nthreads", str(args.threads),
+            "--nprocs", str(args.threads)]
+    for name in ("epochs", "batch_size", "lr", "patience"):  # unset: the app's defaults for the backbone
+        if getattr(args, name) is not None:
+            argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if mode == "apply":
         argv += ["--model", str(results / "models" / f"twins_{args.backbone}")]
     return argv
@@ -216,12 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=Path("/tmp/twins_benchmark"))
     p.add_argument("--inputs", choices=("participant", "truth"), default="participant",
                    help="model-grid inputs: the participant-level outputs (--outputs) or truth resampling")
-    p.add_argument("--backbone", default="small", choices=BACKBONES)
+    p.add_argument("--backbone", default="regional", choices=MODEL_CHOICES)
     p.add_argument("--resolution", type=float, default=2.0)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=12)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None, help="default: the app's default for the backbone")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--patience", type=int, default=None)
     p.add_argument("--n-draws", type=int, default=10)
     p.add_argument("--seeds", default="0", help="comma-separated seeds: one family split and training run each")
     p.add_argument("--threads", type=int, default=2)

@@ -122,7 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         family, positive, unrelated = twin_matrices(pids, relations, False)
         torch.manual_seed(seed)
         arch = kw.get("arch", "cnn")
-        if arch == "voxel":
+        if arch == "regional":
+            from bids_siamese.explain.regions import labels_on_grid, load_atlas
+            from bids_siamese.models.regional import RegionalEncoder, part_map_for
+            atlas = load_atlas(kw.get("atlas", "harvard_oxford"))
+            brain = masks[train, 0].mean(0) >= 0.5
+            model = RegionalEncoder(grid.shape, part_map_for(grid.shape, grid.affine,
+                                                             lambda s, a: labels_on_grid(atlas, s, a), brain))
+            model.set_reference(x[train], masks[train])
+        elif arch == "voxel":
             model = WeightedMap(x.shape[2:], None)
         elif arch == "spatial":
             model = WeightedMap(x.shape[2:], small_encoder(channels=tuple(int(c) for c in kw.get("ch", "16,16").split(","))))

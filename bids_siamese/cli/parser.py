@@ -16,6 +16,15 @@ from ..errors import AnalysisLevelError, NoInputError, UsageError
 ANALYSIS_LEVELS = ("participant", "group")
 TASKS = ("twin", "longitudinal", "symmetry")
 BACKBONES = ("small", "unet", "resnet18", "densenet121")
+#: ``--backbone`` choices: the CNN encoders and the twin-only atlas-region model (bids_siamese.models.regional).
+MODEL_CHOICES = (*BACKBONES, "regional")
+#: Training defaults when an option is not given: the atlas-region twin model learns one weight per region from
+#: few pairs (larger steps, more epochs, whole-population batches, no augmentation: it compares each voxel
+#: with the training population, so shifted or rescaled inputs would be false differences).
+TRAINING_DEFAULTS = {
+    "cnn": {"epochs": 30, "batch_size": 8, "lr": 1e-3, "patience": 5},
+    "regional": {"epochs": 100, "batch_size": 32, "lr": 0.05, "patience": 50},
+}
 KNOWN_DERIVATIVES = ("fmriprep",)
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -58,15 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     grp = p.add_argument_group("group level: Siamese models")
     grp.add_argument("--task", choices=TASKS, help="group analysis to run (default: only collect participant tables)")
     grp.add_argument("--mode", choices=("train", "apply"), default="train", help="train a model or apply --model")
-    grp.add_argument("--backbone", choices=BACKBONES, default="small", help="3D encoder")
+    grp.add_argument("--backbone", choices=MODEL_CHOICES, default=None,
+                     help="3D encoder; 'regional' (twin only): learned atlas-region weights over population-"
+                          "standardised 4 mm patterns (default for --task twin; small for the other tasks)")
     grp.add_argument("--embedding-dim", type=int, default=128, help="embedding size")
     grp.add_argument("--distance", choices=("cosine", "euclidean"), default="cosine", help="embedding distance")
     grp.add_argument("--margin", type=float, default=0.2, help="triplet loss margin")
     grp.add_argument("--dz-positives", action="store_true", help="use DZ co-twins as weaker positives")
-    grp.add_argument("--epochs", type=int, default=30, help="maximum training epochs")
-    grp.add_argument("--batch-size", type=int, default=8, help="training batch size")
-    grp.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    grp.add_argument("--patience", type=int, default=5, help="early stopping patience (epochs)")
+    grp.add_argument("--epochs", type=int, default=None, help="maximum training epochs (default 30; regional 100)")
+    grp.add_argument("--batch-size", type=int, default=None, help="training batch size (default 8; regional 32)")
+    grp.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; regional 0.05)")
+    grp.add_argument("--patience", type=int, default=None,
+                     help="early stopping patience in epochs (default 5; regional 50)")
     grp.add_argument("--n-draws", type=int, default=10, help="random draws of non-twin test pairs for mean +- std")
     grp.add_argument("--family-column", default="family_id", help="participants.tsv column with family ids")
     grp.add_argument("--zygosity-column", default="zygosity", help="participants.tsv column with MZ/DZ")
@@ -186,6 +198,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
     if args.pairs_file is not None and not args.pairs_file.is_file():
         raise NoInputError(f"--pairs-file {args.pairs_file} not found; fix: give an existing TSV")
+    backbone = args.backbone or ("regional" if args.task == "twin" else "small")
+    if backbone == "regional" and args.task in ("longitudinal", "symmetry"):
+        raise UsageError(f"--backbone regional is a twin model; fix: choose one of {', '.join(BACKBONES)} for "
+                         f"--task {args.task}")
+    for name, value in TRAINING_DEFAULTS["regional" if backbone == "regional" else "cnn"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("epochs", "batch_size", "embedding_dim", "n_draws"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -214,7 +233,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         model=args.model.resolve() if args.model else None,
         task=args.task,
         mode=args.mode,
-        backbone=args.backbone,
+        backbone=backbone,
         embedding_dim=args.embedding_dim,
         distance=args.distance,
         margin=args.margin,

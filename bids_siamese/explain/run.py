@@ -34,6 +34,8 @@ from scipy import ndimage
 from ..bids.derivatives import write_json, write_nifti, write_text, write_tsv
 from ..errors import NoInputError
 from ..resources import TEMPLATE, model_grid
+from ..interfaces.embedding import embed_volume
+from ..models.regional import RegionalEncoder
 from .lrp import CanonicalModel, canonize, embedding_network, relevance_distance_to, relevance_embedding
 from .regions import class_contrast, labels_on_grid, load_atlas, rank_regions, subject_region_importance
 
@@ -53,6 +55,12 @@ BIDSIGNORE_PATTERNS = ("group", "*_relevance.*")
 
 #: The group and subject maps are divided by this percentile of their positive in-brain values (then clipped).
 UNIT_PERCENTILE = 99.5
+
+REGIONAL_DESCRIPTION = (
+    "Exact per-voxel decomposition of the regional twin model (no LRP approximation): for an embedding target, "
+    "the squared embedding e**2 (sums to 1: where the model looks, by learned region weight); for the distance "
+    "target, (e_a - e_b)**2 / 2 with the impostor scan in PairedWith (sums to their cosine distance). Values of "
+    "each 4 mm block are shared equally by its 2 mm voxels.")
 
 DEFAULTS = {
     "lrp_target": "embedding_abs",
@@ -254,8 +262,12 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
     pids = scans["participant_id"].tolist()
     families = _families(settings, sorted(set(pids)))
     scans["family"] = [families.get(p, p) for p in pids]
-    net, normalised = embedding_network(model)
-    canon = canonize(net)
+    regional = isinstance(model, RegionalEncoder)
+    if regional:  # exact decomposition of its similarity instead of LRP (see bids_siamese.models.regional)
+        canon, normalised = None, True
+    else:
+        net, normalised = embedding_network(model)
+        canon = canonize(net)
     ensure_bidsignore(out_dir)
     written: list[Path] = []
     volumes = [load_volume(Path(p), grid) for p in scans["path"]]
@@ -263,12 +275,18 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
              for p, v in zip(scans["path"], volumes)]
     partners = impostor_partners(scans["family"].tolist()) if target == "distance" else [None] * len(scans)
     unit_maps: list[np.ndarray] = []
-    raw_embeddings = [_embedding(canon, vol) for vol in volumes]
+    raw_embeddings = [_embedding(canon, vol) if canon is not None else embed_volume(model, vol) for vol in volumes]
     embeddings = [e / max(float(np.linalg.norm(e)), 1e-12) if normalised else e for e in raw_embeddings]
     totals = []
     for i, (path, vol) in enumerate(zip(scans["path"], volumes)):
         t_scan = time.perf_counter()
-        if target == "distance":
+        if regional:
+            x = torch.as_tensor(vol, dtype=torch.float32)[None, None]
+            partner = (torch.as_tensor(volumes[partners[i]], dtype=torch.float32)[None, None]
+                       if target == "distance" else None)
+            relevance = model.contributions(x, partner)
+            value = float(relevance.sum())
+        elif target == "distance":
             relevance, share = relevance_distance_to(canon, vol, torch.as_tensor(raw_embeddings[partners[i]]),
                                                      distance, rules)
             value = 2.0 * share
@@ -280,8 +298,9 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
         out_path = relevance_name(Path(path))
         written.append(write_nifti(out_path, nib.Nifti1Image(relevance.astype(np.float32), grid.affine)))
         sidecar = {
-            "Description": "Layer-wise relevance propagation (captum) of the twin model for this scan: signed "
-                           "relevance per voxel, summing to about the explained target.",
+            "Description": (REGIONAL_DESCRIPTION if regional else
+                            "Layer-wise relevance propagation (captum) of the twin model for this scan: signed "
+                            "relevance per voxel, summing to about the explained target."),
             "Sources": [f"bids::{Path(path).relative_to(out_dir).as_posix()}"],
             "SpatialReference": TEMPLATE,
             "Resolution": f"{grid.resolution:g} mm model grid",
@@ -290,7 +309,7 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
             "RelevanceSum": round(float(relevance.sum()), 6),
             "PairedWith": (Path(scans["path"][partners[i]]).name if target == "distance" else None),
             "Distance": distance if target == "distance" else None,
-            "LRPRules": rules,
+            "LRPRules": None if regional else rules,
             "Model": {"checkpoint": Path(checkpoint).name, "backbone": card.get("backbone"),
                       "weights_sha256": card.get("weights", {}).get("sha256")},
         }

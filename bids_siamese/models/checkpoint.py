@@ -28,6 +28,7 @@ from ..bids.derivatives import write_bytes, write_json, write_text
 from ..errors import BadDataError, NoInputError, UsageError
 from ..resources import TEMPLATE, Grid
 from .heads import EmbeddingHead, build_model
+from .regional import RegionalEncoder
 
 WEIGHTS = "model.pt"
 CARD = "model_card.json"
@@ -255,11 +256,15 @@ def load_checkpoint(path: Path, task: str | None = None, grid: Grid | None = Non
     """
     card = read_card(path)
     check_card(card, task, grid, source=f"--model {path}")
-    model = build_model(card["task"], card["backbone"], embedding_dim=int(card["embedding_dim"]),
-                        in_channels=int(card.get("in_channels", 1)), pooling=card.get("pooling", "avg"))  # cards before 0.1.0 had no pooling: avg
     weights = checkpoint_folder(path) / WEIGHTS
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
+        if card["backbone"] == "regional":  # the region layout and population reference are in the buffers
+            model: nn.Module = RegionalEncoder.from_state_dict(state, pool=int(card.get("pool", 2)))
+        else:
+            model = build_model(card["task"], card["backbone"], embedding_dim=int(card["embedding_dim"]),
+                                in_channels=int(card.get("in_channels", 1)),
+                                pooling=card.get("pooling", "avg"))  # cards before 0.1.0 had no pooling: avg
         model.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as err:
         raise BadDataError(f"{weights} does not fit a {card['task']}/{card['backbone']} model ({err}); fix: "

@@ -11,19 +11,22 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from ..bids.derivatives import write_tsv
 from ..errors import BadDataError, NoInputError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint, sha256_bytes, sha256_file
 from ..models.heads import build_model
+from ..models.regional import RegionalEncoder, part_map_for
 from ..models.losses import pairwise_distance
-from ..resources import model_grid
+from ..resources import Grid, model_grid
 from .data import find_preproc, first_scan_per_subject, load_masks, load_volumes
 from .ddp import DistContext, barrier, cleanup, init_distributed
 from .evaluate import (
@@ -101,11 +104,55 @@ def model_folder(output_dir: Path, task: str, backbone: str) -> Path:
 
 def train_config(settings: Any) -> TrainConfig:
     """Training settings from the run's :class:`~bids_siamese.config.Settings`."""
+    regional = settings.backbone == "regional"  # compares voxels with the population: no shift/intensity jitter
     return TrainConfig(
         epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, patience=settings.patience,
         distance=settings.distance, margin=settings.margin, dz_positives=settings.dz_positives, seed=settings.seed,
-        max_shift=shift_voxels(settings.resolution),
+        max_shift=0 if regional else shift_voxels(settings.resolution), intensity=0.0 if regional else 0.1,
+        noise_std=0.0 if regional else 0.05,
     )
+
+
+#: Block size (mm) of the regional model's patterns: 2x2x2 blocks on the 2 mm grid, none on a 4 mm or coarser grid.
+REGIONAL_BLOCK_MM = 4.0
+#: Learned region weights of a ``regional`` twin model, written into its checkpoint folder.
+REGION_WEIGHTS = "region_weights.tsv"
+
+
+def region_weight_table(model: RegionalEncoder, settings: Any) -> pd.DataFrame:
+    """``region, hemisphere, structure_class, label, voxels, weight, rank`` of a regional model, by weight
+    (``voxels``: 4 mm voxels of the part; the weights sum to 1)."""
+    from ..explain.regions import load_atlas
+
+    table = load_atlas(str(settings.atlas), getattr(settings, "atlas_labels", None)).table.set_index("index")
+    labels = model.part_label.numpy()
+    out = pd.DataFrame({
+        "region": [table.at[lab, "region"] if lab in table.index else str(lab) for lab in labels],
+        "hemisphere": [table.at[lab, "hemisphere"] if lab in table.index else "n/a" for lab in labels],
+        "structure_class": [table.at[lab, "structure_class"] if lab in table.index else "n/a" for lab in labels],
+        "label": labels,
+        "voxels": model.part_count.numpy().astype(int),
+        "weight": model.region_weights().detach().numpy().round(6),
+    }).sort_values("weight", ascending=False, kind="stable").reset_index(drop=True)
+    return out.assign(rank=np.arange(1, len(out) + 1))
+
+
+def new_twin_model(settings: Any, grid: Grid, volumes: np.ndarray, masks: np.ndarray, train_idx: np.ndarray
+                   ) -> nn.Module:
+    """A fresh twin model for ``settings.backbone``; the ``regional`` model takes its regions from
+    ``settings.atlas`` inside the training subjects' brain and its population reference from their scans."""
+    if settings.backbone != "regional":
+        return build_model("twin", settings.backbone, embedding_dim=settings.embedding_dim)
+    from ..explain.regions import labels_on_grid, load_atlas
+
+    atlas = load_atlas(str(settings.atlas), getattr(settings, "atlas_labels", None))
+    brain = masks[train_idx].mean(axis=0) >= 0.5
+    pool = max(1, int(round(REGIONAL_BLOCK_MM / grid.resolution)))
+    model = RegionalEncoder(grid.shape, part_map_for(grid.shape, grid.affine, partial(labels_on_grid, atlas), brain,
+                                                     pool), pool)
+    model.set_reference(volumes[train_idx], masks[train_idx])
+    LOG.info("regional twin model: %d %s regions, %d-d embedding", model.n_parts, atlas.name, model.embedding_dim)
+    return model
 
 
 def _setup(settings: Any) -> tuple[DistContext, torch.device]:
@@ -292,7 +339,6 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
     if train_mode:
         split_table = twin_split_table(relations, seed=settings.seed)
         split_of = dict(zip(split_table["participant_id"], split_table["split"]))
-        model = build_model("twin", settings.backbone, embedding_dim=settings.embedding_dim)
     else:
         if settings.model is None:
             raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
@@ -314,6 +360,7 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
     split_arr = np.array([split_of[p] for p in pids])
     result = None
     if train_mode:
+        model = new_twin_model(settings, grid, volumes, masks, np.flatnonzero(split_arr == "train"))
         data = TwinData(volumes, family, positive, unrelated)
         result = train_twin(model, data, np.flatnonzero(split_arr == "train"),
                             np.flatnonzero(split_arr == "validation"), config, device, ctx)
@@ -374,8 +421,10 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
             "n_subjects": pd.Series(split_by_pid).value_counts().to_dict(),
             "pairs": {r: int((pairs["relation"] == r).sum()) for r in ("MZ", "DZ", "unrelated")},
         }
+        regional = isinstance(model, RegionalEncoder)
         card = make_card(
-            "twin", settings.backbone, settings.embedding_dim, grid, settings.seed, training_data, decision,
+            "twin", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, grid,
+            settings.seed, training_data, decision,
             {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["mean"])},
             {"distance": settings.distance, "margin": settings.margin, "dz_positives": settings.dz_positives,
              "epochs": settings.epochs, "epochs_run": len(history), "best_epoch": result.best_epoch,
@@ -383,7 +432,13 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
              "flip_lr": config.flip_lr, "max_shift_voxels": config.max_shift, "world_size": ctx.world_size,
              "training_seconds": round(result.seconds, 1),
              "volumes_per_second": round(result.volumes_per_second, 2)})
-        written += save_checkpoint(model_folder(out_dir, "twin", settings.backbone), model, card)
+        folder = model_folder(out_dir, "twin", settings.backbone)
+        if regional:
+            weights = region_weight_table(model, settings)
+            card.update(pool=model.pool, atlas=str(settings.atlas), n_regions=model.n_parts,
+                        top_regions=[f"{r.region} {r.hemisphere} {r.weight:.3f}" for r in weights.head(5).itertuples()])
+            written.append(write_tsv(folder / REGION_WEIGHTS, weights))
+        written += save_checkpoint(folder, model, card)
     table = pairs[["subject_a", "subject_b", "relation", "split", "distance", "twin_probability", "predicted_twin"]]
     table = table.assign(distance=table["distance"].round(6), twin_probability=table["twin_probability"].round(4))
     written.append(write_tsv(out_dir / TWIN_FILES["pairs"], table))

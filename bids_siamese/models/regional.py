@@ -1,0 +1,197 @@
+"""Atlas-region Siamese embedding (``--backbone regional``): a twin model that learns from a few dozen pairs.
+
+The CNN backbones pool a whole brain into one vector; on registered brains whose family resemblance lives in
+the *shape* of a few structures, that vector mostly describes the individual, and with tens of training
+families the networks memorise them (``docs/benchmarks.md``). This model keeps the spatial pattern and learns
+only *where* to compare:
+
+1. standardise each voxel by the training population (``reference_mean``, ``reference_sd``: buffers set
+   from the training scans by :meth:`RegionalEncoder.set_reference`, saved with the weights);
+2. average blocks of about 4 mm (2x2x2 voxels at the default 2 mm grid; none at 4 mm or coarser);
+3. per atlas region (a "part", the bundled Harvard-Oxford atlas by default, restricted to the training
+   population's brain), centre the pattern and scale it to unit length;
+4. weight every part by ``sqrt(softmax(logit))``, the only learned parameters (one per region).
+
+The embedding is the concatenation of the weighted parts; it has unit length, and the cosine similarity of
+two scans is the weighted mean over regions of their within-region pattern correlation. The triplet loss
+learns the region weights. Because the similarity is a sum over voxels, it decomposes exactly into
+per-voxel contributions (:meth:`RegionalEncoder.contributions`), which is what ``explain`` maps for this
+model instead of LRP.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Parts with fewer pooled voxels than this are left out (their correlation is noise).
+MIN_PART_VOXELS = 8
+#: The voxelwise reference spread is floored at this percentile of its in-brain values.
+SD_FLOOR_PERCENTILE = 10.0
+
+
+def pooled_shape(shape: Sequence[int], pool: int) -> tuple[int, int, int]:
+    """Grid shape after ``pool``-voxel average pooling with ``ceil_mode``.
+
+    Examples:
+        >>> pooled_shape((84, 104, 88), 2), pooled_shape((5, 5, 5), 2)
+        ((42, 52, 44), (3, 3, 3))
+    """
+    return tuple(-(-int(s) // pool) for s in shape)  # type: ignore[return-value]
+
+
+def pooled_affine(affine: np.ndarray, pool: int) -> np.ndarray:
+    """Affine of the pooled grid: voxel ``k`` is the centre of fine voxels ``pool*k .. pool*k + pool - 1``.
+
+    Examples:
+        >>> pooled_affine(np.diag([2.0, 2.0, 2.0, 1.0]), 2)[:3, 3].tolist()
+        [1.0, 1.0, 1.0]
+    """
+    scale = np.diag([pool, pool, pool, 1.0])
+    scale[:3, 3] = (pool - 1) / 2.0
+    return np.asarray(affine, dtype=float) @ scale
+
+
+class RegionalEncoder(nn.Module):
+    """Population-standardised, per-region normalised 4 mm patterns, weighted by learned region weights.
+
+    Args:
+        grid_shape: shape of the model grid the inputs live on.
+        part_map: labels on the pooled grid (``pooled_shape(grid_shape, pool)``), 0 = not used. Each distinct
+            label with at least :data:`MIN_PART_VOXELS` voxels becomes a part.
+        pool: block size of the average pooling (2: 4 mm parts at the 2 mm grid).
+
+    Examples:
+        >>> labels = np.zeros((4, 4, 4), int); labels[:2] = 1; labels[2:] = 2
+        >>> enc = RegionalEncoder((8, 8, 8), labels)
+        >>> e = enc(torch.randn(3, 1, 8, 8, 8))
+        >>> e.shape, [round(float(n), 4) for n in e.norm(dim=1)]
+        (torch.Size([3, 64]), [1.0, 1.0, 1.0])
+    """
+
+    name = "regional"
+
+    def __init__(self, grid_shape: Sequence[int], part_map: np.ndarray, pool: int = 2):
+        super().__init__()
+        self.grid_shape = tuple(int(s) for s in grid_shape)
+        self.pool = int(pool)
+        part_map = np.asarray(part_map, dtype=np.int64)
+        if part_map.shape != pooled_shape(self.grid_shape, self.pool):
+            raise ValueError(f"part map shape {part_map.shape} does not fit grid {self.grid_shape} pooled by {pool}")
+        flat = part_map.ravel()
+        labels, counts = np.unique(flat[flat > 0], return_counts=True)
+        labels = labels[counts >= MIN_PART_VOXELS]
+        if not len(labels):
+            raise ValueError(f"no atlas region has {MIN_PART_VOXELS} or more voxels inside the brain")
+        positions = np.flatnonzero(np.isin(flat, labels))
+        part = np.searchsorted(labels, flat[positions])
+        self.register_buffer("reference_mean", torch.zeros(1, 1, *self.grid_shape))
+        self.register_buffer("reference_sd", torch.ones(1, 1, *self.grid_shape))
+        self.register_buffer("positions", torch.as_tensor(positions, dtype=torch.long))
+        self.register_buffer("part", torch.as_tensor(part, dtype=torch.long))
+        self.register_buffer("part_label", torch.as_tensor(labels, dtype=torch.long))
+        self.register_buffer("part_count", torch.as_tensor(np.bincount(part, minlength=len(labels)),
+                                                           dtype=torch.float32))
+        self.logit = nn.Parameter(torch.zeros(len(labels)))
+
+    @property
+    def n_parts(self) -> int:
+        """Number of regions (parts)."""
+        return int(self.part_label.numel())
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the embedding: pooled voxels inside the parts."""
+        return int(self.positions.numel())
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], pool: int = 2) -> "RegionalEncoder":
+        """Rebuild the module a saved state dict came from (the part layout is stored in its buffers)."""
+        grid_shape = tuple(state["reference_mean"].shape[2:])
+        shape = pooled_shape(grid_shape, pool)
+        part_map = np.zeros(int(np.prod(shape)), dtype=np.int64)
+        part_map[state["positions"].numpy()] = state["part_label"].numpy()[state["part"].numpy()]
+        return cls(grid_shape, part_map.reshape(shape), pool)
+
+    @torch.no_grad()
+    def set_reference(self, volumes: np.ndarray | torch.Tensor, masks: np.ndarray | None = None) -> None:
+        """Voxelwise mean and spread of the training scans ``(N, 1, X, Y, Z)``; the spread is floored at its
+        :data:`SD_FLOOR_PERCENTILE` th percentile inside the brain (``masks`` or the non-zero voxels), so that
+        nearly constant voxels do not blow up."""
+        x = torch.as_tensor(np.asarray(volumes, dtype=np.float32))
+        mean = x.mean(dim=0, keepdim=True)
+        sd = x.std(dim=0, keepdim=True, unbiased=False)
+        inside = (torch.as_tensor(np.asarray(masks)).reshape(x.shape[0], -1).float().mean(0) >= 0.5
+                  if masks is not None else (x != 0).reshape(x.shape[0], -1).float().mean(0) >= 0.5)
+        values = sd.flatten()[inside] if bool(inside.any()) else sd.flatten()
+        floor = torch.quantile(values.double(), SD_FLOOR_PERCENTILE / 100).float().clamp_min(1e-6)
+        self.reference_mean.copy_(mean)
+        self.reference_sd.copy_(torch.maximum(sd, floor))
+
+    def region_weights(self) -> torch.Tensor:
+        """The learned weight of every part (softmax of the logits, sums to 1)."""
+        return torch.softmax(self.logit.float(), dim=0)
+
+    def patterns(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-part centred, unit-length 4 mm patterns ``(B, P)`` (before the region weights)."""
+        z = (x.float() - self.reference_mean) / self.reference_sd
+        pooled = F.avg_pool3d(z, self.pool, ceil_mode=True).flatten(1)[:, self.positions]
+        n = pooled.shape[0]
+        sums = pooled.new_zeros(n, self.n_parts).index_add_(1, self.part, pooled)
+        centred = pooled - (sums / self.part_count)[:, self.part]
+        sq = pooled.new_zeros(n, self.n_parts).index_add_(1, self.part, centred * centred)
+        return centred * torch.rsqrt(sq.clamp_min(1e-12))[:, self.part]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            u = self.patterns(x)
+            e = u * self.region_weights().sqrt()[self.part]
+            return F.normalize(e, dim=1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-scan embedding (same as ``forward``)."""
+        return self.forward(x)
+
+    def to_grid(self, values: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Per-position values ``(P,)`` spread over the model grid: each pooled voxel's value is shared equally by
+        its fine voxels, so sums are kept (fine voxels past the grid edge are dropped)."""
+        v = torch.as_tensor(values, dtype=torch.float32).flatten()
+        shape = pooled_shape(self.grid_shape, self.pool)
+        coarse = torch.zeros(int(np.prod(shape)))
+        coarse[self.positions.cpu()] = v.cpu()
+        fine = coarse.reshape(shape).repeat_interleave(self.pool, 0).repeat_interleave(self.pool, 1)
+        fine = fine.repeat_interleave(self.pool, 2)[: self.grid_shape[0], : self.grid_shape[1], : self.grid_shape[2]]
+        return (fine / self.pool ** 3).numpy()
+
+    @torch.no_grad()
+    def contributions(self, x_a: torch.Tensor, x_b: torch.Tensor | None = None) -> np.ndarray:
+        """Exact per-voxel decomposition on the model grid.
+
+        With one scan: ``e_a**2`` (sums to 1, the squared length of the embedding: where the model looks).
+        With two scans: ``(e_a - e_b)**2 / 2`` (sums to their cosine distance ``1 - e_a . e_b``).
+        """
+        e_a = self.forward(x_a)[0]
+        values = e_a * e_a if x_b is None else 0.5 * (e_a - self.forward(x_b)[0]) ** 2
+        return self.to_grid(values)
+
+
+def part_map_for(grid_shape: Sequence[int], affine: np.ndarray, atlas_labels, brain: np.ndarray,
+                 pool: int = 2) -> np.ndarray:
+    """Atlas labels on the pooled grid, kept where at least half of the pooled block is brain.
+
+    Args:
+        grid_shape: model grid shape.
+        affine: model grid affine.
+        atlas_labels: a callable ``(shape, affine) -> labels`` (e.g. a bound
+            :func:`bids_siamese.explain.regions.labels_on_grid`).
+        brain: boolean brain mask on the model grid (the training population's).
+        pool: pooling block.
+    """
+    shape = pooled_shape(grid_shape, pool)
+    labels = np.asarray(atlas_labels(shape, pooled_affine(affine, pool)), dtype=np.int64)
+    b = torch.as_tensor(np.asarray(brain, dtype=np.float32))[None, None]
+    inside = F.avg_pool3d(b, pool, ceil_mode=True)[0, 0].numpy() >= 0.5
+    return np.where(inside, labels, 0)
