@@ -16,7 +16,7 @@ so a twin model that identifies families should look there. This script
 Usage::
 
     python benchmarks/explain.py --bids /tmp/demo_small --outputs /tmp/demo_small_out --results /tmp/explain_bench \
-        --epochs 40 --targets embedding distance --atlases harvard_oxford neuromorphometrics --timing --wb
+        --targets embedding distance --atlases harvard_oxford neuromorphometrics --timing --wb
 """
 from __future__ import annotations
 
@@ -34,12 +34,12 @@ import pandas as pd
 import torch
 
 from bids_siamese.bids.layout import resolve_participants
-from bids_siamese.cli.parser import parse_args
+from bids_siamese.cli.parser import MODEL_CHOICES, parse_args
 from bids_siamese.explain.lrp import canonize, embedding_network, relevance_embedding
 from bids_siamese.explain.run import EXPLAIN_FILES, run_explain
 from bids_siamese.models import BACKBONES, build_model
 from bids_siamese.resources import model_grid
-from bids_siamese.train.run import run_twin
+from bids_siamese.train.run import REGION_WEIGHTS, run_twin
 
 #: Planted region name (truth.json) -> lower-case fragments that find it among atlas region names.
 REGION_KEYS = {"thalamus": ("thalam",), "brain_stem": ("stem",), "brainstem": ("stem",),
@@ -89,9 +89,10 @@ def lrp_seconds(backbone: str, resolution: float) -> float:
 
 
 def group_argv(args: argparse.Namespace, atlas: str) -> list[str]:
+    extra = [x for name in ("epochs", "batch_size", "patience") if getattr(args, name) is not None
+             for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]  # unset: the backbone's defaults
     return [str(args.bids), str(args.results), "group", "--task", "twin", "--mode", "train", "--backbone",
-            args.backbone, "--resolution", f"{args.resolution:g}", "--epochs", str(args.epochs), "--batch-size",
-            str(args.batch_size), "--patience", str(args.patience), "--seed", str(args.seed), "--device", "cpu",
+            args.backbone, "--resolution", f"{args.resolution:g}", *extra, "--seed", str(args.seed), "--device", "cpu",
             "--skip-bids-validation", "--atlas", atlas, "--omp-nthreads", str(args.threads)]
 
 
@@ -101,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--outputs", type=Path, default=Path("/tmp/demo_small_out"))
     p.add_argument("--results", type=Path, default=Path("/tmp/explain_benchmark"))
     p.add_argument("--model", type=Path, help="reuse this twin checkpoint instead of training")
-    p.add_argument("--backbone", default="small", choices=BACKBONES)
+    p.add_argument("--backbone", default="regional", choices=MODEL_CHOICES)
     p.add_argument("--resolution", type=float, default=2.0)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=12)
-    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None, help="default: the app's default for the backbone")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--patience", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--targets", nargs="+", default=["embedding"], choices=["embedding", "embedding_abs", "distance"])
@@ -133,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         metrics = pd.read_csv(args.results / "group_twins_metrics.tsv", sep="\t").set_index("metric")["mean"]
         print(f"twin training: {time.perf_counter() - t0:.0f} s, test AUC {metrics.get('auc_roc', float('nan')):.3f} "
               f"(baseline {metrics.get('baseline_auc_roc', float('nan')):.3f})")
+    weights_file = Path(model) / REGION_WEIGHTS
+    if weights_file.is_file():  # the regional model's own ranking: its learned region weights
+        weights = pd.read_csv(weights_file, sep="\t")
+        ranks = planted_ranks(weights, planted)
+        print(f"learned region weights ({len(weights)} regions): planted ranks "
+              + ", ".join(f"{k} {v if v is not None else 'absent'}" for k, v in ranks.items()) + "; top 6: "
+              + ", ".join(f"{r.region} {r.hemisphere} ({r.weight:.3f})" for r in weights.head(6).itertuples()))
     written: list[Path] = []
     for target in args.targets:
         for atlas in args.atlases:
