@@ -44,7 +44,7 @@ import torch
 
 from bids_siamese.bids.layout import resolve_participants
 from bids_siamese.cli.parser import MODEL_CHOICES, parse_args
-from bids_siamese.models import BACKBONES, build_model
+from bids_siamese.models import build_model
 from bids_siamese.resources import model_grid
 from bids_siamese.train.run import TWIN_FILES, run_twin
 
@@ -166,7 +166,17 @@ def metric_line(metrics: pd.DataFrame, prefix: str, label: str) -> str:
 def throughput(backbone: str, resolution: float, batch_size: int, steps: int = 3) -> float:
     """Training volumes/s (forward + backward + AdamW step) of a twin model on random inputs."""
     torch.manual_seed(0)
-    model = build_model("twin", backbone).train()
+    if backbone == "regional":
+        from types import SimpleNamespace
+
+        from bids_siamese.train.run import new_twin_model
+
+        grid = model_grid(resolution)
+        volumes = np.random.default_rng(0).normal(size=(4, 1, *grid.shape)).astype(np.float32)
+        model = new_twin_model(SimpleNamespace(backbone="regional", atlas="harvard_oxford"), grid, volumes,
+                               np.ones((4, *grid.shape), bool), np.arange(4)).train()
+    else:
+        model = build_model("twin", backbone).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch_size, 1, *model_grid(resolution).shape)
     times = []
@@ -263,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.signal_check:
         print(signal_check(args.bids, args.results, subjects, args.resolution))
     if args.throughput:
-        for backbone in BACKBONES:
+        for backbone in MODEL_CHOICES:
             vps = throughput(backbone, args.resolution, batch_size=2)
             print(f"throughput {backbone}: {vps:.2f} volumes/s (train step, batch 2, {args.resolution:g} mm, CPU, "
                   f"{torch.get_num_threads()} threads)")

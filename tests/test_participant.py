@@ -111,7 +111,9 @@ def test_group_collects_orientation(participant_run, demo, truth):
     assert (merged["lr_flip_suspected"] == merged["lr_flipped"].astype(bool)).all()
     report = (out / "group.html").read_text()  # the group report, with the orientation summary
     assert "Orientation and symmetry" in report
-    assert f"{len(truth)} scans; {int(truth['lr_flipped'].astype(bool).sum())} flagged as left-right flipped" in report
+    n_failed = int((table["header_checks_failed"].notna() & (table["header_checks_failed"] != "n/a")).sum())
+    assert (f"{len(truth)} scans; {int(truth['lr_flipped'].astype(bool).sum())} flagged as left-right flipped; "
+            f"{n_failed} with failed header checks") in report
     assert [i for i in run_validator(out) if i.severity == "error"] == []
 
 

@@ -235,3 +235,5 @@ def test_explain_regional_model_ranks_the_weighted_region_first(regional_run, tm
         assert sidecar["Description"].startswith("Exact per-voxel decomposition") and "LRPRules" not in sidecar
     ranking = pd.read_csv(out / "group_regions_ranking.tsv", sep="\t")
     assert ranking.iloc[0]["region"] == "Thalamus"
+    report = (out / "group.html").read_text()  # the report shows the trained model's own region weights
+    assert "Learned region weights (regional model)" in report and weights.iloc[0]["region"] in report

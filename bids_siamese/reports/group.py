@@ -259,6 +259,7 @@ def build_group_context(
     orientation: pd.DataFrame | None = None,
     symmetry: pd.DataFrame | None = None,
     subjects_regions: pd.DataFrame | None = None,
+    region_weights: pd.DataFrame | None = None,
     files: Sequence[str] = (),
     notes: Mapping[str, str] | None = None,
     seed: int = 0,
@@ -277,6 +278,8 @@ def build_group_context(
         "ranking_svg": None,
         "ranking": table_view(ranking, 25, ["rank", "region", "hemisphere", "structure_class", "importance", "voxels"]),
         "statistics": table_view(statistics),
+        "region_weights": table_view(region_weights, 15, ["rank", "region", "hemisphere", "structure_class", "weight",
+                                                          "voxels"]),
         "statistics_sentence": _statistics_sentence(statistics),
         "slices_svg": None,
         "surface_svg": None,
@@ -301,7 +304,8 @@ def build_group_context(
             LOG.warning("no surface views in the report (%s)", err)
     if orientation is not None and len(orientation):
         flagged = orientation[orientation["lr_flip_suspected"].astype(str).str.lower() == "true"]
-        failed = orientation[orientation["header_checks_failed"].astype(str) != "n/a"]
+        checks = orientation["header_checks_failed"]  # pandas reads the TSV's "n/a" as missing
+        failed = orientation[checks.notna() & ~checks.astype(str).isin(["n/a", ""])]
         context["orientation"] = {"n": len(orientation), "flagged": len(flagged), "header_failed": len(failed),
                                   "table": table_view(pd.concat([flagged, failed]).drop_duplicates(), 30)}
     if symmetry is not None and len(symmetry):
@@ -368,6 +372,11 @@ def write_group_report(settings: Any, explain: Any = None, output_dir: Path | No
     embeddings = explain.embeddings if explain is not None else _read_tsv(out / "group_twins_embeddings.tsv")
     subjects_regions = (_read_tsv(out / "group_regions_subjects.tsv")
                         if getattr(settings, "report_subjects", False) else None)
+    model = getattr(settings, "model", None)
+    folders = ([Path(model) if Path(model).is_dir() else Path(model).parent] if model else []) + [
+        out / "models" / "twins_regional"]
+    region_weights = next((_read_tsv(f / "region_weights.tsv") for f in folders if (f / "region_weights.tsv").is_file()),
+                          None)
     notes = {}
     if explain is not None:
         notes = {"relevance target": explain.target, "atlas": explain.atlas, "smoothing FWHM (mm)": f"{explain.fwhm:g}",
@@ -389,6 +398,7 @@ def write_group_report(settings: Any, explain: Any = None, output_dir: Path | No
         orientation=_read_tsv(out / "group_orientation.tsv"),
         symmetry=_read_tsv(out / "group_symmetry.tsv"),
         subjects_regions=subjects_regions,
+        region_weights=region_weights,
         files=files,
         notes=notes,
         seed=int(getattr(settings, "seed", 0) or 0),
