@@ -237,3 +237,22 @@ def test_explain_regional_model_ranks_the_weighted_region_first(regional_run, tm
     assert ranking.iloc[0]["region"] == "Thalamus"
     report = (out / "group.html").read_text()  # the report shows the trained model's own region weights
     assert "Learned region weights (regional model)" in report and weights.iloc[0]["region"] in report
+
+
+def test_participant_embedding_from_a_regional_checkpoint(regional_run, tmp_path, monkeypatch):
+    """``participant --model`` with a regional checkpoint writes the same unit embedding the group level uses."""
+    from bids_siamese.interfaces.embedding import ComputeEmbedding
+    from bids_siamese.models.checkpoint import load_checkpoint
+
+    _, out, _, _ = regional_run
+    folder = out / "models" / "twins_regional"
+    in_file = next(out.glob("sub-*/ses-1/anat/*_desc-preproc_T1w.nii.gz"))
+    monkeypatch.chdir(tmp_path)
+    result = ComputeEmbedding(in_file=str(in_file), model=str(folder)).run()
+    table = pd.read_csv(result.outputs.out_tsv, sep="\t")
+    model, card = load_checkpoint(folder)
+    assert table.shape == (1, card["embedding_dim"]) == (1, model.embedding_dim)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(np.asarray(nib.load(str(in_file)).dataobj, np.float32))[None, None])[0]
+    assert np.allclose(table.to_numpy()[0], expected.numpy(), atol=1e-5)
+    assert np.linalg.norm(table.to_numpy()[0]) == pytest.approx(1.0, abs=1e-3)
