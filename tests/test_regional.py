@@ -195,6 +195,7 @@ def test_group_twin_regional_train_then_apply(regional_run):
     assert list(weights.columns) == ["region", "hemisphere", "structure_class", "label", "voxels", "weight", "rank"]
     assert weights["weight"].sum() == pytest.approx(1.0, abs=1e-4) and weights["weight"].is_monotonic_decreasing
     assert card["hyperparameters"]["max_shift_voxels"] == 0
+    assert card["input"]["population_reference"].startswith("voxelwise mean and spread of the ")
     pairs = pd.read_csv(out / TWIN_FILES["pairs"], sep="\t")
     metrics = pd.read_csv(out / TWIN_FILES["metrics"], sep="\t").set_index("metric")
     # the fake family pattern is brain-wide, so the regional model separates the test co-twins

@@ -435,6 +435,9 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
         folder = model_folder(out_dir, "twin", settings.backbone)
         if regional:
             weights = region_weight_table(model, settings)
+            card["input"]["population_reference"] = (
+                f"voxelwise mean and spread of the {int((split_arr == 'train').sum())} training scans (model buffers "
+                "reference_mean, reference_sd; spread floored at its 10th in-brain percentile)")
             card.update(pool=model.pool, atlas=str(settings.atlas), n_regions=model.n_parts,
                         top_regions=[f"{r.region} {r.hemisphere} {r.weight:.3f}" for r in weights.head(5).itertuples()])
             written.append(write_tsv(folder / REGION_WEIGHTS, weights))
