@@ -15,11 +15,12 @@ import torch
 
 from bids_siamese.cli.parser import parse_args
 from bids_siamese.errors import UsageError
-from bids_siamese.models.regional import RegionalEncoder, part_map_for, pooled_affine, pooled_shape
+from bids_siamese.models.regional import (RegionalChange, RegionalEncoder, part_map_for, pooled_affine,
+                                          pooled_shape)
 from bids_siamese.models.losses import pairwise_distance
 from bids_siamese.train.evaluate import safe_auc
 from bids_siamese.train.loop import TrainConfig, TwinData, train_twin
-from bids_siamese.train.run import REGION_WEIGHTS, TWIN_FILES, run_twin
+from bids_siamese.train.run import LONGITUDINAL_FILES, REGION_WEIGHTS, TWIN_FILES, run_longitudinal, run_twin
 
 from test_train import make_group_inputs, settings_for
 
@@ -170,8 +171,9 @@ def test_cli_defaults_per_task_and_regional_is_twin_only(tmp_path):
     assert parse_args(base + ["--task", "twin", "--epochs", "7"]).epochs == 7
     longitudinal = parse_args(base + ["--task", "longitudinal"])
     assert (longitudinal.backbone, longitudinal.epochs) == ("small", 30)
-    with pytest.raises(UsageError, match="regional is a twin model"):
-        parse_args(base + ["--task", "longitudinal", "--backbone", "regional"])
+    assert parse_args(base + ["--task", "longitudinal", "--backbone", "regional"]).lr == 0.05
+    with pytest.raises(UsageError, match="regional has no symmetry model"):
+        parse_args(base + ["--task", "symmetry", "--backbone", "regional"])
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +259,47 @@ def test_participant_embedding_from_a_regional_checkpoint(regional_run, tmp_path
         expected = model(torch.from_numpy(np.asarray(nib.load(str(in_file)).dataobj, np.float32))[None, None])[0]
     assert np.allclose(table.to_numpy()[0], expected.numpy(), atol=1e-5)
     assert np.linalg.norm(table.to_numpy()[0]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_regional_change_features_penalty_and_round_trip():
+    torch.manual_seed(3)
+    model = RegionalChange(SHAPE, _quadrants())
+    x_a = torch.randn(4, 1, *SHAPE)
+    x_b = x_a.clone()
+    x_b[:, :, :8, :8] -= 1.0  # quadrant 1 darkens by 1
+    diff = model.embed(x_b) - model.embed(x_a)
+    assert torch.allclose(diff[:, 0], torch.full((4,), -1.0), atol=1e-5) and diff[:, 1:].abs().max() < 1e-5
+    model.set_feature_scale(torch.randn(10, 4))
+    model.classifier.weight.data = torch.tensor([[1.0, -2.0, 0.0, 0.5]])
+    assert float(model.penalty().detach()) == pytest.approx(0.03 * 3.5)
+    again = RegionalChange.from_state_dict(model.state_dict(), SHAPE, pool=2)
+    again.load_state_dict(model.state_dict())
+    assert torch.allclose(again(x_a, x_b), model(x_a, x_b))
+
+
+def test_group_longitudinal_regional_learns_the_planted_atrophy(tmp_path):
+    """The fake decliners lose intensity in a central sphere: the regional change model finds it, ranks central
+    regions first and reproduces its predictions with --mode apply."""
+    bids, out, subjects = make_group_inputs(tmp_path)
+    settings = settings_for(bids, out, "longitudinal", backbone="regional", n_draws=2, epochs=60, batch_size=32,
+                            lr=0.05, patience=60, atlas="harvard_oxford")
+    written = run_longitudinal(settings, subjects)
+    folder = out / "models" / "longitudinal_regional"
+    names = {p.relative_to(out).as_posix() for p in written}
+    assert f"models/longitudinal_regional/{REGION_WEIGHTS}" in names
+    metrics = pd.read_csv(out / LONGITUDINAL_FILES["metrics"], sep="\t").set_index("metric")
+    assert metrics.loc["auc_roc", "mean"] >= 0.75
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["backbone"] == "regional" and card["embedding_dim"] == card["n_regions"]
+    assert card["hyperparameters"]["validation_pairs"].startswith("used for training")
+    weights = pd.read_csv(folder / REGION_WEIGHTS, sep="\t")
+    assert weights["weight"].abs().is_monotonic_decreasing and (weights["weight"].iloc[0] != 0)
+    central = {"Thalamus", "Lateral Ventricle", "Lateral Ventrical", "Caudate", "Putamen", "Pallidum"}
+    assert set(weights.head(3)["region"]) <= central and (weights.head(3)["weight"] < 0).all()  # darkening = decline
+    history = pd.read_csv(out / LONGITUDINAL_FILES["history"], sep="\t")
+    assert history["val_loss"].isna().all()  # validation pairs were trained on: no in-sample validation figures
+    pred = pd.read_csv(out / LONGITUDINAL_FILES["predictions"], sep="\t")
+    run_longitudinal(settings_for(bids, out, "longitudinal", mode="apply", model=folder, backbone="regional"),
+                     subjects)
+    again = pd.read_csv(out / LONGITUDINAL_FILES["predictions"], sep="\t")
+    assert np.allclose(again["p_decline"], pred["p_decline"], atol=1e-5)

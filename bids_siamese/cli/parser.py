@@ -16,7 +16,7 @@ from ..errors import AnalysisLevelError, NoInputError, UsageError
 ANALYSIS_LEVELS = ("participant", "group")
 TASKS = ("twin", "longitudinal", "symmetry")
 BACKBONES = ("small", "unet", "resnet18", "densenet121")
-#: ``--backbone`` choices: the CNN encoders and the twin-only atlas-region model (bids_siamese.models.regional).
+#: ``--backbone`` choices: the CNN encoders and the atlas-region models (bids_siamese.models.regional).
 MODEL_CHOICES = (*BACKBONES, "regional")
 #: Training defaults when an option is not given: the atlas-region twin model learns one weight per region from
 #: few pairs (larger steps, more epochs, whole-population batches, no augmentation: it compares each voxel
@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     grp.add_argument("--task", choices=TASKS, help="group analysis to run (default: only collect participant tables)")
     grp.add_argument("--mode", choices=("train", "apply"), default="train", help="train a model or apply --model")
     grp.add_argument("--backbone", choices=MODEL_CHOICES, default=None,
-                     help="3D encoder; 'regional' (twin only): learned atlas-region weights over population-"
-                          "standardised 4 mm patterns (default for --task twin; small for the other tasks)")
+                     help="model; 'regional' (twin, longitudinal): atlas-region model with few parameters that "
+                          "learns from few pairs (default for --task twin; small for the other tasks)")
     grp.add_argument("--embedding-dim", type=int, default=128, help="embedding size")
     grp.add_argument("--distance", choices=("cosine", "euclidean"), default="cosine", help="embedding distance")
     grp.add_argument("--margin", type=float, default=0.2, help="triplet loss margin")
@@ -199,9 +199,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     if args.pairs_file is not None and not args.pairs_file.is_file():
         raise NoInputError(f"--pairs-file {args.pairs_file} not found; fix: give an existing TSV")
     backbone = args.backbone or ("regional" if args.task == "twin" else "small")
-    if backbone == "regional" and args.task in ("longitudinal", "symmetry"):
-        raise UsageError(f"--backbone regional is a twin model; fix: choose one of {', '.join(BACKBONES)} for "
-                         f"--task {args.task}")
+    if backbone == "regional" and args.task == "symmetry":
+        raise UsageError(f"--backbone regional has no symmetry model; fix: choose one of {', '.join(BACKBONES)} for "
+                         "--task symmetry")
     for name, value in TRAINING_DEFAULTS["regional" if backbone == "regional" else "cnn"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

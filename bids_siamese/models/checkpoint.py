@@ -28,7 +28,7 @@ from ..bids.derivatives import write_bytes, write_json, write_text
 from ..errors import BadDataError, NoInputError, UsageError
 from ..resources import TEMPLATE, Grid
 from .heads import EmbeddingHead, build_model
-from .regional import RegionalEncoder
+from .regional import RegionalChange, RegionalEncoder
 
 WEIGHTS = "model.pt"
 CARD = "model_card.json"
@@ -259,8 +259,11 @@ def load_checkpoint(path: Path, task: str | None = None, grid: Grid | None = Non
     weights = checkpoint_folder(path) / WEIGHTS
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        if card["backbone"] == "regional":  # the region layout and population reference are in the buffers
-            model: nn.Module = RegionalEncoder.from_state_dict(state, pool=int(card.get("pool", 2)))
+        if card["backbone"] == "regional" and card["task"] == "longitudinal":  # region layout in the buffers
+            model: nn.Module = RegionalChange.from_state_dict(state, tuple(card["grid"]["shape"]),
+                                                              pool=int(card.get("pool", 2)))
+        elif card["backbone"] == "regional":  # the region layout and population reference are in the buffers
+            model = RegionalEncoder.from_state_dict(state, pool=int(card.get("pool", 2)))
         else:
             model = build_model(card["task"], card["backbone"], embedding_dim=int(card["embedding_dim"]),
                                 in_channels=int(card.get("in_channels", 1)),

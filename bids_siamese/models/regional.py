@@ -55,6 +55,34 @@ def pooled_affine(affine: np.ndarray, pool: int) -> np.ndarray:
     return np.asarray(affine, dtype=float) @ scale
 
 
+def _check_part_map(part_map: np.ndarray, grid_shape: Sequence[int], pool: int) -> None:
+    if np.shape(part_map) != pooled_shape(grid_shape, pool):
+        raise ValueError(f"part map shape {np.shape(part_map)} does not fit grid {tuple(grid_shape)} pooled by {pool}")
+
+
+def _register_parts(module: nn.Module, part_map: np.ndarray) -> None:
+    """Buffers ``positions`` (flat pooled-grid index of every used voxel), ``part`` (its part), ``part_label``
+    (atlas label of each part) and ``part_count`` (voxels per part) from a labelled pooled grid."""
+    flat = np.asarray(part_map, dtype=np.int64).ravel()
+    labels, counts = np.unique(flat[flat > 0], return_counts=True)
+    labels = labels[counts >= MIN_PART_VOXELS]
+    if not len(labels):
+        raise ValueError(f"no atlas region has {MIN_PART_VOXELS} or more voxels inside the brain")
+    positions = np.flatnonzero(np.isin(flat, labels))
+    part = np.searchsorted(labels, flat[positions])
+    module.register_buffer("positions", torch.as_tensor(positions, dtype=torch.long))
+    module.register_buffer("part", torch.as_tensor(part, dtype=torch.long))
+    module.register_buffer("part_label", torch.as_tensor(labels, dtype=torch.long))
+    module.register_buffer("part_count", torch.as_tensor(np.bincount(part, minlength=len(labels)), dtype=torch.float32))
+
+
+def _part_map_from_state(state: Mapping[str, torch.Tensor], grid_shape: Sequence[int], pool: int) -> np.ndarray:
+    shape = pooled_shape(grid_shape, pool)
+    part_map = np.zeros(int(np.prod(shape)), dtype=np.int64)
+    part_map[state["positions"].numpy()] = state["part_label"].numpy()[state["part"].numpy()]
+    return part_map.reshape(shape)
+
+
 class RegionalEncoder(nn.Module):
     """Population-standardised, per-region normalised 4 mm patterns, weighted by learned region weights.
 
@@ -78,24 +106,11 @@ class RegionalEncoder(nn.Module):
         super().__init__()
         self.grid_shape = tuple(int(s) for s in grid_shape)
         self.pool = int(pool)
-        part_map = np.asarray(part_map, dtype=np.int64)
-        if part_map.shape != pooled_shape(self.grid_shape, self.pool):
-            raise ValueError(f"part map shape {part_map.shape} does not fit grid {self.grid_shape} pooled by {pool}")
-        flat = part_map.ravel()
-        labels, counts = np.unique(flat[flat > 0], return_counts=True)
-        labels = labels[counts >= MIN_PART_VOXELS]
-        if not len(labels):
-            raise ValueError(f"no atlas region has {MIN_PART_VOXELS} or more voxels inside the brain")
-        positions = np.flatnonzero(np.isin(flat, labels))
-        part = np.searchsorted(labels, flat[positions])
+        _check_part_map(part_map, self.grid_shape, self.pool)
         self.register_buffer("reference_mean", torch.zeros(1, 1, *self.grid_shape))
         self.register_buffer("reference_sd", torch.ones(1, 1, *self.grid_shape))
-        self.register_buffer("positions", torch.as_tensor(positions, dtype=torch.long))
-        self.register_buffer("part", torch.as_tensor(part, dtype=torch.long))
-        self.register_buffer("part_label", torch.as_tensor(labels, dtype=torch.long))
-        self.register_buffer("part_count", torch.as_tensor(np.bincount(part, minlength=len(labels)),
-                                                           dtype=torch.float32))
-        self.logit = nn.Parameter(torch.zeros(len(labels)))
+        _register_parts(self, part_map)
+        self.logit = nn.Parameter(torch.zeros(self.n_parts))
 
     @property
     def n_parts(self) -> int:
@@ -111,10 +126,7 @@ class RegionalEncoder(nn.Module):
     def from_state_dict(cls, state: Mapping[str, torch.Tensor], pool: int = 2) -> "RegionalEncoder":
         """Rebuild the module a saved state dict came from (the part layout is stored in its buffers)."""
         grid_shape = tuple(state["reference_mean"].shape[2:])
-        shape = pooled_shape(grid_shape, pool)
-        part_map = np.zeros(int(np.prod(shape)), dtype=np.int64)
-        part_map[state["positions"].numpy()] = state["part_label"].numpy()[state["part"].numpy()]
-        return cls(grid_shape, part_map.reshape(shape), pool)
+        return cls(grid_shape, _part_map_from_state(state, grid_shape, pool), pool)
 
     @torch.no_grad()
     def set_reference(self, volumes: np.ndarray | torch.Tensor, masks: np.ndarray | None = None) -> None:
@@ -176,6 +188,87 @@ class RegionalEncoder(nn.Module):
         e_a = self.forward(x_a)[0]
         values = e_a * e_a if x_b is None else 0.5 * (e_a - self.forward(x_b)[0]) ** 2
         return self.to_grid(values)
+
+
+class RegionalChange(nn.Module):
+    """Longitudinal ``regional`` model: shared regional encoder, difference fusion, sparse linear classifier.
+
+    Each session is embedded as the mean intensity of every atlas region (a proxy of its volume and contrast:
+    atrophy lets darker CSF into a region's border). The fused feature is the later-minus-earlier difference,
+    standardised by the training pairs (``feature_mean``, ``feature_sd``), and a linear layer with an L1 penalty
+    (:meth:`penalty`, added to the loss by the training loop) turns it into the logit of p(decline): with a few
+    pairs it keeps a few regions (ventricles and hippocampi on the demo).
+
+    Args:
+        grid_shape: model grid shape.
+        part_map: atlas labels on the pooled grid (see :class:`RegionalEncoder`).
+        pool: block size of the average pooling.
+        l1: weight of the L1 penalty on the classifier's coefficients.
+
+    Examples:
+        >>> labels = np.zeros((4, 4, 4), int); labels[:2] = 1; labels[2:] = 2
+        >>> model = RegionalChange((8, 8, 8), labels)
+        >>> x = torch.randn(3, 1, 8, 8, 8)
+        >>> model.embed(x).shape, model(x, x + 1).shape
+        (torch.Size([3, 2]), torch.Size([3]))
+    """
+
+    name = "regional"
+
+    def __init__(self, grid_shape: Sequence[int], part_map: np.ndarray, pool: int = 2, l1: float = 0.03):
+        super().__init__()
+        self.grid_shape = tuple(int(s) for s in grid_shape)
+        self.pool = int(pool)
+        self.l1 = float(l1)
+        _check_part_map(part_map, self.grid_shape, self.pool)
+        _register_parts(self, part_map)
+        self.register_buffer("feature_mean", torch.zeros(self.n_parts))
+        self.register_buffer("feature_sd", torch.ones(self.n_parts))
+        self.classifier = nn.Linear(self.n_parts, 1)
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def n_parts(self) -> int:
+        """Number of regions."""
+        return int(self.part_label.numel())
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the per-session embedding: one mean per region."""
+        return self.n_parts
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], grid_shape: Sequence[int], pool: int = 2
+                        ) -> "RegionalChange":
+        """Rebuild the module a saved state dict came from (``grid_shape`` from the model card)."""
+        return cls(grid_shape, _part_map_from_state(state, grid_shape, pool), pool)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-session embedding ``(B, R)``: the mean intensity of every region."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            pooled = F.avg_pool3d(x.float(), self.pool, ceil_mode=True).flatten(1)[:, self.positions]
+            sums = pooled.new_zeros(pooled.shape[0], self.n_parts).index_add_(1, self.part, pooled)
+            return sums / self.part_count
+
+    @torch.no_grad()
+    def set_feature_scale(self, differences: torch.Tensor | np.ndarray) -> None:
+        """Mean and spread (floored at 1e-6) of the training pairs' embedding differences ``(N, R)``."""
+        d = torch.as_tensor(np.asarray(differences, dtype=np.float32))
+        self.feature_mean.copy_(d.mean(dim=0))
+        self.feature_sd.copy_(d.std(dim=0, unbiased=False).clamp_min(1e-6))
+
+    def fuse(self, e_a: torch.Tensor, e_b: torch.Tensor) -> torch.Tensor:
+        """Logits from two sessions' embeddings (earlier first)."""
+        z = ((e_b.float() - e_a.float()) - self.feature_mean) / self.feature_sd
+        return self.classifier(z).squeeze(1)
+
+    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.embed(x_a), self.embed(x_b))
+
+    def penalty(self) -> torch.Tensor:
+        """L1 penalty on the classifier's coefficients (sparse: a few regions decide)."""
+        return self.l1 * self.classifier.weight.abs().sum()
 
 
 def part_map_for(grid_shape: Sequence[int], affine: np.ndarray, atlas_labels, brain: np.ndarray,

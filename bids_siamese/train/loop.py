@@ -454,6 +454,8 @@ def train_longitudinal(
             with _autocast(device, config.amp):
                 logits = net(x_a, x_b)
             loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
+            if hasattr(unwrap(net), "penalty"):  # e.g. the regional model's L1 on its coefficients
+                loss = loss + unwrap(net).penalty()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

@@ -24,7 +24,7 @@ from ..bids.derivatives import write_tsv
 from ..errors import BadDataError, NoInputError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint, sha256_bytes, sha256_file
 from ..models.heads import build_model
-from ..models.regional import RegionalEncoder, part_map_for
+from ..models.regional import RegionalChange, RegionalEncoder, part_map_for
 from ..models.losses import pairwise_distance
 from ..resources import Grid, model_grid
 from .data import find_preproc, first_scan_per_subject, load_masks, load_volumes
@@ -119,22 +119,54 @@ REGIONAL_BLOCK_MM = 4.0
 REGION_WEIGHTS = "region_weights.tsv"
 
 
-def region_weight_table(model: RegionalEncoder, settings: Any) -> pd.DataFrame:
-    """``region, hemisphere, structure_class, label, voxels, weight, rank`` of a regional model, by weight
-    (``voxels``: 4 mm voxels of the part; the weights sum to 1)."""
+def region_weight_table(model: RegionalEncoder | RegionalChange, settings: Any) -> pd.DataFrame:
+    """``region, hemisphere, structure_class, label, voxels, weight, rank`` of a regional model, most important
+    first (``voxels``: pooled voxels of the part). Twin model: ``weight`` = learned region weight (sums to 1).
+    Longitudinal model: ``weight`` = the classifier's coefficient of the standardised change of the region's
+    mean (signed: negative = darkening means decline), ranked by its absolute value."""
     from ..explain.regions import load_atlas
 
     table = load_atlas(str(settings.atlas), getattr(settings, "atlas_labels", None)).table.set_index("index")
     labels = model.part_label.numpy()
+    weight = (model.region_weights() if isinstance(model, RegionalEncoder) else model.classifier.weight[0])
     out = pd.DataFrame({
         "region": [table.at[lab, "region"] if lab in table.index else str(lab) for lab in labels],
         "hemisphere": [table.at[lab, "hemisphere"] if lab in table.index else "n/a" for lab in labels],
         "structure_class": [table.at[lab, "structure_class"] if lab in table.index else "n/a" for lab in labels],
         "label": labels,
         "voxels": model.part_count.numpy().astype(int),
-        "weight": model.region_weights().detach().numpy().round(6),
-    }).sort_values("weight", ascending=False, kind="stable").reset_index(drop=True)
+        "weight": weight.detach().numpy().round(6),
+    })
+    order = np.argsort(-np.abs(out["weight"].to_numpy()), kind="stable")
+    out = out.iloc[order].reset_index(drop=True)
     return out.assign(rank=np.arange(1, len(out) + 1))
+
+
+def _regional_parts(settings: Any, grid: Grid, brain: np.ndarray) -> tuple[np.ndarray, int, str]:
+    """``(part map, pool, atlas name)`` of a regional model: ``settings.atlas`` labels inside ``brain``."""
+    from ..explain.regions import labels_on_grid, load_atlas
+
+    atlas = load_atlas(str(settings.atlas), getattr(settings, "atlas_labels", None))
+    pool = max(1, int(round(REGIONAL_BLOCK_MM / grid.resolution)))
+    return part_map_for(grid.shape, grid.affine, partial(labels_on_grid, atlas), brain, pool), pool, atlas.name
+
+
+def new_longitudinal_model(settings: Any, grid: Grid, data: PairData, train_idx: np.ndarray) -> nn.Module:
+    """A fresh longitudinal model for ``settings.backbone``; the ``regional`` one takes its regions inside the
+    training scans' brain and standardises its change features by the training pairs."""
+    if settings.backbone != "regional":
+        return build_model("longitudinal", settings.backbone, embedding_dim=settings.embedding_dim)
+    scans = np.unique(data.pairs[train_idx])
+    brain = (data.volumes[scans, 0] != 0).mean(axis=0) >= 0.5
+    parts, pool, atlas = _regional_parts(settings, grid, brain)
+    model = RegionalChange(grid.shape, parts, pool)
+    with torch.no_grad():
+        emb = model.embed(torch.from_numpy(data.volumes[scans]))
+    row = {int(s): k for k, s in enumerate(scans)}
+    pairs = data.pairs[train_idx]
+    model.set_feature_scale(emb[[row[int(b)] for b in pairs[:, 1]]] - emb[[row[int(a)] for a in pairs[:, 0]]])
+    LOG.info("regional longitudinal model: %d %s regions", model.n_parts, atlas)
+    return model
 
 
 def new_twin_model(settings: Any, grid: Grid, volumes: np.ndarray, masks: np.ndarray, train_idx: np.ndarray
@@ -143,15 +175,10 @@ def new_twin_model(settings: Any, grid: Grid, volumes: np.ndarray, masks: np.nda
     ``settings.atlas`` inside the training subjects' brain and its population reference from their scans."""
     if settings.backbone != "regional":
         return build_model("twin", settings.backbone, embedding_dim=settings.embedding_dim)
-    from ..explain.regions import labels_on_grid, load_atlas
-
-    atlas = load_atlas(str(settings.atlas), getattr(settings, "atlas_labels", None))
-    brain = masks[train_idx].mean(axis=0) >= 0.5
-    pool = max(1, int(round(REGIONAL_BLOCK_MM / grid.resolution)))
-    model = RegionalEncoder(grid.shape, part_map_for(grid.shape, grid.affine, partial(labels_on_grid, atlas), brain,
-                                                     pool), pool)
+    parts, pool, atlas = _regional_parts(settings, grid, masks[train_idx].mean(axis=0) >= 0.5)
+    model = RegionalEncoder(grid.shape, parts, pool)
     model.set_reference(volumes[train_idx], masks[train_idx])
-    LOG.info("regional twin model: %d %s regions, %d-d embedding", model.n_parts, atlas.name, model.embedding_dim)
+    LOG.info("regional twin model: %d %s regions, %d-d embedding", model.n_parts, atlas, model.embedding_dim)
     return model
 
 
@@ -565,10 +592,12 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
                     f"({int((labels == 1).sum())} decline, {int((labels == 0).sum())} stable); fix: select at least "
                     f"3 decline and 3 stable participants with two sessions (column '{settings.label_column}')")
             torch.manual_seed(seed)
-            run_model = build_model("longitudinal", settings.backbone, embedding_dim=settings.embedding_dim)
+            train_idx, val_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "validation")
+            if settings.backbone == "regional":  # convex, nothing to stop early: validation pairs train too
+                train_idx, val_idx = np.sort(np.r_[train_idx, val_idx]), val_idx[:0]
+            run_model = new_longitudinal_model(settings, grid, data, train_idx)
             run_config = TrainConfig(**{**config.__dict__, "seed": seed})
-            result = train_longitudinal(run_model, data, np.flatnonzero(split == "train"),
-                                        np.flatnonzero(split == "validation"), run_config, device, ctx)
+            result = train_longitudinal(run_model, data, train_idx, val_idx, run_config, device, ctx)
             test_idx = np.flatnonzero(split == "test")
             p_test = predict_pairs(result.model, data, test_idx, device)
             run_rows.append({"run": run, **binary_metrics(labels[test_idx], p_test, threshold)})
@@ -622,8 +651,10 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
             "n_pairs": pd.Series(pairs["split"]).value_counts().to_dict(),
             "label_column": settings.label_column,
         }
+        regional = isinstance(model, RegionalChange)
         card = make_card(
-            "longitudinal", settings.backbone, settings.embedding_dim, grid, settings.seed, training_data,
+            "longitudinal", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, grid,
+            settings.seed, training_data,
             {"threshold_p_decline": threshold, "chosen_on": "fixed a priori (class-balanced loss)"},
             {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["mean"])},
             {"epochs": settings.epochs, "epochs_run": len(first.history), "best_epoch": first.best_epoch,
@@ -631,7 +662,14 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
              "flip_lr": config.flip_lr, "max_shift_voxels": config.max_shift, "n_runs": len(run_rows),
              "world_size": ctx.world_size, "training_seconds": round(first.seconds, 1),
              "volumes_per_second": round(first.volumes_per_second, 2)})
-        written += save_checkpoint(model_folder(out_dir, "longitudinal", settings.backbone), model, card)
+        folder = model_folder(out_dir, "longitudinal", settings.backbone)
+        if regional:
+            weights = region_weight_table(model, settings)
+            card["hyperparameters"].update(l1=model.l1, validation_pairs="used for training (no early stopping)")
+            card.update(pool=model.pool, atlas=str(settings.atlas), n_regions=model.n_parts,
+                        top_regions=[f"{r.region} {r.hemisphere} {r.weight:+.3f}" for r in weights.head(5).itertuples()])
+            written.append(write_tsv(folder / REGION_WEIGHTS, weights))
+        written += save_checkpoint(folder, model, card)
     table = pairs.assign(label=pairs["label"].map(_label_text), p_decline=pairs["p_decline"].round(4))
     written.append(write_tsv(out_dir / LONGITUDINAL_FILES["predictions"], table[PREDICTION_COLUMNS]))
     written.append(write_tsv(out_dir / LONGITUDINAL_FILES["metrics"], metrics))
