@@ -170,8 +170,9 @@ def test_cli_defaults_per_task_and_regional_is_twin_only(tmp_path):
     assert parse_args(base + ["--task", "twin", "--backbone", "small"]).lr == 1e-3
     assert parse_args(base + ["--task", "twin", "--epochs", "7"]).epochs == 7
     longitudinal = parse_args(base + ["--task", "longitudinal"])
-    assert (longitudinal.backbone, longitudinal.epochs) == ("small", 30)
-    assert parse_args(base + ["--task", "longitudinal", "--backbone", "regional"]).lr == 0.05
+    assert (longitudinal.backbone, longitudinal.epochs) == ("regional", 100)
+    assert parse_args(base + ["--task", "longitudinal", "--backbone", "small"]).lr == 1e-3
+    assert parse_args(base + ["--task", "symmetry"]).backbone == "small"
     with pytest.raises(UsageError, match="regional has no symmetry model"):
         parse_args(base + ["--task", "symmetry", "--backbone", "regional"])
 

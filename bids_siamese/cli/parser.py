@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     grp.add_argument("--mode", choices=("train", "apply"), default="train", help="train a model or apply --model")
     grp.add_argument("--backbone", choices=MODEL_CHOICES, default=None,
                      help="model; 'regional' (twin, longitudinal): atlas-region model with few parameters that "
-                          "learns from few pairs (default for --task twin; small for the other tasks)")
+                          "learns from few pairs (default for --task twin and longitudinal; small for symmetry)")
     grp.add_argument("--embedding-dim", type=int, default=128, help="embedding size")
     grp.add_argument("--distance", choices=("cosine", "euclidean"), default="cosine", help="embedding distance")
     grp.add_argument("--margin", type=float, default=0.2, help="triplet loss margin")
@@ -198,7 +198,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
     if args.pairs_file is not None and not args.pairs_file.is_file():
         raise NoInputError(f"--pairs-file {args.pairs_file} not found; fix: give an existing TSV")
-    backbone = args.backbone or ("regional" if args.task == "twin" else "small")
+    backbone = args.backbone or ("regional" if args.task in ("twin", "longitudinal") else "small")
     if backbone == "regional" and args.task == "symmetry":
         raise UsageError(f"--backbone regional has no symmetry model; fix: choose one of {', '.join(BACKBONES)} for "
                          "--task symmetry")
