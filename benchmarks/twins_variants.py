@@ -10,7 +10,9 @@ Variants (``KEY=VALUE`` arguments):
 * ``arch=cnn`` (default: ``build_model("twin", backbone)`` with ``pool=avg|avgmax``), ``arch=spatial`` (a
   ``small`` encoder with ``ch=16,16`` channels, features standardised, weighted by a learned softmax map over
   positions and flattened: no global pooling) or ``arch=voxel`` (no network: the 4 mm block-averaged input
-  weighted by a learned softmax map over voxels; the embedding is the weighted, centred image).
+  weighted by a learned softmax map over voxels; the embedding is the weighted, centred image) or
+  ``arch=regional`` (the app's ``--backbone regional``, :class:`bids_siamese.models.regional.RegionalEncoder`,
+  regions of ``atlas=harvard_oxford``; use ``input=raw``: it standardises by the training scans itself).
 * ``input=raw`` (default), ``residual`` (minus the training subjects' mean) or ``zscore`` (also divided by their
   voxelwise standard deviation).
 * ``loss=hinge`` (the app's batch-hard hinge, margin ``margin``) or ``soft`` (batch-hard soft margin:
