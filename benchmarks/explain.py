@@ -34,12 +34,15 @@ import pandas as pd
 import torch
 
 from bids_siamese.bids.layout import resolve_participants
-from bids_siamese.cli.parser import MODEL_CHOICES, parse_args
+from bids_siamese.cli.parser import parse_args
 from bids_siamese.explain.lrp import canonize, embedding_network, relevance_embedding
 from bids_siamese.explain.run import EXPLAIN_FILES, run_explain
 from bids_siamese.models import BACKBONES, build_model
 from bids_siamese.resources import model_grid
 from bids_siamese.train.run import REGION_WEIGHTS, run_twin
+
+sys.path.insert(0, str(Path(__file__).parent))
+from twins import add_training_options, training_argv  # noqa: E402
 
 #: Planted region name (truth.json) -> lower-case fragments that find it among atlas region names.
 REGION_KEYS = {"thalamus": ("thalam",), "brain_stem": ("stem",), "brainstem": ("stem",),
@@ -89,10 +92,8 @@ def lrp_seconds(backbone: str, resolution: float) -> float:
 
 
 def group_argv(args: argparse.Namespace, atlas: str) -> list[str]:
-    extra = [x for name in ("epochs", "batch_size", "patience") if getattr(args, name) is not None
-             for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]  # unset: the backbone's defaults
     return [str(args.bids), str(args.results), "group", "--task", "twin", "--mode", "train", "--backbone",
-            args.backbone, "--resolution", f"{args.resolution:g}", *extra, "--seed", str(args.seed), "--device", "cpu",
+            args.backbone, "--resolution", f"{args.resolution:g}", *training_argv(args), "--seed", str(args.seed), "--device", "cpu",
             "--skip-bids-validation", "--atlas", atlas, "--omp-nthreads", str(args.threads)]
 
 
@@ -102,11 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--outputs", type=Path, default=Path("/tmp/demo_small_out"))
     p.add_argument("--results", type=Path, default=Path("/tmp/explain_benchmark"))
     p.add_argument("--model", type=Path, help="reuse this twin checkpoint instead of training")
-    p.add_argument("--backbone", default="regional", choices=MODEL_CHOICES)
+    add_training_options(p, "regional")
     p.add_argument("--resolution", type=float, default=2.0)
-    p.add_argument("--epochs", type=int, default=None, help="default: the app's default for the backbone")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--patience", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--targets", nargs="+", default=["embedding"], choices=["embedding", "embedding_abs", "distance"])

@@ -25,21 +25,19 @@ import pandas as pd
 import torch
 
 from bids_siamese.bids.layout import resolve_participants
-from bids_siamese.cli.parser import MODEL_CHOICES, parse_args
+from bids_siamese.cli.parser import parse_args
 from bids_siamese.resources import model_grid
 from bids_siamese.train.data import find_preproc, load_masks, load_volumes
 from bids_siamese.train.evaluate import binary_metrics, choose_threshold, summarise
 from bids_siamese.train.run import LONGITUDINAL_FILES, run_longitudinal
 
 sys.path.insert(0, str(Path(__file__).parent))
-from twins import link_outputs, metric_line  # noqa: E402
+from twins import add_training_options, link_outputs, metric_line, training_argv  # noqa: E402
 
 
 def group_args(bids: Path, results: Path, args: argparse.Namespace, mode: str) -> list[str]:
-    extra = [x for name in ("epochs", "batch_size", "lr", "patience") if getattr(args, name) is not None
-             for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]  # unset: the backbone's defaults
     argv = [str(bids), str(results), "group", "--task", "longitudinal", "--mode", mode, "--backbone", args.backbone,
-            "--resolution", f"{args.resolution:g}", *extra, "--n-draws",
+            "--resolution", f"{args.resolution:g}", *training_argv(args), "--n-draws",
             str(args.n_draws), "--seed", str(args.seed), "--device", "cpu", "--skip-bids-validation",
             "--omp-nthreads", str(args.threads), "--nprocs", str(args.threads)]
     if mode == "apply":
@@ -76,12 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bids", type=Path, default=Path("/tmp/demo_small"))
     p.add_argument("--outputs", type=Path, default=Path("/tmp/demo_small_out"), help="participant-level outputs")
     p.add_argument("--results", type=Path, default=Path("/tmp/longitudinal_benchmark"))
-    p.add_argument("--backbone", default="small", choices=MODEL_CHOICES)
+    add_training_options(p, "regional")
     p.add_argument("--resolution", type=float, default=2.0)
-    p.add_argument("--epochs", type=int, default=None, help="default: the app's default for the backbone")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--patience", type=int, default=None)
     p.add_argument("--n-draws", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

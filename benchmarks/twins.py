@@ -139,14 +139,29 @@ def signal_check(bids: Path, results: Path, subjects: list[str], resolution: flo
             f"{int(np.sum(y))} MZ pairs): " + ", ".join(out))
 
 
+TRAINING_OPTIONS = ("epochs", "batch_size", "lr", "patience")
+
+
+def add_training_options(p: argparse.ArgumentParser, backbone: str) -> None:
+    """``--backbone`` and the training options, unset by default so that the app's defaults for the model apply."""
+    p.add_argument("--backbone", default=backbone, choices=MODEL_CHOICES)
+    p.add_argument("--epochs", type=int, default=None, help="default: the app's default for the backbone")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--patience", type=int, default=None)
+
+
+def training_argv(args: argparse.Namespace) -> list[str]:
+    """The CLI options for the training options that were given (see :func:`add_training_options`)."""
+    return [x for name in TRAINING_OPTIONS if getattr(args, name, None) is not None
+            for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))]
+
+
 def group_args(bids: Path, results: Path, args: argparse.Namespace, mode: str, seed: int = 0) -> list[str]:
     argv = [str(bids), str(results), "group", "--task", "twin", "--mode", mode, "--backbone", args.backbone,
             "--resolution", f"{args.resolution:g}", "--n-draws", str(args.n_draws), "--seed", str(seed),
             "--device", "cpu", "--skip-bids-validation", "--omp-nthreads", str(args.threads),
-            "--nprocs", str(args.threads)]
-    for name in ("epochs", "batch_size", "lr", "patience"):  # unset: the app's defaults for the backbone
-        if getattr(args, name) is not None:
-            argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            "--nprocs", str(args.threads), *training_argv(args)]
     if mode == "apply":
         argv += ["--model", str(results / "models" / f"twins_{args.backbone}")]
     return argv
@@ -228,12 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=Path("/tmp/twins_benchmark"))
     p.add_argument("--inputs", choices=("participant", "truth"), default="participant",
                    help="model-grid inputs: the participant-level outputs (--outputs) or truth resampling")
-    p.add_argument("--backbone", default="regional", choices=MODEL_CHOICES)
+    add_training_options(p, "regional")
     p.add_argument("--resolution", type=float, default=2.0)
-    p.add_argument("--epochs", type=int, default=None, help="default: the app's default for the backbone")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--patience", type=int, default=None)
     p.add_argument("--n-draws", type=int, default=10)
     p.add_argument("--seeds", default="0", help="comma-separated seeds: one family split and training run each")
     p.add_argument("--threads", type=int, default=2)

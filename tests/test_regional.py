@@ -55,9 +55,9 @@ def test_contributions_decompose_norm_and_distance_exactly():
     enc = RegionalEncoder(SHAPE, _quadrants())
     enc.logit.data = torch.randn(4)
     a, b = torch.randn(1, 1, *SHAPE), torch.randn(1, 1, *SHAPE)
-    own = enc.contributions(a)
+    own = enc.contributions(enc(a)[0])
     assert own.shape == SHAPE and own.min() >= 0 and own.sum() == pytest.approx(1.0, abs=1e-5)
-    pair = enc.contributions(a, b)
+    pair = enc.contributions(enc(a)[0], enc(b)[0])
     distance = 1.0 - float((enc(a)[0] @ enc(b)[0]).detach())
     assert pair.sum() == pytest.approx(distance, abs=1e-5)
     # the quadrant with the largest weight holds the largest share of the norm

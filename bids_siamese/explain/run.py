@@ -280,11 +280,9 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
     totals = []
     for i, (path, vol) in enumerate(zip(scans["path"], volumes)):
         t_scan = time.perf_counter()
-        if regional:
-            x = torch.as_tensor(vol, dtype=torch.float32)[None, None]
-            partner = (torch.as_tensor(volumes[partners[i]], dtype=torch.float32)[None, None]
-                       if target == "distance" else None)
-            relevance = model.contributions(x, partner)
+        if regional:  # from the embeddings above: no second forward pass
+            relevance = model.contributions(raw_embeddings[i],
+                                            raw_embeddings[partners[i]] if target == "distance" else None)
             value = float(relevance.sum())
         elif target == "distance":
             relevance, share = relevance_distance_to(canon, vol, torch.as_tensor(raw_embeddings[partners[i]]),

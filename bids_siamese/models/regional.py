@@ -55,35 +55,61 @@ def pooled_affine(affine: np.ndarray, pool: int) -> np.ndarray:
     return np.asarray(affine, dtype=float) @ scale
 
 
-def _check_part_map(part_map: np.ndarray, grid_shape: Sequence[int], pool: int) -> None:
-    if np.shape(part_map) != pooled_shape(grid_shape, pool):
-        raise ValueError(f"part map shape {np.shape(part_map)} does not fit grid {tuple(grid_shape)} pooled by {pool}")
+class RegionParts(nn.Module):
+    """Atlas regions ("parts") on a pooled model grid, shared by the regional twin and longitudinal models.
+
+    Buffers: ``positions`` (flat pooled-grid index of every used voxel), ``part`` (its part), ``part_label``
+    (atlas label of each part) and ``part_count`` (voxels per part). Each distinct label of ``part_map`` with at
+    least :data:`MIN_PART_VOXELS` voxels becomes a part.
+
+    Args:
+        grid_shape: shape of the model grid the inputs live on.
+        part_map: labels on the pooled grid (``pooled_shape(grid_shape, pool)``), 0 = not used.
+        pool: block size of the average pooling.
+    """
+
+    def __init__(self, grid_shape: Sequence[int], part_map: np.ndarray, pool: int = 2):
+        super().__init__()
+        self.grid_shape = tuple(int(s) for s in grid_shape)
+        self.pool = int(pool)
+        if np.shape(part_map) != pooled_shape(self.grid_shape, self.pool):
+            raise ValueError(f"part map shape {np.shape(part_map)} does not fit grid {self.grid_shape} pooled by {pool}")
+        flat = np.asarray(part_map, dtype=np.int64).ravel()
+        labels, counts = np.unique(flat[flat > 0], return_counts=True)
+        labels = labels[counts >= MIN_PART_VOXELS]
+        if not len(labels):
+            raise ValueError(f"no atlas region has {MIN_PART_VOXELS} or more voxels inside the brain")
+        positions = np.flatnonzero(np.isin(flat, labels))
+        part = np.searchsorted(labels, flat[positions])
+        self.register_buffer("positions", torch.as_tensor(positions, dtype=torch.long))
+        self.register_buffer("part", torch.as_tensor(part, dtype=torch.long))
+        self.register_buffer("part_label", torch.as_tensor(labels, dtype=torch.long))
+        self.register_buffer("part_count", torch.as_tensor(np.bincount(part, minlength=len(labels)),
+                                                           dtype=torch.float32))
+
+    @property
+    def n_parts(self) -> int:
+        """Number of regions (parts)."""
+        return int(self.part_label.numel())
+
+    @staticmethod
+    def part_map_from_state(state: Mapping[str, torch.Tensor], grid_shape: Sequence[int], pool: int) -> np.ndarray:
+        """The labelled pooled grid that a saved state dict's part buffers came from."""
+        shape = pooled_shape(grid_shape, pool)
+        part_map = np.zeros(int(np.prod(shape)), dtype=np.int64)
+        part_map[state["positions"].numpy()] = state["part_label"].numpy()[state["part"].numpy()]
+        return part_map.reshape(shape)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Block averages of ``x`` ``(B, 1, X, Y, Z)`` at the used positions: ``(B, P)``."""
+        return F.avg_pool3d(x, self.pool, ceil_mode=True).flatten(1)[:, self.positions]
+
+    def part_sums(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-part sums ``(B, R)`` of per-position values ``(B, P)``."""
+        return values.new_zeros(values.shape[0], self.n_parts).index_add_(1, self.part, values)
 
 
-def _register_parts(module: nn.Module, part_map: np.ndarray) -> None:
-    """Buffers ``positions`` (flat pooled-grid index of every used voxel), ``part`` (its part), ``part_label``
-    (atlas label of each part) and ``part_count`` (voxels per part) from a labelled pooled grid."""
-    flat = np.asarray(part_map, dtype=np.int64).ravel()
-    labels, counts = np.unique(flat[flat > 0], return_counts=True)
-    labels = labels[counts >= MIN_PART_VOXELS]
-    if not len(labels):
-        raise ValueError(f"no atlas region has {MIN_PART_VOXELS} or more voxels inside the brain")
-    positions = np.flatnonzero(np.isin(flat, labels))
-    part = np.searchsorted(labels, flat[positions])
-    module.register_buffer("positions", torch.as_tensor(positions, dtype=torch.long))
-    module.register_buffer("part", torch.as_tensor(part, dtype=torch.long))
-    module.register_buffer("part_label", torch.as_tensor(labels, dtype=torch.long))
-    module.register_buffer("part_count", torch.as_tensor(np.bincount(part, minlength=len(labels)), dtype=torch.float32))
-
-
-def _part_map_from_state(state: Mapping[str, torch.Tensor], grid_shape: Sequence[int], pool: int) -> np.ndarray:
-    shape = pooled_shape(grid_shape, pool)
-    part_map = np.zeros(int(np.prod(shape)), dtype=np.int64)
-    part_map[state["positions"].numpy()] = state["part_label"].numpy()[state["part"].numpy()]
-    return part_map.reshape(shape)
-
-
-class RegionalEncoder(nn.Module):
+class RegionalEncoder(RegionParts):
     """Population-standardised, per-region normalised 4 mm patterns, weighted by learned region weights.
 
     Args:
@@ -103,19 +129,10 @@ class RegionalEncoder(nn.Module):
     name = "regional"
 
     def __init__(self, grid_shape: Sequence[int], part_map: np.ndarray, pool: int = 2):
-        super().__init__()
-        self.grid_shape = tuple(int(s) for s in grid_shape)
-        self.pool = int(pool)
-        _check_part_map(part_map, self.grid_shape, self.pool)
+        super().__init__(grid_shape, part_map, pool)
         self.register_buffer("reference_mean", torch.zeros(1, 1, *self.grid_shape))
         self.register_buffer("reference_sd", torch.ones(1, 1, *self.grid_shape))
-        _register_parts(self, part_map)
         self.logit = nn.Parameter(torch.zeros(self.n_parts))
-
-    @property
-    def n_parts(self) -> int:
-        """Number of regions (parts)."""
-        return int(self.part_label.numel())
 
     @property
     def embedding_dim(self) -> int:
@@ -126,7 +143,7 @@ class RegionalEncoder(nn.Module):
     def from_state_dict(cls, state: Mapping[str, torch.Tensor], pool: int = 2) -> "RegionalEncoder":
         """Rebuild the module a saved state dict came from (the part layout is stored in its buffers)."""
         grid_shape = tuple(state["reference_mean"].shape[2:])
-        return cls(grid_shape, _part_map_from_state(state, grid_shape, pool), pool)
+        return cls(grid_shape, cls.part_map_from_state(state, grid_shape, pool), pool)
 
     @torch.no_grad()
     def set_reference(self, volumes: np.ndarray | torch.Tensor, masks: np.ndarray | None = None) -> None:
@@ -149,13 +166,9 @@ class RegionalEncoder(nn.Module):
 
     def patterns(self, x: torch.Tensor) -> torch.Tensor:
         """Per-part centred, unit-length 4 mm patterns ``(B, P)`` (before the region weights)."""
-        z = (x.float() - self.reference_mean) / self.reference_sd
-        pooled = F.avg_pool3d(z, self.pool, ceil_mode=True).flatten(1)[:, self.positions]
-        n = pooled.shape[0]
-        sums = pooled.new_zeros(n, self.n_parts).index_add_(1, self.part, pooled)
-        centred = pooled - (sums / self.part_count)[:, self.part]
-        sq = pooled.new_zeros(n, self.n_parts).index_add_(1, self.part, centred * centred)
-        return centred * torch.rsqrt(sq.clamp_min(1e-12))[:, self.part]
+        pooled = self.pooled((x.float() - self.reference_mean) / self.reference_sd)
+        centred = pooled - (self.part_sums(pooled) / self.part_count)[:, self.part]
+        return centred * torch.rsqrt(self.part_sums(centred * centred).clamp_min(1e-12))[:, self.part]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -179,18 +192,19 @@ class RegionalEncoder(nn.Module):
         return (fine / self.pool ** 3).numpy()
 
     @torch.no_grad()
-    def contributions(self, x_a: torch.Tensor, x_b: torch.Tensor | None = None) -> np.ndarray:
-        """Exact per-voxel decomposition on the model grid.
+    def contributions(self, e_a: torch.Tensor | np.ndarray, e_b: torch.Tensor | np.ndarray | None = None
+                      ) -> np.ndarray:
+        """Exact per-voxel decomposition on the model grid, from one scan's embedding ``e_a`` ``(P,)`` (or two).
 
-        With one scan: ``e_a**2`` (sums to 1, the squared length of the embedding: where the model looks).
-        With two scans: ``(e_a - e_b)**2 / 2`` (sums to their cosine distance ``1 - e_a . e_b``).
+        With one embedding: ``e_a**2`` (sums to 1, the squared length of the embedding: where the model looks).
+        With two: ``(e_a - e_b)**2 / 2`` (sums to their cosine distance ``1 - e_a . e_b``).
         """
-        e_a = self.forward(x_a)[0]
-        values = e_a * e_a if x_b is None else 0.5 * (e_a - self.forward(x_b)[0]) ** 2
+        e_a = torch.as_tensor(e_a, dtype=torch.float32)
+        values = e_a * e_a if e_b is None else 0.5 * (e_a - torch.as_tensor(e_b, dtype=torch.float32)) ** 2
         return self.to_grid(values)
 
 
-class RegionalChange(nn.Module):
+class RegionalChange(RegionParts):
     """Longitudinal ``regional`` model: shared regional encoder, difference fusion, sparse linear classifier.
 
     Each session is embedded as the mean intensity of every atlas region (a proxy of its volume and contrast:
@@ -216,22 +230,13 @@ class RegionalChange(nn.Module):
     name = "regional"
 
     def __init__(self, grid_shape: Sequence[int], part_map: np.ndarray, pool: int = 2, l1: float = 0.03):
-        super().__init__()
-        self.grid_shape = tuple(int(s) for s in grid_shape)
-        self.pool = int(pool)
+        super().__init__(grid_shape, part_map, pool)
         self.l1 = float(l1)
-        _check_part_map(part_map, self.grid_shape, self.pool)
-        _register_parts(self, part_map)
         self.register_buffer("feature_mean", torch.zeros(self.n_parts))
         self.register_buffer("feature_sd", torch.ones(self.n_parts))
         self.classifier = nn.Linear(self.n_parts, 1)
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
-
-    @property
-    def n_parts(self) -> int:
-        """Number of regions."""
-        return int(self.part_label.numel())
 
     @property
     def embedding_dim(self) -> int:
@@ -242,14 +247,12 @@ class RegionalChange(nn.Module):
     def from_state_dict(cls, state: Mapping[str, torch.Tensor], grid_shape: Sequence[int], pool: int = 2
                         ) -> "RegionalChange":
         """Rebuild the module a saved state dict came from (``grid_shape`` from the model card)."""
-        return cls(grid_shape, _part_map_from_state(state, grid_shape, pool), pool)
+        return cls(grid_shape, cls.part_map_from_state(state, grid_shape, pool), pool)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Per-session embedding ``(B, R)``: the mean intensity of every region."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            pooled = F.avg_pool3d(x.float(), self.pool, ceil_mode=True).flatten(1)[:, self.positions]
-            sums = pooled.new_zeros(pooled.shape[0], self.n_parts).index_add_(1, self.part, pooled)
-            return sums / self.part_count
+            return self.part_sums(self.pooled(x.float())) / self.part_count
 
     @torch.no_grad()
     def set_feature_scale(self, differences: torch.Tensor | np.ndarray) -> None:

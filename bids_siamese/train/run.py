@@ -142,6 +142,16 @@ def region_weight_table(model: RegionalEncoder | RegionalChange, settings: Any) 
     return out.assign(rank=np.arange(1, len(out) + 1))
 
 
+def write_region_weights(model: RegionalEncoder | RegionalChange, settings: Any, card: dict[str, Any],
+                         folder: Path) -> Path:
+    """Write ``folder/region_weights.tsv`` (:func:`region_weight_table`) and record the regional layout in
+    ``card`` (``pool``, ``atlas``, ``n_regions``, ``top_regions``); returns the TSV path."""
+    weights = region_weight_table(model, settings)
+    card.update(pool=model.pool, atlas=str(settings.atlas), n_regions=model.n_parts,
+                top_regions=[f"{r.region} {r.hemisphere} {r.weight:.3f}" for r in weights.head(5).itertuples()])
+    return write_tsv(folder / REGION_WEIGHTS, weights)
+
+
 def _regional_parts(settings: Any, grid: Grid, brain: np.ndarray) -> tuple[np.ndarray, int, str]:
     """``(part map, pool, atlas name)`` of a regional model: ``settings.atlas`` labels inside ``brain``."""
     from ..explain.regions import labels_on_grid, load_atlas
@@ -461,13 +471,10 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
              "volumes_per_second": round(result.volumes_per_second, 2)})
         folder = model_folder(out_dir, "twin", settings.backbone)
         if regional:
-            weights = region_weight_table(model, settings)
             card["input"]["population_reference"] = (
                 f"voxelwise mean and spread of the {int((split_arr == 'train').sum())} training scans (model buffers "
                 "reference_mean, reference_sd; spread floored at its 10th in-brain percentile)")
-            card.update(pool=model.pool, atlas=str(settings.atlas), n_regions=model.n_parts,
-                        top_regions=[f"{r.region} {r.hemisphere} {r.weight:.3f}" for r in weights.head(5).itertuples()])
-            written.append(write_tsv(folder / REGION_WEIGHTS, weights))
+            written.append(write_region_weights(model, settings, card, folder))
         written += save_checkpoint(folder, model, card)
     table = pairs[["subject_a", "subject_b", "relation", "split", "distance", "twin_probability", "predicted_twin"]]
     table = table.assign(distance=table["distance"].round(6), twin_probability=table["twin_probability"].round(4))
@@ -664,11 +671,8 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
              "volumes_per_second": round(first.volumes_per_second, 2)})
         folder = model_folder(out_dir, "longitudinal", settings.backbone)
         if regional:
-            weights = region_weight_table(model, settings)
             card["hyperparameters"].update(l1=model.l1, validation_pairs="used for training (no early stopping)")
-            card.update(pool=model.pool, atlas=str(settings.atlas), n_regions=model.n_parts,
-                        top_regions=[f"{r.region} {r.hemisphere} {r.weight:+.3f}" for r in weights.head(5).itertuples()])
-            written.append(write_tsv(folder / REGION_WEIGHTS, weights))
+            written.append(write_region_weights(model, settings, card, folder))
         written += save_checkpoint(folder, model, card)
     table = pairs.assign(label=pairs["label"].map(_label_text), p_decline=pairs["p_decline"].round(4))
     written.append(write_tsv(out_dir / LONGITUDINAL_FILES["predictions"], table[PREDICTION_COLUMNS]))
