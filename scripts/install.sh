@@ -5,25 +5,39 @@
 #   bash scripts/install.sh            # the app
 #   bash scripts/install.sh test       # the app and the test tools
 #
-# torch is installed first, pinned, so that pip never resolves an open range to the multi-GB CUDA build:
+# Where: the active virtual environment ($VIRTUAL_ENV), else ./.venv (created here; a system Python with
+# PEP 668 refuses pip install), or the pip given as $PIP (the Dockerfile passes its venv's).
+# What: torch first, pinned, so that pip never resolves an open range to the multi-GB CUDA build, then every
+# other dependency from the hash-checked lock (requirements/lock.txt, or lock-test.txt with "test";
+# refresh with scripts/lock.sh), then this package without dependencies.
 #   TORCH_VERSION     (default 2.13.0)
 #   TORCH_INDEX_URL   (default: the configured index; the Docker CPU image uses the PyTorch CPU index,
 #                      a CUDA image passes a CUDA index instead)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-}"
-PIP="${PIP:-python3 -m pip}"
+case "$EXTRAS" in
+    "") LOCK=requirements/lock.txt ;;
+    test) LOCK=requirements/lock-test.txt ;;
+    *) echo "install.sh: unknown extra '$EXTRAS'; fix: use no argument or 'test'" >&2; exit 64 ;;
+esac
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+if [ -z "${PIP:-}" ]; then
+    if [ -n "${VIRTUAL_ENV:-}" ]; then
+        PYTHON="$VIRTUAL_ENV/bin/python"
+    else
+        VENV="${BIDS_SIAMESE_VENV:-.venv}"
+        [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+        PYTHON="$VENV/bin/python"
+    fi
+    PIP="$PYTHON -m pip"
+    echo "install.sh: installing into $($PYTHON -c 'import sys; print(sys.prefix)')"
+fi
 if [ -n "${TORCH_INDEX_URL:-}" ]; then
     $PIP install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 else
     $PIP install --no-cache-dir "torch==${TORCH_VERSION}"
 fi
-# brainspace is only read for its bundled fsLR 32k (conte69) surface files; its hard dependency on VTK
-# (~640 MB) is never imported, so it is installed without dependencies.
-$PIP install --no-cache-dir --no-deps "brainspace>=0.1.10"
-if [ -n "$EXTRAS" ]; then
-    $PIP install --no-cache-dir ".[${EXTRAS}]"
-else
-    $PIP install --no-cache-dir .
-fi
+$PIP install --no-cache-dir --require-hashes --no-deps -r "$LOCK"
+$PIP install --no-cache-dir --no-deps .
+$PIP check

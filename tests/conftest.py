@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -10,6 +11,10 @@ import numpy as np
 import pytest
 
 from bids_siamese.cli.main import main
+
+# The tests run the app's console scripts and tools (bids-siamese, bids-validator-deno, hadolint) from the
+# environment that runs pytest, also when it is not activated (`.venv/bin/python -m pytest`).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def write_t1w(path: Path, shape=(20, 24, 20), zooms=(2.0, 2.0, 2.0), seed=0) -> Path:

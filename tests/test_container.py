@@ -1,9 +1,15 @@
-"""Container and install recipes: lint the Dockerfile, keep its install step identical to CI's."""
+"""Container and install recipes: the image's build-time checks run here, the Dockerfile is linted, the image,
+CI and the README install the same way (hash-checked lock), and the version has one source."""
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import shutil
+import stat
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -11,11 +17,44 @@ import pytest
 ROOT = Path(__file__).parents[1]
 
 
-def test_dockerfile_passes_hadolint():
-    exe = shutil.which("hadolint")
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_time_checks_pass_here():
+    """The checks the Dockerfile runs after installing (scripts/check_install.py), in the CI environment."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_install.py")], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("templates", "surfaces", "atlases", "deepbet weights", "bids validator", "entry point"):
+        assert re.search(rf"^ok +{name}: ", proc.stdout, re.M), proc.stdout
+
+
+def test_build_time_checks_catch_missing_weights(monkeypatch, tmp_path, capsys):
+    """The old check looked for deepbet's weights in the wrong folder: the check must follow deepbet's own path."""
+    import deepbet.utils
+
+    check = load_script("check_install")
+    assert "models" in check.check_deepbet()
+    monkeypatch.setattr(deepbet.utils, "DATA_PATH", str(tmp_path))
+    failed = check.run_checks({"deepbet weights": check.check_deepbet}, {})
+    assert failed == ["deepbet weights"]
+    assert f"FAILED  deepbet weights: deepbet weights {tmp_path}/models/model.pt are missing" in capsys.readouterr().out
+
+
+def hadolint() -> str:
+    exe = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
     if exe is None:
-        pytest.fail("hadolint is missing: install the test extra (pip install '.[test]')")
-    proc = subprocess.run([exe, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+        pytest.fail("hadolint is missing: install the test extra (bash scripts/install.sh test)")
+    return exe
+
+
+def test_dockerfile_passes_hadolint():
+    proc = subprocess.run([hadolint(), str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -24,22 +63,105 @@ def test_image_and_ci_install_the_same_way():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "bash scripts/install.sh" in dockerfile
+    assert "RUN python scripts/check_install.py" in dockerfile
     assert "bash scripts/install.sh test" in ci
     # CI runs exactly the test command of the README's Quick start
     test_cmd = re.search(r"^(bash scripts/install.sh test && .*pytest.*)$", readme, re.M).group(1)
     assert test_cmd.replace(" -p no:cacheprovider", "") in ci.replace(" -p no:cacheprovider", "")
 
 
-def test_dockerfile_runtime_conventions():
+def requirement_names(specs: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", s, maxsplit=1)[0].lower().replace("_", "-") for s in specs}
+
+
+def locked(path: Path) -> dict[str, list[str]]:
+    """name -> hashes of every requirement in a lock file."""
+    entries: dict[str, list[str]] = {}
+    name = None
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==(\S+) \\$", line)
+        if m:
+            name = m.group(1).lower().replace("_", "-")
+            entries[name] = []
+        elif name and (h := re.search(r"--hash=sha256:([0-9a-f]{64})", line)):
+            entries[name].append(h.group(1))
+    return entries
+
+
+def test_installs_use_the_hash_checked_lock():
+    install = (ROOT / "scripts" / "install.sh").read_text()
+    assert "--require-hashes --no-deps -r \"$LOCK\"" in install
+    assert "requirements/lock.txt" in install and "requirements/lock-test.txt" in install
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = requirement_names(project["dependencies"]) - {"torch"}
+    test = requirement_names(project["optional-dependencies"]["test"])
+    for lock, wanted in (("lock.txt", runtime), ("lock-test.txt", runtime | test)):
+        entries = locked(ROOT / "requirements" / lock)
+        assert wanted <= set(entries), f"{lock} lacks {sorted(wanted - set(entries))}: run scripts/lock.sh"
+        assert "torch" not in entries and not any(n.startswith("nvidia-") for n in entries)
+        assert all(entries.values()), f"{lock}: every requirement needs a hash"
+        lines = [l for l in (ROOT / "requirements" / lock).read_text().splitlines() if l and l[0].isalnum()]
+        assert all("==" in l for l in lines), f"{lock}: unpinned line"
+
+
+def test_packages_the_code_reaches_into_are_bounded():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for name in ("captum", "monai", "pybids", "bids-validator-deno", "deepbet", "templateflow"):
+        (spec,) = [d for d in deps if requirement_names([d]) == {name}]
+        assert "<" in spec, f"{name} needs an upper bound on the tested series: {spec}"
+    assert "torch>=" in " ".join(deps) and "torch==" not in " ".join(deps)  # torch stays loose (install.sh pins)
+    assert not {"brainspace", "nitransforms", "torchreg"} & requirement_names(deps)
+
+
+def test_dockerignore_keeps_the_context_small():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for pattern in (".git", "build", "*.egg-info", ".venv", "work", "out*", "demo*"):
+        assert pattern in ignored
+
+
+def test_version_has_one_source():
+    version = (ROOT / "version").read_text().strip()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    singularity = (ROOT / "singularity.def").read_text()
+    number = re.compile(r"\b\d+\.\d+\.\d+\b")
+    assert not number.search(re.sub(r"^(ARG TORCH_VERSION|ARG PYTHON_VERSION).*$", "", dockerfile, flags=re.M))
+    assert not number.search(singularity)
+    assert 'BIDS_SIAMESE_CONTAINER="docker://bids/siamese"' in dockerfile
+    assert re.search(r"^Bootstrap: docker$", singularity, re.M)
+    assert re.search(r"^From: bids/siamese:\{\{ VERSION \}\}$", singularity, re.M)
+    assert "docker-daemon://bids/siamese" in singularity  # the documented alternative
+    from bids_siamese import __version__
+
+    assert __version__ == version
+
+
+def test_image_runtime_conventions():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["run.py"]' in dockerfile
+    assert "install -m 0755 run.py" in dockerfile
+    assert os.stat(ROOT / "run.py").st_mode & stat.S_IXUSR  # the entry point is executable in the repository
+    assert ROOT.joinpath("run.py").read_text().startswith("#!/usr/bin/env python")
     assert "OMP_NUM_THREADS=1" in dockerfile
     assert re.search(r"^USER 1000", dockerfile, re.M)
-    assert "BIDS_SIAMESE_CONTAINER=" in dockerfile
     assert dockerfile.count("FROM ") >= 2  # multi-stage
-    version = (ROOT / "version").read_text().strip()
-    assert f"ARG VERSION={version}" in dockerfile
-    assert f"bids/siamese:{version}" in (ROOT / "singularity.def").read_text()
+    assert "TEMPLATEFLOW_HOME=/opt/templateflow" in dockerfile
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile  # the CUDA image: one build-arg
+
+
+def test_entry_point_reports_version():
+    from bids_siamese import __version__
+
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"bids-siamese {__version__}"
+
+
+def test_prefetch_queries_select_exactly_the_files_the_app_reads(tmp_path):
+    """scripts/prefetch_templates.py (run in the Docker build) against TemplateFlow's offline skeleton."""
+    env = {**os.environ, "TEMPLATEFLOW_HOME": str(tmp_path / "tf"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "prefetch_templates.py"), "--dry-run"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("would fetch") == len(load_script("prefetch_templates").QUERIES) == 13
 
 
 def test_readme_quick_start_has_two_commands():

@@ -202,3 +202,19 @@ def test_output_tree_matches_listing(participant_run):
                    if p.is_file() and p.relative_to(out).parts[0] not in ("logs",)
                    and not p.name.startswith(("group_", "group.")))
     assert found == sorted(listed)
+
+
+def test_sidecars_record_the_template_file_used(participant_run, truth):
+    """SpatialReference names the template; SpatialReferenceFile the file this run read, with its sha256."""
+    from bids_siamese.resources import template_brain
+
+    _, out, _ = participant_run
+    used = template_brain()
+    names = output_names(entities_of(truth["path"][0]), RES)
+    for key in ("preproc", "grid_mask"):
+        sidecar = json.loads((out / names[key]).with_name(names[key].name.replace(".nii.gz", ".json")).read_text())
+        assert sidecar["SpatialReference"] == used.uri
+        assert sidecar["SpatialReferenceFile"] == {"Path": str(used.path), "Source": used.source,
+                                                   "SHA256": used.sha256}
+    (log_dir,) = [p for p in (out / "logs").iterdir() if (p / "templates.json").is_file()][:1]
+    assert used.sha256 in (log_dir / "templates.json").read_text()

@@ -153,14 +153,35 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def template_reference() -> dict[str, Any]:
+    """Sidecar fields naming the template a file is aligned to: ``SpatialReference`` (the TemplateFlow URI of
+    MNI152NLin2009cAsym's 1 mm brain) and ``SpatialReferenceFile`` (the file this run actually used: path,
+    source ``templateflow`` cache or ``bundled`` copy, sha256)."""
+    from ..resources import template_brain  # local: resources is light, but keep this module's imports minimal
+
+    used = template_brain()
+    return {"SpatialReference": used.uri,
+            "SpatialReferenceFile": {"Path": str(used.path), "Source": used.source, "SHA256": used.sha256}}
+
+
 def container_info() -> dict[str, str] | None:
-    """``GeneratedBy.Container`` from ``$BIDS_SIAMESE_CONTAINER`` (``docker://image:tag``)."""
+    """``GeneratedBy.Container`` from ``$BIDS_SIAMESE_CONTAINER`` (``docker://image[:tag]``); the images set
+    the image name only, and the tag is this package's version, so the version has one source (``version``).
+
+    Examples:
+        >>> os.environ[CONTAINER_ENV] = "docker://bids/siamese"
+        >>> container_info()["Tag"] == f"bids/siamese:{__version__}"
+        True
+        >>> del os.environ[CONTAINER_ENV]
+    """
     value = os.environ.get(CONTAINER_ENV, "").strip()
     if not value:
         return None
     kind, _, tag = value.partition("://")
     if not tag:
-        return {"Type": "docker", "Tag": value}
+        kind, tag = "docker", value
+    if ":" not in tag.rsplit("/", 1)[-1]:
+        tag = f"{tag}:{__version__}"
     return {"Type": kind, "Tag": tag}
 
 

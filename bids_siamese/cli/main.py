@@ -26,6 +26,18 @@ def setup_logging(verbosity: int) -> None:
         logging.getLogger(name).propagate = False  # nipype has its own handler: avoid double lines
 
 
+def record_templates(log_dir) -> None:
+    """Write ``logs/<run_id>/templates.json``: every template file this run reads, its source and sha256."""
+    from ..bids.derivatives import write_json
+    from ..resources import templates_used
+
+    used = templates_used(announce=True)
+    write_json(log_dir / "templates.json", used)
+    sources = sorted({entry["Source"] for entry in used})
+    LOG.info("templates: %d file(s) from %s (logs/%s/templates.json)", len(used), " and ".join(sources),
+             log_dir.name)
+
+
 def run(settings) -> int:
     """Run one analysis level with checked ``settings``; returns the exit code."""
     from ..bids.derivatives import init_output_dir
@@ -44,6 +56,7 @@ def run(settings) -> int:
     init_output_dir(settings.output_dir, settings.bids_dir)
     log_dir = settings.save()
     LOG.info("run %s: settings saved in %s", settings.run_id, log_dir)
+    record_templates(log_dir)
 
     if settings.analysis_level == "participant":
         from ..workflows.participant import run_participant

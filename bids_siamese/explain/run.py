@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from ..bids.derivatives import write_json, write_nifti, write_text, write_tsv
+from ..bids.derivatives import template_reference, write_json, write_nifti, write_text, write_tsv
 from ..errors import NoInputError
 from ..resources import TEMPLATE, model_grid
 from ..interfaces.embedding import embed_volume
@@ -300,7 +300,7 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
                             "Layer-wise relevance propagation (captum) of the twin model for this scan: signed "
                             "relevance per voxel, summing to about the explained target."),
             "Sources": [f"bids::{Path(path).relative_to(out_dir).as_posix()}"],
-            "SpatialReference": TEMPLATE,
+            **template_reference(),
             "Resolution": f"{grid.resolution:g} mm model grid",
             "RelevanceTarget": target,
             "TargetValue": round(float(value), 6),

@@ -15,9 +15,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..bids.derivatives import template_reference
 from ..resources import TEMPLATE
-
-TEMPLATE_URI = f"https://templateflow.s3.amazonaws.com/tpl-{TEMPLATE}/tpl-{TEMPLATE}_res-01_T1w.nii.gz"
 
 
 class _WriteInputSpec(BaseInterfaceInputSpec):
@@ -108,7 +107,7 @@ class WriteDerivatives(SimpleInterface):
                            "grid and intensity-normalised inside the brain mask (median 0, IQR 1).",
             "SkullStripped": True,
             "Sources": [raw, native_mask_uri, "bids::" + str(names["xfm"])],
-            "SpatialReference": TEMPLATE_URI,
+            **template_reference(),
             "Resolution": res_desc,
             "BrainExtraction": self.inputs.brain_source,
         })
@@ -116,7 +115,7 @@ class WriteDerivatives(SimpleInterface):
             "Description": "Brain mask on the model grid.",
             "Type": "Brain",
             "Sources": [native_mask_uri, "bids::" + str(names["xfm"])],
-            "SpatialReference": TEMPLATE_URI,
+            **template_reference(),
             "Resolution": res_desc,
         })
         put_nifti("native_mask", self.inputs.native_mask, {
@@ -149,7 +148,7 @@ class WriteDerivatives(SimpleInterface):
                                "voxel is brighter than its contralateral homologue.",
                 "SkullStripped": True,
                 "Sources": ["bids::" + str(names["preproc"]), "bids::" + str(names["grid_mask"])],
-                "SpatialReference": TEMPLATE_URI,
+                **template_reference(),
                 "Resolution": res_desc,
                 "SmoothingFWHM": self.inputs.fwhm,
             })

@@ -26,6 +26,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..bids.derivatives import template_reference
+
 #: Default smoothing (mm FWHM) of the asymmetry map.
 DEFAULT_FWHM = 6.0
 
@@ -49,8 +51,7 @@ def map_sidecar(resolution: float, fwhm_mm: float = DEFAULT_FWHM) -> dict:
         ),
         "SkullStripped": True,
         "Resolution": f"{resolution:g} mm isotropic model grid (x in [-84, 84], y in [-120, 88], z in [-80, 96] mm)",
-        "SpatialReference": "https://templateflow.s3.amazonaws.com/tpl-MNI152NLin2009cAsym/"
-                            "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz",
+        **template_reference(),
         "FWHM": float(fwhm_mm),
         "Units": "arbitrary",
     }

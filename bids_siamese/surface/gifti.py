@@ -2,11 +2,13 @@
 
 Two template meshes are available offline:
 
-* ``fsaverage5`` (10,242 vertices per hemisphere) from nilearn's bundled data: ``white``, ``pial``,
-  ``inflated``, ``sphere``; ``midthickness`` is the mean of white and pial;
-* ``fsLR`` 32k (32,492 vertices per hemisphere, the HCP/Workbench standard) from brainspace's bundled
-  Conte69 atlas: ``midthickness`` and ``sphere``, with its medial-wall mask; ``inflated`` is computed from the
-  midthickness surface by Laplacian smoothing (:func:`inflate`, for display).
+* ``fsaverage5`` (10,242 vertices per hemisphere; TemplateFlow ``tpl-fsaverage`` ``den-10k`` when the user's
+  cache has it, else nilearn's bundled data): ``white``, ``pial``, ``inflated``, ``sphere``; ``midthickness``
+  is the mean of white and pial;
+* ``fsLR`` 32k (32,492 vertices per hemisphere, the HCP/Workbench standard; ``tpl-fsLR`` from the user's
+  TemplateFlow cache, else the copy of the Conte69 atlas bundled with this package, see
+  :mod:`bids_siamese.resources`): ``midthickness`` and ``sphere``, with its medial-wall mask; ``inflated`` is
+  computed from the midthickness surface by Laplacian smoothing (:func:`inflate`, for display).
 
 Both meshes lie in MNI space (fsaverage: MNI305; Conte69: MNI152 nonlinear 6th generation), close enough to
 MNI152NLin2009cAsym for 2 mm relevance maps, so a template-space map is sampled directly at the vertex
@@ -29,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ..errors import NoInputError
+from ..resources import fslr_file, fsaverage5_file
 
 __all__ = [
     "MESHES",
@@ -77,25 +79,6 @@ def _read_mesh(path: Path) -> Mesh:
     return Mesh(np.asarray(coords, dtype=np.float32), np.asarray(faces, dtype=np.int32))
 
 
-def _brainspace_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("brainspace")
-    if spec is None or not spec.submodule_search_locations:
-        raise NoInputError("the fsLR 32k surfaces come with the brainspace package, which is not installed; fix: "
-                           "pip install brainspace")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "surfaces"
-    if not folder.is_dir():
-        raise NoInputError(f"{folder} is missing; fix: pip install --force-reinstall brainspace")
-    return folder
-
-
-def _fsaverage5_files() -> dict[str, str]:
-    from nilearn import datasets
-
-    return dict(datasets.fetch_surf_fsaverage("fsaverage5"))
-
-
 @lru_cache(maxsize=None)
 def load_mesh(mesh: str, hemi: str, surface: str = "midthickness") -> Mesh:
     """A template surface, read offline.
@@ -118,23 +101,19 @@ def load_mesh(mesh: str, hemi: str, surface: str = "midthickness") -> Mesh:
     """
     if hemi not in HEMISPHERES:
         raise ValueError(f"hemi must be L or R, got {hemi!r}")
-    side = {"L": "left", "R": "right"}[hemi]
     if mesh == "fsaverage5":
-        files = _fsaverage5_files()
         if surface == "midthickness":
             white, pial = load_mesh(mesh, hemi, "white"), load_mesh(mesh, hemi, "pial")
             return Mesh(((white.coords + pial.coords) / 2).astype(np.float32), white.faces)
-        key = {"white": "white", "pial": "pial", "inflated": "infl", "sphere": "sphere"}.get(surface)
-        if key is None:
+        if surface not in ("white", "pial", "inflated", "sphere"):
             raise ValueError(f"unknown fsaverage5 surface {surface!r}")
-        return _read_mesh(Path(files[f"{key}_{side}"]))
+        return _read_mesh(fsaverage5_file(hemi, surface).path)
     if mesh == "fsLR":
         if surface == "inflated":
             return inflate(load_mesh(mesh, hemi, "midthickness"))
-        name = {"midthickness": f"conte69_32k_{side[0]}h.gii", "sphere": f"conte69_32k_{side[0]}h_sphere.gii"}.get(surface)
-        if name is None:
+        if surface not in ("midthickness", "sphere"):
             raise ValueError(f"the fsLR 32k mesh has midthickness, inflated (computed) and sphere surfaces, not {surface!r}")
-        return _read_mesh(_brainspace_dir() / name)
+        return _read_mesh(fslr_file(hemi, surface).path)
     raise ValueError(f"mesh must be one of {MESHES}, got {mesh!r}")
 
 
@@ -177,8 +156,8 @@ def cortex_mask(mesh: str, hemi: str) -> np.ndarray:
         True
     """
     if mesh == "fsLR":
-        side = {"L": "lh", "R": "rh"}[hemi]
-        mask = np.loadtxt(_brainspace_dir() / f"conte69_32k_{side}_mask.csv").astype(bool)
+        # TemplateFlow's desc-nomedialwall label: non-zero on cortex, 0 on the medial wall
+        mask = np.asarray(nib.load(str(fslr_file(hemi, "nomedialwall").path)).agg_data()) > 0
         mask.setflags(write=False)
         return mask
     n = load_mesh(mesh, hemi, "pial" if mesh == "fsaverage5" else "midthickness").n_vertices
