@@ -169,3 +169,15 @@ def test_readme_quick_start_has_two_commands():
     block = readme.split("## Quick start", 1)[1].split("```", 2)[1]
     commands = [l for l in block.splitlines()[1:] if l.strip() and not l.startswith("#")]
     assert len(commands) == 2, commands
+
+
+def test_front_page_and_help_name_the_default_models(capsys):
+    """README's first paragraph and --help both say which models run by default."""
+    from bids_siamese.cli.main import main
+
+    intro = (ROOT / "README.md").read_text().split("## Quick start", 1)[0]
+    assert main(["--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for text in (" ".join(intro.split()), help_text):
+        assert "regional" in text and "--task twin" in text and "--task longitudinal" in text
+        assert "'small'" in text or "`small`" in text

@@ -39,8 +39,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="bids-siamese",
-        description="3D Siamese networks for brain MRI, as a BIDS App (participant: preprocessing and "
-        "orientation QC per T1w scan; group: collects per-scan results).",
+        description="Siamese networks for brain MRI, as a BIDS App. participant: preprocessing into "
+        "MNI152NLin2009cAsym and orientation QC per T1w scan; group: collects per-scan results and, with --task, "
+        "trains or applies a model. Default models: the atlas-region models ('regional') for --task twin and "
+        "--task longitudinal; 3D CNN encoders by --backbone ('small' is the default for --task symmetry).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("bids_dir", type=Path, help="the raw BIDS dataset (read only)")
