@@ -112,7 +112,9 @@ def test_group_collects_orientation(participant_run, demo, truth):
     report = (out / "group.html").read_text()  # the group report, with the orientation summary
     assert "Orientation and symmetry" in report
     n_failed = int((table["header_checks_failed"].notna() & (table["header_checks_failed"] != "n/a")).sum())
-    assert (f"{len(truth)} scans; {int(truth['lr_flipped'].astype(bool).sum())} flagged as left-right flipped; "
+    assert (table["status"] == "ok").all() and table["reason"].isna().all()
+    assert (f"{len(truth)} scans: {len(truth)} ok, 0 failed, 0 missing; "
+            f"{int(truth['lr_flipped'].astype(bool).sum())} flagged as left-right flipped; "
             f"{n_failed} with failed header checks") in report
     assert [i for i in run_validator(out) if i.severity == "error"] == []
 
