@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import multiprocessing
 import os
 import signal
@@ -119,6 +120,8 @@ def handle_signals() -> Iterator[None]:
 
 def stop_children(timeout: float = 5.0) -> int:
     """Terminate (then kill) every child process started through :mod:`multiprocessing`; return how many."""
+    # the pool's own thread reports each killed worker's future as an error with a traceback: expected here
+    logging.getLogger("concurrent.futures").setLevel(logging.CRITICAL)
     children = multiprocessing.active_children()
     for child in children:
         with contextlib.suppress(Exception):
