@@ -1,6 +1,7 @@
 """Entry point: parse, check, run; turn user errors into exit codes and one-line messages."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import sys
@@ -79,8 +80,9 @@ def run_participant_level(settings, subjects, scans) -> int:
         _say(f"FAILED {failure[0]}: {failure[1]}", error=True)
     if failures:
         code = max(getattr(f, "exit_code", EXIT_DATA) for f in failures)  # 73 (output) before 65 (data)
+        others = "; other scans finished" if len(failures) < len(scans) else ""
         _say(f"error: {len(failures)} of {len(scans)} scan(s) failed ({', '.join(f[0] for f in failures)}); "
-             f"crash files in {settings.log_dir / 'crash'}" + ("; other scans finished" if len(failures) < len(scans) else ""), error=True)
+             f"crash files in {settings.log_dir / 'crash'}{others}", error=True)
         _say(_work_dir_line(settings), error=True)
         return code
     _say(f"{len(scans)} scan(s) processed; outputs in {settings.output_dir}")
@@ -114,6 +116,8 @@ def run_group_level(settings, subjects, scans) -> int:
     for row in status:
         if row["status"] != "ok":
             _say(f"{row['status'].upper()} {row['name']}: {row['reason']}", error=True)
+    if n_ok == 0:  # nothing to train or evaluate on: write the table and the report that say why
+        settings = dataclasses.replace(settings, task=None)
     written = run_group(settings, subjects, status=status)
     for path in written:
         _say(f"wrote {path}")

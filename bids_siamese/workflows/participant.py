@@ -35,6 +35,13 @@ LOG = logging.getLogger("bids_siamese.participant")
 MEM_GB = {"light": 0.5, "conform": 1.0, "brain": 3.0, "register": 1.5, "grid": 1.0, "figures": 0.8}
 
 
+#: torch threads of the affine registrations, whatever --omp-nthreads says: its float32 sums (correlation,
+#: grid_sample gradients) are split across threads, so another thread count changes the last bits of the
+#: transform and of everything resampled with it. One thread keeps outputs identical across --nprocs and
+#: --omp-nthreads (docs/reliability.md); the registration is a few seconds per scan.
+REGISTRATION_THREADS = 1
+
+
 def _wf_name(scan: T1wScan) -> str:
     return "scan_" + re.sub(r"[^A-Za-z0-9]", "_", scan.name) + "_wf"
 
@@ -90,14 +97,14 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     conform = pe.Node(Conform(), name="conform", mem_gb=MEM_GB["conform"], n_procs=1)
     register = pe.Node(
         AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, device=settings.device,
-                           num_threads=omp),
-        name="register", mem_gb=MEM_GB["register"], n_procs=omp,
+                           num_threads=REGISTRATION_THREADS),
+        name="register", mem_gb=MEM_GB["register"], n_procs=REGISTRATION_THREADS,
     )
     # the orientation check needs a shear-free registration (shears imitate the brain's torque asymmetry)
     register_qc = pe.Node(
         AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, device=settings.device,
-                           num_threads=omp, dof=9),
-        name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=omp,
+                           num_threads=REGISTRATION_THREADS, dof=9),
+        name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=REGISTRATION_THREADS,
     )
     grid = pe.Node(ModelGrid(resolution=settings.resolution), name="model_grid", mem_gb=MEM_GB["grid"], n_procs=1)
     orient = pe.Node(OrientationCheck(), name="orientation", mem_gb=MEM_GB["grid"], n_procs=1)
