@@ -215,7 +215,7 @@ def test_help_is_clean_and_names_exit_codes():
     assert "(default: [])" not in text and "(default: None)" not in text and "(default: False)" not in text
     for line in text.splitlines():
         assert line.count("(default") <= 1, line
-    assert "(default: 2.0)" in text  # informative defaults are still shown
+    assert "(default: 2.0)" in text and "random seed (default: 0)" in text  # informative defaults still shown
     assert "docs/usage.md" in text and "143" in text and "130" in text and "  65  bad input data" in text
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--help"], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -359,3 +359,13 @@ def test_final_line_names_work_dir_and_clean_workdir(run_cli, mini_bids, tmp_pat
     code, out, _ = run_cli(mini_bids, tmp_path / "out", "participant", "-w", work, "--skip-bids-validation",
                            "--clean-workdir")
     assert code == 0 and not work.exists() and f"work dir {work} removed" in out
+
+
+def test_lock_count_is_capped(tmp_path, monkeypatch, caplog):
+    from bids_siamese.bids import locks
+
+    monkeypatch.setattr(locks, "MAX_LOCKS", 2)
+    with locks.subject_locks(tmp_path, ["03", "01", "02"], "run-B"):
+        held = sorted(p.name for p in locks.lock_dir(tmp_path).glob("*.json"))
+    assert held == ["sub-01.json", "sub-02.json"]
+    assert any("only the first 2 are locked" in r.getMessage() for r in caplog.records)

@@ -2,7 +2,9 @@
 
 Lock files live in ``OUTPUT_DIR/logs/locks/sub-<label>.lock`` (``fcntl``/``flock`` through :mod:`filelock`:
 the kernel releases them when a run dies, even by SIGKILL, so there are no stale locks). Next to each lock a
-``.json`` names the holder (run id, host, pid, start time) for the message the second run prints.
+``.json`` names the holder (run id, host, pid, start time) for the message the second run prints. Each held
+lock keeps a file descriptor open: a run over more than :data:`MAX_LOCKS` subjects locks the first ones and
+warns once.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from filelock import FileLock, Timeout
 from ..errors import CannotCreateError, LockedError
 
 LOG = logging.getLogger("bids_siamese.locks")
+#: At most this many subject locks per run (one open file each; the usual limit is 1024 per process).
+MAX_LOCKS = 256
 
 
 def lock_dir(output_dir: Path) -> Path:
@@ -49,7 +53,11 @@ def subject_locks(output_dir: Path, subjects: Sequence[str], run_id: str, timeou
         raise CannotCreateError(f"cannot create {folder}: {err.strerror}; fix: choose a writable OUTPUT_DIR") from err
     held: list[FileLock] = []
     try:
-        for subject in sorted(set(subjects)):  # a fixed order: two runs never wait on each other in a cycle
+        ordered = sorted(set(subjects))  # a fixed order: two runs never wait on each other in a cycle
+        if len(ordered) > MAX_LOCKS:
+            LOG.warning("%d subjects selected: only the first %d are locked against concurrent runs (each lock keeps a "
+                        "file open); fix: run large selections in parts, e.g. a job array", len(ordered), MAX_LOCKS)
+        for subject in ordered[:MAX_LOCKS]:
             path = folder / f"sub-{subject}.lock"
             lock = FileLock(str(path), timeout=timeout)
             try:
@@ -59,9 +67,10 @@ def subject_locks(output_dir: Path, subjects: Sequence[str], run_id: str, timeou
                     f"sub-{subject} in {output_dir} is being processed by {_holder(path.with_suffix('.json'))}; "
                     f"fix: wait for it to finish (or cancel it), then rerun; lock file {path}"
                 ) from err
-            except OSError as err:  # e.g. a file system without flock support
-                LOG.warning("cannot lock %s (%s): concurrent runs on sub-%s are not protected", path, err, subject)
-                continue
+            except OSError as err:  # a file system without flock support, or too many open files
+                LOG.warning("cannot lock %s (%s): concurrent runs on this and the remaining %d subject(s) are not "
+                            "protected", path, err, len(set(subjects)) - len(held) - 1)
+                break
             held.append(lock)
             info = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
                     "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}

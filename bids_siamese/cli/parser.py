@@ -44,8 +44,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("default" in text or default in (None, False, [], argparse.SUPPRESS) or not action.option_strings
-                or action.nargs == 0):
+        uninformative = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if "default" in text or uninformative or not action.option_strings or action.nargs == 0:
             return text
         return f"{text} (default: {default})"
 
