@@ -369,3 +369,17 @@ def test_lock_count_is_capped(tmp_path, monkeypatch, caplog):
         held = sorted(p.name for p in locks.lock_dir(tmp_path).glob("*.json"))
     assert held == ["sub-01.json", "sub-02.json"]
     assert any("only the first 2 are locked" in r.getMessage() for r in caplog.records)
+
+
+def test_group_task_sees_only_subjects_with_complete_results(run_cli, mini_bids, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("bids_siamese.train.run.run_twin", lambda settings, subjects: calls.append(subjects) or [])
+    monkeypatch.setattr("bids_siamese.explain.run.run_explain", lambda settings, subjects: [])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "dataset_description.json").write_text("{}")
+    _fake_participant_outputs(out, {"subject": "01", "session": "1"}, "ok")
+    _fake_participant_outputs(out, {"subject": "02", "session": "1"}, "failed", "bad; fix: y")
+    code, _, err = run_cli(mini_bids, out, "group", "--task", "twin", "--skip-bids-validation")
+    assert code == 0, err
+    assert calls == [["01"]]

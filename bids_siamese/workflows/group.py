@@ -128,6 +128,14 @@ def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None
         LOG.warning("no participant-level orientation results found in %s", settings.output_dir)
 
     task = getattr(settings, "task", None)
+    if status is not None and task:  # the models see only subjects with complete results (the others are listed)
+        usable = {e["entities"]["subject"] for e in status if e["status"] == "ok"}
+        left_out = [s for s in subjects if s not in usable]
+        if left_out:
+            LOG.warning("--task %s: %d subject(s) without complete participant results left out (%s)", task,
+                        len(left_out), ", ".join(f"sub-{s}" for s in left_out[:10]) + (" ..." if len(left_out) > 10
+                                                                                       else ""))
+        subjects = [s for s in subjects if s in usable]
     if task == "twin":
         from ..explain.run import run_explain
         from ..train.run import run_twin
