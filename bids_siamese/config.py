@@ -56,6 +56,7 @@ class Settings:
     verbosity: int = 0
     resolution: float = 2.0
     use_plugin: Path | None = None
+    clean_workdir: bool = False
     # group level: Siamese models
     model: Path | None = None
     task: str | None = None

@@ -13,6 +13,9 @@ EXIT_USAGE = 64
 EXIT_DATA = 65
 EXIT_NO_INPUT = 66
 EXIT_CANT_CREATE = 73
+EXIT_LOCKED = 75
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -22,7 +25,10 @@ EXIT_CODES = {
     EXIT_USAGE: "command-line usage error",
     EXIT_DATA: "bad input data (one or more scans could not be processed)",
     EXIT_NO_INPUT: "input missing (dataset, participant or file not found)",
-    EXIT_CANT_CREATE: "cannot create or write the output/work directory",
+    EXIT_CANT_CREATE: "cannot create or write the output/work directory (also when it becomes unwritable mid-run)",
+    EXIT_LOCKED: "another run is processing the same subject into the same output folder; try again later",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C, SIGINT); worker processes stopped; rerun to resume",
+    EXIT_TERMINATED: "terminated (SIGTERM, e.g. scancel or a time limit); worker processes stopped; rerun to resume",
 }
 
 
@@ -63,3 +69,9 @@ class NoInputError(UserError):
 
 class CannotCreateError(UserError):
     exit_code = EXIT_CANT_CREATE
+
+
+class LockedError(UserError):
+    """Another live run holds the lock of a selected subject."""
+
+    exit_code = EXIT_LOCKED

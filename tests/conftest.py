@@ -71,3 +71,48 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return _run
+
+
+def raw_nifti_with_zero_pixdim(path: Path, shape=(20, 24, 20), seed=0) -> Path:
+    """A NIfTI whose raw header has pixdim 0 and no qform/sform (nibabel would read 1 mm voxels)."""
+    import gzip
+    import struct
+
+    data = np.random.default_rng(seed).normal(100, 10, size=shape).astype(np.int16)
+    img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.set_qform(None, 0)
+    img.set_sform(None, 0)
+    raw = bytearray(img.to_bytes())
+    raw[80:92] = struct.pack("<3f", 0.0, 0.0, 0.0)  # pixdim[1:4], after the 76-byte offset and pixdim[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(bytes(raw)) if path.name.endswith(".gz") else bytes(raw))
+    return path
+
+
+#: Ways a T1w file can be unusable, by session label of :func:`add_broken_subject`.
+BROKEN_KINDS = ("truncated", "fourd", "nan", "constant", "hundredmm", "pixdimzero")
+
+
+def add_broken_subject(root: Path, label: str = "09") -> dict[str, Path]:
+    """``sub-<label>`` with one session per :data:`BROKEN_KINDS` entry, each scan broken that way."""
+    paths = {}
+    for kind in BROKEN_KINDS:
+        path = root / f"sub-{label}" / f"ses-{kind}" / "anat" / f"sub-{label}_ses-{kind}_T1w.nii.gz"
+        if kind == "pixdimzero":
+            raw_nifti_with_zero_pixdim(path)
+        else:
+            write_t1w(path, zooms=(100.0, 100.0, 100.0) if kind == "hundredmm" else (2.0, 2.0, 2.0))
+            img = nib.load(path)
+            data = np.asanyarray(img.dataobj).astype(np.float32)
+            if kind == "truncated":
+                raw = path.read_bytes()
+                path.write_bytes(raw[: len(raw) // 3])
+            elif kind == "fourd":
+                nib.Nifti1Image(np.stack([data, data], axis=-1), img.affine).to_filename(path)
+            elif kind == "nan":
+                data[3, 3, 3] = np.nan
+                nib.Nifti1Image(data, img.affine).to_filename(path)
+            elif kind == "constant":
+                nib.Nifti1Image(np.full_like(data, 7.0), img.affine).to_filename(path)
+        paths[kind] = path
+    return paths

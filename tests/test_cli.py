@@ -232,8 +232,9 @@ def test_input_untouched_and_outputs_described(run_cli, mini_bids, tmp_path, fak
     assert desc["SourceDatasets"][0]["URL"] == mini_bids.resolve().as_uri()
     ignore = (out / ".bidsignore").read_text().splitlines()
     assert "logs" in ignore and "*.html" in ignore
-    runs = list((out / "logs").iterdir())
+    runs = [p for p in (out / "logs").iterdir() if p.name != "locks"]  # logs/locks: one lock per subject
     assert len(runs) == 1
+    assert sorted(p.name for p in (out / "logs" / "locks").glob("*.lock")) == ["sub-01.lock", "sub-02.lock"]
     saved = json.loads((runs[0] / "settings.json").read_text())
     assert saved["run_id"] == runs[0].name and saved["bids_dir"] == str(mini_bids.resolve())
     assert (runs[0] / "command.txt").read_text().startswith("bids-siamese ")

@@ -112,7 +112,9 @@ def test_group_collects_orientation(participant_run, demo, truth):
     report = (out / "group.html").read_text()  # the group report, with the orientation summary
     assert "Orientation and symmetry" in report
     n_failed = int((table["header_checks_failed"].notna() & (table["header_checks_failed"] != "n/a")).sum())
-    assert (f"{len(truth)} scans; {int(truth['lr_flipped'].astype(bool).sum())} flagged as left-right flipped; "
+    assert (table["status"] == "ok").all() and table["reason"].isna().all()
+    assert (f"{len(truth)} scans: {len(truth)} ok, 0 failed, 0 missing; "
+            f"{int(truth['lr_flipped'].astype(bool).sum())} flagged as left-right flipped; "
             f"{n_failed} with failed header checks") in report
     assert [i for i in run_validator(out) if i.severity == "error"] == []
 
@@ -128,16 +130,18 @@ def test_rerun_reuses_work_and_is_deterministic(participant_run, demo, truth, tm
     assert again == 0
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # cached, not recomputed
 
-    out2 = tmp_path / "out2"
+    out2 = tmp_path / "out2"  # fresh work dir, Linear instead of MultiProc, 2 torch threads instead of 1
     code2 = main([str(demo), str(out2), "participant", "-w", str(tmp_path / "work2"), "--resolution", RES,
-                  "--nprocs", "1", "--skip-bids-validation", "--participant-label", subject])
+                  "--nprocs", "1", "--omp-nthreads", "2", "--skip-bids-validation", "--participant-label", subject])
     assert code2 == 0
     compared = 0
     for path in sorted(out2.glob(f"sub-{subject}/**/*")):
-        if path.is_file() and path.suffix != ".svg":
+        if path.name.endswith("_desc-status_qc.json"):  # provenance (run id, time); the files it lists agree
+            assert json.loads(path.read_text())["files"] == json.loads((out / path.relative_to(out2)).read_text())["files"]
+        elif path.is_file():
             assert path.read_bytes() == (out / path.relative_to(out2)).read_bytes(), path.name
             compared += 1
-    assert compared >= 8
+    assert compared >= 14  # NIfTI, JSON, TSV, transform and the SVG figures
 
 
 def test_bad_scan_fails_alone(demo, truth, tmp_path):
@@ -218,3 +222,91 @@ def test_sidecars_record_the_template_file_used(participant_run, truth):
                                                    "SHA256": used.sha256}
     (log_dir,) = [p for p in (out / "logs").iterdir() if (p / "templates.json").is_file()][:1]
     assert used.sha256 in (log_dir / "templates.json").read_text()
+
+
+def _one_scan_subject(truth: pd.DataFrame) -> tuple[str, str]:
+    counts = truth["participant_id"].value_counts()
+    subject = sorted(counts[counts == 1].index)[0]
+    return subject[4:], truth.loc[truth["participant_id"] == subject, "path"].iloc[0]
+
+
+def test_output_unwritable_mid_run_is_73(participant_run, demo, truth, monkeypatch, capsys):
+    """The output folder stops accepting writes while the scan's derivatives are written (a test hook stands in
+    for a read-only remount, a full disk or a quota): exit 73, the existing outputs stay as they were."""
+    import os
+
+    _, out, work = participant_run
+    subject, path = _one_scan_subject(truth)
+    names = output_names(entities_of(path), RES)
+    before = {rel: (out / rel).read_bytes() for key, rel in names.items() if key != "status"}
+    real_replace = os.replace
+
+    def read_only_subject_folder(src, dst, *args, **kwargs):
+        if f"{os.sep}sub-{subject}{os.sep}" in str(dst):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", read_only_subject_folder)
+    code = main([str(demo), str(out), "participant", "-w", str(work), "--resolution", RES, "--nprocs", "1",
+                 "--skip-bids-validation", "--participant-label", subject])
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    assert code == 73, err
+    assert f"FAILED sub-{subject}" in err and "cannot write" in err and "Permission denied" in err
+    assert {rel: (out / rel).read_bytes() for rel in before} == before  # old outputs intact
+    assert not (out / names["status"]).exists()  # not complete any more: the group level will say so
+    assert list((out / f"sub-{subject}").rglob(".*.part*")) == []
+    code = main([str(demo), str(out), "participant", "-w", str(work), "--resolution", RES, "--nprocs", "1",
+                 "--skip-bids-validation", "--participant-label", subject])
+    assert code == 0 and json.loads((out / names["status"]).read_text())["status"] == "ok"
+
+
+KILL_AT_RENAME = """
+import os, signal, sys
+real_replace = os.replace
+calls = []
+
+def replace(src, dst, *args, **kwargs):
+    if os.sep + "sub-" + sys.argv[1] + os.sep in str(dst):
+        calls.append(dst)
+        if len(calls) == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)  # killed between writing the temporary file and renaming it
+    return real_replace(src, dst, *args, **kwargs)
+
+os.replace = replace
+from bids_siamese.cli.main import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_kill_at_a_rename_then_rerun(participant_run, demo, truth, tmp_path):
+    """SIGKILL in the middle of writing a scan's outputs: the scan is not counted by the group level; the next
+    participant run sweeps the temporary files and completes it."""
+    import os
+    import subprocess
+    import sys
+
+    _, out, work = participant_run
+    subject, path = _one_scan_subject(truth)
+    names = output_names(entities_of(path), RES)
+    root = Path(__file__).parents[1]
+    args = [str(demo), str(out), "participant", "-w", str(work), "--resolution", RES, "--nprocs", "1",
+            "--skip-bids-validation", "--participant-label", subject]
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_RENAME, subject, "4", *args], capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    partial = list((out / f"sub-{subject}").rglob(".*.part*"))
+    assert len(partial) == 1
+    assert not (out / names["status"]).exists()
+
+    assert main([str(demo), str(out), "group", "--skip-bids-validation"]) == 0
+    table = pd.read_csv(out / "group_orientation.tsv", sep="\t")
+    row = table[table["participant_id"] == f"sub-{subject}"].iloc[0]
+    assert row["status"] == "missing" and "interrupted" in row["reason"]
+    assert (table["status"] == "ok").sum() == len(truth) - 1
+
+    assert main(args) == 0
+    assert not partial[0].exists() and list((out / f"sub-{subject}").rglob(".*.part*")) == []
+    assert json.loads((out / names["status"]).read_text())["status"] == "ok"
+    assert main([str(demo), str(out), "group", "--skip-bids-validation"]) == 0
+    assert (pd.read_csv(out / "group_orientation.tsv", sep="\t")["status"] == "ok").all()

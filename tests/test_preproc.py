@@ -196,6 +196,16 @@ def test_load_t1w_rejects_zero_voxel_size(tmp_path: Path) -> None:
         load_t1w(path)
 
 
+def test_load_t1w_rejects_raw_zero_pixdim(tmp_path: Path) -> None:
+    """pixdim 0 without an sform: nibabel reads 1 mm voxels, the raw header says the size is unknown."""
+    from conftest import raw_nifti_with_zero_pixdim
+
+    path = raw_nifti_with_zero_pixdim(tmp_path / "t1.nii.gz")
+    assert nib.load(path).header.get_zooms()[:3] == (1.0, 1.0, 1.0)  # what nibabel alone would use
+    with pytest.raises(BadDataError, match=r"t1.nii.gz: voxel sizes are 0 .*pixdim 0, 0, 0.* no qform/sform"):
+        load_t1w(path)
+
+
 # ------------------------------------------------------------------------------------------------
 # header checks
 # ------------------------------------------------------------------------------------------------

@@ -528,3 +528,35 @@ def test_peak_region_outside_every_label_names_the_nearest_on_its_side():
     assert region_at((-5.0, 2.0, 2.0), labels, names, affine) == "Left_A (nearest, 4 mm)"
     assert region_at((1.0, 2.0, 2.0), labels, names, affine) == "Right_B (nearest, 8 mm)"  # not the left label
     assert region_at((-1.0, 2.0, 2.0), labels, names, affine, search_mm=5.0) == "Unlabelled (left)"
+
+
+def test_small_study_scores_are_standardised_against_its_scans():
+    """Fewer scans than MIN_REFERENCE_SCANS (the tiny demo has 7): the focal statistic of every real brain is
+    large, so it is standardised against the study's scans; lesion-free scans stay below the threshold."""
+    from scipy import ndimage as ndi
+
+    from bids_siamese.symmetry.asymmetry import (
+        ASYMMETRY_THRESHOLD, MIN_REFERENCE_SCANS, Reference, group_reference, score_map,
+    )
+
+    rng = np.random.default_rng(3)
+    shape = (24, 16, 16)
+    maps = []
+    for i in range(7):
+        noise = ndi.gaussian_filter(rng.normal(0, 0.05, shape), 1.0)
+        ai = noise - noise[::-1]  # normal (antisymmetric) asymmetry
+        if i == 0:
+            ai[4:7, 6:9, 6:9] -= 0.4  # a focal hypointense lesion in the left hemisphere ...
+            ai[17:20, 6:9, 6:9] += 0.4  # ... and its mirror
+        maps.append(ai)
+    masks = [np.ones(shape, bool)] * len(maps)
+    template = Reference(mean=np.zeros(shape))
+    assert len(maps) < MIN_REFERENCE_SCANS
+    unstandardised = [score_map(a, m, 4.0, template)["asymmetry_score"] for a, m in zip(maps, masks)]
+    assert min(unstandardised[1:]) > ASYMMETRY_THRESHOLD  # the old behaviour: every scan "suspected"
+    reference = group_reference(maps, masks, [pd.DataFrame({"region": [], "asymmetry_index": []})] * len(maps),
+                                template, 4.0)
+    scores = [score_map(a, m, 4.0, reference)["asymmetry_score"] for a, m in zip(maps, masks)]
+    assert reference.n_scans == 7 and reference.focal_sd > 0
+    assert max(scores[1:]) < ASYMMETRY_THRESHOLD < scores[0]
+    assert group_reference(maps[:2], masks[:2], [], template, 4.0) is template  # too few to standardise

@@ -15,7 +15,7 @@ import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -95,16 +95,73 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except OSError as err:
         raise CannotCreateError(f"cannot create folder {path.parent}: {err.strerror}; fix: choose a writable OUTPUT_DIR") from err
     suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{PART_MARK}{suffix}", dir=path.parent)
+    except OSError as err:
+        raise _cannot_write(path, err) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            os.chmod(tmp_path, 0o644)
+            os.replace(tmp_path, path)
+        except OSError as err:  # disk full, folder made read-only, quota, ... while writing
+            raise _cannot_write(path, err) from err
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            if tmp_path.exists():
+                tmp_path.unlink()
+
+
+def _cannot_write(path: Path, err: OSError) -> CannotCreateError:
+    return CannotCreateError(f"cannot write {path}: {err.strerror or err}; fix: free space or restore write access "
+                             "to OUTPUT_DIR, then rerun (finished scans are reused)")
+
+
+#: Marks the temporary files of :func:`atomic_path`: ``.<name>.<random>.part<ext>``.
+PART_MARK = ".part"
+#: Temporary files of files every run writes (dataset_description.json, ...) are swept only when older than
+#: this (seconds): a concurrent run may be writing one right now.
+SHARED_PART_AGE_S = 600.0
+
+
+def partial_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """Temporary files left by killed writes in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = folder.rglob(f".*{PART_MARK}*") if recursive else folder.glob(f".*{PART_MARK}*")
+    return sorted(p for p in found if p.is_file())
+
+
+def sweep_partial_files(output_dir: Path, subjects: Sequence[str] | None = None, now: float | None = None) -> list[Path]:
+    """Delete temporary files left by a killed run; return them.
+
+    With ``subjects`` (whose locks the caller holds): everything under ``sub-<label>/`` and their reports;
+    without: the group-level folders. Top-level files shared by all runs are swept only when older than
+    :data:`SHARED_PART_AGE_S`.
+    """
+    import time
+
+    output_dir = Path(output_dir)
+    now = time.time() if now is None else now
+    owned: list[Path] = []
+    if subjects is None:
+        for name in ("group", "figures", "models"):
+            owned += partial_files(output_dir / name)
+    else:
+        for subject in subjects:
+            owned += partial_files(output_dir / f"sub-{subject}")
+            owned += [p for p in partial_files(output_dir, recursive=False) if p.name.startswith(f".sub-{subject}.")]
+    shared = [p for p in partial_files(output_dir, recursive=False) if not p.name.startswith(".sub-")
+              and (subjects is None and p.name.startswith(".group") or now - p.stat().st_mtime > SHARED_PART_AGE_S)]
+    removed = []
+    for path in dict.fromkeys(owned + shared):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def write_bytes(path: Path, data: bytes) -> Path:
@@ -235,3 +292,68 @@ def init_output_dir(output_dir: Path, bids_dir: Path | None = None) -> None:
             "# bids-siamese derivatives\n\nOutputs of bids-siamese "
             f"{__version__}. Every file is described in the bids-siamese documentation (docs/outputs.md).\n",
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Completion records: one per scan, written after every other output of the scan
+# --------------------------------------------------------------------------------------------------
+
+#: ``status`` values of a completion record and of ``group_orientation.tsv``.
+STATUS_OK, STATUS_FAILED, STATUS_MISSING = "ok", "failed", "missing"
+
+
+def write_completion_record(output_dir: Path, rel: Path, *, status: str, scan: str, run_id: str,
+                            files: Sequence[str] = (), reason: str | None = None) -> Path:
+    """Write ``<source>_desc-status_qc.json``: the scan's outcome and the size of every file it wrote.
+
+    Written last, after the scan's derivatives, figures and the subject report: a scan without this record
+    (or with a listed file missing or of another size) is incomplete.
+    """
+    from datetime import datetime, timezone
+
+    output_dir = Path(output_dir)
+    listed = []
+    for name in files:
+        listed.append({"path": str(name), "size": (output_dir / name).stat().st_size})
+    record = {
+        "status": status,
+        "reason": reason,
+        "scan": scan,
+        "run_id": run_id,
+        "version": __version__,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": listed,
+    }
+    return write_json(output_dir / rel, record)
+
+
+def remove_completion_record(output_dir: Path, rel: Path) -> None:
+    """Forget a scan's completion before its outputs are rewritten (a killed rewrite leaves none)."""
+    try:
+        (Path(output_dir) / rel).unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise _cannot_write(Path(output_dir) / rel, err) from err
+
+
+def check_completion_record(output_dir: Path, rel: Path) -> tuple[str, str | None]:
+    """``(status, reason)`` of one scan from its completion record: ok, failed or missing."""
+    path = Path(output_dir) / rel
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return STATUS_MISSING, "no completed participant-level results (never run, or the run was interrupted)"
+    except (OSError, ValueError) as err:
+        return STATUS_MISSING, f"unreadable completion record {path.name} ({err})"
+    if record.get("status") != STATUS_OK:
+        return STATUS_FAILED, str(record.get("reason") or "failed at the participant level")
+    for item in record.get("files", []):
+        target = Path(output_dir) / item["path"]
+        try:
+            size = target.stat().st_size
+        except OSError:
+            return STATUS_MISSING, f"{item['path']} was deleted after the participant run"
+        if size != item["size"]:
+            return STATUS_MISSING, f"{item['path']} changed after the participant run ({size} != {item['size']} bytes)"
+    return STATUS_OK, None

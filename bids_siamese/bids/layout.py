@@ -6,6 +6,7 @@ large dataset is not walked in full when one participant is asked for.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 #: Entities users may filter on in ``--bids-filter-file`` (fMRIPrep's format: {"t1w": {...}}).
 FILTER_QUERIES = {"t1w": {"datatype": "anat", "suffix": "T1w", "extension": [".nii", ".nii.gz"]}}
 MAX_LISTED_ISSUES = 10
+LOG = logging.getLogger("bids_siamese.layout")
 
 
 def clean_label(label: str, prefix: str) -> str:
@@ -127,10 +129,25 @@ def run_validator(dataset: Path, timeout: float = 300.0) -> list[ValidatorIssue]
     return issues
 
 
-def validate_dataset(dataset: Path) -> list[ValidatorIssue]:
-    """Raise :class:`ValidationError` (exit 16) listing the validator's errors; return warnings."""
+def issue_subject(issue: ValidatorIssue) -> str | None:
+    """The subject an issue is about (from its location ``/sub-<label>/...``), None for dataset-level issues."""
+    match = re.match(r"^/?sub-([A-Za-z0-9]+)(/|_|$)", issue.location)
+    return match.group(1) if match else None
+
+
+def validate_dataset(dataset: Path, subjects: list[str] | None = None) -> list[ValidatorIssue]:
+    """Raise :class:`ValidationError` (exit 16) listing the validator's errors; return warnings.
+
+    With ``subjects`` (the selection), errors in files of other subjects are returned as warnings and logged in
+    one line: one broken subject must not block the array tasks of the others.
+    """
     issues = run_validator(dataset)
     errors = [i for i in issues if i.severity == "error"]
+    elsewhere: list[ValidatorIssue] = []
+    if subjects is not None:
+        selected = set(subjects)
+        elsewhere = [i for i in errors if issue_subject(i) is not None and issue_subject(i) not in selected]
+        errors = [i for i in errors if i not in elsewhere]
     if errors:
         listed = "; ".join(str(e) for e in errors[:MAX_LISTED_ISSUES])
         more = f" (+{len(errors) - MAX_LISTED_ISSUES} more)" if len(errors) > MAX_LISTED_ISSUES else ""
@@ -138,7 +155,11 @@ def validate_dataset(dataset: Path) -> list[ValidatorIssue]:
             f"{dataset} failed BIDS validation with {len(errors)} error(s): {listed}{more}; "
             "fix: correct the dataset, or pass --skip-bids-validation"
         )
-    return [i for i in issues if i.severity != "error"]
+    if elsewhere:
+        others = sorted({f"sub-{issue_subject(i)}" for i in elsewhere})
+        LOG.warning("BIDS validation: %d error(s) in subjects outside the selection (%s), e.g. %s; not blocking "
+                    "this run", len(elsewhere), ", ".join(others[:MAX_LISTED_ISSUES]), elsewhere[0])
+    return [i for i in issues if i.severity != "error"] + elsewhere
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
 """Entry point: parse, check, run; turn user errors into exit codes and one-line messages."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import signal
 import sys
 from typing import Sequence
 
-from ..errors import EXIT_DATA, EXIT_OK, NoInputError, UserError
+from ..errors import EXIT_DATA, EXIT_NO_INPUT, EXIT_OK, NoInputError, UserError
 from .parser import parse_args
 
 LOG = logging.getLogger("bids_siamese")
@@ -15,12 +17,16 @@ def setup_logging(verbosity: int) -> None:
     level = logging.WARNING - 10 * min(verbosity + 1, 2)  # default INFO, -v DEBUG
     logging.basicConfig(level=level, format="%(asctime)s [%(name)s] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("bidsschematools").setLevel(logging.WARNING)
+    if verbosity == 0:  # header repairs nibabel announces are reported by our header checks
+        logging.getLogger("nibabel").setLevel(logging.ERROR)
     from nipype import config as nipype_config
     from nipype import logging as nipype_logging
 
-    nipype_level = "INFO" if verbosity >= 2 else "WARNING"
+    # nipype logs every crashed node with its traceback (39-68 lines): the traceback stays in the crash file
+    # and the terminal gets our one line per failed scan; -vv shows nipype's own log again
+    nipype_level = "INFO" if verbosity >= 2 else "CRITICAL"
     for key in ("workflow_level", "interface_level", "utils_level"):
-        nipype_config.set("logging", key, nipype_level)
+        nipype_config.set("logging", key, nipype_level if key == "workflow_level" or verbosity >= 2 else "WARNING")
     nipype_logging.update_logging(nipype_config)
     for name in ("nipype", "nipype.workflow", "nipype.interface", "nipype.utils"):
         logging.getLogger(name).propagate = False  # nipype has its own handler: avoid double lines
@@ -38,62 +44,130 @@ def record_templates(log_dir) -> None:
              log_dir.name)
 
 
+def _say(message: str, error: bool = False) -> None:
+    print(f"bids-siamese: {message}", file=sys.stderr if error else sys.stdout, flush=True)
+
+
+def _selection(settings):
+    """Selected subjects and scans; the selection (and a typo in it) comes before validation."""
+    from ..bids.layout import collect_t1w, resolve_participants, validate_dataset
+
+    subjects = resolve_participants(settings.bids_dir, settings.participant_label)
+    if not settings.skip_bids_validation:
+        warnings = validate_dataset(settings.bids_dir, subjects)
+        LOG.info("BIDS validation passed (%d warnings)", len(warnings))
+    scans = collect_t1w(settings.bids_dir, subjects, settings.session_label, settings.bids_filters)
+    LOG.info("%d T1w scan(s) selected from %d participant(s)", len(scans), len(subjects))
+    return subjects, scans
+
+
 def run(settings) -> int:
     """Run one analysis level with checked ``settings``; returns the exit code."""
     from ..bids.derivatives import init_output_dir
-    from ..bids.layout import collect_t1w, resolve_participants, validate_dataset
 
     if settings.analysis_level == "group" and not (settings.output_dir / "dataset_description.json").is_file():
         raise NoInputError(
             f"{settings.output_dir} holds no participant-level results; fix: run the participant level first"
         )
-    if not settings.skip_bids_validation:
-        warnings = validate_dataset(settings.bids_dir)
-        LOG.info("BIDS validation passed (%d warnings)", len(warnings))
-    subjects = resolve_participants(settings.bids_dir, settings.participant_label)
-    scans = collect_t1w(settings.bids_dir, subjects, settings.session_label, settings.bids_filters)
-    LOG.info("%d T1w scan(s) selected from %d participant(s)", len(scans), len(subjects))
+    subjects, scans = _selection(settings)
     init_output_dir(settings.output_dir, settings.bids_dir)
     log_dir = settings.save()
     LOG.info("run %s: settings saved in %s", settings.run_id, log_dir)
     record_templates(log_dir)
 
     if settings.analysis_level == "participant":
-        from ..workflows.participant import run_participant
+        return run_participant_level(settings, subjects, scans)
+    return run_group_level(settings, subjects, scans)
 
-        failures = run_participant(settings, scans)
-        if failures:
-            for name, message in failures:
-                print(f"bids-siamese: FAILED {name}: {message}", file=sys.stderr)
-            print(
-                f"bids-siamese: error: {len(failures)} of {len(scans)} scan(s) failed "
-                f"({', '.join(n for n, _ in failures)}); crash files in {log_dir}; other scans finished",
-                file=sys.stderr,
-            )
-            return EXIT_DATA
-        print(f"bids-siamese: {len(scans)} scan(s) processed; outputs in {settings.output_dir}")
-        return EXIT_OK
 
-    from ..workflows.group import run_group
+def run_participant_level(settings, subjects, scans) -> int:
+    from ..bids.derivatives import sweep_partial_files
+    from ..bids.locks import subject_locks
+    from ..workflows import participant
 
-    written = run_group(settings, subjects)
+    with subject_locks(settings.output_dir, subjects, settings.run_id):
+        swept = sweep_partial_files(settings.output_dir, subjects)
+        if swept:
+            LOG.info("removed %d partial file(s) left by an interrupted run, e.g. %s", len(swept), swept[0])
+        failures = participant.run_participant(settings, scans)
+    for failure in failures:
+        _say(f"FAILED {failure[0]}: {failure[1]}", error=True)
+    if failures:
+        code = max(getattr(f, "exit_code", EXIT_DATA) for f in failures)  # 73 (output) before 65 (data)
+        others = "; other scans finished" if len(failures) < len(scans) else ""
+        _say(f"error: {len(failures)} of {len(scans)} scan(s) failed ({', '.join(f[0] for f in failures)}); "
+             f"crash files in {settings.log_dir / 'crash'}{others}", error=True)
+        _say(_work_dir_line(settings), error=True)
+        return code
+    _say(f"{len(scans)} scan(s) processed; outputs in {settings.output_dir}")
+    if settings.clean_workdir:
+        from ..workflows.workdir import clean_work_dir
+
+        removed = clean_work_dir(settings.work_dir, [participant._wf_name(s) for s in scans])
+        _say(f"work dir {settings.work_dir} " + ("removed" if removed else "cleaned of this run's scans "
+                                                 "(other runs' folders kept)"))
+    else:
+        _say(_work_dir_line(settings))
+    return EXIT_OK
+
+
+def _work_dir_line(settings) -> str:
+    from ..workflows.workdir import folder_size, human_size
+
+    size = human_size(folder_size(settings.work_dir))
+    return (f"work dir {settings.work_dir} holds {size} of intermediate files (a rerun reuses them); "
+            "remove it, or pass --clean-workdir, when done")
+
+
+def run_group_level(settings, subjects, scans) -> int:
+    from ..bids.derivatives import sweep_partial_files
+    from ..workflows.group import collect_scan_status, run_group, status_summary
+
+    sweep_partial_files(settings.output_dir)
+    status = collect_scan_status(settings.output_dir, scans, settings.resolution_label)
+    summary = status_summary(status)
+    n_ok = sum(1 for s in status if s["status"] == "ok")
+    for row in status:
+        if row["status"] != "ok":
+            _say(f"{row['status'].upper()} {row['name']}: {row['reason']}", error=True)
+    if n_ok == 0:  # nothing to train or evaluate on: write the table and the report that say why
+        settings = dataclasses.replace(settings, task=None)
+    written = run_group(settings, subjects, status=status)
     for path in written:
-        print(f"bids-siamese: wrote {path}")
+        _say(f"wrote {path}")
+    if n_ok == 0:
+        _say(f"error: no selected scan has participant-level results ({summary}); fix: run the participant "
+             "level (see the reasons above)", error=True)
+        return EXIT_NO_INPUT
+    _say(f"group level: {summary}")
     return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .signals import Interrupted, handle_signals, stop_children
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    settings = None
     try:
-        settings = parse_args(argv)
-        settings.command_line = ["bids-siamese", *argv]
-        setup_logging(settings.verbosity)
-        return run(settings)
-    except UserError as err:
-        print(f"bids-siamese: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except SystemExit as done:  # --help / --version
-        return int(done.code or 0)
+        with handle_signals():
+            try:
+                settings = parse_args(argv)
+                settings.command_line = ["bids-siamese", *argv]
+                setup_logging(settings.verbosity)
+                return run(settings)
+            except UserError as err:
+                _say(f"error: {err}", error=True)
+                return err.exit_code
+            except SystemExit as done:  # --help / --version
+                return int(done.code or 0)
+    except (Interrupted, KeyboardInterrupt) as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        stopped = stop_children()
+        where = f"; rerun the same command to resume from the work dir {settings.work_dir}" if settings else ""
+        workers = f" and {stopped} worker process(es)" if stopped else ""
+        _say(f"error: stopped by {signal.Signals(signum).name}: run{workers} ended, finished scans are kept{where}",
+             error=True)
+        return 128 + signum
 
 
 if __name__ == "__main__":  # pragma: no cover

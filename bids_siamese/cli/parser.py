@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -11,7 +13,7 @@ from typing import Sequence
 from .. import __version__
 from ..bids.layout import clean_label, load_filter_file
 from ..config import Settings, available_cpus, available_memory_gb
-from ..errors import AnalysisLevelError, NoInputError, UsageError
+from ..errors import EXIT_CODES, AnalysisLevelError, NoInputError, UsageError
 
 ANALYSIS_LEVELS = ("participant", "group")
 TASKS = ("twin", "longitudinal", "symmetry")
@@ -33,17 +35,44 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises :class:`UsageError` (exit 64) instead of exiting with 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        raise UsageError(f"{message}; fix: see bids-siamese --help")
+        raise UsageError(f"{message}; fix: see {self.prog} --help")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Show ``(default: X)`` once, only for informative defaults the help text does not already state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        uninformative = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if "default" in text or uninformative or not action.option_strings or action.nargs == 0:
+            return text
+        return f"{text} (default: {default})"
+
+
+def program_name(argv0: str | None = None) -> str:
+    """The name the user typed: ``run.py``, ``bids-siamese``, ... (``python -m bids_siamese`` for -m)."""
+    name = os.path.basename(sys.argv[0] if argv0 is None and sys.argv else (argv0 or ""))
+    if name in ("__main__.py", "-m"):
+        return "python -m bids_siamese"
+    return name or "bids-siamese"
+
+
+def help_epilog() -> str:
+    codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())
+    return ("exit codes:\n" + codes + "\n\nFull documentation: docs/usage.md (options, exit codes), docs/outputs.md "
+            "(every file written),\ndocs/reliability.md (what happens on failures, kills and concurrent runs).")
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(
-        prog="bids-siamese",
+        prog=prog or program_name(),
         description="Siamese networks for brain MRI, as a BIDS App. participant: preprocessing into "
         "MNI152NLin2009cAsym and orientation QC per T1w scan; group: collects per-scan results and, with --task, "
         "trains or applies a model. Default models: the atlas-region models ('regional') for --task twin and "
         "--task longitudinal; 3D CNN encoders by --backbone ('small' is the default for --task symmetry).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
+        epilog=help_epilog(),
     )
     p.add_argument("bids_dir", type=Path, help="the raw BIDS dataset (read only)")
     p.add_argument("output_dir", type=Path, help="where derivatives are written")
@@ -97,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     perf = p.add_argument_group("performance and reproducibility")
     perf.add_argument("-w", "--work-dir", type=Path,
                       help="intermediate files (default: a folder in the system temp dir keyed by OUTPUT_DIR)")
+    perf.add_argument("--clean-workdir", action="store_true",
+                      help="remove this run's intermediate files from the work dir after a successful run")
     perf.add_argument("--nprocs", "--n-cpus", type=int, default=None, help="parallel processes (default: CPUs available)")
     perf.add_argument("--omp-nthreads", type=int, default=None, help="threads per process (default: min(8, nprocs))")
     perf.add_argument("--mem-gb", type=float, default=None, help="memory limit for the scheduler in GB")
@@ -210,8 +241,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     for name in ("epochs", "batch_size", "embedding_dim", "n_draws"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.use_plugin is not None and not args.use_plugin.is_file():
-        raise NoInputError(f"--use-plugin file {args.use_plugin} not found; fix: give an existing YAML/JSON file")
+    if args.use_plugin is not None:
+        from ..workflows.plugin import load_plugin_file
+
+        load_plugin_file(args.use_plugin)  # one-line error (64/66) before any work
 
     return Settings(
         bids_dir=bids_dir,
@@ -232,6 +265,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         verbosity=args.verbosity,
         resolution=float(args.resolution),
         use_plugin=args.use_plugin.resolve() if args.use_plugin else None,
+        clean_workdir=args.clean_workdir,
         model=args.model.resolve() if args.model else None,
         task=args.task,
         mode=args.mode,

@@ -68,7 +68,15 @@ def output_names(entities: dict, resolution_label: str) -> dict[str, Path]:
     names["asymmetry_report"] = build_path(dict(base, desc="asymmetry", suffix="qc", extension=".json"))
     for desc in FIGURE_DESCS:
         names[f"figure_{desc}"] = build_path(dict(base, desc=desc, suffix="T1w", extension=".svg"))
+    names["status"] = completion_record_name(entities)
     return names
+
+
+def completion_record_name(entities: dict) -> Path:
+    """``<source>_desc-status_qc.json``: the scan's completion record (see docs/reliability.md)."""
+    from ..bids.derivatives import build_path
+
+    return build_path(dict(entities, desc="status", suffix="qc", extension=".json"))
 
 
 def embedding_name(entities: dict, task: str) -> Path:
@@ -87,10 +95,11 @@ class WriteDerivatives(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
 
-        from ..bids.derivatives import sidecar_path, write_bytes, write_json, write_nifti
+        from ..bids.derivatives import remove_completion_record, sidecar_path, write_bytes, write_json, write_nifti
 
         out_dir = Path(self.inputs.output_dir)
         names = output_names(dict(self.inputs.entities), self.inputs.resolution_label)
+        remove_completion_record(out_dir, names["status"])  # rewritten last, once everything else is written
         raw = "bids:raw:" + str(Path(self.inputs.source_file).resolve().relative_to(Path(self.inputs.bids_dir).resolve()))
         native_mask_uri = "bids::" + str(names["native_mask"])
         res_desc = {self.inputs.resolution_label: f"{self.inputs.resolution:g} mm isotropic bids-siamese model grid "

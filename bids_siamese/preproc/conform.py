@@ -130,6 +130,34 @@ def _check_voxel_sizes(path: Path, affine: np.ndarray, zooms: tuple[float, ...])
         raise _bad(path, "the voxel-to-world affine is singular", "fix the NIfTI header (qform/sform)")
 
 
+def _check_raw_pixdim(path: Path) -> None:
+    """Reject zero voxel sizes that nibabel silently replaces by 1 mm when no sform overrides them.
+
+    nibabel "fixes" ``pixdim[1:4] == 0`` to 1 on load, so the loaded header cannot show it: the raw header
+    is read again without checks. With an sform the affine does not depend on pixdim; without one (qform
+    only, or no orientation at all) a 0 means the voxel size is unknown.
+    """
+    if not str(path).endswith((".nii", ".nii.gz")) or not path.is_file():
+        return
+    try:
+        with nib.openers.ImageOpener(str(path)) as fobj:
+            raw = nib.Nifti1Header.from_fileobj(fobj, check=False)
+    except (*_READ_ERRORS, nib.spatialimages.HeaderDataError, nib.wrapstruct.WrapStructError):
+        return  # unreadable: :func:`_read_image` reports it
+    if int(raw["sform_code"]) != 0:
+        return
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
+    if np.all(np.isfinite(pixdim)) and np.all(pixdim > 0):
+        return
+    shown = ", ".join(f"{z:g}" for z in pixdim)
+    orient = "a qform that scales by them" if int(raw["qform_code"]) != 0 else "no qform/sform"
+    raise _bad(
+        path,
+        f"voxel sizes are 0 or invalid in the header (pixdim {shown}) with {orient}; nibabel would assume 1 mm",
+        "fix the NIfTI header (set pixdim to the real voxel size, or re-convert with dcm2niix)",
+    )
+
+
 def load_t1w(path: str | Path) -> nib.Nifti1Image:
     """Load a T1w scan as a 3D float32 :class:`nibabel.Nifti1Image`, or raise :class:`BadDataError`.
 
@@ -142,6 +170,7 @@ def load_t1w(path: str | Path) -> nib.Nifti1Image:
             voxel size. The message is one line naming the file and the fix.
     """
     path = Path(path)
+    _check_raw_pixdim(path)  # before nibabel loads (and "fixes") the header
     img, raw = _read_image(path)
     data = _check_values(path, _to_3d(path, raw))
     affine = np.asarray(img.affine, dtype=np.float64)

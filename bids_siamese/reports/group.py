@@ -306,8 +306,11 @@ def build_group_context(
         flagged = orientation[orientation["lr_flip_suspected"].astype(str).str.lower() == "true"]
         checks = orientation["header_checks_failed"]  # pandas reads the TSV's "n/a" as missing
         failed = orientation[checks.notna() & ~checks.astype(str).isin(["n/a", ""])]
+        status = orientation["status"].astype(str) if "status" in orientation else pd.Series("ok", orientation.index)
+        not_ok = orientation[status != "ok"]
         context["orientation"] = {"n": len(orientation), "flagged": len(flagged), "header_failed": len(failed),
-                                  "table": table_view(pd.concat([flagged, failed]).drop_duplicates(), 30)}
+                                  "status": {key: int((status == key).sum()) for key in ("ok", "failed", "missing")},
+                                  "table": table_view(pd.concat([not_ok, flagged, failed]).drop_duplicates(), 30)}
     if symmetry is not None and len(symmetry):
         numeric = symmetry.select_dtypes("number")
         summary = numeric.describe().T[["mean", "std", "min", "max"]].reset_index().rename(columns={"index": "column"})

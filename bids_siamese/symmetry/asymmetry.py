@@ -35,7 +35,7 @@ brain (participant level) or the voxelwise robust spread across the dataset (gro
 :data:`MIN_REFERENCE_SCANS` scans). The scan's focal statistic is the mean ``|z|`` of its
 ``top_volume_mm3`` most deviant left-hemisphere voxels (the map is antisymmetric, so one hemisphere holds
 all the information); ``asymmetry_score`` is that statistic, standardised against the same statistic of the
-reference scans at group level.
+reference scans at group level (from :data:`MIN_FOCAL_SCANS` scans on; see :func:`few_scans_reference`).
 """
 from __future__ import annotations
 
@@ -71,6 +71,12 @@ MIDLINE_MM = 4.0
 PROBABILISTIC_THRESHOLD = 0.25
 #: Fewer scans than this: the group reference falls back to the template mean and each scan's own spread.
 MIN_REFERENCE_SCANS = 8
+#: From this many scans (and below :data:`MIN_REFERENCE_SCANS`) the focal statistic is still standardised
+#: against the dataset's scans, so that ``asymmetry_score`` stays a robust z on small studies.
+MIN_FOCAL_SCANS = 3
+#: With few scans the robust sd of their focal statistics is at least this fraction of its median: a MAD of a
+#: handful of values can be close to 0 by chance.
+FOCAL_SD_FLOOR_FRACTION = 0.1
 #: Robust sd of a normal distribution from its median absolute deviation.
 MAD_TO_SD = 1.4826
 #: ``asymmetry_score`` above which a scan is reported as ``asymmetry_suspected`` (robust z against the
@@ -885,6 +891,38 @@ def analyse_scan(
     return AsymmetryResult(ai=ai, z=z, regions=regions[REGION_COLUMNS], report=report)
 
 
+def few_scans_reference(ai_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], template: Reference,
+                        voxel_mm: float, top_volume_mm3: float = TOP_VOLUME_MM3) -> Reference:
+    """The reference of a small study (fewer than :data:`MIN_REFERENCE_SCANS` scans).
+
+    Too few scans for a voxelwise spread: each scan's z-map keeps the template's mean and the scan's own spread
+    (as at participant level), but the focal statistic -- the mean ``|z|`` of the most deviant voxels, which is
+    large for every real brain (8-19 on the tiny demo) -- is standardised against the same statistic of the
+    dataset's scans (median, robust sd floored at :data:`FOCAL_SD_FLOOR_FRACTION` of the median). With fewer
+    than :data:`MIN_FOCAL_SCANS` scans the template reference is returned unchanged.
+
+    Examples:
+        >>> rng = np.random.default_rng(0)
+        >>> maps = [rng.normal(0, 0.02, (16, 8, 8)) for _ in range(5)]
+        >>> maps = [a - a[::-1] for a in maps]
+        >>> masks = [np.ones(a.shape, bool) for a in maps]
+        >>> ref = few_scans_reference(maps, masks, Reference(mean=np.zeros((16, 8, 8))), 4.0)
+        >>> ref.n_scans, ref.focal_median > 1, ref.focal_sd > 0
+        (5, True, True)
+    """
+    n = len(ai_maps)
+    if n < MIN_FOCAL_SCANS:
+        return template
+    focal = np.array([focal_statistic(z_map(a, m, template, voxel_mm), m, voxel_mm, top_volume_mm3)[0]
+                      for a, m in zip(ai_maps, masks)])
+    median = float(np.median(focal))
+    ref = Reference(mean=template.mean, sd=template.sd, source="template+dataset focal", n_scans=n,
+                    regions_mean=template.regions_mean, regions_sd=template.regions_sd, focal_median=median,
+                    focal_sd=float(max(robust_sd(focal), FOCAL_SD_FLOOR_FRACTION * abs(median), 1e-6)))
+    ref.extra["focal"] = focal
+    return ref
+
+
 def group_reference(
     ai_maps: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],
@@ -897,8 +935,8 @@ def group_reference(
     """The dataset reference: voxelwise median and robust sd over the template and the scans' AI maps, the
     same for the regional indices, and the distribution of the scans' focal statistics under it.
 
-    With fewer than :data:`MIN_REFERENCE_SCANS` scans the template reference is returned unchanged (each scan
-    is then standardised by its own spread).
+    With fewer than :data:`MIN_REFERENCE_SCANS` scans see :func:`few_scans_reference` (the template's voxelwise
+    reference, each scan standardised by its own spread, the focal statistic by the dataset's).
 
     Args:
         ai_maps: the scans' :func:`asymmetry_map` results.
@@ -911,7 +949,7 @@ def group_reference(
     """
     n = len(ai_maps)
     if n < MIN_REFERENCE_SCANS:
-        return template
+        return few_scans_reference(ai_maps, masks, template, voxel_mm, top_volume_mm3)
     stack = np.stack([np.asarray(template.mean, np.float32)] + [np.asarray(a, np.float32) for a in ai_maps])
     valid = np.stack([np.asarray(template.mean) != 0] + [symmetric_mask(m) for m in masks])
     data = np.where(valid, stack, np.nan)

@@ -242,14 +242,16 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[obje
     resolution = float(settings.resolution)
     files, table = data.files, data.table
     healthy = [i for i, f in enumerate(files) if not table.at[i, "asymmetry_suspected"] and not lr_flip_suspected(f)]
-    split = family_split(sorted({files[i].participant_id for i in healthy}),
-                         read_families(settings.bids_dir, settings.family_column), settings.seed)
+    families = read_families(settings.bids_dir, settings.family_column)
+    split = family_split(sorted({files[i].participant_id for i in healthy}), families, settings.seed)
     parts = {name: [i for i in healthy if split.get(files[i].participant_id) == name]
              for name in ("train", "validation", "test")}
     if min(len(p) for p in parts.values()) < 1 or len(parts["train"]) < 2:
         raise NoInputError(
             f"symmetry training needs lesion-free scans of at least 4 subjects/families (got {len(healthy)} "
-            f"scan(s) of {len(split)} subject(s)); fix: add participants or use --mode apply --model PATH")
+            f"scan(s) of {len(split)} subject(s) in {len({(families or {}).get(p, p) for p in split})} "
+            f"famil(ies), split {', '.join(f'{k} {len(v)}' for k, v in parts.items())}); fix: add participants "
+            "or use --mode apply --model PATH")
     table["split"] = "excluded"
     for name, idx in parts.items():
         table.loc[idx, "split"] = name

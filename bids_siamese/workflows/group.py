@@ -20,6 +20,8 @@ ORIENTATION_COLUMNS = [
     "lr_flip_suspected",
     "header_checks_failed",
     "scan",
+    "status",
+    "reason",
 ]
 
 
@@ -32,14 +34,62 @@ def orientation_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             {
                 "participant_id": rec["participant_id"],
                 "session_id": rec.get("session_id") or "n/a",
-                "lr_flip_probability": round(float(rec["lr_flip_probability"]), 4),
-                "lr_flip_suspected": bool(rec["lr_flip_suspected"]),
+                "lr_flip_probability": (round(float(rec["lr_flip_probability"]), 4)
+                                        if rec.get("lr_flip_probability") is not None else None),
+                "lr_flip_suspected": bool(rec["lr_flip_suspected"]) if rec.get("lr_flip_suspected") is not None
+                else None,
                 "header_checks_failed": ";".join(failed) if failed else "n/a",
                 "scan": rec.get("scan", "n/a"),
+                "status": rec.get("status", "ok"),
+                "reason": rec.get("reason") or "n/a",
             }
         )
     table = pd.DataFrame(rows, columns=ORIENTATION_COLUMNS)
     return table.sort_values(["participant_id", "session_id", "scan"], kind="stable").reset_index(drop=True)
+
+
+def collect_scan_status(output_dir: Path, scans: Iterable[Any], resolution_label: str) -> list[dict[str, Any]]:
+    """One entry per selected scan: ``status`` ok/failed/missing (from its completion record), ``reason``, and
+    for ok scans the orientation QC record (``record``)."""
+    from ..bids.derivatives import STATUS_MISSING, STATUS_OK, check_completion_record
+    from ..interfaces.derivatives import output_names
+
+    entries = []
+    for scan in scans:
+        names = output_names(scan.entities, resolution_label)
+        status, reason = check_completion_record(output_dir, names["status"])
+        record = None
+        if status == STATUS_OK:
+            try:
+                record = json.loads((Path(output_dir) / names["orientation"]).read_text())
+            except (OSError, ValueError) as err:
+                status, reason = STATUS_MISSING, f"unreadable {names['orientation'].name} ({err})"
+        if status == STATUS_MISSING:
+            reason = f"{reason}; fix: rerun the participant level for sub-{scan.entities['subject']}"
+        entries.append({"name": scan.name, "scan": scan.path.name, "entities": dict(scan.entities),
+                        "status": status, "reason": reason, "record": record})
+    return entries
+
+
+def status_summary(entries: list[dict[str, Any]]) -> str:
+    """``"8 scans: 1 ok, 6 failed, 1 missing"``."""
+    counts = {key: sum(1 for e in entries if e["status"] == key) for key in ("ok", "failed", "missing")}
+    return f"{len(entries)} scans: " + ", ".join(f"{n} {key}" for key, n in counts.items())
+
+
+def status_records(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for :func:`orientation_table`: the QC record of ok scans, identifiers and reason of the others."""
+    rows = []
+    for entry in entries:
+        if entry["record"] is not None:
+            rows.append({**entry["record"], "status": entry["status"], "reason": None})
+            continue
+        ents = entry["entities"]
+        rows.append({"participant_id": f"sub-{ents['subject']}",
+                     "session_id": f"ses-{ents['session']}" if ents.get("session") else None,
+                     "scan": entry["scan"], "status": entry["status"], "reason": entry["reason"],
+                     "lr_flip_probability": None, "lr_flip_suspected": None, "header_checks": []})
+    return rows
 
 
 def find_orientation_records(output_dir: Path, subjects: list[str]) -> list[dict[str, Any]]:
@@ -50,26 +100,42 @@ def find_orientation_records(output_dir: Path, subjects: list[str]) -> list[dict
     return records
 
 
-def run_group(settings, subjects: list[str]) -> list[Path]:
+def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None = None) -> list[Path]:
     """Write the group tables that the available participant results allow; return their paths.
+
+    With ``status`` (:func:`collect_scan_status` of the selected scans) every selected scan has a row in
+    ``group_orientation.tsv``, ok or not; without it, the scans with an orientation record are listed.
 
     Under ``torchrun`` every process runs this function: only the first (``RANK`` 0) writes the tables, the
     explanations and the report; the others take part in the distributed training only.
     """
     written = []
     main_process = int(os.environ.get("RANK", "0") or 0) == 0
-    records = find_orientation_records(settings.output_dir, subjects) if main_process else []
+    if not main_process:
+        records = []
+    elif status is not None:
+        records = status_records(status)
+    else:
+        records = find_orientation_records(settings.output_dir, subjects)
     if records:
         path = settings.output_dir / GROUP_FILES["orientation"]
         table = orientation_table(records)
         write_tsv(path, table)
         LOG.info("%d scan(s) in %s; %d flagged as left-right flipped", len(table), path.name,
-                 int(table["lr_flip_suspected"].sum()))
+                 int((table["lr_flip_suspected"] == True).sum()))  # noqa: E712 - None for scans without results
         written.append(path)
     elif main_process:
         LOG.warning("no participant-level orientation results found in %s", settings.output_dir)
 
     task = getattr(settings, "task", None)
+    if status is not None and task:  # the models see only subjects with complete results (the others are listed)
+        usable = {e["entities"]["subject"] for e in status if e["status"] == "ok"}
+        left_out = [s for s in subjects if s not in usable]
+        if left_out:
+            LOG.warning("--task %s: %d subject(s) without complete participant results left out (%s)", task,
+                        len(left_out), ", ".join(f"sub-{s}" for s in left_out[:10]) + (" ..." if len(left_out) > 10
+                                                                                       else ""))
+        subjects = [s for s in subjects if s in usable]
     if task == "twin":
         from ..explain.run import run_explain
         from ..train.run import run_twin

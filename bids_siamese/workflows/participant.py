@@ -10,12 +10,13 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..bids.layout import T1wScan
+from ..errors import EXIT_DATA, CannotCreateError
 from ..interfaces.derivatives import WriteDerivatives, output_names
 from ..interfaces.preproc import (
     AffineRegistration,
@@ -32,6 +33,13 @@ LOG = logging.getLogger("bids_siamese.participant")
 
 #: Memory per node in GB, measured with benchmarks/participant.py on 1 mm scans (see docs/benchmarks.md).
 MEM_GB = {"light": 0.5, "conform": 1.0, "brain": 3.0, "register": 1.5, "grid": 1.0, "figures": 0.8}
+
+
+#: torch threads of the affine registrations, whatever --omp-nthreads says: its float32 sums (correlation,
+#: grid_sample gradients) are split across threads, so another thread count changes the last bits of the
+#: transform and of everything resampled with it. One thread keeps outputs identical across --nprocs and
+#: --omp-nthreads (docs/reliability.md); the registration is a few seconds per scan.
+REGISTRATION_THREADS = 1
 
 
 def _wf_name(scan: T1wScan) -> str:
@@ -89,14 +97,14 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     conform = pe.Node(Conform(), name="conform", mem_gb=MEM_GB["conform"], n_procs=1)
     register = pe.Node(
         AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, device=settings.device,
-                           num_threads=omp),
-        name="register", mem_gb=MEM_GB["register"], n_procs=omp,
+                           num_threads=REGISTRATION_THREADS),
+        name="register", mem_gb=MEM_GB["register"], n_procs=REGISTRATION_THREADS,
     )
     # the orientation check needs a shear-free registration (shears imitate the brain's torque asymmetry)
     register_qc = pe.Node(
         AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, device=settings.device,
-                           num_threads=omp, dof=9),
-        name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=omp,
+                           num_threads=REGISTRATION_THREADS, dof=9),
+        name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=REGISTRATION_THREADS,
     )
     grid = pe.Node(ModelGrid(resolution=settings.resolution), name="model_grid", mem_gb=MEM_GB["grid"], n_procs=1)
     orient = pe.Node(OrientationCheck(), name="orientation", mem_gb=MEM_GB["grid"], n_procs=1)
@@ -218,32 +226,69 @@ def init_participant_wf(scans: list[T1wScan], settings, name: str = "bids_siames
 def plugin_settings(settings) -> tuple[str, dict[str, Any]]:
     """MultiProc with --nprocs/--mem-gb, or the plugin given by --use-plugin (YAML or JSON)."""
     if settings.use_plugin is not None:
-        import yaml
+        from .plugin import load_plugin_file
 
-        spec = yaml.safe_load(Path(settings.use_plugin).read_text()) or {}
-        return str(spec.get("plugin", "MultiProc")), dict(spec.get("plugin_args", {}))
+        return load_plugin_file(settings.use_plugin)
     if settings.nprocs == 1:
         return "Linear", {}
     return "MultiProc", {"n_procs": settings.nprocs, "memory_gb": settings.mem_gb, "raise_insufficient": False,
                          "maxtasksperchild": 1}
 
 
-def _crash_messages(crash_dir: Path) -> dict[str, str]:
-    """Map per-scan workflow name -> the one-line error of its crashed node."""
-    messages: dict[str, str] = {}
+class ScanFailure(NamedTuple):
+    """A scan that did not finish: its name, the one-line reason and the exit code it calls for."""
+
+    name: str
+    message: str
+    exit_code: int = EXIT_DATA
+
+
+def _exit_code_of(error_class: str) -> int:
+    """Exit code of a :class:`~bids_siamese.errors.UserError` subclass named in a crash file (65 otherwise)."""
+    from .. import errors
+
+    cls = getattr(errors, error_class, None)
+    if isinstance(cls, type) and issubclass(cls, errors.UserError):
+        return cls.exit_code
+    return EXIT_DATA
+
+
+def _crash_messages(crash_dir: Path) -> dict[str, tuple[str, int]]:
+    """Map per-scan workflow name -> (the one-line error of its crashed node, exit code)."""
+    messages: dict[str, tuple[str, int]] = {}
     for crash in sorted(crash_dir.glob("crash-*.txt")):
         text = crash.read_text(errors="replace")
         node = re.search(r"^Node: (\S+)", text, re.M)
         wf = next((part for part in (node.group(1).split(".") if node else []) if part.startswith("scan_")), None)
         if wf is None:
             continue
-        user = re.findall(r"(?:bids_siamese\.errors\.)?\w*Error: (.+)", text)
-        messages.setdefault(wf, (user[-1] if user else f"see {crash.name}").strip())
+        user = re.findall(r"(?:bids_siamese\.errors\.)?(\w*Error): (.+)", text)
+        if user:
+            messages.setdefault(wf, (user[-1][1].strip(), _exit_code_of(user[-1][0])))
+        else:
+            messages.setdefault(wf, (f"see {crash}", EXIT_DATA))
     return messages
 
 
-def run_participant(settings, scans: list[T1wScan]) -> list[tuple[str, str]]:
-    """Run the workflow; return ``(scan name, error)`` for each failed scan (others finish)."""
+def _sink_outputs(settings, scan: T1wScan) -> list[str] | None:
+    """The files the scan's ``write_derivatives`` node wrote in this run (None when it did not finish)."""
+    from nipype.pipeline.engine.utils import load_resultfile
+
+    result = Path(settings.work_dir) / "bids_siamese_wf" / _wf_name(scan) / "write_derivatives" / \
+        "result_write_derivatives.pklz"
+    try:
+        outputs = load_resultfile(str(result)).outputs
+        return list(outputs.out_files) if outputs is not None else None
+    except Exception:  # noqa: BLE001 - a missing, partial or foreign result file means "not finished"
+        return None
+
+
+def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
+    """Run the workflow; return a :class:`ScanFailure` for each failed scan (others finish).
+
+    Each scan ends with its completion record (``*_desc-status_qc.json``, ``ok`` or ``failed`` with the
+    reason), written after its derivatives and its subject's report.
+    """
     from nipype import config as nipype_config
 
     crash_dir = settings.log_dir / "crash"
@@ -265,19 +310,39 @@ def run_participant(settings, scans: list[T1wScan]) -> list[tuple[str, str]]:
         wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:  # nipype raises after the other nodes finished
         LOG.debug("workflow finished with errors: %s", err)
+    except OSError as err:  # nipype could not write its crash files or node folders
+        raise CannotCreateError(f"cannot write {err.filename or settings.work_dir}: {err.strerror or err}; fix: free "
+                                "space or restore write access, then rerun (finished scans are reused)") from err
 
     messages = _crash_messages(crash_dir) if crash_dir.exists() else {}
-    failures: list[tuple[str, str]] = []
-    done: dict[str, list[dict[str, Any]]] = {}
+    failures: list[ScanFailure] = []
+    written: dict[str, list[str]] = {}
     for scan in scans:
-        qc = settings.output_dir / output_names(scan.entities, settings.resolution_label)["orientation"]
-        ok = qc.is_file() and _wf_name(scan) not in messages
-        if ok:
-            done.setdefault(scan.entities["subject"], []).append(json.loads(qc.read_text()))
+        files = _sink_outputs(settings, scan) if _wf_name(scan) not in messages else None
+        if files is not None:
+            written[scan.name] = files
         else:
-            failures.append((scan.name, messages.get(_wf_name(scan), "failed; see the crash files")))
-    write_reports(settings, scans, failures)
+            message, code = messages.get(_wf_name(scan), ("did not finish; see the crash files", EXIT_DATA))
+            failures.append(ScanFailure(scan.name, message, code))
+    write_reports(settings, scans, [(f.name, f.message) for f in failures])
+    write_completion_records(settings, scans, written, failures)
     return failures
+
+
+def write_completion_records(settings, scans: list[T1wScan], written: dict[str, list[str]],
+                             failures: list[ScanFailure]) -> None:
+    """The last write of every scan: ``ok`` with its files, or ``failed`` with the reason."""
+    from ..bids.derivatives import STATUS_FAILED, STATUS_OK, write_completion_record
+
+    failed = {f.name: f for f in failures}
+    for scan in scans:
+        rel = output_names(scan.entities, settings.resolution_label)["status"]
+        if scan.name in written:
+            write_completion_record(settings.output_dir, rel, status=STATUS_OK, scan=scan.path.name,
+                                    run_id=settings.run_id, files=written[scan.name])
+        elif failed[scan.name].exit_code == EXIT_DATA:  # not when the output itself failed
+            write_completion_record(settings.output_dir, rel, status=STATUS_FAILED, scan=scan.path.name,
+                                    run_id=settings.run_id, reason=failed[scan.name].message)
 
 
 def write_reports(settings, scans: list[T1wScan], failures: list[tuple[str, str]]) -> list[Path]:
