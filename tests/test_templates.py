@@ -78,7 +78,7 @@ def test_run_records_templates_and_warns_once(run_cli, mini_bids, tmp_path, fake
     assert code == 0, err
     warnings = [r.getMessage() for r in caplog.records if "TemplateFlow cache" in r.getMessage()]
     assert len(warnings) == 1 and "lacks 12 of 13" in warnings[0] and "using the bundled copies" in warnings[0]
-    (log_dir,) = (out / "logs").iterdir()
+    (log_dir,) = [p for p in (out / "logs").iterdir() if (p / "settings.json").is_file()]
     recorded = {entry["Name"]: entry for entry in json.loads((log_dir / "templates.json").read_text())}
     brain = recorded[resources.TEMPLATE_BRAIN]
     assert brain["Source"] == "templateflow" and Path(brain["Path"]).is_relative_to(home)
@@ -93,5 +93,5 @@ def test_no_warning_without_a_cache(run_cli, mini_bids, tmp_path, fake_participa
         code, _, err = run_cli(mini_bids, tmp_path / "out", "participant", "--skip-bids-validation")
     assert code == 0, err
     assert not [r for r in caplog.records if "TemplateFlow cache" in r.getMessage()]
-    (log_dir,) = ((tmp_path / "out") / "logs").iterdir()
+    (log_dir,) = [p for p in (tmp_path / "out" / "logs").iterdir() if (p / "settings.json").is_file()]
     assert {e["Source"] for e in json.loads((log_dir / "templates.json").read_text())} == {"bundled"}
