@@ -306,8 +306,17 @@ def build_group_context(
         flagged = orientation[orientation["lr_flip_suspected"].astype(str).str.lower() == "true"]
         checks = orientation["header_checks_failed"]  # pandas reads the TSV's "n/a" as missing
         failed = orientation[checks.notna() & ~checks.astype(str).isin(["n/a", ""])]
+        unusable = orientation.iloc[0:0]
+        if "usable" in orientation.columns:
+            unusable = orientation[~orientation["usable"].astype(str).str.lower().isin(["true", "1"])]
+        undetermined = orientation.iloc[0:0]
+        if "lr_flip_verdict" in orientation.columns:
+            undetermined = orientation[orientation["lr_flip_verdict"].astype(str) == "undetermined"]
         context["orientation"] = {"n": len(orientation), "flagged": len(flagged), "header_failed": len(failed),
-                                  "table": table_view(pd.concat([flagged, failed]).drop_duplicates(), 30)}
+                                  "unusable": len(unusable), "undetermined": len(undetermined),
+                                  "unusable_scans": [str(s) for s in unusable.get("scan", [])],
+                                  "table": table_view(pd.concat([unusable, flagged, undetermined, failed])
+                                                      .drop_duplicates(), 30)}
     if symmetry is not None and len(symmetry):
         numeric = symmetry.select_dtypes("number")
         summary = numeric.describe().T[["mean", "std", "min", "max"]].reset_index().rename(columns={"index": "column"})
