@@ -41,7 +41,7 @@ def truth_verdicts(bids: Path, results: Path) -> int:
         rel = Path(row["path"])
         stem = rel.name.replace("_T1w.nii.gz", "")
         flipped = str(row["lr_flipped"]).lower() == "true"
-        qc = results / rel.parent / f"{stem}_T1w_desc-orientation_qc.json"
+        qc = results / rel.parent / f"{stem}_desc-orientation_qc.json"
         qc.write_text(json.dumps({"participant_id": row["participant_id"], "session_id": row["session_id"],
                                   "scan": rel.name, "usable": True, "qc_status": "pass",
                                   "lr_flip_verdict": "flipped" if flipped else "ok",
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         link_outputs(args.outputs, args.results)
     common = [str(args.bids), str(args.results), "group", "--task", "orientation", "--skip-bids-validation",
               "--resolution", f"{args.resolution:g}", "--nprocs", str(args.threads), "--omp-nthreads",
-              str(args.threads), "--seed", str(args.seed), "-w", str(args.results / "work")]
+              str(args.threads), "--seed", str(args.seed), "-w", str(args.results.with_name(args.results.name + "_work"))]
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     code = cli([*common, "--mode", "train", "--epochs", str(args.epochs), "--patience", str(args.patience),

@@ -65,6 +65,7 @@ def test_flip_statistic_signs_template_and_its_mirror(template_2mm) -> None:
         assert flipped == pytest.approx(-unflipped, abs=1e-6)  # on the symmetric grid the mirror negates it
 
 
+@pytest.mark.slow
 def test_paired_flip_test_on_a_native_scan_and_its_mirror(template_2mm) -> None:
     """The template brain stored as a native 2 mm scan (shifted): ok as stored, flipped when mirrored."""
     import nibabel as nib
@@ -86,6 +87,7 @@ def test_paired_flip_test_on_a_native_scan_and_its_mirror(template_2mm) -> None:
     assert lr_flip_verdict(flipped["difference"])["lr_flip_verdict"] == "flipped"
 
 
+@pytest.mark.slow
 def test_paired_flip_test_symmetric_brain_is_undetermined(template_2mm) -> None:
     import nibabel as nib
 

@@ -103,12 +103,26 @@ def _dataset(root: Path, n_subjects: int = 14) -> tuple[Path, Path]:
     return bids, out
 
 
+def _group_args(root: Path, bids: Path, out: Path) -> list[str]:
+    return [str(bids), str(out), "group", "--task", "orientation", "--skip-bids-validation", "--resolution", "4",
+            "--nprocs", "1", "--omp-nthreads", "1", "-w", str(root / "work")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """``group --task orientation --mode train`` on :func:`_dataset`: (root, bids, out)."""
+    root = tmp_path_factory.mktemp("orientation")
+    bids, out = _dataset(root)
+    code = main([*_group_args(root, bids, out), "--mode", "train", "--epochs", "8", "--patience", "8",
+                 "--batch-size", "4"])
+    assert code == 0
+    return root, bids, out
+
+
 @pytest.mark.slow
-def test_group_orientation_train_and_apply(tmp_path: Path) -> None:
-    bids, out = _dataset(tmp_path)
-    common = [str(bids), str(out), "group", "--task", "orientation", "--skip-bids-validation", "--resolution", "4",
-              "--nprocs", "1", "--omp-nthreads", "1", "-w", str(tmp_path / "work")]
-    assert main([*common, "--mode", "train", "--epochs", "8", "--patience", "8", "--batch-size", "4"]) == 0
+def test_group_orientation_train_and_apply(trained) -> None:
+    tmp_path, bids, out = trained
+    common = _group_args(tmp_path, bids, out)
     table = pd.read_csv(out / "group_orientation_model.tsv", sep="\t")
     assert list(table.columns)[:4] == ["participant_id", "session_id", "p_flipped", "fold"]
     assert len(table) == 14 and set(table["fold"]) == set(range(5))
@@ -130,3 +144,36 @@ def test_group_orientation_train_and_apply(tmp_path: Path) -> None:
                  .set_index("metric").loc["auc_mirrored_copies", "value"]) >= 0.9
     assert main([*common, "--mode", "apply", "--model", str(out / "models" / "orientation_latnet"),
                  "--resolution", "2"]) != 0  # another grid: refused with a message
+
+
+@pytest.mark.slow
+def test_participant_uses_the_orientation_model(trained, tmp_path: Path) -> None:
+    """``participant --orientation-model``: the verdict comes from the model, the image test is kept."""
+    import shutil
+
+    import real_heads
+
+    model = trained[2] / "models" / "orientation_latnet"
+    bids = tmp_path / "bids"
+    (bids / "sub-01" / "anat").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "colin", "BIDSVersion": "1.10.0"}))
+    path = real_heads.head_path("colin27")
+    assert path is not None, "Colin27 is missing: " + real_heads.INSTALL["colin27"]
+    shutil.copy(path, bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    out = tmp_path / "out"
+    code = main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--resolution", "4",
+                 "--nprocs", "1", "--skip-bids-validation", "--orientation-model", str(model)])
+    assert code == 0
+    qc = json.loads((out / "sub-01" / "anat" / "sub-01_desc-orientation_qc.json").read_text())
+    assert qc["lr_flip_source"].startswith(f"model: {model}") and "sha256" in qc["lr_flip_source"]
+    assert 0 <= qc["model_p_flipped"] <= 1 and 0 <= qc["model_p_flipped_mirrored"] <= 1
+    assert qc["lr_flip_probability"] == pytest.approx((qc["model_p_flipped"] + 1 - qc["model_p_flipped_mirrored"]) / 2,
+                                                      abs=1e-4)
+    assert qc["image_lr_flip_verdict"] == "ok"  # the image test still runs and is right on Colin27
+    assert "trained orientation model" in (out / "sub-01.html").read_text()
+    bad = main([str(bids), str(tmp_path / "out2"), "participant", "--skip-bids-validation", "--orientation-model",
+                str(trained[2] / "models")])
+    assert bad == 66  # not a checkpoint folder: one-line error, no traceback
+    other_grid = main([str(bids), str(tmp_path / "out3"), "participant", "--skip-bids-validation", "--resolution", "2",
+                       "--orientation-model", str(model)])
+    assert other_grid == 64  # trained on the 4 mm grid

@@ -199,12 +199,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     filters = load_filter_file(args.bids_filter_file) if args.bids_filter_file else {}
     if args.model is not None and not args.model.exists():
         raise NoInputError(f"--model {args.model} not found; fix: give a checkpoint written by --mode train")
-    if args.orientation_model is not None:
-        from ..models.checkpoint import read_card
+    if args.orientation_model is not None:  # an orientation checkpoint for this model grid
+        from ..models.checkpoint import check_card, read_card
+        from ..resources import model_grid
 
-        if read_card(args.orientation_model).get("task") != "orientation":
-            raise UsageError(f"--orientation-model {args.orientation_model} is not an orientation model; fix: give "
-                             "the models/orientation_latnet folder written by 'group --task orientation'")
+        check_card(read_card(args.orientation_model), "orientation", model_grid(float(args.resolution)),
+                   source=f"--orientation-model {args.orientation_model}")
     if args.mode == "apply" and args.task and args.model is None:
         raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
     if args.pairs_file is not None and not args.pairs_file.is_file():
