@@ -133,6 +133,8 @@ def test_group_orientation_train_and_apply(trained) -> None:
     assert int(metrics["n_scans_evaluated"]) == 13  # sub-01 (image verdict flipped) is not trusted as stored
     row = table.set_index("participant_id").loc["sub-01"]
     assert row["image_verdict"] == "flipped" and row["p_flipped"] > 0.5 and bool(row["lr_flip_suspected"])
+    report = (out / "group.html").read_text()
+    assert "Trained orientation model" in report and "held out" in report and "sub-01" in report
     card = json.loads((out / "models" / "orientation_latnet" / "model_card.json").read_text())
     assert card["task"] == "orientation" and card["architecture"]["members"] == 5
     assert (out / "models" / "orientation_latnet" / "model.pt.sha256").is_file()
