@@ -93,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     metrics = pd.read_csv(args.results / GROUP_FILES["orientation_model_metrics"], sep="\t").set_index("metric")["value"]
     table = pd.read_csv(args.results / GROUP_FILES["orientation_model"], sep="\t")
     print(f"train: held-out AUC on mirrored copies {float(metrics['auc_mirrored_copies']):.4f}, accuracy "
-          f"{float(metrics['accuracy']):.4f} ({metrics['n_scans_evaluated']} scans stored + mirrored, "
-          f"{metrics['folds']} folds)")
+          f"{float(metrics['accuracy']):.4f} ({int(float(metrics['n_scans_evaluated']))} scans stored + mirrored, "
+          f"{int(float(metrics['folds']))} folds)")
     print(f"train: training {float(metrics['training_seconds']):.0f} s wall; whole group run {wall:.0f} s wall, "
           f"{cpu:.0f} s CPU (all threads)")
     print(f"train: ensemble inference {1000 * float(metrics['inference_seconds_per_volume']):.0f} ms per volume "
-          f"({metrics['members']} members, CPU; the participant check scores 2 volumes per scan)")
+          f"({int(float(metrics['members']))} members, CPU; the participant check scores 2 volumes per scan)")
     flagged = table.loc[table["lr_flip_suspected"].astype(str).str.lower() == "true"]
     print(f"train: flagged as stored mirrored: {len(flagged)} "
           f"({', '.join(flagged['scan'])}); image verdict flipped: "
