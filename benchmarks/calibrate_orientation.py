@@ -1,20 +1,24 @@
-"""Fit the logistic calibration of the image-based left-right flip statistic.
+"""Fit the calibration of the paired left-right test: the logistic slope and the "undetermined" margin.
 
-Each T1w scan of the given BIDS dataset(s) yields two examples: the scan as stored and the scan with
-its voxel array flipped along the left-right axis under the unchanged header. Both go through the
-participant steps (load, conform, deepbet, affine registration, model grid) and
-:func:`bids_siamese.qc.orientation.flip_statistic`; the label is "flipped" when exactly one of
-(the demo truth's ``lr_flipped``, our extra flip) holds. The flipped example re-uses the deepbet mask
-flipped the same way (deepbet is run once per scan) and is registered from scratch, with the
-shear-free (9-dof) registration the orientation check is specified for.
+Each T1w scan of the given BIDS dataset(s) goes through the participant steps (load, conform, deepbet)
+and :func:`bids_siamese.qc.orientation.paired_flip_test`, which registers the scan and its array mirror
+(9 dof) and returns ``difference = statistic(scan) - statistic(mirror)``. The scan gives the example
+``(difference, flipped)`` and its mirror the example ``(-difference, not flipped)`` (the test is
+symmetric), with ``flipped`` from the demo truth (``lr_flipped``).
 
-The fit is a logistic regression ``p = 1 / (1 + exp(-(a + b * statistic)))`` with Firth's penalty
-(Jeffreys prior), which stays finite when the two classes are perfectly separated, as they are on
-synthetic data; it prints the parameters to paste into ``bids_siamese/qc/orientation.py``.
+* Slope: a logistic regression with Firth's penalty (finite when the classes are separated, as they are on
+  the demo), fitted on those examples; the intercept comes out at 0 by the symmetry and is not used.
+* Margin: for each unflipped scan a *symmetrised* head is built from the demo truth: the head resampled
+  to a 1 mm template-space box symmetric about x = 0, averaged with its mirror, and put back in the
+  subject's pose (``template_to_subject @ box``). Its difference is noise only (no left-right
+  information); the margin is twice the largest ``|difference|`` of these heads.
+
+The calibration data are the demo dataset only: the real heads of ``tests/real_heads.py`` are the
+test set (``benchmarks/orientation_real_heads.py``), never fitted on.
 
 Usage::
 
-    python benchmarks/calibrate_orientation.py /tmp/demo_small --resolution 2 --json /tmp/flip_calibration.json
+    python benchmarks/calibrate_orientation.py /tmp/demo_small --limit 20 --json /tmp/flip_calibration.json
     python benchmarks/calibrate_orientation.py --from-json /tmp/flip_calibration.json   # refit only
 """
 from __future__ import annotations
@@ -27,40 +31,52 @@ from pathlib import Path
 
 import numpy as np
 
-from participant import QC_DOF, _set_thread_env, find_scans  # noqa: E402 - benchmarks/ is on sys.path when run
+from participant import _set_thread_env, find_scans  # noqa: E402 - benchmarks/ is on sys.path when run
+
+#: The symmetrised heads live on this 1 mm template-space box (symmetric about x = 0).
+BOX_SHAPE = (192, 228, 200)
 
 
-def examples_for_scan(path: Path, stored_flipped: bool, resolution: float, n_threads: int, reg_threads: int) -> list[dict]:
-    """The stored and the array-flipped example of one scan: statistic and label for each."""
+def symmetrised_head(img, template_to_subject: np.ndarray):
+    """The head resampled to template space, averaged with its left-right mirror, put back in the subject's pose."""
     import nibabel as nib
 
-    from bids_siamese.preproc.brain import brain_image, extract_brain
-    from bids_siamese.preproc.conform import conform, load_t1w
-    from bids_siamese.preproc.grid import resample_mask_to_grid, resample_to_grid, template_on_grid
-    from bids_siamese.preproc.register import register_affine
-    from bids_siamese.qc.orientation import flip_statistic
-    from bids_siamese.resources import model_grid, template_brain_path
+    from bids_siamese.preproc.grid import resample_to_grid
+    from bids_siamese.resources import Grid
 
-    grid = model_grid(resolution)
+    box = np.eye(4)
+    box[:3, 3] = [-(BOX_SHAPE[0] - 1) / 2.0, -132.0, -78.0]
+    grid = Grid(shape=BOX_SHAPE, affine=box)
+    head = resample_to_grid(img, template_to_subject, grid, order=1)
+    symmetric = (head + head[::-1]) / 2.0
+    out = nib.Nifti1Image(symmetric.astype(np.float32), np.asarray(template_to_subject) @ box)
+    out.header.set_xyzt_units("mm")
+    return out
+
+
+def examples_for_scan(scan, resolution: float, n_threads: int, reg_threads: int, symmetrise: bool) -> dict:
+    """The paired difference of the scan (and of its symmetrised head when asked)."""
+    from bids_siamese.preproc.brain import extract_brain
+    from bids_siamese.preproc.conform import conform, load_t1w
+    from bids_siamese.preproc.grid import template_on_grid
+    from bids_siamese.qc.orientation import paired_flip_test, scan_orientation_report
+    from bids_siamese.resources import model_grid
+
+    grid = model_grid(max(resolution, 2.0))
     template, _ = template_on_grid(grid)
-    fixed = nib.load(str(template_brain_path()))
-    conformed = conform(load_t1w(path))
+    out = {"scan": scan.path.name, "flipped": bool(scan.lr_flipped)}
+    conformed = conform(load_t1w(scan.path))
     mask, _ = extract_brain(conformed, n_threads=n_threads)
-    out = []
-    for extra_flip in (False, True):
-        # conformed axis 0 is the scan's left-right voxel axis: flipping it flips the stored array
-        img = nib.Nifti1Image(np.ascontiguousarray(conformed.get_fdata(dtype=np.float32)[::-1]), conformed.affine) if extra_flip else conformed
-        m = np.ascontiguousarray(mask[::-1]) if extra_flip else mask
-        brain = brain_image(img, m)
-        matrix = register_affine(brain, m, fixed, resolution=resolution, seed=0, n_threads=reg_threads, dof=QC_DOF)
-        on_grid = resample_to_grid(brain, matrix, grid)
-        mask_on_grid = resample_mask_to_grid(m, brain.affine, matrix, grid)
-        out.append({
-            "scan": path.name,
-            "extra_flip": extra_flip,
-            "label": int(stored_flipped != extra_flip),
-            "statistic": flip_statistic(on_grid, mask_on_grid, template),
-        })
+    qc = scan_orientation_report(conformed, mask, [], resolution=resolution, n_threads=reg_threads)
+    out.update(statistic=qc["lr_flip_statistic"], mirrored_statistic=qc["lr_flip_statistic_mirrored"],
+               difference=qc["lr_flip_difference"],
+               gate={k: qc[k] for k in ("brain_volume_cm3", "template_correlation", "affine_scales",
+                                        "affine_determinant", "fov_coverage", "mask_edge_sides", "qc_status")})
+    if symmetrise and not scan.lr_flipped and scan.template_to_subject is not None:
+        sym = conform(symmetrised_head(load_t1w(scan.path), scan.template_to_subject))
+        sym_mask, _ = extract_brain(sym, n_threads=n_threads)
+        sym_test = paired_flip_test(sym, sym_mask, grid, template, resolution=resolution, n_threads=reg_threads)
+        out["symmetrised_difference"] = sym_test["difference"]
     return out
 
 
@@ -103,22 +119,38 @@ def firth_logistic(x: np.ndarray, y: np.ndarray, iterations: int = 200, tol: flo
     return float(beta[0]), float(beta[1])
 
 
-def report(examples: list[dict]) -> tuple[float, float]:
-    """Fit, and print the fit and how well it separates the examples."""
-    x = np.array([e["statistic"] for e in examples], dtype=float)
-    y = np.array([e["label"] for e in examples], dtype=float)
-    intercept, slope = firth_logistic(x, y)
-    p = 1.0 / (1.0 + np.exp(-(intercept + slope * x)))
-    flipped, unflipped = x[y == 1], x[y == 0]
-    print(f"examples: {len(x)} ({int(y.sum())} flipped, {int((1 - y).sum())} unflipped)")
-    print(f"statistic unflipped: min {unflipped.min():+.4f} median {np.median(unflipped):+.4f} max {unflipped.max():+.4f}")
-    print(f"statistic flipped:   min {flipped.min():+.4f} median {np.median(flipped):+.4f} max {flipped.max():+.4f}")
-    print(f"Firth logistic fit: LR_FLIP_INTERCEPT = {intercept:.4f}  LR_FLIP_SLOPE = {slope:.4f}")
-    print(f"decision boundary (p = 0.5): statistic = {-intercept / slope:+.4f}")
-    print(f"p(flip) unflipped: max {p[y == 0].max():.4f}   flipped: min {p[y == 1].min():.4f}")
-    errors = int(np.sum((p > 0.5) != (y == 1)))
-    print(f"misclassified at 0.5: {errors}/{len(x)}")
-    return intercept, slope
+def report(rows: list[dict]) -> tuple[float, float]:
+    """Fit the slope and the margin; print them and how the examples fall."""
+    d = np.array([r["difference"] for r in rows], dtype=float)
+    y = np.array([r["flipped"] for r in rows], dtype=float)
+    x = np.r_[d, -d]
+    labels = np.r_[y, 1 - y]
+    intercept, slope = firth_logistic(x, labels)
+    p = 1.0 / (1.0 + np.exp(-slope * x))
+    flipped, unflipped = x[labels == 1], x[labels == 0]
+    print(f"scans: {len(d)} ({int(y.sum())} flipped); examples with mirrors: {len(x)}")
+    print(f"difference unflipped: min {unflipped.min():+.4f} median {np.median(unflipped):+.4f} max {unflipped.max():+.4f}")
+    print(f"difference flipped:   min {flipped.min():+.4f} median {np.median(flipped):+.4f} max {flipped.max():+.4f}")
+    print(f"Firth logistic fit: intercept {intercept:+.4f} (0 by symmetry, not used)  LR_FLIP_SLOPE = {slope:.4f}")
+    print(f"p(flip) unflipped: max {p[labels == 0].max():.4f}   flipped: min {p[labels == 1].min():.4f}")
+    print(f"misclassified (sign): {int(np.sum((x > 0) != (labels == 1)))}/{len(x)}")
+    gates = [r["gate"] for r in rows if "gate" in r]
+    if gates:
+        for key in ("brain_volume_cm3", "template_correlation", "affine_determinant", "fov_coverage"):
+            v = np.array([g[key] for g in gates], dtype=float)
+            print(f"gate {key}: min {v.min():.4g} 5th pct {np.percentile(v, 5):.4g} median {np.median(v):.4g} "
+                  f"95th pct {np.percentile(v, 95):.4g} max {v.max():.4g}")
+        scales = np.array([g["affine_scales"] for g in gates], dtype=float)
+        print(f"gate affine_scales: min {scales.min():.4g} max {scales.max():.4g}")
+        sides = np.array([len(g["mask_edge_sides"]) for g in gates])
+        print(f"gate mask_edge_sides: {np.bincount(sides).tolist()} scans touching 0, 1, ... sides")
+    sym = np.array([r["symmetrised_difference"] for r in rows if "symmetrised_difference" in r], dtype=float)
+    margin = float("nan")
+    if sym.size:
+        margin = 2.0 * float(np.max(np.abs(sym)))
+        print(f"symmetrised heads: {sym.size}, |difference| median {np.median(np.abs(sym)):.4f} "
+              f"max {np.max(np.abs(sym)):.4f} -> LR_FLIP_MARGIN = {margin:.4f} (2 x max)")
+    return slope, margin
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bids_dirs", type=Path, nargs="*")
     parser.add_argument("--resolution", type=float, default=2.0)
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--n-threads", type=int, default=2, help="torch threads for deepbet")
+    parser.add_argument("--n-threads", type=int, default=1, help="torch threads for deepbet")
     parser.add_argument("--reg-threads", type=int, default=1, help="torch threads for registration")
+    parser.add_argument("--no-symmetrised", action="store_true", help="skip the symmetrised heads (no margin)")
     parser.add_argument("--json", type=Path, default=None, help="write the examples here")
     parser.add_argument("--from-json", type=Path, default=None, help="refit from examples written before")
     args = parser.parse_args(argv)
@@ -135,20 +168,23 @@ def main(argv: list[str] | None = None) -> int:
         report(json.loads(args.from_json.read_text()))
         return 0
     _set_thread_env(args.n_threads)
-    examples = []
+    rows = []
     for bids_dir in args.bids_dirs:
         for scan in find_scans(bids_dir, args.limit):
             t = time.perf_counter()
-            pair = examples_for_scan(scan.path, bool(scan.lr_flipped), args.resolution, args.n_threads, args.reg_threads)
-            examples.extend(pair)
-            print(f"{scan.path.name}: truth flipped={scan.lr_flipped} stored {pair[0]['statistic']:+.4f} "
-                  f"array-flipped {pair[1]['statistic']:+.4f} ({time.perf_counter() - t:.1f} s)", flush=True)
+            row = examples_for_scan(scan, args.resolution, args.n_threads, args.reg_threads, not args.no_symmetrised)
+            rows.append(row)
+            sym = row.get("symmetrised_difference")
+            print(f"{row['scan']}: truth flipped={row['flipped']} stat {row['statistic']:+.4f} "
+                  f"mirror {row['mirrored_statistic']:+.4f} diff {row['difference']:+.4f}"
+                  + ("" if sym is None else f" symmetrised diff {sym:+.4f}")
+                  + f" ({time.perf_counter() - t:.1f} s)", flush=True)
             if args.json:
-                args.json.write_text(json.dumps(examples, indent=1))
-    if not examples:
+                args.json.write_text(json.dumps(rows, indent=1))
+    if not rows:
         print("no scans found", file=sys.stderr)
         return 1
-    report(examples)
+    report(rows)
     return 0
 
 

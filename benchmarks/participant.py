@@ -172,7 +172,6 @@ def prepare(path: Path, n_threads: int, flip: bool = False) -> Prepared:
 
 #: Degrees of freedom of the registration used for the left-right orientation check (shear-free,
 #: see bids_siamese.qc.orientation).
-QC_DOF = 9
 
 
 def grid_stage(prepared: Prepared, matrix: np.ndarray, resolution: float) -> tuple[float, dict]:
@@ -199,23 +198,18 @@ def grid_stage(prepared: Prepared, matrix: np.ndarray, resolution: float) -> tup
 
 
 def orientation_stage(prepared: Prepared, resolution: float, n_threads: int) -> tuple[float, dict]:
-    """Shear-free registration, resampling and the flip check (timed together); returns (seconds, check)."""
-    from bids_siamese.preproc.grid import resample_mask_to_grid, resample_to_grid, template_on_grid
-    from bids_siamese.preproc.register import register_affine
-    from bids_siamese.qc.orientation import orientation_check
+    """The paired left-right test (9-dof registrations of the scan and of its mirror) and the verdict, timed."""
+    from bids_siamese.preproc.grid import template_on_grid
+    from bids_siamese.qc.orientation import lr_flip_verdict, paired_flip_test
     from bids_siamese.resources import model_grid
 
     grid = model_grid(resolution)
     template, _ = template_on_grid(grid)
-    fixed = nib.load(str(_template_path()))
     watch = Stopwatch()
     with watch.stage("orientation"):
-        matrix = register_affine(
-            prepared.brain, prepared.mask, fixed, resolution=resolution, n_threads=n_threads, dof=QC_DOF
-        )
-        on_grid = resample_to_grid(prepared.brain, matrix, grid)
-        mask_on_grid = resample_mask_to_grid(prepared.mask, prepared.brain.affine, matrix, grid)
-        check = orientation_check(on_grid, mask_on_grid, template)
+        test = paired_flip_test(prepared.conformed, prepared.mask, grid, template, resolution=resolution,
+                                n_threads=n_threads)
+        check = {"statistic": test["difference"], **lr_flip_verdict(test["difference"])}
     return watch.wall["orientation"], {**check, "cpu": watch.cpu["orientation"]}
 
 
@@ -391,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{scan.path.name}: total {row['total']:.2f} s (cpu {row['cpu_total']:.2f} s) "
             + " ".join(f"{k}={row[k]:.2f}" for k in STAGES)
-            + f" | flip p={row['lr_flip_probability']:.3f} (truth {scan.lr_flipped}) stat={row['statistic']:+.3f}"
+            + f" | flip p={row['lr_flip_probability']:.3f} (truth {scan.lr_flipped}) diff={row['statistic']:+.3f} {row['lr_flip_verdict']}"
             + f" | dice={row['dice']:.3f} corr={row['corr']:.3f} err={'n/a' if error is None else f'{error:.2f} mm'}",
             flush=True,
         )

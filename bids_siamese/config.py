@@ -80,6 +80,8 @@ class Settings:
     relevance_fwhm: float = 6.0
     explain_surfaces: bool = False
     explain: bool = True
+    include_unusable: bool = False
+    orientation_model: Path | None = None
     run_id: str = field(default_factory=new_run_id)
     version: str = __version__
     command_line: list[str] = field(default_factory=list)

@@ -8,13 +8,18 @@ import pytest
 
 from bids_siamese.preproc.grid import template_on_grid
 from bids_siamese.qc.orientation import (
-    LR_FLIP_THRESHOLD,
+    LR_FLIP_MARGIN,
+    LR_FLIP_SLOPE,
     antisymmetric_correlation,
+    failed_header_checks,
     flip_statistic,
     header_orientation_verdict,
     lr_flip_probability,
+    lr_flip_verdict,
+    mark_informational,
     mirror,
-    orientation_check,
+    mirrored_scan,
+    paired_flip_test,
 )
 from bids_siamese.resources import model_grid
 
@@ -50,20 +55,69 @@ def test_antisymmetric_correlation_signs() -> None:
     assert antisymmetric_correlation(symmetric, image, region) == 0.0
 
 
-def test_orientation_check_passes_template_and_flags_its_mirror(template_2mm) -> None:
+def test_flip_statistic_signs_template_and_its_mirror(template_2mm) -> None:
     template, mask = template_2mm
     for seed in (0, 1):
         brain = _noisy(template, mask, seed)
-        unflipped = orientation_check(brain, mask, template)
-        flipped = orientation_check(mirror(brain), mirror(mask), template)
-        assert set(unflipped) >= {"lr_flip_probability", "lr_flip_suspected", "statistic"}
-        assert unflipped["statistic"] < 0 < flipped["statistic"]
-        assert not unflipped["lr_flip_suspected"] and unflipped["lr_flip_probability"] < 0.1
-        assert flipped["lr_flip_suspected"] and flipped["lr_flip_probability"] > 0.9
-        assert isinstance(flipped["lr_flip_suspected"], bool)
+        unflipped = flip_statistic(brain, mask, template)
+        flipped = flip_statistic(mirror(brain), mirror(mask), template)
+        assert unflipped < 0 < flipped
+        assert flipped == pytest.approx(-unflipped, abs=1e-6)  # on the symmetric grid the mirror negates it
 
 
-def test_orientation_check_is_invariant_to_intensity_scale(template_2mm) -> None:
+@pytest.mark.slow
+def test_paired_flip_test_on_a_native_scan_and_its_mirror(template_2mm) -> None:
+    """The template brain stored as a native 2 mm scan (shifted): ok as stored, flipped when mirrored."""
+    import nibabel as nib
+
+    template, mask = template_2mm
+    grid = model_grid(2.0)
+    affine = grid.affine.copy()
+    affine[:3, 3] += [7.0, -5.0, 3.0]
+    img = nib.Nifti1Image(_noisy(template, mask, 5), affine)
+    stored = paired_flip_test(img, mask, grid, template, resolution=4.0, n_threads=1)
+    assert stored["difference"] == pytest.approx(stored["statistic"] - stored["mirrored_statistic"])
+    assert stored["difference"] < -LR_FLIP_MARGIN
+    assert lr_flip_verdict(stored["difference"])["lr_flip_verdict"] == "ok"
+    mirror_img, mirror_mask = mirrored_scan(img, mask)
+    np.testing.assert_array_equal(mirror_mask, mask[::-1])
+    flipped = paired_flip_test(mirror_img, mirror_mask, grid, template, resolution=4.0, n_threads=1)
+    # the test is symmetric: scoring the mirror swaps the two registrations
+    assert flipped["difference"] == pytest.approx(-stored["difference"], abs=1e-9)
+    assert lr_flip_verdict(flipped["difference"])["lr_flip_verdict"] == "flipped"
+
+
+@pytest.mark.slow
+def test_paired_flip_test_symmetric_brain_is_undetermined(template_2mm) -> None:
+    import nibabel as nib
+
+    template, mask = template_2mm
+    grid = model_grid(2.0)
+    symmetric = (template + mirror(template)) / 2
+    sym_mask = mask | mirror(mask)
+    img = nib.Nifti1Image(np.where(sym_mask, symmetric, 0).astype(np.float32), grid.affine)
+    test = paired_flip_test(img, sym_mask, grid, template, resolution=4.0, n_threads=1)
+    assert test["difference"] == pytest.approx(0.0, abs=1e-9)  # identical arrays: identical registrations
+    assert lr_flip_verdict(test["difference"])["lr_flip_verdict"] == "undetermined"
+
+
+def test_lr_flip_verdict_three_ways_and_unusable() -> None:
+    big = 10 * max(LR_FLIP_MARGIN, 0.01)
+    ok, flipped = lr_flip_verdict(-big), lr_flip_verdict(big)
+    assert ok["lr_flip_verdict"] == "ok" and not ok["lr_flip_suspected"]
+    assert flipped["lr_flip_verdict"] == "flipped" and flipped["lr_flip_suspected"]
+    assert ok["lr_flip_probability"] == pytest.approx(1 - flipped["lr_flip_probability"])
+    assert ok["lr_flip_confidence"] == pytest.approx(flipped["lr_flip_confidence"])
+    assert ok["lr_flip_confidence"] > 0
+    small = lr_flip_verdict(LR_FLIP_MARGIN / 2)
+    assert small["lr_flip_verdict"] == "undetermined" and not small["lr_flip_suspected"]
+    unusable = lr_flip_verdict(big, usable=False)
+    assert unusable == {"lr_flip_verdict": "undetermined", "lr_flip_probability": None, "lr_flip_confidence": 0.0,
+                        "lr_flip_suspected": False}
+    assert lr_flip_verdict(float("nan"))["lr_flip_verdict"] == "undetermined"
+
+
+def test_flip_statistic_is_invariant_to_intensity_scale(template_2mm) -> None:
     template, mask = template_2mm
     brain = _noisy(template, mask, 3)
     assert flip_statistic(brain * 7.5 + 0.0, mask, template) == pytest.approx(flip_statistic(brain, mask, template), abs=1e-5)
@@ -75,12 +129,23 @@ def test_flip_statistic_rejects_empty_mask(template_2mm) -> None:
         flip_statistic(template, np.zeros(template.shape, bool), template)
 
 
-def test_lr_flip_probability_is_a_monotone_logistic() -> None:
+def test_lr_flip_probability_is_a_symmetric_monotone_logistic() -> None:
+    assert LR_FLIP_SLOPE > 0 and LR_FLIP_MARGIN > 0
     values = [lr_flip_probability(s) for s in np.linspace(-1, 1, 21)]
     assert all(0.0 <= v <= 1.0 for v in values)
-    assert all(b >= a for a, b in zip(values, values[1:]))
-    assert values[0] < LR_FLIP_THRESHOLD < values[-1]
+    assert all(b > a for a, b in zip(values, values[1:]))
+    assert lr_flip_probability(0.0) == pytest.approx(0.5)
+    assert lr_flip_probability(0.3) == pytest.approx(1 - lr_flip_probability(-0.3))
     assert math.isfinite(lr_flip_probability(1e6)) and lr_flip_probability(-1e6) == pytest.approx(0.0)
+
+
+def test_obliquity_is_information_not_a_failed_check() -> None:
+    checks = [{"name": "obliquity", "passed": False, "detail": "largest voxel-axis obliquity 3.00 deg"},
+              {"name": "voxel_size", "passed": False, "detail": "voxel size [4, 4, 4] mm"}]
+    marked = mark_informational(checks)
+    assert marked[0]["informational"] is True and "informational" not in marked[1]
+    assert failed_header_checks(marked) == ["voxel_size"] == failed_header_checks(checks)
+    assert header_orientation_verdict(marked) == "reliable"
 
 
 def test_header_orientation_verdict() -> None:

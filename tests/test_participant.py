@@ -67,6 +67,10 @@ def test_participant_writes_every_output(participant_run, truth):
         assert sidecar["Sources"][0].startswith("bids:raw:sub-")
         qc = json.loads((out / names["orientation"]).read_text())
         assert 0.0 <= qc["lr_flip_probability"] <= 1.0
+        assert qc["qc_status"] in ("pass", "warn") and qc["usable"] is True, qc["qc_reasons"]
+        assert qc["lr_flip_verdict"] in ("ok", "flipped") and qc["lr_flip_source"] == "image"
+        assert qc["lr_flip_difference"] == pytest.approx(qc["lr_flip_statistic"] - qc["lr_flip_statistic_mirrored"],
+                                                         abs=2e-5)
         assert {"name", "passed", "detail"} <= set(qc["header_checks"][0])
         assert qc["brain_volume_cm3"] > 900
         xfm = (out / names["xfm"]).read_text()
@@ -78,6 +82,7 @@ def test_every_flipped_scan_flagged_and_no_other(participant_run, truth):
     for _, row in truth.iterrows():
         qc = json.loads((out / output_names(entities_of(row["path"]), RES)["orientation"]).read_text())
         assert qc["lr_flip_suspected"] == bool(row["lr_flipped"]), (row["path"], qc["lr_flip_probability"])
+        assert qc["lr_flip_verdict"] == ("flipped" if row["lr_flipped"] else "ok")
 
 
 def test_output_passes_bids_validator(participant_run):
@@ -104,7 +109,10 @@ def test_group_collects_orientation(participant_run, demo, truth):
     code = main([str(demo), str(out), "group", "-w", str(work), "--skip-bids-validation"])
     assert code == 0
     table = pd.read_csv(out / "group_orientation.tsv", sep="\t")
-    assert list(table.columns)[:4] == ["participant_id", "session_id", "lr_flip_probability", "lr_flip_suspected"]
+    assert list(table.columns)[:9] == ["participant_id", "session_id", "qc_status", "usable", "qc_reasons",
+                                       "lr_flip_verdict", "lr_flip_confidence", "lr_flip_probability",
+                                       "lr_flip_suspected"]
+    assert table["usable"].all() and set(table["qc_status"]) <= {"pass", "warn"}
     assert "header_checks_failed" in table.columns
     assert len(table) == len(truth)
     merged = table.merge(truth, left_on=["participant_id", "session_id"], right_on=["participant_id", "session_id"])
@@ -116,6 +124,7 @@ def test_group_collects_orientation(participant_run, demo, truth):
     assert (f"{len(truth)} scans: {len(truth)} ok, 0 failed, 0 missing; "
             f"{int(truth['lr_flipped'].astype(bool).sum())} flagged as left-right flipped; "
             f"{n_failed} with failed header checks") in report
+    assert "0 failed the usable-scan gate" in report
     assert [i for i in run_validator(out) if i.severity == "error"] == []
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from bids_siamese.reports import figures
 from bids_siamese.reports.figures import mask_contour_mosaic, orientation_figure, registration_mosaic
-from bids_siamese.reports.html import render_subject_report, scan_verdict, write_text_atomic
+from bids_siamese.reports.html import orientation_direction, render_subject_report, scan_verdict, write_text_atomic
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
@@ -317,6 +317,30 @@ def test_verdicts():
     assert checks["label"] == "CHECK" and "x" in checks["reason"]
     with pytest.raises(ValueError):
         render_subject_report("01", [{"source": "no name"}])
+
+
+def test_report_shows_the_gate_the_verdict_and_which_way_the_image_points():
+    ok = {"lr_flip_probability": 0.1, "lr_flip_suspected": False, "threshold": 0.5, "lr_flip_verdict": "ok",
+          "lr_flip_confidence": 0.8, "lr_flip_source": "image", "lr_flip_statistic": -0.16,
+          "lr_flip_statistic_mirrored": 0.13, "lr_flip_difference": -0.29, "lr_flip_margin": 0.02,
+          "qc_status": "pass", "usable": True, "qc_reasons": []}
+    oblique = [{"name": "obliquity", "passed": False, "detail": "largest voxel-axis obliquity 3.00 deg"}]
+    scan_ok = {"name": "sub-01_T1w", "orientation": ok, "header_checks": oblique}
+    assert scan_verdict(scan_ok)["label"] == "OK"  # obliquity is information, not a failed check
+    assert orientation_direction(ok).startswith("Left is left") and "-0.160" in orientation_direction(ok)
+    flipped = {**ok, "lr_flip_verdict": "flipped", "lr_flip_suspected": True, "lr_flip_probability": 0.9,
+               "lr_flip_difference": 0.29}
+    assert orientation_direction(flipped).startswith("Left and right look swapped")
+    undetermined = {**ok, "lr_flip_verdict": "undetermined", "lr_flip_probability": 0.5, "lr_flip_difference": 0.0}
+    assert scan_verdict({"name": "s", "orientation": undetermined})["text"] == "CHECK: left-right orientation undetermined"
+    assert orientation_direction(undetermined).startswith("Undetermined")
+    unusable = {**ok, "lr_flip_verdict": "undetermined", "lr_flip_probability": None, "lr_flip_confidence": 0.0,
+                "qc_status": "fail", "usable": False, "qc_reasons": ["brain volume 93 cm3 outside 700-2300 cm3"]}
+    verdict = scan_verdict({"name": "c", "orientation": unusable})
+    assert verdict["text"] == "CHECK: unusable scan (QC failed)" and "brain volume 93" in verdict["reason"]
+    html = render_subject_report("01", [scan_ok, {"name": "sub-01_ses-2_T1w", "orientation": unusable}])
+    assert "information" in html and "Left is left" in html and "not usable" in html
+    assert "brain volume 93 cm3 outside 700-2300 cm3" in html and "No left-right verdict" in html
 
 
 def test_empty_scan_list_renders():

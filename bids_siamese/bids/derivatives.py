@@ -31,6 +31,11 @@ CONTAINER_ENV = "BIDS_SIAMESE_CONTAINER"  # e.g. "docker://bids/siamese:0.1.0", 
 #: Fixed names of group-level outputs at the top of OUTPUT_DIR.
 GROUP_FILES = {
     "orientation": "group_orientation.tsv",
+    # group --task orientation (the trained left-right model)
+    "orientation_model": "group_orientation_model.tsv",
+    "orientation_model_metrics": "group_orientation_model_metrics.tsv",
+    "orientation_model_history": "group_orientation_model_history.tsv",
+    "orientation_model_folder": "models/orientation_latnet",
 }
 
 #: Non-BIDS files in the output folder, hidden from the validator (as fMRIPrep does).

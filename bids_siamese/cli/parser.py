@@ -16,7 +16,7 @@ from ..config import Settings, available_cpus, available_memory_gb
 from ..errors import EXIT_CODES, AnalysisLevelError, NoInputError, UsageError
 
 ANALYSIS_LEVELS = ("participant", "group")
-TASKS = ("twin", "longitudinal", "symmetry")
+TASKS = ("twin", "longitudinal", "symmetry", "orientation")
 BACKBONES = ("small", "unet", "resnet18", "densenet121")
 #: ``--backbone`` choices: the CNN encoders and the atlas-region models (bids_siamese.models.regional).
 MODEL_CHOICES = (*BACKBONES, "regional")
@@ -94,6 +94,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     proc.add_argument("--resolution", type=float, default=2.0, help="model grid spacing in mm")
     proc.add_argument("--model", type=Path, metavar="PATH",
                       help="a trained checkpoint (folder with model card); participant level also writes embeddings")
+    proc.add_argument("--orientation-model", type=Path, metavar="PATH",
+                      help="participant level: a checkpoint of 'group --task orientation' that gives the left-right "
+                           "verdict (the image-based test is still recorded)")
 
     grp = p.add_argument_group("group level: Siamese models")
     grp.add_argument("--task", choices=TASKS, help="group analysis to run (default: only collect participant tables)")
@@ -122,6 +125,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     grp.add_argument("--explain-surfaces", action="store_true", help="also project per-scan relevance to surfaces")
     grp.add_argument("--no-explain", dest="explain", action="store_false",
                      help="skip LRP, region ranking and Workbench files after --task twin")
+    grp.add_argument("--include-unusable", action="store_true",
+                     help="keep scans that failed the usable-scan gate (usable: false) in group training and scoring")
 
     perf = p.add_argument_group("performance and reproducibility")
     perf.add_argument("-w", "--work-dir", type=Path,
@@ -227,6 +232,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     filters = load_filter_file(args.bids_filter_file) if args.bids_filter_file else {}
     if args.model is not None and not args.model.exists():
         raise NoInputError(f"--model {args.model} not found; fix: give a checkpoint written by --mode train")
+    if args.orientation_model is not None:  # an orientation checkpoint for this model grid
+        from ..models.checkpoint import check_card, read_card
+        from ..resources import model_grid
+
+        check_card(read_card(args.orientation_model), "orientation", model_grid(float(args.resolution)),
+                   source=f"--orientation-model {args.orientation_model}")
     if args.mode == "apply" and args.task and args.model is None:
         raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
     if args.pairs_file is not None and not args.pairs_file.is_file():
@@ -288,4 +299,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         relevance_fwhm=args.relevance_fwhm,
         explain_surfaces=args.explain_surfaces,
         explain=args.explain,
+        include_unusable=args.include_unusable,
+        orientation_model=args.orientation_model.resolve() if args.orientation_model else None,
     )

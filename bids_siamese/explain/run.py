@@ -257,7 +257,8 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
     model, card = load_checkpoint(checkpoint, "twin", grid, "cpu")
     distance = card.get("hyperparameters", {}).get("distance", getattr(settings, "distance", "cosine"))
     torch.manual_seed(int(getattr(settings, "seed", 0)))
-    scans = find_preproc(out_dir, subjects, res_label, getattr(settings, "session_label", []))
+    scans = find_preproc(out_dir, subjects, res_label, getattr(settings, "session_label", []),
+                         include_unusable=getattr(settings, "include_unusable", False))
     scans = scans.sort_values(["participant_id", "session"], kind="stable").reset_index(drop=True)
     pids = scans["participant_id"].tolist()
     families = _families(settings, sorted(set(pids)))

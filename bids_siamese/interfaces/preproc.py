@@ -228,21 +228,17 @@ class ModelGrid(SimpleInterface):
         return runtime
 
 
-def _correlation(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Pearson correlation of two images inside ``mask`` (0.0 when either is constant)."""
-    x, y = a[mask].astype(np.float64), b[mask].astype(np.float64)
-    if x.size < 2 or x.std() == 0 or y.std() == 0:
-        return 0.0
-    return float(np.corrcoef(x, y)[0, 1])
-
-
 class _OrientationInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="normalised T1w on the model grid")
-    in_mask = File(exists=True, mandatory=True, desc="brain mask on the model grid")
     in_checks = File(exists=True, mandatory=True, desc="header checks JSON")
     t1w = File(exists=True, mandatory=True, desc="conformed native T1w")
     native_mask = File(exists=True, mandatory=True, desc="native-space brain mask")
     in_matrix = File(exists=True, mandatory=True, desc="shear-free (9-dof) template-to-T1w matrix")
+    resolution = traits.Float(2.0, usedefault=True, desc="registration resolution in mm (at least 2)")
+    seed = traits.Int(0, usedefault=True)
+    device = traits.Str("cpu", usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+    orientation_model = traits.Str("", usedefault=True, desc="checkpoint of group --task orientation (optional)")
+    grid_file = File(exists=True, desc="normalised T1w on the model grid (needed with orientation_model)")
 
 
 class _OrientationOutputSpec(TraitedSpec):
@@ -250,7 +246,7 @@ class _OrientationOutputSpec(TraitedSpec):
 
 
 class OrientationCheck(SimpleInterface):
-    """Header verdict plus the image-based left-right flip test."""
+    """Usable-scan gate, header verdict and the paired image-based left-right test (scan vs its mirror)."""
 
     input_spec = _OrientationInputSpec
     output_spec = _OrientationOutputSpec
@@ -258,38 +254,28 @@ class OrientationCheck(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
 
-        from ..preproc.brain import brain_image
-        from ..preproc.grid import resample_mask_to_grid, resample_to_grid, template_on_grid
-        from ..qc.orientation import LR_FLIP_THRESHOLD, header_orientation_verdict, orientation_check
-        from ..resources import Grid
+        from ..qc.orientation import scan_orientation_report
 
-        img = nib.load(self.inputs.in_file)
-        data = np.asanyarray(img.dataobj, dtype=np.float32)
-        mask = np.asanyarray(nib.load(self.inputs.in_mask).dataobj) > 0
-        grid = Grid(shape=tuple(int(s) for s in img.shape), affine=img.affine)
-        template, _ = template_on_grid(grid)
-        # the flip test runs on the brain through the shear-free registration, before normalisation
-        native = nib.load(self.inputs.native_mask)
-        native_mask = np.asanyarray(native.dataobj) > 0
-        brain = brain_image(nib.load(self.inputs.t1w), native_mask)
-        qc_matrix = np.loadtxt(self.inputs.in_matrix)
-        result = orientation_check(
-            resample_to_grid(brain, qc_matrix, grid),
-            resample_mask_to_grid(native_mask, brain.affine, qc_matrix, grid),
-            template,
+        _set_threads(self.inputs.num_threads)
+        native_mask = np.asanyarray(nib.load(self.inputs.native_mask).dataobj) > 0
+        report = scan_orientation_report(
+            nib.load(self.inputs.t1w), native_mask, json.loads(Path(self.inputs.in_checks).read_text()),
+            resolution=self.inputs.resolution, seed=self.inputs.seed, n_threads=self.inputs.num_threads,
+            device=self.inputs.device, matrix=np.loadtxt(self.inputs.in_matrix),
         )
-        checks = json.loads(Path(self.inputs.in_checks).read_text())
-        voxel_ml = float(np.prod(native.header.get_zooms()[:3])) / 1000.0
-        report = {
-            "lr_flip_probability": float(result["lr_flip_probability"]),
-            "lr_flip_suspected": bool(result["lr_flip_suspected"]),
-            "lr_flip_threshold": float(LR_FLIP_THRESHOLD),
-            "lr_flip_statistic": float(result["statistic"]),
-            "header_verdict": header_orientation_verdict(checks),
-            "header_checks": checks,
-            "brain_volume_cm3": round(float((np.asanyarray(native.dataobj) > 0).sum()) * voxel_ml, 1),
-            "template_correlation": round(_correlation(data, template, mask), 4),
-        }
+        if self.inputs.orientation_model:
+            import torch
+
+            from ..models.checkpoint import load_checkpoint
+            from ..models.orientation import p_flipped
+            from ..qc.orientation import with_model_verdict
+
+            model, card = load_checkpoint(self.inputs.orientation_model, task="orientation")
+            volume = np.asanyarray(nib.load(self.inputs.grid_file).dataobj, dtype=np.float32)
+            with torch.inference_mode():
+                p_stored, p_mirrored = p_flipped(model, np.stack([volume, volume[::-1]]))
+            report = with_model_verdict(report, float(p_stored), float(p_mirrored),
+                                        f"{self.inputs.orientation_model} (sha256 {card['weights']['sha256'][:12]})")
         out = os.path.abspath("orientation_qc.json")
         Path(out).write_text(json.dumps(report, indent=2))
         self._results["out_report"] = out

@@ -259,8 +259,12 @@ def load_checkpoint(path: Path, task: str | None = None, grid: Grid | None = Non
     weights = checkpoint_folder(path) / WEIGHTS
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        if card["backbone"] == "regional" and card["task"] == "longitudinal":  # region layout in the buffers
-            model: nn.Module = RegionalChange.from_state_dict(state, tuple(card["grid"]["shape"]),
+        if card["task"] == "orientation":  # an ensemble of LatNet members, architecture in the card
+            from .orientation import OrientationEnsemble
+
+            model: nn.Module = OrientationEnsemble.from_card(card)
+        elif card["backbone"] == "regional" and card["task"] == "longitudinal":  # region layout in the buffers
+            model = RegionalChange.from_state_dict(state, tuple(card["grid"]["shape"]),
                                                               pool=int(card.get("pool", 2)))
         elif card["backbone"] == "regional":  # the region layout and population reference are in the buffers
             model = RegionalEncoder.from_state_dict(state, pool=int(card.get("pool", 2)))

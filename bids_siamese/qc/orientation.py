@@ -24,15 +24,31 @@ cues::
 
     statistic = -(corr(a(brain), a(template)) + corr(a(|grad brain|), a(|grad template|))) / 2
 
-computed over ``mask | mirror(mask)``; gradients are Gaussian-derivative magnitudes
+computed over ``mask | mirror(mask)`` on the registered head (not skull-stripped, so that the brain
+mask's own asymmetry does not enter); gradients are Gaussian-derivative magnitudes
 (sigma :data:`GRADIENT_SIGMA_VOXELS`), which emphasise tissue boundaries and are insensitive to
-smooth bias fields. A correctly oriented brain shares the template's asymmetry (statistic < 0);
-a flipped one has the opposite asymmetry (statistic > 0).
+smooth bias fields. A brain with the template's asymmetry has statistic < 0, a flipped one > 0.
 
-The statistic is turned into ``lr_flip_probability = 1 / (1 + exp(-(LR_FLIP_INTERCEPT +
-LR_FLIP_SLOPE * statistic)))``, with the parameters fitted by L2-regularised logistic regression
-(``benchmarks/calibrate_orientation.py``; fit and data in ``docs/benchmarks.md``), and
-``lr_flip_suspected = lr_flip_probability > LR_FLIP_THRESHOLD``.
+Three-way verdict: the scan against its own mirror
+--------------------------------------------------
+On real heads the *absolute* value of the statistic is biased: the registration aligns any brain's
+outline and midline to the template's, which imprints part of the template's asymmetry on every
+registered brain (a perfectly symmetric head scores about -0.37). A boundary fitted on heads rendered
+from the template does not transfer. What holds on every real head tried is the *ordering* of a scan
+and its mirror image. :func:`paired_flip_test` therefore registers both the scan and its array mirror
+(each on its own, 9 dof) and uses ``difference = statistic(scan) - statistic(mirror)``:
+
+* ``lr_flip_verdict`` is ``flipped`` when ``difference >= LR_FLIP_MARGIN``, ``ok`` when
+  ``difference <= -LR_FLIP_MARGIN``, and ``undetermined`` in between (a symmetric brain: the scan
+  and its mirror look the same to the test) or when the usable-scan gate failed
+  (:mod:`bids_siamese.qc.gate`);
+* ``lr_flip_probability = 1 / (1 + exp(-LR_FLIP_SLOPE * difference))`` (no intercept: swapping the
+  scan and its mirror negates the difference, so p(scan) = 1 - p(mirror)), ``None`` for an unusable
+  scan; ``lr_flip_confidence = |2 p - 1|``.
+
+:data:`LR_FLIP_SLOPE` and :data:`LR_FLIP_MARGIN` are fitted by ``benchmarks/calibrate_orientation.py``
+on the demo dataset only; the real heads of the tests are never fitted on. Data, fit and the real-head
+margins are in ``docs/benchmarks.md``.
 """
 from __future__ import annotations
 
@@ -42,17 +58,24 @@ import numpy as np
 from scipy import ndimage
 
 from ..preproc.conform import ORIENTATION_CHECKS
+from . import INFORMATIONAL_CHECKS
 
-#: Logistic calibration of :func:`flip_statistic`: Firth-penalised logistic regression fitted by
-#: ``benchmarks/calibrate_orientation.py`` on the synthetic demo dataset (``--size small``, seed 0:
-#: 56 scans, each as stored and array-flipped = 112 examples, 9-dof registration, 2 mm grid).
-#: The decision boundary (p = 0.5) is at statistic = -0.067. The demo subjects are rendered from
-#: the template and share its asymmetry, so on real scans these probabilities are optimistic:
-#: refit on real data with the same script when such data are available.
-LR_FLIP_INTERCEPT = 0.7491
-LR_FLIP_SLOPE = 11.2063
+#: Degrees of freedom of the registration the flip test runs on (shear-free, see above).
+QC_DOF = 9
 
-#: ``lr_flip_suspected`` is ``lr_flip_probability > LR_FLIP_THRESHOLD``.
+#: Calibration of the paired difference (:func:`paired_flip_test`):
+#: ``lr_flip_probability = 1 / (1 + exp(-LR_FLIP_SLOPE * difference))``. No intercept: the test is
+#: symmetric in stored vs mirrored. Fitted by ``benchmarks/calibrate_orientation.py`` (Firth-penalised
+#: logistic regression) on 24 scans of the small demo dataset (seed 0; 4 flipped) and their mirrors; the
+#: data and the real-head margins are in ``docs/benchmarks.md``.
+LR_FLIP_SLOPE = 4.7496
+
+#: ``|difference|`` below this is ``undetermined`` (the test cannot tell the scan from its mirror): twice
+#: the largest ``|difference|`` of 20 symmetrised demo heads (0.0175), whose differences are noise only.
+LR_FLIP_MARGIN = 0.035
+
+#: ``lr_flip_suspected`` (kept for older readers) is ``lr_flip_verdict == "flipped"``, i.e. p > 0.5
+#: and ``|difference| >= LR_FLIP_MARGIN``.
 LR_FLIP_THRESHOLD = 0.5
 
 #: Gaussian sigma (in grid voxels) of the gradient-magnitude image.
@@ -82,9 +105,14 @@ def _gradient_magnitude(volume: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_gradient_magnitude(np.asarray(volume, dtype=np.float32), GRADIENT_SIGMA_VOXELS)
 
 
-def flip_statistic(brain_on_grid: np.ndarray, mask_on_grid: np.ndarray, template_on_grid: np.ndarray) -> float:
-    """Evidence of a left-right flip (> 0: flipped-looking, < 0: template-like); see the module doc."""
-    brain = np.where(mask_on_grid, brain_on_grid, 0).astype(np.float32)
+def flip_statistic(image_on_grid: np.ndarray, mask_on_grid: np.ndarray, template_on_grid: np.ndarray) -> float:
+    """Evidence of a left-right flip (> 0: flipped-looking, < 0: template-like); see the module doc.
+
+    ``image_on_grid`` is the registered head *without* skull stripping: only the voxels in
+    ``mask | mirror(mask)`` count, and leaving the image unmasked keeps the brain mask's own left-right
+    asymmetry (deepbet's mask is not mirror-symmetric) out of the statistic.
+    """
+    brain = np.asarray(image_on_grid, dtype=np.float32)
     template = np.asarray(template_on_grid, dtype=np.float32)
     mask = np.asarray(mask_on_grid, dtype=bool)
     region = mask | mirror(mask)
@@ -95,36 +123,196 @@ def flip_statistic(brain_on_grid: np.ndarray, mask_on_grid: np.ndarray, template
     return -(intensity + gradient) / 2.0
 
 
-def lr_flip_probability(statistic: float) -> float:
-    """Calibrated probability (0..1) that the scan is left-right flipped, from :func:`flip_statistic`."""
-    z = LR_FLIP_INTERCEPT + LR_FLIP_SLOPE * float(statistic)
+def _logistic(z: float) -> float:
     if z >= 0:
         return 1.0 / (1.0 + math.exp(-z))
     e = math.exp(z)
     return e / (1.0 + e)
 
 
-def orientation_check(
-    brain_on_grid: np.ndarray, mask_on_grid: np.ndarray, template_on_grid: np.ndarray
-) -> dict:
-    """Image-based left-right flip check of a registered brain on the model grid.
+def lr_flip_probability(difference: float) -> float:
+    """Calibrated probability (0..1) that the scan is left-right flipped, from the paired difference."""
+    return _logistic(LR_FLIP_SLOPE * float(difference))
+
+
+def mirrored_scan(img, mask: np.ndarray):
+    """The scan and its brain mask with the voxel array mirrored along array axis 0, header unchanged.
+
+    On a conformed (closest-RAS) image axis 0 is the left-right voxel axis, so this is the image a
+    left-right flip under an unchanged header would have produced.
+    """
+    import nibabel as nib
+
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    out = nib.Nifti1Image(np.ascontiguousarray(data[::-1]), np.asarray(img.affine))
+    out.header.set_xyzt_units("mm")
+    return out, np.ascontiguousarray(np.asarray(mask, dtype=bool)[::-1])
+
+
+def registered_statistic(img, mask: np.ndarray, grid, template_on_grid: np.ndarray, *, resolution: float = 2.0,
+                         seed: int = 0, n_threads: int | None = 1, device: str = "cpu",
+                         matrix: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """:func:`flip_statistic` of a native scan after its own shear-free (9-dof) registration.
 
     Args:
-        brain_on_grid: the subject brain resampled to the model grid through a *shear-free*
-            registration (``register_affine(..., dof=9)``), before intensity normalisation.
-        mask_on_grid: its boolean brain mask on the grid.
-        template_on_grid: the template brain on the same grid (:func:`~bids_siamese.preproc.grid.template_on_grid`).
+        img: the conformed T1w (any voxel grid), ``mask`` its boolean brain mask.
+        grid, template_on_grid: the model grid and the template brain on it.
+        matrix: an existing 9-dof template-to-subject matrix for ``img`` (skips the registration).
 
     Returns:
-        ``{"statistic": float, "lr_flip_probability": float, "lr_flip_suspected": bool}``.
+        ``(statistic, template_to_subject)``.
     """
-    statistic = flip_statistic(brain_on_grid, mask_on_grid, template_on_grid)
-    probability = lr_flip_probability(statistic)
+    import nibabel as nib
+
+    from ..preproc.brain import brain_image
+    from ..preproc.grid import resample_mask_to_grid, resample_to_grid
+    from ..preproc.register import register_affine
+    from ..resources import template_brain_path
+
+    brain = brain_image(img, mask)
+    if matrix is None:
+        matrix = register_affine(brain, mask, nib.load(str(template_brain_path())), resolution=max(resolution, 2.0),
+                                 seed=seed, device=device, n_threads=n_threads, dof=QC_DOF)
+    head_on_grid = resample_to_grid(img, matrix, grid)  # registered through the brain, scored on the head
+    mask_on_grid = resample_mask_to_grid(mask, brain.affine, matrix, grid)
+    return float(flip_statistic(head_on_grid, mask_on_grid, template_on_grid)), np.asarray(matrix)
+
+
+def paired_flip_test(img, mask: np.ndarray, grid, template_on_grid: np.ndarray, **kwargs) -> dict:
+    """The left-right test that compares a scan with its own mirror (see "Three-way verdict" in the module doc).
+
+    Both the scan and its array mirror (:func:`mirrored_scan`) are registered (9 dof) and scored with
+    :func:`flip_statistic`; ``difference = statistic(stored) - statistic(mirrored)`` is > 0 when the
+    stored scan looks more flipped than its mirror. Swapping the scan and its mirror negates the
+    difference exactly in expectation, and a left-right symmetric brain gives about 0.
+
+    Keyword arguments go to :func:`registered_statistic` (``matrix`` applies to the stored scan only).
+
+    Returns:
+        ``{"statistic", "mirrored_statistic", "difference", "matrix"}`` (``matrix``: the stored scan's).
+    """
+    stored, matrix = registered_statistic(img, mask, grid, template_on_grid, **kwargs)
+    kwargs.pop("matrix", None)
+    mirror_img, mirror_mask = mirrored_scan(img, mask)
+    mirrored, _ = registered_statistic(mirror_img, mirror_mask, grid, template_on_grid, **kwargs)
+    return {"statistic": stored, "mirrored_statistic": mirrored, "difference": stored - mirrored, "matrix": matrix}
+
+
+def lr_flip_verdict(difference: float, usable: bool = True) -> dict:
+    """Three-way verdict from :func:`paired_flip_test`'s ``difference`` (and the usable-scan gate).
+
+    Returns:
+        ``lr_flip_verdict`` (``ok | flipped | undetermined``), ``lr_flip_probability`` (None for an
+        unusable scan), ``lr_flip_confidence`` (``|2 p - 1|``: 0 no information, 1 certain; 0 for an
+        unusable scan) and ``lr_flip_suspected`` (verdict is ``flipped``).
+    """
+    if not usable or not math.isfinite(difference):
+        return {"lr_flip_verdict": "undetermined", "lr_flip_probability": None, "lr_flip_confidence": 0.0,
+                "lr_flip_suspected": False}
+    probability = _logistic(LR_FLIP_SLOPE * float(difference))
+    if abs(difference) < LR_FLIP_MARGIN:
+        verdict = "undetermined"
+    else:
+        verdict = "flipped" if difference > 0 else "ok"
+    return {"lr_flip_verdict": verdict, "lr_flip_probability": probability,
+            "lr_flip_confidence": abs(2.0 * probability - 1.0), "lr_flip_suspected": verdict == "flipped"}
+
+
+def mark_informational(checks: list[dict]) -> list[dict]:
+    """Copies of the header-check records with ``informational: true`` on :data:`INFORMATIONAL_CHECKS`."""
+    return [{**c, "informational": True} if c.get("name") in INFORMATIONAL_CHECKS else dict(c) for c in checks]
+
+
+def failed_header_checks(checks: list[dict]) -> list[str]:
+    """Names of the header checks that failed, leaving out informational ones (obliquity)."""
+    return [c["name"] for c in checks
+            if not c.get("passed", True) and not c.get("informational") and c.get("name") not in INFORMATIONAL_CHECKS]
+
+
+def scan_orientation_report(img, mask: np.ndarray, checks: list[dict], *, resolution: float = 2.0, seed: int = 0,
+                            n_threads: int | None = 1, device: str = "cpu", matrix: np.ndarray | None = None) -> dict:
+    """The per-scan orientation QC record (``*_desc-orientation_qc.json``) of a conformed T1w.
+
+    Runs the usable-scan gate (:mod:`bids_siamese.qc.gate`) and the paired left-right test
+    (:func:`paired_flip_test`) and combines them into the three-way verdict.
+
+    Args:
+        img: the conformed T1w, ``mask`` its boolean brain mask (same grid).
+        checks: the raw file's header checks (:func:`~bids_siamese.preproc.conform.header_checks`).
+        resolution, seed, n_threads, device: of the 9-dof registrations.
+        matrix: the stored scan's 9-dof template-to-subject matrix when already computed.
+    """
+    from ..preproc.brain import brain_image
+    from ..preproc.grid import normalise_intensity, resample_mask_to_grid, resample_to_grid, template_on_grid
+    from ..resources import model_grid
+    from .gate import registration_measures, scan_gate
+
+    grid = model_grid(max(float(resolution), 2.0))
+    template, template_mask = template_on_grid(grid)
+    mask = np.asarray(mask, dtype=bool)
+    test = paired_flip_test(img, mask, grid, template, resolution=resolution, seed=seed, n_threads=n_threads,
+                            device=device, matrix=matrix)
+    brain = brain_image(img, mask)
+    mask_on_grid = resample_mask_to_grid(mask, brain.affine, test["matrix"], grid)
+    correlation = 0.0
+    if mask_on_grid.sum() > 1:
+        on_grid = normalise_intensity(resample_to_grid(brain, test["matrix"], grid), mask_on_grid)
+        x, y = on_grid[mask_on_grid].astype(np.float64), template[mask_on_grid].astype(np.float64)
+        if x.std() > 0 and y.std() > 0:
+            correlation = float(np.corrcoef(x, y)[0, 1])
+    measures = registration_measures(mask, img.affine, test["matrix"], template_mask, grid.affine, correlation)
+    gate = scan_gate(measures)
+    verdict = lr_flip_verdict(test["difference"], usable=gate["usable"])
+    checks = mark_informational(checks)
+    obliquity = next((c.get("detail", "") for c in checks if c.get("name") == "obliquity"), "")
     return {
-        "statistic": statistic,
-        "lr_flip_probability": probability,
-        "lr_flip_suspected": bool(probability > LR_FLIP_THRESHOLD),
+        **gate,
+        **verdict,
+        "lr_flip_source": "image",
+        "lr_flip_threshold": float(LR_FLIP_THRESHOLD),
+        "lr_flip_margin": float(LR_FLIP_MARGIN),
+        "lr_flip_statistic": round(test["statistic"], 5),
+        "lr_flip_statistic_mirrored": round(test["mirrored_statistic"], 5),
+        "lr_flip_difference": round(test["difference"], 5),
+        "header_verdict": header_orientation_verdict(checks),
+        "header_checks": checks,
+        "obliquity": obliquity,
+        **measures,
     }
+
+
+#: With a trained orientation model (``participant --orientation-model``) the verdict is
+#: ``undetermined`` when its symmetrised confidence ``|2 p - 1|`` is below this (p between 0.25 and 0.75):
+#: a design choice, not fitted (the model's held-out probabilities on the demo are near 0 or 1).
+LR_MODEL_MARGIN = 0.5
+
+
+def model_verdict(p_stored: float, p_mirrored: float, usable: bool = True) -> dict:
+    """Three-way verdict from a trained orientation model's p(flipped) of the scan and of its mirror.
+
+    ``lr_flip_probability = (p_stored + 1 - p_mirrored) / 2`` is symmetric in the scan and its mirror (a
+    symmetric brain gives 0.5); an unusable scan gets no probability and ``undetermined``.
+    """
+    if not usable:
+        return {"lr_flip_verdict": "undetermined", "lr_flip_probability": None, "lr_flip_confidence": 0.0,
+                "lr_flip_suspected": False}
+    probability = (float(p_stored) + 1.0 - float(p_mirrored)) / 2.0
+    confidence = abs(2.0 * probability - 1.0)
+    verdict = "undetermined" if confidence < LR_MODEL_MARGIN else "flipped" if probability > 0.5 else "ok"
+    return {"lr_flip_verdict": verdict, "lr_flip_probability": probability, "lr_flip_confidence": confidence,
+            "lr_flip_suspected": verdict == "flipped"}
+
+
+def with_model_verdict(report: dict, p_stored: float, p_mirrored: float, model_source: str) -> dict:
+    """The orientation QC record with the verdict taken from a trained model; the image test's verdict is kept
+    under ``image_lr_flip_verdict`` / ``image_lr_flip_probability``."""
+    out = dict(report)
+    out["image_lr_flip_verdict"] = report["lr_flip_verdict"]
+    out["image_lr_flip_probability"] = report["lr_flip_probability"]
+    out.update(model_verdict(p_stored, p_mirrored, usable=bool(report.get("usable", True))))
+    out.update(lr_flip_source=f"model: {model_source}", model_p_flipped=round(float(p_stored), 5),
+               model_p_flipped_mirrored=round(float(p_mirrored), 5))
+    return out
 
 
 def header_orientation_verdict(checks: list[dict]) -> str:

@@ -31,7 +31,7 @@ from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
 from .. import __version__
-from ..bids.derivatives import write_text
+from ..bids.derivatives import GROUP_FILES, write_text
 
 LOG = logging.getLogger("bids_siamese.group.report")
 
@@ -257,6 +257,8 @@ def build_group_context(
     affine: np.ndarray | None = None,
     template: np.ndarray | None = None,
     orientation: pd.DataFrame | None = None,
+    orientation_model: pd.DataFrame | None = None,
+    orientation_model_metrics: pd.DataFrame | None = None,
     symmetry: pd.DataFrame | None = None,
     subjects_regions: pd.DataFrame | None = None,
     region_weights: pd.DataFrame | None = None,
@@ -308,9 +310,27 @@ def build_group_context(
         failed = orientation[checks.notna() & ~checks.astype(str).isin(["n/a", ""])]
         status = orientation["status"].astype(str) if "status" in orientation else pd.Series("ok", orientation.index)
         not_ok = orientation[status != "ok"]
+        unusable = orientation.iloc[0:0]
+        if "usable" in orientation.columns:
+            unusable = orientation[(status == "ok")
+                                   & ~orientation["usable"].astype(str).str.lower().isin(["true", "1"])]
+        undetermined = orientation.iloc[0:0]
+        if "lr_flip_verdict" in orientation.columns:
+            undetermined = orientation[orientation["lr_flip_verdict"].astype(str) == "undetermined"]
         context["orientation"] = {"n": len(orientation), "flagged": len(flagged), "header_failed": len(failed),
                                   "status": {key: int((status == key).sum()) for key in ("ok", "failed", "missing")},
-                                  "table": table_view(pd.concat([not_ok, flagged, failed]).drop_duplicates(), 30)}
+                                  "unusable": len(unusable), "undetermined": len(undetermined),
+                                  "unusable_scans": [str(s) for s in unusable.get("scan", [])], "model": None,
+                                  "table": table_view(pd.concat([not_ok, unusable, flagged, undetermined, failed])
+                                                      .drop_duplicates(), 30)}
+    if orientation_model is not None and len(orientation_model) and orientation is not None and len(orientation):
+        flagged = orientation_model[orientation_model["lr_flip_suspected"].astype(str).str.lower() == "true"]
+        values = {} if orientation_model_metrics is None else dict(zip(orientation_model_metrics["metric"],
+                                                                       orientation_model_metrics["value"]))
+        context["orientation"]["model"] = {
+            "auc": _fmt(float(values["auc_mirrored_copies"])) if "auc_mirrored_copies" in values else "n/a",
+            "n": len(orientation_model), "flagged": [str(s) for s in flagged["scan"]],
+            "held_out": "apply" not in set(orientation_model["fold"].astype(str))}
     if symmetry is not None and len(symmetry):
         numeric = symmetry.select_dtypes("number")
         summary = numeric.describe().T[["mean", "std", "min", "max"]].reset_index().rename(columns={"index": "column"})
@@ -386,7 +406,8 @@ def write_group_report(settings: Any, explain: Any = None, output_dir: Path | No
                  "scans explained": str(len(explain.scans))}
     files = [p for p in ("group/group_fsLR.spec", "group/group_fsaverage5.spec", "group_regions_ranking.tsv",
                          "group_regions_statistics.tsv", "group_regions_subjects.tsv", "group_twins_metrics.tsv",
-                         "group_twins_pairs.tsv", "group_orientation.tsv", "group_symmetry.tsv") if (out / p).is_file()]
+                         "group_twins_pairs.tsv", "group_orientation.tsv", GROUP_FILES["orientation_model"],
+                         GROUP_FILES["orientation_model_metrics"], "group_symmetry.tsv") if (out / p).is_file()]
     context = build_group_context(
         dataset=dataset,
         metrics=_read_tsv(out / "group_twins_metrics.tsv"),
@@ -399,6 +420,8 @@ def write_group_report(settings: Any, explain: Any = None, output_dir: Path | No
         affine=getattr(explain, "affine", None),
         template=getattr(explain, "template", None),
         orientation=_read_tsv(out / "group_orientation.tsv"),
+        orientation_model=_read_tsv(out / GROUP_FILES["orientation_model"]),
+        orientation_model_metrics=_read_tsv(out / GROUP_FILES["orientation_model_metrics"]),
         symmetry=_read_tsv(out / "group_symmetry.tsv"),
         subjects_regions=subjects_regions,
         region_weights=region_weights,

@@ -17,8 +17,13 @@ Scan dictionary contract
 ``header_checks`` (list of dict)
     Each ``{"name": str, "passed": bool, "detail": str}``.
 ``orientation`` (dict)
-    ``{"lr_flip_probability": float, "lr_flip_suspected": bool, "threshold": float}``. When
-    ``lr_flip_suspected`` is missing it is derived as ``probability >= threshold``.
+    ``{"lr_flip_probability": float | None, "lr_flip_suspected": bool, "threshold": float}``, and
+    optionally the three-way verdict and the usable-scan gate of ``*_desc-orientation_qc.json``:
+    ``lr_flip_verdict`` (``ok | flipped | undetermined``), ``lr_flip_confidence``, ``lr_flip_source``,
+    ``lr_flip_statistic``, ``lr_flip_statistic_mirrored``, ``lr_flip_difference``, ``lr_flip_margin``,
+    ``qc_status`` (``pass | warn | fail``), ``usable``, ``qc_reasons``. When ``lr_flip_suspected`` is
+    missing it is derived as ``probability >= threshold``; when ``lr_flip_verdict`` is missing, from
+    ``lr_flip_suspected``.
 ``figures`` (dict)
     Label -> path of an SVG relative to the report's folder, e.g.
     ``{"Brain mask": "sub-01/figures/sub-01_ses-01_desc-brainmask_T1w.svg"}``. Known labels
@@ -43,7 +48,10 @@ from urllib.parse import quote
 
 import jinja2
 
-__all__ = ["render_subject_report", "build_report_context", "scan_verdict", "write_text_atomic"]
+from ..qc import INFORMATIONAL_CHECKS
+
+__all__ = ["render_subject_report", "build_report_context", "scan_verdict", "write_text_atomic",
+           "orientation_direction"]
 
 TEMPLATE_NAME = "MNI152NLin2009cAsym"
 _TEMPLATE_FILE = "subject.html.j2"
@@ -143,6 +151,9 @@ def _orientation_view(orientation: Mapping[str, Any] | None) -> dict[str, Any]:
     else:
         suspected = bool(suspected_raw)
     clamp = lambda v: min(max(v, 0.0), 1.0)  # noqa: E731
+    usable = bool(orientation.get("usable", True))
+    verdict = str(orientation.get("lr_flip_verdict") or ("flipped" if suspected else "ok"))
+    reasons = [str(r) for r in (orientation.get("qc_reasons") or [])]
     return {
         "available": probability is not None,
         "probability": _format_probability(probability),
@@ -150,7 +161,48 @@ def _orientation_view(orientation: Mapping[str, Any] | None) -> dict[str, Any]:
         "suspected": suspected,
         "percent": f"{100.0 * clamp(probability or 0.0):.1f}",
         "threshold_percent": f"{100.0 * clamp(threshold if threshold is not None else 0.5):.1f}",
+        "verdict": verdict,
+        "confidence": _format_probability(_as_float(orientation.get("lr_flip_confidence"))),
+        "source": str(orientation.get("lr_flip_source") or "image"),
+        "qc_status": str(orientation.get("qc_status") or "pass"),
+        "usable": usable,
+        "qc_reasons": reasons,
+        "direction": orientation_direction(orientation),
     }
+
+
+def orientation_direction(orientation: Mapping[str, Any]) -> str:
+    """One sentence on which way the image points and why (from an orientation QC record).
+
+    Examples:
+        >>> orientation_direction({"lr_flip_verdict": "ok", "lr_flip_statistic": -0.16,
+        ...     "lr_flip_statistic_mirrored": 0.13, "lr_flip_difference": -0.29, "lr_flip_margin": 0.02})[:60]
+        'Left is left: the scan as stored matches the template\'s left-r'
+    """
+    verdict = orientation.get("lr_flip_verdict")
+    if not bool(orientation.get("usable", True)):
+        return ("No left-right verdict: the scan failed the usable-scan gate, so its registration to the template "
+                "cannot be trusted (reasons above).")
+    stored = _as_float(orientation.get("lr_flip_statistic"))
+    mirrored = _as_float(orientation.get("lr_flip_statistic_mirrored"))
+    difference = _as_float(orientation.get("lr_flip_difference"))
+    margin = _as_float(orientation.get("lr_flip_margin"))
+    source = str(orientation.get("lr_flip_source") or "image")
+    if source != "image" and verdict in ("ok", "flipped", "undetermined"):
+        model_p = _format_probability(_as_float(orientation.get("lr_flip_probability")))
+        return {"ok": "Left is left", "flipped": "Left and right look swapped",
+                "undetermined": "Undetermined"}[str(verdict)] + (
+            f" according to the trained orientation model (p(flipped) {model_p}; {source}).")
+    if stored is None or mirrored is None or difference is None:
+        return ""
+    evidence = (f"asymmetry statistic of the scan as stored {stored:+.3f}, of its mirror image {mirrored:+.3f} "
+                f"(lower = more like the template's left-right asymmetry), difference {difference:+.3f}")
+    if verdict == "ok":
+        return f"Left is left: the scan as stored matches the template's left-right asymmetry better than its mirror ({evidence})."
+    if verdict == "flipped":
+        return f"Left and right look swapped: the mirror image matches the template's left-right asymmetry better than the scan as stored ({evidence})."
+    margin_text = "" if margin is None else f", within the margin {margin:.3f}"
+    return f"Undetermined: the scan and its mirror image match the template's asymmetry about equally ({evidence}{margin_text})."
 
 
 def _checks_view(checks: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
@@ -158,11 +210,12 @@ def _checks_view(checks: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
         {
             "name": str(check.get("name", "unnamed check")),
             "passed": bool(check.get("passed", False)),
+            "informational": bool(check.get("informational", False)) or check.get("name") in INFORMATIONAL_CHECKS,
             "detail": "" if check.get("detail") is None else str(check.get("detail")),
         }
         for check in (checks or [])
     ]
-    failed = [row["name"] for row in rows if not row["passed"]]
+    failed = [row["name"] for row in rows if not row["passed"] and not row["informational"]]
     return {"rows": rows, "total": len(rows), "passed": len(rows) - len(failed), "failed": failed}
 
 
@@ -189,11 +242,17 @@ def scan_verdict(scan: Mapping[str, Any]) -> dict[str, str]:
     checks = _checks_view(scan.get("header_checks"))
     problems: list[str] = []
     reasons: list[str] = []
-    if orientation["suspected"]:
+    if not orientation["usable"]:
+        problems.append("unusable scan (QC failed)")
+        reasons.append("; ".join(orientation["qc_reasons"]) or "the usable-scan gate failed")
+    elif orientation["suspected"]:
         problems.append("left-right flip suspected")
         reasons.append(
             f"flip probability {orientation['probability']} \u2265 threshold {orientation['threshold']}"
         )
+    elif orientation["verdict"] == "undetermined":
+        problems.append("left-right orientation undetermined")
+        reasons.append("the scan and its mirror image look alike to the left-right test")
     if checks["failed"]:
         count = len(checks["failed"])
         problems.append(f"{count} header check{'s' if count > 1 else ''} failed")
@@ -201,7 +260,7 @@ def scan_verdict(scan: Mapping[str, Any]) -> dict[str, str]:
     if problems:
         return {"label": "CHECK", "css": "check", "text": "CHECK: " + "; ".join(problems),
                 "reason": "; ".join(reasons), "advice": _ADVICE["check"]}
-    reason = "no flip suspected" if orientation["available"] else "no problems flagged"
+    reason = "left-right orientation ok" if orientation["available"] else "no problems flagged"
     if checks["total"]:
         reason += ", all header checks passed"
     return {"label": "OK", "css": "ok", "text": "OK", "reason": reason, "advice": _ADVICE["ok"]}

@@ -315,6 +315,14 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
     resolution = float(settings.resolution)
     fwhm = float(getattr(settings, "symmetry_fwhm", None) or DEFAULT_FWHM_MM)
     files = find_scans(out_dir, subjects, settings.resolution_label)
+    if not getattr(settings, "include_unusable", False):
+        from ..qc.gate import qc_record_usable
+
+        unusable = [f.source for f in files if f.orientation_qc is not None and not qc_record_usable(f.orientation_qc)]
+        if unusable:
+            LOG.warning("symmetry: %d scan(s) failed the usable-scan gate and are left out (--include-unusable keeps "
+                        "them): %s", len(unusable), ", ".join(unusable))
+        files = [f for f in files if f.orientation_qc is None or qc_record_usable(f.orientation_qc)]
     if not files:
         raise NoInputError(f"no participant-level outputs (*_space-{TEMPLATE}_res-{settings.resolution_label}_"
                            f"desc-preproc_T1w.nii.gz) in {out_dir}; fix: run the participant level first with the "

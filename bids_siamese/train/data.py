@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from ..errors import BadDataError, NoInputError
+from ..qc.gate import orientation_qc_path, qc_record_usable
 from ..resources import TEMPLATE, Grid
 from .pairs import order_sessions, participant_id
 
@@ -44,7 +45,7 @@ def mask_path_for(preproc: Path) -> Path:
 
 
 def find_preproc(output_dir: Path, subjects: Sequence[str], resolution_label: str,
-                 sessions: Sequence[str] = ()) -> pd.DataFrame:
+                 sessions: Sequence[str] = (), include_unusable: bool = False) -> pd.DataFrame:
     """All model-grid T1w files of the selected subjects: ``participant_id, session, path`` (one per session;
     the first in name order when a session has several runs).
 
@@ -53,6 +54,8 @@ def find_preproc(output_dir: Path, subjects: Sequence[str], resolution_label: st
         subjects: participant labels (with or without ``sub-``).
         resolution_label: the ``res-`` label (``2`` for 2 mm).
         sessions: restrict to these session labels (empty: all).
+        include_unusable: keep scans whose orientation QC says ``usable: false`` (left out and logged by
+            default; see :mod:`bids_siamese.qc.gate`).
 
     Raises:
         NoInputError: a selected subject has no such file (names the expected file and the fix).
@@ -63,6 +66,7 @@ def find_preproc(output_dir: Path, subjects: Sequence[str], resolution_label: st
         pid = participant_id(sub)
         files = sorted((Path(output_dir) / pid).glob(f"**/anat/{pid}{preproc_name_pattern(resolution_label)}"))
         seen: set[str] = set()
+        excluded = False
         for path in files:
             entities = dict(_ENTITY.findall(path.name.split(f"_space-{TEMPLATE}")[0]))
             ses = entities.get("ses", "")
@@ -71,9 +75,14 @@ def find_preproc(output_dir: Path, subjects: Sequence[str], resolution_label: st
             if ses in seen:
                 LOG.info("%s: several scans in session '%s'; using the first (%s)", pid, ses, rows[-1][2].name)
                 continue
+            if not include_unusable and not qc_record_usable(orientation_qc_path(path)):
+                LOG.warning("%s: failed the usable-scan gate (usable: false); left out (--include-unusable keeps it)",
+                            path.name.split("_space-")[0])
+                excluded = True
+                continue
             seen.add(ses)
             rows.append((pid, ses, path))
-        if not seen:
+        if not seen and not excluded:
             missing.append(pid)
     if missing:
         other = sorted({p.name.split("_res-")[1].split("_")[0] for p in Path(output_dir).glob(

@@ -1,4 +1,5 @@
-"""Training loops: triplet training of the twin embedding and BCE training of the longitudinal classifier.
+"""Training loops: triplet training of the twin embedding, BCE training of the longitudinal classifier and
+cross-entropy training of the left-right orientation classifier (every scan stored and mirrored).
 
 Both loops: AdamW, random augmentation (no left-right flips unless asked), early stopping on the validation
 loss (the best epoch's weights are kept), AMP on CUDA, a tqdm progress bar on stderr (only on a terminal and
@@ -479,6 +480,114 @@ def train_longitudinal(
         rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
                      "val_auc": val_auc, "seconds": time.perf_counter() - t0,
                      "volumes_per_second": 2 * sum(len(b) for b in batches) * ctx.world_size / step_time})
+        score = (val_loss, val_acc) if not np.isnan(val_loss) else (train_loss, 0.0)
+        stop = best.update(score, epoch, net)
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+        if stop:
+            break
+    bar.close()
+    return best.result(net, rows, start, n_vols, train_time)
+
+
+@dataclass
+class MirrorData:
+    """Self-supervised left-right examples: every scan as stored and mirrored (the orientation task).
+
+    Attributes:
+        volumes: ``(N, 1, X, Y, Z)`` float32 on the model grid (axis 2 of the tensor is x, symmetric about 0).
+        examples: ``(M, 2)`` int: ``(volume index, mirrored 0/1)``.
+        labels: ``(M,)`` int: 1 when the example's brain is left-right flipped.
+    """
+
+    volumes: np.ndarray
+    examples: np.ndarray
+    labels: np.ndarray
+
+    def batch(self, idx: np.ndarray) -> torch.Tensor:
+        """The examples ``idx`` as a ``(B, 1, X, Y, Z)`` tensor (mirrored ones flipped along x)."""
+        x = torch.from_numpy(self.volumes[self.examples[idx, 0]])
+        mirrored = torch.from_numpy(self.examples[idx, 1].astype(bool))
+        if bool(mirrored.any()):
+            x = x.clone()
+            x[mirrored] = torch.flip(x[mirrored], dims=[2])
+        return x
+
+
+@torch.no_grad()
+def predict_mirror(model: nn.Module, data: MirrorData, idx: np.ndarray | None = None, device: torch.device | str = "cpu",
+                   batch_size: int = 8) -> np.ndarray:
+    """Softmax probability of class 1 (flipped) for ``data`` examples ``idx`` (all when None)."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    idx = np.arange(len(data.labels)) if idx is None else np.asarray(idx)
+    out = [torch.softmax(net(data.batch(idx[s:s + batch_size]).to(device)).float(), dim=1)[:, 1].cpu()
+           for s in range(0, len(idx), batch_size)]
+    net.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def train_mirror_classifier(
+    model: nn.Module,
+    data: MirrorData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    config: TrainConfig,
+    device: torch.device | str = "cpu",
+    ctx: DistContext | None = None,
+) -> TrainResult:
+    """Train a two-class (ok / flipped) classifier on :class:`MirrorData` with cross-entropy; keep the best
+    validation epoch. Augmentation never flips left-right (that would change the label).
+
+    Returns:
+        :class:`TrainResult`; history columns ``epoch, train_loss, val_loss, val_accuracy, val_auc, seconds,
+        volumes_per_second``.
+    """
+    if config.flip_lr:
+        raise ValueError("left-right flip augmentation would change the orientation labels")
+    ctx, device, net, opt, scaler, gen = _setup(model, config, device, ctx)
+    train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
+    rows, best = [], _BestEpoch(config.patience)
+    start = time.perf_counter()
+    n_vols, train_time = 0, 0.0
+    bar = _progress(config.epochs, "orientation training", config, ctx)
+    train_volumes = np.unique(data.examples[train_idx, 0])
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        net.train()
+        rng = np.random.default_rng([config.seed, epoch])
+        batches = shard(pair_batches(len(train_idx), config.batch_size, rng), ctx)
+        losses = []
+        for local in batches:
+            idx = train_idx[local]
+            x = augment(data.batch(idx), gen, False, config.max_shift, config.intensity, config.noise_std).to(device)
+            y = torch.from_numpy(data.labels[idx]).long().to(device)
+            with _autocast(device, config.amp):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            n_vols += len(idx) * ctx.world_size
+        step_time = time.perf_counter() - t0
+        train_time += step_time
+        train_loss = all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), ctx)
+        recompute_batch_norm(net, data.volumes, train_volumes, device, config.batch_size)
+        if len(val_idx):
+            p = predict_mirror(net, data, val_idx, device, config.eval_batch_size)
+            y_val = data.labels[val_idx]
+            p_true = np.clip(np.where(y_val == 1, p, 1 - p), 1e-7, 1.0)
+            val_loss = float(-np.log(p_true).mean())
+            val_acc = float(((p >= 0.5) == (y_val == 1)).mean())
+            val_auc = safe_auc(y_val, p)
+        else:
+            val_loss = val_acc = val_auc = float("nan")
+        rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
+                     "val_auc": val_auc, "seconds": time.perf_counter() - t0,
+                     "volumes_per_second": sum(len(b) for b in batches) * ctx.world_size / step_time})
         score = (val_loss, val_acc) if not np.isnan(val_loss) else (train_loss, 0.0)
         stop = best.update(score, epoch, net)
         bar.update(1)

@@ -506,3 +506,41 @@ def longitudinal_split_table(pairs: pd.DataFrame, family: Mapping[str, str] | No
     table = pd.concat([out, rest], ignore_index=True)
     return table[["participant_id", "family_id", "label", "split"]].sort_values("participant_id").reset_index(
         drop=True)
+
+
+def family_folds(family: Mapping[str, str], n_folds: int, seed: int = 0) -> dict[str, int]:
+    """Assign every participant to one of ``n_folds`` folds so that a family never spans two folds.
+
+    Families are shuffled (seeded) and dealt largest first to the fold with the fewest participants, so the
+    folds are about the same size.
+
+    Args:
+        family: participant_id -> family id (singletons have their own).
+        n_folds: number of folds (at most the number of families).
+        seed: random seed.
+
+    Returns:
+        participant_id -> fold (0-based).
+
+    Examples:
+        >>> folds = family_folds({"a": "1", "b": "1", "c": "2", "d": "3"}, 2)
+        >>> folds["a"] == folds["b"], sorted(set(folds.values()))
+        (True, [0, 1])
+    """
+    members: dict[str, list[str]] = {}
+    for pid, fam in sorted(family.items()):
+        members.setdefault(str(fam), []).append(pid)
+    if not 1 <= n_folds <= len(members):
+        raise ValueError(f"need 1 <= n_folds <= {len(members)} families, got {n_folds}")
+    rng = np.random.default_rng(seed)
+    names = sorted(members)
+    order = [names[i] for i in rng.permutation(len(names))]
+    order.sort(key=lambda f: -len(members[f]))  # stable: the shuffle breaks ties
+    sizes = [0] * n_folds
+    out: dict[str, int] = {}
+    for fam in order:
+        fold = int(np.argmin(sizes))
+        sizes[fold] += len(members[fam])
+        for pid in members[fam]:
+            out[pid] = fold
+    return out

@@ -365,7 +365,8 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
               ) -> list[Path]:
     out_dir = Path(settings.output_dir)
     grid = model_grid(settings.resolution)
-    scans_all = find_preproc(out_dir, subjects, settings.resolution_label, settings.session_label)
+    scans_all = find_preproc(out_dir, subjects, settings.resolution_label, settings.session_label,
+                             include_unusable=getattr(settings, "include_unusable", False))
     scans = first_scan_per_subject(scans_all, _session_times(settings.bids_dir, scans_all))
     pids = scans["participant_id"].tolist()
     relations = load_relations(settings, [p.removeprefix("sub-") for p in pids])
@@ -510,7 +511,8 @@ class _LongitudinalInputs:
 
 def _longitudinal_inputs(settings: Any, subjects: Sequence[str], require_labels: bool) -> _LongitudinalInputs:
     grid = model_grid(settings.resolution)
-    scans = find_preproc(settings.output_dir, subjects, settings.resolution_label, settings.session_label)
+    scans = find_preproc(settings.output_dir, subjects, settings.resolution_label, settings.session_label,
+                         include_unusable=getattr(settings, "include_unusable", False))
     times = _session_times(settings.bids_dir, scans)
     labels: dict[str, int | None] = {}
     family: dict[str, str] = {}

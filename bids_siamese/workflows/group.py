@@ -16,8 +16,14 @@ LOG = logging.getLogger("bids_siamese.group")
 ORIENTATION_COLUMNS = [
     "participant_id",
     "session_id",
+    "qc_status",
+    "usable",
+    "qc_reasons",
+    "lr_flip_verdict",
+    "lr_flip_confidence",
     "lr_flip_probability",
     "lr_flip_suspected",
+    "lr_flip_source",
     "header_checks_failed",
     "scan",
     "status",
@@ -25,19 +31,45 @@ ORIENTATION_COLUMNS = [
 ]
 
 
+def _probability(value: Any) -> Any:
+    return "n/a" if value is None else round(float(value), 4)
+
+
+#: The per-scan QC columns; ``n/a`` for scans without complete participant results (``status`` not ``ok``).
+QC_COLUMNS = ORIENTATION_COLUMNS[2:10]
+
+
+def qc_columns(rec: dict[str, Any], suspected: bool) -> dict[str, Any]:
+    """The QC columns of one finished scan's orientation record."""
+    return {
+        "qc_status": rec.get("qc_status", "pass"),
+        "usable": bool(rec.get("usable", True)),
+        "qc_reasons": "; ".join(rec.get("qc_reasons", [])) or "n/a",
+        "lr_flip_verdict": rec.get("lr_flip_verdict", "flipped" if suspected else "ok"),
+        "lr_flip_confidence": round(float(rec.get("lr_flip_confidence", 0.0)), 4),
+        "lr_flip_probability": _probability(rec.get("lr_flip_probability")),
+        "lr_flip_suspected": suspected,
+        "lr_flip_source": rec.get("lr_flip_source", "image"),
+    }
+
+
 def orientation_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per scan from orientation QC records (the ``*_desc-orientation_qc.json`` content)."""
+    """One row per scan from orientation QC records (the ``*_desc-orientation_qc.json`` content).
+
+    Records written before the usable-scan gate and the three-way verdict existed (no ``qc_status``)
+    are read as usable, with the verdict derived from ``lr_flip_suspected``.
+    """
+    from ..qc.orientation import failed_header_checks
+
     rows = []
     for rec in records:
-        failed = [c["name"] for c in rec.get("header_checks", []) if not c.get("passed", True)]
+        failed = failed_header_checks(rec.get("header_checks", []))
+        suspected = bool(rec.get("lr_flip_suspected", False))
         rows.append(
             {
                 "participant_id": rec["participant_id"],
                 "session_id": rec.get("session_id") or "n/a",
-                "lr_flip_probability": (round(float(rec["lr_flip_probability"]), 4)
-                                        if rec.get("lr_flip_probability") is not None else None),
-                "lr_flip_suspected": bool(rec["lr_flip_suspected"]) if rec.get("lr_flip_suspected") is not None
-                else None,
+                **(qc_columns(rec, suspected) if rec.get("status", "ok") == "ok" else dict.fromkeys(QC_COLUMNS, None)),
                 "header_checks_failed": ";".join(failed) if failed else "n/a",
                 "scan": rec.get("scan", "n/a"),
                 "status": rec.get("status", "ok"),
@@ -92,6 +124,15 @@ def status_records(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def unusable_scans(table: pd.DataFrame) -> list[str]:
+    """Scan names whose usable-scan gate failed (``usable`` false), from :func:`orientation_table`'s table."""
+    if "usable" not in table.columns:
+        return []
+    usable = table["usable"].astype(str).str.lower().isin(["true", "1"])
+    finished = table["status"].astype(str) == "ok" if "status" in table.columns else usable | True
+    return [str(s) for s in table.loc[finished & ~usable, "scan"]]
+
+
 def find_orientation_records(output_dir: Path, subjects: list[str]) -> list[dict[str, Any]]:
     records = []
     for subject in subjects:
@@ -123,6 +164,10 @@ def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None
         write_tsv(path, table)
         LOG.info("%d scan(s) in %s; %d flagged as left-right flipped", len(table), path.name,
                  int((table["lr_flip_suspected"] == True).sum()))  # noqa: E712 - None for scans without results
+        failed = unusable_scans(table)
+        if failed:
+            LOG.warning("%d scan(s) failed the usable-scan gate and are left out of group training and scoring "
+                        "(--include-unusable to keep them): %s", len(failed), ", ".join(failed))
         written.append(path)
     elif main_process:
         LOG.warning("no participant-level orientation results found in %s", settings.output_dir)
@@ -143,6 +188,10 @@ def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None
         written += run_twin(settings, subjects)
         if getattr(settings, "explain", True) and main_process:
             written += run_explain(settings, subjects)
+    elif task == "orientation" and main_process:
+        from ..train.orientation import run_orientation
+
+        written += run_orientation(settings, subjects)
     elif task == "longitudinal":
         from ..train.run import run_longitudinal
 

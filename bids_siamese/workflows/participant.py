@@ -107,7 +107,11 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
         name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=REGISTRATION_THREADS,
     )
     grid = pe.Node(ModelGrid(resolution=settings.resolution), name="model_grid", mem_gb=MEM_GB["grid"], n_procs=1)
-    orient = pe.Node(OrientationCheck(), name="orientation", mem_gb=MEM_GB["grid"], n_procs=1)
+    orient = pe.Node(OrientationCheck(resolution=max(settings.resolution, 2.0), seed=settings.seed,
+                                      device=settings.device, num_threads=omp),
+                     name="orientation", mem_gb=MEM_GB["register"], n_procs=omp)
+    if getattr(settings, "orientation_model", None):
+        orient.inputs.orientation_model = str(settings.orientation_model)
     figures = pe.Node(ReportFigures(), name="figures", mem_gb=MEM_GB["figures"], n_procs=1)
     merge_figs = pe.Node(niu.Merge(3), name="merge_figures", mem_gb=MEM_GB["light"], n_procs=1)
     sink = pe.Node(
@@ -202,7 +206,7 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     wf.connect([
         (register, grid, [("out_matrix", "in_matrix")]),
         (register_qc, orient, [("out_matrix", "in_matrix")]),
-        (grid, orient, [("out_file", "in_file"), ("out_mask", "in_mask")]),
+        *([(grid, orient, [("out_file", "grid_file")])] if getattr(settings, "orientation_model", None) else []),
         (grid, figures, [("out_file", "grid_file")]),
         (figures, merge_figs, [("out_mask_svg", "in1"), ("out_reg_svg", "in2"), ("out_orient_svg", "in3")]),
         (merge_figs, sink, [("out", "figures")]),
@@ -326,6 +330,15 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
             failures.append(ScanFailure(scan.name, message, code))
     write_reports(settings, scans, [(f.name, f.message) for f in failures])
     write_completion_records(settings, scans, written, failures)
+    from ..qc.gate import qc_summary_line
+
+    done: dict[str, list[dict[str, Any]]] = {}
+    for scan in scans:
+        if scan.name in written:
+            qc = settings.output_dir / output_names(scan.entities, settings.resolution_label)["orientation"]
+            done.setdefault(scan.entities["subject"], []).append(json.loads(qc.read_text()))
+    unusable = sorted(scan_qc_failures(done))
+    (LOG.warning if unusable else LOG.info)(qc_summary_line(unusable))
     return failures
 
 
@@ -345,6 +358,19 @@ def write_completion_records(settings, scans: list[T1wScan], written: dict[str, 
                                     run_id=settings.run_id, reason=failed[scan.name].message)
 
 
+def scan_qc_failures(records: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Names of the scans whose usable-scan gate failed, from the orientation QC records per subject."""
+    return [str(rec.get("scan", "?")) for recs in records.values() for rec in recs if not rec.get("usable", True)]
+
+
+#: Orientation QC fields the subject report shows.
+ORIENTATION_REPORT_KEYS = (
+    "lr_flip_probability", "lr_flip_suspected", "lr_flip_verdict", "lr_flip_confidence", "lr_flip_source",
+    "lr_flip_statistic", "lr_flip_statistic_mirrored", "lr_flip_difference", "lr_flip_margin",
+    "qc_status", "usable", "qc_reasons",
+)
+
+
 def write_reports(settings, scans: list[T1wScan], failures: list[tuple[str, str]]) -> list[Path]:
     """One ``sub-<label>.html`` per subject from the written derivatives (failed scans shown as such)."""
     from .. import __version__
@@ -361,12 +387,14 @@ def write_reports(settings, scans: list[T1wScan], failures: list[tuple[str, str]
             qc = json.loads((settings.output_dir / names["orientation"]).read_text())
             entry.update(
                 header_checks=qc["header_checks"],
-                orientation={"lr_flip_probability": qc["lr_flip_probability"],
-                             "lr_flip_suspected": qc["lr_flip_suspected"], "threshold": qc["lr_flip_threshold"]},
+                orientation={key: qc.get(key) for key in ORIENTATION_REPORT_KEYS} | {"threshold": qc["lr_flip_threshold"]},
                 figures={"Brain mask": str(names["figure_brainmask"]), "Registration": str(names["figure_reg"]),
                          "Orientation": str(names["figure_orientation"])},
                 metrics={"Brain volume (cm³)": qc.get("brain_volume_cm3"),
-                         "Correlation with template": qc.get("template_correlation")},
+                         "Correlation with template": qc.get("template_correlation"),
+                         "Affine scales": "/".join(f"{v:.2f}" for v in qc.get("affine_scales", [])) or None,
+                         "Field of view covers template brain": qc.get("fov_coverage"),
+                         "Obliquity (information)": qc.get("obliquity") or None},
             )
         by_subject.setdefault(scan.entities["subject"], []).append(entry)
     written = []

@@ -1,0 +1,101 @@
+"""LatNet-style left-right orientation classifier: an ensemble of small 3D CNNs with averaged softmax.
+
+After Kuckertz et al. (LatNet: 5 small 3D CNNs on a 2 mm MNI grid, 99.6 % on 3,384 real MRIs): each member
+reads a registered, intensity-normalised brain on the model grid and outputs two logits (``ok``,
+``flipped``); the ensemble averages the members' softmax. The position of features matters (the brain's
+left-right asymmetry is a pattern *in template space*), so the members end in a fully connected layer over
+a small feature map instead of a global pooling.
+
+Examples:
+    >>> import torch
+    >>> net = OrientationEnsemble([LatNet(input_shape=(24, 28, 24)) for _ in range(2)])
+    >>> p = net(torch.zeros(3, 1, 24, 28, 24))
+    >>> tuple(p.shape), bool(torch.allclose(p.sum(1), torch.ones(3)))
+    ((3, 2), True)
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class LatNet(nn.Module):
+    """One small 3D CNN: (average pooling) + ``len(channels)`` conv/BN/ReLU/max-pool blocks + linear layer.
+
+    Args:
+        input_shape: spatial shape of the model grid (e.g. ``(84, 104, 88)`` at 2 mm).
+        spatial_dims: 3 (volumes).
+        in_channels: 1 (the T1w).
+        out_channels: 2 (``ok``, ``flipped``).
+        channels: feature channels per block.
+        input_pool: average-pooling factor applied first (2 turns the 2 mm grid into 4 mm features, which
+            keeps CPU training to minutes; 1 keeps full resolution).
+        dropout: dropout before the linear layer.
+    """
+
+    def __init__(self, input_shape: Sequence[int], spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2,
+                 channels: Sequence[int] = (8, 16, 32, 32), input_pool: int = 2, dropout: float = 0.2):
+        super().__init__()
+        if spatial_dims != 3:
+            raise ValueError("LatNet is 3D (spatial_dims=3)")
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.channels = tuple(int(c) for c in channels)
+        self.input_pool = int(input_pool)
+        layers: list[nn.Module] = [nn.AvgPool3d(self.input_pool)] if self.input_pool > 1 else []
+        previous = in_channels
+        for ch in self.channels:
+            layers += [nn.Conv3d(previous, ch, 3, padding=1, bias=False), nn.BatchNorm3d(ch), nn.ReLU(inplace=True),
+                       nn.MaxPool3d(2)]
+            previous = ch
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():
+            n_features = int(self.features(torch.zeros(1, in_channels, *self.input_shape)).numel())
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(n_features, out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, 2)``."""
+        return self.classifier(self.features(x))
+
+
+class OrientationEnsemble(nn.Module):
+    """Members trained on different folds; ``forward`` returns the averaged softmax ``(B, 2)``
+    (column 1: probability that the brain is left-right flipped)."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(dim=0)
+
+    @classmethod
+    def from_card(cls, card: dict) -> "OrientationEnsemble":
+        """An untrained ensemble with the architecture recorded in a model card (``architecture``)."""
+        arch = card["architecture"]
+        return cls([LatNet(input_shape=card["grid"]["shape"], channels=arch["channels"],
+                           input_pool=arch["input_pool"]) for _ in range(int(arch["members"]))])
+
+
+@torch.no_grad()
+def p_flipped(model: nn.Module, volumes, device: torch.device | str = "cpu", batch_size: int = 8):
+    """Probability of ``flipped`` (numpy, ``(N,)``) for volumes ``(N, X, Y, Z)`` (numpy float32).
+
+    ``model`` is an :class:`OrientationEnsemble` (probabilities) or a single :class:`LatNet` (logits).
+    """
+    import numpy as np
+
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(volumes), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size], dtype=np.float32))[:, None]
+        y = model(x.to(device))
+        if not isinstance(model, OrientationEnsemble):
+            y = torch.softmax(y.float(), dim=1)
+        out.append(y[:, 1].float().cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,213 @@
+"""Group level: train or apply the left-right orientation model (``group --task orientation``).
+
+The method, as in LatNet: every usable scan is an example twice, as stored (label ``ok``) and mirrored
+left-right on the model grid (label ``flipped``); no annotation is needed. Participants are dealt into
+``K`` family-aware folds (:func:`~bids_siamese.train.pairs.family_folds`); member ``k`` of the ensemble
+is trained on the other folds (fold ``k+1`` for early stopping) and scores the scans of fold ``k``, so every
+scan's ``p_flipped`` comes from a model that never saw it. The ``K`` members together are the ensemble
+(averaged softmax) saved for ``--mode apply`` and ``participant --orientation-model``.
+
+Scans whose participant-level verdict is not ``ok`` (``flipped`` or ``undetermined``) are not trained on
+and not counted in the AUC (their stored orientation is the question), but they are scored, and a scan
+whose stored copy the model calls flipped (``p_flipped > 0.5``) is flagged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..bids.derivatives import GROUP_FILES, write_tsv
+from ..errors import NoInputError, UserError
+from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
+from ..models.orientation import LatNet, OrientationEnsemble
+from ..qc.gate import orientation_qc_path
+from ..resources import model_grid
+from .data import find_preproc, load_volumes
+from .evaluate import safe_auc
+from .loop import MirrorData, TrainConfig, predict_mirror, train_mirror_classifier
+from .pairs import family_folds
+
+LOG = logging.getLogger("bids_siamese.group.orientation")
+
+MODEL_COLUMNS = ["participant_id", "session_id", "p_flipped", "fold", "p_flipped_mirrored", "lr_flip_suspected",
+                 "image_verdict", "scan"]
+#: Architecture of the members (recorded in the model card).
+CHANNELS = (8, 16, 32, 32)
+INPUT_POOL = 2
+DEFAULT_FOLDS = 5
+
+
+def image_verdicts(paths: Sequence[Path]) -> list[str]:
+    """The participant-level ``lr_flip_verdict`` of each scan (``ok`` for QC files from before the verdict)."""
+    out = []
+    for path in paths:
+        try:
+            rec = json.loads(orientation_qc_path(path).read_text())
+        except (OSError, ValueError):
+            out.append("ok")
+            continue
+        out.append(str(rec.get("lr_flip_verdict", "flipped" if rec.get("lr_flip_suspected") else "ok")))
+    return out
+
+
+def mirror_examples(n_scans: int) -> tuple[np.ndarray, np.ndarray]:
+    """Examples ``(2N, 2)``: every scan stored (label 0), then every scan mirrored (label 1).
+
+    Examples:
+        >>> mirror_examples(2)[0].tolist(), mirror_examples(2)[1].tolist()
+        ([[0, 0], [1, 0], [0, 1], [1, 1]], [0, 0, 1, 1])
+    """
+    examples = np.array([(i, m) for m in (0, 1) for i in range(n_scans)], dtype=np.int64)
+    return examples, examples[:, 1].copy()
+
+
+def _families(settings: Any, pids: Sequence[str]) -> dict[str, str]:
+    """participant -> family from participants.tsv (``--family-column``); every participant alone when absent."""
+    from .pairs import FAMILY_FALLBACKS, find_column, read_participants
+
+    family = {pid: pid for pid in pids}
+    try:
+        table = read_participants(settings.bids_dir)
+    except UserError as err:
+        LOG.info("orientation folds: no family information (%s); every participant is its own family", err)
+        return family
+    column = find_column(table, settings.family_column, FAMILY_FALLBACKS)
+    if column is None:
+        LOG.info("orientation folds: participants.tsv has no family column; every participant is its own family")
+        return family
+    for pid, fam in zip(table["participant_id"], table[column]):
+        if pid in family and str(fam).strip() not in ("", "n/a"):
+            family[pid] = f"family {fam}"
+    return family
+
+
+def _config(settings: Any, seed: int) -> TrainConfig:
+    return TrainConfig(epochs=int(settings.epochs), batch_size=int(settings.batch_size), lr=float(settings.lr),
+                       patience=int(settings.patience), flip_lr=False, max_shift=1, seed=seed)
+
+
+def _metrics(p_stored: np.ndarray, p_mirrored: np.ndarray, trusted: np.ndarray) -> dict[str, float]:
+    labels = np.r_[np.zeros(int(trusted.sum())), np.ones(int(trusted.sum()))]
+    scores = np.r_[p_stored[trusted], p_mirrored[trusted]]
+    return {"auc_mirrored_copies": safe_auc(labels, scores),
+            "accuracy": float(((scores > 0.5) == (labels == 1)).mean()) if len(labels) else float("nan"),
+            "n_scans_evaluated": int(trusted.sum())}
+
+
+def _score_table(scans: pd.DataFrame, p_stored: np.ndarray, p_mirrored: np.ndarray, folds: Sequence[Any],
+                 verdicts: Sequence[str]) -> pd.DataFrame:
+    table = pd.DataFrame({
+        "participant_id": scans["participant_id"].to_numpy(),
+        "session_id": [f"ses-{s}" if s else "n/a" for s in scans["session"]],
+        "p_flipped": np.round(p_stored, 4),
+        "fold": list(folds),
+        "p_flipped_mirrored": np.round(p_mirrored, 4),
+        "lr_flip_suspected": p_stored > 0.5,
+        "image_verdict": list(verdicts),
+        "scan": [Path(p).name.split("_space-")[0] for p in scans["path"]],
+    })
+    return table[MODEL_COLUMNS]
+
+
+def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
+    """``group --task orientation --mode train|apply``; returns the files written."""
+    import torch
+
+    torch.set_num_threads(max(1, int(settings.omp_nthreads)))
+    out_dir = Path(settings.output_dir)
+    grid = model_grid(settings.resolution)
+    scans = find_preproc(out_dir, subjects, settings.resolution_label, settings.session_label,
+                         include_unusable=getattr(settings, "include_unusable", False))
+    if scans.empty:
+        raise NoInputError(f"no usable participant-level outputs in {out_dir}; fix: run the participant level first "
+                           "(scans that failed the usable-scan gate are left out unless --include-unusable)")
+    paths = [Path(p) for p in scans["path"]]
+    verdicts = image_verdicts(paths)
+    trusted = np.array([v == "ok" for v in verdicts])
+    t_load = time.perf_counter()
+    volumes = load_volumes(paths, grid)
+    LOG.info("orientation: %d scan(s) loaded in %.1f s (%d trusted as stored, %d not trained on: image verdict "
+             "flipped/undetermined)", len(paths), time.perf_counter() - t_load, int(trusted.sum()),
+             int((~trusted).sum()))
+    examples, labels = mirror_examples(len(paths))
+    data = MirrorData(volumes, examples, labels)
+    n = len(paths)
+    device = torch.device(settings.device)
+    written: list[Path] = []
+    if settings.mode == "apply":
+        model, card = load_checkpoint(settings.model, task="orientation", grid=grid, device=device)
+        t0 = time.perf_counter()
+        p = predict_mirror(model, data, None, device)
+        seconds = time.perf_counter() - t0
+        folds: list[Any] = ["apply"] * n
+        metrics = {**_metrics(p[:n], p[n:], trusted), "inference_seconds_per_volume": seconds / max(1, 2 * n),
+                   "model": str(settings.model)}
+    else:
+        family = _families(settings, scans["participant_id"].unique().tolist())
+        n_families = len(set(family.values()))
+        k = min(int(getattr(settings, "orientation_folds", DEFAULT_FOLDS)), n_families)
+        if k < 3:
+            raise NoInputError(f"--task orientation needs participants from at least 3 families, found {n_families}; "
+                               "fix: run the participant level on more subjects")
+        fold_of = family_folds(family, k, seed=int(settings.seed))
+        scan_fold = np.array([fold_of[pid] for pid in scans["participant_id"]])
+        example_fold = scan_fold[examples[:, 0]]
+        example_trusted = trusted[examples[:, 0]]
+        p = np.zeros(len(examples), dtype=np.float64)
+        members, histories = [], []
+        t_train = time.perf_counter()
+        for fold in range(k):
+            val_fold = (fold + 1) % k
+            train_idx = np.flatnonzero(example_trusted & (example_fold != fold) & (example_fold != val_fold))
+            val_idx = np.flatnonzero(example_trusted & (example_fold == val_fold))
+            member = LatNet(input_shape=grid.shape, channels=CHANNELS, input_pool=INPUT_POOL)
+            result = train_mirror_classifier(member, data, train_idx, val_idx, _config(settings, settings.seed + fold),
+                                             device)
+            held_out = np.flatnonzero(example_fold == fold)
+            p[held_out] = predict_mirror(result.model, data, held_out, device)
+            histories.append(result.history.assign(fold=fold))
+            members.append(result.model.cpu())
+            LOG.info("orientation fold %d/%d: %d training examples, best epoch %d, %.0f s", fold + 1, k,
+                     len(train_idx), result.best_epoch, result.seconds)
+        train_seconds = time.perf_counter() - t_train
+        model = OrientationEnsemble(members).eval()
+        t0 = time.perf_counter()
+        predict_mirror(model, data, np.arange(min(n, 8)), "cpu")  # inference time of the whole ensemble
+        inference = (time.perf_counter() - t0) / max(1, min(n, 8))
+        folds = scan_fold.tolist()
+        metrics = {**_metrics(p[:n], p[n:], trusted), "training_seconds": train_seconds,
+                   "inference_seconds_per_volume": inference, "folds": k, "members": k}
+        card = make_card(
+            task="orientation", backbone="latnet", embedding_dim=2, grid=grid, seed=int(settings.seed),
+            training_data={"n_scans": n, "n_trusted": int(trusted.sum()), "examples": "each usable scan stored "
+                           "(ok) and mirrored left-right on the model grid (flipped)",
+                           "folds": {str(pid): int(f) for pid, f in fold_of.items()}},
+            decision={"threshold": 0.5, "output": "averaged softmax of the members; column 1 = p(flipped)"},
+            metrics={key: metrics[key] for key in ("auc_mirrored_copies", "accuracy", "n_scans_evaluated")},
+            hyperparameters={"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
+                             "patience": settings.patience, "flip_lr": False},
+            pooling="none",
+        )
+        card["architecture"] = {"name": "LatNet-style", "members": k, "channels": list(CHANNELS),
+                                "input_pool": INPUT_POOL}
+        folder = out_dir / GROUP_FILES["orientation_model_folder"]
+        written += save_checkpoint(folder, model, card)
+        written.append(write_tsv(out_dir / GROUP_FILES["orientation_model_history"],
+                                 pd.concat(histories, ignore_index=True)))
+    table = _score_table(scans, p[:n], p[n:], folds, verdicts)
+    written.append(write_tsv(out_dir / GROUP_FILES["orientation_model"], table))
+    metric_rows = pd.DataFrame({"metric": list(metrics), "value": [str(v) for v in metrics.values()]})
+    written.append(write_tsv(out_dir / GROUP_FILES["orientation_model_metrics"], metric_rows))
+    LOG.info("orientation model: held-out AUC on mirrored copies %.4f, accuracy %.4f (%d scans)",
+             metrics["auc_mirrored_copies"], metrics["accuracy"], metrics["n_scans_evaluated"])
+    flagged = table.loc[table["lr_flip_suspected"], "scan"].tolist()
+    if flagged:
+        LOG.warning("orientation model: %d scan(s) whose stored orientation looks mirrored: %s", len(flagged),
+                    ", ".join(flagged))
+    return written
