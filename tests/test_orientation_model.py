@@ -69,6 +69,8 @@ def _dataset(root: Path, n_subjects: int = 14) -> tuple[Path, Path]:
     smooth random intensity changes and noise; sub-01 is stored mirrored (image verdict ``flipped``)."""
     from scipy import ndimage
 
+    from bids_siamese.bids.derivatives import init_output_dir, write_completion_record
+
     bids, out = root / "bids", root / "out"
     bids.mkdir(parents=True)
     (bids / "dataset_description.json").write_text(json.dumps({"Name": "orient", "BIDSVersion": "1.10.0"}))
@@ -96,9 +98,11 @@ def _dataset(root: Path, n_subjects: int = 14) -> tuple[Path, Path]:
             "participant_id": f"sub-{sub}", "scan": f"sub-{sub}_T1w.nii.gz", "usable": True, "qc_status": "pass",
             "lr_flip_verdict": "flipped" if flipped else "ok", "lr_flip_probability": 0.9 if flipped else 0.1,
             "lr_flip_suspected": flipped, "header_checks": []}))
+        # the participant level's completion record: the group level counts only completed scans
+        write_completion_record(out, Path(f"sub-{sub}") / "anat" / f"sub-{sub}_desc-status_qc.json", status="ok",
+                                scan=f"sub-{sub}_T1w.nii.gz", run_id="fixture",
+                                files=[str(p.relative_to(out)) for p in sorted(anat.iterdir())])
     (bids / "participants.tsv").write_text("participant_id\tfamily_id\n" + "\n".join(rows) + "\n")
-    from bids_siamese.bids.derivatives import init_output_dir
-
     init_output_dir(out, bids)
     return bids, out
 

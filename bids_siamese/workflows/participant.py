@@ -107,9 +107,10 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
         name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=REGISTRATION_THREADS,
     )
     grid = pe.Node(ModelGrid(resolution=settings.resolution), name="model_grid", mem_gb=MEM_GB["grid"], n_procs=1)
+    # it registers the mirrored image: one thread, as the registrations, so outputs do not depend on --omp-nthreads
     orient = pe.Node(OrientationCheck(resolution=max(settings.resolution, 2.0), seed=settings.seed,
-                                      device=settings.device, num_threads=omp),
-                     name="orientation", mem_gb=MEM_GB["register"], n_procs=omp)
+                                      device=settings.device, num_threads=REGISTRATION_THREADS),
+                     name="orientation", mem_gb=MEM_GB["register"], n_procs=REGISTRATION_THREADS)
     if getattr(settings, "orientation_model", None):
         orient.inputs.orientation_model = str(settings.orientation_model)
     figures = pe.Node(ReportFigures(), name="figures", mem_gb=MEM_GB["figures"], n_procs=1)
