@@ -31,6 +31,7 @@ CONTAINER_ENV = "BIDS_SIAMESE_CONTAINER"  # e.g. "docker://bids/siamese:0.1.0", 
 #: Fixed names of group-level outputs at the top of OUTPUT_DIR.
 GROUP_FILES = {
     "orientation": "group_orientation.tsv",
+    "twins_relatives": "group_twins_relatives.tsv",
 }
 
 #: Non-BIDS files in the output folder, hidden from the validator (as fMRIPrep does).
