@@ -9,13 +9,13 @@ from nipype.interfaces.base import (
     Directory,
     File,
     InputMultiObject,
-    SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
 )
 
 from ..resources import TEMPLATE
+from .base import StepInterface
 
 TEMPLATE_URI = f"https://templateflow.s3.amazonaws.com/tpl-{TEMPLATE}/tpl-{TEMPLATE}_res-01_T1w.nii.gz"
 
@@ -79,7 +79,7 @@ def embedding_name(entities: dict, task: str) -> Path:
     return build_path(dict(entities, desc=task, suffix="embedding", extension=".tsv"))
 
 
-class WriteDerivatives(SimpleInterface):
+class WriteDerivatives(StepInterface):
     """Copy one scan's results into OUTPUT_DIR atomically, with JSON sidecars."""
 
     input_spec = _WriteInputSpec

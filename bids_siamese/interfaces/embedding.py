@@ -20,11 +20,12 @@ import torch
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 from torch import nn
+
+from .base import StepInterface
 
 
 def embedding_table(vector: np.ndarray, decimals: int = 6) -> pd.DataFrame:
@@ -67,7 +68,7 @@ class _ComputeEmbeddingOutputSpec(TraitedSpec):
     out_task = traits.Str(desc="the model's task (twin or longitudinal), for desc-<task>")
 
 
-class ComputeEmbedding(SimpleInterface):
+class ComputeEmbedding(StepInterface):
     """Embed one scan with a trained checkpoint (the checkpoint's sha256, task and grid are checked).
 
     Raises (at run time):

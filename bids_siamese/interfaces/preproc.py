@@ -13,11 +13,12 @@ import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
 )
+
+from .base import StepInterface
 
 
 def _set_threads(n: int) -> None:
@@ -43,7 +44,7 @@ class _CheckHeaderOutputSpec(TraitedSpec):
     out_checks = File(exists=True, desc="JSON list of {name, passed, detail}")
 
 
-class CheckHeader(SimpleInterface):
+class CheckHeader(StepInterface):
     """Load a T1w image (rejecting unusable files) and record its header checks."""
 
     input_spec = _CheckHeaderInputSpec
@@ -74,14 +75,15 @@ class _ConformOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="T1w in RAS (closest canonical), float32, same world coordinates")
 
 
-class Conform(SimpleInterface):
+class Conform(StepInterface):
     input_spec = _ConformInputSpec
     output_spec = _ConformOutputSpec
 
     def _run_interface(self, runtime):
         from ..preproc.conform import conform, load_t1w
 
-        self._results["out_file"] = _save(conform(load_t1w(self.inputs.in_file)), "t1w_ras.nii.gz")
+        # uncompressed: this float32 image is read by six nodes, and gzip would cost seconds per 1 mm scan
+        self._results["out_file"] = _save(conform(load_t1w(self.inputs.in_file)), "t1w_ras.nii")
         return runtime
 
 
@@ -95,7 +97,7 @@ class _BrainOutputSpec(TraitedSpec):
     out_mask = File(exists=True, desc="native-space brain mask (uint8)")
 
 
-class BrainExtraction(SimpleInterface):
+class BrainExtraction(StepInterface):
     """deepbet brain extraction (weights ship in its wheel)."""
 
     input_spec = _BrainInputSpec
@@ -120,7 +122,7 @@ class _ExternalMaskInputSpec(BaseInterfaceInputSpec):
     reference = File(exists=True, mandatory=True, desc="the conformed T1w defining the grid")
 
 
-class ExternalMask(SimpleInterface):
+class ExternalMask(StepInterface):
     """Use an existing (fMRIPrep) brain mask on the conformed T1w grid."""
 
     input_spec = _ExternalMaskInputSpec
@@ -154,7 +156,7 @@ class _RegisterOutputSpec(TraitedSpec):
     out_itk = File(exists=True, desc="ITK affine transform file")
 
 
-class AffineRegistration(SimpleInterface):
+class AffineRegistration(StepInterface):
     """Affine registration of the brain to the MNI152NLin2009cAsym brain."""
 
     input_spec = _RegisterInputSpec
@@ -163,7 +165,6 @@ class AffineRegistration(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
 
-        from ..preproc.brain import brain_image
         from ..preproc.register import register_affine, write_itk_affine
         from ..resources import template_brain_path
 
@@ -173,8 +174,9 @@ class AffineRegistration(SimpleInterface):
         else:
             img = nib.load(self.inputs.in_file)
             mask = np.asanyarray(nib.load(self.inputs.in_mask).dataobj) > 0
+            # register_affine masks the image itself (and caches the template side once per process)
             matrix = register_affine(
-                brain_image(img, mask), mask, nib.load(template_brain_path()), resolution=self.inputs.resolution,
+                img, mask, nib.load(template_brain_path()), resolution=self.inputs.resolution,
                 seed=self.inputs.seed, device=self.inputs.device, n_threads=self.inputs.num_threads,
                 dof=self.inputs.dof,
             )
@@ -198,7 +200,7 @@ class _GridOutputSpec(TraitedSpec):
     out_mask = File(exists=True, desc="brain mask on the model grid")
 
 
-class ModelGrid(SimpleInterface):
+class ModelGrid(StepInterface):
     """Resample to the fixed template-aligned model grid and normalise intensities in the mask."""
 
     input_spec = _GridInputSpec
@@ -249,7 +251,7 @@ class _OrientationOutputSpec(TraitedSpec):
     out_report = File(exists=True, desc="orientation QC JSON")
 
 
-class OrientationCheck(SimpleInterface):
+class OrientationCheck(StepInterface):
     """Header verdict plus the image-based left-right flip test."""
 
     input_spec = _OrientationInputSpec
@@ -308,7 +310,7 @@ class _FiguresOutputSpec(TraitedSpec):
     out_orient_svg = File(exists=True)
 
 
-class ReportFigures(SimpleInterface):
+class ReportFigures(StepInterface):
     """SVG figures for the per-subject report."""
 
     input_spec = _FiguresInputSpec

@@ -87,16 +87,18 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
 
     check = pe.Node(CheckHeader(), name="check_header", mem_gb=MEM_GB["conform"], n_procs=1)
     conform = pe.Node(Conform(), name="conform", mem_gb=MEM_GB["conform"], n_procs=1)
+    # one thread each: the registration tensors are small (<= 60,000 points), extra threads only stall, and
+    # the two registrations of a scan then run side by side
     register = pe.Node(
         AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, device=settings.device,
-                           num_threads=omp),
-        name="register", mem_gb=MEM_GB["register"], n_procs=omp,
+                           num_threads=1),
+        name="register", mem_gb=MEM_GB["register"], n_procs=1,
     )
     # the orientation check needs a shear-free registration (shears imitate the brain's torque asymmetry)
     register_qc = pe.Node(
         AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, device=settings.device,
-                           num_threads=omp, dof=9),
-        name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=omp,
+                           num_threads=1, dof=9),
+        name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=1,
     )
     grid = pe.Node(ModelGrid(resolution=settings.resolution), name="model_grid", mem_gb=MEM_GB["grid"], n_procs=1)
     orient = pe.Node(OrientationCheck(), name="orientation", mem_gb=MEM_GB["grid"], n_procs=1)
@@ -224,8 +226,9 @@ def plugin_settings(settings) -> tuple[str, dict[str, Any]]:
         return str(spec.get("plugin", "MultiProc")), dict(spec.get("plugin_args", {}))
     if settings.nprocs == 1:
         return "Linear", {}
-    return "MultiProc", {"n_procs": settings.nprocs, "memory_gb": settings.mem_gb, "raise_insufficient": False,
-                         "maxtasksperchild": 1}
+    # MultiProc reuses its worker processes across nodes (nipype >= 1.2 has no per-worker task limit), so
+    # imports, deepbet's networks and the template caches are loaded once per worker, not once per node
+    return "MultiProc", {"n_procs": settings.nprocs, "memory_gb": settings.mem_gb, "raise_insufficient": False}
 
 
 def _crash_messages(crash_dir: Path) -> dict[str, str]:

@@ -1,0 +1,138 @@
+"""Throughput of the participant level: field-of-view-independent registration, the template computed once per
+process, bounded threads and per-node resource records, node resources and the GPU path (device selection and
+GPU nodes), all checked on CPU."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from bids_siamese.interfaces.base import StepInterface, limit_torch_threads, peak_rss_gb, reset_peak_rss
+from bids_siamese.preproc import register
+from bids_siamese.preproc.register import crop_to_mask, register_affine
+from bids_siamese.resources import template_brain_path
+
+
+def _brain(shape=(40, 44, 38), seed=0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A smooth random 'brain' inside an ellipsoid, its mask, and a 2 mm affine."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    idx = np.indices(shape).astype(float)
+    centre = (np.array(shape) - 1) / 2
+    r = np.sqrt(sum(((idx[a] - centre[a]) / (shape[a] * 0.35)) ** 2 for a in range(3)))
+    mask = r < 1
+    data = (ndimage.gaussian_filter(rng.normal(size=shape), 2) * 50 + 100).astype(np.float32) * mask
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -centre * 2
+    return data, mask, affine
+
+
+def _pad(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, before, after, fill=0.0):
+    """The same scan with a larger field of view (voxels around the brain filled with ``fill``)."""
+    pad = list(zip(before, after))
+    big = np.pad(data, pad, constant_values=fill).astype(np.float32)
+    big_mask = np.pad(mask, pad)
+    shift = np.eye(4)
+    shift[:3, 3] = -np.asarray(before)
+    return big, big_mask, affine @ shift
+
+
+def test_crop_to_mask_is_the_same_box_whatever_the_field_of_view():
+    data, mask, affine = _brain()
+    spacings = [8.0, 4.0, 2.0]
+    small = crop_to_mask(data, mask, affine, spacings)
+    big = crop_to_mask(*_pad(data, mask, affine, (13, 5, 21), (30, 2, 7), fill=500.0), spacings)
+    np.testing.assert_array_equal(small[0], big[0])  # outside the mask is 0, whatever was there
+    np.testing.assert_array_equal(small[1], big[1])
+    np.testing.assert_allclose(small[2], big[2], atol=1e-9)  # the same world position
+    # whole kernels (4 voxels of 2 mm at 8 mm) and nothing but the brain's box
+    assert all(n % 4 == 0 or n == s for n, s in zip(small[0].shape, data.shape))
+    assert small[0].size < data.size
+    hits = np.argwhere(small[1])
+    assert (hits.min(axis=0) == 0).all()
+
+
+def test_registration_result_does_not_depend_on_the_field_of_view():
+    tpl = nib.load(template_brain_path())
+    k = 4  # a 4 mm template keeps this test fast
+    t = tpl.get_fdata(dtype=np.float32)
+    shape = [s // k * k for s in t.shape]
+    t = t[: shape[0], : shape[1], : shape[2]].reshape(shape[0] // k, k, shape[1] // k, k, shape[2] // k, k)
+    fixed = nib.Nifti1Image(t.mean(axis=(1, 3, 5)), tpl.affine @ np.diag([k, k, k, 1.0]))
+    # the subject: the template itself, shifted by 6 mm, in a tight and in a large field of view
+    moving = fixed.get_fdata(dtype=np.float32)
+    mask = moving > 1.0
+    affine = fixed.affine.copy()
+    affine[:3, 3] += [6.0, -4.0, 2.0]
+    results = []
+    for before, after in (((0, 0, 0), (0, 0, 0)), ((7, 3, 11), (19, 1, 5))):
+        data, m, aff = _pad(moving, mask, affine, before, after, fill=300.0)
+        results.append(register_affine(nib.Nifti1Image(data, aff), m, fixed, resolution=8.0, seed=0, n_threads=1))
+    np.testing.assert_allclose(results[0], results[1], atol=1e-6)
+    assert np.abs(results[0][:3, 3] - [6.0, -4.0, 2.0]).max() < 1.5  # and it is right
+
+
+def test_template_side_is_computed_once_per_process_and_equals_the_uncached_one():
+    data, mask, affine = _brain(shape=(60, 72, 60))
+    data = data * 0 + np.where(mask, 80.0, 0).astype(np.float32)
+    moving = nib.Nifti1Image(data, affine @ np.diag([1.5, 1.5, 1.5, 1]))
+    register._fixed_data_cached.cache_clear()
+    first = register_affine(moving, mask, nib.load(template_brain_path()), resolution=8.0, n_threads=1)
+    second = register_affine(moving, mask, nib.load(template_brain_path()), resolution=8.0, n_threads=1)
+    info = register._fixed_data_cached.cache_info()
+    assert info.misses == 1 and info.hits == 1
+    # an in-memory template (no file) takes the uncached path: the same numbers
+    tpl = nib.load(template_brain_path())
+    in_memory = nib.Nifti1Image(tpl.get_fdata(dtype=np.float32), tpl.affine)
+    third = register_affine(moving, mask, in_memory, resolution=8.0, n_threads=1)
+    assert register._fixed_data_cached.cache_info().misses == 1
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(first, third)
+
+
+def test_step_interface_bounds_torch_threads_and_records_cpu_and_memory(tmp_path, monkeypatch):
+    from nipype.interfaces.base import BaseInterfaceInputSpec, TraitedSpec, traits
+
+    class _In(BaseInterfaceInputSpec):
+        num_threads = traits.Int(1, usedefault=True)
+
+    class _Out(TraitedSpec):
+        threads = traits.Int()
+
+    class Busy(StepInterface):
+        input_spec = _In
+        output_spec = _Out
+
+        def _run_interface(self, runtime):
+            self._results["threads"] = torch.get_num_threads()
+            block = np.ones(30_000_000)  # 240 MB for the peak
+            float(block.sum())
+            return runtime
+
+    monkeypatch.chdir(tmp_path)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # what a previous node in a reused worker may have left
+        result = Busy().run()
+        assert result.outputs.threads == 1
+        assert Busy(num_threads=2).run().outputs.threads == 2
+    finally:
+        torch.set_num_threads(previous)
+    assert result.runtime.cpu_seconds > 0
+    if reset_peak_rss():  # Linux: the peak is this node's, and includes the 240 MB array
+        assert result.runtime.peak_rss_gb >= 0.2
+    assert peak_rss_gb() > 0
+
+
+def test_limit_torch_threads_never_goes_below_one():
+    previous = torch.get_num_threads()
+    try:
+        limit_torch_threads(0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
