@@ -136,3 +136,81 @@ def test_limit_torch_threads_never_goes_below_one():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(previous)
+
+
+def _settings(tmp_path: Path, device: str, **kw):
+    from bids_siamese.config import Settings
+
+    base = dict(bids_dir=tmp_path / "bids", output_dir=tmp_path / "out", analysis_level="participant",
+                work_dir=tmp_path / "work", device=device, nprocs=4, omp_nthreads=4, mem_gb=8.0)
+    base.update(kw)
+    return Settings(**base)
+
+
+def _scan_wf(tmp_path: Path, device: str):
+    from bids_siamese.bids.layout import T1wScan
+    from bids_siamese.workflows.participant import init_scan_wf
+
+    scan = T1wScan(tmp_path / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz", {"subject": "01"})
+    return init_scan_wf(scan, _settings(tmp_path, device))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1"])
+def test_torch_nodes_declare_their_device_threads_and_gpu_use(tmp_path, device):
+    wf = _scan_wf(tmp_path, device)
+    gpu = device.startswith("cuda")
+    nodes = {name: wf.get_node(name) for name in ("brain_extraction", "register", "register_shear_free")}
+    for name, node in nodes.items():
+        assert node.inputs.device == device
+        assert node.is_gpu_node() is gpu  # MultiProc counts it against n_gpu_procs
+        assert node.n_procs == node.inputs.num_threads  # never more threads than the slots it holds
+    assert nodes["brain_extraction"].n_procs == (1 if gpu else 4)  # on a GPU its CPU part is one thread
+    assert nodes["register"].n_procs == nodes["register_shear_free"].n_procs == 1
+    for name in ("conform", "model_grid", "orientation", "figures", "asymmetry"):
+        node = wf.get_node(name)
+        assert not node.is_gpu_node() and node.n_procs == 1 and node.mem_gb > 0
+
+
+def test_plugin_settings_reuse_workers_and_limit_gpu_nodes(tmp_path):
+    from bids_siamese.workflows.participant import GPU_NODES, plugin_settings
+
+    plugin, args = plugin_settings(_settings(tmp_path, "cpu"))
+    assert plugin == "MultiProc" and args["n_procs"] == 4 and args["memory_gb"] == 8.0
+    assert "maxtasksperchild" not in args and "n_gpu_procs" not in args
+    plugin, args = plugin_settings(_settings(tmp_path, "cuda"))
+    assert args["n_gpu_procs"] == GPU_NODES and args["mp_context"] == "forkserver"
+    assert plugin_settings(_settings(tmp_path, "cpu", nprocs=1)) == ("Linear", {})
+
+
+def test_multiproc_runs_at_most_n_gpu_procs_gpu_nodes_at_once(tmp_path):
+    """nipype's scheduler with our plugin arguments: GPU nodes beyond n_gpu_procs wait (no GPU needed)."""
+    from nipype.pipeline.plugins.multiproc import MultiProcPlugin
+
+    from bids_siamese.workflows.participant import GPU_NODES, plugin_settings
+
+    _, args = plugin_settings(_settings(tmp_path, "cuda"))
+    args.pop("mp_context")
+    plugin = MultiProcPlugin(plugin_args=args)
+    try:
+        wf = _scan_wf(tmp_path, "cuda")
+        gpu_nodes = [wf.get_node(n) for n in ("brain_extraction", "register", "register_shear_free")]
+        plugin.procs = gpu_nodes + gpu_nodes  # six GPU nodes, each holding one CPU and one GPU slot
+        running = [(None, jobid) for jobid in range(GPU_NODES)]
+        free_memory, free_cpus, free_gpu = plugin._check_resources(running)
+        assert free_gpu == 0 and free_cpus == 4 - GPU_NODES  # CPUs are left, GPU slots are not
+        assert plugin._check_resources(running[:1])[2] == GPU_NODES - 1
+    finally:
+        plugin.pool.shutdown()
+
+
+def test_cuda_device_check_does_not_poison_forked_workers(monkeypatch):
+    from bids_siamese.cli.parser import resolve_device
+    from bids_siamese.errors import UsageError
+
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only answer")
+    with pytest.raises(UsageError, match="no CUDA device"):
+        resolve_device("cuda")
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    assert resolve_device("auto") == "cpu"

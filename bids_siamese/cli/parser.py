@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -122,6 +123,8 @@ def resolve_device(requested: str) -> str:
         raise UsageError(f"invalid --device '{requested}'; fix: use auto, cpu, cuda or cuda:N")
     if requested == "cpu":
         return "cpu"
+    # ask NVML, not the CUDA runtime: a process that initialised CUDA cannot fork workers that use it
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     import torch
 
     if requested == "auto":

@@ -60,6 +60,7 @@ class _ComputeEmbeddingInputSpec(BaseInterfaceInputSpec):
                    desc="model-grid T1w (space-MNI152NLin2009cAsym_res-<R>_desc-preproc_T1w.nii.gz)")
     model = traits.Str(mandatory=True, desc="checkpoint: folder, model.pt or model_card.json")
     device = traits.Str("cpu", usedefault=True, desc="cpu, cuda or cuda:N")
+    use_gpu = traits.Bool(False, usedefault=True, desc="runs on a GPU (nipype's MultiProc counts it in n_gpu_procs)")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
 
 

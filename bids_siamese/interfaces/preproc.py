@@ -90,6 +90,7 @@ class Conform(StepInterface):
 class _BrainInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="conformed T1w")
     device = traits.Str("cpu", usedefault=True)
+    use_gpu = traits.Bool(False, usedefault=True, desc="runs on a GPU (nipype's MultiProc counts it in n_gpu_procs)")
     num_threads = traits.Int(1, usedefault=True)
 
 
@@ -146,6 +147,7 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     resolution = traits.Float(2.0, usedefault=True, desc="working resolution in mm")
     seed = traits.Int(0, usedefault=True)
     device = traits.Str("cpu", usedefault=True)
+    use_gpu = traits.Bool(False, usedefault=True, desc="runs on a GPU (nipype's MultiProc counts it in n_gpu_procs)")
     num_threads = traits.Int(1, usedefault=True)
     identity = traits.Bool(False, usedefault=True, desc="input is already in template space (fMRIPrep MNI output)")
     dof = traits.Enum(12, 9, 7, 6, usedefault=True, desc="12 affine; 9 shear-free (the orientation check's)")

@@ -33,6 +33,33 @@ LOG = logging.getLogger("bids_siamese.participant")
 #: Memory per node in GB, measured with benchmarks/participant.py on 1 mm scans (see docs/benchmarks.md).
 MEM_GB = {"light": 0.5, "conform": 1.0, "brain": 3.0, "register": 1.5, "grid": 1.0, "figures": 0.8}
 
+#: With ``--device cuda``: GPU nodes (deepbet, registration, embedding) MultiProc may run at once on the device.
+#: deepbet needs about 2 GB of GPU memory at its 256^3 input; two at a time keep the GPU busy while one of them
+#: is in its CPU part (reading, post-processing) and fit on an 8 GB card.
+GPU_NODES = 2
+
+
+def uses_gpu(settings) -> bool:
+    """Whether torch nodes run on a CUDA device (``--device cuda[:N]``)."""
+    return str(settings.device).startswith("cuda")
+
+
+def torch_node_resources(settings, cpu_threads: int) -> tuple[dict[str, Any], int]:
+    """Interface inputs (``device``, ``use_gpu``, ``num_threads``) and ``n_procs`` of a torch node.
+
+    On a GPU the node declares GPU use, so that MultiProc runs at most ``n_gpu_procs`` of them at once, and takes
+    one CPU thread (its CPU part is single-threaded); on the CPU it takes ``cpu_threads``.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> torch_node_resources(SimpleNamespace(device="cuda:1"), 4)
+        ({'device': 'cuda:1', 'use_gpu': True, 'num_threads': 1}, 1)
+        >>> torch_node_resources(SimpleNamespace(device="cpu"), 4)
+        ({'device': 'cpu', 'use_gpu': False, 'num_threads': 4}, 4)
+    """
+    threads = 1 if uses_gpu(settings) else max(1, int(cpu_threads))
+    return {"device": str(settings.device), "use_gpu": uses_gpu(settings), "num_threads": threads}, threads
+
 
 def _wf_name(scan: T1wScan) -> str:
     return "scan_" + re.sub(r"[^A-Za-z0-9]", "_", scan.name) + "_wf"
@@ -89,16 +116,15 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     conform = pe.Node(Conform(), name="conform", mem_gb=MEM_GB["conform"], n_procs=1)
     # one thread each: the registration tensors are small (<= 60,000 points), extra threads only stall, and
     # the two registrations of a scan then run side by side
+    reg_inputs, reg_procs = torch_node_resources(settings, 1)
     register = pe.Node(
-        AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, device=settings.device,
-                           num_threads=1),
-        name="register", mem_gb=MEM_GB["register"], n_procs=1,
+        AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, **reg_inputs),
+        name="register", mem_gb=MEM_GB["register"], n_procs=reg_procs,
     )
     # the orientation check needs a shear-free registration (shears imitate the brain's torque asymmetry)
     register_qc = pe.Node(
-        AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, device=settings.device,
-                           num_threads=1, dof=9),
-        name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=1,
+        AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, dof=9, **reg_inputs),
+        name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=reg_procs,
     )
     grid = pe.Node(ModelGrid(resolution=settings.resolution), name="model_grid", mem_gb=MEM_GB["grid"], n_procs=1)
     orient = pe.Node(OrientationCheck(), name="orientation", mem_gb=MEM_GB["grid"], n_procs=1)
@@ -127,8 +153,9 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     if task in ("twin", "longitudinal"):
         from ..interfaces.embedding import ComputeEmbedding
 
-        embed = pe.Node(ComputeEmbedding(model=str(settings.model), device=settings.device, num_threads=omp),
-                        name="embedding", mem_gb=MEM_GB["brain"], n_procs=omp)
+        embed_inputs, embed_procs = torch_node_resources(settings, omp)
+        embed = pe.Node(ComputeEmbedding(model=str(settings.model), **embed_inputs),
+                        name="embedding", mem_gb=MEM_GB["brain"], n_procs=embed_procs)
         wf.connect([(grid, embed, [("out_file", "in_file")]),
                     (embed, sink, [("out_tsv", "embedding"), ("out_task", "embedding_task")])])
 
@@ -140,8 +167,9 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
 
     wf.connect([(inputnode, check, [("t1w", "in_file")]), (check, orient, [("out_checks", "in_checks")])])
     if fmriprep is None:
-        brain = pe.Node(BrainExtraction(device=settings.device, num_threads=omp), name="brain_extraction",
-                        mem_gb=MEM_GB["brain"], n_procs=omp)
+        brain_inputs, brain_procs = torch_node_resources(settings, omp)
+        brain = pe.Node(BrainExtraction(**brain_inputs), name="brain_extraction", mem_gb=MEM_GB["brain"],
+                        n_procs=brain_procs)
         wf.connect([
             (check, conform, [("out_file", "in_file")]),
             (conform, brain, [("out_file", "in_file")]),
@@ -228,7 +256,12 @@ def plugin_settings(settings) -> tuple[str, dict[str, Any]]:
         return "Linear", {}
     # MultiProc reuses its worker processes across nodes (nipype >= 1.2 has no per-worker task limit), so
     # imports, deepbet's networks and the template caches are loaded once per worker, not once per node
-    return "MultiProc", {"n_procs": settings.nprocs, "memory_gb": settings.mem_gb, "raise_insufficient": False}
+    args: dict[str, Any] = {"n_procs": settings.nprocs, "memory_gb": settings.mem_gb, "raise_insufficient": False}
+    if uses_gpu(settings):
+        # GPU nodes (use_gpu) share GPU_NODES slots; workers start from a fresh forkserver process, since CUDA
+        # cannot be used in a child forked from a process that has queried it
+        args.update(n_gpu_procs=GPU_NODES, mp_context="forkserver")
+    return "MultiProc", args
 
 
 def _crash_messages(crash_dir: Path) -> dict[str, str]:
