@@ -163,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_workflow(args.bids, [p.removeprefix("sub-") for p in args.participant_label], nprocs,
                                    args.threads, args.resolution, dev, Path(tmp))
             n = max(run["n_scans"], 1)
+            # on CUDA the workers are children of a forkserver, which getrusage(RUSAGE_CHILDREN) does not count
+            cpu = "n/a (forkserver workers)" if dev.startswith("cuda") else f"{run['cpu'] / n:.2f} s/scan"
             print(f"workflow --device {dev} --nprocs {nprocs}: {n} scans, {run['wall'] / n:.2f} s/scan wall, "
-                  f"{run['cpu'] / n:.2f} s/scan CPU, peak memory of the process tree {run['peak_tree_rss_mb']:.0f} MB; "
+                  f"CPU {cpu}, peak memory of the process tree {run['peak_tree_rss_mb']:.0f} MB; "
                   f"load average {' '.join(f'{v:.2f}' for v in run['load_after'])}", flush=True)
     return 0
 

@@ -214,3 +214,25 @@ def test_cuda_device_check_does_not_poison_forked_workers(monkeypatch):
         resolve_device("cuda")
     assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
     assert resolve_device("auto") == "cpu"
+
+
+def test_run_participant_freezes_the_scheduler_heap_during_the_run(tmp_path, monkeypatch):
+    """MultiProc's gc.collect() calls must not rescan the main process's whole heap 5 times a second."""
+    import gc
+
+    from nipype.pipeline import engine as pe
+
+    from bids_siamese.workflows import participant
+
+    seen = {}
+
+    def fake_run(self, plugin=None, plugin_args=None, **kw):
+        seen["frozen"] = gc.get_freeze_count()
+        seen["plugin"] = plugin
+
+    monkeypatch.setattr(pe.Workflow, "run", fake_run)
+    monkeypatch.setattr(participant, "write_reports", lambda settings, scans, failures: [])
+    settings = _settings(tmp_path, "cpu", nprocs=2)
+    assert participant.run_participant(settings, []) == []
+    assert seen["plugin"] == "MultiProc" and seen["frozen"] > 1000
+    assert gc.get_freeze_count() == 0  # unfrozen afterwards

@@ -6,6 +6,7 @@ MultiProc never starts more torch models than the memory allows, and each per-sc
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
@@ -297,10 +298,15 @@ def run_participant(settings, scans: list[T1wScan]) -> list[tuple[str, str]]:
     nipype_config.set("execution", "check_version", "false")
     plugin, plugin_args = plugin_settings(settings)
     LOG.info("running %d scan workflow(s) with %s %s", len(scans), plugin, plugin_args)
+    # MultiProc calls gc.collect() in its scheduling loop (up to 5 times a second); freezing what exists now (the
+    # imported modules, the BIDS layout, the workflow graph) keeps each collection to the objects made since
+    gc.freeze()
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:  # nipype raises after the other nodes finished
         LOG.debug("workflow finished with errors: %s", err)
+    finally:
+        gc.unfreeze()
 
     messages = _crash_messages(crash_dir) if crash_dir.exists() else {}
     failures: list[tuple[str, str]] = []
