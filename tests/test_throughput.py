@@ -236,3 +236,40 @@ def test_run_participant_freezes_the_scheduler_heap_during_the_run(tmp_path, mon
     assert participant.run_participant(settings, []) == []
     assert seen["plugin"] == "MultiProc" and seen["frozen"] > 1000
     assert gc.get_freeze_count() == 0  # unfrozen afterwards
+
+
+@pytest.mark.parametrize("device, nprocs, warmed", [("cpu", 2, True), ("cpu", 1, False), ("cuda", 2, False)])
+def test_worker_caches_are_built_before_forking_only_for_forked_workers(tmp_path, monkeypatch, device, nprocs,
+                                                                         warmed):
+    from nipype.pipeline import engine as pe
+
+    from bids_siamese.bids.layout import T1wScan
+    from bids_siamese.workflows import participant
+
+    calls = []
+    monkeypatch.setattr(pe.Workflow, "run", lambda self, plugin=None, plugin_args=None, **kw: None)
+    monkeypatch.setattr(participant, "write_reports", lambda settings, scans, failures: [])
+    monkeypatch.setattr(participant, "warm_worker_caches", lambda settings: calls.append(settings))
+    scan = T1wScan(tmp_path / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz", {"subject": "01"})
+    failures = participant.run_participant(_settings(tmp_path, device, nprocs=nprocs), [scan])
+    assert [name for name, _ in failures] == ["sub-01_T1w"]  # nothing ran
+    assert len(calls) == int(warmed)
+
+
+def test_warm_worker_caches_fills_the_caches_the_nodes_use():
+    from types import SimpleNamespace
+
+    from bids_siamese.symmetry.asymmetry import _template_reference_cached, atlas_on_grid
+    from bids_siamese.workflows.participant import warm_worker_caches
+
+    register._fixed_data_cached.cache_clear()
+    _template_reference_cached.cache_clear()
+    atlas_on_grid.cache_clear()
+    warm_worker_caches(SimpleNamespace(resolution=8.0, atlas="harvard_oxford", seed=3))
+    assert register._fixed_data_cached.cache_info().currsize == 1
+    assert _template_reference_cached.cache_info().currsize == 1
+    # what the registration node then asks for is a cache hit
+    data, mask, affine = _brain(shape=(60, 72, 60))
+    register_affine(nib.Nifti1Image(np.where(mask, 80.0, 0).astype(np.float32), affine @ np.diag([1.5, 1.5, 1.5, 1])),
+                    mask, nib.load(template_brain_path()), resolution=8.0, seed=3, n_threads=1)
+    assert register._fixed_data_cached.cache_info().hits == 1
