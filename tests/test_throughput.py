@@ -273,3 +273,38 @@ def test_warm_worker_caches_fills_the_caches_the_nodes_use():
     register_affine(nib.Nifti1Image(np.where(mask, 80.0, 0).astype(np.float32), affine @ np.diag([1.5, 1.5, 1.5, 1])),
                     mask, nib.load(template_brain_path()), resolution=8.0, seed=3, n_threads=1)
     assert register._fixed_data_cached.cache_info().hits == 1
+
+
+def test_only_nodes_reading_work_files_hash_by_timestamp(tmp_path):
+    wf = _scan_wf(tmp_path, "cpu")
+    timestamp = {"brain_extraction", "register", "register_shear_free", "model_grid", "orientation", "figures",
+                 "merge_figures", "write_derivatives", "asymmetry"}
+    for name in wf.list_node_names():
+        node = wf.get_node(name)
+        method = (node.config or {}).get("execution", {}).get("hash_method")
+        # check_header and conform read the BIDS file: they keep the run's content hashing
+        assert (method == "timestamp") is (name in timestamp), name
+
+
+def _same(f):
+    return f
+
+
+def test_a_node_timestamp_setting_overrides_the_workflow_content_hashing(tmp_path):
+    """nipype merges the run's config into each node's, the node's own value winning."""
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    src = tmp_path / "in.txt"
+    src.write_text("x")
+    wf = pe.Workflow(name="w", base_dir=str(tmp_path / "work"))
+    a = pe.Node(niu.IdentityInterface(fields=["f"]), name="a")
+    b = pe.Node(niu.Function(input_names=["f"], output_names=["f"], function=_same), name="b")
+    c = pe.Node(niu.Function(input_names=["f"], output_names=["f"], function=_same), name="c")
+    a.inputs.f = str(src)
+    wf.connect([(a, b, [("f", "f")]), (b, c, [("f", "f")])])
+    b.config = {"execution": {"hash_method": "timestamp"}}
+    wf.config["execution"] = {"hash_method": "content"}
+    nodes = {n.name: n for n in wf.run(plugin="Linear").nodes()}
+    assert nodes["b"].config["execution"]["hash_method"] == "timestamp"
+    assert nodes["c"].config["execution"]["hash_method"] == "content"
