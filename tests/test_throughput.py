@@ -304,7 +304,7 @@ def test_a_node_timestamp_setting_overrides_the_workflow_content_hashing(tmp_pat
     a.inputs.f = str(src)
     wf.connect([(a, b, [("f", "f")]), (b, c, [("f", "f")])])
     b.config = {"execution": {"hash_method": "timestamp"}}
-    wf.config["execution"] = {"hash_method": "content"}
+    wf.config["execution"] = {"hash_method": "content", "crashdump_dir": str(tmp_path)}
     nodes = {n.name: n for n in wf.run(plugin="Linear").nodes()}
     assert nodes["b"].config["execution"]["hash_method"] == "timestamp"
     assert nodes["c"].config["execution"]["hash_method"] == "content"
