@@ -462,7 +462,8 @@ def stage_cpu(path: Path, resolution: float, n_threads: int, reg_threads: int, o
         result = analyse_scan(data, mask_grid, resolution, labels, homologous_pairs(names), reference, fwhm_mm=6.0,
                               affine=grid.affine, names=names)
     with watch.stage("write"):
-        for name, array, affine in (("preproc", data, grid.affine), ("grid_mask", mask_grid.astype(np.uint8), grid.affine),
+        for name, array, affine in (("preproc", data, grid.affine),
+                                    ("grid_mask", mask_grid.astype(np.uint8), grid.affine),
                                     ("native_mask", prepared.mask.astype(np.uint8), prepared.conformed.affine),
                                     ("asymmetry", result.ai.astype(np.float32), grid.affine)):
             write_nifti(out_dir / f"{name}.nii.gz", nib.Nifti1Image(array, affine))

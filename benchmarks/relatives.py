@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if n <= args.check_max:
             exact = "equal" if np.array_equal(index, brute_force(emb, args.top_k)) else "DIFFERENT"
         print(f"N={n:>7d}: search {wall:7.2f} s wall, {cpu:7.2f} s CPU; peak traced memory {peak / 2**20:7.1f} MiB "
-              f"(embeddings {emb.nbytes / 2**20:.1f} MiB; an N x N float32 table would be {4 * n * n / 2**20:,.0f} MiB); "
+              f"(embeddings {emb.nbytes / 2**20:.1f} MiB; an N x N float32 table would be "
+              f"{4 * n * n / 2**20:,.0f} MiB); "
               f"co-twin ranked first for {100 * found:.1f}% of scans; brute force: {exact}; load average {load()}",
               flush=True)
     print(f"peak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

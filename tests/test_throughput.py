@@ -308,3 +308,16 @@ def test_a_node_timestamp_setting_overrides_the_workflow_content_hashing(tmp_pat
     nodes = {n.name: n for n in wf.run(plugin="Linear").nodes()}
     assert nodes["b"].config["execution"]["hash_method"] == "timestamp"
     assert nodes["c"].config["execution"]["hash_method"] == "content"
+
+
+def test_the_asymmetry_node_holds_the_threads_of_its_symmetry_model(tmp_path, monkeypatch):
+    from bids_siamese.bids.layout import T1wScan
+    from bids_siamese.workflows import participant
+
+    scan = T1wScan(tmp_path / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz", {"subject": "01"})
+    monkeypatch.setattr(participant, "model_task", lambda model: "symmetry")
+    node = participant.init_scan_wf(scan, _settings(tmp_path, "cpu", model=tmp_path / "m")).get_node("asymmetry")
+    assert node.inputs.num_threads == node.n_procs == 4
+    monkeypatch.setattr(participant, "model_task", lambda model: None)
+    node = participant.init_scan_wf(scan, _settings(tmp_path, "cpu")).get_node("asymmetry")
+    assert node.inputs.num_threads == node.n_procs == 1

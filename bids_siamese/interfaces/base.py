@@ -1,7 +1,8 @@
 """A common base for the app's nipype interfaces: bounded threads and a CPU/memory record per node.
 
-MultiProc reuses its worker processes from node to node (nipype >= 1.2 runs nodes in a
-``ProcessPoolExecutor`` without a task limit), so a thread setting left by one node would leak into the next:
+nipype's MultiProc reuses its worker processes from node to node (checked in nipype 1.11: it runs nodes in a
+``ProcessPoolExecutor`` without a task limit; ``maxtasksperchild`` is an option of LegacyMultiProc only), so a
+thread setting left by one node would leak into the next:
 :class:`StepInterface` sets torch's thread count to the node's own ``num_threads`` (1 when it has none) before
 each run. After each run it records, in the node's runtime (saved in its ``result_<node>.pklz``):
 

@@ -142,8 +142,10 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     from ..interfaces.symmetry import AsymmetryAnalysis
 
     task = model_task(getattr(settings, "model", None))
-    asymmetry = pe.Node(AsymmetryAnalysis(atlas=settings.atlas, num_threads=omp), name="asymmetry",
-                        mem_gb=MEM_GB["grid"], n_procs=1)
+    # torch threads only for the Siamese symmetry model; the slots it holds match the threads it uses
+    asymmetry_threads = omp if task == "symmetry" else 1
+    asymmetry = pe.Node(AsymmetryAnalysis(atlas=settings.atlas, num_threads=asymmetry_threads), name="asymmetry",
+                        mem_gb=MEM_GB["grid"], n_procs=asymmetry_threads)
     if task == "symmetry":
         asymmetry.inputs.model = str(settings.model)
     wf.connect([
@@ -264,7 +266,7 @@ def plugin_settings(settings) -> tuple[str, dict[str, Any]]:
         return str(spec.get("plugin", "MultiProc")), dict(spec.get("plugin_args", {}))
     if settings.nprocs == 1:
         return "Linear", {}
-    # MultiProc reuses its worker processes across nodes (nipype >= 1.2 has no per-worker task limit), so
+    # MultiProc reuses its worker processes across nodes (nipype 1.11 MultiProc ignores maxtasksperchild), so
     # imports, deepbet's networks and the template caches are loaded once per worker, not once per node
     args: dict[str, Any] = {"n_procs": settings.nprocs, "memory_gb": settings.mem_gb, "raise_insufficient": False}
     if uses_gpu(settings):
