@@ -11,6 +11,15 @@ brains, and the time ratio and accuracy of each engine are printed.
 Usage::
 
     python benchmarks/participant.py /tmp/demo_small --resolution 2 --limit 8 --n-threads 2
+    python benchmarks/participant.py /tmp/heads --workflow --nprocs 2 --omp-nthreads 2
+
+With ``--workflow`` it times the workflow a user runs instead: ``bids-siamese BIDS_DIR OUT participant`` in a
+subprocess (fresh work and output folders), with its end-to-end wall time, the CPU time of all its processes
+(``resource.getrusage(RUSAGE_CHILDREN)``), the peak of the summed resident memory of its process tree (sampled
+from ``/proc`` every 0.2 s) and, per node, the duration, CPU time and peak memory recorded by
+:class:`bids_siamese.interfaces.base.StepInterface` in nipype's result files; then the same scans go through the
+same steps as plain function calls in this process (every step the workflow runs: the stages below plus the
+report figures, the asymmetry analysis and the NIfTI writes), and the two CPU times are compared.
 
 The per-scan end-to-end time of a reference pipeline is our own load/checks, conform, deepbet and
 orientation times plus that engine's registration and grid+normalise times (deepbet is run once
@@ -332,6 +341,178 @@ def _summary(values: list[float]) -> str:
     return f"median {np.median(array):.2f}  mean {array.mean():.2f}  max {array.max():.2f}"
 
 
+# --------------------------------------------------------------------------------------------------
+# The workflow end to end (--workflow)
+# --------------------------------------------------------------------------------------------------
+
+def _proc_tree_rss_mb(root_pid: int) -> float:
+    """Summed resident memory (MB) of ``root_pid`` and all its descendants, from /proc."""
+    parent: dict[int, int] = {}
+    rss: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            parent[int(entry)] = int(fields[1])
+            rss[int(entry)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, IndexError, ValueError):
+            continue
+    total, stack = 0.0, [root_pid]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0.0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def run_workflow(bids_dir: Path, labels: list[str], nprocs: int, omp: int, resolution: float, device: str,
+                 root: Path) -> dict:
+    """Run the app's participant level in a subprocess; returns wall, CPU, peak memory and the node records."""
+    import subprocess
+    import threading
+
+    from nipype.pipeline.engine.utils import load_resultfile
+
+    out, work = root / "out", root / "work"
+    cmd = [sys.executable, "-m", "bids_siamese", str(bids_dir), str(out), "participant", "--skip-bids-validation",
+           "--nprocs", str(nprocs), "--omp-nthreads", str(omp), "--resolution", str(resolution),
+           "--device", device, "-w", str(work)]
+    if labels:
+        cmd += ["--participant-label", *labels]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load_before = os.getloadavg()
+    wall = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _proc_tree_rss_mb(proc.pid))
+            done.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    log, _ = proc.communicate()
+    wall = time.perf_counter() - wall
+    done.set()
+    sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bids-siamese exited with {proc.returncode}:\n{log[-3000:]}")
+    nodes = []
+    for result in sorted(work.glob("**/result_*.pklz")):
+        res = load_resultfile(str(result))
+        runtime = res.runtime
+        scan = next((p for p in result.parts if p.startswith("scan_")), "")
+        nodes.append({"scan": scan, "node": result.parent.name, "duration": float(getattr(runtime, "duration", 0.0)),
+                      "cpu": getattr(runtime, "cpu_seconds", None), "peak_gb": getattr(runtime, "peak_rss_gb", None)})
+    return {
+        "wall": wall,
+        "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+        "max_process_rss_mb": after.ru_maxrss / 1024.0,
+        "peak_tree_rss_mb": peak[0],
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "nodes": nodes,
+        "n_scans": len({n["scan"] for n in nodes}),
+    }
+
+
+def stage_cpu(path: Path, resolution: float, n_threads: int, reg_threads: int, out_dir: Path) -> Stopwatch:
+    """Every step of the per-scan workflow as plain calls in this process (timed per stage)."""
+    from bids_siamese.bids.derivatives import write_nifti
+    from bids_siamese.preproc.grid import template_on_grid
+    from bids_siamese.reports.figures import mask_contour_mosaic, orientation_figure, registration_mosaic
+    from bids_siamese.resources import model_grid
+    from bids_siamese.symmetry.asymmetry import analyse_scan, atlas_on_grid, homologous_pairs, template_reference
+
+    prepared = prepare(path, n_threads)
+    watch = prepared.watch
+    with watch.stage("registration"):
+        matrix = register_torch(prepared, resolution, reg_threads)
+    with watch.stage("grid_normalise"):
+        from bids_siamese.preproc.grid import normalise_intensity, resample_mask_to_grid, resample_to_grid
+
+        grid = model_grid(resolution)
+        mask_grid = resample_mask_to_grid(prepared.mask, prepared.brain.affine, matrix, grid)
+        data = normalise_intensity(resample_to_grid(prepared.conformed, matrix, grid), mask_grid)
+    watch.wall["orientation"], check = orientation_stage(prepared, resolution, reg_threads)
+    watch.cpu["orientation"] = check["cpu"]
+    with watch.stage("figures"):
+        template, _ = template_on_grid(grid)
+        mask_contour_mosaic(prepared.conformed.get_fdata(dtype=np.float32), prepared.mask,
+                            zooms=tuple(float(z) for z in prepared.conformed.header.get_zooms()[:3]))
+        registration_mosaic(data, template)
+        orientation_figure(data, template)
+    with watch.stage("asymmetry"):
+        labels, names = atlas_on_grid("harvard_oxford", resolution)
+        reference = template_reference(resolution, 6.0, "harvard_oxford")
+        result = analyse_scan(data, mask_grid, resolution, labels, homologous_pairs(names), reference, fwhm_mm=6.0,
+                              affine=grid.affine, names=names)
+    with watch.stage("write"):
+        for name, array, affine in (("preproc", data, grid.affine),
+                                    ("grid_mask", mask_grid.astype(np.uint8), grid.affine),
+                                    ("native_mask", prepared.mask.astype(np.uint8), prepared.conformed.affine),
+                                    ("asymmetry", result.ai.astype(np.float32), grid.affine)):
+            write_nifti(out_dir / f"{name}.nii.gz", nib.Nifti1Image(array, affine))
+    return watch
+
+
+def workflow_main(args: argparse.Namespace) -> int:
+    """``--workflow``: the app end to end next to its steps as plain calls, one line per figure."""
+    labels = [label.removeprefix("sub-") for label in args.participant_label]
+    scans = [s for s in find_scans(args.bids_dir, None, flipped_first=False)
+             if not labels or any(f"sub-{label}_" in s.path.name for label in labels)]
+    print(f"workflow benchmark: {len(scans)} scan(s) of {args.bids_dir}; --nprocs {args.nprocs} --omp-nthreads "
+          f"{args.omp_nthreads} --device {args.device}; {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="bench_workflow_") as tmp:
+        run = run_workflow(args.bids_dir, labels, args.nprocs, args.omp_nthreads, args.resolution, args.device,
+                           Path(tmp))
+    n = run["n_scans"]
+    by_node: dict[str, list[dict]] = {}
+    for node in run["nodes"]:
+        by_node.setdefault(node["node"], []).append(node)
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in run['load_before'])}, after: "
+          f"{' '.join(f'{v:.2f}' for v in run['load_after'])}")
+    node_cpu = sum(x["cpu"] or 0.0 for x in run["nodes"])
+    for name, rows in sorted(by_node.items(), key=lambda kv: -sum(r["duration"] for r in kv[1])):
+        cpu = [r["cpu"] for r in rows if r["cpu"] is not None]
+        peak = [r["peak_gb"] for r in rows if r["peak_gb"] is not None]
+        print(f"node {name:22s} duration s/scan median {np.median([r['duration'] for r in rows]):6.2f}"
+              + (f"  cpu s/scan median {np.median(cpu):6.2f}" if cpu else "")
+              + (f"  peak memory max {max(peak):5.2f} GB" if peak else ""))
+    print(f"workflow: {n} scans in {run['wall']:.1f} s wall ({run['wall'] / n:.2f} s/scan), CPU {run['cpu']:.1f} s "
+          f"({run['cpu'] / n:.2f} s/scan; inside the nodes {node_cpu / n:.2f} s/scan); peak memory: process tree "
+          f"{run['peak_tree_rss_mb']:.0f} MB, largest process {run['max_process_rss_mb']:.0f} MB")
+
+    _set_thread_env(args.n_threads)
+    watches = []
+    with tempfile.TemporaryDirectory(prefix="bench_stages_") as tmp:
+        wall = time.perf_counter()
+        for scan in scans:
+            watches.append(stage_cpu(scan.path, args.resolution, args.n_threads, args.reg_threads, Path(tmp)))
+        wall = time.perf_counter() - wall
+    stages = list(watches[0].cpu)
+    for stage in stages:
+        print(f"stage {stage:16s} cpu s/scan median {np.median([w.cpu[stage] for w in watches]):6.2f}  "
+              f"wall s/scan median {np.median([w.wall[stage] for w in watches]):6.2f}")
+    stage_total = sum(sum(w.cpu.values()) for w in watches)
+    print(f"stages as plain calls: {len(watches)} scans, CPU {stage_total:.1f} s ({stage_total / len(watches):.2f} "
+          f"s/scan), wall {wall:.1f} s ({wall / len(watches):.2f} s/scan); peak RSS {peak_rss_mb():.0f} MB")
+    print(f"workflow CPU / stage CPU: {run['cpu'] / stage_total:.2f} (whole run), {node_cpu / stage_total:.2f} "
+          f"(inside the nodes); load average now {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if args.json:
+        args.json.write_text(json.dumps({"workflow": run, "stages": [{"cpu": w.cpu, "wall": w.wall} for w in watches]},
+                                        indent=1, default=float))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bids_dir", type=Path)
@@ -343,7 +524,15 @@ def main(argv: list[str] | None = None) -> int:
                              "threads only add synchronisation stalls on a busy machine)")
     parser.add_argument("--reference", default="ants", help="comma-separated reference engines: ants,torchreg or none")
     parser.add_argument("--json", type=Path, default=None, help="also write per-scan results as JSON")
+    parser.add_argument("--workflow", action="store_true",
+                        help="time the app's participant workflow end to end next to its steps as plain calls")
+    parser.add_argument("--nprocs", type=int, default=2, help="--workflow: the app's --nprocs")
+    parser.add_argument("--omp-nthreads", type=int, default=2, help="--workflow: the app's --omp-nthreads")
+    parser.add_argument("--device", default="cpu", help="--workflow: the app's --device")
+    parser.add_argument("--participant-label", nargs="+", default=[], help="--workflow: these participants only")
     args = parser.parse_args(argv)
+    if args.workflow:
+        return workflow_main(args)
     _set_thread_env(args.n_threads)
     reg_threads = args.reg_threads
     references = [e for e in args.reference.split(",") if e and e != "none"]

@@ -75,6 +75,7 @@ class Settings:
     zygosity_column: str = "zygosity"
     label_column: str = "group"
     pairs_file: Path | None = None
+    top_k: int = 5
     atlas: str = "harvard_oxford"
     lrp_target: str = "embedding_abs"
     relevance_fwhm: float = 6.0

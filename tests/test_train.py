@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,6 +26,7 @@ from bids_siamese.resources import model_grid
 from bids_siamese.train.data import augment, family_batches, find_preproc
 from bids_siamese.train.evaluate import binary_metrics, choose_threshold, draw_metrics, voxel_correlation
 from bids_siamese.train.loop import TrainConfig, TwinData, recompute_batch_norm, train_twin
+from bids_siamese.train.relatives import RELATIVE_COLUMNS
 from bids_siamese.train.run import LONGITUDINAL_FILES, TWIN_FILES, run_longitudinal, run_twin
 
 RES = 8.0
@@ -208,6 +210,36 @@ def test_twin_train_then_apply(group_data, tmp_path):
     assert np.allclose(again["distance"], pairs["distance"], atol=1e-5)
     m2 = pd.read_csv(out / TWIN_FILES["metrics"], sep="\t").set_index("metric")
     assert np.isclose(m2.loc["auc_roc", "mean"], m.loc["auc_roc", "mean"], atol=1e-3)
+    # closest relatives: top 5 per scan, nearest first, the same distances and relations as the pair table
+    rel = pd.read_csv(out / TWIN_FILES["relatives"], sep="\t")
+    assert list(rel.columns) == RELATIVE_COLUMNS and len(rel) == 5 * len(subjects)
+    assert (rel.groupby("participant_id")["rank"].apply(list) == [[1, 2, 3, 4, 5]] * len(subjects)).all()
+    assert (rel.groupby("participant_id")["distance"].apply(lambda d: d.is_monotonic_increasing)).all()
+    both = rel.merge(again, left_on=["participant_id", "relative_id"], right_on=["subject_a", "subject_b"])
+    assert len(both) > 0 and np.allclose(both["distance_x"], both["distance_y"], atol=2e-6)
+    assert (both["relation_x"] == both["relation_y"]).all()
+    assert ((rel["distance"] <= thr + 1e-6) == rel["predicted_twin"]).mean() > 0.99
+
+
+def test_twin_apply_without_family_data_writes_only_the_closest_relatives(group_data, tmp_path):
+    bids, out, subjects = group_data
+    folder = out / "models" / "twins_small"
+    if not folder.exists():
+        pytest.skip("needs the twin checkpoint of test_twin_train_then_apply")
+    new_bids, new_out = tmp_path / "bids", tmp_path / "out"
+    shutil.copytree(bids, new_bids)
+    shutil.copytree(out, new_out, ignore=shutil.ignore_patterns("group_*", "models", "figures"))
+    table = pd.read_csv(new_bids / "participants.tsv", sep="\t")
+    table[["participant_id"]].to_csv(new_bids / "participants.tsv", sep="\t", index=False)
+    written = run_twin(settings_for(new_bids, new_out, "twin", mode="apply", model=folder, top_k=3), subjects)
+    assert [p.relative_to(new_out).as_posix() for p in written] == [TWIN_FILES["relatives"]]
+    assert not (new_out / TWIN_FILES["pairs"]).exists()
+    rel = pd.read_csv(new_out / TWIN_FILES["relatives"], sep="\t")
+    assert len(rel) == 3 * len(subjects) and rel["relation"].isna().all()  # "n/a" in the file
+    # the same embeddings as the labelled run: distances agree with its pair table
+    pairs = pd.read_csv(out / TWIN_FILES["pairs"], sep="\t")
+    both = rel.merge(pairs, left_on=["participant_id", "relative_id"], right_on=["subject_a", "subject_b"])
+    assert len(both) > 0 and np.allclose(both["distance_x"], both["distance_y"], atol=2e-6)
 
 
 def test_longitudinal_train_then_apply(group_data):

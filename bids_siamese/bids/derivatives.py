@@ -36,6 +36,7 @@ GROUP_FILES = {
     "orientation_model_metrics": "group_orientation_model_metrics.tsv",
     "orientation_model_history": "group_orientation_model_history.tsv",
     "orientation_model_folder": "models/orientation_latnet",
+    "twins_relatives": "group_twins_relatives.tsv",
 }
 
 #: Non-BIDS files in the output folder, hidden from the validator (as fMRIPrep does).

@@ -118,6 +118,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     grp.add_argument("--zygosity-column", default="zygosity", help="participants.tsv column with MZ/DZ")
     grp.add_argument("--label-column", default="group", help="participants.tsv column with decline/stable")
     grp.add_argument("--pairs-file", type=Path, metavar="TSV", help="twin pairs TSV instead of family columns")
+    grp.add_argument("--top-k", type=int, default=5,
+                     help="--task twin: closest relatives listed per scan (group_twins_relatives.tsv)")
     grp.add_argument("--atlas", default="harvard_oxford", help="bundled atlas name or a NIfTI with a label TSV")
     grp.add_argument("--lrp-target", choices=("embedding_abs", "embedding", "distance"), default="embedding_abs",
                      help="what LRP explains (see docs/outputs.md)")
@@ -158,6 +160,8 @@ def resolve_device(requested: str) -> str:
         raise UsageError(f"invalid --device '{requested}'; fix: use auto, cpu, cuda or cuda:N")
     if requested == "cpu":
         return "cpu"
+    # ask NVML, not the CUDA runtime: a process that initialised CUDA cannot fork workers that use it
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     import torch
 
     if requested == "auto":
@@ -249,7 +253,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     for name, value in TRAINING_DEFAULTS["regional" if backbone == "regional" else "cnn"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("epochs", "batch_size", "embedding_dim", "n_draws"):
+    for name in ("epochs", "batch_size", "embedding_dim", "n_draws", "top_k"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.use_plugin is not None:
@@ -294,6 +298,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         zygosity_column=args.zygosity_column,
         label_column=args.label_column,
         pairs_file=args.pairs_file.resolve() if args.pairs_file else None,
+        top_k=args.top_k,
         atlas=args.atlas,
         lrp_target=args.lrp_target,
         relevance_fwhm=args.relevance_fwhm,

@@ -9,7 +9,6 @@ from nipype.interfaces.base import (
     Directory,
     File,
     InputMultiObject,
-    SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
@@ -17,6 +16,7 @@ from nipype.interfaces.base import (
 
 from ..bids.derivatives import template_reference
 from ..resources import TEMPLATE
+from .base import StepInterface
 
 
 class _WriteInputSpec(BaseInterfaceInputSpec):
@@ -86,7 +86,7 @@ def embedding_name(entities: dict, task: str) -> Path:
     return build_path(dict(entities, desc=task, suffix="embedding", extension=".tsv"))
 
 
-class WriteDerivatives(SimpleInterface):
+class WriteDerivatives(StepInterface):
     """Copy one scan's results into OUTPUT_DIR atomically, with JSON sidecars."""
 
     input_spec = _WriteInputSpec

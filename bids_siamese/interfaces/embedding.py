@@ -20,11 +20,12 @@ import torch
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     traits,
 )
 from torch import nn
+
+from .base import StepInterface
 
 
 def embedding_table(vector: np.ndarray, decimals: int = 6) -> pd.DataFrame:
@@ -59,6 +60,7 @@ class _ComputeEmbeddingInputSpec(BaseInterfaceInputSpec):
                    desc="model-grid T1w (space-MNI152NLin2009cAsym_res-<R>_desc-preproc_T1w.nii.gz)")
     model = traits.Str(mandatory=True, desc="checkpoint: folder, model.pt or model_card.json")
     device = traits.Str("cpu", usedefault=True, desc="cpu, cuda or cuda:N")
+    use_gpu = traits.Bool(False, usedefault=True, desc="runs on a GPU (nipype's MultiProc counts it in n_gpu_procs)")
     num_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
 
 
@@ -67,7 +69,7 @@ class _ComputeEmbeddingOutputSpec(TraitedSpec):
     out_task = traits.Str(desc="the model's task (twin or longitudinal), for desc-<task>")
 
 
-class ComputeEmbedding(SimpleInterface):
+class ComputeEmbedding(StepInterface):
     """Embed one scan with a trained checkpoint (the checkpoint's sha256, task and grid are checked).
 
     Raises (at run time):

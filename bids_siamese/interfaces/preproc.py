@@ -13,11 +13,12 @@ import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
 )
+
+from .base import StepInterface
 
 
 def _set_threads(n: int) -> None:
@@ -43,7 +44,7 @@ class _CheckHeaderOutputSpec(TraitedSpec):
     out_checks = File(exists=True, desc="JSON list of {name, passed, detail}")
 
 
-class CheckHeader(SimpleInterface):
+class CheckHeader(StepInterface):
     """Load a T1w image (rejecting unusable files) and record its header checks."""
 
     input_spec = _CheckHeaderInputSpec
@@ -74,20 +75,22 @@ class _ConformOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="T1w in RAS (closest canonical), float32, same world coordinates")
 
 
-class Conform(SimpleInterface):
+class Conform(StepInterface):
     input_spec = _ConformInputSpec
     output_spec = _ConformOutputSpec
 
     def _run_interface(self, runtime):
         from ..preproc.conform import conform, load_t1w
 
-        self._results["out_file"] = _save(conform(load_t1w(self.inputs.in_file)), "t1w_ras.nii.gz")
+        # uncompressed: this float32 image is read by six nodes, and gzip would cost seconds per 1 mm scan
+        self._results["out_file"] = _save(conform(load_t1w(self.inputs.in_file)), "t1w_ras.nii")
         return runtime
 
 
 class _BrainInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="conformed T1w")
     device = traits.Str("cpu", usedefault=True)
+    use_gpu = traits.Bool(False, usedefault=True, desc="runs on a GPU (nipype's MultiProc counts it in n_gpu_procs)")
     num_threads = traits.Int(1, usedefault=True)
 
 
@@ -95,7 +98,7 @@ class _BrainOutputSpec(TraitedSpec):
     out_mask = File(exists=True, desc="native-space brain mask (uint8)")
 
 
-class BrainExtraction(SimpleInterface):
+class BrainExtraction(StepInterface):
     """deepbet brain extraction (weights ship in its wheel)."""
 
     input_spec = _BrainInputSpec
@@ -120,7 +123,7 @@ class _ExternalMaskInputSpec(BaseInterfaceInputSpec):
     reference = File(exists=True, mandatory=True, desc="the conformed T1w defining the grid")
 
 
-class ExternalMask(SimpleInterface):
+class ExternalMask(StepInterface):
     """Use an existing (fMRIPrep) brain mask on the conformed T1w grid."""
 
     input_spec = _ExternalMaskInputSpec
@@ -144,6 +147,7 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     resolution = traits.Float(2.0, usedefault=True, desc="working resolution in mm")
     seed = traits.Int(0, usedefault=True)
     device = traits.Str("cpu", usedefault=True)
+    use_gpu = traits.Bool(False, usedefault=True, desc="runs on a GPU (nipype's MultiProc counts it in n_gpu_procs)")
     num_threads = traits.Int(1, usedefault=True)
     identity = traits.Bool(False, usedefault=True, desc="input is already in template space (fMRIPrep MNI output)")
     dof = traits.Enum(12, 9, 7, 6, usedefault=True, desc="12 affine; 9 shear-free (the orientation check's)")
@@ -154,7 +158,7 @@ class _RegisterOutputSpec(TraitedSpec):
     out_itk = File(exists=True, desc="ITK affine transform file")
 
 
-class AffineRegistration(SimpleInterface):
+class AffineRegistration(StepInterface):
     """Affine registration of the brain to the MNI152NLin2009cAsym brain."""
 
     input_spec = _RegisterInputSpec
@@ -163,7 +167,6 @@ class AffineRegistration(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
 
-        from ..preproc.brain import brain_image
         from ..preproc.register import register_affine, write_itk_affine
         from ..resources import template_brain_path
 
@@ -173,8 +176,9 @@ class AffineRegistration(SimpleInterface):
         else:
             img = nib.load(self.inputs.in_file)
             mask = np.asanyarray(nib.load(self.inputs.in_mask).dataobj) > 0
+            # register_affine masks the image itself (and caches the template side once per process)
             matrix = register_affine(
-                brain_image(img, mask), mask, nib.load(template_brain_path()), resolution=self.inputs.resolution,
+                img, mask, nib.load(template_brain_path()), resolution=self.inputs.resolution,
                 seed=self.inputs.seed, device=self.inputs.device, n_threads=self.inputs.num_threads,
                 dof=self.inputs.dof,
             )
@@ -198,7 +202,7 @@ class _GridOutputSpec(TraitedSpec):
     out_mask = File(exists=True, desc="brain mask on the model grid")
 
 
-class ModelGrid(SimpleInterface):
+class ModelGrid(StepInterface):
     """Resample to the fixed template-aligned model grid and normalise intensities in the mask."""
 
     input_spec = _GridInputSpec
@@ -245,7 +249,7 @@ class _OrientationOutputSpec(TraitedSpec):
     out_report = File(exists=True, desc="orientation QC JSON")
 
 
-class OrientationCheck(SimpleInterface):
+class OrientationCheck(StepInterface):
     """Usable-scan gate, header verdict and the paired image-based left-right test (scan vs its mirror)."""
 
     input_spec = _OrientationInputSpec
@@ -294,7 +298,7 @@ class _FiguresOutputSpec(TraitedSpec):
     out_orient_svg = File(exists=True)
 
 
-class ReportFigures(SimpleInterface):
+class ReportFigures(StepInterface):
     """SVG figures for the per-subject report."""
 
     input_spec = _FiguresInputSpec

@@ -20,13 +20,13 @@ import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
-    SimpleInterface,
     TraitedSpec,
     isdefined,
     traits,
 )
 
 from ..bids.derivatives import template_reference
+from .base import StepInterface
 
 #: Default smoothing (mm FWHM) of the asymmetry map.
 DEFAULT_FWHM = 6.0
@@ -72,7 +72,7 @@ class _AsymmetryOutputSpec(TraitedSpec):
     out_report = File(exists=True, desc="asymmetry scores (JSON)")
 
 
-class AsymmetryAnalysis(SimpleInterface):
+class AsymmetryAnalysis(StepInterface):
     """Asymmetry map, regional indices and scores of one scan (and the Siamese score with a model).
 
     Examples:

@@ -39,7 +39,9 @@ registration (see :mod:`bids_siamese.qc.orientation`). Use ``n_threads=1``: the 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from functools import lru_cache, reduce
 from pathlib import Path
 
 import nibabel as nib
@@ -238,19 +240,19 @@ def _world_to_grid(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return to_norm @ np.linalg.inv(affine)
 
 
-def _prepare_level(
-    fixed: np.ndarray,
-    fixed_affine: np.ndarray,
-    fixed_mask: np.ndarray,
-    moving: np.ndarray,
-    moving_affine: np.ndarray,
-    spacing_mm: float,
-    rng: np.random.Generator,
-) -> _LevelData:
-    """Downsample both brains to ``spacing_mm`` and pick the template sample points.
+@dataclass(frozen=True)
+class _FixedData:
+    """The template side of a registration: brain-mask moments and the sample points of each level."""
 
-    ``fixed_mask`` is the template brain mask as float32 (0/1).
-    """
+    centre: np.ndarray
+    cov: np.ndarray
+    volume: float
+    levels: tuple[tuple[np.ndarray, np.ndarray], ...]  # per level: (4, N) world points, (N,) standardised values
+
+
+def _fixed_level(fixed: np.ndarray, fixed_affine: np.ndarray, fixed_mask: np.ndarray, spacing_mm: float,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Downsample the template brain to ``spacing_mm`` and pick its sample points (``fixed_mask``: float32 0/1)."""
     fixed_small, fixed_small_aff = _box_downsample(fixed, fixed_affine, spacing_mm)
     mask_small, _ = _box_downsample(fixed_mask, fixed_affine, spacing_mm)
     voxel = float(np.mean(np.linalg.norm(fixed_small_aff[:3, :3], axis=0)))
@@ -262,13 +264,74 @@ def _prepare_level(
     values = fixed_small[tuple(ijk.T)].astype(np.float64)
     values = (values - values.mean()) / (values.std() + 1e-12)
     points = np.c_[ijk.astype(np.float64), np.ones(len(ijk))] @ fixed_small_aff.T
+    return np.ascontiguousarray(points.T), values.astype(np.float32)
+
+
+def _fixed_data(fixed_img: nib.spatialimages.SpatialImage, fixed_mask: np.ndarray | None, levels: list[Level],
+                seed: int) -> _FixedData:
+    """Everything :func:`register_affine` needs from the template (its mask: ``fixed > 0`` when None)."""
+    fixed = fixed_img.get_fdata(dtype=np.float32)
+    fixed_affine = np.asarray(fixed_img.affine, dtype=np.float64)
+    mask = fixed > 0 if fixed_mask is None else np.asarray(fixed_mask, dtype=bool)
+    centre, cov, volume = _centre_and_cov(mask, fixed_affine)
+    rng = np.random.default_rng(seed)
+    mask_f32 = mask.astype(np.float32)
+    data = tuple(_fixed_level(fixed, fixed_affine, mask_f32, lv.spacing_mm, rng) for lv in levels)
+    for points, values in data:
+        points.flags.writeable = False
+        values.flags.writeable = False
+    return _FixedData(centre, cov, volume, data)
+
+
+@lru_cache(maxsize=8)
+def _fixed_data_cached(path: str, mtime_ns: int, levels: tuple[Level, ...], seed: int) -> _FixedData:
+    """:func:`_fixed_data` of a template file, once per process (MultiProc workers are reused across nodes)."""
+    return _fixed_data(nib.load(path), None, list(levels), seed)
+
+
+def _template_data(fixed_img: nib.spatialimages.SpatialImage, fixed_mask: np.ndarray | None, levels: list[Level],
+                   seed: int) -> _FixedData:
+    """The cached template side when ``fixed_img`` was loaded from a file and no mask is given, else computed."""
+    filename = fixed_img.get_filename() if hasattr(fixed_img, "get_filename") else None
+    if fixed_mask is None and filename and os.path.isfile(filename) and isinstance(fixed_img.dataobj,
+                                                                                   nib.arrayproxy.ArrayProxy):
+        return _fixed_data_cached(str(filename), os.stat(filename).st_mtime_ns, tuple(levels), int(seed))
+    return _fixed_data(fixed_img, fixed_mask, levels, seed)
+
+
+def _kernel(affine: np.ndarray, spacing_mm: float) -> tuple[int, ...]:
+    """Box-averaging kernel (voxels per axis) of :func:`_box_downsample` for ``spacing_mm``."""
+    voxel = np.linalg.norm(affine[:3, :3], axis=0)
+    return tuple(int(max(1, round(spacing_mm / v))) for v in voxel)
+
+
+def crop_to_mask(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, spacings_mm: list[float]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The masked image cut to the mask's bounding box, so registration cost follows the brain, not the scan's
+    field of view; returns ``(data, mask, affine)`` of the box.
+
+    The box starts at the mask's first voxel on each axis and spans a whole number of every pyramid level's
+    box-averaging kernel, so the averaging blocks are anchored to the brain rather than to the image's first
+    voxel: padding or cutting the field of view around the brain changes neither the downsampled images nor
+    the registration result (only a brain touching the image's far edge loses its last partial block).
+    """
+    data = np.where(mask, data, np.float32(0)).astype(np.float32, copy=False)
+    hits = [np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    period = [reduce(math.lcm, (_kernel(affine, s)[axis] for s in spacings_mm), 1) for axis in range(3)]
+    start = [int(h[0]) for h in hits]
+    stop = [min(n, s + -(-(int(h[-1]) + 1 - s) // p) * p) for n, h, s, p in zip(data.shape, hits, start, period)]
+    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    return np.ascontiguousarray(data[box]), np.ascontiguousarray(mask[box]), np.asarray(affine) @ shift
+
+
+def _moving_level(moving: np.ndarray, moving_affine: np.ndarray, spacing_mm: float) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """The subject brain at ``spacing_mm`` as a ``grid_sample`` input, and its world -> grid matrix."""
     moving_small, moving_small_aff = _box_downsample(moving, moving_affine, spacing_mm)
-    return _LevelData(
-        points=torch.from_numpy(points.T.copy()),
-        fixed_values=torch.from_numpy(values.astype(np.float32)),
-        moving=torch.from_numpy(np.ascontiguousarray(moving_small, dtype=np.float32))[None, None],
-        world_to_grid=torch.from_numpy(_world_to_grid(moving_small_aff, moving_small.shape)),
-    )
+    return (torch.from_numpy(np.ascontiguousarray(moving_small, dtype=np.float32))[None, None],
+            torch.from_numpy(_world_to_grid(moving_small_aff, moving_small.shape)))
 
 
 def _loss(level: _LevelData, matrix: torch.Tensor) -> torch.Tensor:
@@ -384,26 +447,25 @@ def register_affine(
     moving_mask = np.asarray(moving_mask, dtype=bool)
     if not moving_mask.any():
         raise ValueError("the moving brain mask is empty")
-    fixed = fixed_img.get_fdata(dtype=np.float32)
-    fixed_affine = np.asarray(fixed_img.affine, dtype=np.float64)
-    fixed_mask = fixed > 0 if fixed_mask is None else np.asarray(fixed_mask, dtype=bool)
-    fixed_mask_f32 = fixed_mask.astype(np.float32)
-    moving = np.where(moving_mask, moving_img.get_fdata(dtype=np.float32), np.float32(0))
-    moving_affine = np.asarray(moving_img.affine, dtype=np.float64)
-
-    centre_f, cov_f, volume_f = _centre_and_cov(fixed_mask, fixed_affine)
+    levels = _levels(float(resolution))
+    template = _template_data(fixed_img, fixed_mask, levels, seed)
+    centre_f, cov_f, volume_f = template.centre, template.cov, template.volume
+    moving_data = moving_img.get_fdata(dtype=np.float32)
+    moving_data = moving_data.reshape(moving_data.shape[:3]) if moving_data.ndim > 3 else moving_data
+    moving, moving_mask, moving_affine = crop_to_mask(moving_data, moving_mask, np.asarray(moving_img.affine,
+                                                                                           dtype=np.float64),
+                                                      [lv.spacing_mm for lv in levels])
+    del moving_data
     centre_m, cov_m, volume_m = _centre_and_cov(moving_mask, moving_affine)
     log_scale0 = math.log(volume_m / volume_f) / 3.0 if dof > 6 else 0.0
-    levels = _levels(float(resolution))
-    rng = np.random.default_rng(seed)
 
     with torch_threads(n_threads):
-        data = [
-            _to_device(
-                _prepare_level(fixed, fixed_affine, fixed_mask_f32, moving, moving_affine, lv.spacing_mm, rng), device
-            )
-            for lv in levels
-        ]
+        data = []
+        for lv, (points, values) in zip(levels, template.levels):
+            moving_t, to_grid = _moving_level(moving, moving_affine, lv.spacing_mm)
+            data.append(_to_device(_LevelData(points=torch.from_numpy(points.copy()),
+                                              fixed_values=torch.from_numpy(values.copy()),
+                                              moving=moving_t, world_to_grid=to_grid), device))
         centres = (torch.from_numpy(centre_f).to(device), torch.from_numpy(centre_m).to(device))
         params = _initial_parameters(data[0], centres, log_scale0, levels[0].learning_rate, cov_f, cov_m, dof)
         for index, (level, lv) in enumerate(zip(data, levels)):

@@ -225,7 +225,8 @@ def _panel(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     For axial and coronal slices the columns run left -> right (neurological display); for sagittal
     slices they run posterior -> anterior.
     """
-    return np.take(volume, index, axis=axis).T
+    # basic indexing: a view (np.take copies a non-contiguous volume, such as a cropped one, on every call)
+    return volume[(slice(None),) * axis + (int(index),)].T
 
 
 def _extent(shape: Sequence[int], zooms: Sequence[float], axis: int) -> tuple[float, float, float, float]:

@@ -139,6 +139,25 @@ def load_volumes(paths: Sequence[Path], grid: Grid) -> np.ndarray:
     return out
 
 
+class VolumeFiles:
+    """Model-grid volumes read from their files on demand: ``files[idx]`` is ``(len(idx), 1, X, Y, Z)`` float32.
+
+    Stands in for the array of :func:`load_volumes` where each volume is needed once (embedding a cohort), so
+    memory holds one batch, not N volumes.
+    """
+
+    def __init__(self, paths: Sequence[Path], grid: Grid):
+        self.paths = [Path(p) for p in paths]
+        self.grid = grid
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        rows = np.atleast_1d(np.arange(len(self.paths))[idx])
+        return load_volumes([self.paths[i] for i in rows], self.grid)
+
+
 def load_masks(paths: Sequence[Path], grid: Grid) -> np.ndarray:
     """Brain masks ``(N, X, Y, Z)`` bool for the given preproc files (the mask next to each one; where a mask is
     missing, the non-zero voxels of the volume)."""

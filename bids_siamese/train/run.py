@@ -20,14 +20,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..bids.derivatives import write_tsv
+from ..bids.derivatives import GROUP_FILES, write_tsv
 from ..errors import BadDataError, NoInputError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint, sha256_bytes, sha256_file
 from ..models.heads import build_model
 from ..models.regional import RegionalChange, RegionalEncoder, part_map_for
-from ..models.losses import pairwise_distance
+from ..models.losses import pair_distance
 from ..resources import Grid, model_grid
-from .data import find_preproc, first_scan_per_subject, load_masks, load_volumes
+from .data import VolumeFiles, find_preproc, first_scan_per_subject, load_masks, load_volumes
 from .ddp import DistContext, barrier, cleanup, init_distributed
 from .evaluate import (
     METRICS,
@@ -55,6 +55,7 @@ from .loop import (
     train_twin,
 )
 from .pairs import (
+    FAMILY_FALLBACKS,
     Relations,
     find_column,
     longitudinal_pairs,
@@ -68,6 +69,7 @@ from .pairs import (
     relations_from_participants,
     twin_split_table,
 )
+from .relatives import nearest_relatives, relatives_table
 
 LOG = logging.getLogger("bids_siamese.group.models")
 
@@ -79,6 +81,7 @@ TWIN_FILES = {
     "history": "group_twins_history.tsv",
     "loss_figure": "figures/group_twins_loss.svg",
     "roc_figure": "figures/group_twins_roc.svg",
+    "relatives": GROUP_FILES["twins_relatives"],
 }
 LONGITUDINAL_FILES = {
     "predictions": "group_longitudinal_predictions.tsv",
@@ -265,6 +268,30 @@ def load_relations(settings: Any, subjects: Sequence[str]) -> Relations:
                                        source=str(Path(settings.bids_dir) / "participants.tsv"))
 
 
+def apply_relations(settings: Any, subjects: Sequence[str]) -> Relations | None:
+    """Relations for ``--mode apply``: as :func:`load_relations` when ``--pairs-file`` is given or participants.tsv
+    has the family column; ``None`` (nothing to evaluate, only the closest relatives are written) otherwise."""
+    if settings.pairs_file is None:
+        path = Path(settings.bids_dir) / "participants.tsv"
+        fallbacks = FAMILY_FALLBACKS if settings.family_column == "family_id" else ()
+        if not path.is_file() or find_column(read_participants(settings.bids_dir), settings.family_column,
+                                             fallbacks) is None:
+            return None
+    return load_relations(settings, subjects)
+
+
+def relation_lookup(relations: Relations):
+    """``f(a, b) -> MZ|DZ|sibling|unrelated`` with one dictionary look-up per call (as ``Relations.relation``)."""
+    known = {(r.subject_a, r.subject_b): r.relation for r in relations.pairs.itertuples(index=False)}
+
+    def relation_of(a: str, b: str) -> str:
+        if relations.family.get(a) != relations.family.get(b):
+            return "unrelated"
+        return known.get(tuple(sorted((a, b))), "sibling")
+
+    return relation_of
+
+
 def twin_pair_table(pids: Sequence[str], relations: Relations, split_of: dict[str, str]) -> pd.DataFrame:
     """Every MZ/DZ pair, and every unrelated pair of two subjects in the same split:
     ``subject_a, subject_b, relation, split, i, j`` (i, j: positions in ``pids``).
@@ -369,8 +396,9 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
                              include_unusable=getattr(settings, "include_unusable", False))
     scans = first_scan_per_subject(scans_all, _session_times(settings.bids_dir, scans_all))
     pids = scans["participant_id"].tolist()
-    relations = load_relations(settings, [p.removeprefix("sub-") for p in pids])
     train_mode = settings.mode == "train"
+    labels = [p.removeprefix("sub-") for p in pids]
+    relations = load_relations(settings, labels) if train_mode else apply_relations(settings, labels)
     positive_relations = ["MZ", "DZ"] if settings.dz_positives else ["MZ"]
     card: dict[str, Any] = {}
     split_table = None
@@ -381,8 +409,21 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
         if settings.model is None:
             raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
         model, card = load_checkpoint(settings.model, "twin", grid, device)
-        split_of = seen_split(card, scans, _dataset_name(settings.bids_dir))
         positive_relations = ["MZ", "DZ"] if card.get("hyperparameters", {}).get("dz_positives") else ["MZ"]
+        paths = [Path(p) for p in scans["path"]]
+        # each scan is read and embedded once, one batch in memory at a time
+        emb = embed(model, VolumeFiles(paths, grid), None, device, train_config(settings).eval_batch_size)
+        if relations is None:
+            LOG.info("twins: %d subjects, no family data (no --pairs-file, no '%s' column in participants.tsv): "
+                     "writing the closest relatives only", len(pids), settings.family_column)
+            if not ctx.is_main:
+                barrier(ctx)
+                return []
+            written = [_write_relatives(out_dir, pids, emb, card, None, settings.top_k)]
+            LOG.info("twins: closest relatives of %d scans in %.0f s", len(pids), time.perf_counter() - t_start)
+            barrier(ctx)
+            return written
+        split_of = seen_split(card, scans, _dataset_name(settings.bids_dir))
     pairs = twin_pair_table(pids, relations, split_of)
     if train_mode:
         _check_twin_splits(pairs, positive_relations)
@@ -406,9 +447,10 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
         LOG.info("twin training: %d epochs (best %d) in %.0f s, %.1f volumes/s", len(result.history),
                  result.best_epoch, result.seconds, result.volumes_per_second)
     distance = card.get("hyperparameters", {}).get("distance", settings.distance) if card else settings.distance
-    emb = embed(model, volumes, None, device, config.eval_batch_size)
-    dist = pairwise_distance(emb, distance).numpy()
-    pairs["distance"] = dist[pairs["i"], pairs["j"]]
+    if train_mode:
+        emb = embed(model, volumes, None, device, config.eval_batch_size)
+    i_idx, j_idx = (torch.tensor(pairs[c].to_numpy(dtype=np.int64)) for c in ("i", "j"))
+    pairs["distance"] = pair_distance(emb[i_idx], emb[j_idx], distance).numpy()
     pairs["score"] = -pairs["distance"]
     pairs["baseline"] = voxel_correlation(volumes, masks, list(zip(pairs["i"], pairs["j"])))
     if train_mode:
@@ -480,6 +522,9 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
     table = pairs[["subject_a", "subject_b", "relation", "split", "distance", "twin_probability", "predicted_twin"]]
     table = table.assign(distance=table["distance"].round(6), twin_probability=table["twin_probability"].round(4))
     written.append(write_tsv(out_dir / TWIN_FILES["pairs"], table))
+    written.append(_write_relatives(out_dir, pids, emb, card or {"decision": decision,
+                                                                 "hyperparameters": {"distance": distance}},
+                                    relations, settings.top_k))
     written.append(write_tsv(out_dir / TWIN_FILES["metrics"], metrics))
     roc = {f"learned, {k} vs unrelated": v for k, v in curves.items()}
     roc.update({f"voxel correlation, {k} vs unrelated": v for k, v in b_curves.items()})
@@ -487,6 +532,23 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
     _log_metrics("twins", metrics, time.perf_counter() - t_start)
     barrier(ctx)
     return written
+
+
+def _write_relatives(out_dir: Path, pids: Sequence[str], emb: torch.Tensor, card: dict[str, Any],
+                     relations: Relations | None, top_k: int) -> Path:
+    """``group_twins_relatives.tsv``: each scan's ``top_k`` nearest scans in embedding space (blocked exact search,
+    O(N d) memory), with the model's distance, twin probability and decision, and the known relation."""
+    decision = card.get("decision", {})
+    distance = card.get("hyperparameters", {}).get("distance", "cosine")
+    t0 = time.perf_counter()
+    index, dist = nearest_relatives(emb.numpy(), top_k, distance)
+    LOG.info("twins: %d nearest relatives of each of %d scans (%s distance) in %.1f s", index.shape[1], len(pids),
+             distance, time.perf_counter() - t0)
+    threshold = decision.get("threshold_distance")
+    table = relatives_table(pids, index, dist, None if threshold is None else float(threshold),
+                            decision.get("probability_scale"),
+                            relation_lookup(relations) if relations is not None else None)
+    return write_tsv(out_dir / TWIN_FILES["relatives"], table)
 
 
 def _log_metrics(task: str, metrics: pd.DataFrame, seconds: float) -> None:

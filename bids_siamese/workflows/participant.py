@@ -6,6 +6,7 @@ MultiProc never starts more torch models than the memory allows, and each per-sc
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
@@ -33,6 +34,33 @@ LOG = logging.getLogger("bids_siamese.participant")
 
 #: Memory per node in GB, measured with benchmarks/participant.py on 1 mm scans (see docs/benchmarks.md).
 MEM_GB = {"light": 0.5, "conform": 1.0, "brain": 3.0, "register": 1.5, "grid": 1.0, "figures": 0.8}
+
+#: With ``--device cuda``: GPU nodes (deepbet, registration, embedding) MultiProc may run at once on the device.
+#: deepbet needs about 2 GB of GPU memory at its 256^3 input; two at a time keep the GPU busy while one of them
+#: is in its CPU part (reading, post-processing) and fit on an 8 GB card.
+GPU_NODES = 2
+
+
+def uses_gpu(settings) -> bool:
+    """Whether torch nodes run on a CUDA device (``--device cuda[:N]``)."""
+    return str(settings.device).startswith("cuda")
+
+
+def torch_node_resources(settings, cpu_threads: int) -> tuple[dict[str, Any], int]:
+    """Interface inputs (``device``, ``use_gpu``, ``num_threads``) and ``n_procs`` of a torch node.
+
+    On a GPU the node declares GPU use, so that MultiProc runs at most ``n_gpu_procs`` of them at once, and takes
+    one CPU thread (its CPU part is single-threaded); on the CPU it takes ``cpu_threads``.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> torch_node_resources(SimpleNamespace(device="cuda:1"), 4)
+        ({'device': 'cuda:1', 'use_gpu': True, 'num_threads': 1}, 1)
+        >>> torch_node_resources(SimpleNamespace(device="cpu"), 4)
+        ({'device': 'cpu', 'use_gpu': False, 'num_threads': 4}, 4)
+    """
+    threads = 1 if uses_gpu(settings) else max(1, int(cpu_threads))
+    return {"device": str(settings.device), "use_gpu": uses_gpu(settings), "num_threads": threads}, threads
 
 
 #: torch threads of the affine registrations, whatever --omp-nthreads says: its float32 sums (correlation,
@@ -95,16 +123,17 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
 
     check = pe.Node(CheckHeader(), name="check_header", mem_gb=MEM_GB["conform"], n_procs=1)
     conform = pe.Node(Conform(), name="conform", mem_gb=MEM_GB["conform"], n_procs=1)
+    # one thread each (REGISTRATION_THREADS: outputs do not depend on the thread count); the tensors are small
+    # (<= 60,000 points), extra threads only stall, and the two registrations of a scan run side by side
+    reg_inputs, reg_procs = torch_node_resources(settings, REGISTRATION_THREADS)
     register = pe.Node(
-        AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, device=settings.device,
-                           num_threads=REGISTRATION_THREADS),
-        name="register", mem_gb=MEM_GB["register"], n_procs=REGISTRATION_THREADS,
+        AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, **reg_inputs),
+        name="register", mem_gb=MEM_GB["register"], n_procs=reg_procs,
     )
     # the orientation check needs a shear-free registration (shears imitate the brain's torque asymmetry)
     register_qc = pe.Node(
-        AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, device=settings.device,
-                           num_threads=REGISTRATION_THREADS, dof=9),
-        name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=REGISTRATION_THREADS,
+        AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, dof=9, **reg_inputs),
+        name="register_shear_free", mem_gb=MEM_GB["register"], n_procs=reg_procs,
     )
     grid = pe.Node(ModelGrid(resolution=settings.resolution), name="model_grid", mem_gb=MEM_GB["grid"], n_procs=1)
     # it registers the mirrored image: one thread, as the registrations, so outputs do not depend on --omp-nthreads
@@ -126,8 +155,10 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     from ..interfaces.symmetry import AsymmetryAnalysis
 
     task = model_task(getattr(settings, "model", None))
-    asymmetry = pe.Node(AsymmetryAnalysis(atlas=settings.atlas, num_threads=omp), name="asymmetry",
-                        mem_gb=MEM_GB["grid"], n_procs=1)
+    # torch threads only for the Siamese symmetry model; the slots it holds match the threads it uses
+    asymmetry_threads = omp if task == "symmetry" else 1
+    asymmetry = pe.Node(AsymmetryAnalysis(atlas=settings.atlas, num_threads=asymmetry_threads), name="asymmetry",
+                        mem_gb=MEM_GB["grid"], n_procs=asymmetry_threads)
     if task == "symmetry":
         asymmetry.inputs.model = str(settings.model)
     wf.connect([
@@ -138,8 +169,9 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     if task in ("twin", "longitudinal"):
         from ..interfaces.embedding import ComputeEmbedding
 
-        embed = pe.Node(ComputeEmbedding(model=str(settings.model), device=settings.device, num_threads=omp),
-                        name="embedding", mem_gb=MEM_GB["brain"], n_procs=omp)
+        embed_inputs, embed_procs = torch_node_resources(settings, omp)
+        embed = pe.Node(ComputeEmbedding(model=str(settings.model), **embed_inputs),
+                        name="embedding", mem_gb=MEM_GB["brain"], n_procs=embed_procs)
         wf.connect([(grid, embed, [("out_file", "in_file")]),
                     (embed, sink, [("out_tsv", "embedding"), ("out_task", "embedding_task")])])
 
@@ -151,8 +183,9 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
 
     wf.connect([(inputnode, check, [("t1w", "in_file")]), (check, orient, [("out_checks", "in_checks")])])
     if fmriprep is None:
-        brain = pe.Node(BrainExtraction(device=settings.device, num_threads=omp), name="brain_extraction",
-                        mem_gb=MEM_GB["brain"], n_procs=omp)
+        brain_inputs, brain_procs = torch_node_resources(settings, omp)
+        brain = pe.Node(BrainExtraction(**brain_inputs), name="brain_extraction", mem_gb=MEM_GB["brain"],
+                        n_procs=brain_procs)
         wf.connect([
             (check, conform, [("out_file", "in_file")]),
             (conform, brain, [("out_file", "in_file")]),
@@ -216,6 +249,15 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
         (orient, sink, [("out_report", "orientation")]),
         (sink, outputnode, [("out_orientation", "orientation"), ("out_files", "out_files")]),
     ])
+    # Nodes whose file inputs are all written by this workflow hash them by size and modification time (nipype's
+    # default) instead of by content: six of them read the float32 1 mm T1w (30-65 MB), and an md5 of it in each
+    # cost about 0.5 CPU s per scan. A rerun still reuses them: their inputs keep their times unless an upstream
+    # node ran again. Nodes that read the user's files (BIDS, fMRIPrep, a model) keep content hashing.
+    intermediate = [register, register_qc, grid, orient, figures, merge_figs, sink]
+    intermediate += [brain] if fmriprep is None else []
+    intermediate += [asymmetry] if task != "symmetry" else []
+    for node in intermediate:
+        node.config = {"execution": {"hash_method": "timestamp"}}
     return wf
 
 
@@ -236,8 +278,14 @@ def plugin_settings(settings) -> tuple[str, dict[str, Any]]:
         return load_plugin_file(settings.use_plugin)
     if settings.nprocs == 1:
         return "Linear", {}
-    return "MultiProc", {"n_procs": settings.nprocs, "memory_gb": settings.mem_gb, "raise_insufficient": False,
-                         "maxtasksperchild": 1}
+    # MultiProc reuses its worker processes across nodes (nipype 1.11 MultiProc ignores maxtasksperchild), so
+    # imports, deepbet's networks and the template caches are loaded once per worker, not once per node
+    args: dict[str, Any] = {"n_procs": settings.nprocs, "memory_gb": settings.mem_gb, "raise_insufficient": False}
+    if uses_gpu(settings):
+        # GPU nodes (use_gpu) share GPU_NODES slots; workers start from a fresh forkserver process, since CUDA
+        # cannot be used in a child forked from a process that has queried it
+        args.update(n_gpu_procs=GPU_NODES, mp_context="forkserver")
+    return "MultiProc", args
 
 
 class ScanFailure(NamedTuple):
@@ -273,6 +321,31 @@ def _crash_messages(crash_dir: Path) -> dict[str, tuple[str, int]]:
         else:
             messages.setdefault(wf, (f"see {crash}", EXIT_DATA))
     return messages
+
+
+def warm_worker_caches(settings) -> None:
+    """Build, in the main process, the per-process caches every MultiProc worker would otherwise build for itself.
+
+    MultiProc forks its workers when the first node is submitted, so they inherit these copy-on-write: the
+    template on the model grid (orientation check, figures), the atlas and the template's own asymmetry
+    (asymmetry node), the template side of the registration, and the figure modules. About 3 CPU seconds once
+    instead of once per worker. numpy/scipy only, and torch with one thread, so that forking stays safe.
+    """
+    import nibabel as nib
+
+    from ..interfaces.symmetry import DEFAULT_FWHM
+    from ..preproc.brain import torch_threads
+    from ..preproc.grid import template_on_grid
+    from ..preproc.register import _levels, _template_data
+    from ..reports import figures  # noqa: F401  (matplotlib)
+    from ..resources import model_grid, template_brain_path
+    from ..symmetry.asymmetry import atlas_on_grid, template_reference
+
+    template_on_grid(model_grid(settings.resolution))
+    atlas_on_grid(settings.atlas, settings.resolution)
+    template_reference(settings.resolution, DEFAULT_FWHM, settings.atlas)
+    with torch_threads(1):
+        _template_data(nib.load(template_brain_path()), None, _levels(max(settings.resolution, 2.0)), settings.seed)
 
 
 def _sink_outputs(settings, scan: T1wScan) -> list[str] | None:
@@ -311,6 +384,11 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
     nipype_config.set("execution", "check_version", "false")
     plugin, plugin_args = plugin_settings(settings)
     LOG.info("running %d scan workflow(s) with %s %s", len(scans), plugin, plugin_args)
+    if plugin == "MultiProc" and "mp_context" not in plugin_args and scans:
+        warm_worker_caches(settings)  # forked workers inherit them
+    # MultiProc calls gc.collect() in its scheduling loop (up to 5 times a second); freezing what exists now (the
+    # imported modules, the BIDS layout, the workflow graph) keeps each collection to the objects made since
+    gc.freeze()
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:  # nipype raises after the other nodes finished
@@ -318,6 +396,8 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
     except OSError as err:  # nipype could not write its crash files or node folders
         raise CannotCreateError(f"cannot write {err.filename or settings.work_dir}: {err.strerror or err}; fix: free "
                                 "space or restore write access, then rerun (finished scans are reused)") from err
+    finally:
+        gc.unfreeze()
 
     messages = _crash_messages(crash_dir) if crash_dir.exists() else {}
     failures: list[ScanFailure] = []
