@@ -333,11 +333,7 @@ def train_twin(
             with _autocast(device, config.amp):
                 emb = net(x)
             out = batch_hard_triplet_loss(emb.float(), pos, related, config.margin, config.distance)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(out.loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            losses.append(float(out.loss.detach()))
+            losses.append(_optimiser_step(out.loss, opt, scaler))
             active.append(out.active_fraction)
             n_vols += len(idx) * ctx.world_size
         step_time = time.perf_counter() - t0
@@ -361,6 +357,29 @@ def train_twin(
             break
     bar.close()
     return best.result(net, rows, start, n_vols, train_time)
+
+
+def _optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler) -> float:
+    """One optimiser step on ``loss`` (through the AMP grad scaler); returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return float(loss.detach())
+
+
+def _classifier_epoch_end(rows: list[dict], best: "_BestEpoch", bar, net: nn.Module, epoch: int, t0: float,
+                          train_loss: float, val: tuple[float, float, float], volumes_per_second: float) -> bool:
+    """Record a classifier epoch (longitudinal, orientation) and keep the best by validation loss then accuracy
+    (the last epoch without validation data); returns whether to stop early."""
+    val_loss, val_acc, val_auc = val
+    rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
+                 "val_auc": val_auc, "seconds": time.perf_counter() - t0, "volumes_per_second": volumes_per_second})
+    score = (val_loss, val_acc) if not np.isnan(val_loss) else (train_loss, 0.0)
+    stop = best.update(score, epoch, net)
+    bar.update(1)
+    bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+    return stop
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -457,11 +476,7 @@ def train_longitudinal(
             loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
             if hasattr(unwrap(net), "penalty"):  # e.g. the regional model's L1 on its coefficients
                 loss = loss + unwrap(net).penalty()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            losses.append(float(loss.detach()))
+            losses.append(_optimiser_step(loss, opt, scaler))
             n_vols += 2 * len(idx) * ctx.world_size
         step_time = time.perf_counter() - t0
         train_time += step_time
@@ -477,14 +492,8 @@ def train_longitudinal(
             val_auc = safe_auc(y_val, p)
         else:
             val_loss = val_acc = val_auc = float("nan")
-        rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
-                     "val_auc": val_auc, "seconds": time.perf_counter() - t0,
-                     "volumes_per_second": 2 * sum(len(b) for b in batches) * ctx.world_size / step_time})
-        score = (val_loss, val_acc) if not np.isnan(val_loss) else (train_loss, 0.0)
-        stop = best.update(score, epoch, net)
-        bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-        if stop:
+        if _classifier_epoch_end(rows, best, bar, net, epoch, t0, train_loss, (val_loss, val_acc, val_auc),
+                                 2 * sum(len(b) for b in batches) * ctx.world_size / step_time):
             break
     bar.close()
     return best.result(net, rows, start, n_vols, train_time)
@@ -566,11 +575,7 @@ def train_mirror_classifier(
             with _autocast(device, config.amp):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            losses.append(float(loss.detach()))
+            losses.append(_optimiser_step(loss, opt, scaler))
             n_vols += len(idx) * ctx.world_size
         step_time = time.perf_counter() - t0
         train_time += step_time
@@ -585,14 +590,8 @@ def train_mirror_classifier(
             val_auc = safe_auc(y_val, p)
         else:
             val_loss = val_acc = val_auc = float("nan")
-        rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
-                     "val_auc": val_auc, "seconds": time.perf_counter() - t0,
-                     "volumes_per_second": sum(len(b) for b in batches) * ctx.world_size / step_time})
-        score = (val_loss, val_acc) if not np.isnan(val_loss) else (train_loss, 0.0)
-        stop = best.update(score, epoch, net)
-        bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-        if stop:
+        if _classifier_epoch_end(rows, best, bar, net, epoch, t0, train_loss, (val_loss, val_acc, val_auc),
+                                 sum(len(b) for b in batches) * ctx.world_size / step_time):
             break
     bar.close()
     return best.result(net, rows, start, n_vols, train_time)
