@@ -252,7 +252,7 @@ def test_worker_caches_are_built_before_forking_only_for_forked_workers(tmp_path
     monkeypatch.setattr(participant, "warm_worker_caches", lambda settings: calls.append(settings))
     scan = T1wScan(tmp_path / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz", {"subject": "01"})
     failures = participant.run_participant(_settings(tmp_path, device, nprocs=nprocs), [scan])
-    assert [name for name, _ in failures] == ["sub-01_T1w"]  # nothing ran
+    assert [failure.name for failure in failures] == ["sub-01_T1w"]  # nothing ran
     assert len(calls) == int(warmed)
 
 

@@ -328,7 +328,9 @@ def test_ddp_two_cpu_processes_gloo(group_data, tmp_path):
     script = tmp_path / "ddp_job.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), bids=str(bids), out=str(ddp_out),
                                         subjects=subjects, report=str(report)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the job imports this checkout's package (not an older installed copy)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script)], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

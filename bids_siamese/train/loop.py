@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -283,6 +283,88 @@ class _BestEpoch:
                            n_vols / train_time if train_time else float("nan"))
 
 
+@dataclass
+class _Epochs:
+    """What one task's training loop does differently (the loop itself is :func:`_fit`, shared by all tasks).
+
+    Attributes:
+        name: the task, for the progress bar and the log.
+        batches: the epoch's batches, as positions into the training examples, from the epoch's RNG.
+        step: the loss of one batch of training examples, and per-batch values to average into the history.
+        volumes_per_example: volumes one example feeds through the network (2 for a session pair).
+        recompute_batch_norm: re-estimates batch-norm statistics on the training data after each epoch.
+        validate: the validation metrics (``val_loss`` first; NaN without validation data).
+        score: the score of an epoch from ``(train_loss, validation metrics)``: lower first value wins, then a
+            larger second (:func:`_improved`).
+        extra_columns: names of the per-batch values ``step`` returns (NaN in an epoch without batches).
+    """
+
+    name: str
+    batches: Callable[[np.random.Generator], list[np.ndarray]]
+    step: Callable[[np.ndarray], tuple[torch.Tensor, dict[str, float]]]
+    volumes_per_example: int
+    recompute_batch_norm: Callable[[], None]
+    validate: Callable[[], dict[str, float]]
+    score: Callable[[float, dict[str, float]], tuple[float, float]]
+    extra_columns: tuple[str, ...] = ()
+
+
+def _fit(net: nn.Module, opt: torch.optim.Optimizer, scaler, ctx: DistContext, config: TrainConfig,
+         train_idx: np.ndarray, epochs: _Epochs) -> TrainResult:
+    """The training loop of every task: batches, optimiser steps, batch-norm re-estimation, validation, best epoch
+    and early stopping; one history row per epoch (``epoch, train_loss``, the validation metrics, the extra
+    columns, ``seconds, volumes_per_second``)."""
+    rows, best = [], _BestEpoch(config.patience)
+    start = time.perf_counter()
+    n_vols, train_time = 0, 0.0
+    bar = _progress(config.epochs, f"{epochs.name} training", config, ctx)
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        net.train()
+        batches = shard(epochs.batches(np.random.default_rng([config.seed, epoch])), ctx)
+        losses: list[float] = []
+        extras: dict[str, list[float]] = {name: [] for name in epochs.extra_columns}
+        for local in batches:
+            loss, extra = epochs.step(train_idx[local])
+            losses.append(_optimiser_step(loss, opt, scaler))
+            for name, value in extra.items():
+                extras[name].append(value)
+            n_vols += epochs.volumes_per_example * len(local) * ctx.world_size
+        step_time = time.perf_counter() - t0
+        train_time += step_time
+        train_loss = all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), ctx)
+        epochs.recompute_batch_norm()
+        val = epochs.validate()
+        row = {"epoch": epoch, "train_loss": train_loss, **val,
+               **{name: float(np.mean(v)) if v else float("nan") for name, v in extras.items()},
+               "seconds": time.perf_counter() - t0,
+               "volumes_per_second": epochs.volumes_per_example * sum(len(b) for b in batches) * ctx.world_size
+               / step_time}
+        rows.append(row)
+        stop = best.update(epochs.score(train_loss, val), epoch, net)
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val['val_loss']:.3f}")
+        LOG.debug("%s epoch %d: %s", epochs.name, epoch, row)
+        if stop:
+            break
+    bar.close()
+    return best.result(net, rows, start, n_vols, train_time)
+
+
+def _optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler) -> float:
+    """One optimiser step on ``loss`` (through the AMP grad scaler); returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return float(loss.detach())
+
+
+def _classifier_score(train_loss: float, val: dict[str, float]) -> tuple[float, float]:
+    """Validation loss, then accuracy; the training loss without validation data (keeps the last epoch)."""
+    return (val["val_loss"], val["val_accuracy"]) if not np.isnan(val["val_loss"]) else (train_loss, 0.0)
+
+
 def train_twin(
     model: nn.Module,
     data: TwinData,
@@ -311,75 +393,31 @@ def train_twin(
         val_nontwin_distance, val_auc, active_triplets, seconds, volumes_per_second``.
     """
     ctx, device, net, opt, scaler, gen = _setup(model, config, device, ctx)
-    train_idx = np.asarray(train_idx)
+    train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     has_pos = (data.positive[np.ix_(train_idx, train_idx)] > 0).any(axis=1)
-    rows, best = [], _BestEpoch(config.patience)
-    start = time.perf_counter()
-    n_vols, train_time = 0, 0.0
-    bar = _progress(config.epochs, "twin training", config, ctx)
-    for epoch in range(1, config.epochs + 1):
-        t0 = time.perf_counter()
-        net.train()
-        rng = np.random.default_rng([config.seed, epoch])
-        batches = shard(family_batches(data.family[train_idx], has_pos, config.batch_size, rng), ctx)
-        losses, active = [], []
-        for local in batches:
-            idx = train_idx[local]
-            pos_np, related_np = data.positive[np.ix_(idx, idx)], ~data.unrelated[np.ix_(idx, idx)]
-            x = augment(torch.from_numpy(data.volumes[idx]), gen, config.flip_lr, config.max_shift,
-                        config.intensity, config.noise_std).to(device)
-            pos = torch.from_numpy(pos_np).float().to(device)
-            related = torch.from_numpy(related_np).to(device)
-            with _autocast(device, config.amp):
-                emb = net(x)
-            out = batch_hard_triplet_loss(emb.float(), pos, related, config.margin, config.distance)
-            losses.append(_optimiser_step(out.loss, opt, scaler))
-            active.append(out.active_fraction)
-            n_vols += len(idx) * ctx.world_size
-        step_time = time.perf_counter() - t0
-        train_time += step_time
-        train_loss = all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), ctx)
-        recompute_batch_norm(net, data.volumes, train_idx, device, config.batch_size)
-        val = _twin_validation(net, data, np.asarray(val_idx), config, device)
-        row = {"epoch": epoch, "train_loss": train_loss, **val,
-               "active_triplets": float(np.mean(active)) if active else float("nan"),
-               "seconds": time.perf_counter() - t0,
-               "volumes_per_second": sum(len(b) for b in batches) * ctx.world_size / step_time}
-        rows.append(row)
-        score = (val["val_loss"], val["val_nontwin_distance"] - val["val_twin_distance"])
-        if np.isnan(score[0]):  # no validation set: keep the last epoch
-            score = (train_loss, 0.0)
-        stop = best.update(score, epoch, net)
-        bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val['val_loss']:.3f}", auc=f"{val['val_auc']:.2f}")
-        LOG.debug("twin epoch %d: %s", epoch, row)
-        if stop:
-            break
-    bar.close()
-    return best.result(net, rows, start, n_vols, train_time)
 
+    def step(idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        pos = torch.from_numpy(data.positive[np.ix_(idx, idx)]).float().to(device)
+        related = torch.from_numpy(~data.unrelated[np.ix_(idx, idx)]).to(device)
+        x = augment(torch.from_numpy(data.volumes[idx]), gen, config.flip_lr, config.max_shift,
+                    config.intensity, config.noise_std).to(device)
+        with _autocast(device, config.amp):
+            emb = net(x)
+        out = batch_hard_triplet_loss(emb.float(), pos, related, config.margin, config.distance)
+        return out.loss, {"active_triplets": out.active_fraction}
 
-def _optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler) -> float:
-    """One optimiser step on ``loss`` (through the AMP grad scaler); returns the loss value."""
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    return float(loss.detach())
+    def score(train_loss: float, val: dict[str, float]) -> tuple[float, float]:
+        if np.isnan(val["val_loss"]):  # no validation set: keep the last epoch
+            return train_loss, 0.0
+        return val["val_loss"], val["val_nontwin_distance"] - val["val_twin_distance"]
 
-
-def _classifier_epoch_end(rows: list[dict], best: "_BestEpoch", bar, net: nn.Module, epoch: int, t0: float,
-                          train_loss: float, val: tuple[float, float, float], volumes_per_second: float) -> bool:
-    """Record a classifier epoch (longitudinal, orientation) and keep the best by validation loss then accuracy
-    (the last epoch without validation data); returns whether to stop early."""
-    val_loss, val_acc, val_auc = val
-    rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_accuracy": val_acc,
-                 "val_auc": val_auc, "seconds": time.perf_counter() - t0, "volumes_per_second": volumes_per_second})
-    score = (val_loss, val_acc) if not np.isnan(val_loss) else (train_loss, 0.0)
-    stop = best.update(score, epoch, net)
-    bar.update(1)
-    bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-    return stop
+    return _fit(net, opt, scaler, ctx, config, train_idx, _Epochs(
+        name="twin",
+        batches=lambda rng: family_batches(data.family[train_idx], has_pos, config.batch_size, rng),
+        step=step, volumes_per_example=1,
+        recompute_batch_norm=lambda: recompute_batch_norm(net, data.volumes, train_idx, device, config.batch_size),
+        validate=lambda: _twin_validation(net, data, val_idx, config, device),
+        score=score, extra_columns=("active_triplets",)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -454,49 +492,37 @@ def train_longitudinal(
     y_train = data.labels[train_idx]
     n_pos, n_neg = float((y_train == 1).sum()), float((y_train == 0).sum())
     pos_weight = torch.tensor([n_neg / n_pos if n_pos and n_neg else 1.0], device=device)
-    rows, best = [], _BestEpoch(config.patience)
-    start = time.perf_counter()
-    n_vols, train_time = 0, 0.0
-    bar = _progress(config.epochs, "longitudinal training", config, ctx)
-    for epoch in range(1, config.epochs + 1):
-        t0 = time.perf_counter()
-        net.train()
-        rng = np.random.default_rng([config.seed, epoch])
-        batches = shard(pair_batches(len(train_idx), config.batch_size, rng), ctx)
-        losses = []
-        for local in batches:
-            idx = train_idx[local]
-            pa, pb = data.pairs[idx, 0], data.pairs[idx, 1]
-            both = torch.cat([torch.from_numpy(data.volumes[pa]), torch.from_numpy(data.volumes[pb])], dim=1)
-            both = augment(both, gen, config.flip_lr, config.max_shift, config.intensity, config.noise_std)
-            x_a, x_b = both[:, :1].to(device), both[:, 1:].to(device)
-            y = torch.from_numpy(data.labels[idx]).float().to(device)
-            with _autocast(device, config.amp):
-                logits = net(x_a, x_b)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
-            if hasattr(unwrap(net), "penalty"):  # e.g. the regional model's L1 on its coefficients
-                loss = loss + unwrap(net).penalty()
-            losses.append(_optimiser_step(loss, opt, scaler))
-            n_vols += 2 * len(idx) * ctx.world_size
-        step_time = time.perf_counter() - t0
-        train_time += step_time
-        train_loss = all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), ctx)
-        recompute_batch_norm(net, data.volumes, np.unique(data.pairs[train_idx]), device, 2 * config.batch_size)
-        if len(val_idx):
-            p = predict_pairs(net, data, val_idx, device, config.eval_batch_size, config.amp)
-            y_val = data.labels[val_idx]
-            logit = torch.logit(torch.from_numpy(p).double().clamp(1e-6, 1 - 1e-6))
-            val_loss = float(F.binary_cross_entropy_with_logits(logit, torch.from_numpy(y_val).double(),
-                                                                pos_weight=pos_weight.double().cpu()))
-            val_acc = float(((p >= 0.5) == (y_val == 1)).mean())
-            val_auc = safe_auc(y_val, p)
-        else:
-            val_loss = val_acc = val_auc = float("nan")
-        if _classifier_epoch_end(rows, best, bar, net, epoch, t0, train_loss, (val_loss, val_acc, val_auc),
-                                 2 * sum(len(b) for b in batches) * ctx.world_size / step_time):
-            break
-    bar.close()
-    return best.result(net, rows, start, n_vols, train_time)
+
+    def step(idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        pa, pb = data.pairs[idx, 0], data.pairs[idx, 1]
+        both = torch.cat([torch.from_numpy(data.volumes[pa]), torch.from_numpy(data.volumes[pb])], dim=1)
+        both = augment(both, gen, config.flip_lr, config.max_shift, config.intensity, config.noise_std)
+        x_a, x_b = both[:, :1].to(device), both[:, 1:].to(device)
+        y = torch.from_numpy(data.labels[idx]).float().to(device)
+        with _autocast(device, config.amp):
+            logits = net(x_a, x_b)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
+        if hasattr(unwrap(net), "penalty"):  # e.g. the regional model's L1 on its coefficients
+            loss = loss + unwrap(net).penalty()
+        return loss, {}
+
+    def validate() -> dict[str, float]:
+        if not len(val_idx):
+            return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_auc": float("nan")}
+        p = predict_pairs(net, data, val_idx, device, config.eval_batch_size, config.amp)
+        y_val = data.labels[val_idx]
+        logit = torch.logit(torch.from_numpy(p).double().clamp(1e-6, 1 - 1e-6))
+        val_loss = float(F.binary_cross_entropy_with_logits(logit, torch.from_numpy(y_val).double(),
+                                                            pos_weight=pos_weight.double().cpu()))
+        return {"val_loss": val_loss, "val_accuracy": float(((p >= 0.5) == (y_val == 1)).mean()),
+                "val_auc": safe_auc(y_val, p)}
+
+    return _fit(net, opt, scaler, ctx, config, train_idx, _Epochs(
+        name="longitudinal", batches=lambda rng: pair_batches(len(train_idx), config.batch_size, rng), step=step,
+        volumes_per_example=2,
+        recompute_batch_norm=lambda: recompute_batch_norm(net, data.volumes, np.unique(data.pairs[train_idx]), device,
+                                                          2 * config.batch_size),
+        validate=validate, score=_classifier_score))
 
 
 @dataclass
@@ -557,41 +583,26 @@ def train_mirror_classifier(
         raise ValueError("left-right flip augmentation would change the orientation labels")
     ctx, device, net, opt, scaler, gen = _setup(model, config, device, ctx)
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
-    rows, best = [], _BestEpoch(config.patience)
-    start = time.perf_counter()
-    n_vols, train_time = 0, 0.0
-    bar = _progress(config.epochs, "orientation training", config, ctx)
     train_volumes = np.unique(data.examples[train_idx, 0])
-    for epoch in range(1, config.epochs + 1):
-        t0 = time.perf_counter()
-        net.train()
-        rng = np.random.default_rng([config.seed, epoch])
-        batches = shard(pair_batches(len(train_idx), config.batch_size, rng), ctx)
-        losses = []
-        for local in batches:
-            idx = train_idx[local]
-            x = augment(data.batch(idx), gen, False, config.max_shift, config.intensity, config.noise_std).to(device)
-            y = torch.from_numpy(data.labels[idx]).long().to(device)
-            with _autocast(device, config.amp):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y)
-            losses.append(_optimiser_step(loss, opt, scaler))
-            n_vols += len(idx) * ctx.world_size
-        step_time = time.perf_counter() - t0
-        train_time += step_time
-        train_loss = all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), ctx)
-        recompute_batch_norm(net, data.volumes, train_volumes, device, config.batch_size)
-        if len(val_idx):
-            p = predict_mirror(net, data, val_idx, device, config.eval_batch_size)
-            y_val = data.labels[val_idx]
-            p_true = np.clip(np.where(y_val == 1, p, 1 - p), 1e-7, 1.0)
-            val_loss = float(-np.log(p_true).mean())
-            val_acc = float(((p >= 0.5) == (y_val == 1)).mean())
-            val_auc = safe_auc(y_val, p)
-        else:
-            val_loss = val_acc = val_auc = float("nan")
-        if _classifier_epoch_end(rows, best, bar, net, epoch, t0, train_loss, (val_loss, val_acc, val_auc),
-                                 sum(len(b) for b in batches) * ctx.world_size / step_time):
-            break
-    bar.close()
-    return best.result(net, rows, start, n_vols, train_time)
+
+    def step(idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        x = augment(data.batch(idx), gen, False, config.max_shift, config.intensity, config.noise_std).to(device)
+        y = torch.from_numpy(data.labels[idx]).long().to(device)
+        with _autocast(device, config.amp):
+            logits = net(x)
+        return F.cross_entropy(logits.float(), y), {}
+
+    def validate() -> dict[str, float]:
+        if not len(val_idx):
+            return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_auc": float("nan")}
+        p = predict_mirror(net, data, val_idx, device, config.eval_batch_size)
+        y_val = data.labels[val_idx]
+        p_true = np.clip(np.where(y_val == 1, p, 1 - p), 1e-7, 1.0)
+        return {"val_loss": float(-np.log(p_true).mean()), "val_accuracy": float(((p >= 0.5) == (y_val == 1)).mean()),
+                "val_auc": safe_auc(y_val, p)}
+
+    return _fit(net, opt, scaler, ctx, config, train_idx, _Epochs(
+        name="orientation", batches=lambda rng: pair_batches(len(train_idx), config.batch_size, rng), step=step,
+        volumes_per_example=1,
+        recompute_batch_norm=lambda: recompute_batch_norm(net, data.volumes, train_volumes, device, config.batch_size),
+        validate=validate, score=_classifier_score))
