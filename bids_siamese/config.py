@@ -78,9 +78,15 @@ class Settings:
     top_k: int = 5
     atlas: str = "harvard_oxford"
     lrp_target: str = "embedding_abs"
+    lrp_rules: str = "epsilon_plus"
     relevance_fwhm: float = 6.0
     explain_surfaces: bool = False
     explain: bool = True
+    report_subjects: bool = False
+    atlas_labels: Path | None = None
+    symmetry_fusion: str = "difference"
+    symmetry_fwhm: float = 6.0
+    orientation_folds: int = 5
     include_unusable: bool = False
     orientation_model: Path | None = None
     run_id: str = field(default_factory=new_run_id)

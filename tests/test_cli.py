@@ -269,3 +269,38 @@ def test_every_exit_code_documented():
     usage = (Path(__file__).parents[1] / "docs" / "usage.md").read_text()
     for code in EXIT_CODES:
         assert f"| {code} |" in usage
+
+
+def test_every_group_option_is_settable_and_saved(mini_bids, tmp_path):
+    """Options that used to be read with getattr and defaults in the code are CLI options, saved with the run."""
+    from dataclasses import fields
+
+    from bids_siamese.cli.parser import LRP_RULE_SETS, SYMMETRY_FUSIONS
+    from bids_siamese.config import Settings
+    from bids_siamese.explain.lrp import RULE_SETS
+    from bids_siamese.symmetry.model import FUSIONS
+
+    assert LRP_RULE_SETS == RULE_SETS and SYMMETRY_FUSIONS == FUSIONS
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("index\tname\n1\tA\n")
+    s = parse_args([str(mini_bids), str(tmp_path / "out"), "group", "--task", "symmetry", "--lrp-rules", "epsilon",
+                    "--report-subjects", "--atlas-labels", str(labels), "--symmetry-fusion", "cross_attention",
+                    "--symmetry-fwhm", "4", "--orientation-folds", "4"])
+    assert (s.lrp_rules, s.report_subjects, s.atlas_labels, s.symmetry_fusion, s.symmetry_fwhm,
+            s.orientation_folds) == ("epsilon", True, labels.resolve(), "cross_attention", 4.0, 4)
+    saved = s.to_dict()
+    assert {f.name for f in fields(Settings)} == set(saved)
+    assert saved["symmetry_fusion"] == "cross_attention" and saved["atlas_labels"] == str(labels.resolve())
+    defaults = parse_args([str(mini_bids), str(tmp_path / "out"), "group"])
+    assert (defaults.lrp_rules, defaults.symmetry_fusion, defaults.symmetry_fwhm, defaults.orientation_folds) == (
+        "epsilon_plus", "difference", 6.0, 5)
+
+
+@pytest.mark.parametrize("args, code", [
+    (["--orientation-folds", "2"], 64), (["--symmetry-fwhm", "-1"], 64), (["--symmetry-fusion", "sum"], 64),
+    (["--atlas-labels", "/nonexistent/labels.tsv"], 66),
+])
+def test_group_option_errors(run_cli, mini_bids, tmp_path, args, code):
+    got, _, err = run_cli(mini_bids, tmp_path / "out", "group", *args)
+    assert got == code
+    one_error_line(err)

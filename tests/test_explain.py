@@ -7,6 +7,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from bids_siamese.config import Settings
 from bids_siamese.explain.lrp import (
     attach_rules,
     canonize,
@@ -325,11 +326,10 @@ def explained(tmp_path_factory):
     model = build_model("twin", "small", embedding_dim=8).eval()
     card = make_card("twin", "small", 8, grid, 0, {"fingerprint": "x"}, {"threshold_distance": 0.5}, {}, {"distance": "cosine"})
     save_checkpoint(out / "models" / "twins_small", model, card)
-    settings = types.SimpleNamespace(output_dir=out, bids_dir=bids, resolution=resolution, resolution_label="8",
-                                     session_label=[], atlas="harvard_oxford", seed=0, backbone="small",
-                                     family_column="family_id", zygosity_column="zygosity", pairs_file=None,
-                                     distance="cosine", model=None, report_subjects=True, explain_surfaces=True,
-                                     relevance_fwhm=8.0)
+    settings = Settings(output_dir=out, bids_dir=bids, analysis_level="group", work_dir=out.parent / "work",
+                        resolution=resolution, task="twin", atlas="harvard_oxford", seed=0, backbone="small",
+                        distance="cosine", report_subjects=True, explain_surfaces=True, relevance_fwhm=8.0)
+    assert settings.resolution_label == "8"
     return out, run_explain(settings, ["01", "00", "02", "03", "04", "05"])
 
 

@@ -3,7 +3,6 @@ learning the planted region, the group-level run and its explanations."""
 from __future__ import annotations
 
 import json
-import types
 from functools import partial
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from bids_siamese.config import Settings
 from bids_siamese.cli.parser import parse_args
 from bids_siamese.errors import UsageError
 from bids_siamese.models.regional import (RegionalChange, RegionalEncoder, part_map_for, pooled_affine,
@@ -225,11 +225,9 @@ def test_explain_regional_model_ranks_the_weighted_region_first(regional_run, tm
     model.logit.data = logit
     folder = tmp_path / "twins_regional"
     save_checkpoint(folder, model, {k: v for k, v in card.items() if k != "weights"})
-    settings = types.SimpleNamespace(output_dir=out, bids_dir=bids, resolution=8.0, resolution_label="8",
-                                     session_label=[], atlas="harvard_oxford", seed=0, backbone="regional",
-                                     family_column="family_id", zygosity_column="zygosity", pairs_file=None,
-                                     distance="cosine", model=None, report_subjects=False, explain_surfaces=False,
-                                     relevance_fwhm=0.0)
+    settings = Settings(output_dir=out, bids_dir=bids, analysis_level="group", work_dir=out.parent / "work",
+                        resolution=8.0, task="twin", atlas="harvard_oxford", seed=0, backbone="regional",
+                        distance="cosine", report_subjects=False, explain_surfaces=False, relevance_fwhm=0.0)
     written = run_explain(settings, subjects[:6], model_path=folder)
     maps = [p for p in written if p.name.endswith("desc-lrp_relevance.nii.gz") and p.name.startswith("sub-")]
     assert len(maps) >= 6  # one per scan (some subjects have two sessions)

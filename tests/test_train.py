@@ -343,8 +343,6 @@ def test_ddp_two_cpu_processes_gloo(group_data, tmp_path):
 
 def test_group_level_explains_and_writes_tables_in_the_first_process_only(tmp_path, monkeypatch):
     """Under torchrun every process runs the group level: processes other than RANK 0 only train."""
-    from types import SimpleNamespace
-
     import bids_siamese.explain.run as explain_run
     import bids_siamese.train.run as train_run
     from bids_siamese.workflows import group
@@ -353,7 +351,7 @@ def test_group_level_explains_and_writes_tables_in_the_first_process_only(tmp_pa
     monkeypatch.setattr(train_run, "run_twin", lambda settings, subjects: calls.append("train") or [])
     monkeypatch.setattr(explain_run, "run_explain", lambda settings, subjects: calls.append("explain") or [])
     monkeypatch.setattr(group, "find_orientation_records", lambda out, subjects: calls.append("tables") or [])
-    settings = SimpleNamespace(output_dir=tmp_path, bids_dir=tmp_path, task="twin", explain=True)
+    settings = settings_for(tmp_path, tmp_path, "twin", explain=True)
     monkeypatch.setenv("RANK", "1")
     assert group.run_group(settings, ["01"]) == [] and calls == ["train"]
     calls.clear()

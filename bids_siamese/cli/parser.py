@@ -28,6 +28,10 @@ TRAINING_DEFAULTS = {
     "regional": {"epochs": 100, "batch_size": 32, "lr": 0.05, "patience": 50},
 }
 KNOWN_DERIVATIVES = ("fmriprep",)
+#: ``--lrp-rules`` and ``--symmetry-fusion`` choices (bids_siamese.explain.lrp.RULE_SETS and
+#: bids_siamese.symmetry.model.FUSIONS; written out here so that parsing never imports torch or captum).
+LRP_RULE_SETS = ("epsilon_plus", "epsilon")
+SYMMETRY_FUSIONS = ("difference", "embedding", "cross_attention")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -124,6 +128,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     grp.add_argument("--lrp-target", choices=("embedding_abs", "embedding", "distance"), default="embedding_abs",
                      help="what LRP explains (see docs/outputs.md)")
     grp.add_argument("--relevance-fwhm", type=float, default=6.0, help="smoothing of the group relevance map (mm)")
+    grp.add_argument("--lrp-rules", choices=LRP_RULE_SETS, default="epsilon_plus",
+                     help="LRP rules for the CNNs: epsilon_plus (w^2 on the first convolution, z+ on the other "
+                          "convolutions, epsilon on linear layers) or epsilon (LRP-0); see docs/outputs.md")
+    grp.add_argument("--report-subjects", action="store_true",
+                     help="group.html: a section per subject with its most relevant regions")
+    grp.add_argument("--atlas-labels", type=Path, metavar="TSV",
+                     help="label table (index, name) of an --atlas given as a NIfTI file")
+    grp.add_argument("--symmetry-fusion", choices=SYMMETRY_FUSIONS, default="difference",
+                     help="--task symmetry: how the two hemispheres' features meet (cross_attention: SA-Swin style)")
+    grp.add_argument("--symmetry-fwhm", type=float, default=6.0, help="--task symmetry: smoothing of the asymmetry "
+                     "maps (mm)")
+    grp.add_argument("--orientation-folds", type=int, default=5,
+                     help="--task orientation: family-aware folds (ensemble members); fewer with fewer families")
     grp.add_argument("--explain-surfaces", action="store_true", help="also project per-scan relevance to surfaces")
     grp.add_argument("--no-explain", dest="explain", action="store_false",
                      help="skip LRP, region ranking and Workbench files after --task twin")
@@ -256,6 +273,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     for name in ("epochs", "batch_size", "embedding_dim", "n_draws", "top_k"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.orientation_folds < 3:
+        raise UsageError("--orientation-folds must be at least 3 (train, validation and held-out folds)")
+    if args.symmetry_fwhm < 0:
+        raise UsageError(f"--symmetry-fwhm {args.symmetry_fwhm} must not be negative")
+    if args.atlas_labels is not None and not args.atlas_labels.is_file():
+        raise NoInputError(f"--atlas-labels {args.atlas_labels} not found; fix: give the atlas's label TSV")
     if args.use_plugin is not None:
         from ..workflows.plugin import load_plugin_file
 
@@ -304,6 +327,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         relevance_fwhm=args.relevance_fwhm,
         explain_surfaces=args.explain_surfaces,
         explain=args.explain,
+        lrp_rules=args.lrp_rules,
+        report_subjects=args.report_subjects,
+        atlas_labels=args.atlas_labels.resolve() if args.atlas_labels else None,
+        symmetry_fusion=args.symmetry_fusion,
+        symmetry_fwhm=args.symmetry_fwhm,
+        orientation_folds=args.orientation_folds,
         include_unusable=args.include_unusable,
         orientation_model=args.orientation_model.resolve() if args.orientation_model else None,
     )

@@ -62,22 +62,6 @@ REGIONAL_DESCRIPTION = (
     "target, (e_a - e_b)**2 / 2 with the impostor scan in PairedWith (sums to their cosine distance). Values of "
     "each 4 mm block are shared equally by its 2 mm voxels.")
 
-DEFAULTS = {
-    "lrp_target": "embedding_abs",
-    "lrp_rules": "epsilon_plus",
-    "relevance_fwhm": 6.0,
-    "explain_surfaces": False,
-    "report_subjects": False,
-    "atlas_labels": None,
-}
-
-
-def option(settings: Any, name: str) -> Any:
-    """A setting of the explanation step, with its default when the run's settings lack it."""
-    value = getattr(settings, name, None)
-    return DEFAULTS[name] if value is None else value
-
-
 @dataclass
 class ExplainResult:
     """What the explanation step computed (used by the group report)."""
@@ -217,11 +201,11 @@ def _families(settings: Any, pids: Sequence[str]) -> dict[str, str]:
 def _find_checkpoint(settings: Any, model_path: Path | None) -> Path:
     if model_path is not None:
         return Path(model_path)
-    if getattr(settings, "model", None):
+    if settings.model:
         return Path(settings.model)
     from ..train.run import model_folder
 
-    folder = model_folder(settings.output_dir, "twin", getattr(settings, "backbone", "small"))
+    folder = model_folder(settings.output_dir, "twin", settings.backbone)
     if folder.is_dir():
         return folder
     raise NoInputError(f"no twin checkpoint at {folder}; fix: run the group level with --task twin --mode train "
@@ -250,15 +234,15 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
     out_dir = Path(settings.output_dir)
     grid = model_grid(settings.resolution)
     res_label = settings.resolution_label
-    target = option(settings, "lrp_target")
-    rules = option(settings, "lrp_rules")
-    fwhm = float(option(settings, "relevance_fwhm"))
+    target = settings.lrp_target
+    rules = settings.lrp_rules
+    fwhm = float(settings.relevance_fwhm)
     checkpoint = _find_checkpoint(settings, model_path)
     model, card = load_checkpoint(checkpoint, "twin", grid, "cpu")
-    distance = card.get("hyperparameters", {}).get("distance", getattr(settings, "distance", "cosine"))
-    torch.manual_seed(int(getattr(settings, "seed", 0)))
-    scans = find_preproc(out_dir, subjects, res_label, getattr(settings, "session_label", []),
-                         include_unusable=getattr(settings, "include_unusable", False))
+    distance = card.get("hyperparameters", {}).get("distance", settings.distance)
+    torch.manual_seed(int(settings.seed))
+    scans = find_preproc(out_dir, subjects, res_label, settings.session_label,
+                         include_unusable=settings.include_unusable)
     scans = scans.sort_values(["participant_id", "session"], kind="stable").reset_index(drop=True)
     pids = scans["participant_id"].tolist()
     families = _families(settings, sorted(set(pids)))
@@ -314,7 +298,7 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
         }
         written.append(write_json(out_path.with_name(out_path.name.replace(".nii.gz", ".json")),
                                   {k: v for k, v in sidecar.items() if v is not None}))
-        if option(settings, "explain_surfaces"):
+        if settings.explain_surfaces:
             written += list(write_surface_maps(out_path.parent, source_stem(Path(path)),
                                                {"relevance": (relevance, grid.affine)}, res_label, cifti=False).values())
         LOG.info("relevance %d/%d (%s): %.1f s", i + 1, len(scans), Path(path).name, time.perf_counter() - t_scan)
@@ -326,11 +310,11 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
     brain = np.mean(list(subject_masks.values()), axis=0) >= 0.5
     group_map, per_subject = group_relevance(subject_maps, brain, fwhm, grid.resolution)
     # ranking and statistics
-    atlas = load_atlas(str(settings.atlas), option(settings, "atlas_labels"))
+    atlas = load_atlas(str(settings.atlas), settings.atlas_labels)
     grid_labels = labels_on_grid(atlas, grid.shape, grid.affine)
     ranking = rank_regions(group_map, grid_labels, atlas.table)
     per_subject_regions = subject_region_importance(per_subject, grid_labels, atlas.table)
-    statistics = class_contrast(per_subject_regions, ranking, seed=int(getattr(settings, "seed", 0)))
+    statistics = class_contrast(per_subject_regions, ranking, seed=int(settings.seed))
     written.append(write_tsv(out_dir / EXPLAIN_FILES["ranking"], ranking))
     written.append(write_tsv(out_dir / EXPLAIN_FILES["subjects"], per_subject_regions))
     written.append(write_tsv(out_dir / EXPLAIN_FILES["statistics"], statistics))

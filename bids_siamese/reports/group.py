@@ -394,8 +394,8 @@ def write_group_report(settings: Any, explain: Any = None, output_dir: Path | No
     statistics = explain.statistics if explain is not None else _read_tsv(out / "group_regions_statistics.tsv")
     embeddings = explain.embeddings if explain is not None else _read_tsv(out / "group_twins_embeddings.tsv")
     subjects_regions = (_read_tsv(out / "group_regions_subjects.tsv")
-                        if getattr(settings, "report_subjects", False) else None)
-    model = getattr(settings, "model", None)
+                        if settings.report_subjects else None)
+    model = settings.model
     folders = ([Path(model) if Path(model).is_dir() else Path(model).parent] if model else []) + [
         out / "models" / "twins_regional"]
     region_weights = next((_read_tsv(f / "region_weights.tsv") for f in folders if (f / "region_weights.tsv").is_file()),
@@ -427,7 +427,7 @@ def write_group_report(settings: Any, explain: Any = None, output_dir: Path | No
         region_weights=region_weights,
         files=files,
         notes=notes,
-        seed=int(getattr(settings, "seed", 0) or 0),
+        seed=int(settings.seed),
     )
     return write_text(out / REPORT_NAME, render_group_report(context))
 

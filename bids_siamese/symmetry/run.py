@@ -34,7 +34,6 @@ from ..errors import BadDataError, NoInputError
 from ..resources import TEMPLATE, model_grid
 from .asymmetry import (
     ASYMMETRY_THRESHOLD,
-    DEFAULT_FWHM_MM,
     asymmetry_map,
     atlas_on_grid,
     format_top_regions,
@@ -256,10 +255,10 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[obje
     for name, idx in parts.items():
         table.loc[idx, "split"] = name
     config = TrainConfig(
-        backbone=settings.backbone, fusion=getattr(settings, "symmetry_fusion", None) or "difference",
+        backbone=settings.backbone, fusion=settings.symmetry_fusion,
         embedding_dim=int(min(settings.embedding_dim, 128)), resolution=resolution, epochs=int(settings.epochs),
         batch_size=int(settings.batch_size), lr=float(settings.lr), patience=int(settings.patience),
-        seed=int(settings.seed), num_threads=max(1, int(getattr(settings, "omp_nthreads", 1) or 1)),
+        seed=int(settings.seed), num_threads=max(1, int(settings.omp_nthreads)),
         lesion=LesionConfig(),
     )
 
@@ -313,9 +312,9 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
 
     out_dir = Path(settings.output_dir)
     resolution = float(settings.resolution)
-    fwhm = float(getattr(settings, "symmetry_fwhm", None) or DEFAULT_FWHM_MM)
+    fwhm = float(settings.symmetry_fwhm)
     files = find_scans(out_dir, subjects, settings.resolution_label)
-    if not getattr(settings, "include_unusable", False):
+    if not settings.include_unusable:
         from ..qc.gate import qc_record_usable
 
         unusable = [f.source for f in files if f.orientation_qc is not None and not qc_record_usable(f.orientation_qc)]
@@ -330,7 +329,7 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
     LOG.info("symmetry: %d scan(s) at %g mm", len(files), resolution)
     data = score_dataset(files, resolution, settings.atlas, fwhm)
     written: list[Path] = []
-    if getattr(settings, "task", None) == "symmetry":
+    if settings.task == "symmetry":
         if settings.mode == "apply":
             model, card = load_symmetry_model(settings.model)
         else:

@@ -40,7 +40,6 @@ MODEL_COLUMNS = ["participant_id", "session_id", "p_flipped", "fold", "p_flipped
 #: Architecture of the members (recorded in the model card).
 CHANNELS = (8, 16, 32, 32)
 INPUT_POOL = 2
-DEFAULT_FOLDS = 5
 
 
 def image_verdicts(paths: Sequence[Path]) -> list[str]:
@@ -123,7 +122,7 @@ def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
     out_dir = Path(settings.output_dir)
     grid = model_grid(settings.resolution)
     scans = find_preproc(out_dir, subjects, settings.resolution_label, settings.session_label,
-                         include_unusable=getattr(settings, "include_unusable", False))
+                         include_unusable=settings.include_unusable)
     if scans.empty:
         raise NoInputError(f"no usable participant-level outputs in {out_dir}; fix: run the participant level first "
                            "(scans that failed the usable-scan gate are left out unless --include-unusable)")
@@ -151,7 +150,7 @@ def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
     else:
         family = _families(settings, scans["participant_id"].unique().tolist())
         n_families = len(set(family.values()))
-        k = min(int(getattr(settings, "orientation_folds", DEFAULT_FOLDS)), n_families)
+        k = min(int(settings.orientation_folds), n_families)
         if k < 3:
             raise NoInputError(f"--task orientation needs participants from at least 3 families, found {n_families}; "
                                "fix: run the participant level on more subjects")

@@ -129,7 +129,7 @@ def region_weight_table(model: RegionalEncoder | RegionalChange, settings: Any) 
     mean (signed: negative = darkening means decline), ranked by its absolute value."""
     from ..explain.regions import load_atlas
 
-    table = load_atlas(str(settings.atlas), getattr(settings, "atlas_labels", None)).table.set_index("index")
+    table = load_atlas(str(settings.atlas), settings.atlas_labels).table.set_index("index")
     labels = model.part_label.numpy()
     weight = (model.region_weights() if isinstance(model, RegionalEncoder) else model.classifier.weight[0])
     out = pd.DataFrame({
@@ -159,7 +159,7 @@ def _regional_parts(settings: Any, grid: Grid, brain: np.ndarray) -> tuple[np.nd
     """``(part map, pool, atlas name)`` of a regional model: ``settings.atlas`` labels inside ``brain``."""
     from ..explain.regions import labels_on_grid, load_atlas
 
-    atlas = load_atlas(str(settings.atlas), getattr(settings, "atlas_labels", None))
+    atlas = load_atlas(str(settings.atlas), settings.atlas_labels)
     pool = max(1, int(round(REGIONAL_BLOCK_MM / grid.resolution)))
     return part_map_for(grid.shape, grid.affine, partial(labels_on_grid, atlas), brain, pool), pool, atlas.name
 
@@ -393,7 +393,7 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
     out_dir = Path(settings.output_dir)
     grid = model_grid(settings.resolution)
     scans_all = find_preproc(out_dir, subjects, settings.resolution_label, settings.session_label,
-                             include_unusable=getattr(settings, "include_unusable", False))
+                             include_unusable=settings.include_unusable)
     scans = first_scan_per_subject(scans_all, _session_times(settings.bids_dir, scans_all))
     pids = scans["participant_id"].tolist()
     train_mode = settings.mode == "train"
@@ -574,7 +574,7 @@ class _LongitudinalInputs:
 def _longitudinal_inputs(settings: Any, subjects: Sequence[str], require_labels: bool) -> _LongitudinalInputs:
     grid = model_grid(settings.resolution)
     scans = find_preproc(settings.output_dir, subjects, settings.resolution_label, settings.session_label,
-                         include_unusable=getattr(settings, "include_unusable", False))
+                         include_unusable=settings.include_unusable)
     times = _session_times(settings.bids_dir, scans)
     labels: dict[str, int | None] = {}
     family: dict[str, str] = {}

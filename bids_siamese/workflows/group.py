@@ -172,7 +172,7 @@ def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None
     elif main_process:
         LOG.warning("no participant-level orientation results found in %s", settings.output_dir)
 
-    task = getattr(settings, "task", None)
+    task = settings.task
     if status is not None and task:  # the models see only subjects with complete results (the others are listed)
         usable = {e["entities"]["subject"] for e in status if e["status"] == "ok"}
         left_out = [s for s in subjects if s not in usable]
@@ -186,7 +186,7 @@ def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None
         from ..train.run import run_twin
 
         written += run_twin(settings, subjects)
-        if getattr(settings, "explain", True) and main_process:
+        if settings.explain and main_process:
             written += run_explain(settings, subjects)
     elif task == "orientation" and main_process:
         from ..train.orientation import run_orientation
@@ -202,7 +202,7 @@ def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None
         from ..symmetry.run import run_symmetry
 
         written += run_symmetry(settings, subjects)
-    explained = task == "twin" and getattr(settings, "explain", True)
+    explained = task == "twin" and settings.explain
     if main_process and not explained:  # the explanation step writes the report with its maps
         from ..reports.group import write_group_report
 

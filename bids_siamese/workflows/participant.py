@@ -140,7 +140,7 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     orient = pe.Node(OrientationCheck(resolution=max(settings.resolution, 2.0), seed=settings.seed,
                                       device=settings.device, num_threads=REGISTRATION_THREADS),
                      name="orientation", mem_gb=MEM_GB["register"], n_procs=REGISTRATION_THREADS)
-    if getattr(settings, "orientation_model", None):
+    if settings.orientation_model:
         orient.inputs.orientation_model = str(settings.orientation_model)
     figures = pe.Node(ReportFigures(), name="figures", mem_gb=MEM_GB["figures"], n_procs=1)
     merge_figs = pe.Node(niu.Merge(3), name="merge_figures", mem_gb=MEM_GB["light"], n_procs=1)
@@ -154,7 +154,7 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
 
     from ..interfaces.symmetry import AsymmetryAnalysis
 
-    task = model_task(getattr(settings, "model", None))
+    task = model_task(settings.model)
     # torch threads only for the Siamese symmetry model; the slots it holds match the threads it uses
     asymmetry_threads = omp if task == "symmetry" else 1
     asymmetry = pe.Node(AsymmetryAnalysis(atlas=settings.atlas, num_threads=asymmetry_threads), name="asymmetry",
@@ -240,7 +240,7 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     wf.connect([
         (register, grid, [("out_matrix", "in_matrix")]),
         (register_qc, orient, [("out_matrix", "in_matrix")]),
-        *([(grid, orient, [("out_file", "grid_file")])] if getattr(settings, "orientation_model", None) else []),
+        *([(grid, orient, [("out_file", "grid_file")])] if settings.orientation_model else []),
         (grid, figures, [("out_file", "grid_file")]),
         (figures, merge_figs, [("out_mask_svg", "in1"), ("out_reg_svg", "in2"), ("out_orient_svg", "in3")]),
         (merge_figs, sink, [("out", "figures")]),
