@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from typing import Sequence
@@ -170,5 +171,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signum
 
 
+def entry(argv: Sequence[str] | None = None) -> None:
+    """The program (console script, ``run.py``, ``python -m bids_siamese``): :func:`main`, then exit.
+
+    After SIGINT/SIGTERM the workers are already stopped and the message printed, so the process ends with
+    ``os._exit``: the interpreter's exit hooks of the worker pool would otherwise write to pipes of the killed
+    workers and may print a traceback.
+    """
+    code = main(argv)
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

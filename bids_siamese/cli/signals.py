@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 PR_SET_PDEATHSIG = 1
@@ -80,6 +81,68 @@ def worker_setup(parent_pid: int) -> None:
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="watch-parent").start()
     if os.getppid() != parent_pid:  # the parent died before the death signal was armed
         os._exit(128 + signal.SIGTERM)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (killed, not yet reaped by its parent) counts as gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def _watch_process(pid: int) -> None:
+    """Exit as soon as process ``pid`` is gone (polled every PARENT_POLL_S seconds)."""
+    while _process_alive(pid):
+        time.sleep(PARENT_POLL_S)
+    os._exit(128 + signal.SIGTERM)
+
+
+def pool_worker_initializer(cwd: str, main_pid: int) -> None:
+    """Initializer of MultiProc workers started by spawn or a forkserver (no ``os.fork`` of the main process,
+    so :func:`_after_fork_in_child` never runs there): nipype's own set-up, then the worker dies with the main
+    process. A spawned worker is the main process's child (:func:`worker_setup`). A forkserver worker is the
+    forkserver's child, and the forkserver waits for its workers before it exits, so such a worker watches
+    the main process itself.
+    """
+    os.chdir(cwd)
+    os.environ["NIPYPE_NO_ET"] = "1"  # as nipype's process_initializer
+    if os.getppid() == main_pid:
+        worker_setup(main_pid)
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(target=_watch_process, args=(main_pid,), daemon=True, name="watch-main").start()
+
+
+@contextlib.contextmanager
+def workers_die_with_us(plugin_args: dict) -> Iterator[None]:
+    """While nipype's MultiProc starts its pool, use :func:`pool_worker_initializer` for spawn/forkserver
+    workers (forked ones are covered by the fork hook of :func:`handle_signals`)."""
+    if plugin_args.get("mp_context") not in ("spawn", "forkserver"):
+        yield
+        return
+    import functools
+
+    from nipype.pipeline.plugins import multiproc
+
+    original = multiproc.process_initializer
+    main_pid = os.getpid()
+    # the pool calls initializer(cwd): bind the main process's pid (picklable: a partial of a module function)
+    multiproc.process_initializer = functools.partial(pool_worker_initializer, main_pid=main_pid)
+    try:
+        yield
+    finally:
+        multiproc.process_initializer = original
 
 
 def _before_fork() -> None:

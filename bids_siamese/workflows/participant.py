@@ -390,7 +390,10 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
     # imported modules, the BIDS layout, the workflow graph) keeps each collection to the objects made since
     gc.freeze()
     try:
-        wf.run(plugin=plugin, plugin_args=plugin_args)
+        from ..cli.signals import workers_die_with_us
+
+        with workers_die_with_us(plugin_args):
+            wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:  # nipype raises after the other nodes finished
         LOG.debug("workflow finished with errors: %s", err)
     except OSError as err:  # nipype could not write its crash files or node folders
