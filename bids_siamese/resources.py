@@ -156,8 +156,8 @@ def template_file(template: str, name: str, fallback: Path | None = None) -> Tem
         NoInputError: the file is neither in the cache nor bundled.
 
     Examples:
-        >>> template_file("fsLR", "tpl-fsLR_den-32k_hemi-L_sphere.surf.gii").path.name
-        'tpl-fsLR_den-32k_hemi-L_sphere.surf.gii'
+        >>> template_file("fsLR", "tpl-fsLR_hemi-L_den-32k_sphere.surf.gii").path.name
+        'tpl-fsLR_hemi-L_den-32k_sphere.surf.gii'
     """
     return _resolve(template, name, templateflow_home(), None if fallback is None else Path(fallback))
 

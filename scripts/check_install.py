@@ -10,6 +10,7 @@ validator, the command-line entry point; ``wb_command`` (Connectome Workbench) i
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -127,6 +128,11 @@ def run_checks(required: dict[str, Check] = REQUIRED, optional: dict[str, Check]
 
 
 def main() -> int:
+    if importlib.util.find_spec("bids_siamese") is None:
+        print(f"check_install: bids-siamese is not installed in this Python ({sys.executable}); fix: run it with the "
+              "installation's Python, e.g. .venv/bin/python scripts/check_install.py after bash scripts/install.sh",
+              file=sys.stderr)
+        return 1
     failed = run_checks()
     if failed:
         print(f"check_install: {len(failed)} required check(s) failed: {', '.join(failed)}", file=sys.stderr)

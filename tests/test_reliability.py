@@ -239,9 +239,12 @@ def slow(self, runtime):  # stands in for a long brain extraction
     time.sleep(300)
     return runtime
 
+# module level: a forkserver imports this file as __mp_main__, so its workers are patched too
 preproc.CheckHeader._run_interface = slow
-from bids_siamese.cli.main import entry
-entry(sys.argv[2:])
+
+if __name__ == "__main__":
+    from bids_siamese.cli.main import entry
+    entry(sys.argv[2:])
 """
 
 
@@ -253,14 +256,15 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _start_slow_run(mini_bids: Path, tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+def _start_slow_run(mini_bids: Path, tmp_path: Path, *options: str) -> tuple[subprocess.Popen, list[int]]:
     marker = tmp_path / "running"
     marker.mkdir()
     driver = tmp_path / "driver.py"
     driver.write_text(SLOW_DRIVER)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.Popen([sys.executable, str(driver), str(marker), str(mini_bids), str(tmp_path / "out"),
-                             "participant", "--skip-bids-validation", "--nprocs", "2", "-w", str(tmp_path / "work")],
+                             "participant", "--skip-bids-validation", "--nprocs", "2", "-w", str(tmp_path / "work"),
+                             *options],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while len(list(marker.iterdir())) < 2:
@@ -385,48 +389,14 @@ def test_group_task_sees_only_subjects_with_complete_results(run_cli, mini_bids,
     assert calls == [["01"]]
 
 
-FORKSERVER_DRIVER = """
-import os, sys, time
-from pathlib import Path
-from bids_siamese.interfaces import preproc
-
-marker = Path(sys.argv[1])
-
-def slow(self, runtime):  # stands in for a long brain extraction
-    (marker / str(os.getpid())).write_text("running")
-    time.sleep(300)
-    return runtime
-
-# module level: the forkserver imports this file as __mp_main__, so its workers are patched too
-preproc.CheckHeader._run_interface = slow
-
-if __name__ == "__main__":
-    from bids_siamese.cli.main import entry
-    entry(sys.argv[2:])
-"""
-
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_forkserver_workers_exit_when_the_main_process_is_killed(mini_bids, tmp_path):
     """Workers started from a forkserver (the GPU path, or mp_context in --use-plugin) are not forked from the
-    main process, so the fork hook never runs in them: the pool's initializer arms their death signal."""
-    marker = tmp_path / "running"
-    marker.mkdir()
-    driver = tmp_path / "driver.py"
-    driver.write_text(FORKSERVER_DRIVER)
+    main process, so the fork hook never runs in them: the pool's initializer makes each watch the main process."""
     plugin = tmp_path / "plugin.yml"
     plugin.write_text("plugin: MultiProc\nplugin_args:\n  n_procs: 2\n  mp_context: forkserver\n")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.Popen([sys.executable, str(driver), str(marker), str(mini_bids), str(tmp_path / "out"),
-                             "participant", "--skip-bids-validation", "--use-plugin", str(plugin),
-                             "-w", str(tmp_path / "work")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while len(list(marker.iterdir())) < 2:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "workers did not start"
-        time.sleep(0.2)
-    workers = [int(p.name) for p in marker.iterdir()]
+    proc, workers = _start_slow_run(mini_bids, tmp_path, "--use-plugin", str(plugin))
     parents = {int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in workers}
     assert proc.pid not in parents  # started by the forkserver, not forked from the main process
     proc.kill()

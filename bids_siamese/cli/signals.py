@@ -62,13 +62,6 @@ def _set_parent_death_signal(sig: int) -> bool:
         return False
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Fallback without prctl: exit as soon as the parent is gone (re-parented to another process)."""
-    while os.getppid() == parent_pid:
-        time.sleep(PARENT_POLL_S)
-    os._exit(128 + signal.SIGTERM)
-
-
 def worker_setup(parent_pid: int) -> None:
     """Make the calling (child) process die with ``parent_pid``; ignore SIGINT, default SIGTERM.
 
@@ -78,7 +71,7 @@ def worker_setup(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if not _set_parent_death_signal(signal.SIGKILL):
-        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="watch-parent").start()
+        threading.Thread(target=_watch_process, args=(parent_pid,), daemon=True, name="watch-parent").start()
     if os.getppid() != parent_pid:  # the parent died before the death signal was armed
         os._exit(128 + signal.SIGTERM)
 
