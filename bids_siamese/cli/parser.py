@@ -19,7 +19,7 @@ ANALYSIS_LEVELS = ("participant", "group")
 TASKS = ("twin", "longitudinal", "symmetry", "orientation")
 BACKBONES = ("small", "unet", "resnet18", "densenet121")
 #: ``--backbone`` choices: the CNN encoders and the atlas-region models (bids_siamese.models.regional).
-MODEL_CHOICES = (*BACKBONES, "regional")
+MODEL_CHOICES = (*BACKBONES, "regional", "regional_cnn")
 #: Training defaults when an option is not given: the atlas-region twin model learns one weight per region from
 #: few pairs (larger steps, more epochs, whole-population batches, no augmentation: it compares each voxel
 #: with the training population, so shifted or rescaled inputs would be false differences).
@@ -267,7 +267,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     if backbone == "regional" and args.task == "symmetry":
         raise UsageError(f"--backbone regional has no symmetry model; fix: choose one of {', '.join(BACKBONES)} for "
                          "--task symmetry")
-    for name, value in TRAINING_DEFAULTS["regional" if backbone == "regional" else "cnn"].items():
+    if backbone == "regional_cnn" and args.task in ("longitudinal", "symmetry"):
+        raise UsageError(f"--backbone regional_cnn is a twin model; fix: choose one of {', '.join(MODEL_CHOICES[:-1])} "
+                         f"for --task {args.task}")
+    for name, value in TRAINING_DEFAULTS["cnn" if backbone in BACKBONES else "regional"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     for name in ("epochs", "batch_size", "embedding_dim", "n_draws", "top_k"):

@@ -28,7 +28,7 @@ from ..bids.derivatives import write_bytes, write_json, write_text
 from ..errors import BadDataError, NoInputError, UsageError
 from ..resources import TEMPLATE, Grid
 from .heads import EmbeddingHead, build_model
-from .regional import RegionalChange, RegionalEncoder
+from .regional import RegionalChange, RegionalConvEncoder, RegionalEncoder
 
 WEIGHTS = "model.pt"
 CARD = "model_card.json"
@@ -268,6 +268,8 @@ def load_checkpoint(path: Path, task: str | None = None, grid: Grid | None = Non
                                                               pool=int(card.get("pool", 2)))
         elif card["backbone"] == "regional":  # the region layout and population reference are in the buffers
             model = RegionalEncoder.from_state_dict(state, pool=int(card.get("pool", 2)))
+        elif card["backbone"] == "regional_cnn":  # the same, and the channels in the logits' shape
+            model = RegionalConvEncoder.from_state_dict(state, pool=int(card.get("pool", 2)))
         else:
             model = build_model(card["task"], card["backbone"], embedding_dim=int(card["embedding_dim"]),
                                 in_channels=int(card.get("in_channels", 1)),

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: ``--backbone`` names of the atlas-region models (``regional_cnn``: twin task only).
+REGIONAL_MODELS = ("regional", "regional_cnn")
 #: Parts with fewer pooled voxels than this are left out (their correlation is noise).
 MIN_PART_VOXELS = 8
 #: The voxelwise reference spread is floored at this percentile of its in-brain values.
@@ -202,6 +204,95 @@ class RegionalEncoder(RegionParts):
         e_a = torch.as_tensor(e_a, dtype=torch.float32)
         values = e_a * e_a if e_b is None else 0.5 * (e_a - torch.as_tensor(e_b, dtype=torch.float32)) ** 2
         return self.to_grid(values)
+
+
+class RegionalConvEncoder(RegionalEncoder):
+    """Learned 3D convolutional features pooled per atlas region (``--backbone regional_cnn``).
+
+    The CNN twin recipe that learns from tens of pairs: a small convolutional network computes feature maps
+    from the population-standardised 4 mm blocks, and every feature map is compared region by region the way
+    :class:`RegionalEncoder` compares intensities (per region and channel: centred, unit length, weighted by
+    ``sqrt(softmax(logit))`` over all regions and channels). Channel 0 is the standardised intensity itself, so
+    the intensity comparison stays available; the other ``channels`` are learned (two 3x3x3 convolutions,
+    a 20 mm receptive field at 4 mm). The network has a few thousand weights instead of the millions of a
+    whole-brain encoder, and its output keeps the spatial layout, so it neither collapses the brain into one
+    vector that describes the individual nor has room to memorise the training families
+    (``docs/benchmarks.md``). The embedding is a sum over blocks and channels, so the exact per-voxel
+    decomposition of :meth:`RegionalEncoder.contributions` still holds (channels summed per block).
+
+    Args:
+        grid_shape: shape of the model grid the inputs live on.
+        part_map: labels on the pooled grid (see :class:`RegionalEncoder`).
+        pool: block size of the average pooling.
+        channels: learned feature channels.
+
+    Examples:
+        >>> labels = np.zeros((4, 4, 4), int); labels[:2] = 1; labels[2:] = 2
+        >>> enc = RegionalConvEncoder((8, 8, 8), labels, channels=3)
+        >>> e = enc(torch.randn(2, 1, 8, 8, 8))
+        >>> e.shape, [round(float(n), 4) for n in e.norm(dim=1)]
+        (torch.Size([2, 256]), [1.0, 1.0])
+        >>> round(float(enc.region_weights().sum()), 4)
+        1.0
+    """
+
+    name = "regional_cnn"
+    #: Learning-rate factor of the convolution weights relative to the region/channel logits.
+    FEATURE_LR_FACTOR = 0.02
+
+    def __init__(self, grid_shape: Sequence[int], part_map: np.ndarray, pool: int = 2, channels: int = 8):
+        super().__init__(grid_shape, part_map, pool)
+        self.channels = int(channels)
+        self.features = nn.Sequential(
+            nn.Conv3d(1, self.channels, 3, padding=1), nn.GELU(),
+            nn.Conv3d(self.channels, self.channels, 3, padding=1))
+        self.logit = nn.Parameter(torch.zeros(self.channels + 1, self.n_parts))
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the embedding: pooled voxels inside the parts, times the channels (intensity included)."""
+        return int(self.positions.numel()) * (self.channels + 1)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor], pool: int = 2) -> "RegionalConvEncoder":
+        """Rebuild the module a saved state dict came from (layout in the buffers, channels from the logits)."""
+        grid_shape = tuple(state["reference_mean"].shape[2:])
+        return cls(grid_shape, cls.part_map_from_state(state, grid_shape, pool), pool,
+                   channels=int(state["logit"].shape[0]) - 1)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimiser parameter groups: the logits at ``lr``, the convolutions at ``lr * FEATURE_LR_FACTOR``."""
+        return [{"params": [self.logit], "lr": lr},
+                {"params": list(self.features.parameters()), "lr": lr * self.FEATURE_LR_FACTOR}]
+
+    def channel_weights(self) -> torch.Tensor:
+        """The learned weight ``(channels + 1, R)`` of every channel and part (softmax over all, sums to 1)."""
+        return torch.softmax(self.logit.float().flatten(), dim=0).reshape(self.logit.shape)
+
+    def region_weights(self) -> torch.Tensor:
+        """The learned weight of every part, summed over channels (sums to 1)."""
+        return self.channel_weights().sum(dim=0)
+
+    def patterns(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-part, per-channel centred unit-length patterns ``(B, channels + 1, P)``."""
+        z = F.avg_pool3d((x.float() - self.reference_mean) / self.reference_sd, self.pool, ceil_mode=True)
+        maps = torch.cat([z, self.features(z)], dim=1).flatten(2)[:, :, self.positions]
+        sums = maps.new_zeros(*maps.shape[:2], self.n_parts)
+        centred = maps - (sums.index_add(2, self.part, maps) / self.part_count)[:, :, self.part]
+        norms = sums.index_add(2, self.part, centred * centred).clamp_min(1e-12)
+        return centred * torch.rsqrt(norms)[:, :, self.part]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            e = self.patterns(x) * self.channel_weights().sqrt()[:, self.part]
+            return F.normalize(e.flatten(1), dim=1)
+
+    def to_grid(self, values: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Per-feature values ``((channels + 1) * P,)`` summed over channels, spread over the model grid."""
+        v = torch.as_tensor(values, dtype=torch.float32).flatten()
+        if v.numel() == self.embedding_dim:
+            v = v.reshape(self.channels + 1, -1).sum(dim=0)
+        return super().to_grid(v)
 
 
 class RegionalChange(RegionParts):

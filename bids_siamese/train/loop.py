@@ -246,7 +246,8 @@ def _setup(model: nn.Module, config: TrainConfig, device: torch.device | str, ct
     device = torch.device(device)
     torch.manual_seed(config.seed)
     net = wrap_model(model, ctx, device)
-    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    groups = unwrap(net).param_groups(config.lr) if hasattr(unwrap(net), "param_groups") else net.parameters()
+    opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed + 1000 * ctx.rank)
     return ctx, device, net, opt, _scaler(device, config.amp), gen
 

@@ -24,7 +24,7 @@ from ..bids.derivatives import GROUP_FILES, write_tsv
 from ..errors import BadDataError, NoInputError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint, sha256_bytes, sha256_file
 from ..models.heads import build_model
-from ..models.regional import RegionalChange, RegionalEncoder, part_map_for
+from ..models.regional import REGIONAL_MODELS, RegionalChange, RegionalConvEncoder, RegionalEncoder, part_map_for
 from ..models.losses import pair_distance
 from ..resources import Grid, model_grid
 from .data import VolumeFiles, find_preproc, first_scan_per_subject, load_masks, load_volumes
@@ -107,7 +107,7 @@ def model_folder(output_dir: Path, task: str, backbone: str) -> Path:
 
 def train_config(settings: Any) -> TrainConfig:
     """Training settings from the run's :class:`~bids_siamese.config.Settings`."""
-    regional = settings.backbone == "regional"  # compares voxels with the population: no shift/intensity jitter
+    regional = settings.backbone in REGIONAL_MODELS  # compares voxels with the population: no shift/intensity jitter
     return TrainConfig(
         epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, patience=settings.patience,
         distance=settings.distance, margin=settings.margin, dz_positives=settings.dz_positives, seed=settings.seed,
@@ -186,10 +186,10 @@ def new_twin_model(settings: Any, grid: Grid, volumes: np.ndarray, masks: np.nda
                    ) -> nn.Module:
     """A fresh twin model for ``settings.backbone``; the ``regional`` model takes its regions from
     ``settings.atlas`` inside the training subjects' brain and its population reference from their scans."""
-    if settings.backbone != "regional":
+    if settings.backbone not in REGIONAL_MODELS:
         return build_model("twin", settings.backbone, embedding_dim=settings.embedding_dim)
     parts, pool, atlas = _regional_parts(settings, grid, masks[train_idx].mean(axis=0) >= 0.5)
-    model = RegionalEncoder(grid.shape, parts, pool)
+    model = (RegionalConvEncoder if settings.backbone == "regional_cnn" else RegionalEncoder)(grid.shape, parts, pool)
     model.set_reference(volumes[train_idx], masks[train_idx])
     LOG.info("regional twin model: %d %s regions, %d-d embedding", model.n_parts, atlas, model.embedding_dim)
     return model
