@@ -36,19 +36,17 @@ import torch
 from scipy import ndimage as ndi
 
 from bids_siamese.resources import TEMPLATE, model_grid
+from bids_siamese.symmetry.analysis import template_reference
 from bids_siamese.symmetry.asymmetry import (
     ASYMMETRY_THRESHOLD,
     DEFAULT_FWHM_MM,
     asymmetry_map,
-    atlas_on_grid,
     group_reference,
-    homologous_pairs,
     positive_intensities,
-    regional_asymmetry,
     score_map,
     score_scan,
-    template_reference,
 )
+from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs, regional_asymmetry
 from bids_siamese.symmetry.run import family_split
 from bids_siamese.symmetry.simulate import LesionConfig, sphere_cross_section_mm2
 from bids_siamese.symmetry.train import (

@@ -15,21 +15,17 @@ from scipy import ndimage as ndi
 from bids_siamese.bids.layout import run_validator
 from bids_siamese.config import Settings
 from bids_siamese.resources import model_grid
+from bids_siamese.preproc.grid import mirror, template_on_grid
+from bids_siamese.symmetry.analysis import analyse_scan, template_reference
 from bids_siamese.symmetry.asymmetry import (
     Reference,
-    analyse_scan,
     asymmetry_map,
-    atlas_on_grid,
-    homologous_pairs,
     left_hemisphere,
-    mirror,
     positive_intensities,
-    regional_asymmetry,
     score_scan,
     symmetric_mask,
-    template_on_model_grid,
-    template_reference,
 )
+from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs, regional_asymmetry
 from bids_siamese.symmetry.model import FUSIONS, SymmetrySiamese, build_symmetry_model, split_hemispheres
 from bids_siamese.symmetry.simulate import (
     LesionConfig,
@@ -52,7 +48,7 @@ def normalise(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def template8() -> tuple[np.ndarray, np.ndarray]:
-    data, mask = template_on_model_grid(RES)
+    data, mask = template_on_grid(model_grid(RES))
     return normalise(data, mask), mask
 
 
@@ -517,7 +513,7 @@ def test_position_map_points_at_the_lesion_cells():
 
 
 def test_peak_region_outside_every_label_names_the_nearest_on_its_side():
-    from bids_siamese.symmetry.asymmetry import region_at
+    from bids_siamese.symmetry.regional import region_at
 
     labels = np.zeros((10, 3, 3), int)
     labels[0], labels[9] = 1, 2  # left and right labels at the two ends of the x axis

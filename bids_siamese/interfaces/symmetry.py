@@ -89,7 +89,8 @@ class AsymmetryAnalysis(StepInterface):
         from ..bids.derivatives import write_json, write_tsv
         from ..errors import BadDataError
         from ..resources import model_grid
-        from ..symmetry.asymmetry import analyse_scan, atlas_on_grid, homologous_pairs, template_reference
+        from ..symmetry.analysis import analyse_scan, template_reference
+        from ..symmetry.regional import atlas_on_grid, homologous_pairs
 
         img = nib.load(self.inputs.in_file)
         data = np.asanyarray(img.dataobj, dtype=np.float32)

@@ -32,21 +32,23 @@ import pandas as pd
 from ..bids.derivatives import write_json, write_text, write_tsv
 from ..errors import BadDataError, NoInputError
 from ..resources import TEMPLATE, model_grid
+from .analysis import template_reference
 from .asymmetry import (
     ASYMMETRY_THRESHOLD,
     asymmetry_map,
-    atlas_on_grid,
-    format_top_regions,
     group_reference,
-    homologous_pairs,
     peak_location,
     positive_intensities,
+    score_map,
+    score_scan,
+)
+from .regional import (
+    atlas_on_grid,
+    format_top_regions,
+    homologous_pairs,
     region_at,
     regional_asymmetry,
     regional_z,
-    score_map,
-    score_scan,
-    template_reference,
     top_regions,
 )
 from .simulate import LesionConfig

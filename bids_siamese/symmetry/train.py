@@ -45,7 +45,7 @@ from scipy import ndimage as ndi
 
 from ..models.backbones import precise_batch_norm
 from ..resources import model_grid
-from .asymmetry import resample_to_grid
+from ..preproc.grid import resample_array
 from .model import SymmetrySiamese, build_symmetry_model, predict_proba, side_loss
 from .simulate import VOLUME_BINS, LesionConfig, bin_label, curriculum_range, simulate_lesion
 
@@ -172,8 +172,8 @@ def to_model_resolution(volume: np.ndarray, mask: np.ndarray, in_resolution: flo
         mask_f = ndi.gaussian_filter(np.asarray(mask, np.float32), sigma)
     else:
         mask_f = np.asarray(mask, np.float32)
-    out = resample_to_grid(volume, source.affine, target, order=1)
-    out_mask = resample_to_grid(mask_f, source.affine, target, order=1) > 0.5
+    out = resample_array(volume, source.affine, target, order=1)
+    out_mask = resample_array(mask_f, source.affine, target, order=1) > 0.5
     return np.where(out_mask, out, 0.0).astype(np.float32), out_mask
 
 
