@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from .config import Settings
 from .errors import NoInputError, UsageError
 from .resources import ATLASES, Grid, atlas_paths, model_grid
 
@@ -40,8 +41,8 @@ PROBABILITY_THRESHOLD = 0.25
 #: unlabelled voxels, that structure class).
 COMBINED_ATLASES = {"harvard_oxford_cerebellum": ("harvard_oxford", "aal", "cerebellar")}
 
-#: The default ``--atlas``: covers the whole brain, cerebellum included.
-DEFAULT_ATLAS = "harvard_oxford_cerebellum"
+#: The default ``--atlas`` (:class:`bids_siamese.config.Settings`): covers the whole brain, cerebellum included.
+DEFAULT_ATLAS = Settings.atlas
 
 #: Every bundled atlas name.
 BUNDLED_ATLASES = tuple(sorted([*ATLASES, *COMBINED_ATLASES]))

@@ -167,7 +167,7 @@ def test_planted_lesion_raises_its_region_with_the_right_sign(symmetric8, side, 
 
 
 def test_homologous_pairs_of_every_bundled_atlas():
-    expected = {"harvard_oxford": 56, "aal": 56, "neuromorphometrics": 60}
+    expected = {"harvard_oxford": 56, "aal": 56, "neuromorphometrics": 60, "harvard_oxford_cerebellum": 65}
     for atlas, n_min in expected.items():
         labels, names = atlas_on_grid(atlas, RES)
         pairs = homologous_pairs(names)
