@@ -313,19 +313,26 @@ def _jittered_scans(template8, n, seed=0):
 @pytest.mark.slow
 def test_train_save_load_and_evaluate(template8, tmp_path):
     from bids_siamese.symmetry.train import (
-        TrainConfig, evaluate_detection, load_symmetry_model, save_symmetry_checkpoint, siamese_scorer,
-        train_symmetry_model,
+        evaluate_detection, load_symmetry_model, save_symmetry_checkpoint, siamese_scorer, train_symmetry_model,
     )
+    from bids_siamese.train.loop import TrainConfig
 
     scans = _jittered_scans(template8, 5)
-    cfg = TrainConfig(resolution=RES, epochs=2, batch_size=4, val_draws=1, embedding_dim=16,
-                      lesion=LesionConfig(volume_mm3=(2000.0, 8000.0)))
-    model, history, info = train_symmetry_model(scans[:3], scans[3:4], cfg, log=lambda s: None)
+    cfg = TrainConfig(epochs=2, batch_size=4, flip_lr=True)
+    torch.manual_seed(0)
+    model = build_symmetry_model("small", embedding_dim=16, difference_channel=True)
+    result, info = train_symmetry_model(model, scans[:3], scans[3:4], cfg, RES, LesionConfig(volume_mm3=(2000.0, 8000.0)),
+                                        val_draws=1)
+    model, history = result.model, result.history
     assert len(history) == 2 and np.isfinite(history["train_loss"]).all()
-    paths = save_symmetry_checkpoint(tmp_path / "symmetry_small", model, cfg, {"fingerprint": "x"}, {"auc": 1.0})
+    assert history["volume_max_mm3"].iloc[-1] == 8000.0 and 0.0 <= info["threshold"] <= 1.0
+    paths = save_symmetry_checkpoint(tmp_path / "symmetry_small", model, cfg, RES, {"fingerprint": "x"},
+                                     {"auc": 1.0}, info["threshold"], info["samples"])
     assert {p.name for p in paths} == {"model.pt", "model.pt.sha256", "model_card.json"}
     loaded, card = load_symmetry_model(tmp_path / "symmetry_small")
     assert card["task"] == "symmetry" and card["hyperparameters"]["fusion"] == "difference"
+    assert card["hyperparameters"]["epochs"] == 2 and card["hyperparameters"]["val_draws"] == 1
+    assert card["grid"]["resolution"] == RES and card["embedding_dim"] == 16
     x = torch.from_numpy(scans[4].volume[None, None])
     assert torch.allclose(model(x)[0], loaded(x)[0])
     samples, per_bin, overall = evaluate_detection(
@@ -481,7 +488,7 @@ def test_output_names_pass_the_validator(template8, tmp_path):
 
 
 def test_precise_batch_norm_matches_training_mode(template8):
-    from bids_siamese.symmetry.train import recompute_batch_norm
+    from bids_siamese.train.loop import recompute_batch_norm
 
     data, _ = template8
     rng = np.random.default_rng(0)
@@ -492,7 +499,8 @@ def test_precise_batch_norm_matches_training_mode(template8):
     with torch.no_grad():
         train_features = model.features(x)[0]  # batch statistics
         stale = model.eval().features(x)[0]  # initial running statistics
-    assert recompute_batch_norm(model, x, batch_size=4) > 0
+    # the shared precise batch norm, run through the hemisphere model (not its embedding head)
+    assert recompute_batch_norm(model, x.numpy(), np.arange(4), batch_size=4, forward=model) > 0
     model.eval()
     with torch.no_grad():
         eval_features = model.features(x)[0]
