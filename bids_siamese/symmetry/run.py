@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from ..bids.derivatives import write_json, write_text, write_tsv
-from ..errors import BadDataError, NoInputError
+from ..errors import NoInputError
+from ..qc.gate import orientation_qc_path
 from ..resources import TEMPLATE, model_grid
+from ..train.data import load_volume, mask_path_for, preproc_name_pattern
 from .analysis import template_reference
 from .asymmetry import (
     ASYMMETRY_THRESHOLD,
@@ -83,23 +84,24 @@ class ScanFiles:
 
 
 def find_scans(output_dir: Path, subjects: Sequence[str], resolution_label: str) -> list[ScanFiles]:
-    """The participant-level model-grid outputs of ``subjects`` at ``res-<resolution_label>``.
+    """The participant-level model-grid outputs of ``subjects`` at ``res-<resolution_label>``: every scan (all
+    sessions and runs) with a brain mask, named as the other tasks find them (:mod:`bids_siamese.train.data`).
 
     Examples:
         >>> find_scans(Path("/nonexistent"), ["01"], "2")
         []
     """
-    pattern = f"*_space-{TEMPLATE}_res-{resolution_label}_desc-preproc_T1w.nii.gz"
     found = []
     for subject in subjects:
+        pattern = preproc_name_pattern(resolution_label)
         for preproc in sorted((Path(output_dir) / f"sub-{subject}").glob(f"**/anat/{pattern}")):
-            mask = Path(str(preproc).replace("_desc-preproc_T1w.nii.gz", "_desc-brain_mask.nii.gz"))
+            mask = mask_path_for(preproc)
             if not mask.is_file():
                 LOG.warning("%s has no brain mask next to it; skipped", preproc.name)
                 continue
             source = preproc.name.split(f"_space-{TEMPLATE}")[0]
             ents = dict(_ENTITY.findall(source))
-            qc = preproc.with_name(f"{source}_desc-orientation_qc.json")
+            qc = orientation_qc_path(preproc)
             found.append(ScanFiles(preproc, mask, f"sub-{ents.get('sub', subject)}",
                                    f"ses-{ents['ses']}" if "ses" in ents else "n/a", source,
                                    qc if qc.is_file() else None))
@@ -107,15 +109,13 @@ def find_scans(output_dir: Path, subjects: Sequence[str], resolution_label: str)
 
 
 def load_scan(files: ScanFiles, resolution: float) -> tuple[np.ndarray, np.ndarray]:
-    """Image and mask of a scan, checked to be on ``model_grid(resolution)``."""
-    img = nib.load(str(files.preproc))
+    """Image and mask of a scan, checked to be on ``model_grid(resolution)`` (:func:`bids_siamese.train.data.load_volume`).
+
+    Raises:
+        BadDataError: unreadable, or not on the model grid.
+    """
     grid = model_grid(resolution)
-    if tuple(img.shape) != tuple(grid.shape) or not np.allclose(img.affine, grid.affine, atol=1e-3):
-        raise BadDataError(f"{files.preproc} is not on the {resolution:g} mm model grid; fix: rerun the participant "
-                           f"level with --resolution {resolution:g}")
-    data = np.asanyarray(img.dataobj, dtype=np.float32)
-    mask = np.asanyarray(nib.load(str(files.mask)).dataobj) > 0
-    return data, mask
+    return load_volume(files.preproc, grid), load_volume(files.mask, grid) > 0.5
 
 
 def lr_flip_suspected(files: ScanFiles) -> bool:
