@@ -169,17 +169,20 @@ def maxprob_labels(img: nib.spatialimages.SpatialImage, threshold: float = PROBA
         >>> maxprob_labels(nib.Nifti1Image(p, np.eye(4)))[:, 0, 0].tolist()
         [1, 0]
     """
-    best = np.zeros(img.shape[:3], dtype=np.float32)
+    best: np.ndarray | None = None
     winner = np.zeros(img.shape[:3], dtype=np.int32)
     top = 0.0
     for k in range(img.shape[3]):
-        vol = np.asarray(img.dataobj[..., k], dtype=np.float32)
-        top = max(top, float(vol.max(initial=0.0)))
+        vol = np.asarray(img.dataobj[..., k])  # the stored dtype (uint8 percentages for Harvard-Oxford)
+        if best is None:
+            best = np.zeros(vol.shape, dtype=vol.dtype)
+        top = max(top, float(vol.max(initial=0)))
         better = vol > best
-        best[better] = vol[better]
+        np.copyto(best, vol, where=better)
         winner[better] = k + 1
     scale = 100.0 if top > 1.0 + 1e-6 else 1.0
-    winner[best / scale < threshold] = 0
+    if best is not None:
+        winner[best.astype(np.float32) / scale < threshold] = 0
     return winner
 
 
