@@ -430,7 +430,8 @@ def stage_cpu(path: Path, resolution: float, n_threads: int, reg_threads: int, o
     from bids_siamese.preproc.grid import template_on_grid
     from bids_siamese.reports.figures import mask_contour_mosaic, orientation_figure, registration_mosaic
     from bids_siamese.resources import model_grid
-    from bids_siamese.symmetry.asymmetry import analyse_scan, atlas_on_grid, homologous_pairs, template_reference
+    from bids_siamese.symmetry.analysis import analyse_scan, template_reference
+    from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs
 
     prepared = prepare(path, n_threads)
     watch = prepared.watch

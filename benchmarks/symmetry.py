@@ -36,32 +36,32 @@ import torch
 from scipy import ndimage as ndi
 
 from bids_siamese.resources import TEMPLATE, model_grid
+from bids_siamese.symmetry.analysis import template_reference
 from bids_siamese.symmetry.asymmetry import (
     ASYMMETRY_THRESHOLD,
     DEFAULT_FWHM_MM,
     asymmetry_map,
-    atlas_on_grid,
     group_reference,
-    homologous_pairs,
     positive_intensities,
-    regional_asymmetry,
     score_map,
     score_scan,
-    template_reference,
 )
-from bids_siamese.symmetry.run import family_split
+from bids_siamese.symmetry.model import build_symmetry_model
+from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs, regional_asymmetry
+from bids_siamese.symmetry.run import SPLIT_FRACTIONS
 from bids_siamese.symmetry.simulate import LesionConfig, sphere_cross_section_mm2
 from bids_siamese.symmetry.train import (
-    TrainConfig,
     detection_figure,
     evaluate_detection,
     prepare_scan,
-    roc_auc,
     siamese_predict,
     siamese_scorer,
     to_model_resolution,
     train_symmetry_model,
 )
+from bids_siamese.train.evaluate import safe_auc
+from bids_siamese.train.loop import TrainConfig
+from bids_siamese.train.pairs import subject_split
 
 #: Volume bins (mm^3) for the planted demo lesions (the small demo set has two lesions in each: 98-8101 mm^3).
 REAL_BINS = (50.0, 250.0, 1000.0, 3000.0, 10000.0)
@@ -153,11 +153,11 @@ def per_bin_table(truth: pd.DataFrame, scores: pd.Series, threshold: float, bins
         rows.append({"bin_mm3": f"{lo:g}-{hi:g}", "n_lesion": int(sel.sum()),
                      "volume_mm3": round(float(vol[sel].median()), 0),
                      "cross_section_mm2": round(float(cross[sel].median()), 0),
-                     "auc": round(roc_auc(y, s), 3),
+                     "auc": round(safe_auc(y, s), 3),
                      "detection_rate": round(float((scores[sel] > threshold).mean()), 3)
                      if np.isfinite(threshold) else float("nan")})
     y = lesion[lesion | clean].astype(float).to_numpy()
-    overall = {"auc": round(roc_auc(y, scores[lesion | clean].to_numpy()), 3),
+    overall = {"auc": round(safe_auc(y, scores[lesion | clean].to_numpy()), 3),
                "false_positive_rate": round(float((scores[clean] > threshold).mean()), 3)
                if np.isfinite(threshold) else float("nan"),
                "n_lesion": int(lesion.sum()), "n_clean": int(clean.sum())}
@@ -234,26 +234,30 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_model:
         families = dict(zip(truth["participant_id"], truth["family_id"]))
         healthy = truth.index[~lesion & ~flipped].tolist()
-        split = family_split(sorted({truth.at[i, "participant_id"] for i in healthy}), families, args.seed)
+        split = subject_split(sorted({truth.at[i, "participant_id"] for i in healthy}), families, args.seed,
+                              SPLIT_FRACTIONS)
         parts = {k: [i for i in healthy if split[truth.at[i, "participant_id"]] == k] for k in ("train", "validation", "test")}
         print({k: len(v) for k, v in parts.items()}, flush=True)
-        config = TrainConfig(backbone=args.backbone, fusion=args.fusion, resolution=res, epochs=args.epochs,
-                             batch_size=args.batch_size, seed=args.seed, num_threads=args.threads, lr=args.lr,
-                             difference_channel=not args.no_difference_channel,
-                             samples_per_scan=args.samples_per_scan)
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, lr=args.lr, flip_lr=True,
+                             progress=True)
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(args.seed)
+        model = build_symmetry_model(args.backbone, args.fusion, 64, difference_channel=not args.no_difference_channel)
 
         def small(i: int):
-            v, m = to_model_resolution(volumes[i], masks[i], res, config.resolution)
-            return prepare_scan(v, m, config.resolution, str(i))
+            v, m = to_model_resolution(volumes[i], masks[i], res, res)
+            return prepare_scan(v, m, res, str(i))
 
         t2 = time.time()
-        model, history, info = train_symmetry_model([small(i) for i in parts["train"]],
-                                                    [small(i) for i in parts["validation"]], config, log=print)
+        result, info = train_symmetry_model(model, [small(i) for i in parts["train"]],
+                                            [small(i) for i in parts["validation"]], config, res,
+                                            samples_per_scan=args.samples_per_scan)
+        model, history = result.model, result.history
         train_seconds = time.time() - t2
         history.to_csv(args.results / "training.tsv", sep="\t", index=False)
         evaluated = parts["test"] + truth.index[lesion].tolist() + truth.index[flipped & ~lesion].tolist()
         p_abn, p_left = siamese_predict(model, [volumes[i] for i in evaluated], [masks[i] for i in evaluated], res,
-                                        config.resolution)
+                                        res)
         truth["siamese_probability"] = np.nan
         truth.loc[evaluated, "siamese_probability"] = p_abn
         truth["siamese_p_left"] = np.nan
@@ -278,11 +282,11 @@ def main(argv: list[str] | None = None) -> int:
             ((held.loc[side_ok, "siamese_p_left"] > 0.5) == held.loc[side_ok, "lesion_hemisphere"].eq("L")).mean()), 3)
         results["training"] = {**info, "train_scans": len(parts["train"]), "validation_scans": len(parts["validation"]),
                                "test_scans": len(parts["test"]), "seconds": round(train_seconds, 1),
-                               "threads": args.threads, "model_resolution_mm": config.resolution,
-                               "backbone": config.backbone, "fusion": config.fusion}
+                               "threads": args.threads, "model_resolution_mm": res,
+                               "backbone": args.backbone, "fusion": args.fusion}
         # simulated lesions in the held-out scans, per bin
         test_scans = [prepare_scan(volumes[i], masks[i], res, str(i)) for i in parts["test"]]
-        scorers = {"siamese_probability": siamese_scorer(model, res, config.resolution),
+        scorers = {"siamese_probability": siamese_scorer(model, res, res),
                    "asymmetry_score": lambda vs, ms: np.array(
                        [score_scan(v, m, res, reference, args.fwhm)["asymmetry_score"] for v, m in zip(vs, ms)])}
         samples, sim_bins, sim_overall = evaluate_detection(

@@ -76,7 +76,8 @@ class Settings:
     label_column: str = "group"
     pairs_file: Path | None = None
     top_k: int = 5
-    atlas: str = "harvard_oxford"
+    #: bundled atlas name or NIfTI; the default covers the whole brain, cerebellum included (bids_siamese.atlas)
+    atlas: str = "harvard_oxford_cerebellum"
     lrp_target: str = "embedding_abs"
     lrp_rules: str = "epsilon_plus"
     relevance_fwhm: float = 6.0

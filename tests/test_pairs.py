@@ -161,3 +161,18 @@ def test_longitudinal_split_is_label_stratified_and_family_aware():
     assert split.set_index("participant_id").loc["sub-99", "split"] == "unlabelled"
     labelled = split[split["split"] != "unlabelled"]
     assert set(labelled["split"]) == {"train", "validation", "test"}
+
+
+def test_read_families_finds_hcp_family_id_for_every_task(tmp_path):
+    from bids_siamese.train.pairs import read_families, subject_split
+
+    pd.DataFrame({"participant_id": [f"{i:02d}" for i in range(12)],
+                  "Family_ID": [f"f{i // 2}" for i in range(10)] + ["", "n/a"]}).to_csv(
+        tmp_path / "participants.tsv", sep="\t", index=False)
+    family = read_families(tmp_path)  # the default --family-column family_id: HCP's Family_ID is found
+    assert family["sub-00"] == family["sub-01"] == "f0" and "sub-10" not in family and "sub-11" not in family
+    assert read_families(tmp_path, "other_column") == {} and read_families(tmp_path / "missing") == {}
+    split = subject_split([f"sub-{i:02d}" for i in range(12)], family, seed=3, fractions=(0.7, 0.15, 0.15))
+    assert all(split[f"sub-{2 * k:02d}"] == split[f"sub-{2 * k + 1:02d}"] for k in range(5))
+    assert sorted(set(split.values())) == ["test", "train", "validation"]
+    assert split == subject_split([f"{i:02d}" for i in range(12)], family, seed=3, fractions=(0.7, 0.15, 0.15))

@@ -15,21 +15,17 @@ from scipy import ndimage as ndi
 from bids_siamese.bids.layout import run_validator
 from bids_siamese.config import Settings
 from bids_siamese.resources import model_grid
+from bids_siamese.preproc.grid import mirror, template_on_grid
+from bids_siamese.symmetry.analysis import analyse_scan, template_reference
 from bids_siamese.symmetry.asymmetry import (
     Reference,
-    analyse_scan,
     asymmetry_map,
-    atlas_on_grid,
-    homologous_pairs,
     left_hemisphere,
-    mirror,
     positive_intensities,
-    regional_asymmetry,
     score_scan,
     symmetric_mask,
-    template_on_model_grid,
-    template_reference,
 )
+from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs, regional_asymmetry
 from bids_siamese.symmetry.model import FUSIONS, SymmetrySiamese, build_symmetry_model, split_hemispheres
 from bids_siamese.symmetry.simulate import (
     LesionConfig,
@@ -52,7 +48,7 @@ def normalise(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def template8() -> tuple[np.ndarray, np.ndarray]:
-    data, mask = template_on_model_grid(RES)
+    data, mask = template_on_grid(model_grid(RES))
     return normalise(data, mask), mask
 
 
@@ -171,7 +167,7 @@ def test_planted_lesion_raises_its_region_with_the_right_sign(symmetric8, side, 
 
 
 def test_homologous_pairs_of_every_bundled_atlas():
-    expected = {"harvard_oxford": 56, "aal": 56, "neuromorphometrics": 60}
+    expected = {"harvard_oxford": 56, "aal": 56, "neuromorphometrics": 60, "harvard_oxford_cerebellum": 65}
     for atlas, n_min in expected.items():
         labels, names = atlas_on_grid(atlas, RES)
         pairs = homologous_pairs(names)
@@ -317,19 +313,26 @@ def _jittered_scans(template8, n, seed=0):
 @pytest.mark.slow
 def test_train_save_load_and_evaluate(template8, tmp_path):
     from bids_siamese.symmetry.train import (
-        TrainConfig, evaluate_detection, load_symmetry_model, save_symmetry_checkpoint, siamese_scorer,
-        train_symmetry_model,
+        evaluate_detection, load_symmetry_model, save_symmetry_checkpoint, siamese_scorer, train_symmetry_model,
     )
+    from bids_siamese.train.loop import TrainConfig
 
     scans = _jittered_scans(template8, 5)
-    cfg = TrainConfig(resolution=RES, epochs=2, batch_size=4, val_draws=1, embedding_dim=16,
-                      lesion=LesionConfig(volume_mm3=(2000.0, 8000.0)))
-    model, history, info = train_symmetry_model(scans[:3], scans[3:4], cfg, log=lambda s: None)
+    cfg = TrainConfig(epochs=2, batch_size=4, flip_lr=True)
+    torch.manual_seed(0)
+    model = build_symmetry_model("small", embedding_dim=16, difference_channel=True)
+    result, info = train_symmetry_model(model, scans[:3], scans[3:4], cfg, RES, LesionConfig(volume_mm3=(2000.0, 8000.0)),
+                                        val_draws=1)
+    model, history = result.model, result.history
     assert len(history) == 2 and np.isfinite(history["train_loss"]).all()
-    paths = save_symmetry_checkpoint(tmp_path / "symmetry_small", model, cfg, {"fingerprint": "x"}, {"auc": 1.0})
+    assert history["volume_max_mm3"].iloc[-1] == 8000.0 and 0.0 <= info["threshold"] <= 1.0
+    paths = save_symmetry_checkpoint(tmp_path / "symmetry_small", model, cfg, RES, {"fingerprint": "x"},
+                                     {"auc": 1.0}, info["threshold"], info["samples"])
     assert {p.name for p in paths} == {"model.pt", "model.pt.sha256", "model_card.json"}
     loaded, card = load_symmetry_model(tmp_path / "symmetry_small")
     assert card["task"] == "symmetry" and card["hyperparameters"]["fusion"] == "difference"
+    assert card["hyperparameters"]["epochs"] == 2 and card["hyperparameters"]["val_draws"] == 1
+    assert card["grid"]["resolution"] == RES and card["embedding_dim"] == 16
     x = torch.from_numpy(scans[4].volume[None, None])
     assert torch.allclose(model(x)[0], loaded(x)[0])
     samples, per_bin, overall = evaluate_detection(
@@ -485,7 +488,7 @@ def test_output_names_pass_the_validator(template8, tmp_path):
 
 
 def test_precise_batch_norm_matches_training_mode(template8):
-    from bids_siamese.symmetry.train import recompute_batch_norm
+    from bids_siamese.train.loop import recompute_batch_norm
 
     data, _ = template8
     rng = np.random.default_rng(0)
@@ -496,7 +499,8 @@ def test_precise_batch_norm_matches_training_mode(template8):
     with torch.no_grad():
         train_features = model.features(x)[0]  # batch statistics
         stale = model.eval().features(x)[0]  # initial running statistics
-    assert recompute_batch_norm(model, x, batch_size=4) > 0
+    # the shared precise batch norm, run through the hemisphere model (not its embedding head)
+    assert recompute_batch_norm(model, x.numpy(), np.arange(4), batch_size=4, forward=model) > 0
     model.eval()
     with torch.no_grad():
         eval_features = model.features(x)[0]
@@ -517,7 +521,7 @@ def test_position_map_points_at_the_lesion_cells():
 
 
 def test_peak_region_outside_every_label_names_the_nearest_on_its_side():
-    from bids_siamese.symmetry.asymmetry import region_at
+    from bids_siamese.symmetry.regional import region_at
 
     labels = np.zeros((10, 3, 3), int)
     labels[0], labels[9] = 1, 2  # left and right labels at the two ends of the x axis

@@ -259,7 +259,8 @@ def test_worker_caches_are_built_before_forking_only_for_forked_workers(tmp_path
 def test_warm_worker_caches_fills_the_caches_the_nodes_use():
     from types import SimpleNamespace
 
-    from bids_siamese.symmetry.asymmetry import _template_reference_cached, atlas_on_grid
+    from bids_siamese.atlas import atlas_on_grid
+    from bids_siamese.symmetry.analysis import _template_reference_cached
     from bids_siamese.workflows.participant import warm_worker_caches
 
     register._fixed_data_cached.cache_clear()

@@ -124,7 +124,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     grp.add_argument("--pairs-file", type=Path, metavar="TSV", help="twin pairs TSV instead of family columns")
     grp.add_argument("--top-k", type=int, default=5,
                      help="--task twin: closest relatives listed per scan (group_twins_relatives.tsv)")
-    grp.add_argument("--atlas", default="harvard_oxford", help="bundled atlas name or a NIfTI with a label TSV")
+    grp.add_argument("--atlas", default=Settings.atlas,
+                     help="bundled atlas name (harvard_oxford_cerebellum: Harvard-Oxford with AAL's cerebellum, the "
+                          "default; harvard_oxford, aal, desikan_killiany, neuromorphometrics) or a NIfTI with a "
+                          "label TSV")
     grp.add_argument("--lrp-target", choices=("embedding_abs", "embedding", "distance"), default="embedding_abs",
                      help="what LRP explains (see docs/outputs.md)")
     grp.add_argument("--relevance-fwhm", type=float, default=6.0, help="smoothing of the group relevance map (mm)")

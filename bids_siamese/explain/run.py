@@ -354,14 +354,12 @@ def _embedding_table(scans: pd.DataFrame, embeddings: np.ndarray, totals: Sequen
 
 
 def _template_on_grid(grid) -> np.ndarray | None:
+    """The template brain on the model grid (:func:`bids_siamese.preproc.grid.template_on_grid`), the report's
+    underlay."""
     try:
-        from ..resources import template_brain_path
-        from ..surface.gifti import sample_volume
+        from ..preproc.grid import template_on_grid
 
-        img = nib.load(str(template_brain_path()))
-        ijk = np.indices(grid.shape).reshape(3, -1)
-        xyz = (grid.affine[:3, :3] @ ijk + grid.affine[:3, 3:4]).T
-        return sample_volume(np.asarray(img.dataobj, np.float32), img.affine, xyz).reshape(grid.shape)
+        return template_on_grid(grid)[0]
     except Exception as err:  # the report still works without the template underlay
         LOG.info("no template underlay for the report (%s)", err)
         return None

@@ -26,6 +26,7 @@ from nipype.interfaces.base import (
 )
 
 from ..bids.derivatives import template_reference
+from ..config import Settings
 from .base import StepInterface
 
 #: Default smoothing (mm FWHM) of the asymmetry map.
@@ -60,7 +61,7 @@ def map_sidecar(resolution: float, fwhm_mm: float = DEFAULT_FWHM) -> dict:
 class _AsymmetryInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="model-grid desc-preproc T1w (median 0 / IQR 1 in the mask)")
     in_mask = File(exists=True, mandatory=True, desc="model-grid brain mask")
-    atlas = traits.Str("harvard_oxford", usedefault=True, desc="bundled atlas name or a NIfTI with a labels table")
+    atlas = traits.Str(Settings.atlas, usedefault=True, desc="bundled atlas name or a NIfTI with a labels table")
     fwhm = traits.Float(DEFAULT_FWHM, usedefault=True, desc="smoothing of the asymmetry map (mm FWHM)")
     model = traits.Str(desc="symmetry model checkpoint (folder, model.pt or model_card.json)")
     num_threads = traits.Int(1, usedefault=True)
@@ -89,7 +90,8 @@ class AsymmetryAnalysis(StepInterface):
         from ..bids.derivatives import write_json, write_tsv
         from ..errors import BadDataError
         from ..resources import model_grid
-        from ..symmetry.asymmetry import analyse_scan, atlas_on_grid, homologous_pairs, template_reference
+        from ..symmetry.analysis import analyse_scan, template_reference
+        from ..symmetry.regional import atlas_on_grid, homologous_pairs
 
         img = nib.load(self.inputs.in_file)
         data = np.asanyarray(img.dataobj, dtype=np.float32)

@@ -263,6 +263,10 @@ def load_checkpoint(path: Path, task: str | None = None, grid: Grid | None = Non
             from .orientation import OrientationEnsemble
 
             model: nn.Module = OrientationEnsemble.from_card(card)
+        elif card["task"] == "symmetry":  # the hemisphere model; its reference buffers are sized by the grid
+            from ..symmetry.model import symmetry_model_from_card
+
+            model = symmetry_model_from_card(card, state)
         elif card["backbone"] == "regional" and card["task"] == "longitudinal":  # region layout in the buffers
             model = RegionalChange.from_state_dict(state, tuple(card["grid"]["shape"]),
                                                               pool=int(card.get("pool", 2)))

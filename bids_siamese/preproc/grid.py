@@ -1,7 +1,12 @@
-"""Resampling onto the model grid, robust intensity normalisation, and the template on the grid.
+"""Resampling onto the model grid, robust intensity normalisation, mirroring, and the template on the grid.
 
 The model grid (:func:`bids_siamese.resources.model_grid`) is a RAS grid in template (MNI) mm,
-symmetric about x = 0, so a left-right mirror in template space is ``array[::-1]`` along axis 0.
+symmetric about x = 0, so a left-right mirror in template space is ``array[::-1]`` along axis 0
+(:func:`mirror`).
+
+Brain mask of the template (one definition for every package): the voxels of the skull-stripped 1 mm
+MNI152NLin2009cAsym brain that are non-zero, resampled to the grid trilinearly and thresholded at 0.5 -- the
+way a subject's brain mask is brought to the grid (:func:`resample_mask_to_grid`). See :func:`template_on_grid`.
 """
 from __future__ import annotations
 
@@ -18,6 +23,44 @@ CLIP_Z = 5.0
 
 #: IQR of a standard normal distribution: ``IQR / IQR_TO_SIGMA`` estimates the standard deviation.
 IQR_TO_SIGMA = 1.3489795
+
+
+def mirror(volume: np.ndarray) -> np.ndarray:
+    """The left-right mirror image of a model-grid volume (a flip of the first, x, axis; a contiguous copy).
+
+    Args:
+        volume: array whose first axis is x on a grid symmetric about x = 0.
+
+    Examples:
+        >>> mirror(np.arange(4).reshape(4, 1, 1)).ravel().tolist()
+        [3, 2, 1, 0]
+    """
+    return np.ascontiguousarray(np.flip(np.asarray(volume), axis=0))
+
+
+def resample_array(data: np.ndarray, affine: np.ndarray, grid: Grid, order: int = 1, cval: float = 0.0) -> np.ndarray:
+    """Resample a 3D array with voxel-to-mm ``affine`` onto ``grid`` (both in template space).
+
+    Args:
+        data: source volume.
+        affine: source voxel -> mm.
+        grid: target grid.
+        order: 0 nearest neighbour (labels; the dtype is kept), 1 linear (float32).
+        cval: value outside the source.
+
+    Examples:
+        >>> from bids_siamese.resources import model_grid
+        >>> g = model_grid(8.0)
+        >>> resample_array(np.ones((4, 4, 4)), np.diag([60.0, 60.0, 60.0, 1.0]), g, order=0).shape == g.shape
+        True
+    """
+    matrix = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(grid.affine, dtype=np.float64)
+    src = np.asarray(data)
+    out_dtype = src.dtype if order == 0 else np.float32
+    res = ndimage.affine_transform(src.astype(np.float32) if order else src, matrix[:3, :3], offset=matrix[:3, 3],
+                                   output_shape=tuple(grid.shape), order=order, mode="constant", cval=cval,
+                                   prefilter=False)
+    return res.astype(out_dtype, copy=False)
 
 
 def resample_to_grid(
@@ -115,8 +158,10 @@ def _template_on_grid_cached(shape: tuple[int, int, int], affine_bytes: bytes) -
 def template_on_grid(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """The MNI152NLin2009cAsym brain (float32) and its mask (bool) on ``grid`` (cached, read-only).
 
-    Both are resampled trilinearly from the 1 mm template (the mask at 0.5), the same way the
-    subject brain is resampled by :func:`resample_to_grid`; template voxels outside the mask are 0.
+    Both are resampled trilinearly from the 1 mm template; the mask is the template's non-zero voxels
+    resampled and thresholded at 0.5 (the brain mask definition of the whole package, see the module
+    docstring), the same way the subject brain is resampled by :func:`resample_to_grid`; template voxels
+    outside the mask are 0.
     """
     affine = np.ascontiguousarray(grid.affine, dtype=np.float64)
     return _template_on_grid_cached(tuple(int(s) for s in grid.shape), affine.tobytes())

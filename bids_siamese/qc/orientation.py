@@ -58,6 +58,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..preproc.conform import ORIENTATION_CHECKS
+from ..preproc.grid import mirror
 from . import INFORMATIONAL_CHECKS
 
 #: Degrees of freedom of the registration the flip test runs on (shear-free, see above).
@@ -80,11 +81,6 @@ LR_FLIP_THRESHOLD = 0.5
 
 #: Gaussian sigma (in grid voxels) of the gradient-magnitude image.
 GRADIENT_SIGMA_VOXELS = 1.0
-
-
-def mirror(volume: np.ndarray) -> np.ndarray:
-    """Left-right mirror of a volume on the model grid (axis 0 is x, symmetric about x = 0)."""
-    return volume[::-1]
 
 
 def antisymmetric_correlation(image: np.ndarray, template: np.ndarray, region: np.ndarray) -> float:

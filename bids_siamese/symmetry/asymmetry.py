@@ -1,4 +1,8 @@
-"""Hemispheric asymmetry on the model grid: mirroring, voxelwise and regional indices, reference z-scores.
+"""Hemispheric asymmetry on the model grid: the voxelwise index, references, z-maps and scores.
+
+Regional indices are in :mod:`bids_siamese.symmetry.regional`, the per-scan analysis (voxelwise and
+regional, against the template) in :mod:`bids_siamese.symmetry.analysis`; mirroring is
+:func:`bids_siamese.preproc.grid.mirror`.
 
 The model grid (:func:`bids_siamese.resources.model_grid`) is symmetric about the template's mid-sagittal
 plane x = 0 and stored in RAS order, so the mirror image of a volume is ``np.flip(volume, axis=0)`` and the
@@ -20,13 +24,6 @@ is antisymmetric (``AI(x) = -AI(-x)``), lies in (-1, 1) and is 0 outside the sym
 hypointense lesion in the left hemisphere gives negative values there (and the same positive values at the
 mirrored position in the right hemisphere).
 
-Regional AI. For every pair of homologous atlas regions (``Left_X``/``Right_X``, ``X_L``/``X_R``,
-``ctx-lh-X``/``ctx-rh-X``, ...) the region is symmetrised: its voxel set in the left hemisphere is the left
-region united with the mirror of the right region, and the right value is read on exactly the mirrored voxels.
-``left`` and ``right`` are mean positive intensities (unsmoothed) and ``asymmetry_index = (left - right) /
-(left + right)``; a perfectly symmetric image therefore scores exactly 0 in every region, whatever the
-atlas's own left-right differences.
-
 Scores. Normal brains are not symmetric (the MNI152NLin2009cAsym template itself is not), so raw AI
 magnitudes are compared with a *reference*: a z-map ``z = (AI - reference mean) / reference sd``. The
 reference mean is the template's own AI map (participant level) or the voxelwise median over the template
@@ -39,22 +36,15 @@ reference scans at group level (from :data:`MIN_FOCAL_SCANS` scans on; see :func
 """
 from __future__ import annotations
 
-import difflib
-import gzip
-import re
 import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
-from ..errors import NoInputError
-from ..resources import Grid, atlas_paths, model_grid, template_brain_path
+from ..preproc.grid import mirror
 
 #: In-mask percentiles mapped to :data:`POSITIVE_RANGE` by :func:`positive_intensities`.
 POSITIVE_PERCENTILES = (1.0, 99.0)
@@ -67,8 +57,6 @@ TOP_VOLUME_MM3 = 250.0
 #: Voxels closer than this to the mid-sagittal plane are left out of the focal statistic (the interhemispheric
 #: fissure is where a sub-millimetre left-right shift produces the largest indices).
 MIDLINE_MM = 4.0
-#: Probability threshold (fraction) of the maximum-probability map of a probabilistic atlas.
-PROBABILISTIC_THRESHOLD = 0.25
 #: Fewer scans than this: the group reference falls back to the template mean and each scan's own spread.
 MIN_REFERENCE_SCANS = 8
 #: From this many scans (and below :data:`MIN_REFERENCE_SCANS`) the focal statistic is still standardised
@@ -82,34 +70,11 @@ MAD_TO_SD = 1.4826
 #: ``asymmetry_score`` above which a scan is reported as ``asymmetry_suspected`` (robust z against the
 #: dataset's scans at group level).
 ASYMMETRY_THRESHOLD = 3.0
-#: Smallest spread (regional AI units) by which regional deviations are divided.
-REGION_SD_FLOOR = 0.005
-#: Names of the extra rows of the regional table (see :func:`regional_asymmetry`).
-UNLABELLED = "Unlabelled"
-WHOLE_HEMISPHERE = "Whole_hemisphere"
-#: Number of regions reported as the most asymmetric.
-TOP_REGIONS = 5
-
-REGION_COLUMNS = ["region", "left", "right", "asymmetry_index", "n_voxels", "reference_index", "z_score"]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Mirroring, intensities, the voxelwise map
 # ----------------------------------------------------------------------------------------------------------
-
-
-def mirror(volume: np.ndarray) -> np.ndarray:
-    """The left-right mirror image of a model-grid volume (a flip of the first, x, axis).
-
-    Args:
-        volume: array whose first axis is x on a grid symmetric about x = 0.
-
-    Examples:
-        >>> mirror(np.arange(4).reshape(4, 1, 1)).ravel().tolist()
-        [3, 2, 1, 0]
-    """
-    return np.ascontiguousarray(np.flip(np.asarray(volume), axis=0))
-
 
 def left_hemisphere(shape: Sequence[int]) -> np.ndarray:
     """Boolean mask of the voxels with x < 0 (``i < nx / 2``) on a grid symmetric about x = 0.
@@ -268,254 +233,6 @@ def asymmetry_map(data: np.ndarray, mask: np.ndarray, voxel_mm: float, fwhm_mm: 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Atlases on the model grid, homologous regions, regional indices
-# ----------------------------------------------------------------------------------------------------------
-
-_SIDE_PATTERNS = (
-    (re.compile(r"^(left|right)[_\- ]+(.+)$", re.I), lambda m: (m.group(1)[0].upper(), m.group(2))),
-    (re.compile(r"^(.+?)[_\- ]+(left|right)$", re.I), lambda m: (m.group(2)[0].upper(), m.group(1))),
-    (re.compile(r"^ctx[_\-]([lr])h[_\-](.+)$", re.I), lambda m: (m.group(1).upper(), "ctx-" + m.group(2))),
-    (re.compile(r"^([lr])h[_\-.](.+)$", re.I), lambda m: (m.group(1).upper(), m.group(2))),
-    (re.compile(r"^(.+?)[_\-.]([LR])$"), lambda m: (m.group(2), m.group(1))),
-    (re.compile(r"^([LR])[_\-.](.+)$"), lambda m: (m.group(1), m.group(2))),
-)
-
-
-def split_side(name: str) -> tuple[str | None, str]:
-    """``(side, base name)`` of an atlas label: side ``L``, ``R`` or ``None`` (midline structure).
-
-    Examples:
-        >>> split_side("Left_Frontal_Pole"), split_side("Precentral_R"), split_side("ctx-lh-insula")
-        (('L', 'Frontal_Pole'), ('R', 'Precentral'), ('L', 'ctx-insula'))
-        >>> split_side("Brain-Stem")
-        (None, 'Brain-Stem')
-    """
-    text = str(name).strip()
-    for pattern, parse in _SIDE_PATTERNS:
-        match = pattern.match(text)
-        if match:
-            return parse(match)
-    return None, text
-
-
-@dataclass(frozen=True)
-class RegionPair:
-    """A homologous pair of atlas labels: the common ``name`` and the left and right label values."""
-
-    name: str
-    left: int
-    right: int
-
-
-def _norm(base: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "", base.lower())
-
-
-def homologous_pairs(names: Mapping[int, str], min_similarity: float = 0.9) -> list[RegionPair]:
-    """Pair left and right labels by their name without the side (case- and punctuation-insensitive; names
-    that still differ, such as Harvard-Oxford's ``Left_Lateral_Ventrical``/``Right_Lateral_Ventricle``, are
-    paired when :class:`difflib.SequenceMatcher` finds them at least ``min_similarity`` alike).
-
-    Args:
-        names: label value -> label name.
-        min_similarity: fuzzy-matching threshold for names left unpaired by the exact match.
-
-    Returns:
-        Pairs in the order of the left labels.
-
-    Examples:
-        >>> homologous_pairs({1: "Left_Lateral_Ventrical", 2: "Right_Lateral_Ventricle", 3: "Brain-Stem",
-        ...                   4: "Precentral_L", 5: "Precentral_R"})
-        [RegionPair(name='Lateral_Ventricle', left=1, right=2), RegionPair(name='Precentral', left=4, right=5)]
-    """
-    left: dict[str, tuple[int, str]] = {}
-    right: dict[str, tuple[int, str]] = {}
-    for value, name in names.items():
-        side, base = split_side(name)
-        if side == "L":
-            left.setdefault(_norm(base), (int(value), base))
-        elif side == "R":
-            right.setdefault(_norm(base), (int(value), base))
-    pairs: dict[int, RegionPair] = {}
-    unmatched_right = dict(right)
-    for key, (value, base) in left.items():
-        if key in unmatched_right:
-            r_value, r_base = unmatched_right.pop(key)
-            pairs[value] = RegionPair(r_base if len(r_base) >= len(base) else base, value, r_value)
-    for key, (value, base) in left.items():
-        if value in pairs or not unmatched_right:
-            continue
-        best = max(unmatched_right, key=lambda k: difflib.SequenceMatcher(None, key, k).ratio())
-        if difflib.SequenceMatcher(None, key, best).ratio() >= min_similarity:
-            r_value, r_base = unmatched_right.pop(best)
-            # the right-hand spelling wins ties of fuzzy matches (HO misspells the left ventricle)
-            pairs[value] = RegionPair(r_base, value, r_value)
-    return [pairs[v] for v in sorted(pairs)]
-
-
-def regional_asymmetry(
-    positive: np.ndarray,
-    mask: np.ndarray,
-    labels: np.ndarray,
-    pairs: Sequence[RegionPair],
-    min_voxels: int = 1,
-    extra_regions: bool = True,
-) -> pd.DataFrame:
-    """Regional indices of homologous regions (symmetrised, see the module docstring).
-
-    Args:
-        positive: positive intensities on the model grid (:func:`positive_intensities`).
-        mask: brain mask.
-        labels: integer label image on the same grid.
-        pairs: homologous label pairs.
-        min_voxels: regions with fewer voxels in the symmetric mask get ``NaN`` values.
-        extra_regions: add two rows after the pairs: :data:`UNLABELLED` (brain voxels that carry a label on
-            neither side, e.g. the white matter of Harvard-Oxford, which has no white-matter label) and
-            :data:`WHOLE_HEMISPHERE` (every brain voxel).
-
-    Returns:
-        Columns ``region, left, right, asymmetry_index, n_voxels`` (one row per pair, then the extra rows).
-
-    Examples:
-        >>> lab = np.array([1, 0, 0, 2]).reshape(4, 1, 1)
-        >>> pos = np.array([0.5, 1.0, 1.0, 1.0]).reshape(4, 1, 1)
-        >>> t = regional_asymmetry(pos, np.ones((4, 1, 1), bool), lab, [RegionPair("A", 1, 2)])
-        >>> t.region.tolist(), t[["left", "right"]].values[0].tolist(), round(float(t.asymmetry_index[0]), 3)
-        (['A', 'Unlabelled', 'Whole_hemisphere'], [0.5, 1.0], -0.333)
-    """
-    sym = symmetric_mask(mask) & left_hemisphere(np.shape(mask))
-    labels = np.asarray(labels)
-    labels_m = mirror(labels)
-    pos = np.asarray(positive, dtype=np.float64)
-    pos_m = mirror(pos)
-    rows = []
-    regions = [(pair.name, sym & ((labels == pair.left) | (labels_m == pair.right))) for pair in pairs]
-    if extra_regions:
-        regions.append((UNLABELLED, sym & (labels == 0) & (labels_m == 0)))
-        regions.append((WHOLE_HEMISPHERE, sym))
-    for name, region in regions:
-        n = int(region.sum())
-        if n < max(1, min_voxels):
-            rows.append({"region": name, "left": np.nan, "right": np.nan, "asymmetry_index": np.nan,
-                         "n_voxels": n})
-            continue
-        lv, rv = float(pos[region].mean()), float(pos_m[region].mean())
-        ai = (lv - rv) / (lv + rv) if lv + rv > 0 else np.nan
-        rows.append({"region": name, "left": lv, "right": rv, "asymmetry_index": ai, "n_voxels": n})
-    return pd.DataFrame(rows, columns=["region", "left", "right", "asymmetry_index", "n_voxels"])
-
-
-def resample_to_grid(data: np.ndarray, affine: np.ndarray, grid: Grid, order: int = 1, cval: float = 0.0) -> np.ndarray:
-    """Resample a 3D array with voxel-to-mm ``affine`` onto ``grid`` (both in the same world space).
-
-    Args:
-        data: source volume.
-        affine: source voxel -> mm.
-        grid: target grid.
-        order: 0 nearest neighbour (labels), 1 linear.
-        cval: value outside the source.
-
-    Examples:
-        >>> g = model_grid(8.0)
-        >>> out = resample_to_grid(np.ones((4, 4, 4)), np.diag([60.0, 60.0, 60.0, 1.0]), g, order=0)
-        >>> out.shape == g.shape
-        True
-    """
-    matrix = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(grid.affine, dtype=np.float64)
-    src = np.asarray(data)
-    out_dtype = src.dtype if order == 0 else np.float32
-    res = ndi.affine_transform(src.astype(np.float32) if order else src, matrix[:3, :3], offset=matrix[:3, 3],
-                               output_shape=tuple(grid.shape), order=order, mode="constant", cval=cval,
-                               prefilter=False)
-    return res.astype(out_dtype, copy=False)
-
-
-def _read_label_table(path: Path) -> dict[int, str]:
-    sep = "\t" if path.suffix == ".tsv" else ","
-    table = pd.read_csv(path, sep=sep)
-    cols = {c.lower(): c for c in table.columns}
-    index_col = cols.get("index") or table.columns[0]
-    name_col = cols.get("name") or table.columns[1]
-    return {int(i): str(n) for i, n in zip(table[index_col], table[name_col])}
-
-
-def _stream_4d_argmax(path: Path, voxel_index: np.ndarray, threshold: float) -> np.ndarray:
-    """Maximum-probability label (1-based volume index, 0 below ``threshold``) of a 4D atlas at the given flat
-    voxel indices, reading one volume at a time (a 4D 1 mm atlas is ~0.5 GB once decompressed)."""
-    img = nib.load(str(path))
-    shape = img.shape
-    n_vox = int(np.prod(shape[:3]))
-    dtype = img.get_data_dtype()
-    slope = img.dataobj.slope if np.isfinite(img.dataobj.slope) else 1.0
-    inter = img.dataobj.inter if np.isfinite(img.dataobj.inter) else 0.0
-    offset = int(img.dataobj.offset)
-    best = np.zeros(voxel_index.shape, dtype=np.float32)
-    label = np.zeros(voxel_index.shape, dtype=np.int32)
-    opener = gzip.open if str(path).endswith(".gz") else open
-    max_value = 0.0
-    with opener(path, "rb") as fh:
-        fh.seek(offset)
-        for k in range(shape[3]):
-            buf = fh.read(n_vox * dtype.itemsize)
-            vol = np.frombuffer(buf, dtype=dtype)  # Fortran order: flat index = i + nx * (j + ny * k)
-            values = vol[voxel_index].astype(np.float32) * slope + inter
-            max_value = max(max_value, float(values.max()) if values.size else 0.0)
-            better = values > best
-            best[better] = values[better]
-            label[better] = k + 1
-    scale = 100.0 if max_value > 1.0 else 1.0  # percent or fraction
-    label[best < threshold * scale] = 0
-    return label
-
-
-@lru_cache(maxsize=8)
-def atlas_on_grid(atlas: str, resolution: float) -> tuple[np.ndarray, dict[int, str]]:
-    """An atlas as an integer label image on ``model_grid(resolution)`` (nearest neighbour), with its names.
-
-    A probabilistic (4D) atlas becomes its maximum-probability map thresholded at
-    :data:`PROBABILISTIC_THRESHOLD`; its label values are the 1-based volume indices (the labels file's
-    ``index`` + 1). ``atlas`` is a bundled atlas name or a 3D/4D NIfTI with a labels table next to it
-    (same name with ``.tsv``, tab separated, or ``.csv``; columns ``index`` and ``name``).
-
-    Raises:
-        NoInputError: unknown atlas or missing labels table.
-    """
-    grid = model_grid(resolution)
-    path = Path(atlas)
-    if path.name.endswith((".nii", ".nii.gz")):
-        if not path.is_file():
-            raise NoInputError(f"--atlas {atlas} not found; fix: give a bundled atlas name or an existing NIfTI")
-        stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.name[: -len(".nii")]
-        tables = [path.with_name(stem + ext) for ext in (".tsv", ".csv")]
-        table = next((t for t in tables if t.is_file()), None)
-        if table is None:
-            raise NoInputError(f"--atlas {atlas}: no labels table {tables[0].name}; fix: write one with columns "
-                               "index and name")
-        image, labels_file = path, table
-    else:
-        image, labels_file, _ = atlas_paths(atlas)
-    names = _read_label_table(Path(labels_file))
-    img = nib.load(str(image))
-    # nearest atlas voxel of every grid voxel centre
-    ijk = np.indices(grid.shape).reshape(3, -1)
-    world = grid.affine[:3, :3] @ ijk + grid.affine[:3, 3:4]
-    vox = np.linalg.inv(img.affine)[:3, :3] @ world + np.linalg.inv(img.affine)[:3, 3:4]
-    vox = np.rint(vox).astype(np.int64)
-    shape3 = img.shape[:3]
-    inside = np.all((vox >= 0) & (vox < np.array(shape3)[:, None]), axis=0)
-    flat = np.zeros(inside.shape, dtype=np.int64)
-    flat[inside] = vox[0, inside] + shape3[0] * (vox[1, inside] + shape3[1] * vox[2, inside])
-    out = np.zeros(inside.shape, dtype=np.int32)
-    if len(img.shape) == 4 and img.shape[3] > 1:
-        out[inside] = _stream_4d_argmax(Path(image), flat[inside], PROBABILISTIC_THRESHOLD)
-        names = {int(k) + 1: v for k, v in names.items()}
-    else:
-        data = np.asarray(img.dataobj).reshape(-1, order="F")
-        out[inside] = np.rint(data[flat[inside]]).astype(np.int32)
-    return out.reshape(grid.shape), names
-
-
-# ----------------------------------------------------------------------------------------------------------
 # References, z-maps and scores
 # ----------------------------------------------------------------------------------------------------------
 
@@ -619,94 +336,6 @@ def focal_statistic(z: np.ndarray, mask: np.ndarray, voxel_mm: float, top_volume
     return float(top.mean()), peak  # type: ignore[return-value]
 
 
-def regional_z(regions: pd.DataFrame, reference: Reference) -> pd.DataFrame:
-    """Add ``reference_index`` and ``z_score`` to a regional table.
-
-    With a regional reference sd (group level) ``z = (AI - mean) / sd``; otherwise the deviations from the
-    reference mean are standardised by their robust spread across the scan's regions (at least
-    :data:`REGION_SD_FLOOR`).
-
-    Examples:
-        >>> t = pd.DataFrame({"region": list("abcd"), "asymmetry_index": [0.0, 0.01, -0.01, 0.2]})
-        >>> ref = Reference(mean=np.zeros(1), regions_mean=pd.Series({"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}))
-        >>> regional_z(t, ref).z_score.round(1).tolist()
-        [0.0, 0.7, -0.7, 13.5]
-    """
-    out = regions.copy()
-    ref_mean = reference.regions_mean if reference.regions_mean is not None else pd.Series(dtype=float)
-    out["reference_index"] = out["region"].map(ref_mean).astype(float)
-    dev = out["asymmetry_index"].astype(float) - out["reference_index"].fillna(0.0)
-    if reference.regions_sd is not None:
-        sd = out["region"].map(reference.regions_sd).astype(float)
-        floor = float(np.nanpercentile(sd, 5)) if np.isfinite(sd).any() else 1e-3
-        sd = sd.fillna(np.inf).clip(lower=max(floor, 1e-6))
-        out["z_score"] = dev / sd
-    else:
-        finite = dev[np.isfinite(dev)]
-        spread = float(robust_sd(finite)) if len(finite) >= 3 else np.nan
-        out["z_score"] = dev / max(spread, REGION_SD_FLOOR) if np.isfinite(spread) else np.nan
-    return out
-
-
-def top_regions(regions: pd.DataFrame, n: int = TOP_REGIONS) -> list[dict]:
-    """The ``n`` regions with the largest ``|z_score|``: ``region``, ``asymmetry_index``, ``z_score``.
-
-    Examples:
-        >>> t = pd.DataFrame({"region": ["a", "b"], "asymmetry_index": [0.1, -0.3], "z_score": [1.0, -4.0]})
-        >>> [r["region"] for r in top_regions(t, 1)]
-        ['b']
-    """
-    valid = regions[np.isfinite(regions["z_score"].astype(float))]
-    order = valid["z_score"].astype(float).abs().sort_values(ascending=False).index[:n]
-    return [
-        {"region": str(valid.at[i, "region"]), "asymmetry_index": round(float(valid.at[i, "asymmetry_index"]), 4),
-         "z_score": round(float(valid.at[i, "z_score"]), 2)}
-        for i in order
-    ]
-
-
-def format_top_regions(regions: list[dict]) -> str:
-    """``region (z)`` entries joined by ``;`` for a table cell (``n/a`` when empty).
-
-    Examples:
-        >>> format_top_regions([{"region": "Hippocampus", "asymmetry_index": -0.1, "z_score": -5.04}])
-        'Hippocampus (z=-5.04)'
-    """
-    if not regions:
-        return "n/a"
-    return ";".join(f"{r['region']} (z={r['z_score']:.2f})" for r in regions)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The template reference and the per-scan analysis
-# ----------------------------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=4)
-def template_on_model_grid(resolution: float) -> tuple[np.ndarray, np.ndarray]:
-    """The MNI152NLin2009cAsym brain (linear) and its mask on ``model_grid(resolution)``."""
-    grid = model_grid(resolution)
-    img = nib.load(str(template_brain_path()))
-    data = resample_to_grid(np.asanyarray(img.dataobj, dtype=np.float32), img.affine, grid, order=1)
-    mask = data > 0.05 * float(np.percentile(data[data > 0], 99))
-    return data.astype(np.float32), mask
-
-
-@lru_cache(maxsize=8)
-def _template_reference_cached(resolution: float, fwhm_mm: float, atlas: str) -> Reference:
-    data, mask = template_on_model_grid(resolution)
-    ai = asymmetry_map(data, mask, resolution, fwhm_mm)
-    labels, names = atlas_on_grid(atlas, resolution)
-    regions = regional_asymmetry(positive_intensities(data, mask), mask, labels, homologous_pairs(names))
-    return Reference(mean=ai, source="template", n_scans=0,
-                     regions_mean=regions.set_index("region")["asymmetry_index"].astype(float))
-
-
-def template_reference(resolution: float, fwhm_mm: float = DEFAULT_FWHM_MM, atlas: str = "harvard_oxford") -> Reference:
-    """The template's own asymmetry (voxelwise and regional) as the participant-level reference (cached)."""
-    return _template_reference_cached(float(resolution), float(fwhm_mm), str(atlas))
-
-
 def score_scan(
     data: np.ndarray,
     mask: np.ndarray,
@@ -773,122 +402,6 @@ def peak_location(peak: Sequence[int], z: np.ndarray, affine: np.ndarray) -> tup
         xyz[0] = -xyz[0]
     return tuple(round(float(v), 1) for v in xyz)  # type: ignore[return-value]
 
-
-def region_at(point_mm: Sequence[float], labels: np.ndarray, names: Mapping[int, str], affine: np.ndarray,
-              search_mm: float = 10.0) -> str:
-    """The atlas label name at a template-mm point (nearest voxel).
-
-    A point outside every label (often white matter, which cortical/subcortical atlases leave out) gets the
-    nearest label on the same side within ``search_mm``, as ``<name> (nearest, <d> mm)``; else
-    ``Unlabelled (left|right)``.
-
-    Examples:
-        >>> lab = np.zeros((4, 1, 1), int); lab[3] = 7
-        >>> aff = np.diag([2.0, 2.0, 2.0, 1.0]); aff[0, 3] = -3.0
-        >>> region_at((3.0, 0, 0), lab, {7: "Right_X"}, aff), region_at((1.0, 0, 0), lab, {7: "Right_X"}, aff)
-        ('Right_X', 'Right_X (nearest, 2 mm)')
-        >>> region_at((-3.0, 0, 0), lab, {7: "Right_X"}, aff)
-        'Unlabelled (left)'
-    """
-    affine = np.asarray(affine, dtype=float)
-    vox = np.rint(np.linalg.inv(affine) @ np.array([*point_mm, 1.0]))[:3].astype(int)
-    vox = np.clip(vox, 0, np.array(labels.shape) - 1)
-    value = int(labels[tuple(vox)])
-    if value and value in names:
-        return str(names[value])
-    side = "left" if point_mm[0] < 0 else "right"
-    step = np.abs(affine[:3, :3]).max(axis=0)
-    reach = np.ceil(search_mm / step).astype(int)
-    lo, hi = np.maximum(vox - reach, 0), np.minimum(vox + reach + 1, labels.shape)
-    window = labels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    found = np.argwhere(np.isin(window, [k for k in names if k]))
-    if len(found):
-        world = (affine @ np.c_[found + lo, np.ones(len(found))].T)[:3].T
-        same_side = (world[:, 0] < 0) == (point_mm[0] < 0)
-        dist = np.linalg.norm(world - np.asarray(point_mm, dtype=float), axis=1)
-        dist[~same_side] = np.inf
-        best = int(np.argmin(dist))
-        if np.isfinite(dist[best]) and dist[best] <= search_mm:
-            name = names[int(window[tuple(found[best])])]
-            return f"{name} (nearest, {dist[best]:.0f} mm)"
-    return f"{UNLABELLED} ({side})"
-
-
-@dataclass
-class AsymmetryResult:
-    """Everything :func:`analyse_scan` computes for one scan."""
-
-    ai: np.ndarray
-    z: np.ndarray
-    regions: pd.DataFrame
-    report: dict
-
-
-def analyse_scan(
-    data: np.ndarray,
-    mask: np.ndarray,
-    voxel_mm: float,
-    labels: np.ndarray,
-    pairs: Sequence[RegionPair],
-    reference: Reference,
-    fwhm_mm: float = DEFAULT_FWHM_MM,
-    top_volume_mm3: float = TOP_VOLUME_MM3,
-    affine: np.ndarray | None = None,
-    names: Mapping[int, str] | None = None,
-) -> AsymmetryResult:
-    """Voxelwise map, z-map, regional table and score of one model-grid scan.
-
-    Args:
-        data: model-grid intensities.
-        mask: model-grid brain mask.
-        voxel_mm: grid resolution.
-        labels: atlas labels on the grid.
-        pairs: homologous label pairs.
-        reference: :func:`template_reference` or a group :class:`Reference`.
-        fwhm_mm: smoothing.
-        top_volume_mm3: volume of the focal statistic.
-        affine: grid affine (for the peak in mm); default ``model_grid(voxel_mm).affine``.
-        names: atlas label names (for ``peak_region``; omitted when not given).
-
-    Returns:
-        :class:`AsymmetryResult`; its ``report`` holds ``asymmetry_score`` (the focal statistic standardised
-        against the reference scans when the reference has them, else the focal statistic itself),
-        ``focal_z`` (mean |z| of the most deviant ``top_volume_mm3``), ``raw_magnitude`` (mean |AI| over
-        the left hemisphere, no reference), ``peak_mm`` (:func:`peak_location`), ``peak_asymmetry_index``,
-        ``peak_z`` (both at the left-hemisphere member of the peak pair), ``peak_region`` (:func:`region_at`),
-        ``top_regions``.
-
-    Examples:
-        >>> rng = np.random.default_rng(0)
-        >>> half = rng.normal(size=(6, 8, 8)); img = np.concatenate([half, half[::-1]], 0)
-        >>> m = np.ones(img.shape, bool); lab = np.zeros(img.shape, int); lab[:6] = 1; lab[6:] = 2
-        >>> ref = Reference(mean=np.zeros(img.shape))
-        >>> r = analyse_scan(img, m, 4.0, lab, [RegionPair("A", 1, 2)], ref)
-        >>> r.report["raw_magnitude"] < 1e-6, abs(float(r.regions.asymmetry_index[0])) < 1e-9
-        (True, True)
-    """
-    mask = np.asarray(mask) > 0
-    affine = model_grid(voxel_mm).affine if affine is None else np.asarray(affine)
-    score = score_scan(data, mask, voxel_mm, reference, fwhm_mm, top_volume_mm3)
-    ai, z, peak = score.pop("ai"), score.pop("z"), score.pop("peak")
-    regions = regional_z(regional_asymmetry(positive_intensities(data, mask), mask, labels, pairs), reference)
-    peak_mm = peak_location(peak, z, affine)
-    report = {
-        "asymmetry_score": round(float(score["asymmetry_score"]), 4),
-        "focal_z": round(float(score["focal_z"]), 4),
-        "raw_magnitude": round(float(score["raw_magnitude"]), 6),
-        "peak_mm": list(peak_mm),
-        "peak_region": region_at(peak_mm, labels, names, affine) if names is not None else None,
-        "peak_asymmetry_index": round(float(ai[peak]), 4),
-        "peak_z": round(float(z[peak]), 3),
-        "top_regions": top_regions(regions),
-        "reference": reference.source,
-        "reference_scans": int(reference.n_scans),
-        "fwhm_mm": float(fwhm_mm),
-        "top_volume_mm3": float(top_volume_mm3),
-        "resolution_mm": float(voxel_mm),
-    }
-    return AsymmetryResult(ai=ai, z=z, regions=regions[REGION_COLUMNS], report=report)
 
 
 def few_scans_reference(ai_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], template: Reference,

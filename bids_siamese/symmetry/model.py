@@ -162,6 +162,8 @@ class SymmetrySiamese(nn.Module):
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion '{fusion}'; choose one of {', '.join(FUSIONS)}")
         self.encoder = encoder
+        self.backbone_name = getattr(encoder, "name", "custom")  # build_symmetry_model names it
+        self.embedding_dim = int(embedding_dim)
         self.difference_channel = bool(difference_channel)
         # reference of the hemisphere difference (set_reference); empty = none
         self.register_buffer("reference_mean", torch.zeros(0))
@@ -261,8 +263,29 @@ def build_symmetry_model(backbone: str = "small", fusion: str = "difference", em
         'difference'
     """
     encoder = build_backbone(backbone, spatial_dims=3, in_channels=2 if difference_channel else 1)
-    return SymmetrySiamese(encoder, fusion=fusion, embedding_dim=embedding_dim, hidden=hidden, heads=heads,
-                           difference_channel=difference_channel)
+    model = SymmetrySiamese(encoder, fusion=fusion, embedding_dim=embedding_dim, hidden=hidden, heads=heads,
+                            difference_channel=difference_channel)
+    model.backbone_name = backbone
+    return model
+
+
+def symmetry_model_from_card(card: dict, state: dict) -> SymmetrySiamese:
+    """An untrained :class:`SymmetrySiamese` shaped like a checkpoint's (its card and its weights, whose
+    reference buffers are sized by the training grid), ready for ``load_state_dict``.
+
+    Examples:
+        >>> m = build_symmetry_model("small", difference_channel=True)
+        >>> card = {"backbone": "small", "embedding_dim": 64, "hyperparameters": {"difference_channel": True}}
+        >>> symmetry_model_from_card(card, m.state_dict()).difference_channel
+        True
+    """
+    hyper = card.get("hyperparameters", {})
+    model = build_symmetry_model(card["backbone"], hyper.get("fusion", "difference"), int(card["embedding_dim"]),
+                                 difference_channel=bool(hyper.get("difference_channel", False)))
+    for name in ("reference_mean", "reference_sd"):
+        if name in state:
+            setattr(model, name, torch.zeros_like(state[name]))
+    return model
 
 
 def predict_proba(model: SymmetrySiamese, volumes: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

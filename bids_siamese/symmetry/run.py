@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -25,28 +24,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from ..bids.derivatives import write_json, write_text, write_tsv
-from ..errors import BadDataError, NoInputError
+from ..errors import NoInputError
+from ..qc.gate import orientation_qc_path
 from ..resources import TEMPLATE, model_grid
+from ..train.data import load_volume, mask_path_for, preproc_name_pattern
+from .analysis import template_reference
 from .asymmetry import (
     ASYMMETRY_THRESHOLD,
     asymmetry_map,
-    atlas_on_grid,
-    format_top_regions,
     group_reference,
-    homologous_pairs,
     peak_location,
     positive_intensities,
+    score_map,
+    score_scan,
+)
+from .regional import (
+    atlas_on_grid,
+    format_top_regions,
+    homologous_pairs,
     region_at,
     regional_asymmetry,
     regional_z,
-    score_map,
-    score_scan,
-    template_reference,
     top_regions,
 )
 from .simulate import LesionConfig
@@ -58,6 +60,8 @@ TRAINING_TABLE = "group_symmetry_training.tsv"
 EVALUATION_TABLE = "group_symmetry_evaluation.tsv"
 EVALUATION_JSON = "group_symmetry_evaluation.json"
 FIGURE = "figures/group_symmetry_detection.svg"
+#: Train, validation and test fractions of the lesion-free subjects' families.
+SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 
 GROUP_COLUMNS = [
     "participant_id", "session_id", "asymmetry_score", "asymmetry_suspected", "focal_z", "raw_magnitude",
@@ -80,23 +84,24 @@ class ScanFiles:
 
 
 def find_scans(output_dir: Path, subjects: Sequence[str], resolution_label: str) -> list[ScanFiles]:
-    """The participant-level model-grid outputs of ``subjects`` at ``res-<resolution_label>``.
+    """The participant-level model-grid outputs of ``subjects`` at ``res-<resolution_label>``: every scan (all
+    sessions and runs) with a brain mask, named as the other tasks find them (:mod:`bids_siamese.train.data`).
 
     Examples:
         >>> find_scans(Path("/nonexistent"), ["01"], "2")
         []
     """
-    pattern = f"*_space-{TEMPLATE}_res-{resolution_label}_desc-preproc_T1w.nii.gz"
     found = []
     for subject in subjects:
+        pattern = preproc_name_pattern(resolution_label)
         for preproc in sorted((Path(output_dir) / f"sub-{subject}").glob(f"**/anat/{pattern}")):
-            mask = Path(str(preproc).replace("_desc-preproc_T1w.nii.gz", "_desc-brain_mask.nii.gz"))
+            mask = mask_path_for(preproc)
             if not mask.is_file():
                 LOG.warning("%s has no brain mask next to it; skipped", preproc.name)
                 continue
             source = preproc.name.split(f"_space-{TEMPLATE}")[0]
             ents = dict(_ENTITY.findall(source))
-            qc = preproc.with_name(f"{source}_desc-orientation_qc.json")
+            qc = orientation_qc_path(preproc)
             found.append(ScanFiles(preproc, mask, f"sub-{ents.get('sub', subject)}",
                                    f"ses-{ents['ses']}" if "ses" in ents else "n/a", source,
                                    qc if qc.is_file() else None))
@@ -104,15 +109,13 @@ def find_scans(output_dir: Path, subjects: Sequence[str], resolution_label: str)
 
 
 def load_scan(files: ScanFiles, resolution: float) -> tuple[np.ndarray, np.ndarray]:
-    """Image and mask of a scan, checked to be on ``model_grid(resolution)``."""
-    img = nib.load(str(files.preproc))
+    """Image and mask of a scan, checked to be on ``model_grid(resolution)`` (:func:`bids_siamese.train.data.load_volume`).
+
+    Raises:
+        BadDataError: unreadable, or not on the model grid.
+    """
     grid = model_grid(resolution)
-    if tuple(img.shape) != tuple(grid.shape) or not np.allclose(img.affine, grid.affine, atol=1e-3):
-        raise BadDataError(f"{files.preproc} is not on the {resolution:g} mm model grid; fix: rerun the participant "
-                           f"level with --resolution {resolution:g}")
-    data = np.asanyarray(img.dataobj, dtype=np.float32)
-    mask = np.asanyarray(nib.load(str(files.mask)).dataobj) > 0
-    return data, mask
+    return load_volume(files.preproc, grid), load_volume(files.mask, grid) > 0.5
 
 
 def lr_flip_suspected(files: ScanFiles) -> bool:
@@ -123,62 +126,6 @@ def lr_flip_suspected(files: ScanFiles) -> bool:
         return bool(json.loads(files.orientation_qc.read_text()).get("lr_flip_suspected", False))
     except (OSError, ValueError):
         return False
-
-
-def family_split(subjects: Sequence[str], families: dict[str, str] | None, seed: int,
-                 fractions: tuple[float, float] = (0.15, 0.15)) -> dict[str, str]:
-    """Assign subjects to ``test``, ``validation`` and ``train`` by family (co-twins stay together).
-
-    At least one family goes to test and one to validation when there are three or more families.
-
-    Examples:
-        >>> split = family_split([f"sub-{i:02d}" for i in range(10)], None, seed=0)
-        >>> sorted(set(split.values())), list(split.values()).count("test")
-        (['test', 'train', 'validation'], 2)
-    """
-    families = families or {}
-    groups: dict[str, list[str]] = {}
-    for sub in subjects:
-        groups.setdefault(str(families.get(sub) or sub), []).append(sub)
-    keys = sorted(groups)
-    order = np.random.default_rng(seed).permutation(len(keys))
-    n_sub = len(subjects)
-    out: dict[str, str] = {}
-    counts = {"test": 0, "validation": 0}
-    targets = {"test": max(1, int(round(fractions[0] * n_sub))), "validation": max(1, int(round(fractions[1] * n_sub)))}
-    for rank, idx in enumerate(order):
-        members = groups[keys[idx]]
-        remaining = len(keys) - rank
-        if len(keys) >= 3 and counts["test"] < targets["test"] and remaining > 1:
-            part = "test"
-        elif len(keys) >= 3 and counts["validation"] < targets["validation"] and remaining > 1:
-            part = "validation"
-        else:
-            part = "train"
-        if part in counts:
-            counts[part] += len(members)
-        for sub in members:
-            out[sub] = part
-    return out
-
-
-def read_families(bids_dir: Path, column: str) -> dict[str, str] | None:
-    """``participant_id -> family`` from ``participants.tsv`` when it has ``column``."""
-    path = Path(bids_dir) / "participants.tsv"
-    if not path.is_file():
-        return None
-    table = pd.read_csv(path, sep="\t", dtype=str)
-    if column not in table.columns or "participant_id" not in table.columns:
-        return None
-    return {p: f for p, f in zip(table["participant_id"], table[column]) if isinstance(f, str) and f != "n/a"}
-
-
-def fingerprint(files: Sequence[ScanFiles], split: dict[str, str]) -> str:
-    """sha256 over the scans' file names, sizes and split (identifies the training data in the model card)."""
-    h = hashlib.sha256()
-    for f in sorted(files, key=lambda x: x.source):
-        h.update(f"{f.source}\t{f.preproc.stat().st_size}\t{split.get(f.source, '')}\n".encode())
-    return h.hexdigest()
 
 
 @dataclass
@@ -226,15 +173,21 @@ def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwh
 
 
 def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[object, dict, list[Path]]:
-    """Split the lesion-free scans, train the symmetry model, evaluate it on planted lesions in the test scans,
-    write the checkpoint and the training/evaluation files; fills ``data.table['split']``.
+    """Split the lesion-free scans by family (:func:`bids_siamese.train.pairs.subject_split`, families from
+    ``participants.tsv`` as for twins), train the symmetry model in the shared loop, evaluate it on planted lesions
+    in the test scans, write the checkpoint and the training/evaluation files; fills ``data.table['split']``.
 
     Returns:
         ``(model, the model card's grid and decision, paths written)``.
     """
+    import torch
+
+    from ..train.pairs import read_families, subject_split
+    from ..train.run import training_fingerprint
+    from .model import build_symmetry_model
     from .train import (
-        TrainConfig, detection_figure, evaluate_detection, prepare_scan, save_symmetry_checkpoint, siamese_scorer,
-        to_model_resolution, train_symmetry_model,
+        detection_figure, evaluate_detection, hyperparameters, prepare_scan, save_symmetry_checkpoint, siamese_scorer,
+        to_model_resolution, train_config, train_symmetry_model,
     )
 
     out_dir = Path(settings.output_dir)
@@ -242,62 +195,68 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[obje
     files, table = data.files, data.table
     healthy = [i for i, f in enumerate(files) if not table.at[i, "asymmetry_suspected"] and not lr_flip_suspected(f)]
     families = read_families(settings.bids_dir, settings.family_column)
-    split = family_split(sorted({files[i].participant_id for i in healthy}), families, settings.seed)
+    split = subject_split(sorted({files[i].participant_id for i in healthy}), families, settings.seed,
+                          SPLIT_FRACTIONS)
     parts = {name: [i for i in healthy if split.get(files[i].participant_id) == name]
              for name in ("train", "validation", "test")}
     if min(len(p) for p in parts.values()) < 1 or len(parts["train"]) < 2:
         raise NoInputError(
             f"symmetry training needs lesion-free scans of at least 4 subjects/families (got {len(healthy)} "
-            f"scan(s) of {len(split)} subject(s) in {len({(families or {}).get(p, p) for p in split})} "
+            f"scan(s) of {len(split)} subject(s) in {len({families.get(p, p) for p in split})} "
             f"famil(ies), split {', '.join(f'{k} {len(v)}' for k, v in parts.items())}); fix: add participants "
             "or use --mode apply --model PATH")
     table["split"] = "excluded"
     for name, idx in parts.items():
         table.loc[idx, "split"] = name
-    config = TrainConfig(
-        backbone=settings.backbone, fusion=settings.symmetry_fusion,
-        embedding_dim=int(min(settings.embedding_dim, 128)), resolution=resolution, epochs=int(settings.epochs),
-        batch_size=int(settings.batch_size), lr=float(settings.lr), patience=int(settings.patience),
-        seed=int(settings.seed), num_threads=max(1, int(settings.omp_nthreads)),
-        lesion=LesionConfig(),
-    )
+    config = train_config(settings)
+    lesion = LesionConfig()
+    torch.set_num_threads(max(1, int(settings.omp_nthreads)))
+    torch.manual_seed(config.seed)
+    model = build_symmetry_model(settings.backbone, settings.symmetry_fusion, int(min(settings.embedding_dim, 128)),
+                                 difference_channel=True)
 
     def on_grid(i: int):
-        small, small_mask = to_model_resolution(data.volumes[i], data.masks[i], resolution, config.resolution)
-        return prepare_scan(small, small_mask, config.resolution, files[i].source)
+        small, small_mask = to_model_resolution(data.volumes[i], data.masks[i], resolution, resolution)
+        return prepare_scan(small, small_mask, resolution, files[i].source)
 
-    LOG.info("symmetry: training the %s/%s model on %d scans (validation %d, test %d)", config.backbone,
-             config.fusion, len(parts["train"]), len(parts["validation"]), len(parts["test"]))
-    model, history, info = train_symmetry_model([on_grid(i) for i in parts["train"]],
-                                                [on_grid(i) for i in parts["validation"]], config)
+    LOG.info("symmetry: training the %s/%s model on %d scans (validation %d, test %d)", settings.backbone,
+             settings.symmetry_fusion, len(parts["train"]), len(parts["validation"]), len(parts["test"]))
+    result, info = train_symmetry_model(model, [on_grid(i) for i in parts["train"]],
+                                        [on_grid(i) for i in parts["validation"]], config, resolution, lesion)
+    model = result.model
+    LOG.info("symmetry: best epoch %d of %d, validation loss %.4f, AUC %.3f (%.1f s)", info["best_epoch"],
+             info["epochs_run"], info["best_val_loss"], info["best_val_auc"], info["seconds"])
     test_scans = [prepare_scan(data.volumes[i], data.masks[i], resolution, files[i].source) for i in parts["test"]]
     reference = data.reference
     scorers = {
-        "siamese_probability": siamese_scorer(model, resolution, config.resolution),
+        "siamese_probability": siamese_scorer(model, resolution, resolution),
         "asymmetry_score": lambda vols, ms: np.array(
             [score_scan(v, m, resolution, reference, fwhm)["asymmetry_score"] for v, m in zip(vols, ms)]),
     }
     thresholds = {"siamese_probability": info["threshold"], "asymmetry_score": ASYMMETRY_THRESHOLD}
-    _, per_bin, overall = evaluate_detection(test_scans, resolution, scorers, thresholds, config.lesion, draws=2,
+    _, per_bin, overall = evaluate_detection(test_scans, resolution, scorers, thresholds, lesion, draws=2,
                                              seed=settings.seed + 7)
     metrics = {"validation": {"loss": info["best_val_loss"], "auc": info["best_val_auc"],
                               "best_epoch": info["best_epoch"]},
                "test_simulated": overall.set_index("scorer").to_dict(orient="index"),
                "training_seconds": info["seconds"]}
-    training_data = {"fingerprint": fingerprint(files, dict(zip([f.source for f in files], table["split"]))),
+    scans = pd.DataFrame({"participant_id": [f.source for f in files], "path": [f.preproc for f in files]})
+    training_data = {**training_fingerprint(scans, dict(zip(scans["participant_id"], table["split"]))),
                      "n_train": len(parts["train"]), "n_validation": len(parts["validation"]),
                      "n_test": len(parts["test"]), "selection": "asymmetry_score <= 3 and no left-right flip"}
-    folder = out_dir / "models" / f"symmetry_{config.backbone}"
-    written = list(save_symmetry_checkpoint(folder, model, config, training_data, metrics, info["threshold"]))
-    written.append(write_tsv(out_dir / TRAINING_TABLE, history.round(5)))
+    folder = out_dir / "models" / f"symmetry_{settings.backbone}"
+    written = list(save_symmetry_checkpoint(folder, model, config, resolution, training_data, metrics,
+                                            info["threshold"], info["samples"]))
+    written.append(write_tsv(out_dir / TRAINING_TABLE, result.history.round(5)))
     written.append(write_tsv(out_dir / EVALUATION_TABLE, per_bin))
     written.append(write_json(out_dir / EVALUATION_JSON, {
-        "overall": overall.to_dict(orient="records"), "training": info, "config": config.as_dict(),
+        "overall": overall.to_dict(orient="records"), "training": info,
+        "config": hyperparameters(model, config, resolution, info["samples"]),
         "split": {k: len(v) for k, v in parts.items()}, "checkpoint": str(folder.relative_to(out_dir)),
     }))
     written.append(write_text(out_dir / FIGURE, detection_figure(
         per_bin, f"Held-out scans with planted lesions ({len(test_scans)} scans)")))
-    return model, {"grid": {"resolution": config.resolution}, "decision": {"threshold": info["threshold"]}}, written
+    return model, {"grid": {"resolution": resolution}, "decision": {"threshold": info["threshold"]}}, written
 
 
 def run_symmetry(settings, subjects: list[str]) -> list[Path]:

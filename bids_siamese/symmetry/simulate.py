@@ -33,7 +33,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from .asymmetry import midline_distance_mm, mirror
+from ..preproc.grid import mirror
+from .asymmetry import midline_distance_mm
 
 LESION_SHAPES = ("sphere", "ellipsoid", "irregular")
 

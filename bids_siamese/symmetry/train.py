@@ -1,28 +1,33 @@
-"""Training and evaluation of the Siamese symmetry model with simulated lesions.
+"""The symmetry task's sample builder, training call and evaluation on planted lesions.
 
-Training (:func:`train_symmetry_model`) draws ``samples_per_scan`` pairs of samples from every training scan
-per epoch: one with a synthetic unilateral lesion (label 1; lesion volume from the epoch's curriculum range,
-see :mod:`bids_siamese.symmetry.simulate`) and one without (label 0; with probability ``p_bilateral`` the
+The training loop, its configuration (:class:`~bids_siamese.train.loop.TrainConfig`: ``--epochs``,
+``--batch-size``, ``--lr``, ``--patience``, ``--seed``), precise batch norm, the AUC and the threshold are the shared
+ones of :mod:`bids_siamese.train`; this module holds what is specific to the task: its samples and its loss.
+
+Samples (:func:`make_example`): per epoch, ``samples_per_scan`` pairs of samples from every training scan: one
+with a synthetic unilateral lesion (label 1; lesion volume from the epoch's curriculum range, see
+:mod:`bids_siamese.symmetry.simulate`) and one without (label 0; with probability :data:`P_BILATERAL` the
 negative carries a mirrored *pair* of lesions, a symmetric abnormality, so the model learns asymmetry rather
-than "any lesion"). Both kinds get the same augmentations: a left-right flip of the whole brain (the lesion
-side flips with it), a sub-voxel shift along x (imperfect mid-sagittal alignment), an intensity scale and
-offset and Gaussian noise inside the brain. The loss is the binary cross-entropy of p(abnormal) plus
-``side_weight`` times that of the lesion side on the lesioned samples plus ``position_weight`` times the
-cross-entropy of the model's per-position asymmetry logits against the cells that hold the planted lesion
-(deep supervision: with it the encoder learns to see a focal asymmetry within a few hundred steps, from the
-image label alone it had not after several hundred). Validation uses a fixed simulated set (``val_draws``
-lesion-free and ``val_draws`` lesioned samples of each validation scan, volumes log-uniform over the whole
-range, augmented like the training samples); the weights with the lowest validation loss are kept, early
-stopping (``patience`` epochs without improvement) only starts once the curriculum has reached the full volume
-range, and the decision threshold on p(abnormal) is the one with the largest Youden's J on the validation
-samples.
+than "any lesion"). Both kinds get the same augmentations: a left-right flip of the whole brain (the lesion side
+flips with it), a sub-voxel shift along x (:data:`SHIFT_X_VOX`; imperfect mid-sagittal alignment), an
+intensity scale and offset (``TrainConfig.intensity``) and Gaussian noise inside the brain
+(``TrainConfig.noise_std``).
 
-The model works on its own grid, ``model_grid(TrainConfig.resolution)`` (the participant-level resolution at
-the group level); images on a finer grid are block-averaged to it (:func:`to_model_resolution`).
+Loss: the binary cross-entropy of p(abnormal) plus :data:`SIDE_WEIGHT` times that of the lesion side on the
+lesioned samples plus :data:`POSITION_WEIGHT` times the cross-entropy of the model's per-position asymmetry logits
+against the cells that hold the planted lesion (deep supervision: with it the encoder learns to see a focal
+asymmetry within a few hundred steps, from the image label alone it had not after several hundred).
 
-Batch norm: the backbones normalise with batch statistics during training; before every evaluation the
-running statistics are re-estimated on the training scans (:func:`recompute_batch_norm`), without which the
-evaluation-mode outputs of a model trained for a few hundred steps are meaningless.
+Training (:func:`train_symmetry_model`) runs :func:`bids_siamese.train.loop._fit`: AdamW with a cosine decay of
+the learning rate to 5 % over the epochs, batch-norm statistics re-estimated on the training scans after each
+epoch, validation on a fixed simulated set (``val_draws`` lesion-free and ``val_draws`` lesioned samples of each
+validation scan, volumes log-uniform over the whole range, augmented like the training samples); the weights
+with the lowest validation loss are kept, early stopping only counts once the curriculum (:data:`RAMP_FRACTION`
+of the epochs) has reached the full volume range, and the decision threshold on p(abnormal) is the one with the
+largest Youden's J on the validation samples (:func:`bids_siamese.train.evaluate.choose_threshold`).
+
+The model works on its own grid, ``model_grid(resolution)`` (the participant-level resolution at the group
+level); images on a finer grid are block-averaged to it (:func:`to_model_resolution`).
 
 Evaluation (:func:`evaluate_detection`): lesions are planted in held-out scans at their own resolution, per
 lesion-volume bin, and every image (plus the clean scans) is scored by any number of scorers (the Siamese
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -43,82 +48,49 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-from ..models.backbones import precise_batch_norm
+from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
+from ..preproc.grid import resample_array
 from ..resources import model_grid
-from .asymmetry import resample_to_grid
-from .model import SymmetrySiamese, build_symmetry_model, predict_proba, side_loss
+from ..train.data import pair_batches
+from ..train.ddp import DistContext
+from ..train.evaluate import choose_threshold, safe_auc
+from ..train.loop import TrainConfig, TrainResult, _Epochs, _fit, _setup, recompute_batch_norm
+from .model import SymmetrySiamese, predict_proba, side_loss
 from .simulate import VOLUME_BINS, LesionConfig, bin_label, curriculum_range, simulate_lesion
 
 LOG = logging.getLogger("bids_siamese.symmetry")
 
-#: Resolution (mm) of the symmetry model's grid unless told otherwise (the group level uses ``--resolution``;
-#: the ``small`` backbone averages 2 mm inputs to 4 mm in its stem, so 2 mm inputs train on a CPU).
-MODEL_RESOLUTION = 2.0
+TASK = "symmetry"
+
+#: Fraction of the lesion-free samples that carry a mirrored pair of lesions (a symmetric abnormality).
+P_BILATERAL = 0.2
+#: Largest random shift of a sample along x, in voxels (imperfect mid-sagittal alignment).
+SHIFT_X_VOX = 0.5
+#: Weight of the lesion-side loss.
+SIDE_WEIGHT = 0.2
+#: Weight of the deep supervision of the position map by the simulated lesion (0 turns it off).
+POSITION_WEIGHT = 1.0
+#: Curriculum length as a fraction of the epochs (0: no curriculum).
+RAMP_FRACTION = 0.5
+#: Lesioned (and as many lesion-free) samples drawn from each training scan per epoch.
+SAMPLES_PER_SCAN = 2
+#: Lesioned (and as many lesion-free) samples of each validation scan.
+VAL_DRAWS = 4
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training settings of the symmetry model (recorded in the model card).
+def train_config(settings) -> TrainConfig:
+    """The shared training settings of the symmetry model from the run's :class:`~bids_siamese.config.Settings`:
+    left-right flips allowed (the lesion side flips with the image), intensity and noise augmentation."""
+    return TrainConfig(epochs=int(settings.epochs), batch_size=int(settings.batch_size), lr=float(settings.lr),
+                       patience=int(settings.patience), seed=int(settings.seed), flip_lr=True,
+                       eval_batch_size=int(settings.batch_size))
 
-    Attributes:
-        backbone: encoder name (:data:`bids_siamese.models.backbones.BACKBONES`).
-        fusion: ``difference``, ``embedding`` or ``cross_attention``.
-        embedding_dim: embedding size / token width.
-        difference_channel: give the shared encoder each hemisphere together with its difference from the
-            mirrored other hemisphere (2 input channels; see :class:`~bids_siamese.symmetry.model.SymmetrySiamese`).
-        reference: standardise that difference by the training scans' voxelwise median and robust spread
-            (:meth:`~bids_siamese.symmetry.model.SymmetrySiamese.set_reference`; stored with the weights).
-        resolution: the model grid resolution in mm.
-        epochs: maximum epochs.
-        batch_size: scans per batch (each contributes both hemispheres).
-        lr: AdamW learning rate (cosine decay to 5 % over ``epochs``).
-        weight_decay: AdamW weight decay.
-        patience: early-stopping patience (epochs), counted after the curriculum ramp.
-        seed: random seed (weights, lesions, augmentation).
-        lesion: lesion distribution.
-        ramp_fraction: curriculum length as a fraction of ``epochs`` (0: no curriculum).
-        p_bilateral: probability that a negative carries a mirrored pair of lesions.
-        flip_lr: left-right flip augmentation.
-        shift_x_vox: largest random shift along x (voxels).
-        intensity_jitter: relative intensity scale jitter (and offset, in normalised units).
-        noise_sd: Gaussian noise inside the brain (normalised units).
-        side_weight: weight of the lesion-side loss.
-        position_weight: weight of the deep supervision of the model's position map by the simulated lesion
-            (binary cross-entropy per feature cell; 0 turns it off).
-        val_draws: lesioned copies of each validation scan.
-        samples_per_scan: lesioned (and as many lesion-free) samples drawn from each training scan per epoch.
-        num_threads: torch threads.
-    """
 
-    backbone: str = "small"
-    fusion: str = "difference"
-    embedding_dim: int = 64
-    difference_channel: bool = True
-    reference: bool = True
-    resolution: float = MODEL_RESOLUTION
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    patience: int = 5
-    seed: int = 0
-    lesion: LesionConfig = field(default_factory=LesionConfig)
-    ramp_fraction: float = 0.5
-    p_bilateral: float = 0.2
-    flip_lr: bool = True
-    shift_x_vox: float = 0.5
-    intensity_jitter: float = 0.1
-    noise_sd: float = 0.05
-    side_weight: float = 0.2
-    position_weight: float = 1.0
-    val_draws: int = 4
-    samples_per_scan: int = 2
-    num_threads: int = 1
-
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out["lesion"] = asdict(self.lesion)
-        return out
+def sample_settings(lesion: LesionConfig, samples_per_scan: int, val_draws: int) -> dict:
+    """The sample builder's settings, as recorded in the model card and the evaluation JSON."""
+    return {"lesion": asdict(lesion), "p_bilateral": P_BILATERAL, "shift_x_vox": SHIFT_X_VOX,
+            "side_weight": SIDE_WEIGHT, "position_weight": POSITION_WEIGHT, "ramp_fraction": RAMP_FRACTION,
+            "samples_per_scan": int(samples_per_scan), "val_draws": int(val_draws)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,8 +144,8 @@ def to_model_resolution(volume: np.ndarray, mask: np.ndarray, in_resolution: flo
         mask_f = ndi.gaussian_filter(np.asarray(mask, np.float32), sigma)
     else:
         mask_f = np.asarray(mask, np.float32)
-    out = resample_to_grid(volume, source.affine, target, order=1)
-    out_mask = resample_to_grid(mask_f, source.affine, target, order=1) > 0.5
+    out = resample_array(volume, source.affine, target, order=1)
+    out_mask = resample_array(mask_f, source.affine, target, order=1) > 0.5
     return np.where(out_mask, out, 0.0).astype(np.float32), out_mask
 
 
@@ -200,28 +172,29 @@ def prepare_scan(volume: np.ndarray, mask: np.ndarray, resolution: float, key: s
     return Scan(np.where(mask, np.asarray(volume, np.float32), 0.0).astype(np.float32), mask, depth, key)
 
 
-def augment(volume: np.ndarray, mask: np.ndarray, rng: np.random.Generator, config: TrainConfig) -> tuple[np.ndarray, bool]:
-    """Shift along x, intensity jitter and noise inside the mask, and an optional left-right flip.
+def augment(volume: np.ndarray, rng: np.random.Generator, config: TrainConfig) -> tuple[np.ndarray, bool]:
+    """Shift along x (up to :data:`SHIFT_X_VOX`), intensity jitter and noise inside the brain (non-zero voxels),
+    and an optional left-right flip.
 
     Returns:
         ``(volume, flipped)``.
 
     Examples:
         >>> v = np.ones((8, 4, 4), np.float32)
-        >>> out, flipped = augment(v, v > 0, np.random.default_rng(0), TrainConfig())
+        >>> out, flipped = augment(v, np.random.default_rng(0), TrainConfig(flip_lr=True))
         >>> out.shape, out.dtype
         ((8, 4, 4), dtype('float32'))
     """
     out = np.asarray(volume, np.float32)
-    if config.shift_x_vox > 0:
-        shift = float(rng.uniform(-config.shift_x_vox, config.shift_x_vox))
+    if SHIFT_X_VOX > 0:
+        shift = float(rng.uniform(-SHIFT_X_VOX, SHIFT_X_VOX))
         out = ndi.shift(out, (shift, 0.0, 0.0), order=1, mode="constant", cval=0.0)
-    scale = 1.0 + float(rng.uniform(-config.intensity_jitter, config.intensity_jitter))
-    offset = float(rng.uniform(-config.intensity_jitter, config.intensity_jitter))
+    scale = 1.0 + float(rng.uniform(-config.intensity, config.intensity))
+    offset = float(rng.uniform(-config.intensity, config.intensity))
     inside = out != 0
     out = np.where(inside, out * scale + offset, 0.0)
-    if config.noise_sd > 0:
-        out = out + np.where(inside, rng.normal(0.0, config.noise_sd, size=out.shape), 0.0)
+    if config.noise_std > 0:
+        out = out + np.where(inside, rng.normal(0.0, config.noise_std, size=out.shape), 0.0)
     flipped = bool(config.flip_lr and rng.random() < 0.5)
     if flipped:
         out = out[::-1]
@@ -241,27 +214,33 @@ def hemisphere_weights(weights: np.ndarray) -> np.ndarray:
     return np.maximum(weights[:half], weights[::-1][:half]).astype(np.float32)
 
 
-def make_example(scan: Scan, lesioned: bool, rng: np.random.Generator, config: TrainConfig,
+def make_example(scan: Scan, lesioned: bool, rng: np.random.Generator, config: TrainConfig, lesion: LesionConfig,
                  volume_range: tuple[float, float], affine: np.ndarray) -> tuple[np.ndarray, float, float, np.ndarray]:
-    """One training sample: ``(volume, label, is_left, target)``; ``is_left`` is 0 for negatives, ``target`` the
+    """One sample: ``(volume, label, is_left, target)``; ``is_left`` is 0 for negatives, ``target`` the
     unilateral lesion's weights in hemisphere coordinates (:func:`hemisphere_weights`; zeros for negatives)."""
     is_left = 0.0
     half = scan.volume.shape[0] // 2
     target = np.zeros((half, *scan.volume.shape[1:]), dtype=np.float32)
     if lesioned:
-        image, lesion, weights = simulate_lesion(scan.volume, scan.mask, affine, rng, config.lesion, volume_range,
-                                                 depth_mm=scan.depth_mm, return_weights=True)
-        is_left = 1.0 if lesion.hemisphere == "L" else 0.0
+        image, planted, weights = simulate_lesion(scan.volume, scan.mask, affine, rng, lesion, volume_range,
+                                                  depth_mm=scan.depth_mm, return_weights=True)
+        is_left = 1.0 if planted.hemisphere == "L" else 0.0
         target = hemisphere_weights(weights)
-    elif rng.random() < config.p_bilateral:
-        image, _ = simulate_lesion(scan.volume, scan.mask, affine, rng, config.lesion, volume_range,
-                                   bilateral=True, depth_mm=scan.depth_mm)
+    elif rng.random() < P_BILATERAL:
+        image, _ = simulate_lesion(scan.volume, scan.mask, affine, rng, lesion, volume_range, bilateral=True,
+                                   depth_mm=scan.depth_mm)
     else:
         image = scan.volume
-    image, flipped = augment(image, scan.mask, rng, config)
+    image, flipped = augment(image, rng, config)
     if flipped and lesioned:
         is_left = 1.0 - is_left  # the hemisphere-coordinate target is the same after a flip
     return image, float(lesioned), is_left, target
+
+
+def _stack(samples: Sequence[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x, label, is_left, target)`` tensors of :func:`make_example` samples."""
+    return (torch.from_numpy(np.stack([e[0] for e in samples])[:, None]), torch.tensor([e[1] for e in samples]),
+            torch.tensor([e[2] for e in samples]), torch.from_numpy(np.stack([e[3] for e in samples])))
 
 
 def position_targets(weights: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -282,38 +261,15 @@ def position_targets(weights: torch.Tensor, shape: Sequence[int]) -> torch.Tenso
     return ((pooled / peak >= 0.5) & (pooled > 0)).float()
 
 
-def validation_set(scans: Sequence[Scan], config: TrainConfig, affine: np.ndarray,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed validation samples ``(x, label, is_left, target)``: from each scan ``val_draws`` lesion-free and
-    ``val_draws`` lesioned samples, drawn like training samples (same augmentation) but with lesion volumes over
-    the whole range (no curriculum)."""
-    rng = np.random.default_rng(seed)
-    samples = [make_example(scan, lesioned, rng, config, config.lesion.volume_mm3, affine)
-               for scan in scans for lesioned in (False, True) for _ in range(max(1, config.val_draws))]
-    return (torch.from_numpy(np.stack([e[0] for e in samples])[:, None]), torch.tensor([e[1] for e in samples]),
-            torch.tensor([e[2] for e in samples]), torch.from_numpy(np.stack([e[3] for e in samples])))
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------------------
-
-
-def roc_auc(labels: Sequence[float], scores: Sequence[float]) -> float:
-    """Area under the ROC curve (ties count one half); NaN when a class is missing.
-
-    Examples:
-        >>> roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
-        0.75
-    """
-    y = np.asarray(labels, dtype=float)
-    s = np.asarray(scores, dtype=float)
-    pos, neg = s[y > 0.5], s[y <= 0.5]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+def validation_set(scans: Sequence[Scan], config: TrainConfig, lesion: LesionConfig, affine: np.ndarray,
+                   val_draws: int = VAL_DRAWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed validation samples ``(x, label, is_left, target)`` (seed ``config.seed + 1``): from each scan
+    ``val_draws`` lesion-free and ``val_draws`` lesioned samples, drawn like training samples (same augmentation)
+    but with lesion volumes over the whole range (no curriculum)."""
+    rng = np.random.default_rng(config.seed + 1)
+    return _stack([make_example(scan, lesioned, rng, config, lesion, lesion.volume_mm3, affine)
+                   for scan in scans for lesioned in (False, True) for _ in range(max(1, val_draws))])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,150 +277,114 @@ def roc_auc(labels: Sequence[float], scores: Sequence[float]) -> float:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _loss(model: SymmetrySiamese, x: torch.Tensor, y: torch.Tensor, left: torch.Tensor, target: torch.Tensor,
-          config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss(model: SymmetrySiamese, x: torch.Tensor, y: torch.Tensor, left: torch.Tensor,
+          target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(total loss, logits)``: image BCE + side BCE (lesioned samples) + position BCE (deep supervision)."""
     out = model.forward_all(x)
-    loss = F.binary_cross_entropy_with_logits(out["logit"], y) + config.side_weight * side_loss(out["side"], y, left)
-    if "positions" in out and config.position_weight > 0:
+    loss = F.binary_cross_entropy_with_logits(out["logit"], y) + SIDE_WEIGHT * side_loss(out["side"], y, left)
+    if "positions" in out and POSITION_WEIGHT > 0:
         tgt = position_targets(target, out["positions"].shape[1:])
-        loss = loss + config.position_weight * F.binary_cross_entropy_with_logits(out["positions"], tgt)
+        loss = loss + POSITION_WEIGHT * F.binary_cross_entropy_with_logits(out["positions"], tgt)
     return loss, out["logit"]
 
 
-@torch.no_grad()
-def recompute_batch_norm(model: SymmetrySiamese, volumes: torch.Tensor, batch_size: int = 8) -> int:
-    """Re-estimate the running statistics of every batch-norm layer on ``volumes`` ``(N, 1, X, Y, Z)``.
-
-    The backbones normalise with batch norm; after a few dozen steps its momentum-averaged running statistics
-    still describe earlier weights, and evaluation mode then gives meaningless outputs. Run before every
-    evaluation ("precise BN", as the twin trainer does; that one embeds single volumes, this one runs the
-    hemisphere model). Returns the number of layers updated.
-
-    Examples:
-        >>> m = build_symmetry_model("small")
-        >>> recompute_batch_norm(m, torch.randn(2, 1, 42, 52, 44))
-        6
-    """
-    if len(volumes) == 0:
-        return 0
-
-    def forward_batches() -> None:
-        for start in range(0, len(volumes), batch_size):
-            model(volumes[start:start + batch_size])
-
-    return precise_batch_norm(model, forward_batches)
-
-
 def train_symmetry_model(
+    model: SymmetrySiamese,
     train_scans: Sequence[Scan],
     val_scans: Sequence[Scan],
-    config: TrainConfig = TrainConfig(),
-    log: Callable[[str], None] | None = None,
-) -> tuple[SymmetrySiamese, pd.DataFrame, dict]:
-    """Train the Siamese symmetry model on lesion-free scans (on the model grid) with simulated lesions.
+    config: TrainConfig,
+    resolution: float,
+    lesion: LesionConfig = LesionConfig(),
+    samples_per_scan: int = SAMPLES_PER_SCAN,
+    val_draws: int = VAL_DRAWS,
+    ctx: DistContext | None = None,
+) -> tuple[TrainResult, dict]:
+    """Train the Siamese symmetry model on lesion-free scans (on its grid) with simulated lesions, in the shared
+    training loop; keep the best validation epoch.
 
     Args:
-        train_scans: training scans (:func:`prepare_scan` on ``model_grid(config.resolution)``).
+        model: a fresh :class:`SymmetrySiamese` (with ``difference_channel`` its reference is set here from the
+            training scans).
+        train_scans: training scans (:func:`prepare_scan` on ``model_grid(resolution)``).
         val_scans: validation scans (at least one).
-        config: :class:`TrainConfig`.
-        log: called with one line per epoch (default: the module logger).
+        config: the shared training settings (:func:`train_config`).
+        resolution: the model grid resolution (mm).
+        lesion: lesion distribution.
+        samples_per_scan: lesioned (and as many lesion-free) samples per training scan and epoch.
+        val_draws: lesioned (and as many lesion-free) validation samples per validation scan.
+        ctx: distributed context (None: single process).
 
     Returns:
-        ``(model with the best validation weights, in eval mode, history, info)``; the history has one row
-        per epoch (``epoch, volume_min_mm3, volume_max_mm3, train_loss, val_loss, val_auc, seconds``), ``info``
-        holds ``best_epoch``, ``best_val_loss``, ``best_val_auc``, ``threshold`` (the probability with the
-        largest Youden's J on the validation samples, ``bids_siamese.train.evaluate.choose_threshold``: the
-        network is trained on balanced simulated data, so 0.5 is not a calibrated cut-off), ``stopped_early``,
-        ``epochs_run``, ``seconds``.
+        ``(result, info)``: :class:`~bids_siamese.train.loop.TrainResult` (the model with the best validation
+        weights, in eval mode, and its history: ``epoch, volume_min_mm3, volume_max_mm3, train_loss, val_loss,
+        val_auc, seconds, volumes_per_second``); ``info`` holds ``best_epoch``, ``best_val_loss``,
+        ``best_val_auc``, ``threshold`` (the probability with the largest Youden's J on the validation samples:
+        the network is trained on balanced simulated data, so 0.5 is not a calibrated cut-off),
+        ``stopped_early``, ``epochs_run``, ``seconds`` and ``samples`` (:func:`sample_settings`).
 
     Examples:
+        >>> from bids_siamese.symmetry.model import build_symmetry_model
         >>> m = np.zeros((20, 40, 40), bool); m[3:17, 6:34, 6:34] = True
         >>> rng = np.random.default_rng(0)
         >>> scans = [prepare_scan(np.where(m, rng.normal(size=m.shape), 0), m, 4.0) for _ in range(3)]
-        >>> cfg = TrainConfig(epochs=1, batch_size=2, val_draws=1, lesion=LesionConfig(volume_mm3=(500.0, 2000.0)))
-        >>> model, hist, info = train_symmetry_model(scans[:2], scans[2:], cfg, log=lambda s: None)
-        >>> list(hist.columns)[:3], info["best_epoch"]
+        >>> cfg = TrainConfig(epochs=1, batch_size=2, flip_lr=True)
+        >>> result, info = train_symmetry_model(build_symmetry_model("small"), scans[:2], scans[2:], cfg, 4.0,
+        ...                                     LesionConfig(volume_mm3=(500.0, 2000.0)), val_draws=1)
+        >>> list(result.history.columns)[:3], info["best_epoch"]
         (['epoch', 'volume_min_mm3', 'volume_max_mm3'], 1)
     """
     if not train_scans or not val_scans:
         raise ValueError("need at least one training and one validation scan")
-    log = log or LOG.info
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(max(1, int(config.num_threads)))
+    affine = np.diag([float(resolution)] * 3 + [1.0])  # only the voxel size matters to the simulator
+    volumes = np.stack([scan.volume for scan in train_scans])[:, None]
+    if getattr(model, "difference_channel", False):
+        model.set_reference(torch.from_numpy(volumes))
+    ctx, device, net, opt, scaler, _ = _setup(model, config, "cpu", ctx)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs), eta_min=0.05 * config.lr)
+    val_x, val_y, val_side, val_target = validation_set(val_scans, config, lesion, affine, val_draws)
+    items = [(i, lesioned) for i in range(len(train_scans)) for lesioned in (True, False)
+             for _ in range(max(1, samples_per_scan))]
     rng = np.random.default_rng(config.seed)
-    affine = np.diag([config.resolution] * 3 + [1.0])  # only the voxel size matters to the simulator
-    model = build_symmetry_model(config.backbone, config.fusion, config.embedding_dim,
-                                 difference_channel=config.difference_channel)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, config.epochs),
-                                                          eta_min=0.05 * config.lr)
-    val_x, val_y, val_side, val_target = validation_set(val_scans, config, affine, config.seed + 1)
-    bn_x = torch.from_numpy(np.stack([scan.volume for scan in train_scans])[:, None])
-    if config.difference_channel and config.reference:
-        model.set_reference(bn_x)
-    ramp_end = int(np.ceil(config.ramp_fraction * config.epochs))
-    best = {"loss": np.inf, "epoch": 0, "auc": float("nan"), "state": None}
-    rows, waited, stopped, start = [], 0, False, time.time()
-    for epoch in range(config.epochs):
-        t0 = time.time()
-        vrange = curriculum_range(epoch, config.epochs, config.lesion.volume_mm3, config.ramp_fraction)
-        items = [(i, lesioned) for i in range(len(train_scans)) for lesioned in (True, False)
-                 for _ in range(max(1, config.samples_per_scan))]
-        order = rng.permutation(len(items))
-        model.train()
-        losses = []
-        for b in range(0, len(order), config.batch_size):
-            batch = [make_example(train_scans[items[j][0]], items[j][1], rng, config, vrange, affine)
-                     for j in order[b:b + config.batch_size]]
-            x = torch.from_numpy(np.stack([e[0] for e in batch])[:, None])
-            y = torch.tensor([e[1] for e in batch])
-            left = torch.tensor([e[2] for e in batch])
-            target = torch.from_numpy(np.stack([e[3] for e in batch]))
-            loss, _ = _loss(model, x, y, left, target, config)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            losses.append(float(loss.detach()) * len(batch))
-        schedule.step()
-        recompute_batch_norm(model, bn_x, config.batch_size)
-        model.eval()
-        with torch.no_grad():
-            val_losses, val_scores = [], []
-            for b in range(0, len(val_y), config.batch_size):
-                sl = slice(b, b + config.batch_size)
-                loss, logit = _loss(model, val_x[sl], val_y[sl], val_side[sl], val_target[sl], config)
-                val_losses.append(float(loss) * len(val_y[sl]))
-                val_scores.append(torch.sigmoid(logit))
-        val_loss = sum(val_losses) / len(val_y)
-        val_auc = roc_auc(val_y.numpy(), torch.cat(val_scores).numpy())
-        row = {"epoch": epoch + 1, "volume_min_mm3": round(vrange[0], 1), "volume_max_mm3": round(vrange[1], 1),
-               "train_loss": sum(losses) / len(items), "val_loss": val_loss, "val_auc": val_auc,
-               "seconds": round(time.time() - t0, 2)}
-        rows.append(row)
-        log(f"symmetry epoch {epoch + 1}/{config.epochs}: lesions {vrange[0]:.0f}-{vrange[1]:.0f} mm3, "
-            f"train loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, val AUC {val_auc:.3f} "
-            f"({row['seconds']:.1f} s)")
-        if val_loss < best["loss"]:
-            best = {"loss": val_loss, "epoch": epoch + 1, "auc": val_auc,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-            waited = 0
-        elif epoch + 1 > ramp_end:
-            waited += 1
-            if waited >= config.patience:
-                stopped = True
-                break
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    model.eval()
-    from ..train.evaluate import choose_threshold
+    epoch_range = {"range": lesion.volume_mm3}
 
-    p_val, _ = predict_proba(model, val_x, batch_size=config.batch_size)
+    def start_epoch(epoch: int) -> dict[str, float]:
+        if epoch > 1:
+            schedule.step()  # cosine decay per epoch
+        epoch_range["range"] = vrange = curriculum_range(epoch - 1, config.epochs, lesion.volume_mm3, RAMP_FRACTION)
+        return {"volume_min_mm3": round(vrange[0], 1), "volume_max_mm3": round(vrange[1], 1)}
+
+    def step(idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y, left, target = _stack([make_example(train_scans[items[j][0]], items[j][1], rng, config, lesion,
+                                                  epoch_range["range"], affine) for j in idx])
+        return _loss(net, x.to(device), y.to(device), left.to(device), target.to(device))[0], {}
+
+    @torch.no_grad()
+    def validate() -> dict[str, float]:
+        net.eval()
+        losses, scores = [], []
+        for b in range(0, len(val_y), config.eval_batch_size):
+            sl = slice(b, b + config.eval_batch_size)
+            loss, logit = _loss(net, val_x[sl], val_y[sl], val_side[sl], val_target[sl])
+            losses.append(float(loss) * len(val_y[sl]))
+            scores.append(torch.sigmoid(logit))
+        return {"val_loss": sum(losses) / len(val_y), "val_auc": safe_auc(val_y.numpy(), torch.cat(scores).numpy())}
+
+    start = time.time()
+    result = _fit(net, opt, scaler, ctx, config, np.arange(len(items)), _Epochs(
+        name="symmetry", batches=lambda r: pair_batches(len(items), config.batch_size, r),
+        step=step, volumes_per_example=1,
+        recompute_batch_norm=lambda: recompute_batch_norm(net, volumes, np.arange(len(volumes)), device,
+                                                          config.batch_size, forward=net),
+        validate=validate, score=lambda train_loss, val: (val["val_loss"], 0.0),
+        start_epoch=start_epoch, patience_after=int(np.ceil(RAMP_FRACTION * config.epochs))))
+    p_val, _ = predict_proba(result.model, val_x, batch_size=config.eval_batch_size)
     threshold = choose_threshold(val_y.numpy(), p_val.numpy()) if 0 < float(val_y.sum()) < len(val_y) else 0.5
-    info = {"best_epoch": int(best["epoch"]), "best_val_loss": float(best["loss"]), "best_val_auc": float(best["auc"]),
-            "threshold": float(threshold), "stopped_early": stopped, "epochs_run": len(rows),
-            "seconds": round(time.time() - start, 1)}
-    return model, pd.DataFrame(rows), info
+    best = result.history.loc[result.history["epoch"] == result.best_epoch].iloc[0]
+    info = {"best_epoch": int(result.best_epoch), "best_val_loss": float(best["val_loss"]),
+            "best_val_auc": float(best["val_auc"]), "threshold": float(threshold),
+            "stopped_early": len(result.history) < config.epochs, "epochs_run": len(result.history),
+            "seconds": round(time.time() - start, 1), "samples": sample_settings(lesion, samples_per_scan, val_draws)}
+    return result, info
 
 
 def siamese_predict(model: SymmetrySiamese, volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -580,10 +500,10 @@ def summarise_detection(samples: pd.DataFrame, scorers: Sequence[str], threshold
                 "cross_section_mm2": round(float(pos["cross_section_mm2"].median()), 1),
                 "detection_rate": round(tpr, 4),
                 "balanced_accuracy": round((tpr + 1.0 - fpr) / 2.0, 4) if np.isfinite(fpr) else float("nan"),
-                "auc": round(roc_auc(both["label"], both[name]), 4),
+                "auc": round(safe_auc(both["label"], both[name]), 4),
             })
         overall.append({"scorer": name, "threshold": thr,
-                        "auc": round(roc_auc(samples["label"], samples[name]), 4),
+                        "auc": round(safe_auc(samples["label"], samples[name]), 4),
                         "false_positive_rate": round(fpr, 4), "n_clean": len(clean),
                         "n_lesion": int((samples["label"] == 1).sum())})
     return pd.DataFrame(rows), pd.DataFrame(overall)
@@ -621,47 +541,44 @@ def detection_figure(per_bin: pd.DataFrame, title: str = "Lesion detection by vo
     return buffer.getvalue()
 
 
-def with_overrides(config: TrainConfig, **kwargs) -> TrainConfig:
-    """A copy of ``config`` with some fields replaced (``lesion_*`` keys go to the lesion config).
-
-    Examples:
-        >>> with_overrides(TrainConfig(), epochs=2, lesion_volume_mm3=(10.0, 20.0)).lesion.volume_mm3
-        (10.0, 20.0)
-    """
-    lesion_kw = {k[len("lesion_"):]: v for k, v in kwargs.items() if k.startswith("lesion_")}
-    other = {k: v for k, v in kwargs.items() if not k.startswith("lesion_")}
-    lesion = replace(config.lesion, **lesion_kw) if lesion_kw else config.lesion
-    return replace(config, lesion=lesion, **other)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints (the layout of bids_siamese.models.checkpoint, task "symmetry")
+# Checkpoints (bids_siamese.models.checkpoint, task "symmetry")
 # ----------------------------------------------------------------------------------------------------------
 
-TASK = "symmetry"
+
+def hyperparameters(model: SymmetrySiamese, config: TrainConfig, resolution: float,
+                    samples: Mapping | None = None) -> dict:
+    """Everything a trained symmetry model depends on: the shared training settings, the model's build and the
+    sample builder's settings (model card and evaluation JSON)."""
+    return {**asdict(config), "backbone": model.backbone_name, "fusion": model.fusion,
+            "embedding_dim": model.embedding_dim, "difference_channel": bool(model.difference_channel),
+            "reference": bool(model.reference_mean.numel()), "resolution": float(resolution), **dict(samples or {})}
 
 
-def save_symmetry_checkpoint(folder, model: SymmetrySiamese, config: TrainConfig, training_data: Mapping,
-                             metrics: Mapping, threshold: float = 0.5) -> list:
+def save_symmetry_checkpoint(folder, model: SymmetrySiamese, config: TrainConfig, resolution: float,
+                             training_data: Mapping, metrics: Mapping, threshold: float = 0.5,
+                             samples: Mapping | None = None) -> list:
     """Write ``model.pt``, ``model.pt.sha256`` and ``model_card.json`` for a trained symmetry model.
 
     Args:
         folder: checkpoint folder (``OUTPUT_DIR/models/symmetry_<backbone>/``).
         model: the trained model.
-        config: its :class:`TrainConfig` (stored as the card's hyper-parameters).
+        config: its training settings (stored as the card's hyper-parameters, with the model's and the samples').
+        resolution: the model grid resolution (mm).
         training_data: ``fingerprint`` and counts of the scans used.
         metrics: validation/test metrics.
         threshold: decision threshold on p(abnormal).
+        samples: the sample builder's settings (:func:`sample_settings`).
 
     Returns:
         The paths written.
     """
-    from ..models.checkpoint import make_card, save_checkpoint
-
-    hyper = config.as_dict()
+    hyper = hyperparameters(model, config, resolution, samples)
     card = make_card(
-        task=TASK, backbone=config.backbone, embedding_dim=config.embedding_dim,
-        grid=model_grid(config.resolution), seed=config.seed, training_data=training_data,
+        task=TASK, backbone=model.backbone_name, embedding_dim=model.embedding_dim, grid=model_grid(resolution),
+        seed=config.seed, training_data=training_data,
         decision={"threshold": float(threshold), "output": "p_abnormal = sigmoid(logit); p_left = sigmoid(side_logit)",
                   "calibration": "none (probabilities of a model trained on balanced simulated data)"},
         metrics=metrics, hyperparameters=hyper,
@@ -673,31 +590,14 @@ def save_symmetry_checkpoint(folder, model: SymmetrySiamese, config: TrainConfig
 
 
 def load_symmetry_model(path) -> tuple[SymmetrySiamese, dict]:
-    """The symmetry model of a checkpoint (folder, ``model.pt`` or ``model_card.json``), in eval mode.
+    """The symmetry model of a checkpoint (folder, ``model.pt`` or ``model_card.json``), in eval mode
+    (:func:`bids_siamese.models.checkpoint.load_checkpoint` with task ``symmetry``).
 
     Raises:
         UsageError: the checkpoint is for another task.
         NoInputError, BadDataError: missing or corrupt checkpoint files.
     """
-    from ..errors import BadDataError
-    from ..models.checkpoint import WEIGHTS, check_card, checkpoint_folder, read_card
-
-    card = read_card(path)
-    check_card(card, TASK, None, source=f"--model {path}")
-    hyper = card.get("hyperparameters", {})
-    model = build_symmetry_model(card["backbone"], hyper.get("fusion", "difference"), int(card["embedding_dim"]),
-                                 difference_channel=bool(hyper.get("difference_channel", False)))
-    weights = checkpoint_folder(path) / WEIGHTS
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        for name in ("reference_mean", "reference_sd"):  # buffers sized by the training grid
-            if name in state:
-                setattr(model, name, torch.zeros_like(state[name]))
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise BadDataError(f"{weights} does not fit a symmetry/{card['backbone']} model ({err}); fix: retrain "
-                           "with --task symmetry --mode train") from err
-    return model.eval(), card
+    return load_checkpoint(path, TASK)  # type: ignore[return-value]
 
 
 def model_resolution(card: Mapping) -> float:

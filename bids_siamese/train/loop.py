@@ -1,5 +1,6 @@
 """Training loops: triplet training of the twin embedding, BCE training of the longitudinal classifier and
-cross-entropy training of the left-right orientation classifier (every scan stored and mirrored).
+cross-entropy training of the left-right orientation classifier (every scan stored and mirrored); the symmetry
+model (:mod:`bids_siamese.symmetry.train`) runs the same loop (:func:`_fit`).
 
 Both loops: AdamW, random augmentation (no left-right flips unless asked), early stopping on the validation
 loss (the best epoch's weights are kept), AMP on CUDA, a tqdm progress bar on stderr (only on a terminal and
@@ -158,7 +159,7 @@ def embed(model: nn.Module, volumes: np.ndarray, idx: np.ndarray | None = None, 
 
 @torch.no_grad()
 def recompute_batch_norm(model: nn.Module, volumes: np.ndarray, idx: np.ndarray, device: torch.device | str = "cpu",
-                         batch_size: int = 8) -> int:
+                         batch_size: int = 8, forward: Callable[[torch.Tensor], object] | None = None) -> int:
     """Re-estimate the running statistics of every batch-norm layer on ``volumes[idx]`` (no augmentation).
 
     Run after each epoch, this makes evaluation use the statistics of the current weights rather than a
@@ -171,6 +172,7 @@ def recompute_batch_norm(model: nn.Module, volumes: np.ndarray, idx: np.ndarray,
         idx: volumes to use (the training set).
         device: where to run.
         batch_size: volumes per batch.
+        forward: what runs a batch through the network (default: its ``embed``, else the model itself).
 
     Returns:
         The number of batch-norm layers updated.
@@ -180,11 +182,11 @@ def recompute_batch_norm(model: nn.Module, volumes: np.ndarray, idx: np.ndarray,
     if len(idx) == 0:
         return 0
     device = torch.device(device)
+    run = forward or (net.embed if hasattr(net, "embed") else net)
 
     def forward_batches() -> None:
         for chunk in np.array_split(idx, max(1, int(np.ceil(len(idx) / batch_size)))):
-            x = torch.from_numpy(volumes[chunk]).to(device)
-            net.embed(x) if hasattr(net, "embed") else net(x)
+            run(torch.from_numpy(volumes[chunk]).to(device))
 
     return precise_batch_norm(net, forward_batches)
 
@@ -262,12 +264,13 @@ class _BestEpoch:
         self.stale = 0
         self.state: dict[str, torch.Tensor] | None = None
 
-    def update(self, score: tuple[float, float], epoch: int, net: nn.Module) -> bool:
-        """Record an epoch's score; True when training should stop (``patience`` epochs without improvement)."""
+    def update(self, score: tuple[float, float], epoch: int, net: nn.Module, count_stale: bool = True) -> bool:
+        """Record an epoch's score; True when training should stop (``patience`` counted epochs without
+        improvement; an epoch with ``count_stale`` False does not count)."""
         if _improved(score, self.score):
             self.score, self.epoch, self.stale = score, epoch, 0
             self.state = copy.deepcopy({k: v.detach().cpu() for k, v in unwrap(net).state_dict().items()})
-        else:
+        elif count_stale:
             self.stale += 1
         if self.stale >= self.patience:
             LOG.info("early stopping after epoch %d (best epoch %d)", epoch, self.epoch)
@@ -298,6 +301,9 @@ class _Epochs:
         score: the score of an epoch from ``(train_loss, validation metrics)``: lower first value wins, then a
             larger second (:func:`_improved`).
         extra_columns: names of the per-batch values ``step`` returns (NaN in an epoch without batches).
+        start_epoch: called with the 1-based epoch before its batches (a curriculum, a learning-rate schedule);
+            what it returns goes into the epoch's history row, after ``epoch``.
+        patience_after: epochs up to this one do not count towards early stopping (e.g. a curriculum ramp).
     """
 
     name: str
@@ -308,6 +314,8 @@ class _Epochs:
     validate: Callable[[], dict[str, float]]
     score: Callable[[float, dict[str, float]], tuple[float, float]]
     extra_columns: tuple[str, ...] = ()
+    start_epoch: Callable[[int], dict[str, float]] | None = None
+    patience_after: int = 0
 
 
 def _fit(net: nn.Module, opt: torch.optim.Optimizer, scaler, ctx: DistContext, config: TrainConfig,
@@ -321,6 +329,7 @@ def _fit(net: nn.Module, opt: torch.optim.Optimizer, scaler, ctx: DistContext, c
     bar = _progress(config.epochs, f"{epochs.name} training", config, ctx)
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
+        started = epochs.start_epoch(epoch) if epochs.start_epoch is not None else {}
         net.train()
         batches = shard(epochs.batches(np.random.default_rng([config.seed, epoch])), ctx)
         losses: list[float] = []
@@ -336,13 +345,13 @@ def _fit(net: nn.Module, opt: torch.optim.Optimizer, scaler, ctx: DistContext, c
         train_loss = all_reduce_mean(float(np.mean(losses)) if losses else float("nan"), ctx)
         epochs.recompute_batch_norm()
         val = epochs.validate()
-        row = {"epoch": epoch, "train_loss": train_loss, **val,
+        row = {"epoch": epoch, **started, "train_loss": train_loss, **val,
                **{name: float(np.mean(v)) if v else float("nan") for name, v in extras.items()},
                "seconds": time.perf_counter() - t0,
                "volumes_per_second": epochs.volumes_per_example * sum(len(b) for b in batches) * ctx.world_size
                / step_time}
         rows.append(row)
-        stop = best.update(epochs.score(train_loss, val), epoch, net)
+        stop = best.update(epochs.score(train_loss, val), epoch, net, count_stale=epoch > epochs.patience_after)
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val['val_loss']:.3f}")
         LOG.debug("%s epoch %d: %s", epochs.name, epoch, row)

@@ -544,3 +544,45 @@ def family_folds(family: Mapping[str, str], n_folds: int, seed: int = 0) -> dict
         for pid in members[fam]:
             out[pid] = fold
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Families of any task (the symmetry task's split; added by the symmetry/atlas work)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_families(bids_dir: Path, family_column: str = "family_id") -> dict[str, str]:
+    """``participant_id -> family id`` from ``participants.tsv`` (HCP's ``Family_ID`` is found for the default
+    column, as for twins); empty when the file or the column is missing, so that every subject is its own family.
+
+    Examples:
+        >>> read_families(Path("/nonexistent"))
+        {}
+    """
+    if not (Path(bids_dir) / "participants.tsv").is_file():
+        return {}
+    try:
+        table = read_participants(bids_dir)
+    except BadDataError:
+        return {}
+    column = find_column(table, family_column, FAMILY_FALLBACKS if family_column == "family_id" else ())
+    if column is None:
+        return {}
+    return {pid: str(fam).strip() for pid, fam in zip(table["participant_id"], table[column]) if not _is_missing(fam)}
+
+
+def subject_split(subjects: Sequence[str], family: Mapping[str, str], seed: int = 0,
+                  fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict[str, str]:
+    """``participant_id -> train | validation | test`` with whole families per split (:func:`family_aware_split`,
+    one stratum); subjects without a family are their own.
+
+    Examples:
+        >>> split = subject_split([f"sub-{i:02d}" for i in range(10)], {"sub-00": "f", "sub-01": "f"}, 0, (0.7, 0.15, 0.15))
+        >>> split["sub-00"] == split["sub-01"], sorted(set(split.values()))
+        (True, ['test', 'train', 'validation'])
+    """
+    pids = sorted({participant_id(s) for s in subjects})
+    table = pd.DataFrame({"participant_id": pids, "family_id": [family.get(p) or f"singleton-{p}" for p in pids],
+                          "stratum": "all"})
+    out = family_aware_split(table, fractions, seed)
+    return dict(zip(out["participant_id"], out["split"]))

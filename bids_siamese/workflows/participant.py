@@ -339,7 +339,8 @@ def warm_worker_caches(settings) -> None:
     from ..preproc.register import _levels, _template_data
     from ..reports import figures  # noqa: F401  (matplotlib)
     from ..resources import model_grid, template_brain_path
-    from ..symmetry.asymmetry import atlas_on_grid, template_reference
+    from ..atlas import atlas_on_grid
+    from ..symmetry.analysis import template_reference
 
     template_on_grid(model_grid(settings.resolution))
     atlas_on_grid(settings.atlas, settings.resolution)
