@@ -68,7 +68,7 @@ def truth_outputs(bids: Path, results: Path, resolution: float) -> int:
     generator's truth (true affine and mask); existing files are kept. Returns the number written."""
     import nibabel as nib
 
-    from bids_siamese.bids.derivatives import init_output_dir
+    from bids_siamese.bids.derivatives import STATUS_OK, init_output_dir, write_completion_record
     from symmetry import resample_with_truth
 
     truth = pd.read_csv(bids / "sourcedata" / "truth" / "scans.tsv", sep="\t", dtype=str)
@@ -79,14 +79,17 @@ def truth_outputs(bids: Path, results: Path, resolution: float) -> int:
         rel = Path(row["path"])
         stem = rel.name.replace("_T1w.nii.gz", "")
         pre = results / rel.parent / f"{stem}_space-MNI152NLin2009cAsym_res-{label}_desc-preproc_T1w.nii.gz"
-        if pre.is_file():
-            continue
-        volume, mask = resample_with_truth(bids, row, resolution)
-        pre.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(volume, grid.affine), str(pre))
-        nib.save(nib.Nifti1Image(mask.astype(np.uint8), grid.affine),
-                 str(pre).replace("desc-preproc_T1w", "desc-brain_mask"))
-        written += 1
+        brain = Path(str(pre).replace("desc-preproc_T1w", "desc-brain_mask"))
+        if not pre.is_file():
+            volume, mask = resample_with_truth(bids, row, resolution)
+            pre.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(volume, grid.affine), str(pre))
+            nib.save(nib.Nifti1Image(mask.astype(np.uint8), grid.affine), str(brain))
+            written += 1
+        record = rel.parent / f"{stem}_desc-status_qc.json"
+        if not (results / record).is_file():  # what the group level checks: the scan's results are complete
+            write_completion_record(results, record, status=STATUS_OK, scan=rel.name, run_id="benchmark-truth",
+                                    files=[p.relative_to(results).as_posix() for p in (pre, brain)])
     init_output_dir(results, bids)
     return written
 

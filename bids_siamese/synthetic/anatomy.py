@@ -6,10 +6,9 @@ from typing import Sequence
 
 import nibabel as nib
 import numpy as np
-import pandas as pd
 from scipy import ndimage as ndi
 
-from ..resources import atlas_paths, template_brain_path
+from ..resources import template_brain_path
 from .fields import apply_affine_grid
 from .head import make_head
 from .params import COARSE_SPACING, FIELD_SPACING, PAD, VENTRICLE_CSF_MAX, VENTRICLE_LABELS
@@ -56,35 +55,13 @@ def load_template() -> tuple[np.ndarray, np.ndarray]:
     return data, affine
 
 
-def resample_labels_nearest(labels: np.ndarray, labels_affine: np.ndarray, shape: Sequence[int],
-                            affine: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour resampling of a label image onto a grid, for axis-aligned (diagonal) affines."""
-    if np.count_nonzero(labels_affine[:3, :3] - np.diag(np.diag(labels_affine[:3, :3]))) or np.count_nonzero(
-        affine[:3, :3] - np.diag(np.diag(affine[:3, :3]))
-    ):
-        coords = apply_affine_grid(np.linalg.inv(labels_affine) @ affine, shape)
-        return ndi.map_coordinates(labels, coords, order=0, mode="constant", cval=0).astype(labels.dtype)
-    index, valid = [], []
-    for ax, n in enumerate(shape):
-        mm = affine[ax, 3] + np.arange(n) * affine[ax, ax]
-        v = np.rint((mm - labels_affine[ax, 3]) / labels_affine[ax, ax]).astype(np.intp)
-        valid.append((v >= 0) & (v < labels.shape[ax]))
-        index.append(np.clip(v, 0, labels.shape[ax] - 1))
-    out = labels[np.ix_(*index)].copy()
-    out[~valid[0], :, :] = 0
-    out[:, ~valid[1], :] = 0
-    out[:, :, ~valid[2]] = 0
-    return out
-
-
 def load_atlas(shape: Sequence[int], affine: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
     """Neuromorphometrics labels resampled (nearest neighbour) to a template grid, and the label names."""
-    image_path, labels_path, _ = atlas_paths("neuromorphometrics")
-    img = nib.load(str(image_path))
-    data = np.asarray(img.dataobj).astype(np.uint8)
-    table = pd.read_csv(labels_path)
-    names = {int(i): str(n) for i, n in zip(table["index"], table["name"])}
-    return resample_labels_nearest(data, img.affine, shape, affine), names
+    from ..atlas import atlas_on_grid
+    from ..resources import Grid
+
+    labels, names = atlas_on_grid("neuromorphometrics", Grid(tuple(int(s) for s in shape), np.asarray(affine)))
+    return np.asarray(labels, dtype=np.uint8), {int(k): str(v) for k, v in names.items()}
 
 
 def ventricle_mask(labels: np.ndarray, brain: np.ndarray) -> np.ndarray:
