@@ -183,7 +183,7 @@ def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None
         subjects = [s for s in subjects if s in usable]
     if task == "twin":
         from ..explain.run import run_explain
-        from ..train.run import run_twin
+        from ..train.twins import run_twin
 
         written += run_twin(settings, subjects)
         if settings.explain and main_process:
@@ -193,7 +193,7 @@ def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None
 
         written += run_orientation(settings, subjects)
     elif task == "longitudinal":
-        from ..train.run import run_longitudinal
+        from ..train.longitudinal import run_longitudinal
 
         written += run_longitudinal(settings, subjects)
     elif task == "symmetry" and not main_process:
