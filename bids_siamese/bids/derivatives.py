@@ -160,29 +160,36 @@ def surface_file_name(mesh: str, hemi: str, surface: str) -> str:
 TEMPLATE_FILE = "tpl-MNI152NLin2009cAsym_res-01_desc-brain_T1w.nii.gz"
 
 
-def write_group_record(output_dir: Path, step: str, written: Sequence[Path], settings: Any = None) -> Path:
-    """Record what one group step wrote in ``OUTPUT_DIR/group_outputs.json``; returns its path.
-
-    The record keeps one entry per step (``qc``, ``twin``, ``longitudinal``, ``orientation``, ``symmetry``,
-    ``explain``); a later run of a step replaces its entry, the other steps' entries stay, so the group report
-    shows every task run into this OUTPUT_DIR. An entry has ``run_id``, ``mode``, ``backbone``, ``finished``,
-    ``files`` (role -> path relative to OUTPUT_DIR, the roles of :data:`TASK_FILES`), ``model`` (the checkpoint
-    folder, when one was written) and ``other`` (the remaining paths written).
-    """
+def group_record_entry(output_dir: Path, step: str, written: Sequence[Path], settings: Any = None) -> dict[str, Any]:
+    """What one group step wrote, as kept in the record: ``run_id``, ``mode``, ``backbone``, ``finished``,
+    ``files`` (role -> path relative to OUTPUT_DIR, with the roles of :data:`TASK_FILES`), ``model`` (the
+    checkpoint folder it wrote, or with ``--mode apply`` the one it read) and ``other`` (the remaining files)."""
     from datetime import datetime, timezone
 
     output_dir = Path(output_dir)
-    record = read_group_record(output_dir)
     rel = [_relative(output_dir, p) for p in written]
     roles = {role: name for role, name in TASK_FILES.get(step, {}).items() if name in rel}
-    folders = sorted({str(Path(r).parent) for r in rel if r.startswith("models/")})
-    entry: dict[str, Any] = {"run_id": getattr(settings, "run_id", None), "mode": getattr(settings, "mode", None),
-                             "backbone": getattr(settings, "backbone", None),
-                             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": roles,
-                             "model": folders[0] if folders else None,
-                             "other": [r for r in rel if r not in roles.values() and not r.startswith("models/")]}
-    record.setdefault("steps", {})[step] = entry
-    return write_json(output_dir / GROUP_RECORD, record)
+    folders = sorted({Path(r).parent.as_posix() for r in rel if r.startswith("models/")})
+    model = getattr(settings, "model", None)
+    if not folders and model and getattr(settings, "mode", None) == "apply":
+        folders = [_relative(output_dir, Path(model) if Path(model).is_dir() else Path(model).parent)]
+    return {"run_id": getattr(settings, "run_id", None), "mode": getattr(settings, "mode", None),
+            "backbone": getattr(settings, "backbone", None),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": roles,
+            "model": folders[0] if folders else None,
+            "other": [r for r in rel if r not in roles.values() and not r.startswith("models/")]}
+
+
+def write_group_record(output_dir: Path, step: str, written: Sequence[Path], settings: Any = None) -> Path:
+    """Record what one group step wrote (:func:`group_record_entry`) in ``OUTPUT_DIR/group_outputs.json``.
+
+    The record keeps one entry per step (``qc``, ``twin``, ``longitudinal``, ``orientation``, ``symmetry``,
+    ``explain``) under ``steps``; a later run of a step replaces its entry and the other entries stay, so the
+    group report shows every task run into this OUTPUT_DIR.
+    """
+    record = read_group_record(output_dir)
+    record["steps"][step] = group_record_entry(output_dir, step, written, settings)
+    return write_json(Path(output_dir) / GROUP_RECORD, record)
 
 
 def read_group_record(output_dir: Path) -> dict[str, Any]:
