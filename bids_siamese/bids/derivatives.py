@@ -24,6 +24,7 @@ from bids.layout.writing import build_path as _pybids_build_path
 
 from .. import __version__
 from ..errors import CannotCreateError
+from ..resources import TEMPLATE, TEMPLATE_BRAIN
 
 CODE_URL = "https://github.com/bids-apps/bids-siamese"
 CONTAINER_ENV = "BIDS_SIAMESE_CONTAINER"  # e.g. "docker://bids/siamese:0.1.0", set in the images
@@ -135,7 +136,7 @@ def map_file_names(stem: str, desc: str, suffix: str, resolution_label: str) -> 
         'group_hemi-L_space-fsLR_den-32k_desc-lrp_relevance.func.gii'
     """
     tail = f"desc-{desc}_{suffix}"
-    names = {"volume": f"{stem}_space-MNI152NLin2009cAsym_res-{resolution_label}_{tail}.nii.gz",
+    names = {"volume": f"{stem}_space-{TEMPLATE}_res-{resolution_label}_{tail}.nii.gz",
              "cifti": f"{stem}_space-fsLR_den-91k_{tail}.dscalar.nii"}
     for hemi in ("L", "R"):
         names[f"fsLR_{hemi}"] = f"{stem}_hemi-{hemi}_space-fsLR_den-32k_{tail}.func.gii"
@@ -157,7 +158,7 @@ def surface_file_name(mesh: str, hemi: str, surface: str) -> str:
 
 
 #: The template brain copied into a Workbench folder.
-TEMPLATE_FILE = "tpl-MNI152NLin2009cAsym_res-01_desc-brain_T1w.nii.gz"
+TEMPLATE_FILE = TEMPLATE_BRAIN
 
 
 def group_record_entry(output_dir: Path, step: str, written: Sequence[Path], settings: Any = None) -> dict[str, Any]:
@@ -207,6 +208,27 @@ def _relative(root: Path, path: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+#: Participant-level outputs that the group level reads (written under the names of ``data/naming.json``).
+PREPROC_SUFFIX = "desc-preproc_T1w.nii.gz"
+MASK_SUFFIX = "desc-brain_mask.nii.gz"
+ORIENTATION_QC_SUFFIX = "desc-orientation_qc.json"
+
+
+def preproc_name_pattern(resolution_label: str) -> str:
+    """Glob for the model-grid T1w files, e.g. ``*_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz``."""
+    return f"*_space-{TEMPLATE}_res-{resolution_label}_{PREPROC_SUFFIX}"
+
+
+def mask_path_for(preproc: Path) -> Path:
+    """The brain mask written next to a ``desc-preproc_T1w`` file.
+
+    Examples:
+        >>> mask_path_for(Path("sub-1_space-X_res-2_desc-preproc_T1w.nii.gz")).name
+        'sub-1_space-X_res-2_desc-brain_mask.nii.gz'
+    """
+    return Path(preproc).with_name(Path(preproc).name.replace(PREPROC_SUFFIX, MASK_SUFFIX))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,11 @@
-"""Group level: gather per-scan participant results into group tables at the top of OUTPUT_DIR."""
+"""Group level: the one entry (:func:`run_group`), one short sequence of steps per ``--task``.
+
+Every group run first writes the per-scan QC table ``group_orientation.tsv`` from the participant-level
+results, then runs the task's steps (:data:`TASKS`): each step is a function of the shared packages
+(``train/``, ``symmetry/``, ``explain/``) that returns the paths it wrote, and the workflow records them in
+``group_outputs.json`` (:func:`~bids_siamese.bids.derivatives.write_group_record`); the report
+(``reports/group.py``) is built from that record.
+"""
 from __future__ import annotations
 
 import json
@@ -9,7 +16,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ..bids.derivatives import QC_FILES, write_group_record, write_tsv
+from ..bids.derivatives import ORIENTATION_QC_SUFFIX, QC_FILES, write_group_record, write_tsv
 
 LOG = logging.getLogger("bids_siamese.group")
 
@@ -136,7 +143,7 @@ def unusable_scans(table: pd.DataFrame) -> list[str]:
 def find_orientation_records(output_dir: Path, subjects: list[str]) -> list[dict[str, Any]]:
     records = []
     for subject in subjects:
-        for path in sorted((Path(output_dir) / f"sub-{subject}").glob("**/*_desc-orientation_qc.json")):
+        for path in sorted((Path(output_dir) / f"sub-{subject}").glob(f"**/*_{ORIENTATION_QC_SUFFIX}")):
             records.append(json.loads(path.read_text()))
     return records
 
