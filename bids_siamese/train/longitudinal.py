@@ -21,11 +21,11 @@ from ..bids.derivatives import LONGITUDINAL_FILES, model_folder, write_tsv
 from ..errors import BadDataError, NoInputError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.regional import RegionalChange
-from ..resources import model_grid
+from ..resources import Grid, model_grid
 from .data import find_preproc, load_volumes
 from .ddp import DistContext, barrier
 from .evaluate import METRICS, binary_metrics, plot_history, plot_roc, save_figure, scalar_rows, summarise
-from .loop import PairData, TrainConfig, predict_pairs, train_longitudinal
+from .loop import PairData, TrainConfig, TrainResult, predict_pairs, train_longitudinal
 from .models import new_longitudinal_model, write_region_weights
 from .pairs import find_column, longitudinal_pairs, longitudinal_split_table, normalise_label, read_participants
 from .run import card_training_data, dataset_name, log_metrics, run_distributed, seen_split, session_times, train_config
@@ -103,6 +103,38 @@ def run_longitudinal(settings: Any, subjects: list[str]) -> list[Path]:
     return run_distributed(_run_longitudinal, settings, subjects)
 
 
+def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs, data: PairData,
+                          config: TrainConfig, run: int, device: torch.device, ctx: DistContext
+                          ) -> tuple[TrainResult, pd.DataFrame, dict[str, str], dict[str, Any]]:
+    """split -> fit -> evaluate for one random sub-sampling (seed ``--seed + run``): the training result, the split
+    table, participant -> split, and the test metrics row."""
+    pairs, labels, threshold = inputs.pairs, data.labels, 0.5
+    seed = settings.seed + run
+    split_table = longitudinal_split_table(pairs, inputs.family, seed=seed)
+    split_of = dict(zip(split_table["participant_id"], split_table["split"]))
+    split = pairs["participant_id"].map(split_of).to_numpy()
+    y_train = labels[split == "train"]
+    if not ((y_train == 1).any() and (y_train == 0).any()) or not (split == "validation").any() \
+            or not (split == "test").any():
+        raise BadDataError(
+            f"too few labelled longitudinal participants for train/validation/test splits "
+            f"({int((labels == 1).sum())} decline, {int((labels == 0).sum())} stable); fix: select at least "
+            f"3 decline and 3 stable participants with two sessions (column '{settings.label_column}')")
+    torch.manual_seed(seed)
+    train_idx, val_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "validation")
+    if settings.backbone == "regional":  # convex, nothing to stop early: validation pairs train too
+        train_idx, val_idx = np.sort(np.r_[train_idx, val_idx]), val_idx[:0]
+    model = new_longitudinal_model(settings, grid, data, train_idx)
+    result = train_longitudinal(model, data, train_idx, val_idx, TrainConfig(**{**config.__dict__, "seed": seed}),
+                                device, ctx)
+    test_idx = np.flatnonzero(split == "test")
+    row = {"run": run, **binary_metrics(labels[test_idx], predict_pairs(result.model, data, test_idx, device),
+                                        threshold)}
+    LOG.info("longitudinal run %d/%d: %d epochs (best %d), %.0f s, test accuracy %.3f", run + 1, settings.n_draws,
+             len(result.history), result.best_epoch, result.seconds, row["accuracy"])
+    return result, split_table, split_of, row
+
+
 def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
                       ) -> list[Path]:
     out_dir = Path(settings.output_dir)
@@ -117,31 +149,10 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
     run_rows, split_tables, histories = [], [], []
     model, card, threshold = None, {}, 0.5
     if train_mode:
-        n_runs = settings.n_draws
-        for run in range(n_runs):
-            seed = settings.seed + run
-            split_table = longitudinal_split_table(pairs, inputs.family, seed=seed)
-            split_of = dict(zip(split_table["participant_id"], split_table["split"]))
-            split = pairs["participant_id"].map(split_of).to_numpy()
-            y_train = labels[split == "train"]
-            if not ((y_train == 1).any() and (y_train == 0).any()) or not (split == "validation").any() \
-                    or not (split == "test").any():
-                raise BadDataError(
-                    f"too few labelled longitudinal participants for train/validation/test splits "
-                    f"({int((labels == 1).sum())} decline, {int((labels == 0).sum())} stable); fix: select at least "
-                    f"3 decline and 3 stable participants with two sessions (column '{settings.label_column}')")
-            torch.manual_seed(seed)
-            train_idx, val_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "validation")
-            if settings.backbone == "regional":  # convex, nothing to stop early: validation pairs train too
-                train_idx, val_idx = np.sort(np.r_[train_idx, val_idx]), val_idx[:0]
-            run_model = new_longitudinal_model(settings, grid, data, train_idx)
-            run_config = TrainConfig(**{**config.__dict__, "seed": seed})
-            result = train_longitudinal(run_model, data, train_idx, val_idx, run_config, device, ctx)
-            test_idx = np.flatnonzero(split == "test")
-            p_test = predict_pairs(result.model, data, test_idx, device)
-            run_rows.append({"run": run, **binary_metrics(labels[test_idx], p_test, threshold)})
-            LOG.info("longitudinal run %d/%d: %d epochs (best %d), %.0f s, test accuracy %.3f", run + 1, n_runs,
-                     len(result.history), result.best_epoch, result.seconds, run_rows[-1]["accuracy"])
+        for run in range(settings.n_draws):
+            result, split_table, split_of, row = fit_longitudinal_draw(settings, grid, inputs, data, config, run,
+                                                                       device, ctx)
+            run_rows.append(row)
             split_tables.append(split_table.assign(run=run))
             histories.append(result.history.assign(run=run))
             if run == 0:

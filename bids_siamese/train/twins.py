@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from ..bids.derivatives import TWIN_FILES, model_folder, write_tsv
 from ..errors import BadDataError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.losses import pair_distance
 from ..models.regional import RegionalEncoder
-from ..resources import model_grid
+from ..resources import Grid, model_grid
 from .data import VolumeFiles, find_preproc, first_scan_per_subject, load_masks, load_volumes
 from .ddp import DistContext, barrier
 from .evaluate import (
@@ -39,7 +41,7 @@ from .evaluate import (
     summarise,
     voxel_correlation,
 )
-from .loop import TwinData, embed, train_twin
+from .loop import TrainConfig, TrainResult, TwinData, embed, train_twin
 from .models import new_twin_model, write_region_weights
 from .pairs import Relations, twin_split_table
 from .relatives import nearest_relatives, relatives_table
@@ -163,145 +165,242 @@ def run_twin(settings: Any, subjects: list[str]) -> list[Path]:
     return run_distributed(_run_twin, settings, subjects)
 
 
-def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
-              ) -> list[Path]:
-    out_dir = Path(settings.output_dir)
-    grid = model_grid(settings.resolution)
-    scans_all = find_preproc(out_dir, subjects, settings.resolution_label, settings.session_label,
-                             include_unusable=settings.include_unusable)
-    scans = first_scan_per_subject(scans_all, session_times(settings.bids_dir, scans_all))
-    pids = scans["participant_id"].tolist()
+@dataclass
+class TwinCohort:
+    """The collected inputs: one scan per subject (``participant_id, session, path``) and the relations
+    (``None`` in ``--mode apply`` without family data)."""
+
+    scans: pd.DataFrame
+    relations: Relations | None
+
+    @property
+    def pids(self) -> list[str]:
+        return self.scans["participant_id"].tolist()
+
+    @property
+    def paths(self) -> list[Path]:
+        return [Path(p) for p in self.scans["path"]]
+
+
+@dataclass
+class TwinDecision:
+    """The decision rule: the learned score's threshold and probability scale, the baseline's threshold, and the
+    validation AUCs (train only); ``card`` is the ``decision`` entry of a model card."""
+
+    threshold: float
+    scale: float
+    baseline_threshold: float
+    validation: dict[str, float]
+    card: dict[str, Any]
+
+
+def collect_twins(settings: Any, subjects: Sequence[str]) -> TwinCohort:
+    """collect: the first usable model-grid scan of each subject and the twin relations."""
+    scans = find_preproc(settings.output_dir, subjects, settings.resolution_label, settings.session_label,
+                         include_unusable=settings.include_unusable)
+    scans = first_scan_per_subject(scans, session_times(settings.bids_dir, scans))
+    labels = [p.removeprefix("sub-") for p in scans["participant_id"]]
     train_mode = settings.mode == "train"
-    labels = [p.removeprefix("sub-") for p in pids]
-    relations = load_relations(settings, labels) if train_mode else apply_relations(settings, labels)
-    positive_relations = ["MZ", "DZ"] if settings.dz_positives else ["MZ"]
-    card: dict[str, Any] = {}
-    split_table = None
-    if train_mode:
-        split_table = twin_split_table(relations, seed=settings.seed)
-        split_of = dict(zip(split_table["participant_id"], split_table["split"]))
-    else:
-        if settings.model is None:
-            raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
-        model, card = load_checkpoint(settings.model, "twin", grid, device)
-        positive_relations = ["MZ", "DZ"] if card.get("hyperparameters", {}).get("dz_positives") else ["MZ"]
-        paths = [Path(p) for p in scans["path"]]
-        # each scan is read and embedded once, one batch in memory at a time
-        emb = embed(model, VolumeFiles(paths, grid), None, device, train_config(settings).eval_batch_size)
-        if relations is None:
-            LOG.info("twins: %d subjects, no family data (no --pairs-file, no '%s' column in participants.tsv): "
-                     "writing the closest relatives only", len(pids), settings.family_column)
-            if not ctx.is_main:
-                barrier(ctx)
-                return []
-            written = [_write_relatives(out_dir, pids, emb, card, None, settings.top_k)]
-            LOG.info("twins: closest relatives of %d scans in %.0f s", len(pids), time.perf_counter() - t_start)
-            barrier(ctx)
-            return written
-        split_of = seen_split(card, scans, dataset_name(settings.bids_dir))
-    pairs = twin_pair_table(pids, relations, split_of)
-    if train_mode:
-        _check_twin_splits(pairs, positive_relations)
-    LOG.info("twins: %d subjects, %d MZ and %d DZ pairs, %d unrelated pairs (%s)", len(pids),
-             int((pairs.relation == "MZ").sum()), int((pairs.relation == "DZ").sum()),
-             int((pairs.relation == "unrelated").sum()),
-             ", ".join(f"{k} {v}" for k, v in pd.Series(split_of).value_counts().sort_index().items()))
-    paths = [Path(p) for p in scans["path"]]
-    volumes = load_volumes(paths, grid)
-    masks = load_masks(paths, grid)
-    family, positive, unrelated = twin_matrices(pids, relations, settings.dz_positives)
-    config = train_config(settings)
-    split_arr = np.array([split_of[p] for p in pids])
-    result = None
-    if train_mode:
-        model = new_twin_model(settings, grid, volumes, masks, np.flatnonzero(split_arr == "train"))
-        data = TwinData(volumes, family, positive, unrelated)
-        result = train_twin(model, data, np.flatnonzero(split_arr == "train"),
-                            np.flatnonzero(split_arr == "validation"), config, device, ctx)
-        model = result.model
-        LOG.info("twin training: %d epochs (best %d) in %.0f s, %.1f volumes/s", len(result.history),
-                 result.best_epoch, result.seconds, result.volumes_per_second)
-    distance = card.get("hyperparameters", {}).get("distance", settings.distance) if card else settings.distance
-    if train_mode:
-        emb = embed(model, volumes, None, device, config.eval_batch_size)
+    return TwinCohort(scans, load_relations(settings, labels) if train_mode else apply_relations(settings, labels))
+
+
+def twin_splits(settings: Any, cohort: TwinCohort, card: dict[str, Any]) -> tuple[dict[str, str], pd.DataFrame | None]:
+    """split: participant -> split, and the split table when training (family-aware, stratified by family type);
+    in ``--mode apply`` the split in which the checkpoint saw each participant (else ``test``)."""
+    if settings.mode != "train":
+        return seen_split(card, cohort.scans, dataset_name(settings.bids_dir)), None
+    table = twin_split_table(cohort.relations, seed=settings.seed)
+    return dict(zip(table["participant_id"], table["split"])), table
+
+
+def score_twin_pairs(pairs: pd.DataFrame, emb: torch.Tensor, volumes: np.ndarray, masks: np.ndarray,
+                     distance: str) -> pd.DataFrame:
+    """evaluate (1): each pair's embedding ``distance``, ``score`` (= -distance) and voxel-correlation
+    ``baseline``."""
     i_idx, j_idx = (torch.tensor(pairs[c].to_numpy(dtype=np.int64)) for c in ("i", "j"))
     pairs["distance"] = pair_distance(emb[i_idx], emb[j_idx], distance).numpy()
     pairs["score"] = -pairs["distance"]
     pairs["baseline"] = voxel_correlation(volumes, masks, list(zip(pairs["i"], pairs["j"])))
-    if train_mode:
-        val = pairs[(pairs["split"] == "validation") & pairs["relation"].isin([*positive_relations, "unrelated"])]
-        y_val = val["relation"].isin(positive_relations).astype(float).to_numpy()
-        threshold = choose_threshold(y_val, val["score"])
-        scale = fit_probability_scale(y_val, val["score"], threshold)
-        b_val = val["baseline"].fillna(-1.0)
-        b_threshold = choose_threshold(y_val, b_val)
-        decision = {"threshold_distance": -threshold, "probability_scale": scale,
-                    "baseline_threshold_correlation": b_threshold, "chosen_on": "validation pairs (Youden's J)",
-                    "positive_relations": positive_relations}
-        validation = {"validation_auc_roc": safe_auc(y_val, val["score"]),
-                      "baseline_validation_auc_roc": safe_auc(y_val, b_val)}
-    else:
-        decision = card["decision"]
-        threshold, scale = -float(decision["threshold_distance"]), float(decision["probability_scale"])
-        b_threshold = float(decision["baseline_threshold_correlation"])
-        validation = {}
-    pairs["twin_probability"] = probability(pairs["score"].to_numpy(), threshold, scale)
-    pairs["predicted_twin"] = pairs["score"] >= threshold
-    learned, curves = _twin_test_metrics(pairs, "score", threshold, settings.n_draws, settings.seed, "")
+    return pairs
+
+
+def choose_twin_decision(pairs: pd.DataFrame, positive_relations: list[str]) -> TwinDecision:
+    """evaluate (2), train: thresholds (Youden's J) and probability scale from the validation pairs only."""
+    val = pairs[(pairs["split"] == "validation") & pairs["relation"].isin([*positive_relations, "unrelated"])]
+    y_val = val["relation"].isin(positive_relations).astype(float).to_numpy()
+    threshold = choose_threshold(y_val, val["score"])
+    scale = fit_probability_scale(y_val, val["score"], threshold)
+    b_val = val["baseline"].fillna(-1.0)
+    b_threshold = choose_threshold(y_val, b_val)
+    card = {"threshold_distance": -threshold, "probability_scale": scale,
+            "baseline_threshold_correlation": b_threshold, "chosen_on": "validation pairs (Youden's J)",
+            "positive_relations": positive_relations}
+    validation = {"validation_auc_roc": safe_auc(y_val, val["score"]),
+                  "baseline_validation_auc_roc": safe_auc(y_val, b_val)}
+    return TwinDecision(threshold, scale, b_threshold, validation, card)
+
+
+def card_decision(card: dict[str, Any]) -> TwinDecision:
+    """evaluate (2), apply: the decision rule saved in a checkpoint's model card."""
+    decision = card["decision"]
+    return TwinDecision(-float(decision["threshold_distance"]), float(decision["probability_scale"]),
+                        float(decision["baseline_threshold_correlation"]), {}, decision)
+
+
+def evaluate_twins(pairs: pd.DataFrame, decision: TwinDecision, n_draws: int, seed: int
+                   ) -> tuple[pd.DataFrame, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """evaluate (3): every pair's twin probability and decision, and the test metrics of the model and the
+    baseline (MZ and DZ vs unrelated, ``n_draws`` draws) with their ROC curves."""
+    pairs["twin_probability"] = probability(pairs["score"].to_numpy(), decision.threshold, decision.scale)
+    pairs["predicted_twin"] = pairs["score"] >= decision.threshold
+    learned, curves = _twin_test_metrics(pairs, "score", decision.threshold, n_draws, seed, "")
     baseline, b_curves = _twin_test_metrics(pairs.assign(baseline=pairs["baseline"].fillna(-1.0)), "baseline",
-                                            b_threshold, settings.n_draws, settings.seed, "baseline_")
+                                            decision.baseline_threshold, n_draws, seed, "baseline_")
     test = pairs[pairs["split"] == "test"]
     counts = {f"n_test_{r.lower()}_pairs": int((test["relation"] == r).sum()) for r in ("MZ", "DZ", "unrelated")}
     if not counts["n_test_mz_pairs"]:
         LOG.warning("no MZ pair among the test subjects: the twin metrics are n/a")
     metrics = pd.concat([learned, baseline, scalar_rows({
-        **validation, "threshold_distance": round(-threshold, 6), "baseline_threshold_correlation": round(b_threshold, 6),
-        **counts})], ignore_index=True)
+        **decision.validation, "threshold_distance": round(-decision.threshold, 6),
+        "baseline_threshold_correlation": round(decision.baseline_threshold, 6), **counts})], ignore_index=True)
+    roc = {f"learned, {k} vs unrelated": v for k, v in curves.items()}
+    roc.update({f"voxel correlation, {k} vs unrelated": v for k, v in b_curves.items()})
+    return metrics, roc
+
+
+def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
+              ) -> list[Path]:
+    grid, train_mode = model_grid(settings.resolution), settings.mode == "train"
+    config = train_config(settings)
+    cohort = collect_twins(settings, subjects)
+    pids = cohort.pids
+    model, card, result = None, {}, None
+    positive_relations = ["MZ", "DZ"] if settings.dz_positives else ["MZ"]
+    if not train_mode:
+        if settings.model is None:
+            raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
+        model, card = load_checkpoint(settings.model, "twin", grid, device)
+        positive_relations = ["MZ", "DZ"] if card.get("hyperparameters", {}).get("dz_positives") else ["MZ"]
+        # each scan is read and embedded once, one batch in memory at a time
+        emb = embed(model, VolumeFiles(cohort.paths, grid), None, device, config.eval_batch_size)
+        if cohort.relations is None:
+            return _relatives_only(settings, pids, emb, card, ctx, t_start)
+    split_of, split_table = twin_splits(settings, cohort, card)
+    pairs = twin_pair_table(pids, cohort.relations, split_of)
+    if train_mode:
+        _check_twin_splits(pairs, positive_relations)
+    _log_pairs(pids, pairs, split_of)
+    volumes, masks = load_volumes(cohort.paths, grid), load_masks(cohort.paths, grid)
+    split_arr = np.array([split_of[p] for p in pids])
+    if train_mode:
+        result = fit_twin(settings, grid, cohort, volumes, masks, split_arr, config, device, ctx)
+        model = result.model
+        emb = embed(model, volumes, None, device, config.eval_batch_size)
+    distance = card.get("hyperparameters", {}).get("distance", settings.distance) if card else settings.distance
+    pairs = score_twin_pairs(pairs, emb, volumes, masks, distance)
+    decision = choose_twin_decision(pairs, positive_relations) if train_mode else card_decision(card)
+    metrics, roc = evaluate_twins(pairs, decision, settings.n_draws, settings.seed)
     if not ctx.is_main:
         barrier(ctx)
         return []
     written: list[Path] = []
-    if train_mode and result is not None and split_table is not None:
-        written.append(write_tsv(out_dir / TWIN_FILES["splits"], split_table))
-        history = result.history.round(6)
-        written.append(write_tsv(out_dir / TWIN_FILES["history"], history))
-        written.append(save_figure(plot_history(history, f"twin triplet loss ({settings.backbone})",
-                                                ["val_twin_distance", "val_nontwin_distance"]),
-                                   out_dir / TWIN_FILES["loss_figure"]))
-        training_data = card_training_data(
-            scans, split_of, settings.bids_dir, n_subjects=pd.Series(split_of).value_counts().to_dict(),
-            pairs={r: int((pairs["relation"] == r).sum()) for r in ("MZ", "DZ", "unrelated")})
-        regional = isinstance(model, RegionalEncoder)
-        card = make_card(
-            "twin", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, grid,
-            settings.seed, training_data, decision,
-            {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["mean"])},
-            {"distance": settings.distance, "margin": settings.margin, "dz_positives": settings.dz_positives,
-             "epochs": settings.epochs, "epochs_run": len(history), "best_epoch": result.best_epoch,
-             "batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
-             "flip_lr": config.flip_lr, "max_shift_voxels": config.max_shift, "world_size": ctx.world_size,
-             "training_seconds": round(result.seconds, 1),
-             "volumes_per_second": round(result.volumes_per_second, 2)})
-        folder = model_folder(out_dir, "twin", settings.backbone)
-        if regional:
-            card["input"]["population_reference"] = (
-                f"voxelwise mean and spread of the {int((split_arr == 'train').sum())} training scans (model buffers "
-                "reference_mean, reference_sd; spread floored at its 10th in-brain percentile)")
-            written.append(write_region_weights(model, settings, card, folder))
-        written += save_checkpoint(folder, model, card)
-    table = pairs[PAIR_COLUMNS]
-    table = table.assign(distance=table["distance"].round(6), twin_probability=table["twin_probability"].round(4))
-    written.append(write_tsv(out_dir / TWIN_FILES["pairs"], table))
-    written.append(_write_relatives(out_dir, pids, emb, card or {"decision": decision,
-                                                                 "hyperparameters": {"distance": distance}},
-                                    relations, settings.top_k))
-    written.append(write_tsv(out_dir / TWIN_FILES["metrics"], metrics))
-    roc = {f"learned, {k} vs unrelated": v for k, v in curves.items()}
-    roc.update({f"voxel correlation, {k} vs unrelated": v for k, v in b_curves.items()})
-    written.append(save_figure(plot_roc(roc, "twin identification, test pairs"), out_dir / TWIN_FILES["roc_figure"]))
+    if result is not None:
+        card = _twin_card(settings, grid, model, cohort, split_of, pairs, decision, metrics, result, config, ctx)
+        written += write_twin_training(settings, model, card, result, split_table, int((split_arr == "train").sum()))
+    written += write_twins(settings, pids, pairs, emb, card or {"decision": decision.card,
+                                                                "hyperparameters": {"distance": distance}},
+                           cohort.relations, metrics, roc)
     log_metrics("twins", metrics, time.perf_counter() - t_start)
     barrier(ctx)
     return written
+
+
+def _relatives_only(settings: Any, pids: list[str], emb: torch.Tensor, card: dict[str, Any], ctx: DistContext,
+                    t_start: float) -> list[Path]:
+    """``--mode apply`` without family data: only the closest relatives are written."""
+    LOG.info("twins: %d subjects, no family data (no --pairs-file, no '%s' column in participants.tsv): "
+             "writing the closest relatives only", len(pids), settings.family_column)
+    if not ctx.is_main:
+        barrier(ctx)
+        return []
+    written = [_write_relatives(Path(settings.output_dir), pids, emb, card, None, settings.top_k)]
+    LOG.info("twins: closest relatives of %d scans in %.0f s", len(pids), time.perf_counter() - t_start)
+    barrier(ctx)
+    return written
+
+
+def _log_pairs(pids: list[str], pairs: pd.DataFrame, split_of: dict[str, str]) -> None:
+    LOG.info("twins: %d subjects, %d MZ and %d DZ pairs, %d unrelated pairs (%s)", len(pids),
+             int((pairs.relation == "MZ").sum()), int((pairs.relation == "DZ").sum()),
+             int((pairs.relation == "unrelated").sum()),
+             ", ".join(f"{k} {v}" for k, v in pd.Series(split_of).value_counts().sort_index().items()))
+
+
+def fit_twin(settings: Any, grid: Grid, cohort: TwinCohort, volumes: np.ndarray, masks: np.ndarray,
+             split_arr: np.ndarray, config: TrainConfig, device: torch.device, ctx: DistContext) -> TrainResult:
+    """fit: a fresh model (:func:`~bids_siamese.train.models.new_twin_model`) trained with the batch-hard triplet
+    loss on the training subjects, early-stopped on the validation subjects."""
+    train_idx, val_idx = np.flatnonzero(split_arr == "train"), np.flatnonzero(split_arr == "validation")
+    model = new_twin_model(settings, grid, volumes, masks, train_idx)
+    family, positive, unrelated = twin_matrices(cohort.pids, cohort.relations, settings.dz_positives)
+    result = train_twin(model, TwinData(volumes, family, positive, unrelated), train_idx, val_idx, config, device,
+                        ctx)
+    LOG.info("twin training: %d epochs (best %d) in %.0f s, %.1f volumes/s", len(result.history),
+             result.best_epoch, result.seconds, result.volumes_per_second)
+    return result
+
+
+def _twin_card(settings: Any, grid: Grid, model: nn.Module, cohort: TwinCohort, split_of: dict[str, str],
+               pairs: pd.DataFrame, decision: TwinDecision, metrics: pd.DataFrame, result: TrainResult,
+               config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+    """The model card of a trained twin model."""
+    training_data = card_training_data(
+        cohort.scans, split_of, settings.bids_dir, n_subjects=pd.Series(split_of).value_counts().to_dict(),
+        pairs={r: int((pairs["relation"] == r).sum()) for r in ("MZ", "DZ", "unrelated")})
+    regional = isinstance(model, RegionalEncoder)
+    return make_card(
+        "twin", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, grid,
+        settings.seed, training_data, decision.card,
+        {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["mean"])},
+        {"distance": settings.distance, "margin": settings.margin, "dz_positives": settings.dz_positives,
+         "epochs": settings.epochs, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
+         "batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
+         "flip_lr": config.flip_lr, "max_shift_voxels": config.max_shift, "world_size": ctx.world_size,
+         "training_seconds": round(result.seconds, 1),
+         "volumes_per_second": round(result.volumes_per_second, 2)})
+
+
+def write_twin_training(settings: Any, model: nn.Module, card: dict[str, Any], result: TrainResult,
+                        split_table: pd.DataFrame, n_train: int) -> list[Path]:
+    """write, train: the split table, the loss history and figure, and the checkpoint folder (with the learned
+    region weights of a regional model)."""
+    out_dir = Path(settings.output_dir)
+    history = result.history.round(6)
+    figure = plot_history(history, f"twin triplet loss ({settings.backbone})",
+                          ["val_twin_distance", "val_nontwin_distance"])
+    written = [write_tsv(out_dir / TWIN_FILES["splits"], split_table),
+               write_tsv(out_dir / TWIN_FILES["history"], history),
+               save_figure(figure, out_dir / TWIN_FILES["loss_figure"])]
+    folder = model_folder(out_dir, "twin", settings.backbone)
+    if isinstance(model, RegionalEncoder):
+        card["input"]["population_reference"] = (
+            f"voxelwise mean and spread of the {n_train} training scans (model buffers "
+            "reference_mean, reference_sd; spread floored at its 10th in-brain percentile)")
+        written.append(write_region_weights(model, settings, card, folder))
+    return written + save_checkpoint(folder, model, card)
+
+
+def write_twins(settings: Any, pids: list[str], pairs: pd.DataFrame, emb: torch.Tensor, card: dict[str, Any],
+                relations: Relations | None, metrics: pd.DataFrame,
+                roc: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[Path]:
+    """write: the pairs table, the closest relatives, the metrics and the ROC figure."""
+    out_dir = Path(settings.output_dir)
+    table = pairs[PAIR_COLUMNS]
+    table = table.assign(distance=table["distance"].round(6), twin_probability=table["twin_probability"].round(4))
+    return [write_tsv(out_dir / TWIN_FILES["pairs"], table),
+            _write_relatives(out_dir, pids, emb, card, relations, settings.top_k),
+            write_tsv(out_dir / TWIN_FILES["metrics"], metrics),
+            save_figure(plot_roc(roc, "twin identification, test pairs"), out_dir / TWIN_FILES["roc_figure"])]
 
 
 def _write_relatives(out_dir: Path, pids: Sequence[str], emb: torch.Tensor, card: dict[str, Any],
