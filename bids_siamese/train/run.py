@@ -48,7 +48,6 @@ def train_config(settings: Any) -> TrainConfig:
     )
 
 
-
 def _setup(settings: Any) -> tuple[DistContext, torch.device]:
     """Threads, the process group under torchrun, and the seeds of a group task."""
     torch.set_num_threads(max(1, int(settings.omp_nthreads)))
@@ -110,7 +109,6 @@ def seen_split(card: dict[str, Any], scans: pd.DataFrame, dataset_name: str) -> 
     return out
 
 
-
 def load_relations(settings: Any, subjects: Sequence[str]) -> Relations:
     """Twin relations from ``--pairs-file`` or from participants.tsv family/zygosity columns."""
     if settings.pairs_file is not None:
@@ -133,13 +131,11 @@ def apply_relations(settings: Any, subjects: Sequence[str]) -> Relations | None:
     return load_relations(settings, subjects)
 
 
-
 def log_metrics(task: str, metrics: pd.DataFrame, seconds: float) -> None:
     """One log line with a task's main test metrics (mean +- std)."""
     shown = metrics[metrics["metric"].isin(["accuracy", "f1", "auc_roc", "baseline_auc_roc"])]
     LOG.info("%s done in %.0f s: %s", task, seconds,
              ", ".join(f"{r.metric} {r.mean:.3f} +- {r.std:.3f}" for r in shown.itertuples()))
-
 
 
 def run_distributed(pipeline: Callable[..., list[Path]], settings: Any, subjects: list[str]) -> list[Path]:
