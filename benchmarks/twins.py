@@ -46,7 +46,8 @@ from bids_siamese.bids.layout import resolve_participants
 from bids_siamese.cli.parser import MODEL_CHOICES, parse_args
 from bids_siamese.models import build_model
 from bids_siamese.resources import model_grid
-from bids_siamese.train.run import TWIN_FILES, run_twin
+from bids_siamese.bids.derivatives import TWIN_FILES
+from bids_siamese.train.twins import run_twin
 
 METRIC_ORDER = ("accuracy", "precision", "recall", "f1", "auc_roc")
 
@@ -187,7 +188,7 @@ def throughput(backbone: str, resolution: float, batch_size: int, steps: int = 3
     if backbone == "regional":
         from types import SimpleNamespace
 
-        from bids_siamese.train.run import new_twin_model
+        from bids_siamese.train.models import new_twin_model
 
         grid = model_grid(resolution)
         volumes = np.random.default_rng(0).normal(size=(4, 1, *grid.shape)).astype(np.float32)
