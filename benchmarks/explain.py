@@ -39,7 +39,8 @@ from bids_siamese.explain.lrp import canonize, embedding_network, relevance_embe
 from bids_siamese.explain.run import EXPLAIN_FILES, run_explain
 from bids_siamese.models import BACKBONES, build_model
 from bids_siamese.resources import model_grid
-from bids_siamese.train.run import REGION_WEIGHTS, run_twin
+from bids_siamese.bids.derivatives import REGION_WEIGHTS
+from bids_siamese.train.twins import run_twin
 
 sys.path.insert(0, str(Path(__file__).parent))
 from twins import add_training_options, training_argv  # noqa: E402

@@ -29,7 +29,8 @@ from bids_siamese.cli.parser import parse_args
 from bids_siamese.resources import model_grid
 from bids_siamese.train.data import find_preproc, load_masks, load_volumes
 from bids_siamese.train.evaluate import binary_metrics, choose_threshold, summarise
-from bids_siamese.train.run import LONGITUDINAL_FILES, run_longitudinal
+from bids_siamese.bids.derivatives import LONGITUDINAL_FILES
+from bids_siamese.train.longitudinal import run_longitudinal
 
 sys.path.insert(0, str(Path(__file__).parent))
 from twins import add_training_options, link_outputs, metric_line, training_argv  # noqa: E402

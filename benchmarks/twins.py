@@ -46,7 +46,8 @@ from bids_siamese.bids.layout import resolve_participants
 from bids_siamese.cli.parser import MODEL_CHOICES, parse_args
 from bids_siamese.models import build_model
 from bids_siamese.resources import model_grid
-from bids_siamese.train.run import TWIN_FILES, run_twin
+from bids_siamese.bids.derivatives import TWIN_FILES
+from bids_siamese.train.twins import run_twin
 
 METRIC_ORDER = ("accuracy", "precision", "recall", "f1", "auc_roc")
 
@@ -68,7 +69,7 @@ def truth_outputs(bids: Path, results: Path, resolution: float) -> int:
     generator's truth (true affine and mask); existing files are kept. Returns the number written."""
     import nibabel as nib
 
-    from bids_siamese.bids.derivatives import init_output_dir
+    from bids_siamese.bids.derivatives import STATUS_OK, init_output_dir, write_completion_record
     from symmetry import resample_with_truth
 
     truth = pd.read_csv(bids / "sourcedata" / "truth" / "scans.tsv", sep="\t", dtype=str)
@@ -79,14 +80,17 @@ def truth_outputs(bids: Path, results: Path, resolution: float) -> int:
         rel = Path(row["path"])
         stem = rel.name.replace("_T1w.nii.gz", "")
         pre = results / rel.parent / f"{stem}_space-MNI152NLin2009cAsym_res-{label}_desc-preproc_T1w.nii.gz"
-        if pre.is_file():
-            continue
-        volume, mask = resample_with_truth(bids, row, resolution)
-        pre.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(volume, grid.affine), str(pre))
-        nib.save(nib.Nifti1Image(mask.astype(np.uint8), grid.affine),
-                 str(pre).replace("desc-preproc_T1w", "desc-brain_mask"))
-        written += 1
+        brain = Path(str(pre).replace("desc-preproc_T1w", "desc-brain_mask"))
+        if not pre.is_file():
+            volume, mask = resample_with_truth(bids, row, resolution)
+            pre.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(volume, grid.affine), str(pre))
+            nib.save(nib.Nifti1Image(mask.astype(np.uint8), grid.affine), str(brain))
+            written += 1
+        record = rel.parent / f"{stem}_desc-status_qc.json"
+        if not (results / record).is_file():  # what the group level checks: the scan's results are complete
+            write_completion_record(results, record, status=STATUS_OK, scan=rel.name, run_id="benchmark-truth",
+                                    files=[p.relative_to(results).as_posix() for p in (pre, brain)])
     init_output_dir(results, bids)
     return written
 
@@ -184,7 +188,7 @@ def throughput(backbone: str, resolution: float, batch_size: int, steps: int = 3
     if backbone == "regional":
         from types import SimpleNamespace
 
-        from bids_siamese.train.run import new_twin_model
+        from bids_siamese.train.models import new_twin_model
 
         grid = model_grid(resolution)
         volumes = np.random.default_rng(0).normal(size=(4, 1, *grid.shape)).astype(np.float32)

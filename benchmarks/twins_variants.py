@@ -46,7 +46,8 @@ from bids_siamese.train.data import find_preproc, first_scan_per_subject, load_m
 from bids_siamese.train.ddp import DistContext
 from bids_siamese.train.evaluate import safe_auc
 from bids_siamese.train.pairs import twin_split_table
-from bids_siamese.train.run import load_relations, twin_matrices, twin_pair_table
+from bids_siamese.train.run import load_relations
+from bids_siamese.train.twins import twin_matrices, twin_pair_table
 
 HINGE = loop.batch_hard_triplet_loss
 

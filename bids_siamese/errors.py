@@ -33,45 +33,49 @@ EXIT_CODES = {
 
 
 class UserError(Exception):
-    """An error the user can fix; ``str(err)`` is one line naming the file and the fix."""
+    """An error the user can fix; ``str(err)`` is one line naming the file and the fix.
+
+    A subclass names its exit code in its class line: ``class UsageError(UserError, exit_code=EXIT_USAGE)``.
+    """
 
     exit_code = EXIT_USAGE
+
+    def __init_subclass__(cls, exit_code: int | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if exit_code is not None:
+            cls.exit_code = exit_code
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
 
 
-class UsageError(UserError):
-    exit_code = EXIT_USAGE
+class UsageError(UserError, exit_code=EXIT_USAGE):
+    """A wrong option, option value or combination of options."""
 
 
-class ValidationError(UserError):
-    exit_code = EXIT_VALIDATION
+class ValidationError(UserError, exit_code=EXIT_VALIDATION):
+    """The input dataset fails BIDS validation."""
 
 
-class AnalysisLevelError(UserError):
-    exit_code = EXIT_ANALYSIS_LEVEL
+class AnalysisLevelError(UserError, exit_code=EXIT_ANALYSIS_LEVEL):
+    """An analysis level other than ``participant`` or ``group``."""
 
 
-class EmptySelectionError(UserError):
-    exit_code = EXIT_EMPTY_SELECTION
+class EmptySelectionError(UserError, exit_code=EXIT_EMPTY_SELECTION):
+    """The participant, session or filter selection matches no data."""
 
 
-class BadDataError(UserError):
+class BadDataError(UserError, exit_code=EXIT_DATA):
     """A scan cannot be processed (corrupt, not 3D, NaN, ...). Other scans continue."""
 
-    exit_code = EXIT_DATA
+
+class NoInputError(UserError, exit_code=EXIT_NO_INPUT):
+    """A dataset, participant or file that is needed is missing."""
 
 
-class NoInputError(UserError):
-    exit_code = EXIT_NO_INPUT
+class CannotCreateError(UserError, exit_code=EXIT_CANT_CREATE):
+    """The output or work folder cannot be created or written."""
 
 
-class CannotCreateError(UserError):
-    exit_code = EXIT_CANT_CREATE
-
-
-class LockedError(UserError):
+class LockedError(UserError, exit_code=EXIT_LOCKED):
     """Another live run holds the lock of a selected subject."""
-
-    exit_code = EXIT_LOCKED

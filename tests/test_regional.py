@@ -21,7 +21,9 @@ from bids_siamese.models.regional import (RegionalChange, RegionalConvEncoder, R
 from bids_siamese.models.losses import pairwise_distance
 from bids_siamese.train.evaluate import safe_auc
 from bids_siamese.train.loop import TrainConfig, TwinData, train_twin
-from bids_siamese.train.run import LONGITUDINAL_FILES, REGION_WEIGHTS, TWIN_FILES, run_longitudinal, run_twin
+from bids_siamese.bids.derivatives import LONGITUDINAL_FILES, REGION_WEIGHTS, TWIN_FILES
+from bids_siamese.train.longitudinal import run_longitudinal
+from bids_siamese.train.twins import run_twin
 
 from test_train import make_group_inputs, settings_for
 

@@ -292,3 +292,14 @@ def test_cli_refuses_non_empty_outdir(tiny: tuple[Path, pd.DataFrame], tmp_path:
     assert (foreign / "dataset_description.json").is_file()
     assert syn.main([str(tmp_path / "new"), "--size", "huge"]) == EXIT_USAGE
     assert syn.main(["--help"]) == 0
+
+
+def test_cli_reports_an_unwritable_place_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a file where the first subject's folder must go: the atomic writer's error becomes the demo's own message
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "sub-001").write_text("not a folder")
+    assert syn.main([str(root), "--overwrite", "--jobs", "1"]) == EXIT_CANT_CREATE
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "cannot write the demo dataset" in err and "sub-001" in err and "OUTPUT_DIR" not in err

@@ -27,7 +27,9 @@ from bids_siamese.train.data import augment, family_batches, find_preproc
 from bids_siamese.train.evaluate import binary_metrics, choose_threshold, draw_metrics, voxel_correlation
 from bids_siamese.train.loop import TrainConfig, TwinData, recompute_batch_norm, train_twin
 from bids_siamese.train.relatives import RELATIVE_COLUMNS
-from bids_siamese.train.run import LONGITUDINAL_FILES, TWIN_FILES, run_longitudinal, run_twin
+from bids_siamese.bids.derivatives import LONGITUDINAL_FILES, TWIN_FILES
+from bids_siamese.train.longitudinal import run_longitudinal
+from bids_siamese.train.twins import run_twin
 
 RES = 8.0
 SPACE = "space-MNI152NLin2009cAsym"
@@ -291,7 +293,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from bids_siamese.models import build_model
     from bids_siamese.train.ddp import init_distributed
     from bids_siamese.train.loop import TrainConfig, TwinData, train_twin
-    from bids_siamese.train.run import run_twin
+    from bids_siamese.train.twins import run_twin
     from test_train import settings_for
 
     torch.set_num_threads(1)
@@ -344,7 +346,7 @@ def test_ddp_two_cpu_processes_gloo(group_data, tmp_path):
 def test_group_level_explains_and_writes_tables_in_the_first_process_only(tmp_path, monkeypatch):
     """Under torchrun every process runs the group level: processes other than RANK 0 only train."""
     import bids_siamese.explain.run as explain_run
-    import bids_siamese.train.run as train_run
+    import bids_siamese.train.twins as train_run
     from bids_siamese.workflows import group
 
     calls = []

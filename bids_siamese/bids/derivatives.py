@@ -1,8 +1,8 @@
 """The derivatives writer: output names from BIDS entities, sidecars, dataset_description.json.
 
 Every path the app writes inside OUTPUT_DIR is built here, either from BIDS entities with the pybids
-patterns in ``bids_siamese/data/naming.json`` or from the fixed group-level names in
-:data:`GROUP_FILES`. Every write is atomic: data go to a temporary file in the destination folder
+patterns in ``bids_siamese/data/naming.json`` or from the group-level names (:data:`TASK_FILES`,
+:func:`model_folder`, :func:`map_file_names`). Every write is atomic: data go to a temporary file in the destination folder
 which is then renamed over the target, so a killed run never leaves a half-written output.
 """
 from __future__ import annotations
@@ -24,20 +24,216 @@ from bids.layout.writing import build_path as _pybids_build_path
 
 from .. import __version__
 from ..errors import CannotCreateError
+from ..resources import TEMPLATE, TEMPLATE_BRAIN
 
 CODE_URL = "https://github.com/bids-apps/bids-siamese"
 CONTAINER_ENV = "BIDS_SIAMESE_CONTAINER"  # e.g. "docker://bids/siamese:0.1.0", set in the images
 
-#: Fixed names of group-level outputs at the top of OUTPUT_DIR.
-GROUP_FILES = {
-    "orientation": "group_orientation.tsv",
-    # group --task orientation (the trained left-right model)
-    "orientation_model": "group_orientation_model.tsv",
-    "orientation_model_metrics": "group_orientation_model_metrics.tsv",
-    "orientation_model_history": "group_orientation_model_history.tsv",
-    "orientation_model_folder": "models/orientation_latnet",
-    "twins_relatives": "group_twins_relatives.tsv",
-}
+# --------------------------------------------------------------------------------------------------
+# Group level (workflows/group.py, train/, reports/, surface/): every group-level output name
+# --------------------------------------------------------------------------------------------------
+
+
+def group_file(stem: str, part: str = "", extension: str = ".tsv") -> str:
+    """``group_<stem>[_<part>]<extension>``, a file at the top of OUTPUT_DIR.
+
+    Examples:
+        >>> group_file("twins", "metrics"), group_file("symmetry"), group_file("symmetry", "evaluation", ".json")
+        ('group_twins_metrics.tsv', 'group_symmetry.tsv', 'group_symmetry_evaluation.json')
+    """
+    return f"group_{stem}{'_' + part if part else ''}{extension}"
+
+
+def group_figure(stem: str, part: str) -> str:
+    """``figures/group_<stem>_<part>.svg``.
+
+    Examples:
+        >>> group_figure("twins", "roc")
+        'figures/group_twins_roc.svg'
+    """
+    return f"figures/{group_file(stem, part, '.svg')}"
+
+
+def task_files(stem: str, tables: Sequence[str], figures: Sequence[str] = ()) -> dict[str, str]:
+    """Role -> name of one task's files: ``<part>`` -> ``group_<stem>_<part>.tsv`` (``table`` for the part-less
+    ``group_<stem>.tsv``) and ``<part>_figure`` -> ``figures/group_<stem>_<part>.svg``."""
+    names = {part or "table": group_file(stem, part) for part in tables}
+    return {**names, **{f"{part}_figure": group_figure(stem, part) for part in figures}}
+
+
+#: ``group --task twin``: tables, figures (``relatives``: the nearest scans, also written in ``--mode apply``).
+TWIN_FILES = task_files("twins", ("pairs", "metrics", "splits", "history", "relatives"), ("loss", "roc"))
+#: ``group --task longitudinal``.
+LONGITUDINAL_FILES = task_files("longitudinal", ("predictions", "metrics", "splits", "history"), ("loss", "roc"))
+#: ``group --task orientation`` (the trained left-right model).
+ORIENTATION_MODEL_FILES = task_files("orientation_model", ("", "metrics", "history"))
+#: ``group --task symmetry`` (written by symmetry/run.py).
+SYMMETRY_FILES = {**task_files("symmetry", ("", "training", "evaluation"), ("detection",)),
+                  "evaluation_json": group_file("symmetry", "evaluation", ".json")}
+#: The explanations of a twin model (written by explain/run.py); ``workbench``: the Workbench folder.
+EXPLAIN_FILES = {**task_files("regions", ("ranking", "subjects", "statistics")),
+                 "embeddings": group_file("twins", "embeddings"), "workbench": "group"}
+#: Per-scan QC of every group run: one row per selected scan.
+QC_FILES = {"orientation": group_file("orientation")}
+#: Files of each group step by role, keyed as in the record (:func:`write_group_record`).
+TASK_FILES = {"qc": QC_FILES, "twin": TWIN_FILES, "longitudinal": LONGITUDINAL_FILES,
+              "orientation": ORIENTATION_MODEL_FILES, "symmetry": SYMMETRY_FILES, "explain": EXPLAIN_FILES}
+#: The group report and the record of what the group steps wrote (read by the report).
+GROUP_REPORT = "group.html"
+GROUP_RECORD = group_file("outputs", extension=".json")
+#: Learned region weights of a ``regional`` model, written into its checkpoint folder.
+REGION_WEIGHTS = "region_weights.tsv"
+#: Older names of the above (kept for scripts that read them).
+GROUP_FILES = {"orientation": QC_FILES["orientation"],
+               **{f"orientation_model{'_' + k if k != 'table' else ''}": v for k, v in ORIENTATION_MODEL_FILES.items()},
+               "orientation_model_folder": "models/orientation_latnet", "twins_relatives": TWIN_FILES["relatives"]}
+
+
+def model_folder(output_dir: Path, task: str, backbone: str) -> Path:
+    """The checkpoint folder of a group task: ``OUTPUT_DIR/models/<twins|longitudinal|symmetry>_<backbone>``
+    (``models/orientation_latnet`` for the orientation ensemble).
+
+    Examples:
+        >>> model_folder(Path("/out"), "twin", "small").as_posix()
+        '/out/models/twins_small'
+    """
+    if task == "orientation":
+        return Path(output_dir) / GROUP_FILES["orientation_model_folder"]
+    return Path(output_dir) / "models" / f"{'twins' if task == 'twin' else task}_{backbone}"
+
+
+#: ``desc-`` of relevance maps: LRP of a CNN backbone, or the regional twin model's exact decomposition.
+RELEVANCE_DESC = {"lrp": "lrp", "regional": "decomposition"}
+
+
+def relevance_desc(regional: bool) -> str:
+    """``decomposition`` for the regional twin model's exact per-voxel decomposition, ``lrp`` for LRP maps.
+
+    Examples:
+        >>> relevance_desc(True), relevance_desc(False)
+        ('decomposition', 'lrp')
+    """
+    return RELEVANCE_DESC["regional" if regional else "lrp"]
+
+
+def relevance_path(preproc: Path, desc: str = "lrp") -> Path:
+    """The per-scan relevance map next to a ``desc-preproc_T1w`` file.
+
+    Examples:
+        >>> relevance_path(Path("sub-1_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz"), "decomposition").name
+        'sub-1_space-MNI152NLin2009cAsym_res-2_desc-decomposition_relevance.nii.gz'
+    """
+    name = Path(preproc).name.replace("_desc-preproc_T1w.nii.gz", f"_desc-{desc}_relevance.nii.gz")
+    return Path(preproc).with_name(name)
+
+
+def map_file_names(stem: str, desc: str, suffix: str, resolution_label: str) -> dict[str, str]:
+    """Names of the volume, GIFTI and CIFTI files of one set of template-space maps (``stem``: ``group`` or a
+    scan's source).
+
+    Examples:
+        >>> map_file_names("group", "lrp", "relevance", "2")["fsLR_L"]
+        'group_hemi-L_space-fsLR_den-32k_desc-lrp_relevance.func.gii'
+    """
+    tail = f"desc-{desc}_{suffix}"
+    names = {"volume": f"{stem}_space-{TEMPLATE}_res-{resolution_label}_{tail}.nii.gz",
+             "cifti": f"{stem}_space-fsLR_den-91k_{tail}.dscalar.nii"}
+    for hemi in ("L", "R"):
+        names[f"fsLR_{hemi}"] = f"{stem}_hemi-{hemi}_space-fsLR_den-32k_{tail}.func.gii"
+        names[f"fsaverage5_{hemi}"] = f"{stem}_hemi-{hemi}_space-fsaverage5_{tail}.func.gii"
+    return names
+
+
+def surface_file_name(mesh: str, hemi: str, surface: str) -> str:
+    """The file name of a template surface copied into a Workbench folder.
+
+    Examples:
+        >>> surface_file_name("fsLR", "L", "midthickness")
+        'tpl-fsLR_den-32k_hemi-L_midthickness.surf.gii'
+        >>> surface_file_name("fsaverage5", "R", "inflated")
+        'tpl-fsaverage5_hemi-R_inflated.surf.gii'
+    """
+    den = "_den-32k" if mesh == "fsLR" else ""
+    return f"tpl-{mesh}{den}_hemi-{hemi}_{surface}.surf.gii"
+
+
+#: The template brain copied into a Workbench folder.
+TEMPLATE_FILE = TEMPLATE_BRAIN
+
+
+def group_record_entry(output_dir: Path, step: str, written: Sequence[Path], settings: Any = None) -> dict[str, Any]:
+    """What one group step wrote, as kept in the record: ``run_id``, ``mode``, ``backbone``, ``finished``,
+    ``files`` (role -> path relative to OUTPUT_DIR, with the roles of :data:`TASK_FILES`), ``model`` (the
+    checkpoint folder it wrote, or with ``--mode apply`` the one it read) and ``other`` (the remaining files)."""
+    from datetime import datetime, timezone
+
+    output_dir = Path(output_dir)
+    rel = [_relative(output_dir, p) for p in written]
+    roles = {role: name for role, name in TASK_FILES.get(step, {}).items() if name in rel}
+    folders = sorted({Path(r).parent.as_posix() for r in rel if r.startswith("models/")})
+    model = getattr(settings, "model", None)
+    if not folders and model and getattr(settings, "mode", None) == "apply":
+        folders = [_relative(output_dir, Path(model) if Path(model).is_dir() else Path(model).parent)]
+    return {"run_id": getattr(settings, "run_id", None), "mode": getattr(settings, "mode", None),
+            "backbone": getattr(settings, "backbone", None),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": roles,
+            "model": folders[0] if folders else None,
+            "other": [r for r in rel if r not in roles.values() and not r.startswith("models/")]}
+
+
+def write_group_record(output_dir: Path, step: str, written: Sequence[Path], settings: Any = None) -> Path:
+    """Record what one group step wrote (:func:`group_record_entry`) in ``OUTPUT_DIR/group_outputs.json``.
+
+    The record keeps one entry per step (``qc``, ``twin``, ``longitudinal``, ``orientation``, ``symmetry``,
+    ``explain``) under ``steps``; a later run of a step replaces its entry and the other entries stay, so the
+    group report shows every task run into this OUTPUT_DIR.
+    """
+    record = read_group_record(output_dir)
+    record["steps"][step] = group_record_entry(output_dir, step, written, settings)
+    return write_json(Path(output_dir) / GROUP_RECORD, record)
+
+
+def read_group_record(output_dir: Path) -> dict[str, Any]:
+    """The record of :func:`write_group_record` (``{"steps": {}}`` when there is none or it is unreadable)."""
+    try:
+        record = json.loads((Path(output_dir) / GROUP_RECORD).read_text())
+    except (OSError, ValueError):
+        return {"steps": {}}
+    return record if isinstance(record.get("steps"), dict) else {"steps": {}}
+
+
+def _relative(root: Path, path: Path) -> str:
+    path = Path(path)
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+#: Participant-level outputs that the group level reads (written under the names of ``data/naming.json``).
+PREPROC_SUFFIX = "desc-preproc_T1w.nii.gz"
+MASK_SUFFIX = "desc-brain_mask.nii.gz"
+ORIENTATION_QC_SUFFIX = "desc-orientation_qc.json"
+
+
+def preproc_name_pattern(resolution_label: str) -> str:
+    """Glob for the model-grid T1w files, e.g. ``*_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz``."""
+    return f"*_space-{TEMPLATE}_res-{resolution_label}_{PREPROC_SUFFIX}"
+
+
+def mask_path_for(preproc: Path) -> Path:
+    """The brain mask written next to a ``desc-preproc_T1w`` file.
+
+    Examples:
+        >>> mask_path_for(Path("sub-1_space-X_res-2_desc-preproc_T1w.nii.gz")).name
+        'sub-1_space-X_res-2_desc-brain_mask.nii.gz'
+    """
+    return Path(preproc).with_name(Path(preproc).name.replace(PREPROC_SUFFIX, MASK_SUFFIX))
+
+
+# --------------------------------------------------------------------------------------------------
+# (end of the group-level names)
+# --------------------------------------------------------------------------------------------------
 
 #: Non-BIDS files in the output folder, hidden from the validator (as fMRIPrep does).
 BIDSIGNORE = [

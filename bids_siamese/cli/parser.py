@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
@@ -290,55 +291,21 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
 
         load_plugin_file(args.use_plugin)  # one-line error (64/66) before any work
 
-    return Settings(
+    computed = dict(
         bids_dir=bids_dir,
         output_dir=output_dir,
-        analysis_level=args.analysis_level,
         work_dir=work_dir,
         participant_label=[clean_label(x, "sub-") for x in args.participant_label],
         session_label=[clean_label(x, "ses-") for x in args.session_label],
         bids_filters=filters,
-        bids_filter_file=args.bids_filter_file.resolve() if args.bids_filter_file else None,
-        skip_bids_validation=args.skip_bids_validation,
         derivatives=parse_derivatives(args.derivatives),
         nprocs=nprocs,
         omp_nthreads=omp,
         mem_gb=mem_gb,
         device=resolve_device(args.device),
-        seed=args.seed,
-        verbosity=args.verbosity,
         resolution=float(args.resolution),
-        use_plugin=args.use_plugin.resolve() if args.use_plugin else None,
-        clean_workdir=args.clean_workdir,
-        model=args.model.resolve() if args.model else None,
-        task=args.task,
-        mode=args.mode,
         backbone=backbone,
-        embedding_dim=args.embedding_dim,
-        distance=args.distance,
-        margin=args.margin,
-        dz_positives=args.dz_positives,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        patience=args.patience,
-        n_draws=args.n_draws,
-        family_column=args.family_column,
-        zygosity_column=args.zygosity_column,
-        label_column=args.label_column,
-        pairs_file=args.pairs_file.resolve() if args.pairs_file else None,
-        top_k=args.top_k,
-        atlas=args.atlas,
-        lrp_target=args.lrp_target,
-        relevance_fwhm=args.relevance_fwhm,
-        explain_surfaces=args.explain_surfaces,
-        explain=args.explain,
-        lrp_rules=args.lrp_rules,
-        report_subjects=args.report_subjects,
-        atlas_labels=args.atlas_labels.resolve() if args.atlas_labels else None,
-        symmetry_fusion=args.symmetry_fusion,
-        symmetry_fwhm=args.symmetry_fwhm,
-        orientation_folds=args.orientation_folds,
-        include_unusable=args.include_unusable,
-        orientation_model=args.orientation_model.resolve() if args.orientation_model else None,
     )
+    # every other setting is its option's value, a path option made absolute
+    given = {f.name: getattr(args, f.name) for f in fields(Settings) if f.name not in computed and hasattr(args, f.name)}
+    return Settings(**computed, **{k: v.resolve() if isinstance(v, Path) else v for k, v in given.items()})

@@ -22,8 +22,11 @@ import time
 from nipype.interfaces.base import SimpleInterface, isdefined
 
 
-def limit_torch_threads(n_threads: int) -> None:
-    """``torch.set_num_threads(n_threads)`` when torch is loaded in this process (importing it costs ~1 s)."""
+def limit_torch_threads(n_threads: int, load: bool = False) -> None:
+    """``torch.set_num_threads(n_threads)`` when torch is loaded in this process (importing it costs ~1 s), or
+    with ``load`` in any case (a step that runs torch)."""
+    if load:
+        import torch  # noqa: F401 - imported into sys.modules for the line below
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(max(1, int(n_threads)))
@@ -55,12 +58,15 @@ def peak_rss_gb() -> float:
 class StepInterface(SimpleInterface):
     """``SimpleInterface`` that bounds torch's threads to the node's ``num_threads`` and records its resources."""
 
+    #: The step runs torch: torch is imported and its threads set before each run, not only when already loaded.
+    uses_torch = False
+
     def _n_threads(self) -> int:
         n = getattr(self.inputs, "num_threads", 1)
         return int(n) if isdefined(n) and n else 1
 
     def _pre_run_hook(self, runtime):
-        limit_torch_threads(self._n_threads())
+        limit_torch_threads(self._n_threads(), load=self.uses_torch)
         reset_peak_rss()
         self._cpu_start = time.process_time()
         return runtime

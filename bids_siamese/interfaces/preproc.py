@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import nibabel as nib  # loaded by nipype already
 import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -21,15 +22,12 @@ from nipype.interfaces.base import (
 from .base import StepInterface
 
 
-def _set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, int(n)))
+def _mask(path: str) -> np.ndarray:
+    """A mask file as a boolean array."""
+    return np.asanyarray(nib.load(path).dataobj) > 0
 
 
 def _save(img, name: str) -> str:
-    import nibabel as nib
-
     path = os.path.abspath(name)
     nib.save(img, path)
     return path
@@ -58,8 +56,6 @@ class CheckHeader(StepInterface):
         out_checks = os.path.abspath("header_checks.json")
         Path(out_checks).write_text(json.dumps(checks, indent=2))
         self._results["out_checks"] = out_checks
-        import nibabel as nib
-
         if len(nib.load(self.inputs.in_file).shape) == 3:
             self._results["out_file"] = str(self.inputs.in_file)
         else:  # a 4D file with a single volume, squeezed by load_t1w
@@ -101,15 +97,13 @@ class _BrainOutputSpec(TraitedSpec):
 class BrainExtraction(StepInterface):
     """deepbet brain extraction (weights ship in its wheel)."""
 
+    uses_torch = True
     input_spec = _BrainInputSpec
     output_spec = _BrainOutputSpec
 
     def _run_interface(self, runtime):
-        import nibabel as nib
-
         from ..preproc.brain import extract_brain
 
-        _set_threads(self.inputs.num_threads)
         img = nib.load(self.inputs.in_file)
         mask, _ = extract_brain(img, device=self.inputs.device)
         out = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
@@ -130,8 +124,6 @@ class ExternalMask(StepInterface):
     output_spec = _BrainOutputSpec
 
     def _run_interface(self, runtime):
-        import nibabel as nib
-
         from ..preproc.brain import mask_from_image
 
         ref = nib.load(self.inputs.reference)
@@ -161,21 +153,19 @@ class _RegisterOutputSpec(TraitedSpec):
 class AffineRegistration(StepInterface):
     """Affine registration of the brain to the MNI152NLin2009cAsym brain."""
 
+    uses_torch = True
     input_spec = _RegisterInputSpec
     output_spec = _RegisterOutputSpec
 
     def _run_interface(self, runtime):
-        import nibabel as nib
-
         from ..preproc.register import register_affine, write_itk_affine
         from ..resources import template_brain_path
 
-        _set_threads(self.inputs.num_threads)
         if self.inputs.identity:
             matrix = np.eye(4)
         else:
             img = nib.load(self.inputs.in_file)
-            mask = np.asanyarray(nib.load(self.inputs.in_mask).dataobj) > 0
+            mask = _mask(self.inputs.in_mask)
             # register_affine masks the image itself (and caches the template side once per process)
             matrix = register_affine(
                 img, mask, nib.load(template_brain_path()), resolution=self.inputs.resolution,
@@ -209,8 +199,6 @@ class ModelGrid(StepInterface):
     output_spec = _GridOutputSpec
 
     def _run_interface(self, runtime):
-        import nibabel as nib
-
         from ..preproc.grid import normalise_intensity, resample_to_grid
         from ..resources import model_grid
 
@@ -252,16 +240,14 @@ class _OrientationOutputSpec(TraitedSpec):
 class OrientationCheck(StepInterface):
     """Usable-scan gate, header verdict and the paired image-based left-right test (scan vs its mirror)."""
 
+    uses_torch = True
     input_spec = _OrientationInputSpec
     output_spec = _OrientationOutputSpec
 
     def _run_interface(self, runtime):
-        import nibabel as nib
-
         from ..qc.orientation import scan_orientation_report
 
-        _set_threads(self.inputs.num_threads)
-        native_mask = np.asanyarray(nib.load(self.inputs.native_mask).dataobj) > 0
+        native_mask = _mask(self.inputs.native_mask)
         report = scan_orientation_report(
             nib.load(self.inputs.t1w), native_mask, json.loads(Path(self.inputs.in_checks).read_text()),
             resolution=self.inputs.resolution, seed=self.inputs.seed, n_threads=self.inputs.num_threads,
@@ -305,14 +291,12 @@ class ReportFigures(StepInterface):
     output_spec = _FiguresOutputSpec
 
     def _run_interface(self, runtime):
-        import nibabel as nib
-
         from ..preproc.grid import template_on_grid
         from ..reports.figures import mask_contour_mosaic, orientation_figure, registration_mosaic
         from ..resources import Grid
 
         t1 = nib.load(self.inputs.t1w)
-        mask = np.asanyarray(nib.load(self.inputs.native_mask).dataobj) > 0
+        mask = _mask(self.inputs.native_mask)
         grid_img = nib.load(self.inputs.grid_file)
         moving = np.asanyarray(grid_img.dataobj, dtype=np.float32)
         grid = Grid(shape=tuple(int(s) for s in grid_img.shape), affine=grid_img.affine)

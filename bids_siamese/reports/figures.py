@@ -237,6 +237,17 @@ def _extent(shape: Sequence[int], zooms: Sequence[float], axis: int) -> tuple[fl
     return (0.0, width, 0.0, height)
 
 
+def _volume_pair(a: np.ndarray, name_a: str, b: np.ndarray, name_b: str, n_slices: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Two volumes of one figure as :func:`_as_volume` arrays on one grid, with at least one slice per row."""
+    arr_a, arr_b = _as_volume(a, name_a), _as_volume(b, name_b)
+    if arr_a.shape != arr_b.shape:
+        raise ValueError(f"{name_a} {arr_a.shape} and {name_b} {arr_b.shape} must share a grid")
+    if n_slices < 1:
+        raise ValueError(f"n_slices must be at least 1, got {n_slices}")
+    return arr_a, arr_b
+
+
 def _check_zooms(zooms: Sequence[float]) -> tuple[float, float, float]:
     values = tuple(float(z) for z in zooms)
     if len(values) < 3:
@@ -458,12 +469,7 @@ def registration_mosaic(moving: np.ndarray, fixed: np.ndarray, n_slices: int = 7
     Raises:
         ValueError: arrays are not 3D, their shapes differ, or ``n_slices`` < 1.
     """
-    mov = _as_volume(moving, "moving")
-    fix = _as_volume(fixed, "fixed")
-    if mov.shape != fix.shape:
-        raise ValueError(f"moving {mov.shape} and fixed {fix.shape} must share a grid")
-    if n_slices < 1:
-        raise ValueError(f"n_slices must be at least 1, got {n_slices}")
+    mov, fix = _volume_pair(moving, "moving", fixed, "fixed", n_slices)
     zooms = (1.0, 1.0, 1.0)
     window = robust_window(mov)
     outline_level, tissue_level = _template_levels(fix)
@@ -511,12 +517,7 @@ def mask_contour_mosaic(
     Raises:
         ValueError: arrays are not 3D, their shapes differ, ``zooms`` are not positive or ``n_slices`` < 1.
     """
-    img = _as_volume(t1w, "t1w")
-    msk = _as_volume(mask, "mask")
-    if img.shape != msk.shape:
-        raise ValueError(f"t1w {img.shape} and mask {msk.shape} must share a grid")
-    if n_slices < 1:
-        raise ValueError(f"n_slices must be at least 1, got {n_slices}")
+    img, msk = _volume_pair(t1w, "t1w", mask, "mask", n_slices)
     vox = _check_zooms(zooms)
     binary = (msk > 0).astype(np.float32)
     # Window on the brain when there is one, so the skull does not wash out the tissue contrast.

@@ -1,11 +1,13 @@
-"""The group report ``group.html``: model metrics, curves, embedding map, relevance, ranking, QC summaries.
+"""The group report ``group.html``: one section per group task that ran, QC summaries and the explanations.
 
 One self-contained HTML file at the top of OUTPUT_DIR (figures inline as SVG, raster layers embedded), built
-from what the group level wrote: ``group_twins_metrics.tsv``, ``figures/group_twins_{loss,roc}.svg``,
-``group_twins_embeddings.tsv``, ``group_regions_ranking.tsv``, ``group_regions_statistics.tsv``,
-``group_orientation.tsv``, ``group_symmetry.tsv`` and the group relevance map. Every section is shown only
-when its inputs exist, so the report also works for a run without twin model or explanations. With
-``report_subjects`` a per-subject section lists each subject's most important regions.
+from the record of what each group step wrote (``group_outputs.json``, see
+:func:`~bids_siamese.bids.derivatives.write_group_record`): the twin and longitudinal models (test metrics,
+loss and ROC curves, learned region weights, predictions), the orientation model, the symmetry results
+(per-scan summary, planted-lesion evaluation), the per-scan QC and, for a twin model's explanations, the
+embedding map, the group relevance map, the region ranking and statistics. Every section is shown only when
+its step ran (or, for outputs from before the record, when its files exist). With ``report_subjects`` a
+per-subject section lists each subject's most important regions.
 
 Figures are drawn with :class:`matplotlib.figure.Figure` (no pyplot state). Slices are in neurological
 convention (subject's left on the left, "L"/"R" marked); surfaces are fsaverage5 inflated meshes,
@@ -31,14 +33,21 @@ from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 
 from .. import __version__
-from ..bids.derivatives import GROUP_FILES, write_text
+from ..bids.derivatives import (
+    GROUP_REPORT,
+    REGION_WEIGHTS,
+    TASK_FILES,
+    group_record_entry,
+    model_folder,
+    read_group_record,
+    write_text,
+)
 
 LOG = logging.getLogger("bids_siamese.group.report")
 
 __all__ = ["build_group_context", "render_group_report", "write_group_report", "ranking_figure",
            "embedding_figure", "slices_figure", "surface_figure", "table_view"]
 
-REPORT_NAME = "group.html"
 CLASS_COLOURS = {"subcortical": "#d62728", "cortical": "#1f77b4", "cerebellar": "#2ca02c", "brainstem": "#9467bd",
                  "white-matter": "#8c564b"}
 _SALT = "bids-siamese-group"
@@ -245,48 +254,129 @@ def _inline_svg(text: str | None) -> str | None:
     return text[start:] if start >= 0 else None
 
 
+#: What the report shows of each group step (roles of :data:`~bids_siamese.bids.derivatives.TASK_FILES`).
+SHOWN = {"qc": ("orientation",), "twin": ("metrics", "loss_figure", "roc_figure"),
+         "longitudinal": ("metrics", "predictions", "loss_figure", "roc_figure"),
+         "orientation": ("table", "metrics"), "symmetry": ("table", "evaluation", "detection_figure"),
+         "explain": ("ranking", "statistics", "embeddings", "subjects")}
+#: Section titles of the group tasks, in report order.
+TASK_TITLES = {"twin": "Twin model", "longitudinal": "Longitudinal model", "orientation": "Orientation model",
+               "symmetry": "Symmetry", "explain": "Explanations", "qc": "Scan QC"}
+
+
+def _model_section(tables: Mapping[str, Any], figures: Mapping[str, str | None], task: str) -> dict | None:
+    """Test metrics, loss and ROC figures and region weights of the twin or longitudinal model (``None``: none)."""
+    section = {"metrics": table_view(tables.get(f"{task}_metrics")),
+               "loss_svg": _inline_svg(figures.get(f"{task}_loss_figure")),
+               "roc_svg": _inline_svg(figures.get(f"{task}_roc_figure")),
+               "region_weights": table_view(tables.get(f"{task}_region_weights"), 15,
+                                            ["rank", "region", "hemisphere", "structure_class", "weight", "voxels"])}
+    if task == "longitudinal":
+        section["predictions"] = table_view(tables.get("longitudinal_predictions"), 30)
+    return section if any(section.values()) else None
+
+
+def _orientation_section(orientation: pd.DataFrame | None) -> dict | None:
+    """The per-scan QC summary of ``group_orientation.tsv``."""
+    if orientation is None or not len(orientation):
+        return None
+    flagged = orientation[orientation["lr_flip_suspected"].astype(str).str.lower() == "true"]
+    checks = orientation["header_checks_failed"]  # pandas reads the TSV's "n/a" as missing
+    failed = orientation[checks.notna() & ~checks.astype(str).isin(["n/a", ""])]
+    status = orientation["status"].astype(str) if "status" in orientation else pd.Series("ok", orientation.index)
+    not_ok = orientation[status != "ok"]
+    unusable = orientation.iloc[0:0]
+    if "usable" in orientation.columns:
+        unusable = orientation[(status == "ok") & ~orientation["usable"].astype(str).str.lower().isin(["true", "1"])]
+    undetermined = orientation.iloc[0:0]
+    if "lr_flip_verdict" in orientation.columns:
+        undetermined = orientation[orientation["lr_flip_verdict"].astype(str) == "undetermined"]
+    return {"n": len(orientation), "flagged": len(flagged), "header_failed": len(failed),
+            "status": {key: int((status == key).sum()) for key in ("ok", "failed", "missing")},
+            "unusable": len(unusable), "undetermined": len(undetermined),
+            "unusable_scans": [str(s) for s in unusable.get("scan", [])],
+            "table": table_view(pd.concat([not_ok, unusable, flagged, undetermined, failed]).drop_duplicates(), 30)}
+
+
+def _orientation_model_section(scores: pd.DataFrame | None, metrics: pd.DataFrame | None) -> dict | None:
+    """The trained left-right model's held-out AUC and the scans it flags (``group --task orientation``)."""
+    if scores is None or not len(scores):
+        return None
+    flagged = scores[scores["lr_flip_suspected"].astype(str).str.lower() == "true"]
+    values = {} if metrics is None else dict(zip(metrics["metric"], metrics["value"]))
+    return {"auc": _fmt(float(values["auc_mirrored_copies"])) if "auc_mirrored_copies" in values else "n/a",
+            "n": len(scores), "flagged": [str(s) for s in flagged["scan"]],
+            "held_out": "apply" not in set(scores["fold"].astype(str))}
+
+
+def _symmetry_section(tables: Mapping[str, Any], figures: Mapping[str, str | None]) -> dict | None:
+    """Per-scan asymmetry summary and, after training, the planted-lesion evaluation (``group --task symmetry``)."""
+    symmetry = tables.get("symmetry_table")
+    if symmetry is None or not len(symmetry):
+        return None
+    numeric = symmetry.select_dtypes("number")
+    summary = numeric.describe().T[["mean", "std", "min", "max"]].reset_index().rename(columns={"index": "column"})
+    return {"n": len(symmetry), "summary": table_view(summary, 30),
+            "evaluation": table_view(tables.get("symmetry_evaluation"), 40),
+            "detection_svg": _inline_svg(figures.get("symmetry_detection_figure"))}
+
+
+def _tasks_table(steps: Mapping[str, Mapping[str, Any]]) -> dict | None:
+    """One row per recorded group step: what ran, how, in which run, and its model folder."""
+    rows = [{"step": TASK_TITLES.get(step, step), "mode": entry.get("mode"), "backbone": entry.get("backbone"),
+             "run": entry.get("run_id"), "finished": entry.get("finished"), "model": entry.get("model")}
+            for step, entry in sorted(steps.items(), key=lambda item: list(TASK_TITLES).index(item[0])
+                                      if item[0] in TASK_TITLES else len(TASK_TITLES))]
+    return table_view(pd.DataFrame(rows)) if rows else None
+
+
 def build_group_context(
     dataset: str = "",
-    metrics: pd.DataFrame | None = None,
-    loss_svg: str | None = None,
-    roc_svg: str | None = None,
-    embeddings: pd.DataFrame | None = None,
-    ranking: pd.DataFrame | None = None,
-    statistics: pd.DataFrame | None = None,
-    group_map: np.ndarray | None = None,
-    affine: np.ndarray | None = None,
-    template: np.ndarray | None = None,
-    orientation: pd.DataFrame | None = None,
-    orientation_model: pd.DataFrame | None = None,
-    orientation_model_metrics: pd.DataFrame | None = None,
-    symmetry: pd.DataFrame | None = None,
-    subjects_regions: pd.DataFrame | None = None,
-    region_weights: pd.DataFrame | None = None,
+    tables: Mapping[str, pd.DataFrame | None] | None = None,
+    figures: Mapping[str, str | None] | None = None,
+    relevance: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
+    steps: Mapping[str, Mapping[str, Any]] | None = None,
     files: Sequence[str] = (),
     notes: Mapping[str, str] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Everything the template shows; each figure is drawn only when its data are given."""
+    """Everything the template shows; each section and figure only when its data are given.
+
+    Args:
+        dataset: the input dataset's name.
+        tables: ``<step>_<role>`` -> table, the roles of :data:`SHOWN` (e.g. ``twin_metrics``,
+            ``longitudinal_predictions``, ``explain_ranking``, ``qc_orientation``), and ``twin_region_weights``,
+            ``longitudinal_region_weights`` (a regional model's learned weights).
+        figures: ``<step>_<role>`` -> SVG text (e.g. ``twin_loss_figure``, ``symmetry_detection_figure``).
+        relevance: ``(group map, affine, template underlay)`` of the explanations.
+        steps: the record's entries (:func:`~bids_siamese.bids.derivatives.group_record_entry`), one per step.
+        files: paths (relative to OUTPUT_DIR) listed at the end.
+        notes: facts shown in the summary.
+        seed: seed of the t-SNE map.
+    """
+    tables, figures = dict(tables or {}), dict(figures or {})
+    ranking, statistics = tables.get("explain_ranking"), tables.get("explain_statistics")
+    embeddings, subjects_regions = tables.get("explain_embeddings"), tables.get("explain_subjects")
     context: dict[str, Any] = {
         "title": "bids-siamese group report",
         "dataset": dataset,
         "version": __version__,
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "notes": dict(notes or {}),
-        "metrics": table_view(metrics),
-        "loss_svg": _inline_svg(loss_svg),
-        "roc_svg": _inline_svg(roc_svg),
+        "tasks": _tasks_table(steps or {}),
+        "twin": _model_section(tables, figures, "twin"),
+        "longitudinal": _model_section(tables, figures, "longitudinal"),
         "embedding_svg": None,
         "ranking_svg": None,
         "ranking": table_view(ranking, 25, ["rank", "region", "hemisphere", "structure_class", "importance", "voxels"]),
         "statistics": table_view(statistics),
-        "region_weights": table_view(region_weights, 15, ["rank", "region", "hemisphere", "structure_class", "weight",
-                                                          "voxels"]),
         "statistics_sentence": _statistics_sentence(statistics),
         "slices_svg": None,
         "surface_svg": None,
-        "orientation": None,
-        "symmetry": None,
+        "orientation": _orientation_section(tables.get("qc_orientation")),
+        "orientation_model": _orientation_model_section(tables.get("orientation_table"),
+                                                        tables.get("orientation_metrics")),
+        "symmetry": _symmetry_section(tables, figures),
         "subjects": [],
         "files": list(files),
     }
@@ -298,43 +388,13 @@ def build_group_context(
     context["counts"] = counts
     if ranking is not None and len(ranking):
         context["ranking_svg"] = ranking_figure(ranking)
-    if group_map is not None and affine is not None:
+    if relevance is not None:
+        group_map, affine, template = relevance
         context["slices_svg"] = slices_figure(group_map, affine, template)
         try:
             context["surface_svg"] = surface_figure(group_map, affine)
         except Exception as err:  # missing surface package: the slices still show the map
             LOG.warning("no surface views in the report (%s)", err)
-    if orientation is not None and len(orientation):
-        flagged = orientation[orientation["lr_flip_suspected"].astype(str).str.lower() == "true"]
-        checks = orientation["header_checks_failed"]  # pandas reads the TSV's "n/a" as missing
-        failed = orientation[checks.notna() & ~checks.astype(str).isin(["n/a", ""])]
-        status = orientation["status"].astype(str) if "status" in orientation else pd.Series("ok", orientation.index)
-        not_ok = orientation[status != "ok"]
-        unusable = orientation.iloc[0:0]
-        if "usable" in orientation.columns:
-            unusable = orientation[(status == "ok")
-                                   & ~orientation["usable"].astype(str).str.lower().isin(["true", "1"])]
-        undetermined = orientation.iloc[0:0]
-        if "lr_flip_verdict" in orientation.columns:
-            undetermined = orientation[orientation["lr_flip_verdict"].astype(str) == "undetermined"]
-        context["orientation"] = {"n": len(orientation), "flagged": len(flagged), "header_failed": len(failed),
-                                  "status": {key: int((status == key).sum()) for key in ("ok", "failed", "missing")},
-                                  "unusable": len(unusable), "undetermined": len(undetermined),
-                                  "unusable_scans": [str(s) for s in unusable.get("scan", [])], "model": None,
-                                  "table": table_view(pd.concat([not_ok, unusable, flagged, undetermined, failed])
-                                                      .drop_duplicates(), 30)}
-    if orientation_model is not None and len(orientation_model) and orientation is not None and len(orientation):
-        flagged = orientation_model[orientation_model["lr_flip_suspected"].astype(str).str.lower() == "true"]
-        values = {} if orientation_model_metrics is None else dict(zip(orientation_model_metrics["metric"],
-                                                                       orientation_model_metrics["value"]))
-        context["orientation"]["model"] = {
-            "auc": _fmt(float(values["auc_mirrored_copies"])) if "auc_mirrored_copies" in values else "n/a",
-            "n": len(orientation_model), "flagged": [str(s) for s in flagged["scan"]],
-            "held_out": "apply" not in set(orientation_model["fold"].astype(str))}
-    if symmetry is not None and len(symmetry):
-        numeric = symmetry.select_dtypes("number")
-        summary = numeric.describe().T[["mean", "std", "min", "max"]].reset_index().rename(columns={"index": "column"})
-        context["symmetry"] = {"n": len(symmetry), "summary": table_view(summary, 30)}
     if subjects_regions is not None and len(subjects_regions):
         for pid, rows in subjects_regions.groupby("participant_id", sort=True):
             top = rows.sort_values("importance", ascending=False).head(5)
@@ -356,7 +416,7 @@ def render_group_report(context: Mapping[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Edge: read what the group level wrote, write group.html
+# Edge: read what the group level wrote (its record), write group.html
 # ----------------------------------------------------------------------------------------------------------
 def _read_tsv(path: Path) -> pd.DataFrame | None:
     try:
@@ -370,11 +430,33 @@ def _read_text(path: Path) -> str | None:
     return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
+def recorded_steps(output_dir: Path, settings: Any = None, explain: Any = None) -> dict[str, dict[str, Any]]:
+    """The group steps to report: the record's entries (``group_outputs.json``), the explanations of this run
+    (``explain.written``, recorded by the workflow only after the report), and, for a step the record lacks
+    (outputs from before the record existed, or a task function called directly), the files of
+    :data:`~bids_siamese.bids.derivatives.TASK_FILES` that exist."""
+    output_dir = Path(output_dir)
+    steps = dict(read_group_record(output_dir)["steps"])
+    if explain is not None:
+        steps["explain"] = group_record_entry(output_dir, "explain", explain.written, settings)
+    for step, names in TASK_FILES.items():
+        present = [output_dir / name for name in names.values() if (output_dir / name).is_file()]
+        if step not in steps and present:
+            steps[step] = {**group_record_entry(output_dir, step, present), "finished": None}
+    return steps
+
+
+def _region_weights(output_dir: Path, entry: Mapping[str, Any] | None, fallbacks: Sequence[Path]) -> pd.DataFrame | None:
+    """A regional model's learned weights, from the step's model folder or the first fallback folder with them."""
+    folders = ([output_dir / entry["model"]] if entry and entry.get("model") else []) + list(fallbacks)
+    return next((_read_tsv(f / REGION_WEIGHTS) for f in folders if (f / REGION_WEIGHTS).is_file()), None)
+
+
 def write_group_report(settings: Any, explain: Any = None, output_dir: Path | None = None) -> Path:
-    """Write ``OUTPUT_DIR/group.html`` from the group-level outputs present.
+    """Write ``OUTPUT_DIR/group.html`` from what the group steps recorded (:func:`recorded_steps`).
 
     Args:
-        settings: the run's settings (``output_dir``, ``bids_dir``, ``seed``; optional ``report_subjects``).
+        settings: the run's settings (``output_dir``, ``bids_dir``, ``seed``, ``report_subjects``, ``model``).
         explain: the :class:`~bids_siamese.explain.run.ExplainResult` of this run (group map, template); without
             it the tables on disk are used and the map figures are left out.
         output_dir: overrides ``settings.output_dir``.
@@ -382,52 +464,41 @@ def write_group_report(settings: Any, explain: Any = None, output_dir: Path | No
     Returns:
         The report path.
     """
-    out = Path(output_dir or settings.output_dir)
-    dataset = ""
-    try:
-        import json
+    import json
 
+    out = Path(output_dir or settings.output_dir)
+    try:
         dataset = json.loads((Path(settings.bids_dir) / "dataset_description.json").read_text()).get("Name", "")
     except Exception:  # the report does not need the dataset name
         dataset = ""
-    ranking = explain.ranking if explain is not None else _read_tsv(out / "group_regions_ranking.tsv")
-    statistics = explain.statistics if explain is not None else _read_tsv(out / "group_regions_statistics.tsv")
-    embeddings = explain.embeddings if explain is not None else _read_tsv(out / "group_twins_embeddings.tsv")
-    subjects_regions = (_read_tsv(out / "group_regions_subjects.tsv")
-                        if settings.report_subjects else None)
-    model = settings.model
-    folders = ([Path(model) if Path(model).is_dir() else Path(model).parent] if model else []) + [
-        out / "models" / "twins_regional"]
-    region_weights = next((_read_tsv(f / "region_weights.tsv") for f in folders if (f / "region_weights.tsv").is_file()),
-                          None)
+    steps = recorded_steps(out, settings, explain)
+    tables: dict[str, Any] = {}
+    figures: dict[str, str | None] = {}
+    for step, entry in steps.items():
+        for role, name in entry["files"].items():
+            if role not in SHOWN.get(step, ()) or (role == "subjects" and not settings.report_subjects):
+                continue
+            if name.endswith(".svg"):
+                figures[f"{step}_{role}"] = _read_text(out / name)
+            else:
+                tables[f"{step}_{role}"] = _read_tsv(out / name)
+    if explain is not None:  # this run's tables, as computed
+        tables.update(explain_ranking=explain.ranking, explain_statistics=explain.statistics,
+                      explain_embeddings=explain.embeddings)
+    model = Path(settings.model) if settings.model else None
+    tables["twin_region_weights"] = _region_weights(out, steps.get("twin"), (
+        [model if model.is_dir() else model.parent] if model else []) + [model_folder(out, "twin", "regional")])
+    tables["longitudinal_region_weights"] = _region_weights(out, steps.get("longitudinal"), ())
     notes = {}
     if explain is not None:
         notes = {"relevance target": explain.target, "atlas": explain.atlas, "smoothing FWHM (mm)": f"{explain.fwhm:g}",
                  "scans explained": str(len(explain.scans))}
-    files = [p for p in ("group/group_fsLR.spec", "group/group_fsaverage5.spec", "group_regions_ranking.tsv",
-                         "group_regions_statistics.tsv", "group_regions_subjects.tsv", "group_twins_metrics.tsv",
-                         "group_twins_pairs.tsv", "group_orientation.tsv", GROUP_FILES["orientation_model"],
-                         GROUP_FILES["orientation_model_metrics"], "group_symmetry.tsv") if (out / p).is_file()]
+    files = []
+    for entry in steps.values():
+        files += list(entry["files"].values()) + [p for p in entry["other"] if p.endswith(".spec")]
+        files += [entry["model"]] if entry.get("model") else []
     context = build_group_context(
-        dataset=dataset,
-        metrics=_read_tsv(out / "group_twins_metrics.tsv"),
-        loss_svg=_read_text(out / "figures" / "group_twins_loss.svg"),
-        roc_svg=_read_text(out / "figures" / "group_twins_roc.svg"),
-        embeddings=embeddings,
-        ranking=ranking,
-        statistics=statistics,
-        group_map=getattr(explain, "group_map", None),
-        affine=getattr(explain, "affine", None),
-        template=getattr(explain, "template", None),
-        orientation=_read_tsv(out / "group_orientation.tsv"),
-        orientation_model=_read_tsv(out / GROUP_FILES["orientation_model"]),
-        orientation_model_metrics=_read_tsv(out / GROUP_FILES["orientation_model_metrics"]),
-        symmetry=_read_tsv(out / "group_symmetry.tsv"),
-        subjects_regions=subjects_regions,
-        region_weights=region_weights,
-        files=files,
-        notes=notes,
-        seed=int(settings.seed),
-    )
-    return write_text(out / REPORT_NAME, render_group_report(context))
-
+        dataset=dataset, tables=tables, figures=figures, steps={k: v for k, v in steps.items()},
+        relevance=(explain.group_map, explain.affine, explain.template) if explain is not None else None,
+        files=[f for f in dict.fromkeys(files) if (out / f).exists()], notes=notes, seed=int(settings.seed))
+    return write_text(out / GROUP_REPORT, render_group_report(context))

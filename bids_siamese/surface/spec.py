@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 from xml.sax.saxutils import escape, quoteattr
 
+from ..bids.derivatives import RELEVANCE_DESC, TEMPLATE_FILE, map_file_names, surface_file_name
+
 __all__ = ["SpecEntry", "FILE_TYPES", "file_type", "entry_for", "spec_xml", "surface_file_name", "map_file_names",
            "write_surface_maps", "write_workbench_bundle"]
 
@@ -110,42 +112,11 @@ def spec_xml(entries: Iterable[SpecEntry], metadata: Mapping[str, str] | None = 
 # ----------------------------------------------------------------------------------------------------------
 # The Workbench folder of a set of template-space maps
 # ----------------------------------------------------------------------------------------------------------
-def surface_file_name(mesh: str, hemi: str, surface: str) -> str:
-    """Name of a bundled template surface, TemplateFlow style.
-
-    Examples:
-        >>> surface_file_name("fsLR", "L", "midthickness")
-        'tpl-fsLR_den-32k_hemi-L_midthickness.surf.gii'
-        >>> surface_file_name("fsaverage5", "R", "inflated")
-        'tpl-fsaverage5_hemi-R_inflated.surf.gii'
-    """
-    den = "_den-32k" if mesh == "fsLR" else ""
-    return f"tpl-{mesh}{den}_hemi-{hemi}_{surface}.surf.gii"
-
-
-def map_file_names(stem: str, desc: str, suffix: str, resolution_label: str) -> dict[str, str]:
-    """Names of the volume, GIFTI and CIFTI files of one set of maps (``stem`` = ``group`` or a scan's source).
-
-    Examples:
-        >>> map_file_names("group", "lrp", "relevance", "2")["fsLR_L"]
-        'group_hemi-L_space-fsLR_den-32k_desc-lrp_relevance.func.gii'
-    """
-    names = {
-        "volume": f"{stem}_space-MNI152NLin2009cAsym_res-{resolution_label}_desc-{desc}_{suffix}.nii.gz",
-        "cifti": f"{stem}_space-fsLR_den-91k_desc-{desc}_{suffix}.dscalar.nii",
-    }
-    for hemi in ("L", "R"):
-        names[f"fsLR_{hemi}"] = f"{stem}_hemi-{hemi}_space-fsLR_den-32k_desc-{desc}_{suffix}.func.gii"
-        names[f"fsaverage5_{hemi}"] = f"{stem}_hemi-{hemi}_space-fsaverage5_desc-{desc}_{suffix}.func.gii"
-    return names
-
-
-TEMPLATE_FILE = "tpl-MNI152NLin2009cAsym_res-01_desc-brain_T1w.nii.gz"
 BUNDLED_SURFACES = {"fsLR": ("midthickness", "inflated", "sphere"),
                     "fsaverage5": ("midthickness", "pial", "white", "inflated")}
 
 
-def write_surface_maps(folder, stem: str, maps, resolution_label: str, desc: str = "lrp",
+def write_surface_maps(folder, stem: str, maps, resolution_label: str, desc: str = RELEVANCE_DESC["lrp"],
                        suffix: str = "relevance", cifti: bool = True, meshes=("fsLR", "fsaverage5")) -> dict[str, Path]:
     """Write GIFTI metrics (both meshes, both hemispheres) and a CIFTI dscalar of template-space volumes.
 
@@ -180,7 +151,7 @@ def write_surface_maps(folder, stem: str, maps, resolution_label: str, desc: str
     return written
 
 
-def write_workbench_bundle(folder, maps, resolution_label: str, stem: str = "group", desc: str = "lrp",
+def write_workbench_bundle(folder, maps, resolution_label: str, stem: str = "group", desc: str = RELEVANCE_DESC["lrp"],
                            suffix: str = "relevance", template_path=None) -> list[Path]:
     """A self-contained Connectome Workbench folder for template-space maps.
 

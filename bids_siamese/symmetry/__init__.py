@@ -1,29 +1,30 @@
-"""Hemispheric symmetry: asymmetry maps and indices, simulated lesions, the Siamese hemisphere model."""
-from ..preproc.grid import mirror
-from .analysis import analyse_scan, template_reference
-from .asymmetry import Reference, asymmetry_map, group_reference, positive_intensities, score_scan
-from .regional import atlas_on_grid, homologous_pairs, regional_asymmetry
-from .model import FUSIONS, SymmetrySiamese, build_symmetry_model, split_hemispheres
-from .simulate import LesionConfig, curriculum_range, render_lesion, simulate_lesion
+"""Hemispheric symmetry: asymmetry maps and indices, simulated lesions, the Siamese hemisphere model.
 
-__all__ = [
-    "FUSIONS",
-    "LesionConfig",
-    "Reference",
-    "SymmetrySiamese",
-    "analyse_scan",
-    "asymmetry_map",
-    "atlas_on_grid",
-    "build_symmetry_model",
-    "curriculum_range",
-    "group_reference",
-    "homologous_pairs",
-    "mirror",
-    "positive_intensities",
-    "regional_asymmetry",
-    "render_lesion",
-    "score_scan",
-    "simulate_lesion",
-    "split_hemispheres",
-    "template_reference",
-]
+The names below are imported on first use (PEP 562), so that importing one light module of the package (e.g.
+``bids_siamese.symmetry.simulate`` from the demo generator) does not bring in torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "mirror": "..preproc.grid",
+    "analyse_scan": ".analysis", "template_reference": ".analysis",
+    "Reference": ".asymmetry", "asymmetry_map": ".asymmetry", "group_reference": ".asymmetry",
+    "positive_intensities": ".asymmetry", "score_scan": ".asymmetry",
+    "atlas_on_grid": ".regional", "homologous_pairs": ".regional", "regional_asymmetry": ".regional",
+    "FUSIONS": ".model", "SymmetrySiamese": ".model", "build_symmetry_model": ".model",
+    "split_hemispheres": ".model",
+    "LesionConfig": ".simulate", "curriculum_range": ".simulate", "render_lesion": ".simulate",
+    "simulate_lesion": ".simulate",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value

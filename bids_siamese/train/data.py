@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..bids.derivatives import PREPROC_SUFFIX, mask_path_for, preproc_name_pattern  # noqa: F401 - mask_path_for: explain/
 from ..errors import BadDataError, NoInputError
 from ..qc.gate import orientation_qc_path, qc_record_usable
 from ..resources import TEMPLATE, Grid
@@ -24,24 +25,7 @@ from .pairs import order_sessions, participant_id
 
 LOG = logging.getLogger("bids_siamese.data")
 
-PREPROC_SUFFIX = "desc-preproc_T1w.nii.gz"
-MASK_SUFFIX = "desc-brain_mask.nii.gz"
 _ENTITY = re.compile(r"(?:^|_)(ses|acq|ce|rec|run)-([a-zA-Z0-9]+)")
-
-
-def preproc_name_pattern(resolution_label: str) -> str:
-    """Glob for the model-grid T1w of one subject, e.g. ``*_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz``."""
-    return f"*_space-{TEMPLATE}_res-{resolution_label}_{PREPROC_SUFFIX}"
-
-
-def mask_path_for(preproc: Path) -> Path:
-    """The brain mask written next to a ``desc-preproc_T1w`` file.
-
-    Examples:
-        >>> mask_path_for(Path("sub-1_space-X_res-2_desc-preproc_T1w.nii.gz")).name
-        'sub-1_space-X_res-2_desc-brain_mask.nii.gz'
-    """
-    return Path(preproc).with_name(Path(preproc).name.replace(PREPROC_SUFFIX, MASK_SUFFIX))
 
 
 def find_preproc(output_dir: Path, subjects: Sequence[str], resolution_label: str,

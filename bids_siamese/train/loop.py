@@ -370,20 +370,20 @@ def _optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler) -> f
     return float(loss.detach())
 
 
+def _classifier_validation(p: np.ndarray | None, y_val: np.ndarray | None, loss: float) -> dict[str, float]:
+    """Validation loss, accuracy at p = 0.5 and AUC of a binary classifier (all NaN without validation data)."""
+    if p is None or y_val is None:
+        return {"val_loss": loss, "val_accuracy": float("nan"), "val_auc": float("nan")}
+    return {"val_loss": loss, "val_accuracy": float(((p >= 0.5) == (y_val == 1)).mean()), "val_auc": safe_auc(y_val, p)}
+
+
 def _classifier_score(train_loss: float, val: dict[str, float]) -> tuple[float, float]:
     """Validation loss, then accuracy; the training loss without validation data (keeps the last epoch)."""
     return (val["val_loss"], val["val_accuracy"]) if not np.isnan(val["val_loss"]) else (train_loss, 0.0)
 
 
-def train_twin(
-    model: nn.Module,
-    data: TwinData,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    config: TrainConfig,
-    device: torch.device | str = "cpu",
-    ctx: DistContext | None = None,
-) -> TrainResult:
+def train_twin(model: nn.Module, data: TwinData, train_idx: np.ndarray, val_idx: np.ndarray, config: TrainConfig,
+               device: torch.device | str = "cpu", ctx: DistContext | None = None) -> TrainResult:
     """Train an embedding model with the batch-hard triplet loss; keep the best validation epoch.
 
     Each step takes a batch of whole families (:func:`~bids_siamese.train.data.family_batches`), augments it,
@@ -470,15 +470,9 @@ def predict_pairs(model: nn.Module, data: PairData, idx: np.ndarray | None = Non
     return torch.sigmoid(logits.float()).cpu().numpy()
 
 
-def train_longitudinal(
-    model: nn.Module,
-    data: PairData,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    config: TrainConfig,
-    device: torch.device | str = "cpu",
-    ctx: DistContext | None = None,
-) -> TrainResult:
+def train_longitudinal(model: nn.Module, data: PairData, train_idx: np.ndarray, val_idx: np.ndarray,
+                       config: TrainConfig, device: torch.device | str = "cpu",
+                       ctx: DistContext | None = None) -> TrainResult:
     """Train the session-pair classifier with class-balanced BCE; keep the best validation epoch.
 
     Both sessions of a pair get the same random translation (they stay aligned); the positive class weight is
@@ -518,14 +512,12 @@ def train_longitudinal(
 
     def validate() -> dict[str, float]:
         if not len(val_idx):
-            return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_auc": float("nan")}
+            return _classifier_validation(None, None, float("nan"))
         p = predict_pairs(net, data, val_idx, device, config.eval_batch_size, config.amp)
         y_val = data.labels[val_idx]
         logit = torch.logit(torch.from_numpy(p).double().clamp(1e-6, 1 - 1e-6))
-        val_loss = float(F.binary_cross_entropy_with_logits(logit, torch.from_numpy(y_val).double(),
-                                                            pos_weight=pos_weight.double().cpu()))
-        return {"val_loss": val_loss, "val_accuracy": float(((p >= 0.5) == (y_val == 1)).mean()),
-                "val_auc": safe_auc(y_val, p)}
+        return _classifier_validation(p, y_val, float(F.binary_cross_entropy_with_logits(
+            logit, torch.from_numpy(y_val).double(), pos_weight=pos_weight.double().cpu())))
 
     return _fit(net, opt, scaler, ctx, config, train_idx, _Epochs(
         name="longitudinal", batches=lambda rng: pair_batches(len(train_idx), config.batch_size, rng), step=step,
@@ -573,15 +565,9 @@ def predict_mirror(model: nn.Module, data: MirrorData, idx: np.ndarray | None = 
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
-def train_mirror_classifier(
-    model: nn.Module,
-    data: MirrorData,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    config: TrainConfig,
-    device: torch.device | str = "cpu",
-    ctx: DistContext | None = None,
-) -> TrainResult:
+def train_mirror_classifier(model: nn.Module, data: MirrorData, train_idx: np.ndarray, val_idx: np.ndarray,
+                            config: TrainConfig, device: torch.device | str = "cpu",
+                            ctx: DistContext | None = None) -> TrainResult:
     """Train a two-class (ok / flipped) classifier on :class:`MirrorData` with cross-entropy; keep the best
     validation epoch. Augmentation never flips left-right (that would change the label).
 
@@ -604,12 +590,11 @@ def train_mirror_classifier(
 
     def validate() -> dict[str, float]:
         if not len(val_idx):
-            return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_auc": float("nan")}
+            return _classifier_validation(None, None, float("nan"))
         p = predict_mirror(net, data, val_idx, device, config.eval_batch_size)
         y_val = data.labels[val_idx]
         p_true = np.clip(np.where(y_val == 1, p, 1 - p), 1e-7, 1.0)
-        return {"val_loss": float(-np.log(p_true).mean()), "val_accuracy": float(((p >= 0.5) == (y_val == 1)).mean()),
-                "val_auc": safe_auc(y_val, p)}
+        return _classifier_validation(p, y_val, float(-np.log(p_true).mean()))
 
     return _fit(net, opt, scaler, ctx, config, train_idx, _Epochs(
         name="orientation", batches=lambda rng: pair_batches(len(train_idx), config.batch_size, rng), step=step,

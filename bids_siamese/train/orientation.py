@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ..bids.derivatives import GROUP_FILES, write_tsv
+from ..bids.derivatives import ORIENTATION_MODEL_FILES, model_folder, write_tsv
 from ..errors import NoInputError, UserError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.orientation import LatNet, OrientationEnsemble
@@ -195,14 +195,14 @@ def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
         )
         card["architecture"] = {"name": "LatNet-style", "members": k, "channels": list(CHANNELS),
                                 "input_pool": INPUT_POOL}
-        folder = out_dir / GROUP_FILES["orientation_model_folder"]
+        folder = model_folder(out_dir, "orientation", "latnet")
         written += save_checkpoint(folder, model, card)
-        written.append(write_tsv(out_dir / GROUP_FILES["orientation_model_history"],
+        written.append(write_tsv(out_dir / ORIENTATION_MODEL_FILES["history"],
                                  pd.concat(histories, ignore_index=True)))
     table = _score_table(scans, p[:n], p[n:], folds, verdicts)
-    written.append(write_tsv(out_dir / GROUP_FILES["orientation_model"], table))
+    written.append(write_tsv(out_dir / ORIENTATION_MODEL_FILES["table"], table))
     metric_rows = pd.DataFrame({"metric": list(metrics), "value": [str(v) for v in metrics.values()]})
-    written.append(write_tsv(out_dir / GROUP_FILES["orientation_model_metrics"], metric_rows))
+    written.append(write_tsv(out_dir / ORIENTATION_MODEL_FILES["metrics"], metric_rows))
     LOG.info("orientation model: held-out AUC on mirrored copies %.4f, accuracy %.4f (%d scans)",
              metrics["auc_mirrored_copies"], metrics["accuracy"], metrics["n_scans_evaluated"])
     flagged = table.loc[table["lr_flip_suspected"], "scan"].tolist()

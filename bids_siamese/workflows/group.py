@@ -1,4 +1,11 @@
-"""Group level: gather per-scan participant results into group tables at the top of OUTPUT_DIR."""
+"""Group level: the one entry (:func:`run_group`), one short sequence of steps per ``--task``.
+
+Every group run first writes the per-scan QC table ``group_orientation.tsv`` from the participant-level
+results, then runs the task's steps (:data:`TASKS`): each step is a function of the shared packages
+(``train/``, ``symmetry/``, ``explain/``) that returns the paths it wrote, and the workflow records them in
+``group_outputs.json`` (:func:`~bids_siamese.bids.derivatives.write_group_record`); the report
+(``reports/group.py``) is built from that record.
+"""
 from __future__ import annotations
 
 import json
@@ -9,7 +16,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ..bids.derivatives import GROUP_FILES, write_tsv
+from ..bids.derivatives import ORIENTATION_QC_SUFFIX, QC_FILES, write_group_record, write_tsv
 
 LOG = logging.getLogger("bids_siamese.group")
 
@@ -136,75 +143,126 @@ def unusable_scans(table: pd.DataFrame) -> list[str]:
 def find_orientation_records(output_dir: Path, subjects: list[str]) -> list[dict[str, Any]]:
     records = []
     for subject in subjects:
-        for path in sorted((Path(output_dir) / f"sub-{subject}").glob("**/*_desc-orientation_qc.json")):
+        for path in sorted((Path(output_dir) / f"sub-{subject}").glob(f"**/*_{ORIENTATION_QC_SUFFIX}")):
             records.append(json.loads(path.read_text()))
     return records
 
 
-def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None = None) -> list[Path]:
-    """Write the group tables that the available participant results allow; return their paths.
+def _main_process() -> bool:
+    """Under ``torchrun`` every process runs the group level; only the first (``RANK`` 0) writes."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
-    With ``status`` (:func:`collect_scan_status` of the selected scans) every selected scan has a row in
-    ``group_orientation.tsv``, ok or not; without it, the scans with an orientation record are listed.
+
+def write_orientation_table(settings, subjects: list[str], status: list[dict[str, Any]] | None) -> list[Path]:
+    """The QC step of every group run: ``group_orientation.tsv``, one row per selected scan (with ``status``:
+    every selected scan, ok or not; without: the scans with an orientation record)."""
+    records = status_records(status) if status is not None else find_orientation_records(settings.output_dir,
+                                                                                          subjects)
+    if not records:
+        LOG.warning("no participant-level orientation results found in %s", settings.output_dir)
+        return []
+    path = settings.output_dir / QC_FILES["orientation"]
+    table = orientation_table(records)
+    write_tsv(path, table)
+    LOG.info("%d scan(s) in %s; %d flagged as left-right flipped", len(table), path.name,
+             int((table["lr_flip_suspected"] == True).sum()))  # noqa: E712 - None for scans without results
+    failed = unusable_scans(table)
+    if failed:
+        LOG.warning("%d scan(s) failed the usable-scan gate and are left out of group training and scoring "
+                    "(--include-unusable to keep them): %s", len(failed), ", ".join(failed))
+    return [path]
+
+
+def usable_subjects(task: str, subjects: list[str], status: list[dict[str, Any]] | None) -> list[str]:
+    """The subjects a group task sees: those with complete participant results (the others are logged)."""
+    if status is None:
+        return subjects
+    usable = {e["entities"]["subject"] for e in status if e["status"] == "ok"}
+    left_out = [s for s in subjects if s not in usable]
+    if left_out:
+        LOG.warning("--task %s: %d subject(s) without complete participant results left out (%s)", task,
+                    len(left_out), ", ".join(f"sub-{s}" for s in left_out[:10]) + (" ..." if len(left_out) > 10
+                                                                                   else ""))
+    return [s for s in subjects if s in usable]
+
+
+class _Steps:
+    """Runs the group steps and records what each wrote (``group_outputs.json``, read by the report)."""
+
+    def __init__(self, settings, main_process: bool):
+        self.settings, self.main, self.written = settings, main_process, []
+
+    def __call__(self, step: str, written: list[Path]) -> list[Path]:
+        if self.main and written:
+            write_group_record(self.settings.output_dir, step, written, self.settings)
+        self.written += written
+        return written
+
+
+def _twin(settings, subjects: list[str], step: _Steps) -> None:
+    """collect -> pairs -> split -> fit -> evaluate -> write (train/twins.py), then explain (explain/run.py,
+    which also writes the report with the relevance maps)."""
+    from ..explain.run import run_explain
+    from ..train.twins import run_twin
+
+    step("twin", run_twin(settings, subjects))
+    if settings.explain and step.main:
+        step("explain", run_explain(settings, subjects))
+
+
+def _longitudinal(settings, subjects: list[str], step: _Steps) -> None:
+    """collect -> session pairs -> splits (``--n-draws``) -> fit -> evaluate -> write (train/longitudinal.py)."""
+    from ..train.longitudinal import run_longitudinal
+
+    step("longitudinal", run_longitudinal(settings, subjects))
+
+
+def _orientation(settings, subjects: list[str], step: _Steps) -> None:
+    """collect -> stored and mirrored copies -> family folds -> fit -> held-out scores -> write
+    (train/orientation.py); not distributed."""
+    from ..train.orientation import run_orientation
+
+    if step.main:
+        step("orientation", run_orientation(settings, subjects))
+
+
+def _symmetry(settings, subjects: list[str], step: _Steps) -> None:
+    """collect -> asymmetry maps and group reference -> (train: planted lesions -> fit -> evaluate) -> write
+    (symmetry/run.py); not distributed."""
+    from ..symmetry.run import run_symmetry
+
+    if step.main:
+        step("symmetry", run_symmetry(settings, subjects))
+    else:
+        LOG.info("symmetry training is not distributed: process %s leaves it to process 0", os.environ["RANK"])
+
+
+#: The group tasks (``--task``), each one short sequence of steps.
+TASKS = {"twin": _twin, "longitudinal": _longitudinal, "orientation": _orientation, "symmetry": _symmetry}
+
+
+def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None = None) -> list[Path]:
+    """The group level: the per-scan QC table, then ``--task``'s steps, then the report; returns the paths written
+    (the record ``group_outputs.json`` aside).
+
+    Args:
+        settings: the run's :class:`~bids_siamese.config.Settings`.
+        subjects: selected participant labels.
+        status: :func:`collect_scan_status` of the selected scans; a task sees only the subjects whose scans
+            are complete.
 
     Under ``torchrun`` every process runs this function: only the first (``RANK`` 0) writes the tables, the
     explanations and the report; the others take part in the distributed training only.
     """
-    written = []
-    main_process = int(os.environ.get("RANK", "0") or 0) == 0
-    if not main_process:
-        records = []
-    elif status is not None:
-        records = status_records(status)
-    else:
-        records = find_orientation_records(settings.output_dir, subjects)
-    if records:
-        path = settings.output_dir / GROUP_FILES["orientation"]
-        table = orientation_table(records)
-        write_tsv(path, table)
-        LOG.info("%d scan(s) in %s; %d flagged as left-right flipped", len(table), path.name,
-                 int((table["lr_flip_suspected"] == True).sum()))  # noqa: E712 - None for scans without results
-        failed = unusable_scans(table)
-        if failed:
-            LOG.warning("%d scan(s) failed the usable-scan gate and are left out of group training and scoring "
-                        "(--include-unusable to keep them): %s", len(failed), ", ".join(failed))
-        written.append(path)
-    elif main_process:
-        LOG.warning("no participant-level orientation results found in %s", settings.output_dir)
-
+    step = _Steps(settings, _main_process())
+    if step.main:
+        step("qc", write_orientation_table(settings, subjects, status))
     task = settings.task
-    if status is not None and task:  # the models see only subjects with complete results (the others are listed)
-        usable = {e["entities"]["subject"] for e in status if e["status"] == "ok"}
-        left_out = [s for s in subjects if s not in usable]
-        if left_out:
-            LOG.warning("--task %s: %d subject(s) without complete participant results left out (%s)", task,
-                        len(left_out), ", ".join(f"sub-{s}" for s in left_out[:10]) + (" ..." if len(left_out) > 10
-                                                                                       else ""))
-        subjects = [s for s in subjects if s in usable]
-    if task == "twin":
-        from ..explain.run import run_explain
-        from ..train.run import run_twin
-
-        written += run_twin(settings, subjects)
-        if settings.explain and main_process:
-            written += run_explain(settings, subjects)
-    elif task == "orientation" and main_process:
-        from ..train.orientation import run_orientation
-
-        written += run_orientation(settings, subjects)
-    elif task == "longitudinal":
-        from ..train.run import run_longitudinal
-
-        written += run_longitudinal(settings, subjects)
-    elif task == "symmetry" and not main_process:
-        LOG.info("symmetry training is not distributed: process %s leaves it to process 0", os.environ["RANK"])
-    elif task == "symmetry":
-        from ..symmetry.run import run_symmetry
-
-        written += run_symmetry(settings, subjects)
+    if task:
+        TASKS[task](settings, usable_subjects(task, subjects, status), step)
     explained = task == "twin" and settings.explain
-    if main_process and not explained:  # the explanation step writes the report with its maps
+    if step.main and not explained:  # the explanation step writes the report with its maps
         from ..reports.group import write_group_report
 
-        written.append(write_group_report(settings))
-    return written
+        step.written.append(write_group_report(settings))
+    return step.written

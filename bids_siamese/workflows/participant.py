@@ -186,56 +186,35 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
         brain_inputs, brain_procs = torch_node_resources(settings, omp)
         brain = pe.Node(BrainExtraction(**brain_inputs), name="brain_extraction", mem_gb=MEM_GB["brain"],
                         n_procs=brain_procs)
-        wf.connect([
-            (check, conform, [("out_file", "in_file")]),
-            (conform, brain, [("out_file", "in_file")]),
-            (conform, register, [("out_file", "in_file")]),
-            (brain, register, [("out_mask", "in_mask")]),
-            (conform, register_qc, [("out_file", "in_file")]),
-            (brain, register_qc, [("out_mask", "in_mask")]),
-            (conform, orient, [("out_file", "t1w")]),
-            (conform, grid, [("out_file", "in_file")]),
-            (brain, grid, [("out_mask", "in_mask")]),
-            (conform, figures, [("out_file", "t1w")]),
-            (brain, figures, [("out_mask", "native_mask")]),
-            (brain, orient, [("out_mask", "native_mask")]),
-            (brain, sink, [("out_mask", "native_mask")]),
-        ])
+        wf.connect([(check, conform, [("out_file", "in_file")]), (conform, brain, [("out_file", "in_file")])])
+        native_mask = brain
     else:
         sink.inputs.brain_source = "fmriprep"
         conform.inputs.in_file = str(fmriprep["preproc"])
         native_mask = pe.Node(ExternalMask(in_mask=str(fmriprep["mask"])), name="fmriprep_mask",
                               mem_gb=MEM_GB["conform"], n_procs=1)
-        wf.connect([
-            (conform, native_mask, [("out_file", "reference")]),
-            (conform, register_qc, [("out_file", "in_file")]),
-            (native_mask, register_qc, [("out_mask", "in_mask")]),
-            (conform, orient, [("out_file", "t1w")]),
-            (conform, figures, [("out_file", "t1w")]),
-            (native_mask, figures, [("out_mask", "native_mask")]),
-            (native_mask, orient, [("out_mask", "native_mask")]),
-            (native_mask, sink, [("out_mask", "native_mask")]),
-        ])
-        if "mni_preproc" in fmriprep:  # already in MNI152NLin2009cAsym: skip our registration
-            register.inputs.identity = True
-            mni = pe.Node(Conform(in_file=str(fmriprep["mni_preproc"])), name="conform_mni",
-                          mem_gb=MEM_GB["conform"], n_procs=1)
-            mni_mask = pe.Node(ExternalMask(in_mask=str(fmriprep["mni_mask"])), name="fmriprep_mni_mask",
-                               mem_gb=MEM_GB["conform"], n_procs=1)
-            wf.connect([
-                (mni, mni_mask, [("out_file", "reference")]),
-                (mni, register, [("out_file", "in_file")]),
-                (mni_mask, register, [("out_mask", "in_mask")]),
-                (mni, grid, [("out_file", "in_file")]),
-                (mni_mask, grid, [("out_mask", "in_mask")]),
-            ])
-        else:
-            wf.connect([
-                (conform, register, [("out_file", "in_file")]),
-                (native_mask, register, [("out_mask", "in_mask")]),
-                (conform, grid, [("out_file", "in_file")]),
-                (native_mask, grid, [("out_mask", "in_mask")]),
-            ])
+        wf.connect([(conform, native_mask, [("out_file", "reference")])])
+    start, start_mask = conform, native_mask  # what the registration and the model grid start from
+    if fmriprep is not None and "mni_preproc" in fmriprep:  # already in MNI152NLin2009cAsym: skip our registration
+        register.inputs.identity = True
+        start = pe.Node(Conform(in_file=str(fmriprep["mni_preproc"])), name="conform_mni",
+                        mem_gb=MEM_GB["conform"], n_procs=1)
+        start_mask = pe.Node(ExternalMask(in_mask=str(fmriprep["mni_mask"])), name="fmriprep_mni_mask",
+                             mem_gb=MEM_GB["conform"], n_procs=1)
+        wf.connect([(start, start_mask, [("out_file", "reference")])])
+    wf.connect([
+        (conform, register_qc, [("out_file", "in_file")]),
+        (native_mask, register_qc, [("out_mask", "in_mask")]),
+        (conform, orient, [("out_file", "t1w")]),
+        (conform, figures, [("out_file", "t1w")]),
+        (native_mask, figures, [("out_mask", "native_mask")]),
+        (native_mask, orient, [("out_mask", "native_mask")]),
+        (native_mask, sink, [("out_mask", "native_mask")]),
+        (start, register, [("out_file", "in_file")]),
+        (start_mask, register, [("out_mask", "in_mask")]),
+        (start, grid, [("out_file", "in_file")]),
+        (start_mask, grid, [("out_mask", "in_mask")]),
+    ])
 
     wf.connect([
         (register, grid, [("out_matrix", "in_matrix")]),

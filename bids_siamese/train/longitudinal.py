@@ -1,0 +1,224 @@
+"""Group level: longitudinal change, decline vs stable (``group --task longitudinal``), trained or applied.
+
+:func:`run_longitudinal` pairs the sessions of each participant, draws ``--n-draws`` family-aware,
+label-stratified splits, fits one session-pair classifier per split (or loads ``--model``), predicts every
+pair and writes the ``group_longitudinal_*`` tables, figures and the checkpoint folder (names:
+:data:`LONGITUDINAL_FILES`; columns in docs/outputs.md). Under torchrun only rank 0 writes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..bids.derivatives import LONGITUDINAL_FILES, model_folder, write_tsv
+from ..errors import BadDataError, NoInputError, UsageError
+from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
+from ..models.regional import RegionalChange
+from ..resources import Grid, model_grid
+from .data import find_preproc, load_volumes
+from .ddp import DistContext, barrier
+from .evaluate import METRICS, binary_metrics, plot_history, plot_roc, save_figure, scalar_rows, summarise
+from .loop import PairData, TrainConfig, TrainResult, predict_pairs, train_longitudinal
+from .models import new_longitudinal_model, write_region_weights
+from .pairs import find_column, longitudinal_pairs, longitudinal_split_table, normalise_label, read_participants
+from .run import card_training_data, dataset_name, log_metrics, run_distributed, seen_split, session_times, train_config
+
+LOG = logging.getLogger("bids_siamese.group.models")
+
+PREDICTION_COLUMNS = ["participant_id", "session_a", "session_b", "label", "p_decline", "predicted"]
+
+
+@dataclass
+class _LongitudinalInputs:
+    pairs: pd.DataFrame  # participant_id, session_a, session_b, label
+    scans: pd.DataFrame  # participant_id, session, path (only scans used by pairs)
+    volumes: np.ndarray
+    pair_index: np.ndarray  # (P, 2) rows of volumes
+    family: dict[str, str]
+
+
+def _longitudinal_inputs(settings: Any, subjects: Sequence[str], require_labels: bool) -> _LongitudinalInputs:
+    grid = model_grid(settings.resolution)
+    scans = find_preproc(settings.output_dir, subjects, settings.resolution_label, settings.session_label,
+                         include_unusable=settings.include_unusable)
+    times = session_times(settings.bids_dir, scans)
+    labels: dict[str, int | None] = {}
+    family: dict[str, str] = {}
+    participants_tsv = Path(settings.bids_dir) / "participants.tsv"
+    table = read_participants(settings.bids_dir) if (require_labels or participants_tsv.is_file()) else None
+    if table is not None:
+        col = find_column(table, settings.label_column)
+        if col is None and require_labels:
+            raise UsageError(f"{participants_tsv} has no column '{settings.label_column}' (columns: "
+                             f"{', '.join(table.columns)}); fix: pass --label-column NAME (values decline|stable)")
+        if col is not None:
+            labels = {pid: normalise_label(v) for pid, v in zip(table["participant_id"], table[col])}
+        fam_col = find_column(table, settings.family_column, ("family_id", "Family_ID"))
+        if fam_col is not None:
+            family = {pid: str(v) for pid, v in zip(table["participant_id"], table[fam_col]) if str(v).strip()
+                      and str(v).strip().lower() not in ("n/a", "nan")}
+    pairs = longitudinal_pairs(scans, times, labels)
+    if pairs.empty:
+        raise NoInputError(
+            f"no selected participant has two sessions with participant-level outputs in {settings.output_dir}; "
+            "fix: run the participant level for all sessions (or select longitudinal participants)")
+    key = {(r.participant_id, str(r.session)): k for k, r in enumerate(scans.itertuples(index=False))}
+    used = sorted({key[(r.participant_id, r.session_a)] for r in pairs.itertuples()}
+                  | {key[(r.participant_id, r.session_b)] for r in pairs.itertuples()})
+    remap = {old: new for new, old in enumerate(used)}
+    pair_index = np.array([[remap[key[(r.participant_id, r.session_a)]], remap[key[(r.participant_id, r.session_b)]]]
+                           for r in pairs.itertuples()], dtype=int)
+    used_scans = scans.iloc[used].reset_index(drop=True)
+    volumes = load_volumes([Path(p) for p in used_scans["path"]], grid)
+    return _LongitudinalInputs(pairs, used_scans, volumes, pair_index, family)
+
+
+def _label_text(value: float) -> str:
+    return "n/a" if pd.isna(value) else ("decline" if value == 1 else "stable")
+
+
+def run_longitudinal(settings: Any, subjects: list[str]) -> list[Path]:
+    """Longitudinal change (decline vs stable) at the group level: train or apply the session-pair classifier.
+
+    Training repeats a random family-aware, label-stratified split ``--n-draws`` times (seeds ``seed``,
+    ``seed + 1``, ...), trains one model per split and reports the test metrics as mean +- std over these
+    random sub-samplings (the protocol of the published 3D-SiameseNet); the model of the first split
+    (``--seed``) is saved and writes the predictions. p(decline) >= 0.5 predicts decline (the training
+    loss is class-balanced).
+
+    Args:
+        settings: the run's :class:`~bids_siamese.config.Settings`.
+        subjects: selected participant labels.
+
+    Returns:
+        Paths written (empty on ranks other than 0).
+    """
+    return run_distributed(_run_longitudinal, settings, subjects)
+
+
+def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs, data: PairData,
+                          config: TrainConfig, run: int, device: torch.device, ctx: DistContext
+                          ) -> tuple[TrainResult, pd.DataFrame, dict[str, str], dict[str, Any]]:
+    """split -> fit -> evaluate for one random sub-sampling (seed ``--seed + run``): the training result, the split
+    table, participant -> split, and the test metrics row."""
+    pairs, labels, threshold = inputs.pairs, data.labels, 0.5
+    seed = settings.seed + run
+    split_table = longitudinal_split_table(pairs, inputs.family, seed=seed)
+    split_of = dict(zip(split_table["participant_id"], split_table["split"]))
+    split = pairs["participant_id"].map(split_of).to_numpy()
+    y_train = labels[split == "train"]
+    if not ((y_train == 1).any() and (y_train == 0).any()) or not (split == "validation").any() \
+            or not (split == "test").any():
+        raise BadDataError(
+            f"too few labelled longitudinal participants for train/validation/test splits "
+            f"({int((labels == 1).sum())} decline, {int((labels == 0).sum())} stable); fix: select at least "
+            f"3 decline and 3 stable participants with two sessions (column '{settings.label_column}')")
+    torch.manual_seed(seed)
+    train_idx, val_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "validation")
+    if settings.backbone == "regional":  # convex, nothing to stop early: validation pairs train too
+        train_idx, val_idx = np.sort(np.r_[train_idx, val_idx]), val_idx[:0]
+    model = new_longitudinal_model(settings, grid, data, train_idx)
+    result = train_longitudinal(model, data, train_idx, val_idx, TrainConfig(**{**config.__dict__, "seed": seed}),
+                                device, ctx)
+    test_idx = np.flatnonzero(split == "test")
+    row = {"run": run, **binary_metrics(labels[test_idx], predict_pairs(result.model, data, test_idx, device),
+                                        threshold)}
+    LOG.info("longitudinal run %d/%d: %d epochs (best %d), %.0f s, test accuracy %.3f", run + 1, settings.n_draws,
+             len(result.history), result.best_epoch, result.seconds, row["accuracy"])
+    return result, split_table, split_of, row
+
+
+def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
+                      ) -> list[Path]:
+    out_dir = Path(settings.output_dir)
+    grid = model_grid(settings.resolution)
+    train_mode = settings.mode == "train"
+    inputs = _longitudinal_inputs(settings, subjects, require_labels=train_mode)
+    pairs = inputs.pairs
+    labels = pairs["label"].to_numpy(dtype=float)
+    data = PairData(inputs.volumes, inputs.pair_index, labels)
+    config = train_config(settings)
+    written: list[Path] = []
+    run_rows, split_tables, histories = [], [], []
+    model, card, threshold = None, {}, 0.5
+    if train_mode:
+        for run in range(settings.n_draws):
+            result, split_table, split_of, row = fit_longitudinal_draw(settings, grid, inputs, data, config, run,
+                                                                       device, ctx)
+            run_rows.append(row)
+            split_tables.append(split_table.assign(run=run))
+            histories.append(result.history.assign(run=run))
+            if run == 0:
+                model, first, split0 = result.model, result, split_of
+        pairs["split"] = pairs["participant_id"].map(split0)
+    else:
+        if settings.model is None:
+            raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
+        model, card = load_checkpoint(settings.model, "longitudinal", grid, device)
+        threshold = float(card.get("decision", {}).get("threshold_p_decline", 0.5))
+        split_of = seen_split(card, inputs.scans, dataset_name(settings.bids_dir))
+        pairs["split"] = pairs["participant_id"].map(split_of)
+    p_all = predict_pairs(model, data, None, device)
+    pairs["p_decline"] = p_all
+    pairs["predicted"] = np.where(p_all >= threshold, "decline", "stable")
+    test_mask = (pairs["split"] == "test").to_numpy() & ~np.isnan(labels)
+    if train_mode:
+        metrics = summarise(pd.DataFrame(run_rows))
+    else:
+        one = binary_metrics(labels[test_mask], p_all[test_mask], threshold) if test_mask.any() else {}
+        metrics = summarise(pd.DataFrame([one]) if one else pd.DataFrame(columns=METRICS))
+    metrics = pd.concat([metrics, scalar_rows({
+        "threshold_p_decline": threshold,
+        "n_test_pairs": int(test_mask.sum()),
+        "n_test_decline": int((labels[test_mask] == 1).sum()),
+        "n_test_stable": int((labels[test_mask] == 0).sum()),
+    })], ignore_index=True)
+    if not ctx.is_main:
+        barrier(ctx)
+        return []
+    if train_mode:
+        splits = pd.concat(split_tables, ignore_index=True)
+        splits["label"] = splits["label"].map(_label_text)
+        written.append(write_tsv(out_dir / LONGITUDINAL_FILES["splits"],
+                                 splits[["participant_id", "family_id", "label", "run", "split"]]))
+        history = pd.concat(histories, ignore_index=True).round(6)
+        history = history[["run", *[c for c in history.columns if c != "run"]]]
+        written.append(write_tsv(out_dir / LONGITUDINAL_FILES["history"], history))
+        written.append(save_figure(plot_history(first.history, f"longitudinal BCE loss ({settings.backbone}, run 0)",
+                                                ["val_accuracy", "val_auc"]), out_dir / LONGITUDINAL_FILES["loss_figure"]))
+        training_data = card_training_data(inputs.scans, split0, settings.bids_dir,
+                                           n_pairs=pd.Series(pairs["split"]).value_counts().to_dict(),
+                                           label_column=settings.label_column)
+        regional = isinstance(model, RegionalChange)
+        card = make_card(
+            "longitudinal", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, grid,
+            settings.seed, training_data,
+            {"threshold_p_decline": threshold, "chosen_on": "fixed a priori (class-balanced loss)"},
+            {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["mean"])},
+            {"epochs": settings.epochs, "epochs_run": len(first.history), "best_epoch": first.best_epoch,
+             "batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
+             "flip_lr": config.flip_lr, "max_shift_voxels": config.max_shift, "n_runs": len(run_rows),
+             "world_size": ctx.world_size, "training_seconds": round(first.seconds, 1),
+             "volumes_per_second": round(first.volumes_per_second, 2)})
+        folder = model_folder(out_dir, "longitudinal", settings.backbone)
+        if regional:
+            card["hyperparameters"].update(l1=model.l1, validation_pairs="used for training (no early stopping)")
+            written.append(write_region_weights(model, settings, card, folder))
+        written += save_checkpoint(folder, model, card)
+    table = pairs.assign(label=pairs["label"].map(_label_text), p_decline=pairs["p_decline"].round(4))
+    written.append(write_tsv(out_dir / LONGITUDINAL_FILES["predictions"], table[PREDICTION_COLUMNS]))
+    written.append(write_tsv(out_dir / LONGITUDINAL_FILES["metrics"], metrics))
+    if test_mask.any():
+        written.append(save_figure(plot_roc({"learned": (labels[test_mask], p_all[test_mask])},
+                                            "decline vs stable, test pairs"), out_dir / LONGITUDINAL_FILES["roc_figure"]))
+    log_metrics("longitudinal", metrics, time.perf_counter() - t_start)
+    barrier(ctx)
+    return written
+

@@ -1,0 +1,422 @@
+"""Group level: twin identification (``group --task twin``), trained (``--mode train``) or applied
+(``--mode apply --model PATH``).
+
+:func:`run_twin` reads the participant-level model-grid T1w files (the first usable scan of each subject),
+builds the pairs and the family-aware split, fits (or loads) the model, scores every pair with the model and
+the voxel-correlation baseline, evaluates on the test pairs with the threshold chosen on validation, and
+writes the ``group_twins_*`` tables, figures and the checkpoint folder (names: :data:`TWIN_FILES`; columns in
+docs/outputs.md). Under torchrun only rank 0 writes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..bids.derivatives import TWIN_FILES, model_folder, write_tsv
+from ..errors import BadDataError, UsageError
+from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
+from ..models.losses import pair_distance
+from ..models.regional import RegionalEncoder
+from ..resources import Grid, model_grid
+from .data import VolumeFiles, find_preproc, first_scan_per_subject, load_masks, load_volumes
+from .ddp import DistContext, barrier
+from .evaluate import (
+    choose_threshold,
+    draw_metrics,
+    fit_probability_scale,
+    plot_history,
+    plot_roc,
+    probability,
+    safe_auc,
+    save_figure,
+    scalar_rows,
+    summarise,
+    voxel_correlation,
+)
+from .loop import TrainConfig, TrainResult, TwinData, embed, train_twin
+from .models import new_twin_model, write_region_weights
+from .pairs import Relations, twin_split_table
+from .relatives import nearest_relatives, relatives_table
+from .run import (
+    apply_relations,
+    card_training_data,
+    dataset_name,
+    load_relations,
+    log_metrics,
+    run_distributed,
+    seen_split,
+    session_times,
+    train_config,
+)
+
+LOG = logging.getLogger("bids_siamese.group.models")
+
+PAIR_COLUMNS = ["subject_a", "subject_b", "relation", "split", "distance", "twin_probability", "predicted_twin"]
+
+
+def relation_lookup(relations: Relations):
+    """``f(a, b) -> MZ|DZ|sibling|unrelated`` with one dictionary look-up per call (as ``Relations.relation``)."""
+    known = {(r.subject_a, r.subject_b): r.relation for r in relations.pairs.itertuples(index=False)}
+
+    def relation_of(a: str, b: str) -> str:
+        if relations.family.get(a) != relations.family.get(b):
+            return "unrelated"
+        return known.get(tuple(sorted((a, b))), "sibling")
+
+    return relation_of
+
+
+def twin_pair_table(pids: Sequence[str], relations: Relations, split_of: dict[str, str]) -> pd.DataFrame:
+    """Every MZ/DZ pair, and every unrelated pair of two subjects in the same split:
+    ``subject_a, subject_b, relation, split, i, j`` (i, j: positions in ``pids``).
+
+    Examples:
+        >>> r = Relations({"sub-1": "a", "sub-2": "a", "sub-3": "b"},
+        ...               pd.DataFrame([("sub-1", "sub-2", "MZ")], columns=["subject_a", "subject_b", "relation"]))
+        >>> twin_pair_table(["sub-1", "sub-2", "sub-3"], r, dict.fromkeys(["sub-1", "sub-2", "sub-3"], "test")
+        ...                 )[["subject_a", "subject_b", "relation"]].values.tolist()
+        [['sub-1', 'sub-2', 'MZ'], ['sub-1', 'sub-3', 'unrelated'], ['sub-2', 'sub-3', 'unrelated']]
+    """
+    index = {p: k for k, p in enumerate(pids)}
+    rows = []
+    for row in relations.pairs.itertuples(index=False):
+        if row.relation in ("MZ", "DZ") and row.subject_a in index and row.subject_b in index:
+            sa, sb = split_of[row.subject_a], split_of[row.subject_b]
+            rows.append((row.subject_a, row.subject_b, row.relation, sa if sa == sb else f"{sa}/{sb}",
+                         index[row.subject_a], index[row.subject_b]))
+    ordered = sorted(pids)
+    for a_pos, a in enumerate(ordered):
+        for b in ordered[a_pos + 1:]:
+            if relations.family[a] != relations.family[b] and split_of[a] == split_of[b]:
+                rows.append((a, b, "unrelated", split_of[a], index[a], index[b]))
+    table = pd.DataFrame(rows, columns=["subject_a", "subject_b", "relation", "split", "i", "j"])
+    return table.sort_values(["subject_a", "subject_b"]).reset_index(drop=True)
+
+
+def twin_matrices(pids: Sequence[str], relations: Relations, dz_positives: bool, dz_weight: float = 0.5
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Family index ``(N,)``, positive weights ``(N, N)`` (MZ 1, DZ ``dz_weight`` if used) and the unrelated
+    mask ``(N, N)`` for subjects ``pids``."""
+    fam_ids = {f: k for k, f in enumerate(sorted(set(relations.family[p] for p in pids)))}
+    family = np.array([fam_ids[relations.family[p]] for p in pids])
+    index = {p: k for k, p in enumerate(pids)}
+    positive = np.zeros((len(pids), len(pids)), dtype=np.float32)
+    for row in relations.pairs.itertuples(index=False):
+        if row.subject_a not in index or row.subject_b not in index:
+            continue
+        w = 1.0 if row.relation == "MZ" else dz_weight if (row.relation == "DZ" and dz_positives) else 0.0
+        i, j = index[row.subject_a], index[row.subject_b]
+        positive[i, j] = positive[j, i] = w
+    unrelated = family[:, None] != family[None, :]
+    return family, positive, unrelated
+
+
+def _check_twin_splits(pairs: pd.DataFrame, positive_relations: Sequence[str]) -> None:
+    for split in ("train", "validation"):
+        sel = pairs[pairs["split"] == split]
+        if not sel["relation"].isin(positive_relations).any() or not (sel["relation"] == "unrelated").any():
+            raise BadDataError(
+                f"the {split} split has no {'/'.join(positive_relations)} twin pair or no unrelated pair "
+                f"({int(sel['relation'].isin(positive_relations).sum())} twin, "
+                f"{int((sel['relation'] == 'unrelated').sum())} unrelated); fix: select more twin families "
+                "(at least 3 MZ pairs and some unrelated subjects) or check --family-column/--zygosity-column")
+
+
+def _twin_test_metrics(pairs: pd.DataFrame, score_col: str, threshold: float, n_draws: int, seed: int,
+                       prefix: str) -> tuple[pd.DataFrame, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    test = pairs[pairs["split"] == "test"]
+    neg = test.loc[test["relation"] == "unrelated", score_col].to_numpy()
+    tables, curves = [], {}
+    for rel, sub in (("MZ", ""), ("DZ", "dz_")):
+        pos = test.loc[test["relation"] == rel, score_col].to_numpy()
+        draws = draw_metrics(pos, neg, threshold, n_draws, seed)
+        tables.append(summarise(draws, f"{prefix}{sub}"))
+        curves[rel] = (np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg])
+    return pd.concat(tables, ignore_index=True), curves
+
+
+def run_twin(settings: Any, subjects: list[str]) -> list[Path]:
+    """Twin identification at the group level: train (``--mode train``) or apply (``--mode apply --model``).
+
+    Writes ``group_twins_splits.tsv`` (train), ``group_twins_pairs.tsv``, ``group_twins_metrics.tsv``,
+    ``group_twins_history.tsv`` and the loss figure (train), the ROC figure and, when training, the checkpoint
+    folder ``models/twins_<backbone>/``.
+
+    Args:
+        settings: the run's :class:`~bids_siamese.config.Settings`.
+        subjects: selected participant labels.
+
+    Returns:
+        Paths written (empty on ranks other than 0).
+
+    Raises:
+        NoInputError: missing participant-level outputs or participants.tsv.
+        UsageError: missing columns, or a checkpoint for another task/grid.
+        BadDataError: too few twin families for the splits, unreadable volumes.
+    """
+    return run_distributed(_run_twin, settings, subjects)
+
+
+@dataclass
+class TwinCohort:
+    """The collected inputs: one scan per subject (``participant_id, session, path``) and the relations
+    (``None`` in ``--mode apply`` without family data)."""
+
+    scans: pd.DataFrame
+    relations: Relations | None
+
+    @property
+    def pids(self) -> list[str]:
+        return self.scans["participant_id"].tolist()
+
+    @property
+    def paths(self) -> list[Path]:
+        return [Path(p) for p in self.scans["path"]]
+
+
+@dataclass
+class TwinDecision:
+    """The decision rule: the learned score's threshold and probability scale, the baseline's threshold, and the
+    validation AUCs (train only); ``card`` is the ``decision`` entry of a model card."""
+
+    threshold: float
+    scale: float
+    baseline_threshold: float
+    validation: dict[str, float]
+    card: dict[str, Any]
+
+
+def collect_twins(settings: Any, subjects: Sequence[str]) -> TwinCohort:
+    """collect: the first usable model-grid scan of each subject and the twin relations."""
+    scans = find_preproc(settings.output_dir, subjects, settings.resolution_label, settings.session_label,
+                         include_unusable=settings.include_unusable)
+    scans = first_scan_per_subject(scans, session_times(settings.bids_dir, scans))
+    labels = [p.removeprefix("sub-") for p in scans["participant_id"]]
+    train_mode = settings.mode == "train"
+    return TwinCohort(scans, load_relations(settings, labels) if train_mode else apply_relations(settings, labels))
+
+
+def twin_splits(settings: Any, cohort: TwinCohort, card: dict[str, Any]) -> tuple[dict[str, str], pd.DataFrame | None]:
+    """split: participant -> split, and the split table when training (family-aware, stratified by family type);
+    in ``--mode apply`` the split in which the checkpoint saw each participant (else ``test``)."""
+    if settings.mode != "train":
+        return seen_split(card, cohort.scans, dataset_name(settings.bids_dir)), None
+    table = twin_split_table(cohort.relations, seed=settings.seed)
+    return dict(zip(table["participant_id"], table["split"])), table
+
+
+def score_twin_pairs(pairs: pd.DataFrame, emb: torch.Tensor, volumes: np.ndarray, masks: np.ndarray,
+                     distance: str) -> pd.DataFrame:
+    """evaluate (1): each pair's embedding ``distance``, ``score`` (= -distance) and voxel-correlation
+    ``baseline``."""
+    i_idx, j_idx = (torch.tensor(pairs[c].to_numpy(dtype=np.int64)) for c in ("i", "j"))
+    pairs["distance"] = pair_distance(emb[i_idx], emb[j_idx], distance).numpy()
+    pairs["score"] = -pairs["distance"]
+    pairs["baseline"] = voxel_correlation(volumes, masks, list(zip(pairs["i"], pairs["j"])))
+    return pairs
+
+
+def choose_twin_decision(pairs: pd.DataFrame, positive_relations: list[str]) -> TwinDecision:
+    """evaluate (2), train: thresholds (Youden's J) and probability scale from the validation pairs only."""
+    val = pairs[(pairs["split"] == "validation") & pairs["relation"].isin([*positive_relations, "unrelated"])]
+    y_val = val["relation"].isin(positive_relations).astype(float).to_numpy()
+    threshold = choose_threshold(y_val, val["score"])
+    scale = fit_probability_scale(y_val, val["score"], threshold)
+    b_val = val["baseline"].fillna(-1.0)
+    b_threshold = choose_threshold(y_val, b_val)
+    card = {"threshold_distance": -threshold, "probability_scale": scale,
+            "baseline_threshold_correlation": b_threshold, "chosen_on": "validation pairs (Youden's J)",
+            "positive_relations": positive_relations}
+    validation = {"validation_auc_roc": safe_auc(y_val, val["score"]),
+                  "baseline_validation_auc_roc": safe_auc(y_val, b_val)}
+    return TwinDecision(threshold, scale, b_threshold, validation, card)
+
+
+def card_decision(card: dict[str, Any]) -> TwinDecision:
+    """evaluate (2), apply: the decision rule saved in a checkpoint's model card."""
+    decision = card["decision"]
+    return TwinDecision(-float(decision["threshold_distance"]), float(decision["probability_scale"]),
+                        float(decision["baseline_threshold_correlation"]), {}, decision)
+
+
+def evaluate_twins(pairs: pd.DataFrame, decision: TwinDecision, n_draws: int, seed: int
+                   ) -> tuple[pd.DataFrame, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """evaluate (3): every pair's twin probability and decision, and the test metrics of the model and the
+    baseline (MZ and DZ vs unrelated, ``n_draws`` draws) with their ROC curves."""
+    pairs["twin_probability"] = probability(pairs["score"].to_numpy(), decision.threshold, decision.scale)
+    pairs["predicted_twin"] = pairs["score"] >= decision.threshold
+    learned, curves = _twin_test_metrics(pairs, "score", decision.threshold, n_draws, seed, "")
+    baseline, b_curves = _twin_test_metrics(pairs.assign(baseline=pairs["baseline"].fillna(-1.0)), "baseline",
+                                            decision.baseline_threshold, n_draws, seed, "baseline_")
+    test = pairs[pairs["split"] == "test"]
+    counts = {f"n_test_{r.lower()}_pairs": int((test["relation"] == r).sum()) for r in ("MZ", "DZ", "unrelated")}
+    if not counts["n_test_mz_pairs"]:
+        LOG.warning("no MZ pair among the test subjects: the twin metrics are n/a")
+    metrics = pd.concat([learned, baseline, scalar_rows({
+        **decision.validation, "threshold_distance": round(-decision.threshold, 6),
+        "baseline_threshold_correlation": round(decision.baseline_threshold, 6), **counts})], ignore_index=True)
+    roc = {f"learned, {k} vs unrelated": v for k, v in curves.items()}
+    roc.update({f"voxel correlation, {k} vs unrelated": v for k, v in b_curves.items()})
+    return metrics, roc
+
+
+def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
+              ) -> list[Path]:
+    grid, train_mode = model_grid(settings.resolution), settings.mode == "train"
+    config = train_config(settings)
+    cohort = collect_twins(settings, subjects)
+    pids = cohort.pids
+    model, card, result = None, {}, None
+    positive_relations = ["MZ", "DZ"] if settings.dz_positives else ["MZ"]
+    if not train_mode:
+        if settings.model is None:
+            raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
+        model, card = load_checkpoint(settings.model, "twin", grid, device)
+        positive_relations = ["MZ", "DZ"] if card.get("hyperparameters", {}).get("dz_positives") else ["MZ"]
+        # each scan is read and embedded once, one batch in memory at a time
+        emb = embed(model, VolumeFiles(cohort.paths, grid), None, device, config.eval_batch_size)
+        if cohort.relations is None:
+            return _relatives_only(settings, pids, emb, card, ctx, t_start)
+    split_of, split_table = twin_splits(settings, cohort, card)
+    pairs = twin_pair_table(pids, cohort.relations, split_of)
+    if train_mode:
+        _check_twin_splits(pairs, positive_relations)
+    _log_pairs(pids, pairs, split_of)
+    volumes, masks = load_volumes(cohort.paths, grid), load_masks(cohort.paths, grid)
+    split_arr = np.array([split_of[p] for p in pids])
+    if train_mode:
+        result = fit_twin(settings, grid, cohort, volumes, masks, split_arr, config, device, ctx)
+        model = result.model
+        emb = embed(model, volumes, None, device, config.eval_batch_size)
+    distance = card.get("hyperparameters", {}).get("distance", settings.distance) if card else settings.distance
+    pairs = score_twin_pairs(pairs, emb, volumes, masks, distance)
+    decision = choose_twin_decision(pairs, positive_relations) if train_mode else card_decision(card)
+    metrics, roc = evaluate_twins(pairs, decision, settings.n_draws, settings.seed)
+    if not ctx.is_main:
+        barrier(ctx)
+        return []
+    written: list[Path] = []
+    if result is not None:
+        card = _twin_card(settings, grid, model, cohort, split_of, pairs, decision, metrics, result, config, ctx)
+        written += write_twin_training(settings, model, card, result, split_table, int((split_arr == "train").sum()))
+    written += write_twins(settings, pids, pairs, emb, card or {"decision": decision.card,
+                                                                "hyperparameters": {"distance": distance}},
+                           cohort.relations, metrics, roc)
+    log_metrics("twins", metrics, time.perf_counter() - t_start)
+    barrier(ctx)
+    return written
+
+
+def _relatives_only(settings: Any, pids: list[str], emb: torch.Tensor, card: dict[str, Any], ctx: DistContext,
+                    t_start: float) -> list[Path]:
+    """``--mode apply`` without family data: only the closest relatives are written."""
+    LOG.info("twins: %d subjects, no family data (no --pairs-file, no '%s' column in participants.tsv): "
+             "writing the closest relatives only", len(pids), settings.family_column)
+    if not ctx.is_main:
+        barrier(ctx)
+        return []
+    written = [_write_relatives(Path(settings.output_dir), pids, emb, card, None, settings.top_k)]
+    LOG.info("twins: closest relatives of %d scans in %.0f s", len(pids), time.perf_counter() - t_start)
+    barrier(ctx)
+    return written
+
+
+def _log_pairs(pids: list[str], pairs: pd.DataFrame, split_of: dict[str, str]) -> None:
+    LOG.info("twins: %d subjects, %d MZ and %d DZ pairs, %d unrelated pairs (%s)", len(pids),
+             int((pairs.relation == "MZ").sum()), int((pairs.relation == "DZ").sum()),
+             int((pairs.relation == "unrelated").sum()),
+             ", ".join(f"{k} {v}" for k, v in pd.Series(split_of).value_counts().sort_index().items()))
+
+
+def fit_twin(settings: Any, grid: Grid, cohort: TwinCohort, volumes: np.ndarray, masks: np.ndarray,
+             split_arr: np.ndarray, config: TrainConfig, device: torch.device, ctx: DistContext) -> TrainResult:
+    """fit: a fresh model (:func:`~bids_siamese.train.models.new_twin_model`) trained with the batch-hard triplet
+    loss on the training subjects, early-stopped on the validation subjects."""
+    train_idx, val_idx = np.flatnonzero(split_arr == "train"), np.flatnonzero(split_arr == "validation")
+    model = new_twin_model(settings, grid, volumes, masks, train_idx)
+    family, positive, unrelated = twin_matrices(cohort.pids, cohort.relations, settings.dz_positives)
+    result = train_twin(model, TwinData(volumes, family, positive, unrelated), train_idx, val_idx, config, device,
+                        ctx)
+    LOG.info("twin training: %d epochs (best %d) in %.0f s, %.1f volumes/s", len(result.history),
+             result.best_epoch, result.seconds, result.volumes_per_second)
+    return result
+
+
+def _twin_card(settings: Any, grid: Grid, model: nn.Module, cohort: TwinCohort, split_of: dict[str, str],
+               pairs: pd.DataFrame, decision: TwinDecision, metrics: pd.DataFrame, result: TrainResult,
+               config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+    """The model card of a trained twin model."""
+    training_data = card_training_data(
+        cohort.scans, split_of, settings.bids_dir, n_subjects=pd.Series(split_of).value_counts().to_dict(),
+        pairs={r: int((pairs["relation"] == r).sum()) for r in ("MZ", "DZ", "unrelated")})
+    regional = isinstance(model, RegionalEncoder)
+    return make_card(
+        "twin", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, grid,
+        settings.seed, training_data, decision.card,
+        {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["mean"])},
+        {"distance": settings.distance, "margin": settings.margin, "dz_positives": settings.dz_positives,
+         "epochs": settings.epochs, "epochs_run": len(result.history), "best_epoch": result.best_epoch,
+         "batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
+         "flip_lr": config.flip_lr, "max_shift_voxels": config.max_shift, "world_size": ctx.world_size,
+         "training_seconds": round(result.seconds, 1),
+         "volumes_per_second": round(result.volumes_per_second, 2)})
+
+
+def write_twin_training(settings: Any, model: nn.Module, card: dict[str, Any], result: TrainResult,
+                        split_table: pd.DataFrame, n_train: int) -> list[Path]:
+    """write, train: the split table, the loss history and figure, and the checkpoint folder (with the learned
+    region weights of a regional model)."""
+    out_dir = Path(settings.output_dir)
+    history = result.history.round(6)
+    figure = plot_history(history, f"twin triplet loss ({settings.backbone})",
+                          ["val_twin_distance", "val_nontwin_distance"])
+    written = [write_tsv(out_dir / TWIN_FILES["splits"], split_table),
+               write_tsv(out_dir / TWIN_FILES["history"], history),
+               save_figure(figure, out_dir / TWIN_FILES["loss_figure"])]
+    folder = model_folder(out_dir, "twin", settings.backbone)
+    if isinstance(model, RegionalEncoder):
+        card["input"]["population_reference"] = (
+            f"voxelwise mean and spread of the {n_train} training scans (model buffers "
+            "reference_mean, reference_sd; spread floored at its 10th in-brain percentile)")
+        written.append(write_region_weights(model, settings, card, folder))
+    return written + save_checkpoint(folder, model, card)
+
+
+def write_twins(settings: Any, pids: list[str], pairs: pd.DataFrame, emb: torch.Tensor, card: dict[str, Any],
+                relations: Relations | None, metrics: pd.DataFrame,
+                roc: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[Path]:
+    """write: the pairs table, the closest relatives, the metrics and the ROC figure."""
+    out_dir = Path(settings.output_dir)
+    table = pairs[PAIR_COLUMNS]
+    table = table.assign(distance=table["distance"].round(6), twin_probability=table["twin_probability"].round(4))
+    return [write_tsv(out_dir / TWIN_FILES["pairs"], table),
+            _write_relatives(out_dir, pids, emb, card, relations, settings.top_k),
+            write_tsv(out_dir / TWIN_FILES["metrics"], metrics),
+            save_figure(plot_roc(roc, "twin identification, test pairs"), out_dir / TWIN_FILES["roc_figure"])]
+
+
+def _write_relatives(out_dir: Path, pids: Sequence[str], emb: torch.Tensor, card: dict[str, Any],
+                     relations: Relations | None, top_k: int) -> Path:
+    """``group_twins_relatives.tsv``: each scan's ``top_k`` nearest scans in embedding space (blocked exact search,
+    O(N d) memory), with the model's distance, twin probability and decision, and the known relation."""
+    decision = card.get("decision", {})
+    distance = card.get("hyperparameters", {}).get("distance", "cosine")
+    t0 = time.perf_counter()
+    index, dist = nearest_relatives(emb.numpy(), top_k, distance)
+    LOG.info("twins: %d nearest relatives of each of %d scans (%s distance) in %.1f s", index.shape[1], len(pids),
+             distance, time.perf_counter() - t0)
+    threshold = decision.get("threshold_distance")
+    table = relatives_table(pids, index, dist, None if threshold is None else float(threshold),
+                            decision.get("probability_scale"),
+                            relation_lookup(relations) if relations is not None else None)
+    return write_tsv(out_dir / TWIN_FILES["relatives"], table)
+
+
