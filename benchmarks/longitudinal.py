@@ -97,7 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     m = metrics.set_index("metric")["mean"]
     print(f"pairs: {len(predictions)} ({(predictions['label'] == 'decline').sum()} decline, "
           f"{(predictions['label'] == 'stable').sum()} stable); test pairs per sub-sampling: {int(m['n_test_pairs'])}")
-    print(metric_line(metrics, "", f"learned {args.backbone}, decline vs stable"))
+    print(metric_line(metrics, "", f"learned {args.backbone}, decline vs stable (held-out test pairs)"))
+    labelled = predictions[predictions["label"].isin(["decline", "stable"])]
+    y = (labelled["label"] == "decline").to_numpy()
+    seen = labelled["split"] == "train"
+    in_sample = float(((labelled["predicted"] == "decline").to_numpy() == y)[seen.to_numpy()].mean())
+    held = labelled["heldout_draws"] > 0
+    thr = float(m["threshold_p_decline_mean"])
+    oof = float(((labelled.loc[held, "p_decline_heldout"] >= thr).to_numpy() == y[held.to_numpy()]).mean())
+    print(f"in-sample accuracy (saved model, its {int(seen.sum())} training pairs): {in_sample:.3f}; held-out "
+          f"accuracy of the out-of-sample p(decline) ({int(held.sum())} pairs, mean decision point {thr:.3f}): "
+          f"{oof:.3f}; validation-chosen decision point per sub-sampling: mean {thr:.3f}")
     print(metric_line(baseline(args.results, args.resolution, splits, predictions), "baseline_",
                       "baseline mean difference image, decline vs stable"))
     epochs = history.groupby("run")["epoch"].max()

@@ -250,13 +250,27 @@ def test_longitudinal_train_then_apply(group_data):
     names = {p.relative_to(out).as_posix() for p in written}
     assert {LONGITUDINAL_FILES[k] for k in ("predictions", "metrics", "splits", "history", "loss_figure")} <= names
     pred = pd.read_csv(out / LONGITUDINAL_FILES["predictions"], sep="\t")
-    assert list(pred.columns) == ["participant_id", "session_a", "session_b", "label", "p_decline", "predicted"]
+    assert list(pred.columns) == ["participant_id", "session_a", "session_b", "label", "split", "p_decline",
+                                  "predicted", "p_decline_heldout", "heldout_draws"]
     assert len(pred) == 12 and set(pred["label"]) == {"decline", "stable"}
     assert pred["p_decline"].between(0, 1).all() and set(pred["predicted"]) <= {"decline", "stable"}
     metrics = pd.read_csv(out / LONGITUDINAL_FILES["metrics"], sep="\t").set_index("metric")
     assert metrics.loc["accuracy", "n_runs"] == 2  # one per random sub-sampling
+    threshold = metrics.loc["threshold_p_decline", "mean"]  # chosen on the first draw's validation pairs
+    card = json.loads((out / "models" / "longitudinal_small" / "model_card.json").read_text())
+    assert card["decision"]["threshold_p_decline"] == pytest.approx(threshold)
+    assert card["decision"]["chosen_on"].startswith("validation pairs")
+    assert (pred["predicted"] == np.where(pred["p_decline"] >= threshold, "decline", "stable")).all()
     splits = pd.read_csv(out / LONGITUDINAL_FILES["splits"], sep="\t")
     assert sorted(splits["run"].unique()) == [0, 1]
+    # held-out predictions: a pair has one exactly when it was a test pair in some draw
+    test_draws = splits[splits["split"] == "test"].groupby("participant_id")["run"].nunique()
+    expected = pred["participant_id"].map(test_draws).fillna(0).astype(int)
+    assert (pred["heldout_draws"] == expected).all() and (expected > 0).any()
+    assert pred.loc[expected > 0, "p_decline_heldout"].between(0, 1).all()
+    assert pred.loc[expected == 0, "p_decline_heldout"].isna().all()
+    first_test = pred["split"] == "test"
+    assert (pred.loc[first_test, "participant_id"].map(test_draws) >= 1).all()
     run_longitudinal(settings_for(bids, out, "longitudinal", mode="apply",
                                   model=out / "models" / "longitudinal_small"), subjects)
     again = pd.read_csv(out / LONGITUDINAL_FILES["predictions"], sep="\t")

@@ -108,7 +108,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     grp.add_argument("--mode", choices=("train", "apply"), default="train", help="train a model or apply --model")
     grp.add_argument("--backbone", choices=MODEL_CHOICES, default=None,
                      help="model; 'regional' (twin, longitudinal): atlas-region model with few parameters that "
-                          "learns from few pairs (default for --task twin and longitudinal; small for symmetry)")
+                          "learns from few pairs (default for --task twin and longitudinal; small for symmetry); "
+                          "'regional_cnn' (twin): a small 3D CNN whose feature maps are compared region by region")
     grp.add_argument("--embedding-dim", type=int, default=128, help="embedding size")
     grp.add_argument("--distance", choices=("cosine", "euclidean"), default="cosine", help="embedding distance")
     grp.add_argument("--margin", type=float, default=0.2, help="triplet loss margin")

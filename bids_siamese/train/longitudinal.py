@@ -7,6 +7,7 @@ pair and writes the ``group_longitudinal_*`` tables, figures and the checkpoint 
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from ..models.regional import RegionalChange
 from ..resources import Grid, model_grid
 from .data import find_preproc, load_volumes
 from .ddp import DistContext, barrier
-from .evaluate import METRICS, binary_metrics, plot_history, plot_roc, save_figure, scalar_rows, summarise
+from .evaluate import (METRICS, binary_metrics, choose_threshold, plot_history, plot_roc, safe_auc, save_figure,
+                       scalar_rows, summarise)
 from .loop import PairData, TrainConfig, TrainResult, predict_pairs, train_longitudinal
 from .models import new_longitudinal_model, write_region_weights
 from .pairs import find_column, longitudinal_pairs, longitudinal_split_table, normalise_label, read_participants
@@ -32,7 +34,11 @@ from .run import card_training_data, dataset_name, log_metrics, run_distributed,
 
 LOG = logging.getLogger("bids_siamese.group.models")
 
-PREDICTION_COLUMNS = ["participant_id", "session_a", "session_b", "label", "p_decline", "predicted"]
+PREDICTION_COLUMNS = ["participant_id", "session_a", "session_b", "label", "split", "p_decline", "predicted",
+                      "p_decline_heldout", "heldout_draws"]
+#: L1 penalties tried for the ``regional`` longitudinal classifier; the one with the best validation AUC is kept
+#: (ties: the larger penalty, the sparser model).
+L1_CHOICES = (0.01, 0.03, 0.1, 0.3)
 
 
 @dataclass
@@ -90,8 +96,10 @@ def run_longitudinal(settings: Any, subjects: list[str]) -> list[Path]:
     Training repeats a random family-aware, label-stratified split ``--n-draws`` times (seeds ``seed``,
     ``seed + 1``, ...), trains one model per split and reports the test metrics as mean +- std over these
     random sub-samplings (the protocol of the published 3D-SiameseNet); the model of the first split
-    (``--seed``) is saved and writes the predictions. p(decline) >= 0.5 predicts decline (the training
-    loss is class-balanced).
+    (``--seed``) is saved and writes the predictions. Each sub-sampling chooses its decision point on its own
+    validation pairs (the largest Youden's J), as the twin task does, and the ``regional`` model also its L1
+    penalty (:data:`L1_CHOICES`, by validation AUC). Every pair also gets its held-out p(decline): the mean
+    over the sub-samplings in which it was a test pair.
 
     Args:
         settings: the run's :class:`~bids_siamese.config.Settings`.
@@ -103,36 +111,66 @@ def run_longitudinal(settings: Any, subjects: list[str]) -> list[Path]:
     return run_distributed(_run_longitudinal, settings, subjects)
 
 
+@dataclass
+class LongitudinalDraw:
+    """One sub-sampling's outcome: the fit, its split, the test metrics row, the validation-chosen decision
+    point and the test pairs' p(decline)."""
+
+    result: TrainResult
+    split_table: pd.DataFrame
+    split_of: dict[str, str]
+    row: dict[str, Any]
+    threshold: float
+    test_idx: np.ndarray
+    test_p: np.ndarray
+
+
 def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs, data: PairData,
-                          config: TrainConfig, run: int, device: torch.device, ctx: DistContext
-                          ) -> tuple[TrainResult, pd.DataFrame, dict[str, str], dict[str, Any]]:
-    """split -> fit -> evaluate for one random sub-sampling (seed ``--seed + run``): the training result, the split
-    table, participant -> split, and the test metrics row."""
-    pairs, labels, threshold = inputs.pairs, data.labels, 0.5
+                          config: TrainConfig, run: int, device: torch.device, ctx: DistContext) -> LongitudinalDraw:
+    """split -> fit (and, for ``regional``, choose the L1 penalty) -> decision point on the validation pairs ->
+    evaluate on the test pairs, for one random sub-sampling (seed ``--seed + run``)."""
+    pairs, labels = inputs.pairs, data.labels
     seed = settings.seed + run
     split_table = longitudinal_split_table(pairs, inputs.family, seed=seed)
     split_of = dict(zip(split_table["participant_id"], split_table["split"]))
     split = pairs["participant_id"].map(split_of).to_numpy()
-    y_train = labels[split == "train"]
-    if not ((y_train == 1).any() and (y_train == 0).any()) or not (split == "validation").any() \
+    y_train, y_val = labels[split == "train"], labels[split == "validation"]
+    if not ((y_train == 1).any() and (y_train == 0).any()) or not ((y_val == 1).any() and (y_val == 0).any()) \
             or not (split == "test").any():
         raise BadDataError(
-            f"too few labelled longitudinal participants for train/validation/test splits "
-            f"({int((labels == 1).sum())} decline, {int((labels == 0).sum())} stable); fix: select at least "
-            f"3 decline and 3 stable participants with two sessions (column '{settings.label_column}')")
+            f"too few labelled longitudinal participants for train/validation/test splits with both labels in "
+            f"training and validation ({int((labels == 1).sum())} decline, {int((labels == 0).sum())} stable); fix: "
+            f"select at least 3 decline and 3 stable participants with two sessions (column "
+            f"'{settings.label_column}')")
     torch.manual_seed(seed)
     train_idx, val_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "validation")
-    if settings.backbone == "regional":  # convex, nothing to stop early: validation pairs train too
-        train_idx, val_idx = np.sort(np.r_[train_idx, val_idx]), val_idx[:0]
-    model = new_longitudinal_model(settings, grid, data, train_idx)
-    result = train_longitudinal(model, data, train_idx, val_idx, TrainConfig(**{**config.__dict__, "seed": seed}),
-                                device, ctx)
+    draw_config = TrainConfig(**{**config.__dict__, "seed": seed})
+    start = new_longitudinal_model(settings, grid, data, train_idx)
+    candidates = L1_CHOICES if isinstance(start, RegionalChange) else (None,)
+    best: tuple | None = None
+    for l1 in candidates:
+        model = copy.deepcopy(start)
+        if l1 is not None:
+            model.l1 = float(l1)
+        result = train_longitudinal(model, data, train_idx, val_idx, draw_config, device, ctx)
+        p_val = predict_pairs(result.model, data, val_idx, device)
+        auc = safe_auc(labels[val_idx], p_val)
+        key = (-np.inf if np.isnan(auc) else auc, l1 or 0.0)
+        if l1 is not None:
+            LOG.info("longitudinal run %d: L1 %g, validation AUC %.3f", run + 1, l1, auc)
+        if best is None or key > best[0]:
+            best = (key, result, p_val, l1)
+    _, result, p_val, l1 = best
+    threshold = choose_threshold(labels[val_idx], p_val)
     test_idx = np.flatnonzero(split == "test")
-    row = {"run": run, **binary_metrics(labels[test_idx], predict_pairs(result.model, data, test_idx, device),
-                                        threshold)}
-    LOG.info("longitudinal run %d/%d: %d epochs (best %d), %.0f s, test accuracy %.3f", run + 1, settings.n_draws,
-             len(result.history), result.best_epoch, result.seconds, row["accuracy"])
-    return result, split_table, split_of, row
+    test_p = predict_pairs(result.model, data, test_idx, device)
+    row = {"run": run, **binary_metrics(labels[test_idx], test_p, threshold), "threshold_p_decline": threshold}
+    if l1 is not None:
+        row["l1"] = l1
+    LOG.info("longitudinal run %d/%d: %d epochs (best %d), %.0f s, threshold %.3f (validation), test accuracy %.3f",
+             run + 1, settings.n_draws, len(result.history), result.best_epoch, result.seconds, threshold,
+             row["accuracy"])
+    return LongitudinalDraw(result, split_table, split_of, row, threshold, test_idx, test_p)
 
 
 def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
@@ -148,15 +186,17 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
     written: list[Path] = []
     run_rows, split_tables, histories = [], [], []
     model, card, threshold = None, {}, 0.5
+    heldout_sum, heldout_n = np.zeros(len(pairs)), np.zeros(len(pairs), dtype=int)
     if train_mode:
         for run in range(settings.n_draws):
-            result, split_table, split_of, row = fit_longitudinal_draw(settings, grid, inputs, data, config, run,
-                                                                       device, ctx)
-            run_rows.append(row)
-            split_tables.append(split_table.assign(run=run))
-            histories.append(result.history.assign(run=run))
+            draw = fit_longitudinal_draw(settings, grid, inputs, data, config, run, device, ctx)
+            run_rows.append(draw.row)
+            split_tables.append(draw.split_table.assign(run=run))
+            histories.append(draw.result.history.assign(run=run))
+            np.add.at(heldout_sum, draw.test_idx, draw.test_p)
+            np.add.at(heldout_n, draw.test_idx, 1)
             if run == 0:
-                model, first, split0 = result.model, result, split_of
+                model, first, split0, threshold = draw.result.model, draw.result, draw.split_of, draw.threshold
         pairs["split"] = pairs["participant_id"].map(split0)
     else:
         if settings.model is None:
@@ -168,9 +208,16 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
     p_all = predict_pairs(model, data, None, device)
     pairs["p_decline"] = p_all
     pairs["predicted"] = np.where(p_all >= threshold, "decline", "stable")
+    pairs["p_decline_heldout"] = np.where(heldout_n > 0, heldout_sum / np.maximum(heldout_n, 1), np.nan)
+    pairs["heldout_draws"] = heldout_n
     test_mask = (pairs["split"] == "test").to_numpy() & ~np.isnan(labels)
     if train_mode:
         metrics = summarise(pd.DataFrame(run_rows))
+        in_sample = (pairs["split"] == "train").to_numpy() & ~np.isnan(labels)
+        metrics = pd.concat([metrics, scalar_rows({
+            "train_accuracy_run0": binary_metrics(labels[in_sample], p_all[in_sample], threshold)["accuracy"],
+            "threshold_p_decline_mean": float(np.mean([r["threshold_p_decline"] for r in run_rows])),
+        })], ignore_index=True)
     else:
         one = binary_metrics(labels[test_mask], p_all[test_mask], threshold) if test_mask.any() else {}
         metrics = summarise(pd.DataFrame([one]) if one else pd.DataFrame(columns=METRICS))
@@ -200,7 +247,8 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
         card = make_card(
             "longitudinal", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, grid,
             settings.seed, training_data,
-            {"threshold_p_decline": threshold, "chosen_on": "fixed a priori (class-balanced loss)"},
+            {"threshold_p_decline": threshold, "chosen_on": "validation pairs of the first sub-sampling "
+             "(largest Youden's J)"},
             {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["mean"])},
             {"epochs": settings.epochs, "epochs_run": len(first.history), "best_epoch": first.best_epoch,
              "batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
@@ -209,10 +257,12 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
              "volumes_per_second": round(first.volumes_per_second, 2)})
         folder = model_folder(out_dir, "longitudinal", settings.backbone)
         if regional:
-            card["hyperparameters"].update(l1=model.l1, validation_pairs="used for training (no early stopping)")
+            card["hyperparameters"].update(l1=model.l1, l1_choices=list(L1_CHOICES),
+                                           l1_chosen_on="validation AUC of the first sub-sampling")
             written.append(write_region_weights(model, settings, card, folder))
         written += save_checkpoint(folder, model, card)
-    table = pairs.assign(label=pairs["label"].map(_label_text), p_decline=pairs["p_decline"].round(4))
+    table = pairs.assign(label=pairs["label"].map(_label_text), p_decline=pairs["p_decline"].round(4),
+                         p_decline_heldout=pairs["p_decline_heldout"].round(4))
     written.append(write_tsv(out_dir / LONGITUDINAL_FILES["predictions"], table[PREDICTION_COLUMNS]))
     written.append(write_tsv(out_dir / LONGITUDINAL_FILES["metrics"], metrics))
     if test_mask.any():
