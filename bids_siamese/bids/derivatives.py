@@ -171,11 +171,12 @@ def group_record_entry(output_dir: Path, step: str, written: Sequence[Path], set
     rel = [_relative(output_dir, p) for p in written]
     roles = {role: name for role, name in TASK_FILES.get(step, {}).items() if name in rel}
     folders = sorted({Path(r).parent.as_posix() for r in rel if r.startswith("models/")})
-    model = getattr(settings, "model", None)
-    if not folders and model and getattr(settings, "mode", None) == "apply":
-        folders = [_relative(output_dir, Path(model) if Path(model).is_dir() else Path(model).parent)]
-    return {"run_id": getattr(settings, "run_id", None), "mode": getattr(settings, "mode", None),
-            "backbone": getattr(settings, "backbone", None),
+    run = {"run_id": None, "mode": None, "backbone": None, "model": None} if settings is None else {
+        "run_id": settings.run_id, "mode": settings.mode, "backbone": settings.backbone, "model": settings.model}
+    if not folders and run["model"] and run["mode"] == "apply":
+        model = Path(run["model"])
+        folders = [_relative(output_dir, model if model.is_dir() else model.parent)]
+    return {"run_id": run["run_id"], "mode": run["mode"], "backbone": run["backbone"],
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": roles,
             "model": folders[0] if folders else None,
             "other": [r for r in rel if r not in roles.values() and not r.startswith("models/")]}
