@@ -224,7 +224,8 @@ class RegionalConvEncoder(RegionalEncoder):
         grid_shape: shape of the model grid the inputs live on.
         part_map: labels on the pooled grid (see :class:`RegionalEncoder`).
         pool: block size of the average pooling.
-        channels: learned feature channels.
+        channels: learned feature channels (4: a training step costs about 3 times the ``regional`` model's on
+            the 2 mm grid on a CPU; 8 costs about 9 times, ``benchmarks/twins.py``).
 
     Examples:
         >>> labels = np.zeros((4, 4, 4), int); labels[:2] = 1; labels[2:] = 2
@@ -240,7 +241,7 @@ class RegionalConvEncoder(RegionalEncoder):
     #: Learning-rate factor of the convolution weights relative to the region/channel logits.
     FEATURE_LR_FACTOR = 0.02
 
-    def __init__(self, grid_shape: Sequence[int], part_map: np.ndarray, pool: int = 2, channels: int = 8):
+    def __init__(self, grid_shape: Sequence[int], part_map: np.ndarray, pool: int = 2, channels: int = 4):
         super().__init__(grid_shape, part_map, pool)
         self.channels = int(channels)
         self.features = nn.Sequential(
