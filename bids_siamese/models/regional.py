@@ -230,7 +230,8 @@ class RegionalConvEncoder(RegionalEncoder):
     Examples:
         >>> labels = np.zeros((4, 4, 4), int); labels[:2] = 1; labels[2:] = 2
         >>> enc = RegionalConvEncoder((8, 8, 8), labels, channels=3)
-        >>> e = enc(torch.randn(2, 1, 8, 8, 8))
+        >>> with torch.no_grad():
+        ...     e = enc(torch.randn(2, 1, 8, 8, 8))
         >>> e.shape, [round(float(n), 4) for n in e.norm(dim=1)]
         (torch.Size([2, 256]), [1.0, 1.0])
         >>> round(float(enc.region_weights().sum()), 4)
