@@ -234,7 +234,7 @@ class RegionalConvEncoder(RegionalEncoder):
         ...     e = enc(torch.randn(2, 1, 8, 8, 8))
         >>> e.shape, [round(float(n), 4) for n in e.norm(dim=1)]
         (torch.Size([2, 256]), [1.0, 1.0])
-        >>> round(float(enc.region_weights().sum()), 4)
+        >>> round(float(enc.region_weights().detach().sum()), 4)
         1.0
     """
 
