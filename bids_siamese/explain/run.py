@@ -350,6 +350,8 @@ def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, po
     families = _families(settings, sorted(set(pids)))
     scans["family"] = [families.get(p, p) for p in pids]
     reading = [pool.submit(_read_scan, Path(p), grid) for p in scans["path"]]
+    atlas_job = pool.submit(_atlas_on_grid, settings, grid)  # independent of the scans: side by side with the LRP
+    template_job = pool.submit(_template_on_grid, grid)
     regional = isinstance(model, RegionalEncoder)
     if regional:  # exact decomposition of its similarity instead of LRP (see bids_siamese.models.regional)
         canon, normalised = None, True
@@ -415,10 +417,11 @@ def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, po
                      for pid, idx in scans.groupby("participant_id").indices.items()}
     brain = np.mean(list(subject_masks.values()), axis=0) >= 0.5
     group_map, per_subject = group_relevance(subject_maps, brain, fwhm, grid.resolution, pool.map)
+    workbench_job = pool.submit(write_workbench_bundle, out_dir / EXPLAIN_FILES["workbench"],
+                                {"relevance": (group_map, grid.affine)}, res_label)
     written: list[Path] = [p for f in writing for p in f.result()]
     # ranking and statistics
-    atlas = load_atlas(str(settings.atlas), settings.atlas_labels)
-    grid_labels = labels_on_grid(atlas, grid.shape, grid.affine)
+    atlas, grid_labels = atlas_job.result()
     ranking = rank_regions(group_map, grid_labels, atlas.table)
     per_subject_regions = subject_region_importance(per_subject, grid_labels, atlas.table)
     statistics = class_contrast(per_subject_regions, ranking, seed=int(settings.seed))
@@ -427,18 +430,22 @@ def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, po
     written.append(write_tsv(out_dir / EXPLAIN_FILES["statistics"], statistics))
     emb_table = _embedding_table(scans, embeddings, totals)
     written.append(write_tsv(out_dir / EXPLAIN_FILES["embeddings"], emb_table))
-    # Workbench folder
-    written += write_workbench_bundle(out_dir / EXPLAIN_FILES["workbench"], {"relevance": (group_map, grid.affine)},
-                                      res_label)
+    written += workbench_job.result()  # the Workbench folder
     LOG.info("explanations: %d scans, atlas %s, top regions %s (%.0f s)", len(scans), atlas.name,
              ", ".join(f"{r.region} {r.hemisphere}" for r in ranking.head(3).itertuples()), time.perf_counter() - t0)
-    result = ExplainResult(scans=scans, group_map=group_map, affine=grid.affine, template=_template_on_grid(grid),
+    result = ExplainResult(scans=scans, group_map=group_map, affine=grid.affine, template=template_job.result(),
                            ranking=ranking, statistics=statistics, embeddings=emb_table, target=target,
                            atlas=atlas.name, fwhm=fwhm, written=written)
     from ..reports.group import write_group_report
 
     written.append(write_group_report(settings, explain=result))
     return written
+
+
+def _atlas_on_grid(settings: Any, grid: Any) -> tuple[Any, np.ndarray]:
+    """The run's atlas (``--atlas``, ``--atlas-labels``) and its labels on the model grid."""
+    atlas = load_atlas(str(settings.atlas), settings.atlas_labels)
+    return atlas, labels_on_grid(atlas, grid.shape, grid.affine)
 
 
 def _embedding_table(scans: pd.DataFrame, embeddings: np.ndarray, totals: Sequence[float]) -> pd.DataFrame:
