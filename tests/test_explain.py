@@ -334,10 +334,10 @@ def test_lrp_batch_and_scan_threads_follow_the_declared_memory(monkeypatch):
     assert per_scan > 0
     cpu = torch.device("cpu")
     assert explain_run.lrp_batch(canon, shape, cpu, mem_gb=1000.0) == explain_run.MAX_LRP_BATCH
-    assert explain_run.lrp_batch(canon, shape, cpu, mem_gb=2 * 3 * per_scan) == 3  # half of the memory
+    assert explain_run.lrp_batch(canon, shape, cpu, mem_gb=2 * 3.5 * per_scan) == 3  # half of the memory
     assert explain_run.lrp_batch(canon, shape, cpu, mem_gb=1e-9) == 1
     # on a GPU the free device memory counts, not --mem-gb
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(2 * 2 * per_scan * 1024 ** 3), 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(2 * 2.5 * per_scan * 1024 ** 3), 0))
     assert explain_run.lrp_batch(canon, shape, torch.device("cuda"), mem_gb=1000.0) == 2
     settings = Settings(output_dir=Path("/o"), bids_dir=Path("/b"), analysis_level="group", work_dir=Path("/w"),
                         nprocs=4, mem_gb=64.0)
