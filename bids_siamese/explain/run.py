@@ -436,9 +436,14 @@ def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, po
     result = ExplainResult(scans=scans, group_map=group_map, affine=grid.affine, template=template_job.result(),
                            ranking=ranking, statistics=statistics, embeddings=emb_table, target=target,
                            atlas=atlas.name, fwhm=fwhm, written=written)
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
     from ..reports.group import write_group_report
 
-    written.append(write_group_report(settings, explain=result))
+    # one OpenMP/BLAS thread for the report: its t-SNE of a few hundred scans takes 0.2-0.6 s on one thread, but 10-50 s
+    # with one spinning thread per core when other jobs share the cores; the coordinates are bit-identical
+    with threadpool_limits(limits=1):
+        written.append(write_group_report(settings, explain=result))
     return written
 
 
