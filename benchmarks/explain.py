@@ -9,7 +9,8 @@ so a twin model that identifies families should look there. This script
 2. trains the twin model (``group --task twin --mode train``), or reuses ``--model``,
 3. runs :func:`bids_siamese.explain.run.run_explain` for each ``--targets`` entry and prints, per target and
    atlas, the rank of every planted region (best rank over hemispheres) among all ranked regions, the
-   subcortical-vs-cortical statistics and the time taken,
+   subcortical-vs-cortical statistics, the wall and CPU time taken and the load average (the machine may be
+   shared: compare timings only under similar load),
 4. with ``--timing``, the time of one LRP map of every backbone (random weights) on the 2 mm grid, and
 5. with ``--wb``, runs ``wb_command -file-information`` on every GIFTI/CIFTI/spec file written.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -36,7 +38,7 @@ import torch
 from bids_siamese.bids.layout import resolve_participants
 from bids_siamese.cli.parser import parse_args
 from bids_siamese.explain.lrp import canonize, embedding_network, relevance_embedding
-from bids_siamese.explain.run import EXPLAIN_FILES, run_explain
+from bids_siamese.explain.run import EXPLAIN_FILES, explain_device, run_explain
 from bids_siamese.models import BACKBONES, build_model
 from bids_siamese.resources import model_grid
 from bids_siamese.bids.derivatives import REGION_WEIGHTS
@@ -82,19 +84,19 @@ def planted_ranks(ranking: pd.DataFrame, regions: list[str]) -> dict[str, int | 
     return out
 
 
-def lrp_seconds(backbone: str, resolution: float) -> float:
+def lrp_seconds(backbone: str, resolution: float, device: str = "cpu") -> float:
     """Seconds for one LRP map of a randomly initialised twin model on the model grid (canonisation included)."""
     torch.manual_seed(0)
     net, normalised = embedding_network(build_model("twin", backbone).eval())
     x = np.random.default_rng(0).normal(size=model_grid(resolution).shape).astype(np.float32)
     t0 = time.perf_counter()
-    relevance_embedding(canonize(net), x, normalised=normalised)
+    relevance_embedding(canonize(net).to(explain_device(device)), x, normalised=normalised)
     return time.perf_counter() - t0
 
 
 def group_argv(args: argparse.Namespace, atlas: str) -> list[str]:
     return [str(args.bids), str(args.results), "group", "--task", "twin", "--mode", "train", "--backbone",
-            args.backbone, "--resolution", f"{args.resolution:g}", *training_argv(args), "--seed", str(args.seed), "--device", "cpu",
+            args.backbone, "--resolution", f"{args.resolution:g}", *training_argv(args), "--seed", str(args.seed), "--device", args.device,
             "--skip-bids-validation", "--atlas", atlas, "--omp-nthreads", str(args.threads)]
 
 
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="--device of the app (auto, cpu, cuda, cuda:N)")
     p.add_argument("--targets", nargs="+", default=["embedding"], choices=["embedding", "embedding_abs", "distance"])
     p.add_argument("--atlases", nargs="+", default=["harvard_oxford", "neuromorphometrics"])
     p.add_argument("--fwhm", type=float, default=6.0)
@@ -144,14 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     for target in args.targets:
         for atlas in args.atlases:
             settings.atlas, settings.lrp_target = atlas, target
-            t0 = time.perf_counter()
+            t0, cpu0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
             written = run_explain(settings, subjects, model)
-            seconds = time.perf_counter() - t0
+            seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
             ranking = pd.read_csv(args.results / EXPLAIN_FILES["ranking"], sep="\t")
             stats = pd.read_csv(args.results / EXPLAIN_FILES["statistics"], sep="\t")
             ranks = planted_ranks(ranking, planted)
             top = ", ".join(f"{r.region} {r.hemisphere} ({r.importance:.2f})" for r in ranking.head(6).itertuples())
             print(f"\n## target {target}, atlas {atlas} ({len(ranking)} regions, {seconds:.0f} s)")
+            print(f"time: {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU (all threads), device {settings.device}, "
+                  f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}")
             print("planted ranks: " + ", ".join(f"{k} {v if v is not None else 'absent'}" for k, v in ranks.items()))
             print(f"top 6: {top}")
             for row in stats.itertuples():
@@ -172,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.timing:
         print()
         for backbone in BACKBONES:
-            print(f"LRP {backbone}: {lrp_seconds(backbone, args.resolution):.1f} s per map ({args.resolution:g} mm grid, "
-                  f"CPU, {torch.get_num_threads()} threads)")
+            print(f"LRP {backbone}: {lrp_seconds(backbone, args.resolution, settings.device):.1f} s per map "
+                  f"({args.resolution:g} mm grid, {settings.device}, {torch.get_num_threads()} threads)")
     return 0
 
 

@@ -1,6 +1,8 @@
 """Explanations: LRP through captum (conservation, planted signal, all backbones), atlas ranking, statistics."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -210,6 +212,140 @@ def test_lrp_runs_on_every_backbone(backbone):
     relevance = relevance_embedding(canon, x, normalised=True)
     assert relevance.shape == (32, 32, 32)
     assert np.isfinite(relevance).all() and np.abs(relevance).sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conservation on the four real backbones
+# ----------------------------------------------------------------------------------------------------------
+#: ``epsilon`` rules on a bias-free backbone: |relevance sum - target| <= this * sum_k |share_k|. Measured at 32^3,
+#: embedding_dim 8, seeds 0-2: at most 3.4e-6 (small), 5e-7 (unet), 1e-6 (resnet18, densenet121); float32 sums.
+EPSILON_TOLERANCE = 1e-4
+#: ``epsilon_plus`` rules, embedding_abs target: the stabilisers absorb relevance, never create it; relevance sum /
+#: target measured at 0.53-0.54 (small), 0.41-0.43 (resnet18), 0.29-0.32 (densenet121), seeds 0-2.
+EPSILON_PLUS_RANGE = (0.2, 1.0 + 1e-4)
+CONSERVATION_SHAPE = (32, 32, 32)  # the smallest grid every backbone accepts (resnet18/densenet121: grid / 32)
+
+
+def _bias_free_backbone(backbone: str, seed: int = 0):
+    """The twin model's embedding network with every bias and normalisation shift set to 0 and random positive
+    normalisation scales: positively homogeneous, so relevance can be conserved exactly (a bias absorbs the share
+    of relevance it contributes)."""
+    from bids_siamese.models.heads import build_model
+
+    torch.manual_seed(seed)
+    net, normalised = embedding_network(build_model("twin", backbone, embedding_dim=8).eval())
+    gen = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.zero_()
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.zero_()
+        elif isinstance(getattr(m, "bias", None), torch.Tensor):
+            m.bias.data.zero_()
+    return net, normalised
+
+
+def _scans(n: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.as_tensor(np.random.default_rng(seed).normal(size=(n, 1, *CONSERVATION_SHAPE)).astype(np.float32))
+
+
+_SLOW_BACKBONES = {"resnet18", "densenet121"}
+_BACKBONE_PARAMS = [pytest.param(b, marks=pytest.mark.slow) if b in _SLOW_BACKBONES else b
+                    for b in ("small", "unet", "resnet18", "densenet121")]
+
+
+@pytest.mark.parametrize("backbone", _BACKBONE_PARAMS)
+def test_lrp_epsilon_conserves_relevance_on_every_backbone(backbone):
+    from bids_siamese.explain.lrp import embedding_shares, relevance_maps
+
+    net, normalised = _bias_free_backbone(backbone)
+    canon = canonize(net)
+    x = _scans()
+    e = canon.embed(x)
+    for target in ("embedding", "embedding_abs"):
+        shares = embedding_shares(e, target, normalised)
+        sums = relevance_maps(canon, x, shares, e, rules="epsilon").reshape(2, -1).sum(1)
+        expected = shares.sum(1).numpy()
+        assert np.all(np.abs(sums - expected) <= EPSILON_TOLERANCE * shares.abs().sum(1).numpy()), (target, sums,
+                                                                                                  expected)
+    ra, rb, d = relevance_pair_distance(canon, x[0, 0], x[1, 0], distance="cosine", rules="epsilon")
+    assert d > 0 and abs(ra.sum() + rb.sum() - d) <= EPSILON_TOLERANCE * d
+
+
+@pytest.mark.parametrize("backbone", [
+    *(p for p in _BACKBONE_PARAMS if p != "unet"),
+    pytest.param("unet", marks=pytest.mark.xfail(strict=True, reason=(
+        "epsilon_plus is not conservative on MONAI's residual U-Net: z+ meets inputs that PReLU leaves negative "
+        "(measured relevance sum / target from -2.7 to 2.5 on bias-free random weights)"))),
+])
+def test_lrp_epsilon_plus_absorbs_but_never_creates_relevance(backbone):
+    from bids_siamese.explain.lrp import embedding_shares, relevance_maps
+
+    net, normalised = _bias_free_backbone(backbone)
+    canon = canonize(net)
+    x = _scans()
+    e = canon.embed(x)
+    shares = embedding_shares(e, "embedding_abs", normalised)
+    ratios = relevance_maps(canon, x, shares, e).reshape(2, -1).sum(1) / shares.sum(1).numpy()
+    low, high = EPSILON_PLUS_RANGE
+    assert np.all((ratios >= low) & (ratios <= high)), ratios
+
+
+def test_a_batch_gets_the_maps_of_its_scans_one_at_a_time():
+    from bids_siamese.explain.lrp import embedding_shares, relevance_maps
+
+    torch.manual_seed(0)
+    net = _zero_bias_batchnorm(ResidualNet())
+    canon = canonize(net)
+    x = torch.as_tensor(np.stack([_volume(s) for s in range(3)]))[:, None]
+    e = canon.embed(x)
+    shares = embedding_shares(e, "embedding_abs", normalised=True)
+    together = relevance_maps(canon, x, shares, e)  # epsilon_plus: per-scan relative stabilisers
+    alone = np.concatenate([relevance_maps(canon, x[i:i + 1], shares[i:i + 1]) for i in range(3)])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-6 * float(np.abs(alone).max()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device and resources of the explanation step
+# ----------------------------------------------------------------------------------------------------------
+def test_explanations_use_the_requested_device(monkeypatch, caplog):
+    from bids_siamese.explain import run as explain_run
+
+    assert explain_run.explain_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING", logger="bids_siamese.group.explain"):
+        assert explain_run.explain_device("cuda:1") == torch.device("cpu")
+    assert "no usable CUDA device" in caplog.text
+    assert explain_run.explain_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert explain_run.explain_device("cuda") == torch.device("cuda")
+    assert explain_run.explain_device("cuda:1") == torch.device("cuda", 1)
+    assert explain_run.explain_device("auto") == torch.device("cuda")
+
+
+def test_lrp_batch_and_scan_threads_follow_the_declared_memory(monkeypatch):
+    from bids_siamese.explain import run as explain_run
+    from bids_siamese.explain.lrp import lrp_memory_gb
+
+    canon = canonize(_zero_bias_batchnorm(ResidualNet()))
+    shape = (24, 24, 24)
+    per_scan = lrp_memory_gb(canon, shape)
+    assert per_scan > 0
+    cpu = torch.device("cpu")
+    assert explain_run.lrp_batch(canon, shape, cpu, mem_gb=1000.0) == explain_run.MAX_LRP_BATCH
+    assert explain_run.lrp_batch(canon, shape, cpu, mem_gb=2 * 3.5 * per_scan) == 3  # half of the memory
+    assert explain_run.lrp_batch(canon, shape, cpu, mem_gb=1e-9) == 1
+    # on a GPU the free device memory counts, not --mem-gb
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(2 * 2.5 * per_scan * 1024 ** 3), 0))
+    assert explain_run.lrp_batch(canon, shape, torch.device("cuda"), mem_gb=1000.0) == 2
+    settings = Settings(output_dir=Path("/o"), bids_dir=Path("/b"), analysis_level="group", work_dir=Path("/w"),
+                        nprocs=4, mem_gb=64.0)
+    assert explain_run.scan_workers(settings) == 4
+    settings.mem_gb = 1.0
+    assert explain_run.scan_workers(settings) == int(1.0 // explain_run.SCAN_MEM_GB)
+    settings.mem_gb = 0.1
+    assert explain_run.scan_workers(settings) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------

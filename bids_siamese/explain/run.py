@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -34,9 +35,9 @@ from scipy import ndimage
 from ..bids.derivatives import template_reference, write_json, write_nifti, write_text, write_tsv
 from ..errors import NoInputError
 from ..resources import TEMPLATE, model_grid
-from ..interfaces.embedding import embed_volume
 from ..models.regional import RegionalEncoder
-from .lrp import CanonicalModel, canonize, embedding_network, relevance_distance_to, relevance_embedding
+from .lrp import (CanonicalModel, canonize, distance_shares, embedding_network, embedding_shares, lrp_memory_gb,
+                  relevance_maps)
 from .regions import class_contrast, labels_on_grid, load_atlas, rank_regions, subject_region_importance
 
 LOG = logging.getLogger("bids_siamese.group.explain")
@@ -55,6 +56,10 @@ BIDSIGNORE_PATTERNS = ("group", "*_relevance.*")
 
 #: The group and subject maps are divided by this percentile of their positive in-brain values (then clipped).
 UNIT_PERCENTILE = 99.5
+#: Memory declared per scan thread (a scan, its mask and relevance map, their compressed bytes, surface sampling).
+SCAN_MEM_GB = 0.5
+#: Most scans per LRP pass (and per embedding pass): larger batches gain little and hold more memory.
+MAX_LRP_BATCH = 8
 
 REGIONAL_DESCRIPTION = (
     "Exact per-voxel decomposition of the regional twin model (no LRP approximation): for an embedding target, "
@@ -124,13 +129,14 @@ def to_unit_range(volume: np.ndarray, mask: np.ndarray | None = None, percentile
     return np.clip(out / top, 0.0, 1.0).astype(np.float32) if top > 0 else out
 
 
-def group_relevance(subject_maps: Mapping[str, np.ndarray], brain: np.ndarray, fwhm_mm: float, voxel_mm: float
-                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def group_relevance(subject_maps: Mapping[str, np.ndarray], brain: np.ndarray, fwhm_mm: float, voxel_mm: float,
+                    map_fn: Callable[..., Iterable] = map) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Each subject's 0..1 map and the 0..1 group map (the mean of the subjects' 0..1 maps, rescaled).
 
     A subject's map (its scans' unit-total maps averaged) is smoothed and scaled to 0..1 by
     :func:`to_unit_range` before averaging, so every subject weighs the same and one scan whose relevance
-    is concentrated in a few voxels (a lesion, an artefact) cannot dominate the group map.
+    is concentrated in a few voxels (a lesion, an artefact) cannot dominate the group map. ``map_fn`` (e.g. a
+    thread pool's ``map``) smooths the subjects' maps side by side.
 
     Returns:
         ``(group map, {subject: map})``.
@@ -141,7 +147,9 @@ def group_relevance(subject_maps: Mapping[str, np.ndarray], brain: np.ndarray, f
         >>> bool(group[1] >= group[2])  # the plain mean would be [0, 0.75, 50]
         True
     """
-    per_subject = {s: to_unit_range(smooth(subject_maps[s], fwhm_mm, voxel_mm), brain) for s in sorted(subject_maps)}
+    subjects = sorted(subject_maps)
+    per_subject = dict(zip(subjects, map_fn(lambda s: to_unit_range(smooth(subject_maps[s], fwhm_mm, voxel_mm), brain),
+                                            subjects)))
     group = to_unit_range(np.mean([per_subject[s] for s in sorted(per_subject)], axis=0), brain)
     return group, per_subject
 
@@ -212,13 +220,97 @@ def _find_checkpoint(settings: Any, model_path: Path | None) -> Path:
                        "first, or pass --model PATH")
 
 
+def explain_device(requested: str) -> torch.device:
+    """The torch device of the explanations: the run's ``--device`` (``cpu``, ``cuda``, ``cuda:N``; the CLI has
+    already turned ``auto`` into one of them), the CPU when CUDA is asked for but not usable here.
+
+    Examples:
+        >>> explain_device("cpu")
+        device(type='cpu')
+    """
+    requested = str(requested or "cpu")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if torch.cuda.is_available():
+            return torch.device(requested)
+        LOG.warning("--device %s: no usable CUDA device in this process; the explanations run on the CPU", requested)
+    return torch.device("cpu")
+
+
+def scan_workers(settings: Any) -> int:
+    """Threads that read, write and smooth scans next to the LRP (``--nprocs``, at most one per
+    :data:`SCAN_MEM_GB` of ``--mem-gb``; at least 1)."""
+    by_memory = int(float(settings.mem_gb) // SCAN_MEM_GB)
+    return max(1, min(int(settings.nprocs), by_memory))
+
+
+def lrp_batch(canon: CanonicalModel | None, shape: Sequence[int], device: torch.device, mem_gb: float) -> int:
+    """Scans explained per LRP pass: as many as fit in half of the memory (``--mem-gb`` on the CPU, the free
+    memory of the GPU), at most :data:`MAX_LRP_BATCH`; 1 for per-scan normalisations (regional model: the
+    batch of its embedding pass)."""
+    if canon is None:
+        return MAX_LRP_BATCH
+    if canon.needs_calibration:
+        return 1
+    if device.type == "cuda":
+        mem_gb = torch.cuda.mem_get_info(device)[0] / 1024 ** 3
+    per_scan = lrp_memory_gb(canon, shape)
+    return max(1, min(MAX_LRP_BATCH, int(0.5 * float(mem_gb) / max(per_scan, 1e-6))))
+
+
+def _batches(n: int, size: int) -> list[list[int]]:
+    """``[[0, 1], [2, 3], [4]]`` for ``n = 5, size = 2``."""
+    return [list(range(start, min(n, start + size))) for start in range(0, n, size)]
+
+
+def _read_scan(path: Path, grid: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A scan on the model grid and its brain mask (the non-zero voxels when no mask file is next to it)."""
+    from ..train.data import load_volume, mask_path_for
+
+    volume = load_volume(Path(path), grid)
+    mask_path = mask_path_for(Path(path))
+    return volume, ((load_volume(mask_path, grid) > 0.5) if mask_path.is_file() else volume != 0)
+
+
+def _scan_embeddings(model: torch.nn.Module, canon: CanonicalModel | None, volumes: Sequence[np.ndarray],
+                     batch: int, device: torch.device) -> np.ndarray:
+    """Every scan's pre-normalisation embedding ``(N, D)`` (float32, CPU), ``batch`` scans at a time."""
+    out = []
+    for idx in _batches(len(volumes), batch):
+        x = torch.as_tensor(np.stack([volumes[i] for i in idx]), dtype=torch.float32)[:, None].to(device)
+        with torch.no_grad():
+            e = canon.embed(x) if canon is not None else model.embed(x)
+        out.append(e.float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def _write_scan(settings: Any, path: Path, relevance: np.ndarray, sidecar: dict[str, Any], grid: Any) -> list[Path]:
+    """The relevance map of one scan (NIfTI, JSON sidecar, GIFTI with ``explain_surfaces``); returns the paths."""
+    from ..surface.spec import write_surface_maps
+
+    out_path = relevance_name(Path(path))
+    written = [write_nifti(out_path, nib.Nifti1Image(relevance.astype(np.float32), grid.affine)),
+               write_json(out_path.with_name(out_path.name.replace(".nii.gz", ".json")),
+                          {k: v for k, v in sidecar.items() if v is not None})]
+    if settings.explain_surfaces:
+        written += list(write_surface_maps(out_path.parent, source_stem(Path(path)),
+                                           {"relevance": (relevance, grid.affine)}, settings.resolution_label,
+                                           cifti=False).values())
+    return written
+
+
 def run_explain(settings: Any, subjects: list[str], model_path: Path | None = None) -> list[Path]:
     """Relevance maps, region ranking and statistics, Workbench files and ``group.html`` for a twin model.
 
+    The model runs on ``settings.device`` (CPU fallback), explaining :func:`lrp_batch` scans per LRP pass;
+    :func:`scan_workers` threads read, write and smooth the scans meanwhile (``--nprocs``, ``--mem-gb``).
+
     Args:
         settings: the run's :class:`~bids_siamese.config.Settings` (``output_dir``, ``resolution``,
-            ``session_label``, ``atlas``, ``device``, ``seed``; optional ``lrp_target``, ``lrp_rules``,
-            ``relevance_fwhm``, ``explain_surfaces``, ``report_subjects``, ``atlas_labels``).
+            ``session_label``, ``atlas``, ``device``, ``seed``, ``nprocs``, ``omp_nthreads``, ``mem_gb``,
+            ``lrp_target``, ``lrp_rules``, ``relevance_fwhm``, ``explain_surfaces``, ``report_subjects``,
+            ``atlas_labels``).
         subjects: participant labels.
         model_path: the checkpoint (folder, ``model.pt`` or ``model_card.json``); default ``--model`` or
             ``OUTPUT_DIR/models/twins_<backbone>``.
@@ -226,9 +318,18 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
     Returns:
         Every path written.
     """
+    from ..preproc.brain import torch_threads
+
+    workers = scan_workers(settings)
+    LOG.info("explanations: %d scan thread(s), %d torch thread(s)", workers, settings.omp_nthreads)
+    with torch_threads(settings.omp_nthreads), ThreadPoolExecutor(workers) as pool:
+        return _run_explain(settings, subjects, model_path, pool)
+
+
+def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, pool: ThreadPoolExecutor) -> list[Path]:
     from ..models.checkpoint import load_checkpoint
-    from ..surface.spec import write_surface_maps, write_workbench_bundle
-    from ..train.data import find_preproc, load_volume, mask_path_for
+    from ..surface.spec import write_workbench_bundle
+    from ..train.data import find_preproc
 
     t0 = time.perf_counter()
     out_dir = Path(settings.output_dir)
@@ -237,8 +338,9 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
     target = settings.lrp_target
     rules = settings.lrp_rules
     fwhm = float(settings.relevance_fwhm)
+    device = explain_device(settings.device)
     checkpoint = _find_checkpoint(settings, model_path)
-    model, card = load_checkpoint(checkpoint, "twin", grid, "cpu")
+    model, card = load_checkpoint(checkpoint, "twin", grid, device)
     distance = card.get("hyperparameters", {}).get("distance", settings.distance)
     torch.manual_seed(int(settings.seed))
     scans = find_preproc(out_dir, subjects, res_label, settings.session_label,
@@ -247,99 +349,108 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
     pids = scans["participant_id"].tolist()
     families = _families(settings, sorted(set(pids)))
     scans["family"] = [families.get(p, p) for p in pids]
+    reading = [pool.submit(_read_scan, Path(p), grid) for p in scans["path"]]
+    atlas_job = pool.submit(_atlas_on_grid, settings, grid)  # independent of the scans: side by side with the LRP
+    template_job = pool.submit(_template_on_grid, grid)
     regional = isinstance(model, RegionalEncoder)
     if regional:  # exact decomposition of its similarity instead of LRP (see bids_siamese.models.regional)
         canon, normalised = None, True
     else:
         net, normalised = embedding_network(model)
-        canon = canonize(net)
+        canon = canonize(net.cpu()).to(device)
+    batch = lrp_batch(canon, grid.shape, device, settings.mem_gb)
     ensure_bidsignore(out_dir)
-    written: list[Path] = []
-    volumes = [load_volume(Path(p), grid) for p in scans["path"]]
-    masks = [(load_volume(mask_path_for(Path(p)), grid) > 0.5) if mask_path_for(Path(p)).is_file() else v != 0
-             for p, v in zip(scans["path"], volumes)]
+    volumes, masks = zip(*(f.result() for f in reading)) if reading else ((), ())
     partners = impostor_partners(scans["family"].tolist()) if target == "distance" else [None] * len(scans)
-    unit_maps: list[np.ndarray] = []
-    raw_embeddings = [_embedding(canon, vol) if canon is not None else embed_volume(model, vol) for vol in volumes]
-    embeddings = [e / max(float(np.linalg.norm(e)), 1e-12) if normalised else e for e in raw_embeddings]
-    totals = []
-    for i, (path, vol) in enumerate(zip(scans["path"], volumes)):
-        t_scan = time.perf_counter()
+    raw_embeddings = _scan_embeddings(model, canon, volumes, batch, device)
+    embeddings = (np.stack([e / max(float(np.linalg.norm(e)), 1e-12) for e in raw_embeddings]) if normalised
+                  else raw_embeddings)
+    LOG.info("explanations on %s: %d scans, %d per pass", device, len(scans), batch)
+    unit_maps: list[np.ndarray] = [np.empty(0)] * len(scans)
+    totals = [0.0] * len(scans)
+    writing = []
+    for idx in _batches(len(scans), batch):
+        t_batch = time.perf_counter()
+        values = [0.0] * len(idx)
         if regional:  # from the embeddings above: no second forward pass
-            relevance = model.contributions(raw_embeddings[i],
-                                            raw_embeddings[partners[i]] if target == "distance" else None)
-            value = float(relevance.sum())
-        elif target == "distance":
-            relevance, share = relevance_distance_to(canon, vol, torch.as_tensor(raw_embeddings[partners[i]]),
-                                                     distance, rules)
-            value = 2.0 * share
+            maps = [model.contributions(raw_embeddings[i], raw_embeddings[partners[i]] if target == "distance"
+                                        else None) for i in idx]
+            values = [float(m.sum()) for m in maps]
         else:
-            relevance = relevance_embedding(canon, vol, target=target, normalised=normalised, rules=rules)
-            value = float(np.sum(embeddings[i])) if target == "embedding" else float(np.abs(embeddings[i]).sum())
-        totals.append(float(relevance.sum()))
-        unit_maps.append(unit_total(relevance))
-        out_path = relevance_name(Path(path))
-        written.append(write_nifti(out_path, nib.Nifti1Image(relevance.astype(np.float32), grid.affine)))
-        sidecar = {
-            "Description": (REGIONAL_DESCRIPTION if regional else
-                            "Layer-wise relevance propagation (captum) of the twin model for this scan: signed "
-                            "relevance per voxel, summing to about the explained target."),
-            "Sources": [f"bids::{Path(path).relative_to(out_dir).as_posix()}"],
-            **template_reference(),
-            "Resolution": f"{grid.resolution:g} mm model grid",
-            "RelevanceTarget": target,
-            "TargetValue": round(float(value), 6),
-            "RelevanceSum": round(float(relevance.sum()), 6),
-            "PairedWith": (Path(scans["path"][partners[i]]).name if target == "distance" else None),
-            "Distance": distance if target == "distance" else None,
-            "LRPRules": None if regional else rules,
-            "Model": {"checkpoint": Path(checkpoint).name, "backbone": card.get("backbone"),
-                      "weights_sha256": card.get("weights", {}).get("sha256")},
-        }
-        written.append(write_json(out_path.with_name(out_path.name.replace(".nii.gz", ".json")),
-                                  {k: v for k, v in sidecar.items() if v is not None}))
-        if settings.explain_surfaces:
-            written += list(write_surface_maps(out_path.parent, source_stem(Path(path)),
-                                               {"relevance": (relevance, grid.affine)}, res_label, cifti=False).values())
-        LOG.info("relevance %d/%d (%s): %.1f s", i + 1, len(scans), Path(path).name, time.perf_counter() - t_scan)
+            e = torch.as_tensor(raw_embeddings[idx]).to(device)
+            if target == "distance":
+                shares, _ = distance_shares(e, torch.as_tensor(raw_embeddings[[partners[i] for i in idx]]).to(device),
+                                            distance)
+                values = [2.0 * float(s) for s in shares.sum(dim=1).cpu()]
+            else:
+                shares = embedding_shares(e, target, normalised)
+                values = [float(np.sum(embeddings[i])) if target == "embedding" else float(np.abs(embeddings[i]).sum())
+                          for i in idx]
+            x = torch.as_tensor(np.stack([volumes[i] for i in idx]))[:, None]
+            maps = list(relevance_maps(canon, x, shares, e, rules))
+        for i, relevance, value in zip(idx, maps, values):
+            totals[i] = float(relevance.sum())
+            unit_maps[i] = unit_total(relevance)
+            path = Path(scans["path"][i])
+            sidecar = {
+                "Description": (REGIONAL_DESCRIPTION if regional else
+                                "Layer-wise relevance propagation (captum) of the twin model for this scan: signed "
+                                "relevance per voxel, summing to about the explained target."),
+                "Sources": [f"bids::{path.relative_to(out_dir).as_posix()}"],
+                **template_reference(),
+                "Resolution": f"{grid.resolution:g} mm model grid",
+                "RelevanceTarget": target,
+                "TargetValue": round(float(value), 6),
+                "RelevanceSum": round(totals[i], 6),
+                "PairedWith": (Path(scans["path"][partners[i]]).name if target == "distance" else None),
+                "Distance": distance if target == "distance" else None,
+                "LRPRules": None if regional else rules,
+                "Model": {"checkpoint": Path(checkpoint).name, "backbone": card.get("backbone"),
+                          "weights_sha256": card.get("weights", {}).get("sha256")},
+            }
+            writing.append(pool.submit(_write_scan, settings, path, relevance, sidecar, grid))
+        LOG.info("relevance %d-%d/%d: %.1f s", idx[0] + 1, idx[-1] + 1, len(scans), time.perf_counter() - t_batch)
     # group and subject maps
     subject_maps = {pid: np.mean([unit_maps[i] for i in idx], axis=0)
                     for pid, idx in scans.groupby("participant_id").indices.items()}
     subject_masks = {pid: np.mean([masks[i] for i in idx], axis=0) > 0.5
                      for pid, idx in scans.groupby("participant_id").indices.items()}
     brain = np.mean(list(subject_masks.values()), axis=0) >= 0.5
-    group_map, per_subject = group_relevance(subject_maps, brain, fwhm, grid.resolution)
+    group_map, per_subject = group_relevance(subject_maps, brain, fwhm, grid.resolution, pool.map)
+    workbench_job = pool.submit(write_workbench_bundle, out_dir / EXPLAIN_FILES["workbench"],
+                                {"relevance": (group_map, grid.affine)}, res_label)
+    written: list[Path] = [p for f in writing for p in f.result()]
     # ranking and statistics
-    atlas = load_atlas(str(settings.atlas), settings.atlas_labels)
-    grid_labels = labels_on_grid(atlas, grid.shape, grid.affine)
+    atlas, grid_labels = atlas_job.result()
     ranking = rank_regions(group_map, grid_labels, atlas.table)
     per_subject_regions = subject_region_importance(per_subject, grid_labels, atlas.table)
     statistics = class_contrast(per_subject_regions, ranking, seed=int(settings.seed))
     written.append(write_tsv(out_dir / EXPLAIN_FILES["ranking"], ranking))
     written.append(write_tsv(out_dir / EXPLAIN_FILES["subjects"], per_subject_regions))
     written.append(write_tsv(out_dir / EXPLAIN_FILES["statistics"], statistics))
-    emb_table = _embedding_table(scans, np.stack(embeddings), totals)
+    emb_table = _embedding_table(scans, embeddings, totals)
     written.append(write_tsv(out_dir / EXPLAIN_FILES["embeddings"], emb_table))
-    # Workbench folder
-    written += write_workbench_bundle(out_dir / EXPLAIN_FILES["workbench"], {"relevance": (group_map, grid.affine)},
-                                      res_label)
+    written += workbench_job.result()  # the Workbench folder
     LOG.info("explanations: %d scans, atlas %s, top regions %s (%.0f s)", len(scans), atlas.name,
              ", ".join(f"{r.region} {r.hemisphere}" for r in ranking.head(3).itertuples()), time.perf_counter() - t0)
-    result = ExplainResult(scans=scans, group_map=group_map, affine=grid.affine, template=_template_on_grid(grid),
+    result = ExplainResult(scans=scans, group_map=group_map, affine=grid.affine, template=template_job.result(),
                            ranking=ranking, statistics=statistics, embeddings=emb_table, target=target,
                            atlas=atlas.name, fwhm=fwhm, written=written)
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
     from ..reports.group import write_group_report
 
-    written.append(write_group_report(settings, explain=result))
+    # one OpenMP/BLAS thread for the report: its t-SNE of a few hundred scans takes 0.2-0.6 s on one thread, but 10-50 s
+    # with one spinning thread per core when other jobs share the cores; the coordinates are bit-identical
+    with threadpool_limits(limits=1):
+        written.append(write_group_report(settings, explain=result))
     return written
 
 
-def _embedding(canon: CanonicalModel, vol: np.ndarray) -> np.ndarray:
-    """The pre-normalisation embedding of one scan."""
-    x = torch.as_tensor(vol, dtype=torch.float32)[None, None]
-    with torch.no_grad():
-        e = (canon.calibrate(x) if canon.needs_calibration else canon.module(x))[0]
-    return e.numpy().astype(np.float32)
+def _atlas_on_grid(settings: Any, grid: Any) -> tuple[Any, np.ndarray]:
+    """The run's atlas (``--atlas``, ``--atlas-labels``) and its labels on the model grid."""
+    atlas = load_atlas(str(settings.atlas), settings.atlas_labels)
+    return atlas, labels_on_grid(atlas, grid.shape, grid.affine)
 
 
 def _embedding_table(scans: pd.DataFrame, embeddings: np.ndarray, totals: Sequence[float]) -> pd.DataFrame:
