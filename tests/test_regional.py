@@ -292,7 +292,7 @@ def test_explain_regional_model_ranks_the_weighted_region_first(regional_run, tm
                         resolution=8.0, task="twin", atlas="harvard_oxford", seed=0, backbone="regional",
                         distance="cosine", report_subjects=False, explain_surfaces=False, relevance_fwhm=0.0)
     written = run_explain(settings, subjects[:6], model_path=folder)
-    maps = [p for p in written if p.name.endswith("desc-lrp_relevance.nii.gz") and p.name.startswith("sub-")]
+    maps = [p for p in written if p.name.endswith("desc-decomposition_relevance.nii.gz") and p.name.startswith("sub-")]
     assert len(maps) >= 6  # one per scan (some subjects have two sessions)
     for path in maps:
         assert float(np.asarray(nib.load(str(path)).dataobj).sum()) == pytest.approx(1.0, abs=1e-3)

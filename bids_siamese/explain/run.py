@@ -4,8 +4,9 @@
 participant-level model-grid T1w files and the checkpoint, and writes (names in docs/outputs.md):
 
 * per scan, ``<source>_space-MNI152NLin2009cAsym_res-<R>_desc-lrp_relevance.nii.gz`` (+ ``.json``): the LRP
-  relevance on the model grid (signed, summing to about the target value); with ``explain_surfaces``
-  also ``<source>_hemi-{L,R}_space-{fsLR_den-32k,fsaverage5}_desc-lrp_relevance.func.gii``;
+  relevance of a CNN backbone on the model grid (signed, summing to about the target value), or
+  ``desc-decomposition_relevance`` for the regional models (their exact per-voxel decomposition, not LRP); with
+  ``explain_surfaces`` also ``<source>_hemi-{L,R}_space-{fsLR_den-32k,fsaverage5}_desc-<desc>_relevance.func.gii``;
 * ``group/``: the 0..1 group map as NIfTI, GIFTI (fsLR 32k, fsaverage5) and CIFTI-2, the template surfaces
   and brain, and the Workbench spec files;
 * ``group_regions_ranking.tsv``, ``group_regions_subjects.tsv``, ``group_regions_statistics.tsv``;
@@ -32,7 +33,17 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from ..bids.derivatives import template_reference, write_json, write_nifti, write_text, write_tsv
+from ..bids.derivatives import (
+    EXPLAIN_FILES,
+    model_folder,
+    relevance_desc,
+    relevance_path,
+    template_reference,
+    write_json,
+    write_nifti,
+    write_text,
+    write_tsv,
+)
 from ..errors import NoInputError
 from ..resources import TEMPLATE, model_grid
 from ..models.regional import RegionalEncoder
@@ -42,15 +53,6 @@ from .regions import class_contrast, labels_on_grid, load_atlas, rank_regions, s
 
 LOG = logging.getLogger("bids_siamese.group.explain")
 
-#: Fixed names at the top of OUTPUT_DIR.
-EXPLAIN_FILES = {
-    "ranking": "group_regions_ranking.tsv",
-    "subjects": "group_regions_subjects.tsv",
-    "statistics": "group_regions_statistics.tsv",
-    "embeddings": "group_twins_embeddings.tsv",
-    "workbench": "group",
-    "report": "group.html",
-}
 #: Patterns the validator must ignore (added to .bidsignore when missing).
 BIDSIGNORE_PATTERNS = ("group", "*_relevance.*")
 
@@ -178,16 +180,6 @@ def ensure_bidsignore(output_dir: Path, patterns: Sequence[str] = BIDSIGNORE_PAT
         write_text(path, "\n".join(lines + missing) + "\n")
 
 
-def relevance_name(preproc: Path) -> Path:
-    """The per-scan relevance path next to a ``desc-preproc_T1w`` file.
-
-    Examples:
-        >>> relevance_name(Path("sub-1_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz")).name
-        'sub-1_space-MNI152NLin2009cAsym_res-2_desc-lrp_relevance.nii.gz'
-    """
-    return Path(preproc).with_name(Path(preproc).name.replace("_desc-preproc_T1w.nii.gz", "_desc-lrp_relevance.nii.gz"))
-
-
 def source_stem(preproc: Path) -> str:
     """``sub-1_ses-2`` from ``sub-1_ses-2_space-..._desc-preproc_T1w.nii.gz``."""
     return Path(preproc).name.split(f"_space-{TEMPLATE}")[0]
@@ -211,8 +203,6 @@ def _find_checkpoint(settings: Any, model_path: Path | None) -> Path:
         return Path(model_path)
     if settings.model:
         return Path(settings.model)
-    from ..train.run import model_folder
-
     folder = model_folder(settings.output_dir, "twin", settings.backbone)
     if folder.is_dir():
         return folder
@@ -285,18 +275,20 @@ def _scan_embeddings(model: torch.nn.Module, canon: CanonicalModel | None, volum
     return np.concatenate(out).astype(np.float32)
 
 
-def _write_scan(settings: Any, path: Path, relevance: np.ndarray, sidecar: dict[str, Any], grid: Any) -> list[Path]:
-    """The relevance map of one scan (NIfTI, JSON sidecar, GIFTI with ``explain_surfaces``); returns the paths."""
+def _write_scan(settings: Any, path: Path, relevance: np.ndarray, sidecar: dict[str, Any], grid: Any, desc: str
+                ) -> list[Path]:
+    """The relevance map of one scan (NIfTI, JSON sidecar, GIFTI with ``explain_surfaces``), named ``desc-<desc>``
+    (:func:`~bids_siamese.bids.derivatives.relevance_desc`); returns the paths."""
     from ..surface.spec import write_surface_maps
 
-    out_path = relevance_name(Path(path))
+    out_path = relevance_path(Path(path), desc)
     written = [write_nifti(out_path, nib.Nifti1Image(relevance.astype(np.float32), grid.affine)),
                write_json(out_path.with_name(out_path.name.replace(".nii.gz", ".json")),
                           {k: v for k, v in sidecar.items() if v is not None})]
     if settings.explain_surfaces:
         written += list(write_surface_maps(out_path.parent, source_stem(Path(path)),
                                            {"relevance": (relevance, grid.affine)}, settings.resolution_label,
-                                           cifti=False).values())
+                                           desc=desc, cifti=False).values())
     return written
 
 
@@ -353,6 +345,7 @@ def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, po
     atlas_job = pool.submit(_atlas_on_grid, settings, grid)  # independent of the scans: side by side with the LRP
     template_job = pool.submit(_template_on_grid, grid)
     regional = isinstance(model, RegionalEncoder)
+    desc = relevance_desc(regional)  # desc-decomposition (regional model) or desc-lrp
     if regional:  # exact decomposition of its similarity instead of LRP (see bids_siamese.models.regional)
         canon, normalised = None, True
     else:
@@ -408,7 +401,7 @@ def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, po
                 "Model": {"checkpoint": Path(checkpoint).name, "backbone": card.get("backbone"),
                           "weights_sha256": card.get("weights", {}).get("sha256")},
             }
-            writing.append(pool.submit(_write_scan, settings, path, relevance, sidecar, grid))
+            writing.append(pool.submit(_write_scan, settings, path, relevance, sidecar, grid, desc))
         LOG.info("relevance %d-%d/%d: %.1f s", idx[0] + 1, idx[-1] + 1, len(scans), time.perf_counter() - t_batch)
     # group and subject maps
     subject_maps = {pid: np.mean([unit_maps[i] for i in idx], axis=0)
@@ -418,7 +411,7 @@ def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, po
     brain = np.mean(list(subject_masks.values()), axis=0) >= 0.5
     group_map, per_subject = group_relevance(subject_maps, brain, fwhm, grid.resolution, pool.map)
     workbench_job = pool.submit(write_workbench_bundle, out_dir / EXPLAIN_FILES["workbench"],
-                                {"relevance": (group_map, grid.affine)}, res_label)
+                                {"relevance": (group_map, grid.affine)}, res_label, desc=desc)
     written: list[Path] = [p for f in writing for p in f.result()]
     # ranking and statistics
     atlas, grid_labels = atlas_job.result()
