@@ -12,6 +12,12 @@ memory, and how far the GPU result is from the CPU one (mask Dice, registration 
 ``benchmarks/participant.py``'s ``run_workflow``) and prints wall and CPU seconds per scan. On a machine without
 a usable CUDA device it prints why and exits with status 2, measuring nothing. ``--device cpu`` runs the same
 measurements with the CPU in the GPU's place (a check of the script itself, not a GPU figure).
+
+Then the training section (``benchmarks/train_throughput.py``): for each twin backbone at the model grid of
+``--resolution`` (2 mm) and ``--train-batch`` (8) volumes, a training step under bf16 autocast, one line with
+volumes/s, FLOPs per step, the achieved TFLOP/s and its fraction of the GPU's bf16 dense peak
+(``--channels-last``, ``--compile``, ``--peak-tflops``, ``--backbones``). ``--section training`` runs only that
+section, ``--section participant`` only the participant figures above.
 """
 from __future__ import annotations
 
@@ -80,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bids", type=Path, default=None, help="also run the participant workflow on this dataset")
     parser.add_argument("--participant-label", nargs="+", default=[], help="with --bids: these participants")
     parser.add_argument("--nprocs", type=int, default=min(8, os.cpu_count() or 1), help="with --bids: --nprocs")
+    parser.add_argument("--section", choices=("all", "participant", "training"), default="all",
+                        help="which figures: the participant level, the training throughput, or both")
+    sys.path.insert(0, str(Path(__file__).parent))
+    import train_throughput  # benchmarks/train_throughput.py
+
+    train_throughput.add_training_arguments(parser)
     args = parser.parse_args(argv)
 
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
@@ -99,6 +111,21 @@ def main(argv: list[str] | None = None) -> int:
               f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     else:
         print(f"device: {device} (script check only: no GPU figures); {os.cpu_count()} cores")
+    if args.section != "training":
+        participant_section(args, device)
+    if args.section != "participant":
+        if device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True
+        torch.set_num_threads(args.threads)
+        train_throughput.run_training_section(
+            args.backbones, args.resolution, args.train_batch, device, args.steps, args.warmup, args.channels_last,
+            args.compile, args.peak_tflops, train_throughput.batch_overrides(args.train_batch_for))
+    return 0
+
+
+def participant_section(args: argparse.Namespace, device: str) -> None:
+    """deepbet, registration and embedding on the CPU and on ``device``; with ``--bids`` the whole workflow."""
+    import torch
 
     import nibabel as nib
 
@@ -155,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
          f"{float((cpu_emb - gpu_emb).abs().max()):.2e}")
 
     if args.bids is not None:
-        sys.path.insert(0, str(Path(__file__).parent))
         from participant import run_workflow  # benchmarks/participant.py
 
         for dev, nprocs in ((device, args.nprocs), ("cpu", args.nprocs)):
@@ -168,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"workflow --device {dev} --nprocs {nprocs}: {n} scans, {run['wall'] / n:.2f} s/scan wall, "
                   f"CPU {cpu}, peak memory of the process tree {run['peak_tree_rss_mb']:.0f} MB; "
                   f"load average {' '.join(f'{v:.2f}' for v in run['load_after'])}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

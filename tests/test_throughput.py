@@ -322,3 +322,68 @@ def test_the_asymmetry_node_holds_the_threads_of_its_symmetry_model(tmp_path, mo
     monkeypatch.setattr(participant, "model_task", lambda model: None)
     node = participant.init_scan_wf(scan, _settings(tmp_path, "cpu")).get_node("asymmetry")
     assert node.inputs.num_threads == node.n_procs == 1
+
+
+def _train_throughput_module():
+    """``benchmarks/train_throughput.py`` (a script, not part of the package)."""
+    import importlib.util
+    import sys
+
+    if "train_throughput" not in sys.modules:
+        path = Path(__file__).parents[1] / "benchmarks" / "train_throughput.py"
+        spec = importlib.util.spec_from_file_location("train_throughput", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["train_throughput"] = module  # its dataclass looks its module up
+        spec.loader.exec_module(module)
+    return sys.modules["train_throughput"]
+
+
+def test_training_throughput_counts_flops_and_volumes_per_second_on_cpu(capsys):
+    import re
+
+    bench = _train_throughput_module()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        figs = bench.run_training_section(["small", "resnet18"], resolution=8.0, batch=2, device="cpu", steps=1,
+                                          warmup=0, channels_last=False, compile_model=False, peak_tflops=None)
+    finally:
+        torch.set_num_threads(threads)
+    small, resnet = figs
+    assert small.shape == resnet.shape == (21, 26, 22)  # the 8 mm model grid
+    for fig in figs:
+        assert fig.batch == 2 and fig.precision == "fp32" and fig.device == "cpu"
+        assert fig.volumes_per_second > 0 and fig.seconds_per_step > 0
+        assert fig.volumes_per_second == pytest.approx(2 / fig.seconds_per_step)
+        assert fig.flops_per_step > 0
+    assert resnet.flops_per_step > 5 * small.flops_per_step  # the bigger backbone does more arithmetic
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    pattern = (r"training (small|resnet18) +batch 2 on 21x26x22 cpu fp32 \(eager\): +[0-9.]+ volumes/s, "
+               r"[0-9.]+ s/step \(median of 1\), [0-9.]+ GFLOP/step, [0-9.]+ TFLOP/s \(CPU: no peak fraction\)")
+    assert all(re.fullmatch(pattern, line) for line in lines), lines
+
+
+def test_training_flops_do_not_depend_on_the_batch_layout_and_the_peak_table():
+    bench = _train_throughput_module()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain, last = (bench.measure_training_step("regional_cnn", 8.0, 2, "cpu", steps=1, warmup=0,
+                                                   channels_last=cl) for cl in (False, True))
+        double = bench.measure_training_step("regional_cnn", 8.0, 4, "cpu", steps=1, warmup=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert plain.flops_per_step == last.flops_per_step > 0  # channels_last_3d changes the layout, not the work
+    assert double.flops_per_step == pytest.approx(2 * plain.flops_per_step, rel=0.05)
+    assert bench.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.bf16_peak_tflops("NVIDIA H200") == 989.0
+    assert bench.bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.bf16_peak_tflops("NVIDIA L40S") == 362.0
+    assert bench.bf16_peak_tflops("NVIDIA GeForce GTX 1080") is None
+    fig = bench.StepFigures("small", 8, (84, 104, 88), "cuda:0", "bf16 autocast", True, False, 100.0, 0.08,
+                            8e12, 5)
+    assert fig.tflops_per_second == pytest.approx(100.0)
+    assert bench.figure_line(fig, 989.0, "NVIDIA H200").endswith("10.11% of the 989 TFLOP/s bf16 dense peak")
+    assert "unknown" in bench.figure_line(fig, None, "NVIDIA GeForce GTX 1080")

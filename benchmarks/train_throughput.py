@@ -1,0 +1,246 @@
+"""Training throughput of the twin backbones: volumes/s, FLOPs per step and the fraction of the GPU's bf16 peak.
+
+One command on any CUDA machine (``benchmarks/gpu.py`` runs the same section after its participant figures)::
+
+    python benchmarks/train_throughput.py                          # all backbones, 2 mm grid, batch 8, bf16
+    python benchmarks/train_throughput.py --channels-last --compile
+    python benchmarks/train_throughput.py --device cpu --threads 1 # CPU volumes/s (no peak fraction)
+
+For each backbone it builds the twin model (``small``, ``unet``, ``resnet18``, ``densenet121`` and the atlas-region
+models ``regional`` and ``regional_cnn`` on the model grid) and times a training step on a batch of random
+model-grid volumes already on the device: forward, a squared-embedding loss, backward and an AdamW step, under
+bf16 autocast on CUDA (fp32 on the CPU), optionally with ``channels_last_3d`` and ``torch.compile``. The figure
+is the median wall time per step over ``--steps`` steps after ``--warmup`` steps (the device synchronised around
+each step). FLOPs per step are counted once with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and
+matrix products of forward and backward; element-wise work is not counted, so the fraction is a lower bound of
+the arithmetic done). On CUDA the achieved TFLOP/s is divided by the device's bf16 dense tensor-core peak from
+:data:`BF16_DENSE_PEAK_TFLOPS` (``--peak-tflops`` overrides it; an unlisted device prints "unknown").
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+
+#: Twin backbones measured by default (the CNN encoders, then the atlas-region models).
+TRAIN_BACKBONES = ("small", "unet", "resnet18", "densenet121", "regional", "regional_cnn")
+
+#: bf16 dense (no sparsity) tensor-core peak in TFLOP/s by device-name fragment (NVIDIA data sheets); the first
+#: fragment found in the lower-cased ``torch.cuda.get_device_name`` wins, so the more specific ones come first.
+BF16_DENSE_PEAK_TFLOPS = (
+    ("h200 nvl", 835.0),
+    ("h200", 989.0),
+    ("h100 nvl", 835.0),
+    ("h100 pcie", 756.0),
+    ("h100", 989.0),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("a100", 312.0),
+    ("l40s", 362.0),
+)
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The bf16 dense peak of a device called ``device_name`` (None: not in :data:`BF16_DENSE_PEAK_TFLOPS`)."""
+    name = device_name.lower()
+    return next((peak for fragment, peak in BF16_DENSE_PEAK_TFLOPS if fragment in name), None)
+
+
+@dataclass
+class StepFigures:
+    """One backbone's training-step figures."""
+
+    backbone: str
+    batch: int
+    shape: tuple[int, int, int]
+    device: str
+    precision: str
+    channels_last: bool
+    compiled: bool
+    volumes_per_second: float
+    seconds_per_step: float
+    flops_per_step: float
+    steps: int
+
+    @property
+    def tflops_per_second(self) -> float:
+        return self.flops_per_step / self.seconds_per_step / 1e12
+
+
+def twin_model(backbone: str, resolution: float, seed: int = 0):
+    """A fresh twin model for ``backbone`` on the model grid at ``resolution`` mm (training mode, on the CPU).
+
+    The regional models take their regions from the Harvard-Oxford atlas inside a whole-grid brain and their
+    population reference from four random volumes (the figures depend on the grid, not on the values)."""
+    import torch
+
+    from bids_siamese.models import build_model
+    from bids_siamese.models.regional import REGIONAL_MODELS
+    from bids_siamese.resources import model_grid
+    from bids_siamese.train.models import new_twin_model
+
+    torch.manual_seed(seed)
+    if backbone not in REGIONAL_MODELS:
+        return build_model("twin", backbone).train()
+    grid = model_grid(resolution)
+    volumes = np.random.default_rng(seed).normal(size=(4, 1, *grid.shape)).astype(np.float32)
+    settings = SimpleNamespace(backbone=backbone, atlas="harvard_oxford", atlas_labels=None, embedding_dim=128)
+    return new_twin_model(settings, grid, volumes, np.ones((4, *grid.shape), bool), np.arange(4)).train()
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_training_step(backbone: str, resolution: float = 2.0, batch: int = 8, device: str = "cpu",
+                          steps: int = 5, warmup: int = 2, channels_last: bool = False, compile_model: bool = False,
+                          amp: bool = True) -> StepFigures:
+    """Time ``steps`` training steps of ``backbone`` (after ``warmup`` steps) and count the FLOPs of one.
+
+    Args:
+        backbone: one of :data:`TRAIN_BACKBONES`.
+        resolution: model-grid resolution in mm (2 mm: the app's default grid, 84 x 104 x 88).
+        batch: volumes per step.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        steps: timed steps (the median is reported).
+        warmup: untimed steps first (cuDNN autotuning, ``torch.compile``).
+        channels_last: ``channels_last_3d`` weights and inputs.
+        compile_model: ``torch.compile`` the model (the FLOPs are counted on the eager model).
+        amp: bf16 autocast on CUDA (ignored on the CPU, which runs fp32).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bids_siamese.resources import model_grid
+
+    dev = torch.device(device)
+    use_amp = amp and dev.type == "cuda"
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    model = twin_model(backbone, resolution).to(dev, memory_format=fmt)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    shape = tuple(model_grid(resolution).shape)
+    x = torch.randn(batch, 1, *shape, generator=torch.Generator().manual_seed(1)).to(dev, memory_format=fmt)
+
+    def step(net) -> None:
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = net(x).float().pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(model)
+    flops = float(counter.get_total_flops())
+    net = torch.compile(model) if compile_model else model
+    for _ in range(warmup):
+        step(net)
+    times = []
+    for _ in range(steps):
+        _sync(dev)
+        start = time.perf_counter()
+        step(net)
+        _sync(dev)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return StepFigures(backbone=backbone, batch=batch, shape=shape, device=str(dev),
+                       precision="bf16 autocast" if use_amp else "fp32", channels_last=channels_last,
+                       compiled=compile_model, volumes_per_second=batch / seconds, seconds_per_step=seconds,
+                       flops_per_step=flops, steps=steps)
+
+
+def figure_line(fig: StepFigures, peak_tflops: float | None, device_name: str) -> str:
+    """The printed line of one backbone: volumes/s, FLOPs per step, TFLOP/s and (CUDA) the fraction of the peak."""
+    options = ", ".join(["channels_last_3d"] * fig.channels_last + ["torch.compile"] * fig.compiled) or "eager"
+    head = (f"training {fig.backbone:12s} batch {fig.batch} on {'x'.join(map(str, fig.shape))} {fig.device} "
+            f"{fig.precision} ({options}): {fig.volumes_per_second:8.2f} volumes/s, {fig.seconds_per_step:.4f} s/step "
+            f"(median of {fig.steps}), {fig.flops_per_step / 1e9:.2f} GFLOP/step, "
+            f"{fig.tflops_per_second:.3f} TFLOP/s")
+    if not fig.device.startswith("cuda"):
+        return head + " (CPU: no peak fraction)"
+    if peak_tflops is None:
+        return head + f", fraction of bf16 dense peak unknown ({device_name} not listed; use --peak-tflops)"
+    return head + f", {100 * fig.tflops_per_second / peak_tflops:.2f}% of the {peak_tflops:g} TFLOP/s bf16 dense peak"
+
+
+def run_training_section(backbones, resolution: float, batch: int, device: str, steps: int, warmup: int,
+                         channels_last: bool, compile_model: bool, peak_tflops: float | None,
+                         batch_overrides: dict[str, int] | None = None) -> list[StepFigures]:
+    """Measure each backbone and print its line; returns the figures."""
+    import torch
+
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    peak = peak_tflops if peak_tflops is not None else (bf16_peak_tflops(name) if dev.type == "cuda" else None)
+    out = []
+    for backbone in backbones:
+        b = (batch_overrides or {}).get(backbone, batch)
+        fig = measure_training_step(backbone, resolution, b, device, steps, warmup, channels_last, compile_model)
+        print(figure_line(fig, peak, name), flush=True)
+        out.append(fig)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the training section (shared with ``benchmarks/gpu.py``)."""
+    parser.add_argument("--backbones", nargs="+", default=list(TRAIN_BACKBONES), choices=TRAIN_BACKBONES,
+                        help="twin backbones to train")
+    parser.add_argument("--train-batch", type=int, default=8, help="training volumes per step")
+    parser.add_argument("--train-batch-for", nargs="*", default=[], metavar="BACKBONE=N",
+                        help="a different batch for some backbones, e.g. densenet121=2")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps per backbone")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last_3d weights and inputs")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's bf16 dense peak in TFLOP/s (default: from the device name)")
+
+
+def batch_overrides(items: list[str]) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        out[name] = int(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    parser.add_argument("--resolution", type=float, default=2.0, help="model-grid resolution in mm")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_training_arguments(parser)
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            print(f"benchmarks/train_throughput.py: no usable CUDA device (torch {torch.__version__}): nothing "
+                  "measured; use --device cpu for CPU figures.", file=sys.stderr)
+            return 2
+        torch.backends.cudnn.benchmark = True
+        print(f"device: {args.device} = {torch.cuda.get_device_name(torch.device(args.device))}; torch "
+              f"{torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+    else:
+        print(f"device: cpu, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch "
+              f"{torch.__version__}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    run_training_section(args.backbones, args.resolution, args.train_batch, args.device, args.steps, args.warmup,
+                         args.channels_last, args.compile, args.peak_tflops, batch_overrides(args.train_batch_for))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
