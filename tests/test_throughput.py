@@ -387,3 +387,43 @@ def test_training_flops_do_not_depend_on_the_batch_layout_and_the_peak_table():
     assert fig.tflops_per_second == pytest.approx(100.0)
     assert bench.figure_line(fig, 989.0, "NVIDIA H200").endswith("10.11% of the 989 TFLOP/s bf16 dense peak")
     assert "unknown" in bench.figure_line(fig, None, "NVIDIA GeForce GTX 1080")
+
+
+@pytest.mark.parametrize("backbone", ["small", "regional_cnn"])
+def test_training_with_channels_last_3d_weights_matches_the_contiguous_one_on_cpu(backbone, tmp_path):
+    """On CUDA the training loop gives the model channels_last_3d weights; the same run with such weights on the
+    CPU trains to the same weights and history, and its checkpoint loads into a contiguous model."""
+    from bids_siamese.train.loop import TrainConfig, TwinData, _setup, train_twin
+
+    bench = _train_throughput_module()
+    rng = np.random.default_rng(0)
+    vols = rng.normal(size=(8, 1, 21, 26, 22)).astype(np.float32)  # the 8 mm model grid
+    family = np.repeat(np.arange(5), [2, 2, 2, 1, 1])
+    positive = np.zeros((8, 8), np.float32)
+    for a in (0, 2, 4):
+        positive[a, a + 1] = positive[a + 1, a] = 1.0
+    data = TwinData(vols, family, positive, family[:, None] != family[None, :])
+    config = TrainConfig(epochs=2, batch_size=4, patience=5, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain = bench.twin_model(backbone, 8.0)
+        _setup(plain, config, "cpu", None)  # the CPU keeps the contiguous layout
+        assert all(p.is_contiguous() for p in plain.parameters())
+        last = bench.twin_model(backbone, 8.0).to(memory_format=torch.channels_last_3d)
+        conv_weights = [p for p in last.parameters() if p.dim() == 5 and p.shape[1] > 1]
+        assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+                                    for p in conv_weights)
+        runs = [train_twin(m, data, np.arange(6), np.arange(6, 8), config, "cpu") for m in (plain, last)]
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(runs[0].history["train_loss"], runs[1].history["train_loss"], rtol=1e-4, atol=1e-6)
+    a, b = runs[0].model.state_dict(), runs[1].model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=2e-4)  # AdamW scales tiny gradient differences up
+    torch.save(b, tmp_path / "weights.pt")
+    fresh = bench.twin_model(backbone, 8.0)
+    fresh.load_state_dict(torch.load(tmp_path / "weights.pt"))
+    assert all(p.is_contiguous() for p in fresh.parameters())
+    torch.testing.assert_close(fresh.state_dict(), a, rtol=1e-3, atol=2e-4)

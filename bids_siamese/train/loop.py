@@ -243,10 +243,15 @@ def _improved(score: tuple[float, float], best: tuple[float, float] | None, tol:
 
 
 def _setup(model: nn.Module, config: TrainConfig, device: torch.device | str, ctx: DistContext | None):
-    """Seeded start of a training run: ``(ctx, device, wrapped model, AdamW, grad scaler, augmentation RNG)``."""
+    """Seeded start of a training run: ``(ctx, device, wrapped model, AdamW, grad scaler, augmentation RNG)``.
+
+    On CUDA the model's 5-D weights take the ``channels_last_3d`` memory format (the inputs have one channel, so
+    they are in both formats already); on the CPU nothing changes."""
     ctx = ctx or DistContext()
     device = torch.device(device)
     torch.manual_seed(config.seed)
+    if device.type == "cuda":  # NDHWC weights: cuDNN's faster 3D convolutions (the values are unchanged)
+        model = model.to(memory_format=torch.channels_last_3d)
     net = wrap_model(model, ctx, device)
     groups = unwrap(net).param_groups(config.lr) if hasattr(unwrap(net), "param_groups") else net.parameters()
     opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
