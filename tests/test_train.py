@@ -376,3 +376,21 @@ def test_group_level_explains_and_writes_tables_in_the_first_process_only(tmp_pa
     assert calls == ["tables", "train", "explain"] and not (tmp_path / "group.html").exists()
     settings.explain = False  # without explanations the report is still written, from the tables present
     assert group.run_group(settings, ["01"]) == [tmp_path / "group.html"]
+
+
+def test_pair_scores_in_chunks_equal_the_scores_at_once(monkeypatch):
+    """Scoring pairs in bounded chunks (large embeddings: regional_cnn on the full demo) gives the same
+    distances as gathering all pairs at once."""
+    from bids_siamese.models.losses import pair_distance
+    from bids_siamese.train import twins
+
+    rng = np.random.default_rng(0)
+    emb = torch.from_numpy(rng.normal(size=(30, 40)).astype(np.float32))
+    i, j = np.triu_indices(30, 1)
+    vols = rng.random((30, 1, 4, 4, 4)).astype(np.float32)
+    masks = np.ones((30, 4, 4, 4), bool)
+    monkeypatch.setattr(twins, "PAIR_CHUNK_VALUES", 40 * 7)  # 7 pairs per chunk
+    scored = twins.score_twin_pairs(pd.DataFrame({"i": i, "j": j}), emb, vols, masks, "euclidean")
+    at_once = pair_distance(emb[torch.from_numpy(i)], emb[torch.from_numpy(j)], "euclidean").numpy()
+    assert len(scored) == len(i) and np.array_equal(scored["distance"].to_numpy(), at_once)
+    assert np.array_equal(scored["score"].to_numpy(), -at_once)
