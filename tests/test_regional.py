@@ -137,6 +137,16 @@ def _planted_twins(n_families: int, rng: np.random.Generator, strength: float = 
     return vols, family, positive, ~same
 
 
+def _held_out_auc(model, vols, positive, unrelated, test) -> float:
+    """MZ co-twins vs unrelated pairs among the ``test`` scans: AUC of the negative cosine distance."""
+    with torch.no_grad():
+        d = pairwise_distance(model(torch.from_numpy(vols[test])), "cosine").numpy()
+    iu = np.triu_indices(len(test), 1)
+    y = positive[np.ix_(test, test)][iu]
+    keep = y.astype(bool) | unrelated[np.ix_(test, test)][iu]
+    return safe_auc(y[keep], -d[iu][keep])
+
+
 def test_training_finds_the_region_that_carries_the_family_signal():
     """Learned weights move to the one quadrant where co-twins resemble each other, and held-out twins are
     found better than with equal weights."""
@@ -146,31 +156,14 @@ def test_training_finds_the_region_that_carries_the_family_signal():
     enc = RegionalEncoder(SHAPE, _quadrants())
     enc.set_reference(vols[train])
 
-    def test_auc(model):
-        with torch.no_grad():
-            d = pairwise_distance(model(torch.from_numpy(vols[test])), "cosine").numpy()
-        iu = np.triu_indices(len(test), 1)
-        y = positive[np.ix_(test, test)][iu]
-        keep = y.astype(bool) | unrelated[np.ix_(test, test)][iu]
-        return safe_auc(y[keep], -d[iu][keep])
-
-    before = test_auc(enc)
+    before = _held_out_auc(enc, vols, positive, unrelated, test)
     config = TrainConfig(epochs=40, batch_size=20, lr=0.05, patience=40, max_shift=0, intensity=0.0, noise_std=0.0,
                          progress=False)
     result = train_twin(enc, TwinData(vols, family, positive, unrelated), train, val, config)
     weights = result.model.region_weights().detach().numpy()
     assert int(np.argmax(weights)) == 0 and weights[0] > 0.5
-    after = test_auc(result.model)
+    after = _held_out_auc(result.model, vols, positive, unrelated, test)
     assert after > before and after >= 0.9
-
-
-def _held_out_auc(model, vols, positive, unrelated, test) -> float:
-    with torch.no_grad():
-        d = pairwise_distance(model(torch.from_numpy(vols[test])), "cosine").numpy()
-    iu = np.triu_indices(len(test), 1)
-    y = positive[np.ix_(test, test)][iu]
-    keep = y.astype(bool) | unrelated[np.ix_(test, test)][iu]
-    return safe_auc(y[keep], -d[iu][keep])
 
 
 def test_regional_cnn_learns_its_convolutions_and_finds_held_out_twins():
