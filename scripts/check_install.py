@@ -3,6 +3,9 @@
 
     python scripts/check_install.py            # one line per check; exit 1 if a required check fails
 
+Run with a Python that lacks the package (and no active virtual environment), it checks the installation that
+``scripts/install.sh`` makes by default, ``./.venv``.
+
 The Dockerfile runs it at build time and ``tests/test_container.py`` runs it in CI, so a broken image build
 fails CI on a machine without Docker. Checks: the MNI152NLin2009cAsym template and the fsLR/fsaverage
 surfaces (TemplateFlow cache or bundled copy), the bundled atlases, deepbet's network weights, the BIDS
@@ -127,8 +130,28 @@ def run_checks(required: dict[str, Check] = REQUIRED, optional: dict[str, Check]
     return failed
 
 
+#: Where ``scripts/install.sh`` installs when no virtual environment is active.
+DEFAULT_VENV = Path(__file__).resolve().parents[1] / ".venv"
+
+
+def installation_python() -> Path | None:
+    """The Python of ``scripts/install.sh``'s default installation (``./.venv``) when this Python lacks the package
+    and no virtual environment is active (as ``install.sh`` decides where to install); else ``None``."""
+    if os.environ.get("VIRTUAL_ENV") or os.environ.get("BIDS_SIAMESE_CHECK_REEXEC"):
+        return None
+    python = DEFAULT_VENV / "bin" / "python"
+    if not python.is_file() or Path(sys.prefix).resolve() == DEFAULT_VENV.resolve():
+        return None
+    return python
+
+
 def main() -> int:
     if importlib.util.find_spec("bids_siamese") is None:
+        python = installation_python()
+        if python is not None:  # e.g. `python scripts/check_install.py` after `bash scripts/install.sh`
+            print(f"check_install: checking the installation in {DEFAULT_VENV} ({python})", flush=True)
+            os.environ["BIDS_SIAMESE_CHECK_REEXEC"] = "1"
+            os.execv(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
         print(f"check_install: bids-siamese is not installed in this Python ({sys.executable}); fix: run it with the "
               "installation's Python, e.g. .venv/bin/python scripts/check_install.py after bash scripts/install.sh",
               file=sys.stderr)

@@ -34,6 +34,24 @@ def test_build_time_checks_pass_here():
         assert re.search(rf"^ok +{name}: ", proc.stdout, re.M), proc.stdout
 
 
+def test_build_time_checks_find_the_default_installation_from_another_python():
+    """`python scripts/check_install.py` with a Python that lacks the package (here: no site-packages) checks the
+    installation install.sh makes by default (./.venv), as a user on a fresh machine would run it."""
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    if not venv_python.is_file():
+        pytest.skip("no ./.venv here (install.sh installed into an active virtual environment)")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    proc = subprocess.run([sys.executable, "-S", str(ROOT / "scripts" / "check_install.py")], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=ROOT / "scripts")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"checking the installation in {ROOT / '.venv'}" in proc.stdout
+    assert re.search(r"^ok +entry point: ", proc.stdout, re.M), proc.stdout
+    # an active virtual environment without the package is reported, not replaced
+    proc = subprocess.run([sys.executable, "-S", str(ROOT / "scripts" / "check_install.py")], capture_output=True,
+                          text=True, env={**env, "VIRTUAL_ENV": "/nonexistent"}, timeout=60, cwd=ROOT / "scripts")
+    assert proc.returncode == 1 and "is not installed in this Python" in proc.stderr
+
+
 def test_build_time_checks_catch_missing_weights(monkeypatch, tmp_path, capsys):
     """The old check looked for deepbet's weights in the wrong folder: the check must follow deepbet's own path."""
     import deepbet.utils
