@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,6 @@ import torch
 
 from bids_siamese.bids.layout import resolve_participants
 from bids_siamese.cli.parser import MODEL_CHOICES, parse_args
-from bids_siamese.models import build_model
 from bids_siamese.resources import model_grid
 from bids_siamese.bids.derivatives import TWIN_FILES
 from bids_siamese.train.twins import run_twin
@@ -183,31 +181,11 @@ def metric_line(metrics: pd.DataFrame, prefix: str, label: str) -> str:
 
 
 def throughput(backbone: str, resolution: float, batch_size: int, steps: int = 3) -> float:
-    """Training volumes/s (forward + backward + AdamW step) of a twin model on random inputs."""
-    torch.manual_seed(0)
-    if backbone == "regional":
-        from types import SimpleNamespace
+    """Training volumes/s (forward + backward + AdamW step) of a twin model on random inputs, on the CPU
+    (``benchmarks/train_throughput.py``, which also counts FLOPs and runs on CUDA)."""
+    from train_throughput import measure_training_step
 
-        from bids_siamese.train.models import new_twin_model
-
-        grid = model_grid(resolution)
-        volumes = np.random.default_rng(0).normal(size=(4, 1, *grid.shape)).astype(np.float32)
-        model = new_twin_model(SimpleNamespace(backbone="regional", atlas="harvard_oxford"), grid, volumes,
-                               np.ones((4, *grid.shape), bool), np.arange(4)).train()
-    else:
-        model = build_model("twin", backbone).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch_size, 1, *model_grid(resolution).shape)
-    times = []
-    for step in range(steps + 1):
-        t0 = time.perf_counter()
-        loss = model(x).pow(2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step:  # the first step warms up
-            times.append(time.perf_counter() - t0)
-    return batch_size / statistics.median(times)
+    return measure_training_step(backbone, resolution, batch=batch_size, steps=steps, warmup=1).volumes_per_second
 
 
 def train_and_report(args: argparse.Namespace, results: Path, subjects: list[str], seed: int, apply: bool
