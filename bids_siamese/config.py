@@ -87,6 +87,8 @@ class Settings:
     atlas_labels: Path | None = None
     symmetry_fusion: str = "difference"
     symmetry_fwhm: float = 6.0
+    #: modes of normal asymmetry in the group reference (bids_siamese.symmetry.normative; 0: voxelwise median only)
+    symmetry_components: int = 10
     orientation_folds: int = 5
     include_unusable: bool = False
     orientation_model: Path | None = None

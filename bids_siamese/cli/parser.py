@@ -144,6 +144,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="--task symmetry: how the two hemispheres' features meet (cross_attention: SA-Swin style)")
     grp.add_argument("--symmetry-fwhm", type=float, default=6.0, help="--task symmetry: smoothing of the asymmetry "
                      "maps (mm)")
+    grp.add_argument("--symmetry-components", type=int, default=10, metavar="N",
+                     help="--task symmetry: modes of normal asymmetry each scan is compared beyond (0: one voxelwise "
+                          "median and spread for everyone; see docs/outputs.md#symmetry)")
     grp.add_argument("--orientation-folds", type=int, default=5,
                      help="--task orientation: family-aware folds (ensemble members); fewer with fewer families")
     grp.add_argument("--explain-surfaces", action="store_true", help="also project per-scan relevance to surfaces")
@@ -285,6 +288,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         raise UsageError("--orientation-folds must be at least 3 (train, validation and held-out folds)")
     if args.symmetry_fwhm < 0:
         raise UsageError(f"--symmetry-fwhm {args.symmetry_fwhm} must not be negative")
+    if args.symmetry_components < 0:
+        raise UsageError(f"--symmetry-components {args.symmetry_components} must not be negative")
     if args.atlas_labels is not None and not args.atlas_labels.is_file():
         raise NoInputError(f"--atlas-labels {args.atlas_labels} not found; fix: give the atlas's label TSV")
     if args.use_plugin is not None:

@@ -37,7 +37,7 @@ reference scans at group level (from :data:`MIN_FOCAL_SCANS` scans on; see :func
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -45,6 +45,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from ..preproc.grid import mirror
+from .normative import DEFAULT_COMPONENTS, NormativeModel, fit_normative
 
 #: In-mask percentiles mapped to :data:`POSITIVE_RANGE` by :func:`positive_intensities`.
 POSITIVE_PERCENTILES = (1.0, 99.0)
@@ -57,6 +58,11 @@ TOP_VOLUME_MM3 = 250.0
 #: Voxels closer than this to the mid-sagittal plane are left out of the focal statistic (the interhemispheric
 #: fissure is where a sub-millimetre left-right shift produces the largest indices).
 MIDLINE_MM = 4.0
+#: Voxels closer than this to the border of the symmetric brain mask are left out of the focal statistic and of
+#: the scan's spread (:func:`statistic_voxels`).
+EDGE_MM = 4.0
+#: Smallest per-scan rescaling of a z-map made with a voxelwise sd (:func:`z_map`).
+SCAN_SCALE_FLOOR = 0.25
 #: Fewer scans than this: the group reference falls back to the template mean and each scan's own spread.
 MIN_REFERENCE_SCANS = 8
 #: From this many scans (and below :data:`MIN_REFERENCE_SCANS`) the focal statistic is still standardised
@@ -263,6 +269,10 @@ class Reference:
         regions_sd: robust sd of the regional AI per region (``None``: each scan's spread across regions).
         focal_median: median focal statistic of the reference scans (``None`` at participant level).
         focal_sd: robust sd of the focal statistic of the reference scans.
+        normative: the dataset's modes of normal asymmetry (:mod:`bids_siamese.symmetry.normative`), or
+            ``None``. With it a scan's expected map is ``mean`` plus its projection on the modes:
+            :meth:`member` for a scan of the dataset (out of fold), any other scan is projected on every scan's
+            modes by :func:`z_map`.
     """
 
     mean: np.ndarray
@@ -274,6 +284,42 @@ class Reference:
     focal_median: float | None = None
     focal_sd: float | None = None
     extra: dict = field(default_factory=dict)
+    normative: NormativeModel | None = None
+
+    def member(self, index: int) -> "Reference":
+        """The reference of the dataset's scan ``index`` (its out-of-fold expected map as ``mean``)."""
+        if self.normative is None:
+            return self
+        return replace(self, mean=self.normative.member_mean(index, self.mean), normative=None)
+
+    def expected_map(self, ai: np.ndarray) -> np.ndarray:
+        """The map a scan outside the dataset is expected to have (``mean`` without normative modes)."""
+        if self.normative is None:
+            return np.asarray(self.mean)
+        return self.normative.expected(ai, self.mean)
+
+
+def statistic_voxels(mask: np.ndarray, voxel_mm: float, midline_mm: float = MIDLINE_MM,
+                     edge_mm: float = EDGE_MM) -> np.ndarray:
+    """The voxels a scan's spread and focal statistic are read from: left hemisphere of the symmetric mask, at
+    least ``midline_mm`` from the mid-sagittal plane and more than ``edge_mm`` inside the symmetric mask's border.
+
+    The border is where two brain masks (or two heads' outlines) differ, so its asymmetry indices are the
+    largest in every scan and say nothing about a lesion. Criteria that leave nothing are dropped (edge first,
+    then midline).
+
+    Examples:
+        >>> m = np.zeros((12, 12, 12), bool); m[1:11, 1:11, 1:11] = True
+        >>> int(statistic_voxels(m, 2.0, midline_mm=0.0).sum()), int(statistic_voxels(m, 2.0, 0.0, 0.0).sum())
+        (108, 500)
+    """
+    sym = symmetric_mask(mask)
+    left = sym & left_hemisphere(sym.shape)
+    stat = left & (midline_distance_mm(sym.shape, voxel_mm) >= midline_mm)
+    if edge_mm > 0 and stat.any():
+        inner = stat & (ndi.distance_transform_edt(sym) * float(voxel_mm) > edge_mm)
+        stat = inner if inner.any() else stat
+    return stat if stat.any() else left
 
 
 def z_map(ai: np.ndarray, mask: np.ndarray, reference: Reference, voxel_mm: float,
@@ -281,8 +327,11 @@ def z_map(ai: np.ndarray, mask: np.ndarray, reference: Reference, voxel_mm: floa
     """``(AI - reference mean) / sd`` inside the symmetric mask (0 elsewhere).
 
     With a voxelwise reference sd it is used (floored at its 5th percentile inside the mask, so that
-    near-constant voxels cannot explode); otherwise the sd is the scan's own robust spread of the deviation
-    over the left hemisphere away from the midline.
+    near-constant voxels cannot explode) and the result is divided by the scan's own robust spread of it
+    (at least :data:`SCAN_SCALE_FLOOR`): the dataset says *where* asymmetry varies, the scan how much it varies
+    in this head, so a head whose normal asymmetry is larger everywhere does not look focally abnormal and its
+    lesion is not measured against another head's spread. Without a voxelwise sd the sd is the scan's own
+    robust spread of the deviation. Spreads are read from :func:`statistic_voxels`.
 
     Examples:
         >>> rng = np.random.default_rng(1)
@@ -290,20 +339,26 @@ def z_map(ai: np.ndarray, mask: np.ndarray, reference: Reference, voxel_mm: floa
         >>> z = z_map(ai, np.ones(ai.shape, bool), Reference(mean=np.zeros(ai.shape)), 2.0)
         >>> 0.9 < float(robust_sd(z[:10])) < 1.1
         True
+        >>> z2 = z_map(3 * ai, np.ones(ai.shape, bool), Reference(mean=np.zeros(ai.shape), sd=np.full(ai.shape, 0.05)), 2.0)
+        >>> 0.9 < float(robust_sd(z2[:10])) < 1.1
+        True
     """
     sym = symmetric_mask(mask)
-    dev = np.where(sym, np.asarray(ai, np.float64) - np.asarray(reference.mean, np.float64), 0.0)
-    stat = sym & left_hemisphere(sym.shape) & (midline_distance_mm(sym.shape, voxel_mm) >= midline_mm)
+    dev = np.where(sym, np.asarray(ai, np.float64) - np.asarray(reference.expected_map(ai), np.float64), 0.0)
+    stat = statistic_voxels(mask, voxel_mm, midline_mm)
     if not stat.any():
         stat = sym
     if reference.sd is not None:
         sd = np.asarray(reference.sd, dtype=np.float64)
         floor = float(np.percentile(sd[stat], 5)) if stat.any() else 1e-3
         sd = np.maximum(sd, max(floor, 1e-6))
+        z = dev / sd
+        scale = float(robust_sd(z[stat])) if stat.any() else 1.0
+        z = z / max(scale, SCAN_SCALE_FLOOR)
     else:
         sd = float(robust_sd(dev[stat])) if stat.any() else 1.0
-        sd = max(sd, 1e-6)
-    return np.where(sym, dev / sd, 0.0).astype(np.float32)
+        z = dev / max(sd, 1e-6)
+    return np.where(sym, z, 0.0).astype(np.float32)
 
 
 def focal_statistic(z: np.ndarray, mask: np.ndarray, voxel_mm: float, top_volume_mm3: float = TOP_VOLUME_MM3,
@@ -322,10 +377,7 @@ def focal_statistic(z: np.ndarray, mask: np.ndarray, voxel_mm: float, top_volume
         >>> focal_statistic(z, np.ones(z.shape, bool), 4.0, top_volume_mm3=64.0)
         (6.0, (1, 2, 2))
     """
-    sym = symmetric_mask(mask)
-    stat = sym & left_hemisphere(sym.shape) & (midline_distance_mm(sym.shape, voxel_mm) >= midline_mm)
-    if not stat.any():
-        stat = sym & left_hemisphere(sym.shape)
+    stat = statistic_voxels(mask, voxel_mm, midline_mm)
     if not stat.any():
         return 0.0, (0, 0, 0)
     values = np.abs(np.asarray(z, dtype=np.float64)[stat])
@@ -444,9 +496,17 @@ def group_reference(
     voxel_mm: float,
     fwhm_mm: float = DEFAULT_FWHM_MM,
     top_volume_mm3: float = TOP_VOLUME_MM3,
+    groups: Sequence[str] | None = None,
+    components: int = DEFAULT_COMPONENTS,
 ) -> Reference:
     """The dataset reference: voxelwise median and robust sd over the template and the scans' AI maps, the
     same for the regional indices, and the distribution of the scans' focal statistics under it.
+
+    With ``components > 0`` each scan's expected map is the median plus its projection on the dataset's first
+    ``components`` modes of normal asymmetry, fitted out of fold (:mod:`bids_siamese.symmetry.normative`), and
+    the voxelwise sd is the robust spread of the scans' residuals: a heterogeneous population's large-scale
+    head-to-head differences no longer widen the spread that a focal lesion is measured against. Score the
+    dataset's own scans with :meth:`Reference.member`.
 
     With fewer than :data:`MIN_REFERENCE_SCANS` scans see :func:`few_scans_reference` (the template's voxelwise
     reference, each scan standardised by its own spread, the focal statistic by the dataset's).
@@ -459,6 +519,8 @@ def group_reference(
         voxel_mm: grid resolution.
         fwhm_mm: the smoothing the maps were made with (the sd map is smoothed with it too).
         top_volume_mm3: volume of the focal statistic.
+        groups: participant of each scan (its sessions share a fold of the normative modes).
+        components: modes of normal asymmetry (0: the voxelwise median and spread alone).
     """
     n = len(ai_maps)
     if n < MIN_REFERENCE_SCANS:
@@ -473,16 +535,22 @@ def group_reference(
         med = np.nanmedian(data, axis=0)
         sd = MAD_TO_SD * np.nanmedian(np.abs(data - med), axis=0)
     mean = np.where(enough, med, template.mean).astype(np.float32)
+    mean = (mean - mirror(mean)) / 2.0  # the centre of an antisymmetric quantity is antisymmetric
     base = np.nanmedian(sd[enough]) if enough.any() else 0.05
     sd = np.where(enough & np.isfinite(sd), sd, base)
+    normative = None
+    if components > 0:
+        normative, residual_sd = _normative_spread(ai_maps, valid[1:], mean, enough, groups, components)
+        sd = np.where(np.isfinite(residual_sd), residual_sd, sd)
     sd = smooth_in_mask(sd, enough, fwhm_mm, voxel_mm)
     sd = np.where(enough, sd, base).astype(np.float32)
     sd = (sd + mirror(sd)) / 2.0  # the spread of an antisymmetric quantity is symmetric
-    mean = (mean - mirror(mean)) / 2.0  # and its centre antisymmetric
     reg = pd.concat([template.regions_mean.rename("template")] +
                     [r.set_index("region")["asymmetry_index"].astype(float).rename(i) for i, r in enumerate(regions)],
                     axis=1) if template.regions_mean is not None else None
-    ref = Reference(mean=mean, sd=sd, source="template+dataset", n_scans=n)
+    ref = Reference(mean=mean.astype(np.float32), sd=sd, source="template+dataset", n_scans=n, normative=normative)
+    if normative is not None:
+        ref.source = f"template+dataset, {normative.n_components} normative modes"
     if reg is not None:
         values = reg.to_numpy(dtype=float)
         with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -491,9 +559,48 @@ def group_reference(
             r_sd = MAD_TO_SD * np.nanmedian(np.abs(values - r_med[:, None]), axis=1)
         ref.regions_mean = pd.Series(r_med, index=reg.index)
         ref.regions_sd = pd.Series(r_sd, index=reg.index)
-    focal = np.array([focal_statistic(z_map(a, m, ref, voxel_mm), m, voxel_mm, top_volume_mm3)[0]
-                      for a, m in zip(ai_maps, masks)])
-    ref.focal_median = float(np.median(focal))
-    ref.focal_sd = float(max(robust_sd(focal), 1e-6))
+    focal = np.array([focal_statistic(z_map(a, m, ref.member(i), voxel_mm), m, voxel_mm, top_volume_mm3)[0]
+                      for i, (a, m) in enumerate(zip(ai_maps, masks))])
+    ref.focal_median, ref.focal_sd = lower_half_spread(focal)
     ref.extra["focal"] = focal
     return ref
+
+
+def lower_half_spread(values: np.ndarray) -> tuple[float, float]:
+    """Median and a robust sd from the lower half of the distribution: ``(median - q25) / 0.6745``.
+
+    A lesion only ever raises a scan's focal statistic, so the scans with lesions stretch the upper tail; the
+    lower half is what lesion-free scans look like, up to half the dataset being abnormal.
+
+    Examples:
+        >>> clean = np.random.default_rng(0).normal(10, 1, 600)
+        >>> m, sd = lower_half_spread(np.r_[clean, np.full(300, 40.0)])
+        >>> round(sd, 1), round(float(robust_sd(np.r_[clean, np.full(300, 40.0)])), 1)
+        (1.5, 2.1)
+    """
+    values = np.asarray(values, dtype=np.float64)
+    median = float(np.median(values))
+    return median, float(max((median - float(np.percentile(values, 25))) / 0.6745, 1e-6))
+
+
+def _normative_spread(ai_maps: Sequence[np.ndarray], valid: np.ndarray, mean: np.ndarray, enough: np.ndarray,
+                      groups: Sequence[str] | None, components: int) -> tuple[NormativeModel, np.ndarray]:
+    """The normative modes of the dataset and the voxelwise robust sd of the scans' out-of-fold residuals
+    (NaN outside the modelled voxels; the right hemisphere mirrors the left)."""
+    analysis = enough & left_hemisphere(enough.shape)
+    filled = [np.where(v, np.asarray(a, np.float32), mean) for a, v in zip(ai_maps, valid)]
+    model = fit_normative(filled, analysis, groups, components)
+    voxels = model.voxels
+    seen = np.stack([v.ravel()[voxels] for v in valid])
+    residual = np.stack([f.ravel()[voxels] for f in filled]) - model.member_expected
+    residual = np.where(seen, residual, np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        centre = np.nanmedian(residual, axis=0)
+        spread = MAD_TO_SD * np.nanmedian(np.abs(residual - centre), axis=0)
+    out = np.full(enough.size, np.nan, dtype=np.float32)
+    out[voxels] = spread
+    out = out.reshape(enough.shape)
+    nx = enough.shape[0]
+    out[nx - nx // 2:] = out[: nx // 2][::-1]
+    return model, out

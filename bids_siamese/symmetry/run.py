@@ -51,6 +51,7 @@ from .regional import (
     regional_z,
     top_regions,
 )
+from .normative import DEFAULT_COMPONENTS
 from .simulate import LesionConfig
 
 LOG = logging.getLogger("bids_siamese.symmetry")
@@ -139,9 +140,11 @@ class ScoredDataset:
     table: pd.DataFrame
 
 
-def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwhm: float) -> ScoredDataset:
-    """Asymmetry maps and regional indices of every scan, the dataset reference and the group table rows
-    (Siamese columns empty, ``split`` ``n/a``)."""
+def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwhm: float,
+                  components: int = DEFAULT_COMPONENTS) -> ScoredDataset:
+    """Asymmetry maps and regional indices of every scan, the dataset reference (with ``components`` modes of
+    normal asymmetry, :mod:`bids_siamese.symmetry.normative`) and the group table rows (Siamese columns empty,
+    ``split`` ``n/a``)."""
     labels, names = atlas_on_grid(atlas, resolution)
     pairs = homologous_pairs(names)
     template = template_reference(resolution, fwhm, atlas)
@@ -152,11 +155,12 @@ def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwh
         masks.append(mask)
         maps.append(asymmetry_map(data, mask, resolution, fwhm))
         regions.append(regional_asymmetry(positive_intensities(data, mask), mask, labels, pairs))
-    reference = group_reference(maps, masks, regions, template, resolution, fwhm)
+    reference = group_reference(maps, masks, regions, template, resolution, fwhm,
+                                groups=[f.participant_id for f in files], components=components)
     grid = model_grid(resolution)
     rows = []
-    for f, ai, mask, reg in zip(files, maps, masks, regions):
-        s = score_map(ai, mask, resolution, reference)
+    for i, (f, ai, mask, reg) in enumerate(zip(files, maps, masks, regions)):
+        s = score_map(ai, mask, resolution, reference.member(i))
         peak_mm = peak_location(s["peak"], s["z"], grid.affine)
         top = top_regions(regional_z(reg, reference), 3)
         rows.append({
@@ -286,7 +290,7 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
                            f"desc-preproc_T1w.nii.gz) in {out_dir}; fix: run the participant level first with the "
                            "same --resolution")
     LOG.info("symmetry: %d scan(s) at %g mm", len(files), resolution)
-    data = score_dataset(files, resolution, settings.atlas, fwhm)
+    data = score_dataset(files, resolution, settings.atlas, fwhm, int(settings.symmetry_components))
     written: list[Path] = []
     if settings.task == "symmetry":
         if settings.mode == "apply":
