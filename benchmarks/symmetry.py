@@ -47,6 +47,7 @@ from bids_siamese.symmetry.asymmetry import (
     score_scan,
 )
 from bids_siamese.symmetry.model import build_symmetry_model
+from bids_siamese.symmetry.normative import DEFAULT_COMPONENTS
 from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs, regional_asymmetry
 from bids_siamese.symmetry.run import SPLIT_FRACTIONS
 from bids_siamese.symmetry.simulate import LesionConfig, sphere_cross_section_mm2
@@ -65,6 +66,8 @@ from bids_siamese.train.pairs import subject_split
 
 #: Volume bins (mm^3) for the planted demo lesions (the small demo set has two lesions in each: 98-8101 mm^3).
 REAL_BINS = (50.0, 250.0, 1000.0, 3000.0, 10000.0)
+#: Lesions at least this large (mm^3) must all be detected (issue 14's target).
+LARGE_LESION_MM3 = 1500.0
 
 
 def normalise(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -161,6 +164,9 @@ def per_bin_table(truth: pd.DataFrame, scores: pd.Series, threshold: float, bins
                "false_positive_rate": round(float((scores[clean] > threshold).mean()), 3)
                if np.isfinite(threshold) else float("nan"),
                "n_lesion": int(lesion.sum()), "n_clean": int(clean.sum())}
+    large = lesion & (vol >= LARGE_LESION_MM3)
+    if np.isfinite(threshold):
+        overall[f"detected_ge_{LARGE_LESION_MM3:g}mm3"] = f"{int((scores[large] > threshold).sum())} / {int(large.sum())}"
     return pd.DataFrame(rows), overall
 
 
@@ -178,10 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bids", type=Path, default=Path("/tmp/demo_small"))
     p.add_argument("--outputs", type=Path, default=Path("/tmp/demo_small_out"))
     p.add_argument("--resolution", type=float, default=2.0)
+    p.add_argument("--model-resolution", type=float, default=None,
+                   help="grid of the Siamese model (block-averaged from --resolution; default: --resolution)")
     p.add_argument("--fwhm", type=float, default=DEFAULT_FWHM_MM)
+    p.add_argument("--components", type=int, default=DEFAULT_COMPONENTS,
+                   help="normative modes of the group reference (0: the voxelwise median reference)")
     p.add_argument("--atlas", default="harvard_oxford")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--patience", type=int, default=5)
     p.add_argument("--fusion", default="difference")
     p.add_argument("--backbone", default="small")
     p.add_argument("--no-difference-channel", action="store_true", help="image-only encoder input")
@@ -196,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = args.resolution
+    model_res = args.model_resolution or res
     args.results.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     truth, volumes, masks, source = load_dataset(args.bids, args.outputs if args.outputs.is_dir() else None, res,
@@ -211,8 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     template = template_reference(res, args.fwhm, args.atlas)
     maps = [asymmetry_map(v, m, res, args.fwhm) for v, m in zip(volumes, masks)]
     regions = [regional_asymmetry(positive_intensities(v, m), m, labels, pairs) for v, m in zip(volumes, masks)]
-    reference = group_reference(maps, masks, regions, template, res, args.fwhm)
-    scored = [score_map(a, m, res, reference) for a, m in zip(maps, masks)]
+    groups = truth["participant_id"].tolist()
+    median_only = group_reference(maps, masks, regions, template, res, args.fwhm, components=0)
+    truth["asymmetry_score_median"] = [score_map(a, m, res, median_only)["asymmetry_score"] for a, m in zip(maps, masks)]
+    del median_only
+    reference = group_reference(maps, masks, regions, template, res, args.fwhm, groups=groups,
+                                components=args.components)
+    scored = [score_map(a, m, res, reference.member(i)) for i, (a, m) in enumerate(zip(maps, masks))]
     truth["asymmetry_score"] = [s["asymmetry_score"] for s in scored]
     truth["asymmetry_score_template"] = [score_map(a, m, res, template)["asymmetry_score"] for a, m in zip(maps, masks)]
     truth["raw_magnitude"] = [s["raw_magnitude"] for s in scored]
@@ -220,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"scans": len(truth), "source": source, "resolution_mm": res, "fwhm_mm": args.fwhm,
                      "asymmetry_seconds": round(score_seconds, 1)}
     tables = {}
-    for name, column, thr in (("asymmetry_score", "asymmetry_score", ASYMMETRY_THRESHOLD),
+    for name, column, thr in ((f"asymmetry_score ({args.components} normative modes)", "asymmetry_score",
+                               ASYMMETRY_THRESHOLD),
+                              ("asymmetry_score (median reference, 0 modes)", "asymmetry_score_median",
+                               ASYMMETRY_THRESHOLD),
                               ("asymmetry_score (template reference only)", "asymmetry_score_template", np.inf),
                               ("raw magnitude (mean |AI|)", "raw_magnitude", np.inf)):
         for subset, keep in (("all lesion-free", np.ones(len(truth), bool)), ("lesion-free, not flipped", ~flipped | lesion)):
@@ -239,25 +259,25 @@ def main(argv: list[str] | None = None) -> int:
         parts = {k: [i for i in healthy if split[truth.at[i, "participant_id"]] == k] for k in ("train", "validation", "test")}
         print({k: len(v) for k, v in parts.items()}, flush=True)
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, lr=args.lr, flip_lr=True,
-                             progress=True)
+                             patience=args.patience, progress=True)
         torch.set_num_threads(args.threads)
         torch.manual_seed(args.seed)
         model = build_symmetry_model(args.backbone, args.fusion, 64, difference_channel=not args.no_difference_channel)
 
         def small(i: int):
-            v, m = to_model_resolution(volumes[i], masks[i], res, res)
-            return prepare_scan(v, m, res, str(i))
+            v, m = to_model_resolution(volumes[i], masks[i], res, model_res)
+            return prepare_scan(v, m, model_res, str(i))
 
         t2 = time.time()
         result, info = train_symmetry_model(model, [small(i) for i in parts["train"]],
-                                            [small(i) for i in parts["validation"]], config, res,
+                                            [small(i) for i in parts["validation"]], config, model_res,
                                             samples_per_scan=args.samples_per_scan)
         model, history = result.model, result.history
         train_seconds = time.time() - t2
         history.to_csv(args.results / "training.tsv", sep="\t", index=False)
         evaluated = parts["test"] + truth.index[lesion].tolist() + truth.index[flipped & ~lesion].tolist()
         p_abn, p_left = siamese_predict(model, [volumes[i] for i in evaluated], [masks[i] for i in evaluated], res,
-                                        res)
+                                        model_res)
         truth["siamese_probability"] = np.nan
         truth.loc[evaluated, "siamese_probability"] = p_abn
         truth["siamese_p_left"] = np.nan
@@ -273,20 +293,21 @@ def main(argv: list[str] | None = None) -> int:
             results[f"siamese_probability | {subset}"] = overall
         # the asymmetry score on exactly the same scans, for comparison
         keep = ~held["lr_flipped"].str.lower().eq("true") | held["lesion"].str.lower().eq("true")
-        per_bin, overall = per_bin_table(held[keep].reset_index(drop=True),
-                                         held.loc[keep, "asymmetry_score"].reset_index(drop=True), ASYMMETRY_THRESHOLD)
-        tables[("asymmetry_score", "held-out lesion-free")] = per_bin
-        results["asymmetry_score | held-out lesion-free"] = overall
+        for column in ("asymmetry_score", "asymmetry_score_median"):
+            per_bin, overall = per_bin_table(held[keep].reset_index(drop=True),
+                                             held.loc[keep, column].reset_index(drop=True), ASYMMETRY_THRESHOLD)
+            tables[(column, "held-out lesion-free")] = per_bin
+            results[f"{column} | held-out lesion-free"] = overall
         side_ok = held["lesion"].str.lower().eq("true")
         results["siamese side accuracy (planted lesions)"] = round(float(
             ((held.loc[side_ok, "siamese_p_left"] > 0.5) == held.loc[side_ok, "lesion_hemisphere"].eq("L")).mean()), 3)
         results["training"] = {**info, "train_scans": len(parts["train"]), "validation_scans": len(parts["validation"]),
                                "test_scans": len(parts["test"]), "seconds": round(train_seconds, 1),
-                               "threads": args.threads, "model_resolution_mm": res,
+                               "threads": args.threads, "model_resolution_mm": model_res,
                                "backbone": args.backbone, "fusion": args.fusion}
         # simulated lesions in the held-out scans, per bin
         test_scans = [prepare_scan(volumes[i], masks[i], res, str(i)) for i in parts["test"]]
-        scorers = {"siamese_probability": siamese_scorer(model, res, res),
+        scorers = {"siamese_probability": siamese_scorer(model, res, model_res),
                    "asymmetry_score": lambda vs, ms: np.array(
                        [score_scan(v, m, res, reference, args.fwhm)["asymmetry_score"] for v, m in zip(vs, ms)])}
         samples, sim_bins, sim_overall = evaluate_detection(
