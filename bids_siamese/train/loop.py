@@ -412,7 +412,7 @@ class _EpochItems(torch.utils.data.Sampler):
         return len(self.items)
 
 
-def loader_workers(requested: int) -> int:
+def usable_loader_workers(requested: int) -> int:
     """Worker processes the training DataLoader can use: ``requested``, or 0 (with a warning) where processes
     cannot be forked (the assembly functions are closures over the in-memory volumes, shared by forking)."""
     if requested > 0 and "fork" not in multiprocessing.get_all_start_methods():
@@ -426,7 +426,7 @@ class _BatchLoader:
     """The DataLoader of a training run (persistent workers, pinned memory on CUDA) and its per-epoch items."""
 
     def __init__(self, assembly: BatchAssembly, config: TrainConfig, ctx: DistContext):
-        workers = loader_workers(config.loader_workers)
+        workers = usable_loader_workers(config.loader_workers)
         self.items = _EpochItems()
         self.device = assembly.device
         self.pin = assembly.device.type == "cuda"
