@@ -17,7 +17,10 @@ Then the training section (``benchmarks/train_throughput.py``): for each twin ba
 ``--resolution`` (2 mm) and ``--train-batch`` (8) volumes, a training step under bf16 autocast, one line with
 volumes/s, FLOPs per step, the achieved TFLOP/s and its fraction of the GPU's bf16 dense peak
 (``--channels-last``, ``--compile``, ``--peak-tflops``, ``--backbones``). ``--section training`` runs only that
-section, ``--section participant`` only the participant figures above.
+section, ``--section participant`` only the participant figures above. With ``--pipeline`` the training section
+measures the app's training path instead (``train_twin`` from a float16 ``--volume-cache`` stack, batches
+assembled by ``--loader-workers`` DataLoader workers into pinned memory, non-blocking copies to the GPU), e.g.
+``python benchmarks/gpu.py --section training --backbones small --pipeline --loader-workers 4``.
 """
 from __future__ import annotations
 
@@ -117,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True
         torch.set_num_threads(args.threads)
+        if args.pipeline:
+            train_throughput.run_pipeline_section(args, device)
+            return 0
         train_throughput.run_training_section(
             args.backbones, args.resolution, args.train_batch, device, args.steps, args.warmup, args.channels_last,
             args.compile, args.peak_tflops, train_throughput.batch_overrides(args.train_batch_for))

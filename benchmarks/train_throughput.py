@@ -5,6 +5,8 @@ One command on any CUDA machine (``benchmarks/gpu.py`` runs the same section aft
     python benchmarks/train_throughput.py                          # all backbones, 2 mm grid, batch 8, bf16
     python benchmarks/train_throughput.py --channels-last --compile
     python benchmarks/train_throughput.py --device cpu --threads 1 # CPU volumes/s (no peak fraction)
+    python benchmarks/train_throughput.py --device cpu --threads 1 --backbones small --pipeline --loader-workers 2
+    python benchmarks/train_throughput.py --cache-memory 336       # RAM of a 336-scan stack, float32 and float16
 
 For each backbone it builds the twin model (``small``, ``unet``, ``resnet18``, ``densenet121`` and the atlas-region
 models ``regional`` and ``regional_cnn`` on the model grid) and times a training step on a batch of random
@@ -15,6 +17,16 @@ each step). FLOPs per step are counted once with ``torch.utils.flop_counter.Flop
 matrix products of forward and backward; element-wise work is not counted, so the fraction is a lower bound of
 the arithmetic done). On CUDA the achieved TFLOP/s is divided by the device's bf16 dense tensor-core peak from
 :data:`BF16_DENSE_PEAK_TFLOPS` (``--peak-tflops`` overrides it; an unlisted device prints "unknown").
+
+``--pipeline`` measures the app's training path instead (:func:`measure_training_pipeline`): ``train_twin`` on
+``--pipeline-subjects`` brain-like random volumes held as the ``--volume-cache`` stack (float16 or float32), batches
+of whole families gathered, converted to float32 and augmented by the DataLoader with ``--loader-workers`` workers
+(not given: the option is not passed, so the line also measures releases without it), then forward, triplet mining,
+backward and AdamW; the figure is the loop's own volumes/s of the training steps per epoch (the per-epoch
+batch-norm re-estimation is not in it), and the median of the epochs after the first (which starts the workers).
+``--cache-memory N`` reads N model-grid volumes (``--distinct-files`` NIfTI files written to a temporary folder,
+listed in turn) into the training stack with ``load_volume_cache`` and prints, per dtype, the stack's bytes, the
+peak of the traced (numpy) allocations while loading and the growth of the process's resident memory.
 """
 from __future__ import annotations
 
@@ -156,6 +168,135 @@ def measure_training_step(backbone: str, resolution: float = 2.0, batch: int = 8
                        flops_per_step=flops, steps=steps)
 
 
+def brain_volumes(n: int, shape, seed: int = 0) -> np.ndarray:
+    """``(n, 1, *shape)`` float32 stand-ins for model-grid volumes: normal intensities (sd 1.5) in an ellipsoid
+    that fills 90 % of the grid, 0 outside (augmentation works on the non-zero voxels)."""
+    rng = np.random.default_rng(seed)
+    centre = (np.array(shape, float) - 1) / 2
+    inside = sum(((g - c) / (0.9 * c)) ** 2 for g, c in zip(np.indices(shape).astype(float), centre)) <= 1
+    out = np.zeros((n, 1, *shape), np.float32)
+    for i in range(n):
+        out[i, 0][inside] = rng.normal(scale=1.5, size=int(inside.sum()))
+    return out
+
+
+@dataclass
+class PipelineFigures:
+    """The app's twin training path: volumes/s of the training steps per epoch."""
+
+    backbone: str
+    batch: int
+    subjects: int
+    cache: str
+    workers: int | None
+    device: str
+    per_epoch: list[float]
+    assembly_seconds: float
+
+    @property
+    def volumes_per_second(self) -> float:
+        """Median over the epochs after the first (all epochs when there is one)."""
+        return statistics.median(self.per_epoch[1:] or self.per_epoch)
+
+
+def measure_training_pipeline(backbone: str = "small", resolution: float = 2.0, batch: int = 8, subjects: int = 48,
+                              epochs: int = 3, cache: str = "float16", workers: int | None = None,
+                              device: str = "cpu") -> PipelineFigures:
+    """Train ``backbone`` with ``train_twin`` for ``epochs`` epochs on ``subjects`` random brains (3/4 of them in
+    MZ pairs, no validation set) held as a ``cache`` stack, with ``workers`` loader workers (None: the option is
+    not passed); returns the loop's volumes/s per epoch."""
+    import torch
+
+    from bids_siamese.resources import model_grid
+    from bids_siamese.train.loop import TrainConfig, TwinData, shift_voxels, train_twin
+
+    shape = tuple(model_grid(resolution).shape)
+    volumes = brain_volumes(subjects, shape)
+    if cache == "float16":
+        from bids_siamese.train.data import VolumeCache
+
+        volumes = VolumeCache(volumes.astype(np.float16))
+    n_twins = (3 * subjects // 4) // 2
+    family = np.r_[np.repeat(np.arange(n_twins), 2), np.arange(n_twins, n_twins + subjects - 2 * n_twins)]
+    same = family[:, None] == family[None, :]
+    positive = (same & ~np.eye(subjects, dtype=bool)).astype(np.float32)
+    assembly = _assembly_seconds(volumes, batch, shift_voxels(resolution))
+    options = {} if workers is None else {"loader_workers": workers}
+    config = TrainConfig(epochs=epochs, batch_size=batch, patience=epochs, max_shift=shift_voxels(resolution),
+                         progress=False, **options)
+    model = twin_model(backbone, resolution)
+    result = train_twin(model, TwinData(volumes, family, positive, ~same), np.arange(subjects), np.arange(0), config,
+                        torch.device(device))
+    return PipelineFigures(backbone, batch, subjects, cache, workers, device,
+                           [float(v) for v in result.history["volumes_per_second"]], assembly)
+
+
+def _assembly_seconds(volumes, batch: int, max_shift: int, repeats: int = 5) -> float:
+    """Median seconds to assemble one training batch in the training process: gather ``batch`` volumes from the
+    stack (float32), augment them as the twin trainer does (shift, intensity, noise)."""
+    import torch
+
+    from bids_siamese.train.data import augment
+
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(repeats):
+        idx = np.sort(rng.choice(len(volumes), size=min(batch, len(volumes)), replace=False))
+        start = time.perf_counter()
+        augment(torch.from_numpy(volumes[idx]), gen, False, max_shift, 0.1, 0.05)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def pipeline_line(fig: PipelineFigures) -> str:
+    workers = "option not passed" if fig.workers is None else f"{fig.workers} loader workers"
+    return (f"training path {fig.backbone:12s} batch {fig.batch}, {fig.subjects} subjects, {fig.cache} cache, "
+            f"{workers}, {fig.device}: {fig.volumes_per_second:8.2f} volumes/s (median of epochs 2+; per epoch "
+            f"{', '.join(f'{v:.2f}' for v in fig.per_epoch)}); assembling a batch (gather, float32, augment) "
+            f"{fig.assembly_seconds:.3f} s")
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_cache_memory(n_scans: int, resolution: float = 2.0, dtype: str = "float16", distinct: int = 8
+                         ) -> dict[str, float]:
+    """Read ``n_scans`` model-grid volumes (``distinct`` files, listed in turn) into the training stack of
+    ``dtype``; returns its bytes, the traced peak while loading and the resident-memory growth (all in MiB)."""
+    import gc
+    import tempfile
+    import tracemalloc
+    from pathlib import Path
+
+    import nibabel as nib
+
+    from bids_siamese.resources import model_grid
+    from bids_siamese.train.data import load_volume_cache
+
+    grid = model_grid(resolution)
+    with tempfile.TemporaryDirectory(prefix="cache_memory_") as tmp:
+        files = []
+        for i, volume in enumerate(brain_volumes(distinct, tuple(grid.shape))):
+            files.append(Path(tmp) / f"scan{i}.nii.gz")
+            nib.save(nib.Nifti1Image(volume[0], grid.affine), files[-1])
+        paths = [files[i % distinct] for i in range(n_scans)]
+        gc.collect()
+        rss = _resident_bytes()
+        tracemalloc.start()
+        stack = load_volume_cache(paths, grid, dtype)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        grown = _resident_bytes() - rss
+        stored = stack.nbytes
+        del stack
+    mib = 2.0**20
+    return {"scans": n_scans, "stack_mib": stored / mib, "per_scan_mib": stored / n_scans / mib,
+            "traced_peak_mib": peak / mib, "rss_growth_mib": grown / mib}
+
+
 def figure_line(fig: StepFigures, peak_tflops: float | None, device_name: str) -> str:
     """The printed line of one backbone: volumes/s, FLOPs per step, TFLOP/s and (CUDA) the fraction of the peak."""
     options = ", ".join(["channels_last_3d"] * fig.channels_last + ["torch.compile"] * fig.compiled) or "eager"
@@ -203,6 +344,24 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's bf16 dense peak in TFLOP/s (default: from the device name)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="measure the app's training path (train_twin with the DataLoader) instead of a bare step")
+    parser.add_argument("--pipeline-subjects", type=int, default=48, help="--pipeline: subjects in the stack")
+    parser.add_argument("--pipeline-epochs", type=int, default=3, help="--pipeline: epochs (the first is not counted)")
+    parser.add_argument("--volume-cache", choices=("float16", "float32"), default="float16",
+                        help="--pipeline: dtype of the volume stack")
+    parser.add_argument("--loader-workers", type=int, default=None,
+                        help="--pipeline: DataLoader workers (default: not passed, the trainer's default)")
+
+
+def run_pipeline_section(args: argparse.Namespace, device: str) -> list[PipelineFigures]:
+    """``--pipeline``: measure the app's training path for each of ``--backbones`` and print its line."""
+    out = []
+    for backbone in args.backbones:
+        out.append(measure_training_pipeline(backbone, args.resolution, args.train_batch, args.pipeline_subjects,
+                                             args.pipeline_epochs, args.volume_cache, args.loader_workers, device))
+        print(pipeline_line(out[-1]), flush=True)
+    return out
 
 
 def batch_overrides(items: list[str]) -> dict[str, int]:
@@ -219,7 +378,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=float, default=2.0, help="model-grid resolution in mm")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     add_training_arguments(parser)
+    parser.add_argument("--cache-memory", type=int, default=None, metavar="N",
+                        help="only measure the memory of an N-scan training stack, float32 and float16")
+    parser.add_argument("--distinct-files", type=int, default=8, help="--cache-memory: NIfTI files written")
     args = parser.parse_args(argv)
+
+    if args.cache_memory:
+        print(f"memory of the training stack: {args.cache_memory} scans on the {args.resolution:g} mm model grid "
+              f"(read from {args.distinct_files} NIfTI files in turn)")
+        for dtype in ("float32", "float16"):
+            m = measure_cache_memory(args.cache_memory, args.resolution, dtype, args.distinct_files)
+            print(f"volume cache {dtype}: stack {m['stack_mib']:.1f} MiB ({m['per_scan_mib']:.2f} MiB/scan), traced "
+                  f"peak while loading {m['traced_peak_mib']:.1f} MiB, resident memory +{m['rss_growth_mib']:.0f} MiB",
+                  flush=True)
+        return 0
 
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     import torch
@@ -237,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"device: cpu, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch "
               f"{torch.__version__}; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if args.pipeline:
+        run_pipeline_section(args, args.device)
+        return 0
     run_training_section(args.backbones, args.resolution, args.train_batch, args.device, args.steps, args.warmup,
                          args.channels_last, args.compile, args.peak_tflops, batch_overrides(args.train_batch_for))
     return 0

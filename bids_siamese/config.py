@@ -52,6 +52,10 @@ class Settings:
     omp_nthreads: int = 1
     mem_gb: float = 4.0
     device: str = "cpu"
+    #: group training: DataLoader workers, dtype of the in-memory volume stack, torch.compile of the model
+    loader_workers: int = 0
+    volume_cache: str = "float16"
+    compile: bool = False
     seed: int = 0
     verbosity: int = 0
     resolution: float = 2.0

@@ -33,6 +33,10 @@ KNOWN_DERIVATIVES = ("fmriprep",)
 #: bids_siamese.symmetry.model.FUSIONS; written out here so that parsing never imports torch or captum).
 LRP_RULE_SETS = ("epsilon_plus", "epsilon")
 SYMMETRY_FUSIONS = ("difference", "embedding", "cross_attention")
+#: ``--volume-cache`` choices (bids_siamese.train.data.VOLUME_CACHE_DTYPES).
+VOLUME_CACHE_DTYPES = ("float16", "float32")
+#: ``--loader-workers`` default on CUDA: at most this many DataLoader workers (and one CPU left to the trainer).
+CUDA_LOADER_WORKERS = 4
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -166,6 +170,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     perf.add_argument("--use-plugin", type=Path, metavar="FILE",
                       help="nipype plugin settings (YAML/JSON: plugin, plugin_args), e.g. for SLURM")
     perf.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    perf.add_argument("--loader-workers", type=int, default=None, metavar="N",
+                      help="group training (twin, longitudinal, orientation): DataLoader worker processes that "
+                           f"assemble the training batches (default: 0 on the CPU; min({CUDA_LOADER_WORKERS}, "
+                           "nprocs - 1) on CUDA)")
+    perf.add_argument("--volume-cache", choices=VOLUME_CACHE_DTYPES, default="float16",
+                      help="group training (twin, orientation): precision of the in-memory stack of model-grid volumes "
+                           "(float16 halves its memory; float32 reproduces earlier releases bit for bit)")
+    perf.add_argument("--compile", action="store_true",
+                      help="group training (twin, longitudinal, orientation): torch.compile the model (eager with a "
+                           "warning when compiling fails)")
     perf.add_argument("--seed", type=int, default=0, help="random seed")
     perf.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0, help="more output (repeatable)")
     return p
@@ -258,6 +272,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     mem_gb = args.mem_gb if args.mem_gb is not None else round(0.9 * available_memory_gb(), 1)
     if mem_gb <= 0:
         raise UsageError(f"--mem-gb {mem_gb} must be positive")
+    if args.loader_workers is not None and args.loader_workers < 0:
+        raise UsageError(f"--loader-workers {args.loader_workers} must not be negative")
     filters = load_filter_file(args.bids_filter_file) if args.bids_filter_file else {}
     if args.model is not None and not args.model.exists():
         raise NoInputError(f"--model {args.model} not found; fix: give a checkpoint written by --mode train")
@@ -297,6 +313,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
 
         load_plugin_file(args.use_plugin)  # one-line error (64/66) before any work
 
+    device = resolve_device(args.device)
+    workers = args.loader_workers
+    if workers is None:  # the CPU trains with all its threads; on CUDA the CPUs can assemble batches meanwhile
+        workers = 0 if device == "cpu" else min(CUDA_LOADER_WORKERS, nprocs - 1)
+
     computed = dict(
         bids_dir=bids_dir,
         output_dir=output_dir,
@@ -308,7 +329,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         nprocs=nprocs,
         omp_nthreads=omp,
         mem_gb=mem_gb,
-        device=resolve_device(args.device),
+        device=device,
+        loader_workers=workers,
         resolution=float(args.resolution),
         backbone=backbone,
     )

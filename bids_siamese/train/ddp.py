@@ -88,8 +88,11 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device) -> nn.M
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The model inside its training wrappers (DDP; a wrapper that sets ``unwrap_to_module``, such as the
+    ``torch.compile`` fallback of :mod:`bids_siamese.train.loop`), or the model itself."""
+    while isinstance(model, nn.parallel.DistributedDataParallel) or getattr(model, "unwrap_to_module", False):
+        model = model.module
+    return model
 
 
 def shard(items: Sequence[T], ctx: DistContext) -> list[T]:

@@ -165,7 +165,8 @@ def voxel_correlation(volumes: np.ndarray, masks: np.ndarray, pairs: Sequence[tu
     """The model-free baseline: Pearson correlation of two registered brains inside both brain masks.
 
     Args:
-        volumes: ``(N, X, Y, Z)`` or ``(N, 1, X, Y, Z)`` model-grid volumes.
+        volumes: ``(N, X, Y, Z)`` or ``(N, 1, X, Y, Z)`` model-grid volumes (an array, or a
+            :class:`~bids_siamese.train.data.VolumeCache`, whose stored values are read without a float32 copy).
         masks: ``(N, X, Y, Z)`` bool brain masks.
         pairs: index pairs.
 
@@ -177,7 +178,8 @@ def voxel_correlation(volumes: np.ndarray, masks: np.ndarray, pairs: Sequence[tu
         >>> voxel_correlation(v, np.ones((3, 4, 4, 4), bool), [(0, 2), (0, 1)]).round(2)[0]
         np.float64(1.0)
     """
-    vols = volumes.reshape(len(volumes), -1)
+    stored = volumes.array if hasattr(volumes, "array") else np.asarray(volumes)
+    vols = stored.reshape(len(stored), -1)
     flat = masks.reshape(len(masks), -1)
     out = np.full(len(pairs), np.nan)
     for k, (i, j) in enumerate(pairs):

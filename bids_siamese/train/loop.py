@@ -6,12 +6,24 @@ Both loops: AdamW, random augmentation (no left-right flips unless asked), early
 loss (the best epoch's weights are kept), AMP on CUDA, a tqdm progress bar on stderr (only on a terminal and
 on rank 0), and DistributedDataParallel when started by torchrun (see :mod:`bids_siamese.train.ddp`).
 The history (one row per epoch) is returned as a table.
+
+GPU readiness: bf16 autocast and ``channels_last_3d`` weights on CUDA; training batches (gather from the volume
+stack, float32 conversion, augmentation) are assembled by a torch ``DataLoader`` (:class:`BatchAssembly`) with
+``TrainConfig.loader_workers`` worker processes and pinned memory on CUDA, then copied to the device with
+``non_blocking=True``; ``TrainConfig.compile`` runs the training forward through ``torch.compile``
+(:class:`CompiledOrEager`: eager with one warning when compiling fails).
+
+Determinism of the augmentation: with 0 loader workers every batch draws from the run's one generator in order
+(the stream is the same as before the DataLoader); with workers, batch ``k`` of epoch ``e`` draws from its own
+generator seeded by ``(seed, rank, e, k)`` (:func:`batch_seed`), so a run is reproducible and gives the same
+result for any number of workers >= 1, but not the same as with 0 workers.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
+import multiprocessing
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +37,7 @@ from torch import nn
 
 from ..models.backbones import precise_batch_norm
 from ..models.losses import batch_hard_triplet_loss, pairwise_distance
-from .data import augment, family_batches, pair_batches
+from .data import VolumeCache, augment, family_batches, pair_batches
 from .ddp import DistContext, all_reduce_mean, shard, unwrap, wrap_model
 from .evaluate import safe_auc
 
@@ -55,6 +67,9 @@ class TrainConfig:
         amp: mixed precision on CUDA (ignored on CPU).
         progress: show a progress bar (None: only when stderr is a terminal).
         eval_batch_size: volumes per forward pass at evaluation.
+        loader_workers: DataLoader worker processes that assemble the training batches (0: in the training
+            process; see the module docstring for what changes with workers).
+        compile: run the training forward through ``torch.compile`` (eager with a warning when it fails).
     """
 
     epochs: int = 30
@@ -74,6 +89,8 @@ class TrainConfig:
     amp: bool = True
     progress: bool | None = None
     eval_batch_size: int = 8
+    loader_workers: int = 0
+    compile: bool = False
 
 
 @dataclass
@@ -196,13 +213,13 @@ class TwinData:
     """Inputs of twin training.
 
     Attributes:
-        volumes: ``(N, 1, X, Y, Z)`` float32, one scan per subject.
+        volumes: ``(N, 1, X, Y, Z)``, one scan per subject: float32, or a float16 :class:`VolumeCache`.
         family: ``(N,)`` family index (relatives share it).
         positive: ``(N, N)`` positive weights (1 MZ co-twins, ``dz_weight`` DZ when used, else 0).
         unrelated: ``(N, N)`` bool, True for pairs from different families (the non-twin pairs).
     """
 
-    volumes: np.ndarray
+    volumes: np.ndarray | VolumeCache
     family: np.ndarray
     positive: np.ndarray
     unrelated: np.ndarray
@@ -242,17 +259,65 @@ def _improved(score: tuple[float, float], best: tuple[float, float] | None, tol:
     return abs(score[0] - best[0]) <= tol and score[1] > best[1] + tol
 
 
+class CompiledOrEager(nn.Module):
+    """A training model whose forward runs through ``torch.compile``, in eager mode from the first failure on.
+
+    Compiling needs a working backend (Triton on CUDA, a C++ compiler on the CPU) and happens at the first call;
+    when ``torch.compile`` itself or that first compiled call raises, one warning line is logged and the wrapped
+    model runs eagerly from then on. The compiled module is not a registered submodule: ``parameters()``,
+    ``state_dict()``, ``train()`` and ``eval()`` are the wrapped model's, and
+    :func:`~bids_siamese.train.ddp.unwrap` returns the wrapped model.
+
+    Args:
+        module: the model (or its DDP wrapper).
+    """
+
+    unwrap_to_module = True
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        try:
+            compiled = torch.compile(module)
+        except Exception as err:  # torch.compile raises many types (unsupported Python, platform, backend)
+            compiled = None
+            self._warn(err)
+        object.__setattr__(self, "compiled", compiled)
+
+    @property
+    def is_compiled(self) -> bool:
+        """False once compiling has failed (the forward is eager)."""
+        return self.compiled is not None
+
+    @staticmethod
+    def _warn(err: Exception) -> None:
+        text = (str(err).strip().splitlines() or [""])[0][:200]
+        LOG.warning("torch.compile failed (%s: %s); training in eager mode", type(err).__name__, text)
+
+    def forward(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err:  # a backend error at the first compiled call: eager from now on
+                object.__setattr__(self, "compiled", None)
+                self._warn(err)
+        return self.module(*args, **kwargs)
+
+
 def _setup(model: nn.Module, config: TrainConfig, device: torch.device | str, ctx: DistContext | None):
     """Seeded start of a training run: ``(ctx, device, wrapped model, AdamW, grad scaler, augmentation RNG)``.
 
     On CUDA the model's 5-D weights take the ``channels_last_3d`` memory format (the inputs have one channel, so
-    they are in both formats already); on the CPU nothing changes."""
+    they are in both formats already); on the CPU nothing changes. With ``config.compile`` the wrapped model is a
+    :class:`CompiledOrEager`."""
     ctx = ctx or DistContext()
     device = torch.device(device)
     torch.manual_seed(config.seed)
     if device.type == "cuda":  # NDHWC weights: cuDNN's faster 3D convolutions (the values are unchanged)
         model = model.to(memory_format=torch.channels_last_3d)
     net = wrap_model(model, ctx, device)
+    if config.compile:
+        net = CompiledOrEager(net)
     groups = unwrap(net).param_groups(config.lr) if hasattr(unwrap(net), "param_groups") else net.parameters()
     opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(config.seed + 1000 * ctx.rank)
@@ -292,6 +357,94 @@ class _BestEpoch:
                            n_vols / train_time if train_time else float("nan"))
 
 
+def batch_seed(seed: int, rank: int, epoch: int, k: int) -> int:
+    """Seed of the augmentation generator of batch ``k`` (0-based, on this rank) of ``epoch`` with loader workers.
+
+    Examples:
+        >>> batch_seed(0, 0, 1, 0) == batch_seed(0, 0, 1, 0) != batch_seed(0, 0, 1, 1)
+        True
+    """
+    entropy = [int(seed) % 2**32, int(rank), int(epoch), int(k)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
+@dataclass
+class BatchAssembly:
+    """How a task assembles a training batch outside its step: :func:`_fit` runs ``assemble`` in a DataLoader.
+
+    Attributes:
+        assemble: ``(example indices, CPU generator) -> tuple of CPU tensors`` (gather from the volume stack as
+            float32, augment, labels); runs in a loader worker when ``TrainConfig.loader_workers > 0``.
+        generator: the run's augmentation generator, drawn in order with 0 workers.
+        device: where the step runs; on CUDA the batches come in pinned memory and are copied with
+            ``non_blocking=True``.
+    """
+
+    assemble: Callable[[np.ndarray, torch.Generator], tuple[torch.Tensor, ...]]
+    generator: torch.Generator
+    device: torch.device
+
+
+class _AssembledBatches(torch.utils.data.Dataset):
+    """Item ``(epoch, k, indices)`` -> the assembled batch (see :func:`batch_seed` for the generators)."""
+
+    def __init__(self, assembly: BatchAssembly, shared: bool, seed: int, rank: int):
+        self.assemble, self.generator = assembly.assemble, assembly.generator
+        self.shared, self.seed, self.rank = shared, seed, rank
+
+    def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        epoch, k, idx = item
+        gen = self.generator if self.shared else torch.Generator().manual_seed(
+            batch_seed(self.seed, self.rank, epoch, k))
+        return tuple(self.assemble(idx, gen))
+
+
+class _EpochItems(torch.utils.data.Sampler):
+    """The items of the current epoch, set before each pass (the loader's workers persist across epochs)."""
+
+    def __init__(self):
+        self.items: list[tuple[int, int, np.ndarray]] = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def usable_loader_workers(requested: int) -> int:
+    """Worker processes the training DataLoader can use: ``requested``, or 0 (with a warning) where processes
+    cannot be forked (the assembly functions are closures over the in-memory volumes, shared by forking)."""
+    if requested > 0 and "fork" not in multiprocessing.get_all_start_methods():
+        LOG.warning("loader workers need the 'fork' start method, not available here; assembling batches in the "
+                    "training process")
+        return 0
+    return max(0, int(requested))
+
+
+class _BatchLoader:
+    """The DataLoader of a training run (persistent workers, pinned memory on CUDA) and its per-epoch items."""
+
+    def __init__(self, assembly: BatchAssembly, config: TrainConfig, ctx: DistContext):
+        workers = usable_loader_workers(config.loader_workers)
+        self.items = _EpochItems()
+        self.device = assembly.device
+        self.pin = assembly.device.type == "cuda"
+        self.loader = torch.utils.data.DataLoader(
+            _AssembledBatches(assembly, workers == 0, config.seed, ctx.rank), batch_size=None, sampler=self.items,
+            num_workers=workers, pin_memory=self.pin, persistent_workers=workers > 0,
+            multiprocessing_context="fork" if workers else None,
+            # the loader draws its workers' base seed from this generator, not from the global RNG (which the
+            # model's dropout draws from): with or without a loader, the global stream stays the same
+            generator=torch.Generator().manual_seed(int(config.seed) % 2**63))
+
+    def epoch(self, epoch: int, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The assembled batches of ``epoch``, on the device."""
+        self.items.items = [(epoch, k, idx) for k, idx in enumerate(batches)]
+        for batch in self.loader:
+            yield tuple(t.to(self.device, non_blocking=self.pin) for t in batch)
+
+
 @dataclass
 class _Epochs:
     """What one task's training loop does differently (the loop itself is :func:`_fit`, shared by all tasks).
@@ -299,7 +452,8 @@ class _Epochs:
     Attributes:
         name: the task, for the progress bar and the log.
         batches: the epoch's batches, as positions into the training examples, from the epoch's RNG.
-        step: the loss of one batch of training examples, and per-batch values to average into the history.
+        step: the loss of one batch, and per-batch values to average into the history; called with the batch's
+            training examples, or with ``assembly``'s tensors of the batch (on the device) when that is set.
         volumes_per_example: volumes one example feeds through the network (2 for a session pair).
         recompute_batch_norm: re-estimates batch-norm statistics on the training data after each epoch.
         validate: the validation metrics (``val_loss`` first; NaN without validation data).
@@ -309,11 +463,12 @@ class _Epochs:
         start_epoch: called with the 1-based epoch before its batches (a curriculum, a learning-rate schedule);
             what it returns goes into the epoch's history row, after ``epoch``.
         patience_after: epochs up to this one do not count towards early stopping (e.g. a curriculum ramp).
+        assembly: the batches are assembled by a DataLoader (:class:`BatchAssembly`); None: ``step`` does it.
     """
 
     name: str
     batches: Callable[[np.random.Generator], list[np.ndarray]]
-    step: Callable[[np.ndarray], tuple[torch.Tensor, dict[str, float]]]
+    step: Callable[..., tuple[torch.Tensor, dict[str, float]]]
     volumes_per_example: int
     recompute_batch_norm: Callable[[], None]
     validate: Callable[[], dict[str, float]]
@@ -321,6 +476,7 @@ class _Epochs:
     extra_columns: tuple[str, ...] = ()
     start_epoch: Callable[[int], dict[str, float]] | None = None
     patience_after: int = 0
+    assembly: BatchAssembly | None = None
 
 
 def _fit(net: nn.Module, opt: torch.optim.Optimizer, scaler, ctx: DistContext, config: TrainConfig,
@@ -332,6 +488,7 @@ def _fit(net: nn.Module, opt: torch.optim.Optimizer, scaler, ctx: DistContext, c
     start = time.perf_counter()
     n_vols, train_time = 0, 0.0
     bar = _progress(config.epochs, f"{epochs.name} training", config, ctx)
+    loader = _BatchLoader(epochs.assembly, config, ctx) if epochs.assembly is not None else None
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         started = epochs.start_epoch(epoch) if epochs.start_epoch is not None else {}
@@ -339,8 +496,10 @@ def _fit(net: nn.Module, opt: torch.optim.Optimizer, scaler, ctx: DistContext, c
         batches = shard(epochs.batches(np.random.default_rng([config.seed, epoch])), ctx)
         losses: list[float] = []
         extras: dict[str, list[float]] = {name: [] for name in epochs.extra_columns}
-        for local in batches:
-            loss, extra = epochs.step(train_idx[local])
+        examples = [train_idx[local] for local in batches]
+        inputs = loader.epoch(epoch, examples) if loader is not None else iter(examples)
+        for batch, local in zip(inputs, batches):  # the loader's pass first: it ends when the epoch's batches do
+            loss, extra = epochs.step(batch)
             losses.append(_optimiser_step(loss, opt, scaler))
             for name, value in extra.items():
                 extras[name].append(value)
@@ -411,11 +570,15 @@ def train_twin(model: nn.Module, data: TwinData, train_idx: np.ndarray, val_idx:
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     has_pos = (data.positive[np.ix_(train_idx, train_idx)] > 0).any(axis=1)
 
-    def step(idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
-        pos = torch.from_numpy(data.positive[np.ix_(idx, idx)]).float().to(device)
-        related = torch.from_numpy(~data.unrelated[np.ix_(idx, idx)]).to(device)
-        x = augment(torch.from_numpy(data.volumes[idx]), gen, config.flip_lr, config.max_shift,
-                    config.intensity, config.noise_std).to(device)
+    def assemble(idx: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        pos = torch.from_numpy(data.positive[np.ix_(idx, idx)]).float()
+        related = torch.from_numpy(~data.unrelated[np.ix_(idx, idx)])
+        x = augment(torch.from_numpy(data.volumes[idx]), generator, config.flip_lr, config.max_shift,
+                    config.intensity, config.noise_std)
+        return x, pos, related
+
+    def step(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+        x, pos, related = batch
         with _autocast(device, config.amp):
             emb = net(x)
         out = batch_hard_triplet_loss(emb.float(), pos, related, config.margin, config.distance)
@@ -432,7 +595,7 @@ def train_twin(model: nn.Module, data: TwinData, train_idx: np.ndarray, val_idx:
         step=step, volumes_per_example=1,
         recompute_batch_norm=lambda: recompute_batch_norm(net, data.volumes, train_idx, device, config.batch_size),
         validate=lambda: _twin_validation(net, data, val_idx, config, device),
-        score=score, extra_columns=("active_triplets",)))
+        score=score, extra_columns=("active_triplets",), assembly=BatchAssembly(assemble, gen, device)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -445,12 +608,12 @@ class PairData:
     """Inputs of longitudinal training.
 
     Attributes:
-        volumes: ``(M, 1, X, Y, Z)`` float32, one per scan.
+        volumes: ``(M, 1, X, Y, Z)``, one per scan: float32, or a float16 :class:`VolumeCache`.
         pairs: ``(P, 2)`` indices into ``volumes`` (earlier session, later session).
         labels: ``(P,)`` 1 decline, 0 stable, NaN unknown.
     """
 
-    volumes: np.ndarray
+    volumes: np.ndarray | VolumeCache
     pairs: np.ndarray
     labels: np.ndarray
 
@@ -502,12 +665,14 @@ def train_longitudinal(model: nn.Module, data: PairData, train_idx: np.ndarray, 
     n_pos, n_neg = float((y_train == 1).sum()), float((y_train == 0).sum())
     pos_weight = torch.tensor([n_neg / n_pos if n_pos and n_neg else 1.0], device=device)
 
-    def step(idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+    def assemble(idx: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         pa, pb = data.pairs[idx, 0], data.pairs[idx, 1]
         both = torch.cat([torch.from_numpy(data.volumes[pa]), torch.from_numpy(data.volumes[pb])], dim=1)
-        both = augment(both, gen, config.flip_lr, config.max_shift, config.intensity, config.noise_std)
-        x_a, x_b = both[:, :1].to(device), both[:, 1:].to(device)
-        y = torch.from_numpy(data.labels[idx]).float().to(device)
+        both = augment(both, generator, config.flip_lr, config.max_shift, config.intensity, config.noise_std)
+        return both[:, :1].contiguous(), both[:, 1:].contiguous(), torch.from_numpy(data.labels[idx]).float()
+
+    def step(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+        x_a, x_b, y = batch
         with _autocast(device, config.amp):
             logits = net(x_a, x_b)
         loss = F.binary_cross_entropy_with_logits(logits.float(), y, pos_weight=pos_weight)
@@ -529,7 +694,7 @@ def train_longitudinal(model: nn.Module, data: PairData, train_idx: np.ndarray, 
         volumes_per_example=2,
         recompute_batch_norm=lambda: recompute_batch_norm(net, data.volumes, np.unique(data.pairs[train_idx]), device,
                                                           2 * config.batch_size),
-        validate=validate, score=_classifier_score))
+        validate=validate, score=_classifier_score, assembly=BatchAssembly(assemble, gen, device)))
 
 
 @dataclass
@@ -537,12 +702,13 @@ class MirrorData:
     """Self-supervised left-right examples: every scan as stored and mirrored (the orientation task).
 
     Attributes:
-        volumes: ``(N, 1, X, Y, Z)`` float32 on the model grid (axis 2 of the tensor is x, symmetric about 0).
+        volumes: ``(N, 1, X, Y, Z)`` on the model grid (axis 2 of the tensor is x, symmetric about 0): float32,
+            or a float16 :class:`VolumeCache`.
         examples: ``(M, 2)`` int: ``(volume index, mirrored 0/1)``.
         labels: ``(M,)`` int: 1 when the example's brain is left-right flipped.
     """
 
-    volumes: np.ndarray
+    volumes: np.ndarray | VolumeCache
     examples: np.ndarray
     labels: np.ndarray
 
@@ -586,9 +752,12 @@ def train_mirror_classifier(model: nn.Module, data: MirrorData, train_idx: np.nd
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     train_volumes = np.unique(data.examples[train_idx, 0])
 
-    def step(idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
-        x = augment(data.batch(idx), gen, False, config.max_shift, config.intensity, config.noise_std).to(device)
-        y = torch.from_numpy(data.labels[idx]).long().to(device)
+    def assemble(idx: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        x = augment(data.batch(idx), generator, False, config.max_shift, config.intensity, config.noise_std)
+        return x, torch.from_numpy(data.labels[idx]).long()
+
+    def step(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y = batch
         with _autocast(device, config.amp):
             logits = net(x)
         return F.cross_entropy(logits.float(), y), {}
@@ -605,4 +774,4 @@ def train_mirror_classifier(model: nn.Module, data: MirrorData, train_idx: np.nd
         name="orientation", batches=lambda rng: pair_batches(len(train_idx), config.batch_size, rng), step=step,
         volumes_per_example=1,
         recompute_batch_norm=lambda: recompute_batch_norm(net, data.volumes, train_volumes, device, config.batch_size),
-        validate=validate, score=_classifier_score))
+        validate=validate, score=_classifier_score, assembly=BatchAssembly(assemble, gen, device)))

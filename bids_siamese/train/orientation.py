@@ -28,10 +28,11 @@ from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.orientation import LatNet, OrientationEnsemble
 from ..qc.gate import orientation_qc_path
 from ..resources import model_grid
-from .data import find_preproc, load_volumes
+from .data import find_preproc, load_volume_cache
 from .evaluate import safe_auc
 from .loop import MirrorData, TrainConfig, predict_mirror, train_mirror_classifier
 from .pairs import family_folds
+from .run import runtime_options
 
 LOG = logging.getLogger("bids_siamese.group.orientation")
 
@@ -88,7 +89,8 @@ def _families(settings: Any, pids: Sequence[str]) -> dict[str, str]:
 
 def _config(settings: Any, seed: int) -> TrainConfig:
     return TrainConfig(epochs=int(settings.epochs), batch_size=int(settings.batch_size), lr=float(settings.lr),
-                       patience=int(settings.patience), flip_lr=False, max_shift=1, seed=seed)
+                       patience=int(settings.patience), flip_lr=False, max_shift=1, seed=seed,
+                       **runtime_options(settings))
 
 
 def _metrics(p_stored: np.ndarray, p_mirrored: np.ndarray, trusted: np.ndarray) -> dict[str, float]:
@@ -130,7 +132,7 @@ def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
     verdicts = image_verdicts(paths)
     trusted = np.array([v == "ok" for v in verdicts])
     t_load = time.perf_counter()
-    volumes = load_volumes(paths, grid)
+    volumes = load_volume_cache(paths, grid, settings.volume_cache)
     LOG.info("orientation: %d scan(s) loaded in %.1f s (%d trusted as stored, %d not trained on: image verdict "
              "flipped/undetermined)", len(paths), time.perf_counter() - t_load, int(trusted.sum()),
              int((~trusted).sum()))

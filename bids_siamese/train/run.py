@@ -45,8 +45,15 @@ def train_config(settings: Any) -> TrainConfig:
         epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, patience=settings.patience,
         distance=settings.distance, margin=settings.margin, dz_positives=settings.dz_positives, seed=settings.seed,
         max_shift=0 if regional else shift_voxels(settings.resolution), intensity=0.0 if regional else 0.1,
-        noise_std=0.0 if regional else 0.05,
+        noise_std=0.0 if regional else 0.05, **runtime_options(settings),
     )
+
+
+def runtime_options(settings: Any) -> dict[str, Any]:
+    """The :class:`TrainConfig` fields that set how training runs, not what it learns (``--loader-workers``,
+    ``--compile``), for every task's training configuration."""
+    return {"loader_workers": int(getattr(settings, "loader_workers", 0)),
+            "compile": bool(getattr(settings, "compile", False))}
 
 
 def _setup(settings: Any) -> tuple[DistContext, torch.device]:

@@ -26,7 +26,7 @@ from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.losses import pair_distance
 from ..models.regional import RegionalEncoder
 from ..resources import Grid, model_grid
-from .data import VolumeFiles, find_preproc, first_scan_per_subject, load_masks, load_volumes
+from .data import VolumeFiles, find_preproc, first_scan_per_subject, load_masks, load_volume_cache
 from .ddp import DistContext, barrier
 from .evaluate import (
     choose_threshold,
@@ -297,12 +297,14 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
     if train_mode:
         _check_twin_splits(pairs, positive_relations)
     _log_pairs(pids, pairs, split_of)
-    volumes, masks = load_volumes(cohort.paths, grid), load_masks(cohort.paths, grid)
+    volumes, masks = load_volume_cache(cohort.paths, grid, settings.volume_cache), load_masks(cohort.paths, grid)
     split_arr = np.array([split_of[p] for p in pids])
     if train_mode:
         result = fit_twin(settings, grid, cohort, volumes, masks, split_arr, config, device, ctx)
         model = result.model
-        emb = embed(model, volumes, None, device, config.eval_batch_size)
+        # the scores come from the volumes as stored (float32), as in --mode apply; the float16 cache is for training
+        stored = volumes if isinstance(volumes, np.ndarray) else VolumeFiles(cohort.paths, grid)
+        emb = embed(model, stored, None, device, config.eval_batch_size)
     distance = card.get("hyperparameters", {}).get("distance", settings.distance) if card else settings.distance
     pairs = score_twin_pairs(pairs, emb, volumes, masks, distance)
     decision = choose_twin_decision(pairs, positive_relations) if train_mode else card_decision(card)
