@@ -285,19 +285,21 @@ def test_every_group_option_is_settable_and_saved(mini_bids, tmp_path):
     labels.write_text("index\tname\n1\tA\n")
     s = parse_args([str(mini_bids), str(tmp_path / "out"), "group", "--task", "symmetry", "--lrp-rules", "epsilon",
                     "--report-subjects", "--atlas-labels", str(labels), "--symmetry-fusion", "cross_attention",
-                    "--symmetry-fwhm", "4", "--orientation-folds", "4"])
+                    "--symmetry-fwhm", "4", "--orientation-folds", "4", "--symmetry-components", "3"])
     assert (s.lrp_rules, s.report_subjects, s.atlas_labels, s.symmetry_fusion, s.symmetry_fwhm,
-            s.orientation_folds) == ("epsilon", True, labels.resolve(), "cross_attention", 4.0, 4)
+            s.orientation_folds, s.symmetry_components) == ("epsilon", True, labels.resolve(), "cross_attention",
+                                                            4.0, 4, 3)
     saved = s.to_dict()
     assert {f.name for f in fields(Settings)} == set(saved)
     assert saved["symmetry_fusion"] == "cross_attention" and saved["atlas_labels"] == str(labels.resolve())
     defaults = parse_args([str(mini_bids), str(tmp_path / "out"), "group"])
-    assert (defaults.lrp_rules, defaults.symmetry_fusion, defaults.symmetry_fwhm, defaults.orientation_folds) == (
-        "epsilon_plus", "difference", 6.0, 5)
+    assert (defaults.lrp_rules, defaults.symmetry_fusion, defaults.symmetry_fwhm, defaults.orientation_folds,
+            defaults.symmetry_components) == ("epsilon_plus", "difference", 6.0, 5, 10)
 
 
 @pytest.mark.parametrize("args, code", [
     (["--orientation-folds", "2"], 64), (["--symmetry-fwhm", "-1"], 64), (["--symmetry-fusion", "sum"], 64),
+    (["--symmetry-components", "-1"], 64),
     (["--atlas-labels", "/nonexistent/labels.tsv"], 66),
 ])
 def test_group_option_errors(run_cli, mini_bids, tmp_path, args, code):

@@ -564,3 +564,92 @@ def test_small_study_scores_are_standardised_against_its_scans():
     assert reference.n_scans == 7 and reference.focal_sd > 0
     assert max(scores[1:]) < ASYMMETRY_THRESHOLD < scores[0]
     assert group_reference(maps[:2], masks[:2], [], template, 4.0) is template  # too few to standardise
+
+
+def _two_head_population(seed: int = 0, n_major: int = 24, n_minor: int = 8, shape=(20, 16, 16)):
+    """AI maps of two 'heads' with different large-scale normal asymmetry (unequal counts, per-scan variation
+    and noise), and one focal lesion in a scan of the minority head."""
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(seed)
+
+    def antisym(v):
+        return (v - v[::-1]) / 2.0
+
+    patterns = [antisym(ndi.gaussian_filter(rng.normal(0, 1, shape), 3.0)) for _ in range(2)]
+    patterns = [0.06 * p / np.abs(p).max() for p in patterns]
+    maps, groups, head = [], [], []
+    for h, n in ((0, n_major), (1, n_minor)):
+        for k in range(n):
+            ai = patterns[h] * rng.uniform(0.8, 1.2) + antisym(ndi.gaussian_filter(rng.normal(0, 0.012, shape), 1.0))
+            maps.append(ai.astype(np.float32))
+            groups.append(f"h{h}s{k}")
+            head.append(h)
+    lesion_scan = n_major  # the first scan of the minority head
+    blob = np.zeros(shape)
+    blob[4:7, 6:9, 6:9] = -0.08
+    maps[lesion_scan] = (maps[lesion_scan] + blob - blob[::-1]).astype(np.float32)
+    return maps, groups, np.array(head), lesion_scan
+
+
+def test_normative_reference_keeps_a_minority_heads_lesion_and_its_clean_scans_apart():
+    """Heterogeneous population (issue 14): a majority head and a minority head with another normal asymmetry.
+    With one voxelwise median and spread for everyone the minority head's lesion is missed; against the default
+    group reference (normative modes) it is the top score and flagged, with at most one false positive among the
+    31 clean scans; the modes explain the minority head's pattern but not the lesion."""
+    from bids_siamese.symmetry.asymmetry import (
+        ASYMMETRY_THRESHOLD, Reference, group_reference, score_map, z_map,
+    )
+
+    maps, groups, head, lesion_scan = _two_head_population(seed=1)
+    shape = maps[0].shape
+    masks = [np.ones(shape, bool)] * len(maps)
+    empty = [pd.DataFrame({"region": [], "asymmetry_index": []})] * len(maps)
+    template = Reference(mean=np.zeros(shape))
+
+    def scores(ref):
+        return np.array([score_map(a, m, 4.0, ref.member(i))["asymmetry_score"]
+                         for i, (a, m) in enumerate(zip(maps, masks))])
+
+    median_only = group_reference(maps, masks, empty, template, 4.0, components=0)
+    assert median_only.normative is None
+    assert scores(median_only)[lesion_scan] < ASYMMETRY_THRESHOLD  # the failure the modes fix
+    ref = group_reference(maps, masks, empty, template, 4.0, groups=groups)
+    assert ref.normative is not None and ref.normative.n_components == 8  # 10 capped at a quarter of 32 scans
+    got = scores(ref)
+    clean = np.arange(len(maps)) != lesion_scan
+    assert got[lesion_scan] > 10 * ASYMMETRY_THRESHOLD and got[lesion_scan] == got.max()
+    assert int((got[clean] > ASYMMETRY_THRESHOLD).sum()) <= 1
+    # the minority head's pattern is explained by the modes (its clean residual is small) ...
+    minority_clean = [i for i in np.flatnonzero(head == 1) if i != lesion_scan]
+    median_only = group_reference(maps, masks, empty, template, 4.0, components=0)
+    for i in minority_clean:
+        with_modes = np.abs(maps[i] - ref.member(i).mean)[:10].mean()
+        without = np.abs(maps[i] - median_only.mean)[:10].mean()
+        assert with_modes < 0.5 * without
+    # ... but not the lesion: its deviation at the lesion keeps most of the planted -0.08
+    residual = maps[lesion_scan] - ref.member(lesion_scan).mean
+    assert residual[4:7, 6:9, 6:9].mean() < -0.06
+    # a scan from outside the dataset is projected on every scan's modes
+    outside = z_map(maps[lesion_scan], masks[0], ref, 4.0)
+    assert outside[4:7, 6:9, 6:9].mean() < -3
+
+
+def test_normative_folds_keep_a_participants_sessions_together():
+    """A participant's sessions share a fold: one session's map cannot explain the other's (a lesion present at
+    both sessions stays a deviation)."""
+    from bids_siamese.symmetry.normative import fit_normative, fold_assignment
+
+    groups = ["a", "a", "b", "b", "c", "d", "e", "f", "g", "h"]
+    folds = fold_assignment(groups, 4, seed=1)
+    assert folds[0] == folds[1] and folds[2] == folds[3] and len(set(folds.tolist())) == 4
+    maps, _, _, lesion_scan = _two_head_population(seed=1, n_major=16, n_minor=4)
+    maps.append(maps[lesion_scan].copy())  # a second session with the same lesion
+    groups = [f"p{i}" for i in range(len(maps) - 1)] + [f"p{lesion_scan}"]
+    left = np.zeros(maps[0].shape, bool)
+    left[: maps[0].shape[0] // 2] = True
+    model = fit_normative(maps, left, groups, components=4, folds=5)
+    assert model.folds[lesion_scan] == model.folds[-1]
+    for i in (lesion_scan, len(maps) - 1):
+        expected = model.member_mean(i, np.zeros(maps[0].shape))
+        assert (maps[i] - expected)[4:7, 6:9, 6:9].mean() < -0.06

@@ -76,6 +76,8 @@ RAMP_FRACTION = 0.5
 SAMPLES_PER_SCAN = 2
 #: Lesioned (and as many lesion-free) samples of each validation scan.
 VAL_DRAWS = 4
+#: False-positive rate on the validation lesion-free samples that ``threshold_fp5`` allows.
+FP_TARGET = 0.05
 
 
 def train_config(settings) -> TrainConfig:
@@ -379,9 +381,13 @@ def train_symmetry_model(
         start_epoch=start_epoch, patience_after=int(np.ceil(RAMP_FRACTION * config.epochs))))
     p_val, _ = predict_proba(result.model, val_x, batch_size=config.eval_batch_size)
     threshold = choose_threshold(val_y.numpy(), p_val.numpy()) if 0 < float(val_y.sum()) < len(val_y) else 0.5
+    negatives = p_val.numpy()[val_y.numpy() < 0.5]
+    # the alternative decision point for a screen: at most FP_TARGET of the validation lesion-free samples above it
+    threshold_fp = float(np.quantile(negatives, 1.0 - FP_TARGET)) if negatives.size else float("nan")
     best = result.history.loc[result.history["epoch"] == result.best_epoch].iloc[0]
     info = {"best_epoch": int(result.best_epoch), "best_val_loss": float(best["val_loss"]),
             "best_val_auc": float(best["val_auc"]), "threshold": float(threshold),
+            "threshold_fp5": threshold_fp,
             "stopped_early": len(result.history) < config.epochs, "epochs_run": len(result.history),
             "seconds": round(time.time() - start, 1), "samples": sample_settings(lesion, samples_per_scan, val_draws)}
     return result, info
