@@ -326,6 +326,7 @@ def test_train_save_load_and_evaluate(template8, tmp_path):
     model, history = result.model, result.history
     assert len(history) == 2 and np.isfinite(history["train_loss"]).all()
     assert history["volume_max_mm3"].iloc[-1] == 8000.0 and 0.0 <= info["threshold"] <= 1.0
+    assert 0.0 <= info["threshold_fp5"] <= 1.0  # the one lesion-free validation sample's p (val_draws=1)
     paths = save_symmetry_checkpoint(tmp_path / "symmetry_small", model, cfg, RES, {"fingerprint": "x"},
                                      {"auc": 1.0}, info["threshold"], info["samples"])
     assert {p.name for p in paths} == {"model.pt", "model.pt.sha256", "model_card.json"}

@@ -19,8 +19,9 @@ How (see :func:`fit_normative`):
   idiosyncrasy -- or its lesion -- cannot be explained by the same head's other session); the modes used for a
   scan come from the other folds;
 * the modes are robust to the lesions of other scans: each fold's deviations from its median are clipped at
-  :data:`CLIP_SD` voxelwise robust sds before the decomposition, and a scan's coefficients are estimated from its
-  clipped deviation (a lesion cannot pull the projection), while the residual is taken from the unclipped one;
+  :data:`CLIP_FACTOR` times their voxelwise :data:`CLIP_QUANTILE` quantile before the decomposition, and a
+  scan's coefficients are estimated from its clipped deviation (a lesion cannot pull the projection much),
+  while the residual is taken from the unclipped one;
 * the decomposition is an eigendecomposition of the fold's Gram matrix (``n x n``), so its cost is
   ``O(n^2 p)`` and the memory that of the maps.
 
@@ -40,9 +41,11 @@ DEFAULT_COMPONENTS = 10
 MAX_COMPONENT_FRACTION = 0.25
 #: Default number of folds (fewer scans than folds: leave one group out).
 DEFAULT_FOLDS = 10
-#: Deviations are clipped at this many voxelwise robust sds before the decomposition and the projection.
-CLIP_SD = 3.0
-_MAD_TO_SD = 1.4826
+#: Deviations are clipped at :data:`CLIP_FACTOR` times this voxelwise quantile of the fold's absolute deviations
+#: before the decomposition and the projection: a lesion is one scan in twenty or more and is clipped, while
+#: a minority head (a few scans with the same large-scale pattern) sets the quantile and is kept.
+CLIP_QUANTILE = 0.95
+CLIP_FACTOR = 1.5
 
 
 @dataclass
@@ -128,8 +131,8 @@ def fit_basis(x: np.ndarray, components: int) -> Basis:
     """
     x = np.asarray(x, dtype=np.float32)
     center = np.median(x, axis=0)
-    spread = _MAD_TO_SD * np.median(np.abs(x - center), axis=0)
-    clip = CLIP_SD * np.maximum(spread, max(float(np.median(spread)) * 0.1, 1e-6))
+    spread = np.quantile(np.abs(x - center), CLIP_QUANTILE, axis=0)
+    clip = CLIP_FACTOR * np.maximum(spread, max(float(np.median(spread)) * 0.1, 1e-6))
     dev = np.clip(x - center, -clip, clip).astype(np.float64)
     r = int(max(0, min(components, x.shape[0] - 1)))
     if r == 0:
