@@ -317,7 +317,10 @@ def statistic_voxels(mask: np.ndarray, voxel_mm: float, midline_mm: float = MIDL
     left = sym & left_hemisphere(sym.shape)
     stat = left & (midline_distance_mm(sym.shape, voxel_mm) >= midline_mm)
     if edge_mm > 0 and stat.any():
-        inner = stat & (ndi.distance_transform_edt(sym) * float(voxel_mm) > edge_mm)
+        radius = float(edge_mm) / float(voxel_mm)  # voxels farther than this from the outside (erosion by a ball)
+        reach = int(np.floor(radius))
+        offsets = np.indices((2 * reach + 1,) * 3) - reach
+        inner = stat & ndi.binary_erosion(sym, structure=(offsets ** 2).sum(axis=0) <= radius ** 2, border_value=0)
         stat = inner if inner.any() else stat
     return stat if stat.any() else left
 
