@@ -45,7 +45,7 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from ..preproc.grid import mirror
-from .normative import DEFAULT_COMPONENTS, NormativeModel, fit_normative
+from .normative import DEFAULT_COMPONENTS, NormativeModel, fit_normative_matrix
 
 #: In-mask percentiles mapped to :data:`POSITIVE_RANGE` by :func:`positive_intensities`.
 POSITIVE_PERCENTILES = (1.0, 99.0)
@@ -590,12 +590,13 @@ def _normative_spread(ai_maps: Sequence[np.ndarray], valid: np.ndarray, mean: np
                       groups: Sequence[str] | None, components: int) -> tuple[NormativeModel, np.ndarray]:
     """The normative modes of the dataset and the voxelwise robust sd of the scans' out-of-fold residuals
     (NaN outside the modelled voxels; the right hemisphere mirrors the left)."""
-    analysis = enough & left_hemisphere(enough.shape)
-    filled = [np.where(v, np.asarray(a, np.float32), mean) for a, v in zip(ai_maps, valid)]
-    model = fit_normative(filled, analysis, groups, components)
-    voxels = model.voxels
-    seen = np.stack([v.ravel()[voxels] for v in valid])
-    residual = np.stack([f.ravel()[voxels] for f in filled]) - model.member_expected
+    voxels = np.flatnonzero((enough & left_hemisphere(enough.shape)).ravel())
+    seen = np.stack([np.asarray(v).ravel()[voxels] for v in valid])
+    # each scan's values at the modelled voxels, the median where the scan has no brain
+    x = np.where(seen, np.stack([np.asarray(a, np.float32).ravel()[voxels] for a in ai_maps]),
+                 np.asarray(mean, np.float32).ravel()[voxels])
+    model = fit_normative_matrix(x, voxels, enough.shape, groups, components)
+    residual = x - model.member_expected
     residual = np.where(seen, residual, np.nan)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -178,6 +178,16 @@ def fit_normative(
     shape = tuple(int(s) for s in np.shape(ai_maps[0]))
     voxels = np.flatnonzero(np.asarray(analysis, bool).ravel())
     x = np.stack([np.asarray(a, np.float32).ravel()[voxels] for a in ai_maps])
+    return fit_normative_matrix(x, voxels, shape, groups, components, folds, seed)
+
+
+def fit_normative_matrix(x: np.ndarray, voxels: np.ndarray, shape: Sequence[int], groups: Sequence[str] | None = None,
+                         components: int = DEFAULT_COMPONENTS, folds: int = DEFAULT_FOLDS,
+                         seed: int = 0) -> NormativeModel:
+    """:func:`fit_normative` on the maps' values at the analysis voxels already gathered: ``x`` (n, p) at the
+    flat grid indices ``voxels`` of a grid of ``shape`` (the memory of the maps themselves is not needed)."""
+    shape = tuple(int(s) for s in shape)
+    x = np.asarray(x, dtype=np.float32)
     n = x.shape[0]
     groups = list(groups) if groups is not None else [str(i) for i in range(n)]
     fold = fold_assignment(groups, folds, seed)
