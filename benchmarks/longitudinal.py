@@ -3,7 +3,8 @@
 Runs ``group --task longitudinal --mode train`` on the participant-level outputs of the demo dataset:
 ``--n-draws`` random family-aware, label-stratified sub-samplings (train/validation/test), one model per
 sub-sampling, test metrics as mean +- std over them (the protocol of the published 3D-SiameseNet: 10 random
-sub-samplings), then ``--mode apply`` with the saved model. Prints one line per figure, next to a model-free
+sub-samplings), then ``--mode apply`` with the saved model (it rewrites the metrics and predictions tables; the
+training run's are kept as ``train_<name>`` in ``--results``). Prints one line per figure, next to a model-free
 baseline: the change of the mean intensity of the difference image inside the brain, thresholded at the
 validation-optimal value of each sub-sampling (same splits).
 
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training: {len(epochs)} models, {epochs.mean():.1f} epochs each on average, "
           f"{history['volumes_per_second'].median():.1f} volumes/s (median over epochs), whole train run "
           f"{train_s:.0f} s; saved model: run 0 ({card['hyperparameters']['epochs_run']} epochs)")
+    for role in ("metrics", "predictions"):  # --mode apply rewrites both: keep the training run's as train_<name>
+        name = LONGITUDINAL_FILES[role]
+        (args.results / f"train_{Path(name).name}").write_bytes((args.results / name).read_bytes())
     t1 = time.perf_counter()
     run_longitudinal(parse_args(group_args(args.bids, args.results, args, "apply")), subjects)
     applied = pd.read_csv(args.results / LONGITUDINAL_FILES["predictions"], sep="\t", dtype=sessions)
