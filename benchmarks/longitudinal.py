@@ -3,7 +3,8 @@
 Runs ``group --task longitudinal --mode train`` on the participant-level outputs of the demo dataset:
 ``--n-draws`` random family-aware, label-stratified sub-samplings (train/validation/test), one model per
 sub-sampling, test metrics as mean +- std over them (the protocol of the published 3D-SiameseNet: 10 random
-sub-samplings), then ``--mode apply`` with the saved model. Prints one line per figure, next to a model-free
+sub-samplings), then ``--mode apply`` with the saved model (it rewrites the metrics and predictions tables; the
+training run's are kept as ``train_<name>`` in ``--results``). Prints one line per figure, next to a model-free
 baseline: the change of the mean intensity of the difference image inside the brain, thresholded at the
 validation-optimal value of each sub-sampling (same splits).
 
@@ -98,16 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pairs: {len(predictions)} ({(predictions['label'] == 'decline').sum()} decline, "
           f"{(predictions['label'] == 'stable').sum()} stable); test pairs per sub-sampling: {int(m['n_test_pairs'])}")
     print(metric_line(metrics, "", f"learned {args.backbone}, decline vs stable (held-out test pairs)"))
+    refitted = "refitted" in m.index
+    if refitted:
+        print(metric_line(metrics, "before_refit_", "before the refit (trained on the training pairs only, "
+                                                    "validation decision point)"))
+        penalties = ", ".join("%g" % m["l1_run%d" % r] for r in range(args.n_draws))
+        folds = ", ".join("%g" % m["refit_folds_run%d" % r] for r in range(args.n_draws))
+        sd = metrics.set_index("metric")["std"]
+        print(f"refitted on training + validation pairs: chosen L1 per draw {penalties}; decision point from "
+              f"out-of-fold predictions (folds per draw: {folds}), mean {m['threshold_p_decline_mean']:.3f}; "
+              f"refitted model at the validation decision point (mean {m['threshold_p_decline_validation']:.3f}): "
+              f"accuracy {100 * m['accuracy_validation_threshold']:.1f} +- "
+              f"{100 * sd['accuracy_validation_threshold']:.1f}")
     labelled = predictions[predictions["label"].isin(["decline", "stable"])]
     y = (labelled["label"] == "decline").to_numpy()
-    seen = labelled["split"] == "train"
+    seen = labelled["split"].isin(["train", "validation"] if refitted else ["train"])
     in_sample = float(((labelled["predicted"] == "decline").to_numpy() == y)[seen.to_numpy()].mean())
     held = labelled["heldout_draws"] > 0
     thr = float(m["threshold_p_decline_mean"])
     oof = float(((labelled.loc[held, "p_decline_heldout"] >= thr).to_numpy() == y[held.to_numpy()]).mean())
-    print(f"in-sample accuracy (saved model, its {int(seen.sum())} training pairs): {in_sample:.3f}; held-out "
+    print(f"in-sample accuracy (saved model, its {int(seen.sum())} training pairs"
+          f"{' incl. validation' if refitted else ''}): {in_sample:.3f}; held-out "
           f"accuracy of the out-of-sample p(decline) ({int(held.sum())} pairs, mean decision point {thr:.3f}): "
-          f"{oof:.3f}; validation-chosen decision point per sub-sampling: mean {thr:.3f}")
+          f"{oof:.3f}")
     print(metric_line(baseline(args.results, args.resolution, splits, predictions), "baseline_",
                       "baseline mean difference image, decline vs stable"))
     epochs = history.groupby("run")["epoch"].max()
@@ -115,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training: {len(epochs)} models, {epochs.mean():.1f} epochs each on average, "
           f"{history['volumes_per_second'].median():.1f} volumes/s (median over epochs), whole train run "
           f"{train_s:.0f} s; saved model: run 0 ({card['hyperparameters']['epochs_run']} epochs)")
+    for role in ("metrics", "predictions"):  # --mode apply rewrites both: keep the training run's as train_<name>
+        name = LONGITUDINAL_FILES[role]
+        (args.results / f"train_{Path(name).name}").write_bytes((args.results / name).read_bytes())
     t1 = time.perf_counter()
     run_longitudinal(parse_args(group_args(args.bids, args.results, args, "apply")), subjects)
     applied = pd.read_csv(args.results / LONGITUDINAL_FILES["predictions"], sep="\t", dtype=sessions)

@@ -347,13 +347,21 @@ def test_group_longitudinal_regional_learns_the_planted_atrophy(tmp_path):
     card = json.loads((folder / "model_card.json").read_text())
     assert card["backbone"] == "regional" and card["embedding_dim"] == card["n_regions"]
     assert card["hyperparameters"]["l1"] in card["hyperparameters"]["l1_choices"]  # chosen on validation AUC
+    assert card["hyperparameters"]["refitted_on"] == "training + validation pairs"
+    assert metrics.loc["refitted", "mean"] == 1 and metrics.loc["l1_run0", "mean"] == card["hyperparameters"]["l1"]
+    assert metrics.loc["l1", "n_runs"] == 2 and metrics.loc["before_refit_auc_roc", "n_runs"] == 2
+    assert card["decision"]["threshold_p_decline"] == pytest.approx(metrics.loc["threshold_p_decline", "mean"])
     weights = pd.read_csv(folder / REGION_WEIGHTS, sep="\t")
     assert weights["weight"].abs().is_monotonic_decreasing and (weights["weight"].iloc[0] != 0)
     central = {"Thalamus", "Lateral Ventricle", "Lateral Ventrical", "Caudate", "Putamen", "Pallidum"}
     assert set(weights.head(3)["region"]) <= central and (weights.head(3)["weight"] < 0).all()  # darkening = decline
     history = pd.read_csv(out / LONGITUDINAL_FILES["history"], sep="\t")
-    assert history["val_loss"].notna().all()  # validation pairs are held out for the L1 and threshold choice
+    assert history["val_loss"].notna().all()  # the selection fits: validation pairs held out for the L1 choice
     pred = pd.read_csv(out / LONGITUDINAL_FILES["predictions"], sep="\t")
+    # in-sample = the final model's training pairs: training + validation after the refit
+    seen = pred["split"].isin(["train", "validation"])
+    in_sample = ((pred["p_decline"] >= card["decision"]["threshold_p_decline"]) == (pred["label"] == "decline"))
+    assert metrics.loc["train_accuracy_run0", "mean"] == pytest.approx(in_sample[seen].mean())
     run_longitudinal(settings_for(bids, out, "longitudinal", mode="apply", model=folder, backbone="regional"),
                      subjects)
     again = pd.read_csv(out / LONGITUDINAL_FILES["predictions"], sep="\t")

@@ -29,7 +29,8 @@ from .evaluate import (METRICS, binary_metrics, choose_threshold, plot_history, 
                        scalar_rows, summarise)
 from .loop import PairData, TrainConfig, TrainResult, predict_pairs, train_longitudinal
 from .models import new_longitudinal_model, write_region_weights
-from .pairs import find_column, longitudinal_pairs, longitudinal_split_table, normalise_label, read_participants
+from .pairs import (family_folds, find_column, longitudinal_pairs, longitudinal_split_table, normalise_label,
+                    read_participants)
 from .run import card_training_data, dataset_name, log_metrics, run_distributed, seen_split, session_times, train_config
 
 LOG = logging.getLogger("bids_siamese.group.models")
@@ -39,6 +40,9 @@ PREDICTION_COLUMNS = ["participant_id", "session_a", "session_b", "label", "spli
 #: L1 penalties tried for the ``regional`` longitudinal classifier; the one with the best validation AUC is kept
 #: (ties: the larger penalty, the sparser model).
 L1_CHOICES = (0.01, 0.03, 0.1, 0.3)
+#: Folds of the out-of-fold predictions on the training + validation pairs that set the decision point of the
+#: refitted ``regional`` model.
+REFIT_FOLDS = 5
 
 
 @dataclass
@@ -98,8 +102,11 @@ def run_longitudinal(settings: Any, subjects: list[str]) -> list[Path]:
     random sub-samplings (the protocol of the published 3D-SiameseNet); the model of the first split
     (``--seed``) is saved and writes the predictions. Each sub-sampling chooses its decision point on its own
     validation pairs (the largest Youden's J), as the twin task does, and the ``regional`` model also its L1
-    penalty (:data:`L1_CHOICES`, by validation AUC). Every pair also gets its held-out p(decline): the mean
-    over the sub-samplings in which it was a test pair.
+    penalty (:data:`L1_CHOICES`, by validation AUC) and its epoch count (the best validation epoch); the
+    ``regional`` model is then refitted on the training + validation pairs with that penalty and epoch count, and
+    its decision point comes from out-of-fold predictions on these pairs (:func:`out_of_fold_threshold`). Test
+    pairs take part in no fit and no choice. Every pair also gets its held-out p(decline): the mean over the
+    sub-samplings in which it was a test pair.
 
     Args:
         settings: the run's :class:`~bids_siamese.config.Settings`.
@@ -113,22 +120,99 @@ def run_longitudinal(settings: Any, subjects: list[str]) -> list[Path]:
 
 @dataclass
 class LongitudinalDraw:
-    """One sub-sampling's outcome: the fit, its split, the test metrics row, the validation-chosen decision
-    point and the test pairs' p(decline)."""
+    """One sub-sampling's outcome: the final fit (refitted on training + validation pairs for ``regional``), the
+    fit that chose the penalty and the epoch count (``selection``: training pairs only, validation curves), its
+    split, the test metrics row, the decision point and the test pairs' p(decline); ``before_refit``: the test
+    metrics of ``selection`` at its validation-chosen decision point (empty without a refit); ``final_train_idx``:
+    the pairs the final model was trained on."""
 
     result: TrainResult
+    selection: TrainResult
     split_table: pd.DataFrame
     split_of: dict[str, str]
     row: dict[str, Any]
     threshold: float
     test_idx: np.ndarray
     test_p: np.ndarray
+    before_refit: dict[str, float]
+    final_train_idx: np.ndarray
+
+
+def refit_folds(split_table: pd.DataFrame, n_folds: int = REFIT_FOLDS, seed: int = 0) -> dict[str, int]:
+    """Family-aware, label-stratified folds of the training + validation participants of one sub-sampling.
+
+    A family's stratum is its first member's label (as in the split). Fewer folds than ``n_folds`` when a
+    stratum has fewer families; empty when one has fewer than 2 (no out-of-fold decision point then).
+
+    Returns:
+        participant_id -> fold (0-based); test and unlabelled participants are not in it.
+
+    Examples:
+        >>> t = pd.DataFrame({"participant_id": list("abcdef"), "family_id": list("abcdef"),
+        ...                   "label": [1.0, 0.0] * 3, "split": ["train"] * 4 + ["validation", "test"]})
+        >>> folds = refit_folds(t, 5)  # 2 stable families: 2 folds
+        >>> sorted(folds), sorted(set(folds.values()))
+        (['a', 'b', 'c', 'd', 'e'], [0, 1])
+    """
+    seen = split_table[split_table["split"].isin(("train", "validation")) & split_table["label"].notna()]
+    stratum = seen.groupby("family_id")["label"].transform("first")
+    groups = {value: dict(zip(part["participant_id"], part["family_id"].astype(str)))
+              for value, part in seen.groupby(stratum)}
+    if not groups:
+        return {}
+    k = min([n_folds, *(len(set(members.values())) for members in groups.values())])
+    if k < 2:
+        return {}
+    folds: dict[str, int] = {}
+    for members in groups.values():
+        folds.update(family_folds(members, k, seed))
+    return folds
+
+
+def _fixed_epochs_fit(settings: Any, grid: Grid, data: PairData, config: TrainConfig, train_idx: np.ndarray,
+                      l1: float | None, epochs: int, device: torch.device, ctx: DistContext) -> TrainResult:
+    """A fresh model (regions and feature scale from ``train_idx``) trained on ``train_idx`` for ``epochs`` epochs
+    (no early stopping) with penalty ``l1``. No pair outside ``train_idx`` is looked at: the epoch whose weights
+    are kept is the one with the lowest unpenalised, unaugmented loss on ``train_idx`` itself (given as the
+    monitoring set of :func:`~bids_siamese.train.loop.train_longitudinal`; the penalised, augmented training loss
+    would favour the first epoch, when the L1 penalty is still zero)."""
+    model = new_longitudinal_model(settings, grid, data, train_idx)
+    if l1 is not None:
+        model.l1 = float(l1)
+    fixed = TrainConfig(**{**config.__dict__, "epochs": max(1, int(epochs)), "patience": int(epochs) + 1})
+    return train_longitudinal(model, data, train_idx, train_idx, fixed, device, ctx)
+
+
+def out_of_fold_threshold(settings: Any, grid: Grid, data: PairData, config: TrainConfig, pairs: pd.DataFrame,
+                          split_table: pd.DataFrame, l1: float | None, epochs: int, device: torch.device,
+                          ctx: DistContext) -> tuple[float, int] | None:
+    """Decision point of a model refitted on the training + validation pairs: the largest Youden's J of the
+    out-of-fold p(decline) of these pairs (:func:`refit_folds`; each fold predicted by a model trained on the
+    other folds with the same penalty and epoch count). Test pairs take no part. ``(threshold, folds)``, or None
+    when the pairs do not make two folds with both labels."""
+    fold_of = refit_folds(split_table, REFIT_FOLDS, seed=config.seed)
+    fold = pairs["participant_id"].map(fold_of).to_numpy(dtype=float)
+    labels = data.labels
+    scores = np.full(len(pairs), np.nan)
+    for k in range(int(np.nanmax(fold)) + 1 if fold_of else 0):
+        inner, outer = np.flatnonzero(~np.isnan(fold) & (fold != k)), np.flatnonzero(fold == k)
+        if len(np.unique(labels[inner])) < 2:
+            return None
+        torch.manual_seed(config.seed + 1000 * (k + 1))
+        fit = _fixed_epochs_fit(settings, grid, data, config, inner, l1, epochs, device, ctx)
+        scores[outer] = predict_pairs(fit.model, data, outer, device)
+    done = ~np.isnan(scores)
+    if not fold_of or len(np.unique(labels[done])) < 2:
+        return None
+    return choose_threshold(labels[done], scores[done]), int(np.nanmax(fold)) + 1
 
 
 def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs, data: PairData,
                           config: TrainConfig, run: int, device: torch.device, ctx: DistContext) -> LongitudinalDraw:
     """split -> fit (and, for ``regional``, choose the L1 penalty) -> decision point on the validation pairs ->
-    evaluate on the test pairs, for one random sub-sampling (seed ``--seed + run``)."""
+    (``regional``: refit on the training + validation pairs, decision point from out-of-fold predictions on them)
+    -> evaluate on the test pairs, for one random sub-sampling (seed ``--seed + run``). Test pairs take no part in
+    any fit or choice."""
     pairs, labels = inputs.pairs, data.labels
     seed = settings.seed + run
     split_table = longitudinal_split_table(pairs, inputs.family, seed=seed)
@@ -160,17 +244,35 @@ def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs
             LOG.info("longitudinal run %d: L1 %g, validation AUC %.3f", run + 1, l1, auc)
         if best is None or key > best[0]:
             best = (key, result, p_val, l1)
-    _, result, p_val, l1 = best
-    threshold = choose_threshold(labels[val_idx], p_val)
+    _, selection, p_val, l1 = best
+    threshold = val_threshold = choose_threshold(labels[val_idx], p_val)
     test_idx = np.flatnonzero(split == "test")
+    result, final_train_idx, before, extra = selection, train_idx, {}, {}
+    if l1 is not None:  # regional: refit on training + validation pairs with the chosen penalty and epoch count
+        before = binary_metrics(labels[test_idx], predict_pairs(selection.model, data, test_idx, device),
+                                val_threshold)
+        final_train_idx = np.sort(np.concatenate([train_idx, val_idx]))
+        oof = out_of_fold_threshold(settings, grid, data, draw_config, pairs, split_table, l1, selection.best_epoch,
+                                    device, ctx)
+        torch.manual_seed(seed)
+        result = _fixed_epochs_fit(settings, grid, data, draw_config, final_train_idx, l1, selection.best_epoch,
+                                   device, ctx)
+        if oof is not None:
+            threshold = oof[0]
+        extra = {"l1": l1, "refit": 1.0, "refit_folds": float(oof[1] if oof else 0),
+                 "threshold_p_decline_validation": val_threshold}
     test_p = predict_pairs(result.model, data, test_idx, device)
-    row = {"run": run, **binary_metrics(labels[test_idx], test_p, threshold), "threshold_p_decline": threshold}
+    row = {"run": run, **binary_metrics(labels[test_idx], test_p, threshold), "threshold_p_decline": threshold,
+           **extra}
     if l1 is not None:
-        row["l1"] = l1
-    LOG.info("longitudinal run %d/%d: %d epochs (best %d), %.0f s, threshold %.3f (validation), test accuracy %.3f",
-             run + 1, settings.n_draws, len(result.history), result.best_epoch, result.seconds, threshold,
-             row["accuracy"])
-    return LongitudinalDraw(result, split_table, split_of, row, threshold, test_idx, test_p)
+        row["accuracy_validation_threshold"] = binary_metrics(labels[test_idx], test_p, val_threshold)["accuracy"]
+    LOG.info("longitudinal run %d/%d: %d epochs (best %d), %.0f s, threshold %.3f (%s), test accuracy %.3f%s",
+             run + 1, settings.n_draws, len(selection.history), selection.best_epoch, selection.seconds, threshold,
+             "out-of-fold on training + validation" if extra.get("refit_folds") else "validation",
+             row["accuracy"], f" (refitted with L1 {l1:g}; before the refit {before['accuracy']:.3f})" if before
+             else "")
+    return LongitudinalDraw(result, selection, split_table, split_of, row, threshold, test_idx, test_p, before,
+                            final_train_idx)
 
 
 def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
@@ -184,19 +286,22 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
     data = PairData(inputs.volumes, inputs.pair_index, labels)
     config = train_config(settings)
     written: list[Path] = []
-    run_rows, split_tables, histories = [], [], []
+    run_rows, before_rows, split_tables, histories = [], [], [], []
     model, card, threshold = None, {}, 0.5
     heldout_sum, heldout_n = np.zeros(len(pairs)), np.zeros(len(pairs), dtype=int)
     if train_mode:
         for run in range(settings.n_draws):
             draw = fit_longitudinal_draw(settings, grid, inputs, data, config, run, device, ctx)
             run_rows.append(draw.row)
+            if draw.before_refit:
+                before_rows.append(draw.before_refit)
             split_tables.append(draw.split_table.assign(run=run))
-            histories.append(draw.result.history.assign(run=run))
+            histories.append(draw.selection.history.assign(run=run))
             np.add.at(heldout_sum, draw.test_idx, draw.test_p)
             np.add.at(heldout_n, draw.test_idx, 1)
             if run == 0:
-                model, first, split0, threshold = draw.result.model, draw.result, draw.split_of, draw.threshold
+                model, first, split0, threshold = draw.result.model, draw.selection, draw.split_of, draw.threshold
+                final0 = draw.result
         pairs["split"] = pairs["participant_id"].map(split0)
     else:
         if settings.model is None:
@@ -212,12 +317,22 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
     pairs["heldout_draws"] = heldout_n
     test_mask = (pairs["split"] == "test").to_numpy() & ~np.isnan(labels)
     if train_mode:
-        metrics = summarise(pd.DataFrame(run_rows))
-        in_sample = (pairs["split"] == "train").to_numpy() & ~np.isnan(labels)
+        runs = pd.DataFrame(run_rows)
+        metrics = summarise(runs)
+        refitted = bool(before_rows)  # regional: the final model of each draw also trained on its validation pairs
+        seen = ("train", "validation") if refitted else ("train",)
+        in_sample = pairs["split"].isin(seen).to_numpy() & ~np.isnan(labels)
         metrics = pd.concat([metrics, scalar_rows({
             "train_accuracy_run0": binary_metrics(labels[in_sample], p_all[in_sample], threshold)["accuracy"],
             "threshold_p_decline_mean": float(np.mean([r["threshold_p_decline"] for r in run_rows])),
         })], ignore_index=True)
+        if refitted:
+            metrics = pd.concat([
+                metrics, summarise(pd.DataFrame(before_rows), "before_refit_"),
+                summarise(runs, "", ["accuracy_validation_threshold", "threshold_p_decline_validation", "l1"]),
+                scalar_rows({"refitted": 1, **{f"l1_run{r['run']}": r["l1"] for r in run_rows},
+                             **{f"refit_folds_run{r['run']}": r["refit_folds"] for r in run_rows}})],
+                ignore_index=True)
     else:
         one = binary_metrics(labels[test_mask], p_all[test_mask], threshold) if test_mask.any() else {}
         metrics = summarise(pd.DataFrame([one]) if one else pd.DataFrame(columns=METRICS))
@@ -244,11 +359,13 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
                                            n_pairs=pd.Series(pairs["split"]).value_counts().to_dict(),
                                            label_column=settings.label_column)
         regional = isinstance(model, RegionalChange)
+        refit_folds0 = run_rows[0].get("refit_folds", 0)
+        chosen_on = (f"out-of-fold p(decline) of the training + validation pairs of the first sub-sampling "
+                     f"({refit_folds0:g} family-aware folds, largest Youden's J)" if refit_folds0 else
+                     "validation pairs of the first sub-sampling (largest Youden's J)")
         card = make_card(
             "longitudinal", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, grid,
-            settings.seed, training_data,
-            {"threshold_p_decline": threshold, "chosen_on": "validation pairs of the first sub-sampling "
-             "(largest Youden's J)"},
+            settings.seed, training_data, {"threshold_p_decline": threshold, "chosen_on": chosen_on},
             {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["mean"])},
             {"epochs": settings.epochs, "epochs_run": len(first.history), "best_epoch": first.best_epoch,
              "batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
@@ -258,7 +375,9 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
         folder = model_folder(out_dir, "longitudinal", settings.backbone)
         if regional:
             card["hyperparameters"].update(l1=model.l1, l1_choices=list(L1_CHOICES),
-                                           l1_chosen_on="validation AUC of the first sub-sampling")
+                                           l1_chosen_on="validation AUC of the first sub-sampling",
+                                           refitted_on="training + validation pairs",
+                                           refit_epochs=len(final0.history))
             written.append(write_region_weights(model, settings, card, folder))
         written += save_checkpoint(folder, model, card)
     table = pairs.assign(label=pairs["label"].map(_label_text), p_decline=pairs["p_decline"].round(4),
