@@ -226,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     groups = truth["participant_id"].tolist()
     median_only = group_reference(maps, masks, regions, template, res, args.fwhm, components=0)
     truth["asymmetry_score_median"] = [score_map(a, m, res, median_only)["asymmetry_score"] for a, m in zip(maps, masks)]
+    reference = median_only if args.components == 0 else group_reference(
+        maps, masks, regions, template, res, args.fwhm, groups=groups, components=args.components)
     del median_only
-    reference = group_reference(maps, masks, regions, template, res, args.fwhm, groups=groups,
-                                components=args.components)
     scored = [score_map(a, m, res, reference.member(i)) for i, (a, m) in enumerate(zip(maps, masks))]
     truth["asymmetry_score"] = [s["asymmetry_score"] for s in scored]
     truth["asymmetry_score_template"] = [score_map(a, m, res, template)["asymmetry_score"] for a, m in zip(maps, masks)]
