@@ -291,11 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                                              info["threshold"])
             tables[("siamese_probability", subset)] = per_bin
             results[f"siamese_probability | {subset}"] = overall
-            per_bin, overall = per_bin_table(held[keep].reset_index(drop=True),
-                                             held.loc[keep, "siamese_probability"].reset_index(drop=True),
-                                             info["threshold_fp5"])
-            tables[("siamese_probability at the 5 % validation FP threshold", subset)] = per_bin
-            results[f"siamese_probability at threshold_fp5 | {subset}"] = overall
+            for name in ("threshold_fp5", "threshold_clean_fp5"):
+                per_bin, overall = per_bin_table(held[keep].reset_index(drop=True),
+                                                 held.loc[keep, "siamese_probability"].reset_index(drop=True),
+                                                 info[name])
+                tables[(f"siamese_probability at {name}", subset)] = per_bin
+                results[f"siamese_probability at {name} | {subset}"] = overall
         # the asymmetry score on exactly the same scans, for comparison
         keep = ~held["lr_flipped"].str.lower().eq("true") | held["lesion"].str.lower().eq("true")
         for column in ("asymmetry_score", "asymmetry_score_median"):

@@ -384,10 +384,14 @@ def train_symmetry_model(
     negatives = p_val.numpy()[val_y.numpy() < 0.5]
     # the alternative decision point for a screen: at most FP_TARGET of the validation lesion-free samples above it
     threshold_fp = float(np.quantile(negatives, 1.0 - FP_TARGET)) if negatives.size else float("nan")
+    # ... and the same on the validation scans themselves, unaugmented and without a lesion, scored as any scan is
+    p_clean, _ = siamese_predict(result.model, [s.volume for s in val_scans], [s.mask for s in val_scans],
+                                 resolution, resolution, config.eval_batch_size)
+    threshold_clean = float(np.quantile(p_clean, 1.0 - FP_TARGET)) if p_clean.size else float("nan")
     best = result.history.loc[result.history["epoch"] == result.best_epoch].iloc[0]
     info = {"best_epoch": int(result.best_epoch), "best_val_loss": float(best["val_loss"]),
             "best_val_auc": float(best["val_auc"]), "threshold": float(threshold),
-            "threshold_fp5": threshold_fp,
+            "threshold_fp5": threshold_fp, "threshold_clean_fp5": threshold_clean,
             "stopped_early": len(result.history) < config.epochs, "epochs_run": len(result.history),
             "seconds": round(time.time() - start, 1), "samples": sample_settings(lesion, samples_per_scan, val_draws)}
     return result, info
