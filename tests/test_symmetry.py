@@ -327,6 +327,9 @@ def test_train_save_load_and_evaluate(template8, tmp_path):
     assert len(history) == 2 and np.isfinite(history["train_loss"]).all()
     assert history["volume_max_mm3"].iloc[-1] == 8000.0 and 0.0 <= info["threshold"] <= 1.0
     assert 0.0 <= info["threshold_fp5"] <= 1.0  # the one lesion-free validation sample's p (val_draws=1)
+    # the one validation scan, unaugmented, scored as any scan is
+    p_val_scan = siamese_scorer(result.model, RES, RES)([scans[3].volume], [scans[3].mask])
+    assert info["threshold_clean_fp5"] == pytest.approx(float(p_val_scan[0]), abs=1e-6)
     paths = save_symmetry_checkpoint(tmp_path / "symmetry_small", model, cfg, RES, {"fingerprint": "x"},
                                      {"auc": 1.0}, info["threshold"], info["samples"])
     assert {p.name for p in paths} == {"model.pt", "model.pt.sha256", "model_card.json"}
