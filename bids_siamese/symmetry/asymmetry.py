@@ -61,6 +61,8 @@ MIDLINE_MM = 4.0
 #: Voxels closer than this to the border of the symmetric brain mask are left out of the focal statistic and of
 #: the scan's spread (:func:`statistic_voxels`).
 EDGE_MM = 4.0
+#: x planes of the group maps whose voxelwise median is taken at once (bounds the reference's memory).
+REFERENCE_SLAB = 8
 #: Smallest per-scan rescaling of a z-map made with a voxelwise sd (:func:`z_map`).
 SCAN_SCALE_FLOOR = 0.25
 #: Fewer scans than this: the group reference falls back to the template mean and each scan's own spread.
@@ -528,15 +530,20 @@ def group_reference(
     n = len(ai_maps)
     if n < MIN_REFERENCE_SCANS:
         return few_scans_reference(ai_maps, masks, template, voxel_mm, top_volume_mm3)
-    stack = np.stack([np.asarray(template.mean, np.float32)] + [np.asarray(a, np.float32) for a in ai_maps])
+    all_maps = [np.asarray(template.mean, np.float32)] + [np.asarray(a, np.float32) for a in ai_maps]
     valid = np.stack([np.asarray(template.mean) != 0] + [symmetric_mask(m) for m in masks])
-    data = np.where(valid, stack, np.nan)
     # voxels seen in fewer than half of the maps keep the template's value and the global spread
     enough = valid.sum(axis=0) >= max(2, (n + 1) // 2)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN voxels (outside every mask)
-        med = np.nanmedian(data, axis=0)
-        sd = MAD_TO_SD * np.nanmedian(np.abs(data - med), axis=0)
+    med = np.empty(valid.shape[1:], np.float32)
+    sd = np.empty(valid.shape[1:], np.float32)
+    for start in range(0, valid.shape[1], REFERENCE_SLAB):  # a slab of x planes at a time: memory of one slab
+        slab = slice(start, start + REFERENCE_SLAB)
+        data = np.where(valid[:, slab], np.stack([a[slab] for a in all_maps]), np.float32(np.nan))
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN voxels (outside every mask)
+            med[slab] = np.nanmedian(data, axis=0)
+            sd[slab] = MAD_TO_SD * np.nanmedian(np.abs(data - med[slab]), axis=0)
+    del all_maps
     mean = np.where(enough, med, template.mean).astype(np.float32)
     mean = (mean - mirror(mean)) / 2.0  # the centre of an antisymmetric quantity is antisymmetric
     base = np.nanmedian(sd[enough]) if enough.any() else 0.05
