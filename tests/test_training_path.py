@@ -20,7 +20,8 @@ from bids_siamese.models.regional import RegionalEncoder
 from bids_siamese.resources import model_grid
 from bids_siamese.train import loop
 from bids_siamese.train.data import VolumeCache, augment, family_batches, load_volume_cache, load_volumes
-from bids_siamese.train.loop import BatchAssembly, TrainConfig, TwinData, batch_seed, train_twin
+from bids_siamese.train.batches import BatchAssembly, BatchLoader, CompiledOrEager, batch_seed
+from bids_siamese.train.loop import TrainConfig, TwinData, train_twin
 from bids_siamese.train.orientation import _config as orientation_config
 from bids_siamese.train.run import train_config
 
@@ -224,9 +225,9 @@ def test_cuda_batches_come_pinned_and_are_copied_non_blocking(monkeypatch):
         return torch.full((len(idx), 1, 2, 2, 2), float(idx[0])), torch.from_numpy(idx)
 
     config = TrainConfig(loader_workers=0)
-    cpu = loop._BatchLoader(BatchAssembly(assemble, torch.Generator(), torch.device("cpu")), config, loop.DistContext())
+    cpu = BatchLoader(BatchAssembly(assemble, torch.Generator(), torch.device("cpu")), config, loop.DistContext())
     assert cpu.loader.pin_memory is False
-    cuda = loop._BatchLoader(BatchAssembly(assemble, torch.Generator(), torch.device("cuda")), config,
+    cuda = BatchLoader(BatchAssembly(assemble, torch.Generator(), torch.device("cuda")), config,
                              loop.DistContext())
     assert cuda.loader.pin_memory is True
     monkeypatch.setattr(torch.Tensor, "to", record_to)
@@ -287,7 +288,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplo
 
 def test_compiled_or_eager_is_transparent():
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    wrapped = loop.CompiledOrEager(model)
+    wrapped = CompiledOrEager(model)
     assert loop.unwrap(wrapped) is model
     assert list(wrapped.state_dict()) == [f"module.{k}" for k in model.state_dict()]
     assert len(list(wrapped.parameters())) == len(list(model.parameters()))

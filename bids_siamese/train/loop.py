@@ -8,7 +8,7 @@ on rank 0), and DistributedDataParallel when started by torchrun (see :mod:`bids
 The history (one row per epoch) is returned as a table.
 
 GPU readiness: bf16 autocast and ``channels_last_3d`` weights on CUDA; training batches (gather from the volume
-stack, float32 conversion, augmentation) are assembled by a torch ``DataLoader`` (:class:`BatchAssembly`) with
+stack, float32 conversion, augmentation) are assembled by a torch ``DataLoader`` (:mod:`.batches`) with
 ``TrainConfig.loader_workers`` worker processes and pinned memory on CUDA, then copied to the device with
 ``non_blocking=True``; ``TrainConfig.compile`` runs the training forward through ``torch.compile``
 (:class:`CompiledOrEager`: eager with one warning when compiling fails).
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import multiprocessing
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from torch import nn
 
 from ..models.backbones import precise_batch_norm
 from ..models.losses import batch_hard_triplet_loss, pairwise_distance
+from .batches import BatchAssembly, BatchLoader, CompiledOrEager
 from .data import VolumeCache, augment, family_batches, pair_batches
 from .ddp import DistContext, all_reduce_mean, shard, unwrap, wrap_model
 from .evaluate import safe_auc
@@ -259,51 +259,6 @@ def _improved(score: tuple[float, float], best: tuple[float, float] | None, tol:
     return abs(score[0] - best[0]) <= tol and score[1] > best[1] + tol
 
 
-class CompiledOrEager(nn.Module):
-    """A training model whose forward runs through ``torch.compile``, in eager mode from the first failure on.
-
-    Compiling needs a working backend (Triton on CUDA, a C++ compiler on the CPU) and happens at the first call;
-    when ``torch.compile`` itself or that first compiled call raises, one warning line is logged and the wrapped
-    model runs eagerly from then on. The compiled module is not a registered submodule: ``parameters()``,
-    ``state_dict()``, ``train()`` and ``eval()`` are the wrapped model's, and
-    :func:`~bids_siamese.train.ddp.unwrap` returns the wrapped model.
-
-    Args:
-        module: the model (or its DDP wrapper).
-    """
-
-    unwrap_to_module = True
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-        try:
-            compiled = torch.compile(module)
-        except Exception as err:  # torch.compile raises many types (unsupported Python, platform, backend)
-            compiled = None
-            self._warn(err)
-        object.__setattr__(self, "compiled", compiled)
-
-    @property
-    def is_compiled(self) -> bool:
-        """False once compiling has failed (the forward is eager)."""
-        return self.compiled is not None
-
-    @staticmethod
-    def _warn(err: Exception) -> None:
-        text = (str(err).strip().splitlines() or [""])[0][:200]
-        LOG.warning("torch.compile failed (%s: %s); training in eager mode", type(err).__name__, text)
-
-    def forward(self, *args, **kwargs):
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except Exception as err:  # a backend error at the first compiled call: eager from now on
-                object.__setattr__(self, "compiled", None)
-                self._warn(err)
-        return self.module(*args, **kwargs)
-
-
 def _setup(model: nn.Module, config: TrainConfig, device: torch.device | str, ctx: DistContext | None):
     """Seeded start of a training run: ``(ctx, device, wrapped model, AdamW, grad scaler, augmentation RNG)``.
 
@@ -357,94 +312,6 @@ class _BestEpoch:
                            n_vols / train_time if train_time else float("nan"))
 
 
-def batch_seed(seed: int, rank: int, epoch: int, k: int) -> int:
-    """Seed of the augmentation generator of batch ``k`` (0-based, on this rank) of ``epoch`` with loader workers.
-
-    Examples:
-        >>> batch_seed(0, 0, 1, 0) == batch_seed(0, 0, 1, 0) != batch_seed(0, 0, 1, 1)
-        True
-    """
-    entropy = [int(seed) % 2**32, int(rank), int(epoch), int(k)]
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
-
-
-@dataclass
-class BatchAssembly:
-    """How a task assembles a training batch outside its step: :func:`_fit` runs ``assemble`` in a DataLoader.
-
-    Attributes:
-        assemble: ``(example indices, CPU generator) -> tuple of CPU tensors`` (gather from the volume stack as
-            float32, augment, labels); runs in a loader worker when ``TrainConfig.loader_workers > 0``.
-        generator: the run's augmentation generator, drawn in order with 0 workers.
-        device: where the step runs; on CUDA the batches come in pinned memory and are copied with
-            ``non_blocking=True``.
-    """
-
-    assemble: Callable[[np.ndarray, torch.Generator], tuple[torch.Tensor, ...]]
-    generator: torch.Generator
-    device: torch.device
-
-
-class _AssembledBatches(torch.utils.data.Dataset):
-    """Item ``(epoch, k, indices)`` -> the assembled batch (see :func:`batch_seed` for the generators)."""
-
-    def __init__(self, assembly: BatchAssembly, shared: bool, seed: int, rank: int):
-        self.assemble, self.generator = assembly.assemble, assembly.generator
-        self.shared, self.seed, self.rank = shared, seed, rank
-
-    def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple[torch.Tensor, ...]:
-        epoch, k, idx = item
-        gen = self.generator if self.shared else torch.Generator().manual_seed(
-            batch_seed(self.seed, self.rank, epoch, k))
-        return tuple(self.assemble(idx, gen))
-
-
-class _EpochItems(torch.utils.data.Sampler):
-    """The items of the current epoch, set before each pass (the loader's workers persist across epochs)."""
-
-    def __init__(self):
-        self.items: list[tuple[int, int, np.ndarray]] = []
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-def usable_loader_workers(requested: int) -> int:
-    """Worker processes the training DataLoader can use: ``requested``, or 0 (with a warning) where processes
-    cannot be forked (the assembly functions are closures over the in-memory volumes, shared by forking)."""
-    if requested > 0 and "fork" not in multiprocessing.get_all_start_methods():
-        LOG.warning("loader workers need the 'fork' start method, not available here; assembling batches in the "
-                    "training process")
-        return 0
-    return max(0, int(requested))
-
-
-class _BatchLoader:
-    """The DataLoader of a training run (persistent workers, pinned memory on CUDA) and its per-epoch items."""
-
-    def __init__(self, assembly: BatchAssembly, config: TrainConfig, ctx: DistContext):
-        workers = usable_loader_workers(config.loader_workers)
-        self.items = _EpochItems()
-        self.device = assembly.device
-        self.pin = assembly.device.type == "cuda"
-        self.loader = torch.utils.data.DataLoader(
-            _AssembledBatches(assembly, workers == 0, config.seed, ctx.rank), batch_size=None, sampler=self.items,
-            num_workers=workers, pin_memory=self.pin, persistent_workers=workers > 0,
-            multiprocessing_context="fork" if workers else None,
-            # the loader draws its workers' base seed from this generator, not from the global RNG (which the
-            # model's dropout draws from): with or without a loader, the global stream stays the same
-            generator=torch.Generator().manual_seed(int(config.seed) % 2**63))
-
-    def epoch(self, epoch: int, batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, ...]]:
-        """The assembled batches of ``epoch``, on the device."""
-        self.items.items = [(epoch, k, idx) for k, idx in enumerate(batches)]
-        for batch in self.loader:
-            yield tuple(t.to(self.device, non_blocking=self.pin) for t in batch)
-
-
 @dataclass
 class _Epochs:
     """What one task's training loop does differently (the loop itself is :func:`_fit`, shared by all tasks).
@@ -488,7 +355,7 @@ def _fit(net: nn.Module, opt: torch.optim.Optimizer, scaler, ctx: DistContext, c
     start = time.perf_counter()
     n_vols, train_time = 0, 0.0
     bar = _progress(config.epochs, f"{epochs.name} training", config, ctx)
-    loader = _BatchLoader(epochs.assembly, config, ctx) if epochs.assembly is not None else None
+    loader = BatchLoader(epochs.assembly, config, ctx) if epochs.assembly is not None else None
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         started = epochs.start_epoch(epoch) if epochs.start_epoch is not None else {}
