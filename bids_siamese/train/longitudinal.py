@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -179,7 +179,7 @@ def _fixed_epochs_fit(settings: Any, grid: Grid, data: PairData, config: TrainCo
     model = new_longitudinal_model(settings, grid, data, train_idx)
     if l1 is not None:
         model.l1 = float(l1)
-    fixed = TrainConfig(**{**config.__dict__, "epochs": max(1, int(epochs)), "patience": int(epochs) + 1})
+    fixed = replace(config, epochs=max(1, int(epochs)), patience=int(epochs) + 1)
     return train_longitudinal(model, data, train_idx, train_idx, fixed, device, ctx)
 
 

@@ -52,8 +52,7 @@ def train_config(settings: Any) -> TrainConfig:
 def runtime_options(settings: Any) -> dict[str, Any]:
     """The :class:`TrainConfig` fields that set how training runs, not what it learns (``--loader-workers``,
     ``--compile``), for every task's training configuration."""
-    return {"loader_workers": int(getattr(settings, "loader_workers", 0)),
-            "compile": bool(getattr(settings, "compile", False))}
+    return {"loader_workers": int(settings.loader_workers), "compile": bool(settings.compile)}
 
 
 def _setup(settings: Any) -> tuple[DistContext, torch.device]:
