@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
@@ -105,7 +106,7 @@ def load_population(path: Path):
     masks = list(np.unpackbits(z["masks"], axis=-1, count=shape[-1]).astype(bool))
     maps = list(z["maps"].astype(np.float32))
     regions = [pd.DataFrame(r) for r in json.loads(str(z["regions"]))]
-    return pd.read_json(__import__("io").StringIO(str(z["table"]))), maps, masks, regions
+    return pd.read_json(io.StringIO(str(z["table"]))), maps, masks, regions
 
 
 def main(argv: list[str] | None = None) -> int:
