@@ -7,8 +7,9 @@ Ranks the scans with planted lesions against the lesion-free scans by
   simulated lesions, applied to held-out lesion-free scans and to every planted-lesion scan),
 
 and reports AUC overall and per lesion-volume bin, detection rate and false-positive rate at the default
-thresholds (asymmetry_score > 3; p >= the threshold chosen on the validation samples), plus the
-simulated-lesion evaluation of the held-out scans.
+thresholds (asymmetry_score > 3; p >= the threshold chosen on the validation samples; the group-relative
+``siamese_z >= 3`` against every scan not trained on, as the app scores a group), plus the simulated-lesion
+evaluation of the held-out scans.
 
 Inputs: the participant-level outputs (``--outputs``, the model-grid ``desc-preproc`` T1w and mask); scans
 without them are resampled from the raw data with the generator's true scan-to-template affine
@@ -46,6 +47,7 @@ from bids_siamese.symmetry.asymmetry import (
     score_map,
     score_scan,
 )
+from bids_siamese.symmetry.calibration import SIAMESE_Z_THRESHOLD, reference_statistics, siamese_z
 from bids_siamese.symmetry.model import build_symmetry_model
 from bids_siamese.symmetry.normative import DEFAULT_COMPONENTS
 from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs, regional_asymmetry
@@ -276,12 +278,15 @@ def main(argv: list[str] | None = None) -> int:
         train_seconds = time.time() - t2
         history.to_csv(args.results / "training.tsv", sep="\t", index=False)
         evaluated = parts["test"] + truth.index[lesion].tolist() + truth.index[flipped & ~lesion].tolist()
-        p_abn, p_left = siamese_predict(model, [volumes[i] for i in evaluated], [masks[i] for i in evaluated], res,
+        scored_idx = evaluated + parts["validation"]  # every scan not trained on: the app's siamese_z reference
+        p_abn, p_left = siamese_predict(model, [volumes[i] for i in scored_idx], [masks[i] for i in scored_idx], res,
                                         model_res)
         truth["siamese_probability"] = np.nan
-        truth.loc[evaluated, "siamese_probability"] = p_abn
+        truth.loc[scored_idx, "siamese_probability"] = p_abn
         truth["siamese_p_left"] = np.nan
-        truth.loc[evaluated, "siamese_p_left"] = p_left
+        truth.loc[scored_idx, "siamese_p_left"] = p_left
+        z_stats = reference_statistics(p_abn)
+        truth["siamese_z"] = siamese_z(truth["siamese_probability"].to_numpy(), z_stats)
         held = truth.loc[evaluated].reset_index(drop=True)
         for subset, keep in (("held-out lesion-free", ~held["lr_flipped"].str.lower().eq("true") |
                               held["lesion"].str.lower().eq("true")),
@@ -291,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
                                              info["threshold"])
             tables[("siamese_probability", subset)] = per_bin
             results[f"siamese_probability | {subset}"] = overall
+            per_bin, overall = per_bin_table(held[keep].reset_index(drop=True),
+                                             held.loc[keep, "siamese_z"].reset_index(drop=True), SIAMESE_Z_THRESHOLD)
+            tables[("siamese_z", subset)] = per_bin
+            results[f"siamese_z >= {SIAMESE_Z_THRESHOLD:g} | {subset}"] = overall
             for name in ("threshold_fp5", "threshold_clean_fp5"):
                 per_bin, overall = per_bin_table(held[keep].reset_index(drop=True),
                                                  held.loc[keep, "siamese_probability"].reset_index(drop=True),
@@ -307,17 +316,21 @@ def main(argv: list[str] | None = None) -> int:
         side_ok = held["lesion"].str.lower().eq("true")
         results["siamese side accuracy (planted lesions)"] = round(float(
             ((held.loc[side_ok, "siamese_p_left"] > 0.5) == held.loc[side_ok, "lesion_hemisphere"].eq("L")).mean()), 3)
+        results["siamese_reference"] = z_stats
         results["training"] = {**info, "train_scans": len(parts["train"]), "validation_scans": len(parts["validation"]),
                                "test_scans": len(parts["test"]), "seconds": round(train_seconds, 1),
                                "threads": args.threads, "model_resolution_mm": model_res,
                                "backbone": args.backbone, "fusion": args.fusion}
         # simulated lesions in the held-out scans, per bin
         test_scans = [prepare_scan(volumes[i], masks[i], res, str(i)) for i in parts["test"]]
-        scorers = {"siamese_probability": siamese_scorer(model, res, model_res),
+        probability = siamese_scorer(model, res, model_res)
+        scorers = {"siamese_probability": probability,
+                   "siamese_z": lambda vs, ms: siamese_z(probability(vs, ms), z_stats),
                    "asymmetry_score": lambda vs, ms: np.array(
                        [score_scan(v, m, res, reference, args.fwhm)["asymmetry_score"] for v, m in zip(vs, ms)])}
         samples, sim_bins, sim_overall = evaluate_detection(
-            test_scans, res, scorers, {"siamese_probability": info["threshold"], "asymmetry_score": ASYMMETRY_THRESHOLD},
+            test_scans, res, scorers, {"siamese_probability": info["threshold"], "siamese_z": SIAMESE_Z_THRESHOLD,
+                                 "asymmetry_score": ASYMMETRY_THRESHOLD},
             LesionConfig(), draws=args.draws, seed=args.seed + 11)
         samples.to_csv(args.results / "simulated_samples.tsv", sep="\t", index=False)
         sim_bins.to_csv(args.results / "simulated_bins.tsv", sep="\t", index=False)

@@ -51,6 +51,7 @@ from .regional import (
     regional_z,
     top_regions,
 )
+from .calibration import MIN_REFERENCE_SCANS, SIAMESE_Z_THRESHOLD, reference_statistics, siamese_z, suspected
 from .normative import DEFAULT_COMPONENTS
 from .simulate import LesionConfig
 
@@ -66,7 +67,8 @@ SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 
 GROUP_COLUMNS = [
     "participant_id", "session_id", "asymmetry_score", "asymmetry_suspected", "focal_z", "raw_magnitude",
-    "peak_mm", "peak_region", "top_regions", "siamese_probability", "siamese_suspected", "siamese_p_left", "split", "scan",
+    "peak_mm", "peak_region", "top_regions", "siamese_probability", "siamese_z", "siamese_suspected", "siamese_p_left",
+    "split", "scan",
 ]
 
 _ENTITY = re.compile(r"(?:^|_)(sub|ses)-([A-Za-z0-9]+)")
@@ -170,19 +172,20 @@ def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwh
             "focal_z": round(s["focal_z"], 3), "raw_magnitude": round(s["raw_magnitude"], 5),
             "peak_mm": ",".join(f"{v:.0f}" for v in peak_mm),
             "peak_region": region_at(peak_mm, labels, names, grid.affine), "top_regions": format_top_regions(top),
-            "siamese_probability": np.nan, "siamese_suspected": np.nan, "siamese_p_left": np.nan, "split": "n/a",
+            "siamese_probability": np.nan, "siamese_z": np.nan, "siamese_suspected": np.nan, "siamese_p_left": np.nan, "split": "n/a",
             "scan": f.preproc.name,
         })
     return ScoredDataset(list(files), volumes, masks, reference, pd.DataFrame(rows, columns=GROUP_COLUMNS))
 
 
-def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[object, dict, list[Path]]:
+def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]:
     """Split the lesion-free scans by family (:func:`bids_siamese.train.pairs.subject_split`, families from
     ``participants.tsv`` as for twins), train the symmetry model in the shared loop, evaluate it on planted lesions
-    in the test scans, write the checkpoint and the training/evaluation files; fills ``data.table['split']``.
+    in the test scans, write the checkpoint and the training/evaluation files; fills ``data.table['split']`` and
+    the Siamese columns (:func:`apply_model`).
 
     Returns:
-        ``(model, the model card's grid and decision, paths written)``.
+        the paths written.
     """
     import torch
 
@@ -230,14 +233,19 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[obje
     model = result.model
     LOG.info("symmetry: best epoch %d of %d, validation loss %.4f, AUC %.3f (%.1f s)", info["best_epoch"],
              info["epochs_run"], info["best_val_loss"], info["best_val_auc"], info["seconds"])
+    stats = apply_model(data, model, resolution, resolution, info["threshold"])
     test_scans = [prepare_scan(data.volumes[i], data.masks[i], resolution, files[i].source) for i in parts["test"]]
     reference = data.reference
+    probability = siamese_scorer(model, resolution, resolution)
     scorers = {
-        "siamese_probability": siamese_scorer(model, resolution, resolution),
+        "siamese_probability": probability,
         "asymmetry_score": lambda vols, ms: np.array(
             [score_scan(v, m, resolution, reference, fwhm)["asymmetry_score"] for v, m in zip(vols, ms)]),
     }
-    thresholds = {"siamese_probability": info["threshold"], "asymmetry_score": ASYMMETRY_THRESHOLD}
+    thresholds = {"siamese_probability": info["threshold"], "siamese_z": SIAMESE_Z_THRESHOLD,
+                  "asymmetry_score": ASYMMETRY_THRESHOLD}
+    if np.isfinite(stats["median_logit"]):  # with enough reference scans (else siamese_z is n/a)
+        scorers["siamese_z"] = lambda vols, ms: siamese_z(probability(vols, ms), stats)
     _, per_bin, overall = evaluate_detection(test_scans, resolution, scorers, thresholds, lesion, draws=2,
                                              seed=settings.seed + 7)
     metrics = {"validation": {"loss": info["best_val_loss"], "auc": info["best_val_auc"],
@@ -254,13 +262,42 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> tuple[obje
     written.append(write_tsv(out_dir / TRAINING_TABLE, result.history.round(5)))
     written.append(write_tsv(out_dir / EVALUATION_TABLE, per_bin))
     written.append(write_json(out_dir / EVALUATION_JSON, {
-        "overall": overall.to_dict(orient="records"), "training": info,
+        "overall": overall.to_dict(orient="records"), "training": info, "siamese_reference": stats,
         "config": hyperparameters(model, config, resolution, info["samples"]),
         "split": {k: len(v) for k, v in parts.items()}, "checkpoint": str(folder.relative_to(out_dir)),
     }))
     written.append(write_text(out_dir / FIGURE, detection_figure(
         per_bin, f"Held-out scans with planted lesions ({len(test_scans)} scans)")))
-    return model, {"grid": {"resolution": resolution}, "decision": {"threshold": info["threshold"]}}, written
+    return written
+
+
+def apply_model(data: ScoredDataset, model, model_res: float, resolution: float, fallback_threshold: float) -> dict:
+    """Fill the Siamese columns of ``data.table``: ``siamese_probability``, ``siamese_p_left`` and the
+    group-relative ``siamese_z`` against every scan with ``split`` other than ``train``
+    (:mod:`bids_siamese.symmetry.calibration`), ``siamese_suspected`` (``siamese_z >= 3``, or
+    ``p >= fallback_threshold`` with too few reference scans).
+
+    Returns:
+        the reference statistics (:func:`~bids_siamese.symmetry.calibration.reference_statistics`).
+    """
+    from .train import siamese_predict
+
+    p, p_left = siamese_predict(model, data.volumes, data.masks, resolution, model_res)
+    stats = reference_statistics(p[(data.table["split"] != "train").to_numpy()])
+    z = siamese_z(p, stats)
+    data.table["siamese_probability"] = np.round(p, 4)
+    data.table["siamese_z"] = np.round(z, 3)
+    data.table["siamese_suspected"] = suspected(p, z, fallback_threshold)
+    data.table["siamese_p_left"] = np.round(p_left, 4)
+    if np.isfinite(stats["median_logit"]):
+        LOG.info("symmetry: siamese_z against %d reference scan(s) (median logit %.3f, robust sd %.3f); %d scan(s) "
+                 "with siamese_z >= %g", stats["n_reference"], stats["median_logit"], stats["sd_logit"],
+                 int(data.table["siamese_suspected"].sum()), SIAMESE_Z_THRESHOLD)
+    else:
+        LOG.warning("symmetry: only %d scan(s) the model was not trained on, fewer than the %d a group-relative "
+                    "siamese_z needs; siamese_suspected uses the checkpoint's threshold on the probability",
+                    stats["n_reference"], MIN_REFERENCE_SCANS)
+    return stats
 
 
 def run_symmetry(settings, subjects: list[str]) -> list[Path]:
@@ -271,7 +308,7 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
         BadDataError: an output is not on the model grid of ``--resolution``.
         UsageError: ``--mode apply`` with a checkpoint of another task.
     """
-    from .train import load_symmetry_model, model_resolution, siamese_predict
+    from .train import load_symmetry_model, model_resolution
 
     out_dir = Path(settings.output_dir)
     resolution = float(settings.resolution)
@@ -295,12 +332,10 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
     if settings.task == "symmetry":
         if settings.mode == "apply":
             model, card = load_symmetry_model(settings.model)
-        else:
-            model, card, written = train_from_dataset(settings, data, fwhm)
-        p, p_left = siamese_predict(model, data.volumes, data.masks, resolution, model_resolution(card))
-        data.table["siamese_probability"] = np.round(p, 4)
-        data.table["siamese_suspected"] = p >= float(card.get("decision", {}).get("threshold", 0.5))
-        data.table["siamese_p_left"] = np.round(p_left, 4)
+            apply_model(data, model, model_resolution(card), resolution,
+                        float(card.get("decision", {}).get("threshold", 0.5)))
+        else:  # trains, then fills the Siamese columns before evaluating
+            written = train_from_dataset(settings, data, fwhm)
     table = data.table.sort_values(["participant_id", "session_id", "scan"], kind="stable").reset_index(drop=True)
     written.insert(0, write_tsv(out_dir / GROUP_TABLE, table))
     LOG.info("symmetry: %d scan(s) in %s, %d with asymmetry_score > %g", len(table), GROUP_TABLE,
