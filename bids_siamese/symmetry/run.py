@@ -11,8 +11,8 @@
    family/subject into training (70 %), validation (15 %) and test (15 %) scans; evaluates it and the
    asymmetry score on lesions planted in the test scans per volume bin; saves the checkpoint to
    ``models/symmetry_<backbone>/``; with ``--mode apply``: loads ``--model``;
-4. writes ``group_symmetry.tsv`` (one row per scan, with the Siamese probability when a model was trained
-   or applied) and, after training, ``group_symmetry_training.tsv``, ``group_symmetry_evaluation.tsv``,
+4. writes ``group_symmetry.tsv`` (one row per scan, with the Siamese probability and the group-relative
+   ``siamese_z`` (:mod:`bids_siamese.symmetry.calibration`) when a model was trained or applied) and, after training, ``group_symmetry_training.tsv``, ``group_symmetry_evaluation.tsv``,
    ``group_symmetry_evaluation.json`` and ``figures/group_symmetry_detection.svg``.
 """
 from __future__ import annotations
