@@ -57,6 +57,7 @@ from bids_siamese.symmetry.train import (
     detection_figure,
     evaluate_detection,
     prepare_scan,
+    save_symmetry_checkpoint,
     siamese_predict,
     siamese_scorer,
     to_model_resolution,
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fusion", default="difference")
     p.add_argument("--backbone", default="small")
     p.add_argument("--no-difference-channel", action="store_true", help="image-only encoder input")
+    p.add_argument("--save-model", type=Path, default=None,
+                   help="also write the trained model as a checkpoint folder (for --mode apply, or "
+                        "benchmarks/symmetry_heterogeneous.py --model)")
     p.add_argument("--samples-per-scan", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--no-model", action="store_true", help="only the asymmetry score")
@@ -277,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         model, history = result.model, result.history
         train_seconds = time.time() - t2
         history.to_csv(args.results / "training.tsv", sep="\t", index=False)
+        if args.save_model is not None:
+            save_symmetry_checkpoint(
+                args.save_model, model, config, model_res,
+                {"source": "benchmarks/symmetry.py", "bids": str(args.bids), "seed": args.seed,
+                 **{f"n_{k}": len(v) for k, v in parts.items()}},
+                {"validation": {"loss": info["best_val_loss"], "auc": info["best_val_auc"]}},
+                info["threshold"], info["samples"])
         evaluated = parts["test"] + truth.index[lesion].tolist() + truth.index[flipped & ~lesion].tolist()
         scored_idx = evaluated + parts["validation"]  # every scan not trained on: the app's siamese_z reference
         p_abn, p_left = siamese_predict(model, [volumes[i] for i in scored_idx], [masks[i] for i in scored_idx], res,

@@ -14,6 +14,11 @@ pydeface's mean head and the symmetric ICBM 2009a):
 * every scan is scored by the group-level ``asymmetry_score`` with 0 (the voxelwise median reference) and with
   each ``--components`` number of normative modes (:mod:`bids_siamese.symmetry.normative`).
 
+With ``--model`` (a symmetry checkpoint, e.g. trained on the demo by ``benchmarks/symmetry.py --save-model``),
+every scan is also scored by the Siamese model, as ``--mode apply`` does: ``siamese_probability`` at the
+checkpoint's threshold and the group-relative ``siamese_z`` against all scans of the population
+(:mod:`bids_siamese.symmetry.calibration`).
+
 No label is used to build any reference and the threshold (``asymmetry_score`` > 3) is fixed in advance, so the
 false-positive rate on the lesion-free scans is a held-out figure.
 
@@ -73,7 +78,7 @@ def variant(volume: np.ndarray, mask: np.ndarray, rng: np.random.Generator, reso
 def build_population(args, heads, counts, lo, hi, rng, labels, pairs, grid):
     """The scans (table, asymmetry maps, masks, regional tables) of the heterogeneous population."""
     res = args.resolution
-    rows, maps, masks, regions = [], [], [], []
+    rows, maps, masks, regions, volumes = [], [], [], [], []
     for (head, (vol, mask)), n in zip(sorted(heads.items()), counts):
         for k in range(n):
             v, m = variant(vol, mask, rng, res, args.deform_mm)
@@ -85,16 +90,18 @@ def build_population(args, heads, counts, lo, hi, rng, labels, pairs, grid):
                 row.update(lesion=True, lesion_volume_mm3=round(float(les.volume_mm3), 1), hemisphere=les.hemisphere,
                            lesion_center_mm=",".join(f"{c:.0f}" for c in les.center_mm))
             rows.append(row)
+            volumes.append(v)
             masks.append(m)
             maps.append(asymmetry_map(v, m, res, args.fwhm))
             regions.append(regional_asymmetry(positive_intensities(v, m), m, labels, pairs))
-    return pd.DataFrame(rows), maps, masks, regions
+    return pd.DataFrame(rows), maps, masks, regions, volumes
 
 
-def save_population(path: Path, table, maps, masks, regions) -> None:
-    """Cache the population (maps as float16, masks packed)."""
+def save_population(path: Path, table, maps, masks, regions, volumes) -> None:
+    """Cache the population (maps and images as float16, masks packed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, maps=np.stack(maps).astype(np.float16), masks=np.packbits(np.stack(masks), axis=-1),
+             volumes=np.stack(volumes).astype(np.float16),
              shape=np.array(masks[0].shape), table=table.to_json(), regions=json.dumps(
                  [r.to_dict(orient="list") for r in regions]))
 
@@ -106,7 +113,41 @@ def load_population(path: Path):
     masks = list(np.unpackbits(z["masks"], axis=-1, count=shape[-1]).astype(bool))
     maps = list(z["maps"].astype(np.float32))
     regions = [pd.DataFrame(r) for r in json.loads(str(z["regions"]))]
-    return pd.read_json(io.StringIO(str(z["table"]))), maps, masks, regions
+    volumes = list(z["volumes"].astype(np.float32)) if "volumes" in z.files else None
+    return pd.read_json(io.StringIO(str(z["table"]))), maps, masks, regions, volumes
+
+
+def rates(flagged: np.ndarray, lesion: np.ndarray, head: pd.Series, heads: list[str]) -> dict:
+    """Detections and false positives of a decision (overall and per head)."""
+    return {"detected": f"{int(flagged[lesion].sum())} / {int(lesion.sum())}",
+            "detection_rate": round(float(flagged[lesion].mean()), 3),
+            "false_positive_rate": round(float(flagged[~lesion].mean()), 3),
+            "fp_per_head": {h: round(float(flagged[(~lesion) & (head == h).to_numpy()].mean()), 3) for h in heads}}
+
+
+def siamese_summary(path: Path, k: int, table: pd.DataFrame, volumes, masks, res: float, heads: list[str]) -> dict:
+    """Score the population with a symmetry checkpoint (as ``--mode apply``): two summary rows' worth of
+    figures, at the checkpoint's threshold on p and at ``siamese_z >= 3`` against the whole population."""
+    import torch  # only with --model
+
+    from bids_siamese.symmetry.calibration import SIAMESE_Z_THRESHOLD, reference_statistics, siamese_z
+    from bids_siamese.symmetry.train import load_symmetry_model, model_resolution, siamese_predict
+
+    t1 = time.time()
+    model, card = load_symmetry_model(path)
+    p, _ = siamese_predict(model, volumes, masks, res, model_resolution(card))
+    stats = reference_statistics(p)
+    z = siamese_z(p, stats)
+    table[f"siamese_probability_{k}"], table[f"siamese_z_{k}"] = np.round(p, 4), np.round(z, 3)
+    lesion = table["lesion"].to_numpy(bool)
+    threshold = float(card["decision"]["threshold"])
+    return {"model": str(path), "fusion": card["hyperparameters"].get("fusion"),
+            "auc": round(safe_auc(lesion.astype(float), p), 3), "threshold": round(threshold, 4),
+            "at_threshold": rates(p >= threshold, lesion, table["head"], heads),
+            "at_z3": rates(z >= SIAMESE_Z_THRESHOLD, lesion, table["head"], heads),
+            "reference": stats, "min_lesion_z": round(float(z[lesion].min()), 2),
+            "max_clean_z": round(float(z[~lesion].max()), 2), "seconds": round(time.time() - t1, 1),
+            "torch_threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=None, help="folder caching the simulated population")
     p.add_argument("--results", type=Path, default=Path("/tmp/symmetry_heterogeneous"))
+    p.add_argument("--model", type=Path, action="append", default=[],
+                   help="a symmetry checkpoint to score the population with (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for --model")
     args = p.parse_args(argv)
     t0 = time.time()
     res = args.resolution
@@ -137,12 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     pairs = homologous_pairs(names)
     key = f"seed{args.seed}_n{args.variants}_v{args.lesion_mm3}_f{args.lesion_fraction:g}_d{args.deform_mm:g}".replace(",", "-")
     cache = args.cache / f"population_{key}.npz" if args.cache else None
+    volumes = None
     if cache is not None and cache.is_file():
-        table, maps, masks, regions = load_population(cache)
-    else:
-        table, maps, masks, regions = build_population(args, heads, counts, lo, hi, rng, labels, pairs, grid)
+        table, maps, masks, regions, volumes = load_population(cache)
+    if volumes is None:  # no cache, or a cache of an older version without the images
+        table, maps, masks, regions, volumes = build_population(args, heads, counts, lo, hi, rng, labels, pairs, grid)
         if cache is not None:
-            save_population(cache, table, maps, masks, regions)
+            save_population(cache, table, maps, masks, regions, volumes)
     print(f"{len(table)} scans from {len(heads)} heads ({table['lesion'].sum()} with a lesion) in "
           f"{time.time() - t0:.0f} s", flush=True)
     template = template_reference(res, args.fwhm, args.atlas)
@@ -155,16 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         score = np.array([score_map(a, m, res, ref.member(i))["asymmetry_score"]
                           for i, (a, m) in enumerate(zip(maps, masks))])
         table[f"asymmetry_score_{comps}"] = np.round(score, 3)
-        flagged = score > ASYMMETRY_THRESHOLD
-        per_head_fp = {h: round(float(flagged[(~lesion) & (table["head"] == h).to_numpy()].mean()), 3)
-                       for h in sorted(heads)}
         summary.append({"components": comps, "auc": round(safe_auc(lesion.astype(float), score), 3),
-                        "detected": f"{int(flagged[lesion].sum())} / {int(lesion.sum())}",
-                        "detection_rate": round(float(flagged[lesion].mean()), 3),
-                        "false_positive_rate": round(float(flagged[~lesion].mean()), 3),
+                        **rates(score > ASYMMETRY_THRESHOLD, lesion, table["head"], sorted(heads)),
                         "min_lesion_score": round(float(score[lesion].min()), 2),
                         "max_clean_score": round(float(score[~lesion].max()), 2),
-                        "fp_per_head": per_head_fp, "seconds": round(time.time() - t1, 1)})
+                        "seconds": round(time.time() - t1, 1)})
+        print(json.dumps(summary[-1]), flush=True)
+    if args.model:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    for k, path in enumerate(args.model):
+        summary.append(siamese_summary(path, k, table, volumes, masks, res, sorted(heads)))
         print(json.dumps(summary[-1]), flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.results / "scores.tsv", sep="\t", index=False)
@@ -172,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
               "lesions": int(lesion.sum()), "lesion_mm3": [lo, hi], "deform_mm": args.deform_mm,
               "summary": summary, "seconds": round(time.time() - t0, 1)}
     (args.results / "results.json").write_text(json.dumps(result, indent=2))
-    print(pd.DataFrame(summary).drop(columns=["fp_per_head"]).to_string(index=False))
+    print(pd.DataFrame([r for r in summary if "components" in r]).drop(columns=["fp_per_head"]).to_string(index=False))
     return 0
 
 

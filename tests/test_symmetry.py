@@ -451,8 +451,8 @@ def test_group_train_and_apply(template8, tmp_path):
     from bids_siamese.symmetry.run import run_symmetry
 
     root = tmp_path / "out"
-    _fake_outputs(root, template8, 8, {0: "L"})
-    subjects = [f"{i:02d}" for i in range(8)]
+    _fake_outputs(root, template8, 12, {0: "L"})
+    subjects = [f"{i:02d}" for i in range(12)]
     written = run_symmetry(_settings(root, task="symmetry", mode="train", epochs=1, batch_size=4, embedding_dim=16),
                            subjects)
     names = {p.name for p in written}
@@ -463,7 +463,7 @@ def test_group_train_and_apply(template8, tmp_path):
     assert set(table["split"]) <= {"train", "validation", "test", "excluded"}
     evaluation = pd.read_csv(root / "group_symmetry_evaluation.tsv", sep="\t")
     assert {"scorer", "bin_mm3", "detection_rate", "auc", "cross_section_mm2"} <= set(evaluation.columns)
-    # 8 scans: too few not trained on for a group-relative siamese_z; the checkpoint's threshold decides instead
+    # 12 scans, about 4 not trained on: too few for a group-relative siamese_z; the checkpoint's threshold decides instead
     summary = json.loads((root / "group_symmetry_evaluation.json").read_text())
     n_reference = int((table["split"] != "train").sum())
     assert summary["siamese_reference"]["n_reference"] == n_reference < 10
@@ -474,6 +474,12 @@ def test_group_train_and_apply(template8, tmp_path):
     written = run_symmetry(_settings(root, task="symmetry", mode="apply", model=model_dir), subjects)
     again = pd.read_csv(written[0], sep="\t")
     assert np.allclose(again["siamese_probability"], table["siamese_probability"], atol=1e-4)
+    # apply: all 12 scans are the reference of the group-relative score
+    p = again["siamese_probability"].clip(1e-6, 1 - 1e-6)
+    logits = np.log(p / (1 - p))
+    sd = max(1.4826 * float(np.median(np.abs(logits - logits.median()))), 0.05)
+    assert np.allclose(again["siamese_z"], (logits - logits.median()) / sd, atol=0.05)
+    assert (again["siamese_suspected"] == (again["siamese_z"] >= 3)).all()
 
 
 @pytest.mark.slow
