@@ -58,7 +58,7 @@ from bids_siamese.symmetry.train import (
     evaluate_detection,
     prepare_scan,
     save_symmetry_checkpoint,
-    siamese_predict,
+    siamese_logits,
     siamese_scorer,
     to_model_resolution,
     train_symmetry_model,
@@ -290,14 +290,16 @@ def main(argv: list[str] | None = None) -> int:
                 info["threshold"], info["samples"])
         evaluated = parts["test"] + truth.index[lesion].tolist() + truth.index[flipped & ~lesion].tolist()
         scored_idx = evaluated + parts["validation"]  # every scan not trained on: the app's siamese_z reference
-        p_abn, p_left = siamese_predict(model, [volumes[i] for i in scored_idx], [masks[i] for i in scored_idx], res,
-                                        model_res)
+        logit_abn, logit_side = siamese_logits(model, [volumes[i] for i in scored_idx], [masks[i] for i in scored_idx],
+                                               res, model_res)
+        p_abn, p_left = 1.0 / (1.0 + np.exp(-logit_abn)), 1.0 / (1.0 + np.exp(-logit_side))
         truth["siamese_probability"] = np.nan
         truth.loc[scored_idx, "siamese_probability"] = p_abn
         truth["siamese_p_left"] = np.nan
         truth.loc[scored_idx, "siamese_p_left"] = p_left
-        z_stats = reference_statistics(p_abn)
-        truth["siamese_z"] = siamese_z(truth["siamese_probability"].to_numpy(), z_stats)
+        z_stats = reference_statistics(logit_abn)
+        truth["siamese_z"] = np.nan
+        truth.loc[scored_idx, "siamese_z"] = siamese_z(logit_abn, z_stats)
         held = truth.loc[evaluated].reset_index(drop=True)
         for subset, keep in (("held-out lesion-free", ~held["lr_flipped"].str.lower().eq("true") |
                               held["lesion"].str.lower().eq("true")),
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         test_scans = [prepare_scan(volumes[i], masks[i], res, str(i)) for i in parts["test"]]
         probability = siamese_scorer(model, res, model_res)
         scorers = {"siamese_probability": probability,
-                   "siamese_z": lambda vs, ms: siamese_z(probability(vs, ms), z_stats),
+                   "siamese_z": lambda vs, ms: siamese_z(siamese_logits(model, vs, ms, res, model_res)[0], z_stats),
                    "asymmetry_score": lambda vs, ms: np.array(
                        [score_scan(v, m, res, reference, args.fwhm)["asymmetry_score"] for v, m in zip(vs, ms)])}
         samples, sim_bins, sim_overall = evaluate_detection(

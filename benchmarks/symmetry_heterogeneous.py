@@ -131,18 +131,19 @@ def siamese_summary(path: Path, k: int, table: pd.DataFrame, volumes, masks, res
     import torch  # only with --model
 
     from bids_siamese.symmetry.calibration import SIAMESE_Z_THRESHOLD, reference_statistics, siamese_z
-    from bids_siamese.symmetry.train import load_symmetry_model, model_resolution, siamese_predict
+    from bids_siamese.symmetry.train import load_symmetry_model, model_resolution, siamese_logits
 
     t1 = time.time()
     model, card = load_symmetry_model(path)
-    p, _ = siamese_predict(model, volumes, masks, res, model_resolution(card))
-    stats = reference_statistics(p)
-    z = siamese_z(p, stats)
+    logit, _ = siamese_logits(model, volumes, masks, res, model_resolution(card))
+    p = 1.0 / (1.0 + np.exp(-logit))
+    stats = reference_statistics(logit)
+    z = siamese_z(logit, stats)
     table[f"siamese_probability_{k}"], table[f"siamese_z_{k}"] = np.round(p, 4), np.round(z, 3)
     lesion = table["lesion"].to_numpy(bool)
     threshold = float(card["decision"]["threshold"])
     return {"model": str(path), "fusion": card["hyperparameters"].get("fusion"),
-            "auc": round(safe_auc(lesion.astype(float), p), 3), "threshold": round(threshold, 4),
+            "auc": round(safe_auc(lesion.astype(float), logit), 3), "threshold": round(threshold, 4),
             "at_threshold": rates(p >= threshold, lesion, table["head"], heads),
             "at_z3": rates(z >= SIAMESE_Z_THRESHOLD, lesion, table["head"], heads),
             "reference": stats, "min_lesion_z": round(float(z[lesion].min()), 2),

@@ -4,7 +4,7 @@ The network is trained on balanced simulated samples, so its probability is not 
 Youden threshold chosen on the validation samples let 0-43 % of the held-out lesion-free scans of the full demo
 through, and the 95th percentile of 40 validation scans 19-35 % (docs/benchmarks.md). What does carry over is the
 ranking. ``siamese_z`` therefore places each scan's logit in the distribution of the logits of the group being
-scored, as ``asymmetry_score`` does with the asymmetry maps: a robust z (median and 1.4826 x MAD) over the
+scored, as ``asymmetry_score`` does with the asymmetry maps: a robust z of the logit (median and 1.4826 x MAD) over the
 *reference scans*, every scan the model was not trained on (after ``--mode train``: the validation, test and
 excluded scans; after ``--mode apply``: all of them). A dataset-wide shift of the logits (another scanner, another
 population than the training data) moves the median with it instead of turning every scan into a detection. Most
@@ -25,12 +25,12 @@ MIN_REFERENCE_SCANS = 10
 #: Floor of the robust sd of the reference logits (a model that gives every scan nearly the same logit must not
 #: turn a tiny difference into a large z).
 MIN_LOGIT_SD = 0.05
-#: Probabilities are clipped to [EPS, 1 - EPS] before the logit (float32 sigmoid saturates).
-EPS = 1e-6
+#: Probabilities are clipped to [EPS, 1 - EPS] by :func:`logit`.
+EPS = 1e-12
 
 
 def logit(p) -> np.ndarray:
-    """``log(p / (1 - p))`` of probabilities clipped to ``[EPS, 1 - EPS]``.
+    """``log(p / (1 - p))`` of probabilities clipped to ``[EPS, 1 - EPS]`` (for scores stored as probabilities).
 
     Examples:
         >>> logit([0.5, 0.731059]).round(3).tolist()
@@ -40,36 +40,36 @@ def logit(p) -> np.ndarray:
     return np.log(q / (1.0 - q))
 
 
-def reference_statistics(p_reference) -> dict:
-    """``{"n_reference", "median_logit", "sd_logit"}`` of the reference scans' probabilities (NaN ignored); the
-    median and sd are NaN with fewer than :data:`MIN_REFERENCE_SCANS` scans.
+def reference_statistics(reference_logits) -> dict:
+    """``{"n_reference", "median_logit", "sd_logit"}`` of the reference scans' logits (NaN ignored); the median
+    and sd are NaN with fewer than :data:`MIN_REFERENCE_SCANS` scans. Logits, not probabilities: a float32
+    probability saturates at 1 for logits above ~17, and a model applied to data unlike its training data can put
+    most scans there (docs/benchmarks.md, real heads).
 
     Examples:
-        >>> stats = reference_statistics(np.full(12, 0.5))
+        >>> stats = reference_statistics(np.zeros(12))
         >>> stats["n_reference"], stats["median_logit"], stats["sd_logit"]
         (12, 0.0, 0.05)
-        >>> bool(np.isnan(reference_statistics([0.5, 0.6])["median_logit"]))
+        >>> bool(np.isnan(reference_statistics([0.0, 0.4])["median_logit"]))
         True
     """
-    p = np.asarray(p_reference, dtype=float)
-    p = p[np.isfinite(p)]
-    if p.size < MIN_REFERENCE_SCANS:
-        return {"n_reference": int(p.size), "median_logit": float("nan"), "sd_logit": float("nan")}
-    values = logit(p)
+    values = np.asarray(reference_logits, dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size < MIN_REFERENCE_SCANS:
+        return {"n_reference": int(values.size), "median_logit": float("nan"), "sd_logit": float("nan")}
     median = float(np.median(values))
     sd = max(1.4826 * float(np.median(np.abs(values - median))), MIN_LOGIT_SD)
-    return {"n_reference": int(p.size), "median_logit": median, "sd_logit": sd}
+    return {"n_reference": int(values.size), "median_logit": median, "sd_logit": sd}
 
 
-def siamese_z(p, stats: dict) -> np.ndarray:
-    """The robust z of the logits of ``p`` against :func:`reference_statistics` (NaN without a reference).
+def siamese_z(logits, stats: dict) -> np.ndarray:
+    """The robust z of ``logits`` against :func:`reference_statistics` (NaN without a reference).
 
     Examples:
-        >>> stats = {"n_reference": 20, "median_logit": 0.0, "sd_logit": 0.5}
-        >>> siamese_z([0.5, 0.8175745], stats).round(2).tolist()
+        >>> siamese_z([0.0, 1.5], {"n_reference": 20, "median_logit": 0.0, "sd_logit": 0.5}).tolist()
         [0.0, 3.0]
     """
-    return (logit(p) - float(stats["median_logit"])) / float(stats["sd_logit"])
+    return (np.asarray(logits, dtype=float) - float(stats["median_logit"])) / float(stats["sd_logit"])
 
 
 def suspected(p, z, fallback_threshold: float) -> np.ndarray:

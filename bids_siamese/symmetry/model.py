@@ -288,6 +288,30 @@ def symmetry_model_from_card(card: dict, state: dict) -> SymmetrySiamese:
     return model
 
 
+def predict_logits(model: SymmetrySiamese, volumes: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logit, side_logit)`` for a stack of model-grid volumes ``(N, X, Y, Z)`` or ``(N, 1, X, Y, Z)``, in eval
+    mode. The logits keep the ranking that float32 probabilities lose once they saturate at 1.
+
+    Examples:
+        >>> m = build_symmetry_model("small").eval()
+        >>> logit, side = predict_logits(m, torch.randn(3, 32, 32, 32))
+        >>> tuple(logit.shape), tuple(side.shape)
+        ((3,), (3,))
+    """
+    if volumes.dim() == 4:
+        volumes = volumes[:, None]
+    was_training = model.training
+    model.eval()
+    logits, sides = [], []
+    with torch.no_grad():
+        for start in range(0, volumes.shape[0], batch_size):
+            logit, side = model(volumes[start:start + batch_size].float())
+            logits.append(logit)
+            sides.append(side)
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(sides)
+
+
 def predict_proba(model: SymmetrySiamese, volumes: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``(p_abnormal, p_left)`` for a stack of model-grid volumes ``(N, X, Y, Z)`` or ``(N, 1, X, Y, Z)``.
 
@@ -297,18 +321,8 @@ def predict_proba(model: SymmetrySiamese, volumes: torch.Tensor, batch_size: int
         >>> tuple(p.shape), bool(((p >= 0) & (p <= 1)).all())
         ((3,), True)
     """
-    if volumes.dim() == 4:
-        volumes = volumes[:, None]
-    was_training = model.training
-    model.eval()
-    probs, sides = [], []
-    with torch.no_grad():
-        for start in range(0, volumes.shape[0], batch_size):
-            logit, side = model(volumes[start:start + batch_size].float())
-            probs.append(torch.sigmoid(logit))
-            sides.append(torch.sigmoid(side))
-    model.train(was_training)
-    return torch.cat(probs), torch.cat(sides)
+    logit, side = predict_logits(model, volumes, batch_size)
+    return torch.sigmoid(logit), torch.sigmoid(side)
 
 
 def side_loss(side_logit: torch.Tensor, label: torch.Tensor, is_left: torch.Tensor) -> torch.Tensor:

@@ -193,8 +193,8 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]
     from ..train.run import training_fingerprint
     from .model import build_symmetry_model
     from .train import (
-        detection_figure, evaluate_detection, hyperparameters, prepare_scan, save_symmetry_checkpoint, siamese_scorer,
-        to_model_resolution, train_config, train_symmetry_model,
+        detection_figure, evaluate_detection, hyperparameters, prepare_scan, save_symmetry_checkpoint, siamese_logits,
+        siamese_scorer, to_model_resolution, train_config, train_symmetry_model,
     )
 
     out_dir = Path(settings.output_dir)
@@ -245,7 +245,8 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]
     thresholds = {"siamese_probability": info["threshold"], "siamese_z": SIAMESE_Z_THRESHOLD,
                   "asymmetry_score": ASYMMETRY_THRESHOLD}
     if np.isfinite(stats["median_logit"]):  # with enough reference scans (else siamese_z is n/a)
-        scorers["siamese_z"] = lambda vols, ms: siamese_z(probability(vols, ms), stats)
+        scorers["siamese_z"] = lambda vols, ms: siamese_z(
+            siamese_logits(model, vols, ms, resolution, resolution)[0], stats)
     _, per_bin, overall = evaluate_detection(test_scans, resolution, scorers, thresholds, lesion, draws=2,
                                              seed=settings.seed + 7)
     metrics = {"validation": {"loss": info["best_val_loss"], "auc": info["best_val_auc"],
@@ -280,11 +281,12 @@ def apply_model(data: ScoredDataset, model, model_res: float, resolution: float,
     Returns:
         the reference statistics (:func:`~bids_siamese.symmetry.calibration.reference_statistics`).
     """
-    from .train import siamese_predict
+    from .train import siamese_logits
 
-    p, p_left = siamese_predict(model, data.volumes, data.masks, resolution, model_res)
-    stats = reference_statistics(p[(data.table["split"] != "train").to_numpy()])
-    z = siamese_z(p, stats)
+    logit, side = siamese_logits(model, data.volumes, data.masks, resolution, model_res)
+    p, p_left = 1.0 / (1.0 + np.exp(-logit)), 1.0 / (1.0 + np.exp(-side))
+    stats = reference_statistics(logit[(data.table["split"] != "train").to_numpy()])
+    z = siamese_z(logit, stats)
     data.table["siamese_probability"] = np.round(p, 4)
     data.table["siamese_z"] = np.round(z, 3)
     data.table["siamese_suspected"] = suspected(p, z, fallback_threshold)

@@ -55,7 +55,7 @@ from ..train.data import pair_batches
 from ..train.ddp import DistContext
 from ..train.evaluate import choose_threshold, safe_auc
 from ..train.loop import TrainConfig, TrainResult, _Epochs, _fit, _setup, recompute_batch_norm
-from .model import SymmetrySiamese, predict_proba, side_loss
+from .model import SymmetrySiamese, predict_logits, predict_proba, side_loss
 from .simulate import VOLUME_BINS, LesionConfig, bin_label, curriculum_range, simulate_lesion
 
 LOG = logging.getLogger("bids_siamese.symmetry")
@@ -397,19 +397,26 @@ def train_symmetry_model(
     return result, info
 
 
-def siamese_predict(model: SymmetrySiamese, volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                    in_resolution: float, model_resolution: float, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """``(p_abnormal, p_left)`` of images on ``model_grid(in_resolution)`` (brought to the model's grid)."""
-    p_all, side_all = [], []
+def siamese_logits(model: SymmetrySiamese, volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                   in_resolution: float, model_resolution: float, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """``(logit, side_logit)`` (float64) of images on ``model_grid(in_resolution)`` (brought to the model's grid)."""
+    logit_all, side_all = [], []
     for start in range(0, len(volumes), batch_size):
         small = [to_model_resolution(v, m, in_resolution, model_resolution)[0]
                  for v, m in zip(volumes[start:start + batch_size], masks[start:start + batch_size])]
-        p, side = predict_proba(model, torch.from_numpy(np.stack(small)), batch_size=batch_size)
-        p_all.append(p.numpy())
+        logit, side = predict_logits(model, torch.from_numpy(np.stack(small)), batch_size=batch_size)
+        logit_all.append(logit.numpy())
         side_all.append(side.numpy())
-    if not p_all:
+    if not logit_all:
         return np.zeros(0), np.zeros(0)
-    return np.concatenate(p_all).astype(float), np.concatenate(side_all).astype(float)
+    return np.concatenate(logit_all).astype(float), np.concatenate(side_all).astype(float)
+
+
+def siamese_predict(model: SymmetrySiamese, volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                    in_resolution: float, model_resolution: float, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """``(p_abnormal, p_left)`` of images on ``model_grid(in_resolution)`` (brought to the model's grid)."""
+    logit, side = siamese_logits(model, volumes, masks, in_resolution, model_resolution, batch_size)
+    return 1.0 / (1.0 + np.exp(-logit)), 1.0 / (1.0 + np.exp(-side))
 
 
 def siamese_scorer(model: SymmetrySiamese, in_resolution: float, model_resolution: float,
