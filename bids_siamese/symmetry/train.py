@@ -25,6 +25,9 @@ validation scan, volumes log-uniform over the whole range, augmented like the tr
 with the lowest validation loss are kept, early stopping only counts once the curriculum (:data:`RAMP_FRACTION`
 of the epochs) has reached the full volume range, and the decision threshold on p(abnormal) is the one with the
 largest Youden's J on the validation samples (:func:`bids_siamese.train.evaluate.choose_threshold`).
+The training samples are assembled by the loop's DataLoader (:mod:`bids_siamese.train.batches`;
+``--loader-workers``: with 0 workers from one numpy generator in order, with workers from a generator per batch)
+out of the training volumes held at ``--volume-cache`` precision; ``--compile`` compiles the training forward.
 
 The model works on its own grid, ``model_grid(resolution)`` (the participant-level resolution at the group
 level); images on a finer grid are block-averaged to it (:func:`to_model_resolution`).
@@ -381,7 +384,7 @@ def train_symmetry_model(
         losses, scores = [], []
         for b in range(0, len(val_y), config.eval_batch_size):
             sl = slice(b, b + config.eval_batch_size)
-            loss, logit = _loss(net, val_x[sl], val_y[sl], val_side[sl], val_target[sl])
+            loss, logit = _loss(unwrap(net), val_x[sl], val_y[sl], val_side[sl], val_target[sl])
             losses.append(float(loss) * len(val_y[sl]))
             scores.append(torch.sigmoid(logit))
         return {"val_loss": sum(losses) / len(val_y), "val_auc": safe_auc(val_y.numpy(), torch.cat(scores).numpy())}
