@@ -6,6 +6,8 @@ One command on any CUDA machine (``benchmarks/gpu.py`` runs the same section aft
     python benchmarks/train_throughput.py --channels-last --compile
     python benchmarks/train_throughput.py --device cpu --threads 1 # CPU volumes/s (no peak fraction)
     python benchmarks/train_throughput.py --device cpu --threads 1 --backbones small --pipeline --loader-workers 2
+    python benchmarks/train_throughput.py --device cpu --threads 1 --backbones small --pipeline --pipeline-task \
+        symmetry --resolution 4 --pipeline-subjects 12 --loader-workers 2
     python benchmarks/train_throughput.py --cache-memory 336       # RAM of a 336-scan stack, float32 and float16
 
 For each backbone it builds the twin model (``small``, ``unet``, ``resnet18``, ``densenet121`` and the atlas-region
@@ -24,6 +26,10 @@ of whole families gathered, converted to float32 and augmented by the DataLoader
 (not given: the option is not passed, so the line also measures releases without it), then forward, triplet mining,
 backward and AdamW; the figure is the loop's own volumes/s of the training steps per epoch (the per-epoch
 batch-norm re-estimation is not in it), and the median of the epochs after the first (which starts the workers).
+``--pipeline-task symmetry`` measures the symmetry trainer the same way (:func:`measure_symmetry_pipeline`):
+``train_symmetry_model`` on ``--pipeline-subjects`` such volumes (one of them for validation), whose batches are
+simulated lesions and augmentations on numpy (``make_example``), assembled by the DataLoader's workers; it trains
+on the CPU whatever ``--device`` says.
 ``--cache-memory N`` reads N model-grid volumes (``--distinct-files`` NIfTI files written to a temporary folder,
 listed in turn) into the training stack with ``load_volume_cache`` and prints, per dtype, the stack's bytes, the
 peak of the traced (numpy) allocations while loading and the growth of the process's resident memory.
@@ -182,7 +188,7 @@ def brain_volumes(n: int, shape, seed: int = 0) -> np.ndarray:
 
 @dataclass
 class PipelineFigures:
-    """The app's twin training path: volumes/s of the training steps per epoch."""
+    """The app's training path of a task (twin, symmetry): volumes/s of the training steps per epoch."""
 
     backbone: str
     batch: int
@@ -192,6 +198,7 @@ class PipelineFigures:
     device: str
     per_epoch: list[float]
     assembly_seconds: float
+    task: str = "twin"
 
     @property
     def volumes_per_second(self) -> float:
@@ -249,11 +256,49 @@ def _assembly_seconds(volumes, batch: int, max_shift: int, repeats: int = 5) -> 
     return statistics.median(times)
 
 
+def measure_symmetry_pipeline(backbone: str = "small", resolution: float = 4.0, batch: int = 8, scans: int = 12,
+                              epochs: int = 3, cache: str = "float16", workers: int | None = None) -> PipelineFigures:
+    """Train the symmetry model (``backbone``, difference fusion, difference channel) with ``train_symmetry_model``
+    for ``epochs`` epochs on ``scans - 1`` brain-like random volumes on the ``resolution`` mm grid (2 samples per
+    scan and epoch), validated on the last one (2 samples); training volumes held as ``cache``, ``workers`` loader
+    workers (None: the option is not passed). Returns the loop's volumes/s per epoch (samples assembled and
+    trained on per second) and the median seconds to assemble one batch of ``batch`` samples in this process."""
+    import torch
+
+    from bids_siamese.resources import model_grid
+    from bids_siamese.symmetry.model import build_symmetry_model
+    from bids_siamese.symmetry.simulate import LesionConfig
+    from bids_siamese.symmetry.train import make_example, prepare_scan, train_symmetry_model
+    from bids_siamese.train.loop import TrainConfig
+
+    volumes = brain_volumes(scans, tuple(model_grid(resolution).shape))
+    prepared = [prepare_scan(v[0], v[0] != 0, resolution, f"scan{i}") for i, v in enumerate(volumes)]
+    options = {} if workers is None else {"loader_workers": workers}
+    config = TrainConfig(epochs=epochs, batch_size=batch, patience=epochs, flip_lr=True, progress=False,
+                         eval_batch_size=batch, **options)
+    lesion, affine = LesionConfig(), np.diag([float(resolution)] * 3 + [1.0])
+    rng, times = np.random.default_rng(0), []
+    for k in range(3):
+        start = time.perf_counter()
+        for j in range(batch):
+            make_example(prepared[j % (scans - 1)], j % 2 == 0, rng, config, lesion, lesion.volume_mm3, affine)
+        times.append(time.perf_counter() - start)
+    torch.manual_seed(0)
+    model = build_symmetry_model(backbone, "difference", 64, difference_channel=True)
+    result, _ = train_symmetry_model(model, prepared[:-1], prepared[-1:], config, resolution, lesion,
+                                     samples_per_scan=1, val_draws=1, volume_cache_dtype=cache)
+    return PipelineFigures(backbone, batch, scans, cache, workers, "cpu",
+                           [float(v) for v in result.history["volumes_per_second"]], statistics.median(times),
+                           task="symmetry")
+
+
 def pipeline_line(fig: PipelineFigures) -> str:
     workers = "option not passed" if fig.workers is None else f"{fig.workers} loader workers"
-    return (f"training path {fig.backbone:12s} batch {fig.batch}, {fig.subjects} subjects, {fig.cache} cache, "
-            f"{workers}, {fig.device}: {fig.volumes_per_second:8.2f} volumes/s (median of epochs 2+; per epoch "
-            f"{', '.join(f'{v:.2f}' for v in fig.per_epoch)}); assembling a batch (gather, float32, augment) "
+    unit = "scans" if fig.task == "symmetry" else "subjects"
+    what = "lesion simulation, augment" if fig.task == "symmetry" else "gather, float32, augment"
+    return (f"{fig.task} training path {fig.backbone:12s} batch {fig.batch}, {fig.subjects} {unit}, {fig.cache} "
+            f"cache, {workers}, {fig.device}: {fig.volumes_per_second:8.2f} volumes/s (median of epochs 2+; per "
+            f"epoch {', '.join(f'{v:.2f}' for v in fig.per_epoch)}); assembling a batch ({what}) "
             f"{fig.assembly_seconds:.3f} s")
 
 
@@ -346,7 +391,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the GPU's bf16 dense peak in TFLOP/s (default: from the device name)")
     parser.add_argument("--pipeline", action="store_true",
                         help="measure the app's training path (train_twin with the DataLoader) instead of a bare step")
-    parser.add_argument("--pipeline-subjects", type=int, default=48, help="--pipeline: subjects in the stack")
+    parser.add_argument("--pipeline-task", choices=("twin", "symmetry"), default="twin",
+                        help="--pipeline: the trainer measured (symmetry: on the CPU)")
+    parser.add_argument("--pipeline-subjects", type=int, default=48,
+                        help="--pipeline: subjects in the stack (symmetry: scans, the last one for validation)")
     parser.add_argument("--pipeline-epochs", type=int, default=3, help="--pipeline: epochs (the first is not counted)")
     parser.add_argument("--volume-cache", choices=("float16", "float32"), default="float16",
                         help="--pipeline: dtype of the volume stack")
@@ -358,8 +406,13 @@ def run_pipeline_section(args: argparse.Namespace, device: str) -> list[Pipeline
     """``--pipeline``: measure the app's training path for each of ``--backbones`` and print its line."""
     out = []
     for backbone in args.backbones:
-        out.append(measure_training_pipeline(backbone, args.resolution, args.train_batch, args.pipeline_subjects,
-                                             args.pipeline_epochs, args.volume_cache, args.loader_workers, device))
+        if args.pipeline_task == "symmetry":
+            out.append(measure_symmetry_pipeline(backbone, args.resolution, args.train_batch, args.pipeline_subjects,
+                                                 args.pipeline_epochs, args.volume_cache, args.loader_workers))
+        else:
+            out.append(measure_training_pipeline(backbone, args.resolution, args.train_batch,
+                                                 args.pipeline_subjects, args.pipeline_epochs, args.volume_cache,
+                                                 args.loader_workers, device))
         print(pipeline_line(out[-1]), flush=True)
     return out
 

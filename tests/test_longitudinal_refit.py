@@ -116,7 +116,7 @@ def test_regional_draw_does_not_depend_on_test_pairs(regional_draw_inputs):
     first = _draw(settings, inputs, data)
     test_scans = np.unique(data.pairs[first.test_idx])
     assert not set(test_scans) & set(np.unique(data.pairs[first.final_train_idx]))
-    volumes = data.volumes.copy()
+    volumes = np.array(data.volumes, dtype=np.float32)  # the float16 cache as a float32 copy
     volumes[test_scans] = np.random.default_rng(1).normal(size=volumes[test_scans].shape).astype(volumes.dtype)
     labels = data.labels.copy()
     labels[first.test_idx] = 1 - labels[first.test_idx]

@@ -274,7 +274,8 @@ def test_longitudinal_train_then_apply(group_data):
     run_longitudinal(settings_for(bids, out, "longitudinal", mode="apply",
                                   model=out / "models" / "longitudinal_small"), subjects)
     again = pd.read_csv(out / LONGITUDINAL_FILES["predictions"], sep="\t")
-    assert np.allclose(again["p_decline"], pred["p_decline"], atol=1e-3)
+    # training held the float16 cache; both modes predict from the float32 volumes as stored
+    assert (again["p_decline"] == pred["p_decline"]).all()
 
 
 def test_apply_refuses_a_checkpoint_of_another_task(group_data):

@@ -171,15 +171,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                       help="nipype plugin settings (YAML/JSON: plugin, plugin_args), e.g. for SLURM")
     perf.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     perf.add_argument("--loader-workers", type=int, default=None, metavar="N",
-                      help="group training (twin, longitudinal, orientation): DataLoader worker processes that "
-                           f"assemble the training batches (default: 0 on the CPU; min({CUDA_LOADER_WORKERS}, "
+                      help="group training (twin, longitudinal, orientation, symmetry): DataLoader worker processes "
+                           f"that assemble the training batches (default: 0 on the CPU; min({CUDA_LOADER_WORKERS}, "
                            "nprocs - 1) on CUDA)")
     perf.add_argument("--volume-cache", choices=VOLUME_CACHE_DTYPES, default="float16",
-                      help="group training (twin, orientation): precision of the in-memory stack of model-grid volumes "
-                           "(float16 halves its memory; float32 reproduces earlier releases bit for bit)")
+                      help="group training (twin, longitudinal, orientation, symmetry): precision of the in-memory "
+                           "stack of model-grid volumes (float16 halves its memory; float32 reproduces earlier "
+                           "releases bit for bit)")
     perf.add_argument("--compile", action="store_true",
-                      help="group training (twin, longitudinal, orientation): torch.compile the model (eager with a "
-                           "warning when compiling fails)")
+                      help="group training (twin, longitudinal, orientation, symmetry): torch.compile the model "
+                           "(eager with a warning when compiling fails)")
     perf.add_argument("--seed", type=int, default=0, help="random seed")
     perf.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0, help="more output (repeatable)")
     return p

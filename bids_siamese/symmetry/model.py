@@ -225,10 +225,13 @@ class SymmetrySiamese(nn.Module):
         n = x.shape[0]
         return h[:n], h[n:], middle[:n], middle[n:]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logit, side_logit)``, each of shape ``(B,)``; ``side_logit > 0`` means left."""
+    def forward(self, x: torch.Tensor, all_outputs: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]:
+        """``(logit, side_logit)``, each of shape ``(B,)``; ``side_logit > 0`` means left. With ``all_outputs``:
+        :meth:`forward_all`'s dict (the training forward: through ``model(x, all_outputs=True)`` it also runs in a
+        DDP or ``torch.compile`` wrapper, which only have ``forward``)."""
         out = self.forward_all(x)
-        return out["logit"], out["side"]
+        return out if all_outputs else (out["logit"], out["side"])
 
     def forward_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``logit``, ``side`` and, except for the ``embedding`` fusion, ``positions``: one asymmetry logit per

@@ -25,6 +25,9 @@ validation scan, volumes log-uniform over the whole range, augmented like the tr
 with the lowest validation loss are kept, early stopping only counts once the curriculum (:data:`RAMP_FRACTION`
 of the epochs) has reached the full volume range, and the decision threshold on p(abnormal) is the one with the
 largest Youden's J on the validation samples (:func:`bids_siamese.train.evaluate.choose_threshold`).
+The training samples are assembled by the loop's DataLoader (:mod:`bids_siamese.train.batches`;
+``--loader-workers``: with 0 workers from one numpy generator in order, with workers from a generator per batch)
+out of the training volumes held at ``--volume-cache`` precision; ``--compile`` compiles the training forward.
 
 The model works on its own grid, ``model_grid(resolution)`` (the participant-level resolution at the group
 level); images on a finer grid are block-averaged to it (:func:`to_model_resolution`).
@@ -51,10 +54,12 @@ from scipy import ndimage as ndi
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..preproc.grid import resample_array
 from ..resources import model_grid
-from ..train.data import pair_batches
-from ..train.ddp import DistContext
+from ..train.batches import BatchAssembly
+from ..train.data import pair_batches, volume_cache
+from ..train.ddp import DistContext, unwrap
 from ..train.evaluate import choose_threshold, safe_auc
 from ..train.loop import TrainConfig, TrainResult, _Epochs, _fit, _setup, recompute_batch_norm
+from ..train.run import runtime_options
 from .model import SymmetrySiamese, predict_logits, predict_proba, side_loss
 from .simulate import VOLUME_BINS, LesionConfig, bin_label, curriculum_range, simulate_lesion
 
@@ -82,10 +87,11 @@ FP_TARGET = 0.05
 
 def train_config(settings) -> TrainConfig:
     """The shared training settings of the symmetry model from the run's :class:`~bids_siamese.config.Settings`:
-    left-right flips allowed (the lesion side flips with the image), intensity and noise augmentation."""
+    left-right flips allowed (the lesion side flips with the image), intensity and noise augmentation, and the
+    runtime options (``--loader-workers``, ``--compile``) of every task."""
     return TrainConfig(epochs=int(settings.epochs), batch_size=int(settings.batch_size), lr=float(settings.lr),
                        patience=int(settings.patience), seed=int(settings.seed), flip_lr=True,
-                       eval_batch_size=int(settings.batch_size))
+                       eval_batch_size=int(settings.batch_size), **runtime_options(settings))
 
 
 def sample_settings(lesion: LesionConfig, samples_per_scan: int, val_draws: int) -> dict:
@@ -282,7 +288,7 @@ def validation_set(scans: Sequence[Scan], config: TrainConfig, lesion: LesionCon
 def _loss(model: SymmetrySiamese, x: torch.Tensor, y: torch.Tensor, left: torch.Tensor,
           target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(total loss, logits)``: image BCE + side BCE (lesioned samples) + position BCE (deep supervision)."""
-    out = model.forward_all(x)
+    out = model(x, all_outputs=True)  # forward, so that a torch.compile (or DDP) wrapper runs it
     loss = F.binary_cross_entropy_with_logits(out["logit"], y) + SIDE_WEIGHT * side_loss(out["side"], y, left)
     if "positions" in out and POSITION_WEIGHT > 0:
         tgt = position_targets(target, out["positions"].shape[1:])
@@ -300,6 +306,7 @@ def train_symmetry_model(
     samples_per_scan: int = SAMPLES_PER_SCAN,
     val_draws: int = VAL_DRAWS,
     ctx: DistContext | None = None,
+    volume_cache_dtype: str = "float32",
 ) -> tuple[TrainResult, dict]:
     """Train the Siamese symmetry model on lesion-free scans (on its grid) with simulated lesions, in the shared
     training loop; keep the best validation epoch.
@@ -315,6 +322,9 @@ def train_symmetry_model(
         samples_per_scan: lesioned (and as many lesion-free) samples per training scan and epoch.
         val_draws: lesioned (and as many lesion-free) validation samples per validation scan.
         ctx: distributed context (None: single process).
+        volume_cache_dtype: the precision at which the trainer holds the training volumes the samples are drawn
+            from (``--volume-cache``: ``float16`` halves that copy; :func:`~bids_siamese.train.data.volume_cache`);
+            the reference of the difference channel and the validation samples come from the scans as given.
 
     Returns:
         ``(result, info)``: :class:`~bids_siamese.train.loop.TrainResult` (the model with the best validation
@@ -322,7 +332,7 @@ def train_symmetry_model(
         val_auc, seconds, volumes_per_second``); ``info`` holds ``best_epoch``, ``best_val_loss``,
         ``best_val_auc``, ``threshold`` (the probability with the largest Youden's J on the validation samples:
         the network is trained on balanced simulated data, so 0.5 is not a calibrated cut-off),
-        ``stopped_early``, ``epochs_run``, ``seconds`` and ``samples`` (:func:`sample_settings`).
+        ``stopped_early``, ``epochs_run``, ``seconds``, ``volume_cache`` and ``samples`` (:func:`sample_settings`).
 
     Examples:
         >>> from bids_siamese.symmetry.model import build_symmetry_model
@@ -338,27 +348,35 @@ def train_symmetry_model(
     if not train_scans or not val_scans:
         raise ValueError("need at least one training and one validation scan")
     affine = np.diag([float(resolution)] * 3 + [1.0])  # only the voxel size matters to the simulator
-    volumes = np.stack([scan.volume for scan in train_scans])[:, None]
-    if getattr(model, "difference_channel", False):
-        model.set_reference(torch.from_numpy(volumes))
+    if getattr(model, "difference_channel", False):  # the reference of the volumes as given (float32)
+        model.set_reference(torch.from_numpy(np.stack([scan.volume for scan in train_scans])[:, None]))
+    volumes = volume_cache([scan.volume for scan in train_scans], volume_cache_dtype)
     ctx, device, net, opt, scaler, _ = _setup(model, config, "cpu", ctx)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs), eta_min=0.05 * config.lr)
     val_x, val_y, val_side, val_target = validation_set(val_scans, config, lesion, affine, val_draws)
     items = [(i, lesioned) for i in range(len(train_scans)) for lesioned in (True, False)
              for _ in range(max(1, samples_per_scan))]
-    rng = np.random.default_rng(config.seed)
-    epoch_range = {"range": lesion.volume_mm3}
+
+    def volume_range(epoch: int) -> tuple[float, float]:
+        return curriculum_range(epoch - 1, config.epochs, lesion.volume_mm3, RAMP_FRACTION)
 
     def start_epoch(epoch: int) -> dict[str, float]:
         if epoch > 1:
             schedule.step()  # cosine decay per epoch
-        epoch_range["range"] = vrange = curriculum_range(epoch - 1, config.epochs, lesion.volume_mm3, RAMP_FRACTION)
+        vrange = volume_range(epoch)
         return {"volume_min_mm3": round(vrange[0], 1), "volume_max_mm3": round(vrange[1], 1)}
 
-    def step(idx: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
-        x, y, left, target = _stack([make_example(train_scans[items[j][0]], items[j][1], rng, config, lesion,
-                                                  epoch_range["range"], affine) for j in idx])
-        return _loss(net, x.to(device), y.to(device), left.to(device), target.to(device))[0], {}
+    def assemble(idx: np.ndarray, rng: np.random.Generator, epoch: int) -> tuple[torch.Tensor, ...]:
+        """The samples of a batch (lesion simulation and augmentation on numpy: a loader worker's job)."""
+        samples = []
+        for j in idx:
+            scan = train_scans[items[j][0]]
+            training = Scan(volumes[items[j][0], 0], scan.mask, scan.depth_mm, scan.key)
+            samples.append(make_example(training, items[j][1], rng, config, lesion, volume_range(epoch), affine))
+        return _stack(samples)
+
+    def step(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+        return _loss(net, *batch)[0], {}
 
     @torch.no_grad()
     def validate() -> dict[str, float]:
@@ -366,19 +384,23 @@ def train_symmetry_model(
         losses, scores = [], []
         for b in range(0, len(val_y), config.eval_batch_size):
             sl = slice(b, b + config.eval_batch_size)
-            loss, logit = _loss(net, val_x[sl], val_y[sl], val_side[sl], val_target[sl])
+            loss, logit = _loss(unwrap(net), val_x[sl], val_y[sl], val_side[sl], val_target[sl])
             losses.append(float(loss) * len(val_y[sl]))
             scores.append(torch.sigmoid(logit))
         return {"val_loss": sum(losses) / len(val_y), "val_auc": safe_auc(val_y.numpy(), torch.cat(scores).numpy())}
 
     start = time.time()
+    # 0 loader workers: one numpy generator (seed ``config.seed``) drawn batch after batch, as before the loader;
+    # with workers: batch k of epoch e draws from default_rng(batch_seed(seed, rank, e, k))
+    assembly = BatchAssembly(assemble, np.random.default_rng(config.seed), device, seeded=np.random.default_rng,
+                             with_epoch=True)
     result = _fit(net, opt, scaler, ctx, config, np.arange(len(items)), _Epochs(
         name="symmetry", batches=lambda r: pair_batches(len(items), config.batch_size, r),
         step=step, volumes_per_example=1,
         recompute_batch_norm=lambda: recompute_batch_norm(net, volumes, np.arange(len(volumes)), device,
-                                                          config.batch_size, forward=net),
+                                                          config.batch_size, forward=unwrap(net)),
         validate=validate, score=lambda train_loss, val: (val["val_loss"], 0.0),
-        start_epoch=start_epoch, patience_after=int(np.ceil(RAMP_FRACTION * config.epochs))))
+        start_epoch=start_epoch, patience_after=int(np.ceil(RAMP_FRACTION * config.epochs)), assembly=assembly))
     p_val, _ = predict_proba(result.model, val_x, batch_size=config.eval_batch_size)
     threshold = choose_threshold(val_y.numpy(), p_val.numpy()) if 0 < float(val_y.sum()) < len(val_y) else 0.5
     negatives = p_val.numpy()[val_y.numpy() < 0.5]
@@ -393,7 +415,8 @@ def train_symmetry_model(
             "best_val_auc": float(best["val_auc"]), "threshold": float(threshold),
             "threshold_fp5": threshold_fp, "threshold_clean_fp5": threshold_clean,
             "stopped_early": len(result.history) < config.epochs, "epochs_run": len(result.history),
-            "seconds": round(time.time() - start, 1), "samples": sample_settings(lesion, samples_per_scan, val_draws)}
+            "seconds": round(time.time() - start, 1), "volume_cache": volume_cache_dtype,
+            "samples": sample_settings(lesion, samples_per_scan, val_draws)}
     return result, info
 
 

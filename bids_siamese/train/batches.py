@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -39,30 +39,36 @@ class BatchAssembly:
     """How a task assembles a training batch outside its step: :func:`_fit` runs ``assemble`` in a DataLoader.
 
     Attributes:
-        assemble: ``(example indices, CPU generator) -> tuple of CPU tensors`` (gather from the volume stack as
-            float32, augment, labels); runs in a loader worker when ``TrainConfig.loader_workers > 0``.
+        assemble: ``(example indices, generator) -> tuple of CPU tensors`` (gather from the volume stack as
+            float32, augment, labels); ``(example indices, generator, epoch)`` with ``with_epoch`` (a curriculum);
+            runs in a loader worker when ``TrainConfig.loader_workers > 0``.
         generator: the run's augmentation generator, drawn in order with 0 workers.
         device: where the step runs; on CUDA the batches come in pinned memory and are copied with
             ``non_blocking=True``.
+        seeded: the generator of one batch from its :func:`batch_seed` (with workers): a CPU ``torch.Generator``
+            by default; e.g. ``numpy.random.default_rng`` for an assembly that draws from numpy.
+        with_epoch: pass the 1-based epoch to ``assemble`` (workers persist across epochs: what changes per
+            epoch must come with the batch, not from the training process's state).
     """
 
-    assemble: Callable[[np.ndarray, torch.Generator], tuple[torch.Tensor, ...]]
-    generator: torch.Generator
+    assemble: Callable[..., tuple[torch.Tensor, ...]]
+    generator: Any
     device: torch.device
+    seeded: Callable[[int], Any] = lambda seed: torch.Generator().manual_seed(seed)
+    with_epoch: bool = False
 
 
 class _AssembledBatches(torch.utils.data.Dataset):
     """Item ``(epoch, k, indices)`` -> the assembled batch (see :func:`batch_seed` for the generators)."""
 
     def __init__(self, assembly: BatchAssembly, shared: bool, seed: int, rank: int):
-        self.assemble, self.generator = assembly.assemble, assembly.generator
-        self.shared, self.seed, self.rank = shared, seed, rank
+        self.assembly, self.shared, self.seed, self.rank = assembly, shared, seed, rank
 
     def __getitem__(self, item: tuple[int, int, np.ndarray]) -> tuple[torch.Tensor, ...]:
         epoch, k, idx = item
-        gen = self.generator if self.shared else torch.Generator().manual_seed(
-            batch_seed(self.seed, self.rank, epoch, k))
-        return tuple(self.assemble(idx, gen))
+        assembly = self.assembly
+        gen = assembly.generator if self.shared else assembly.seeded(batch_seed(self.seed, self.rank, epoch, k))
+        return tuple(assembly.assemble(idx, gen, epoch) if assembly.with_epoch else assembly.assemble(idx, gen))
 
 
 class _EpochItems(torch.utils.data.Sampler):

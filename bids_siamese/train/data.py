@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -184,15 +184,44 @@ def load_volume_cache(paths: Sequence[Path], grid: Grid, dtype: str = "float16")
     """
     if dtype == "float32":
         return load_volumes(paths, grid)
+    return _fill_cache(len(paths), tuple(grid.shape), dtype, lambda i: load_volume(paths[i], grid),
+                       lambda i: f"{paths[i]}", "re-run the participant level for this scan, or pass --volume-cache "
+                       "float32")
+
+
+def volume_cache(volumes: Sequence[np.ndarray], dtype: str = "float16") -> VolumeCache | np.ndarray:
+    """The training stack ``(N, 1, X, Y, Z)`` of volumes already in memory (all of one shape), as
+    :func:`load_volume_cache` holds files: a float16 :class:`VolumeCache`, or a float32 array for ``float32``.
+
+    Raises:
+        BadDataError: a value beyond the float16 range (65504).
+
+    Examples:
+        >>> cache = volume_cache([np.full((2, 2, 2), 0.5, np.float32)] * 3)
+        >>> cache.shape, cache.array.dtype, float(cache[1, 0].max())
+        ((3, 1, 2, 2, 2), dtype('float16'), 0.5)
+    """
+    shape = tuple(np.shape(volumes[0])) if len(volumes) else ()
+    if dtype == "float32":
+        out = np.empty((len(volumes), 1, *shape), dtype=np.float32)
+        for i, volume in enumerate(volumes):
+            out[i, 0] = volume
+        return out
+    return _fill_cache(len(volumes), shape, dtype, lambda i: np.asarray(volumes[i], np.float32),
+                       lambda i: f"training volume {i}", "pass --volume-cache float32")
+
+
+def _fill_cache(n: int, shape: tuple[int, ...], dtype: str, volume_of: Callable[[int], np.ndarray],
+                name_of: Callable[[int], str], fix: str) -> VolumeCache:
+    """A reduced-precision :class:`VolumeCache` of ``n`` volumes ``volume_of(i)`` (float32), filled one by one."""
     if dtype not in VOLUME_CACHE_DTYPES:
         raise ValueError(f"volume cache dtype {dtype!r} is not one of {VOLUME_CACHE_DTYPES}")
-    out = np.empty((len(paths), 1, *grid.shape), dtype=np.float16)
+    out = np.empty((n, 1, *shape), dtype=np.float16)
     limit = float(np.finfo(np.float16).max)
-    for i, path in enumerate(paths):
-        volume = load_volume(path, grid)
+    for i in range(n):
+        volume = volume_of(i)
         if volume.size and float(np.abs(volume).max()) > limit:
-            raise BadDataError(f"{path} has values beyond the float16 range (|value| > {limit:g}); fix: re-run the "
-                               "participant level for this scan, or pass --volume-cache float32")
+            raise BadDataError(f"{name_of(i)} has values beyond the float16 range (|value| > {limit:g}); fix: {fix}")
         out[i, 0] = volume
     return VolumeCache(out)
 

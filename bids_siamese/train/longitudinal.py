@@ -23,7 +23,7 @@ from ..errors import BadDataError, NoInputError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.regional import RegionalChange
 from ..resources import Grid, model_grid
-from .data import find_preproc, load_volumes
+from .data import VolumeCache, VolumeFiles, find_preproc, load_volume_cache
 from .ddp import DistContext, barrier
 from .evaluate import (METRICS, binary_metrics, choose_threshold, plot_history, plot_roc, safe_auc, save_figure,
                        scalar_rows, summarise)
@@ -49,12 +49,17 @@ REFIT_FOLDS = 5
 class _LongitudinalInputs:
     pairs: pd.DataFrame  # participant_id, session_a, session_b, label
     scans: pd.DataFrame  # participant_id, session, path (only scans used by pairs)
-    volumes: np.ndarray
+    volumes: np.ndarray | VolumeCache | VolumeFiles  # the training stack (--volume-cache); files with load=False
     pair_index: np.ndarray  # (P, 2) rows of volumes
     family: dict[str, str]
+    stored: np.ndarray | VolumeFiles  # the volumes as stored (float32): what the written predictions come from
 
 
-def _longitudinal_inputs(settings: Any, subjects: Sequence[str], require_labels: bool) -> _LongitudinalInputs:
+def _longitudinal_inputs(settings: Any, subjects: Sequence[str], require_labels: bool, load: bool = True
+                         ) -> _LongitudinalInputs:
+    """The session pairs, their labels and families, and their scans: held in memory as the training stack of
+    ``--volume-cache`` with ``load`` (``--mode train``), else read from the files on demand (``--mode apply``:
+    each scan is read once, when it is embedded)."""
     grid = model_grid(settings.resolution)
     scans = find_preproc(settings.output_dir, subjects, settings.resolution_label, settings.session_label,
                          include_unusable=settings.include_unusable)
@@ -86,8 +91,12 @@ def _longitudinal_inputs(settings: Any, subjects: Sequence[str], require_labels:
     pair_index = np.array([[remap[key[(r.participant_id, r.session_a)]], remap[key[(r.participant_id, r.session_b)]]]
                            for r in pairs.itertuples()], dtype=int)
     used_scans = scans.iloc[used].reset_index(drop=True)
-    volumes = load_volumes([Path(p) for p in used_scans["path"]], grid)
-    return _LongitudinalInputs(pairs, used_scans, volumes, pair_index, family)
+    paths = [Path(p) for p in used_scans["path"]]
+    files = VolumeFiles(paths, grid)
+    volumes = load_volume_cache(paths, grid, settings.volume_cache) if load else files
+    # the float32 stack is the stored volumes themselves; a float16 cache is for training only
+    stored = volumes if isinstance(volumes, np.ndarray) else files
+    return _LongitudinalInputs(pairs, used_scans, volumes, pair_index, family, stored)
 
 
 def _label_text(value: float) -> str:
@@ -208,11 +217,17 @@ def out_of_fold_threshold(settings: Any, grid: Grid, data: PairData, config: Tra
 
 
 def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs, data: PairData,
-                          config: TrainConfig, run: int, device: torch.device, ctx: DistContext) -> LongitudinalDraw:
+                          config: TrainConfig, run: int, device: torch.device, ctx: DistContext,
+                          outputs: PairData | None = None) -> LongitudinalDraw:
     """split -> fit (and, for ``regional``, choose the L1 penalty) -> decision point on the validation pairs ->
     (``regional``: refit on the training + validation pairs, decision point from out-of-fold predictions on them)
     -> evaluate on the test pairs, for one random sub-sampling (seed ``--seed + run``). Test pairs take no part in
-    any fit or choice."""
+    any fit or choice.
+
+    ``data`` holds the training stack (``--volume-cache``): every fit and every choice (early stopping, penalty,
+    decision point) uses it. The test pairs' p(decline) (``test_p``, the test metrics, the held-out predictions)
+    come from ``outputs``: the same pairs on the volumes as stored (float32), as in ``--mode apply``; None: ``data``.
+    """
     pairs, labels = inputs.pairs, data.labels
     seed = settings.seed + run
     split_table = longitudinal_split_table(pairs, inputs.family, seed=seed)
@@ -249,7 +264,7 @@ def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs
     test_idx = np.flatnonzero(split == "test")
     result, final_train_idx, before, extra = selection, train_idx, {}, {}
     if l1 is not None:  # regional: refit on training + validation pairs with the chosen penalty and epoch count
-        before = binary_metrics(labels[test_idx], predict_pairs(selection.model, data, test_idx, device),
+        before = binary_metrics(labels[test_idx], predict_pairs(selection.model, outputs or data, test_idx, device),
                                 val_threshold)
         final_train_idx = np.sort(np.concatenate([train_idx, val_idx]))
         oof = out_of_fold_threshold(settings, grid, data, draw_config, pairs, split_table, l1, selection.best_epoch,
@@ -261,7 +276,7 @@ def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs
             threshold = oof[0]
         extra = {"l1": l1, "refit": 1.0, "refit_folds": float(oof[1] if oof else 0),
                  "threshold_p_decline_validation": val_threshold}
-    test_p = predict_pairs(result.model, data, test_idx, device)
+    test_p = predict_pairs(result.model, outputs or data, test_idx, device)
     row = {"run": run, **binary_metrics(labels[test_idx], test_p, threshold), "threshold_p_decline": threshold,
            **extra}
     if l1 is not None:
@@ -280,10 +295,11 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
     out_dir = Path(settings.output_dir)
     grid = model_grid(settings.resolution)
     train_mode = settings.mode == "train"
-    inputs = _longitudinal_inputs(settings, subjects, require_labels=train_mode)
+    inputs = _longitudinal_inputs(settings, subjects, require_labels=train_mode, load=train_mode)
     pairs = inputs.pairs
     labels = pairs["label"].to_numpy(dtype=float)
-    data = PairData(inputs.volumes, inputs.pair_index, labels)
+    data = PairData(inputs.volumes, inputs.pair_index, labels)  # training: the --volume-cache stack
+    outputs = PairData(inputs.stored, inputs.pair_index, labels)  # written predictions: the stored float32 volumes
     config = train_config(settings)
     written: list[Path] = []
     run_rows, before_rows, split_tables, histories = [], [], [], []
@@ -291,7 +307,7 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
     heldout_sum, heldout_n = np.zeros(len(pairs)), np.zeros(len(pairs), dtype=int)
     if train_mode:
         for run in range(settings.n_draws):
-            draw = fit_longitudinal_draw(settings, grid, inputs, data, config, run, device, ctx)
+            draw = fit_longitudinal_draw(settings, grid, inputs, data, config, run, device, ctx, outputs)
             run_rows.append(draw.row)
             if draw.before_refit:
                 before_rows.append(draw.before_refit)
@@ -310,7 +326,7 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
         threshold = float(card.get("decision", {}).get("threshold_p_decline", 0.5))
         split_of = seen_split(card, inputs.scans, dataset_name(settings.bids_dir))
         pairs["split"] = pairs["participant_id"].map(split_of)
-    p_all = predict_pairs(model, data, None, device)
+    p_all = predict_pairs(model, outputs, None, device)  # as --mode apply computes them
     pairs["p_decline"] = p_all
     pairs["predicted"] = np.where(p_all >= threshold, "decline", "stable")
     pairs["p_decline_heldout"] = np.where(heldout_n > 0, heldout_sum / np.maximum(heldout_n, 1), np.nan)
