@@ -267,3 +267,18 @@ def test_symmetry_model_all_outputs_is_forward_all():
     assert all(torch.equal(out[k], direct[k]) for k in out)
     logit, side = model(x)
     assert torch.equal(logit, direct["logit"]) and torch.equal(side, direct["side"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+def test_symmetry_trains_and_predicts_on_cuda():
+    from bids_siamese.symmetry.train import siamese_logits
+
+    scans = _sym_scans()
+    model = build_symmetry_model("small", embedding_dim=16, difference_channel=True)
+    config = TrainConfig(epochs=2, batch_size=4, flip_lr=True, progress=False)
+    result, info = train_symmetry_model(model, scans[:4], scans[4:], config, SYM_RES, SYM_LESION, samples_per_scan=1,
+                                        val_draws=1, device="cuda")
+    assert next(result.model.parameters()).device.type == "cuda"
+    assert np.isfinite(result.history["train_loss"]).all() and 0.0 <= info["threshold"] <= 1.0
+    logit, side = siamese_logits(result.model, [s.volume for s in scans], [s.mask for s in scans], SYM_RES, SYM_RES)
+    assert logit.shape == (len(scans),) and np.isfinite(logit).all() and np.isfinite(side).all()

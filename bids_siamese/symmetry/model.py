@@ -305,12 +305,13 @@ def predict_logits(model: SymmetrySiamese, volumes: torch.Tensor, batch_size: in
         volumes = volumes[:, None]
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device  # CPU inputs go where the model is; the results come back to the CPU
     logits, sides = [], []
     with torch.no_grad():
         for start in range(0, volumes.shape[0], batch_size):
-            logit, side = model(volumes[start:start + batch_size].float())
-            logits.append(logit)
-            sides.append(side)
+            logit, side = model(volumes[start:start + batch_size].float().to(device))
+            logits.append(logit.float().cpu())
+            sides.append(side.float().cpu())
     model.train(was_training)
     return torch.cat(logits), torch.cat(sides)
 

@@ -230,7 +230,7 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]
              settings.symmetry_fusion, len(parts["train"]), len(parts["validation"]), len(parts["test"]))
     result, info = train_symmetry_model(model, [on_grid(i) for i in parts["train"]],
                                         [on_grid(i) for i in parts["validation"]], config, resolution, lesion,
-                                        volume_cache_dtype=settings.volume_cache)
+                                        volume_cache_dtype=settings.volume_cache, device=settings.device)
     model = result.model
     LOG.info("symmetry: best epoch %d of %d, validation loss %.4f, AUC %.3f (%.1f s)", info["best_epoch"],
              info["epochs_run"], info["best_val_loss"], info["best_val_auc"], info["seconds"])

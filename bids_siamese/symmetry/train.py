@@ -307,6 +307,7 @@ def train_symmetry_model(
     val_draws: int = VAL_DRAWS,
     ctx: DistContext | None = None,
     volume_cache_dtype: str = "float32",
+    device: torch.device | str = "cpu",
 ) -> tuple[TrainResult, dict]:
     """Train the Siamese symmetry model on lesion-free scans (on its grid) with simulated lesions, in the shared
     training loop; keep the best validation epoch.
@@ -325,6 +326,8 @@ def train_symmetry_model(
         volume_cache_dtype: the precision at which the trainer holds the training volumes the samples are drawn
             from (``--volume-cache``: ``float16`` halves that copy; :func:`~bids_siamese.train.data.volume_cache`);
             the reference of the difference channel and the validation samples come from the scans as given.
+        device: where the model trains (``--device``; the samples are built on the CPU and copied, in pinned
+            memory on CUDA); the returned model stays there.
 
     Returns:
         ``(result, info)``: :class:`~bids_siamese.train.loop.TrainResult` (the model with the best validation
@@ -351,7 +354,7 @@ def train_symmetry_model(
     if getattr(model, "difference_channel", False):  # the reference of the volumes as given (float32)
         model.set_reference(torch.from_numpy(np.stack([scan.volume for scan in train_scans])[:, None]))
     volumes = volume_cache([scan.volume for scan in train_scans], volume_cache_dtype)
-    ctx, device, net, opt, scaler, _ = _setup(model, config, "cpu", ctx)
+    ctx, device, net, opt, scaler, _ = _setup(model, config, device, ctx)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs), eta_min=0.05 * config.lr)
     val_x, val_y, val_side, val_target = validation_set(val_scans, config, lesion, affine, val_draws)
     items = [(i, lesioned) for i in range(len(train_scans)) for lesioned in (True, False)
@@ -384,9 +387,9 @@ def train_symmetry_model(
         losses, scores = [], []
         for b in range(0, len(val_y), config.eval_batch_size):
             sl = slice(b, b + config.eval_batch_size)
-            loss, logit = _loss(unwrap(net), val_x[sl], val_y[sl], val_side[sl], val_target[sl])
+            loss, logit = _loss(unwrap(net), *(t[sl].to(device) for t in (val_x, val_y, val_side, val_target)))
             losses.append(float(loss) * len(val_y[sl]))
-            scores.append(torch.sigmoid(logit))
+            scores.append(torch.sigmoid(logit.float()).cpu())
         return {"val_loss": sum(losses) / len(val_y), "val_auc": safe_auc(val_y.numpy(), torch.cat(scores).numpy())}
 
     start = time.time()
