@@ -298,8 +298,9 @@ def apply_model(data: ScoredDataset, model, model_res: float, resolution: float,
                  int(data.table["siamese_suspected"].sum()), SIAMESE_Z_THRESHOLD)
     else:
         LOG.warning("symmetry: only %d scan(s) the model was not trained on, fewer than the %d a group-relative "
-                    "siamese_z needs; siamese_suspected uses the checkpoint's threshold on the probability",
-                    stats["n_reference"], MIN_REFERENCE_SCANS)
+                    "siamese_z needs; siamese_suspected uses the checkpoint's threshold on the probability, which is "
+                    "not calibrated for scans unlike the training data (fix: score at least %d scans together)",
+                    stats["n_reference"], MIN_REFERENCE_SCANS, MIN_REFERENCE_SCANS)
     return stats
 
 
