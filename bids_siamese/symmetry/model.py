@@ -291,7 +291,8 @@ def symmetry_model_from_card(card: dict, state: dict) -> SymmetrySiamese:
     return model
 
 
-def predict_logits(model: SymmetrySiamese, volumes: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(model: SymmetrySiamese, volumes: torch.Tensor,
+                   batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logit, side_logit)`` for a stack of model-grid volumes ``(N, X, Y, Z)`` or ``(N, 1, X, Y, Z)``, in eval
     mode. The logits keep the ranking that float32 probabilities lose once they saturate at 1.
 

@@ -12,7 +12,8 @@
    asymmetry score on lesions planted in the test scans per volume bin; saves the checkpoint to
    ``models/symmetry_<backbone>/``; with ``--mode apply``: loads ``--model``;
 4. writes ``group_symmetry.tsv`` (one row per scan, with the Siamese probability and the group-relative
-   ``siamese_z`` (:mod:`bids_siamese.symmetry.calibration`) when a model was trained or applied) and, after training, ``group_symmetry_training.tsv``, ``group_symmetry_evaluation.tsv``,
+   ``siamese_z`` (:mod:`bids_siamese.symmetry.calibration`) when a model was trained or applied) and, after
+   training, ``group_symmetry_training.tsv``, ``group_symmetry_evaluation.tsv``,
    ``group_symmetry_evaluation.json`` and ``figures/group_symmetry_detection.svg``.
 """
 from __future__ import annotations
@@ -172,7 +173,8 @@ def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwh
             "focal_z": round(s["focal_z"], 3), "raw_magnitude": round(s["raw_magnitude"], 5),
             "peak_mm": ",".join(f"{v:.0f}" for v in peak_mm),
             "peak_region": region_at(peak_mm, labels, names, grid.affine), "top_regions": format_top_regions(top),
-            "siamese_probability": np.nan, "siamese_z": np.nan, "siamese_suspected": np.nan, "siamese_p_left": np.nan, "split": "n/a",
+            "siamese_probability": np.nan, "siamese_z": np.nan, "siamese_suspected": np.nan, "siamese_p_left": np.nan,
+            "split": "n/a",
             "scan": f.preproc.name,
         })
     return ScoredDataset(list(files), volumes, masks, reference, pd.DataFrame(rows, columns=GROUP_COLUMNS))

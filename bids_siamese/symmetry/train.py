@@ -424,7 +424,8 @@ def train_symmetry_model(
 
 
 def siamese_logits(model: SymmetrySiamese, volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray],
-                   in_resolution: float, model_resolution: float, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+                   in_resolution: float, model_resolution: float,
+                   batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """``(logit, side_logit)`` (float64) of images on ``model_grid(in_resolution)`` (brought to the model's grid)."""
     logit_all, side_all = [], []
     for start in range(0, len(volumes), batch_size):
