@@ -6,7 +6,8 @@ through, and the 95th percentile of 40 validation scans 19-35 % (docs/benchmarks
 ranking. ``siamese_z`` therefore places each scan's logit in the distribution of the logits of the group being
 scored, as ``asymmetry_score`` does with the asymmetry maps: a robust z of the logit (median and 1.4826 x MAD) over the
 *reference scans*, every scan the model was not trained on (after ``--mode train``: the validation, test and
-excluded scans; after ``--mode apply``: all of them). A dataset-wide shift of the logits (another scanner, another
+excluded scans; after ``--mode apply``: all but those the checkpoint was trained on, recognised by their file's
+sha256). A dataset-wide shift of the logits (another scanner, another
 population than the training data) moves the median with it instead of turning every scan into a detection. Most
 scans of a study are lesion-free, and the median and MAD do not move much with a minority of abnormal ones. No
 label enters: the threshold, ``siamese_z >= 3``, is fixed in advance (that of ``asymmetry_score``).
@@ -22,24 +23,10 @@ import numpy as np
 SIAMESE_Z_THRESHOLD = 3.0
 #: Fewest reference scans for a group-relative score.
 MIN_REFERENCE_SCANS = 10
-#: Floor of the robust sd of the reference logits (a model that gives every scan nearly the same logit must not
-#: turn a tiny difference into a large z).
-MIN_LOGIT_SD = 0.05
-#: Probabilities are clipped to [EPS, 1 - EPS] by :func:`logit`.
-EPS = 1e-12
-
-
-def logit(p) -> np.ndarray:
-    """``log(p / (1 - p))`` of probabilities clipped to ``[EPS, 1 - EPS]`` (for scores stored as probabilities).
-
-    Examples:
-        >>> logit([0.5, 0.731059]).round(3).tolist()
-        [0.0, 1.0]
-    """
-    q = np.clip(np.asarray(p, dtype=float), EPS, 1.0 - EPS)
-    return np.log(q / (1.0 - q))
-
-
+#: Floor of the robust sd of the reference logits, in logit units (a model that gives every scan nearly the same
+#: logit, e.g. one barely trained, must not turn a tiny difference into a large z: with the floor, z >= 3 needs a
+#: logit 0.75 above the median, p 0.5 -> 0.68). The four trained demo models had robust sds of 0.28-1.10.
+MIN_LOGIT_SD = 0.25
 def reference_statistics(reference_logits) -> dict:
     """``{"n_reference", "median_logit", "sd_logit"}`` of the reference scans' logits (NaN ignored); the median
     and sd are NaN with fewer than :data:`MIN_REFERENCE_SCANS` scans. Logits, not probabilities: a float32
@@ -49,7 +36,7 @@ def reference_statistics(reference_logits) -> dict:
     Examples:
         >>> stats = reference_statistics(np.zeros(12))
         >>> stats["n_reference"], stats["median_logit"], stats["sd_logit"]
-        (12, 0.0, 0.05)
+        (12, 0.0, 0.25)
         >>> bool(np.isnan(reference_statistics([0.0, 0.4])["median_logit"]))
         True
     """

@@ -266,7 +266,8 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]
     written.append(write_tsv(out_dir / TRAINING_TABLE, result.history.round(5)))
     written.append(write_tsv(out_dir / EVALUATION_TABLE, per_bin))
     written.append(write_json(out_dir / EVALUATION_JSON, {
-        "overall": overall.to_dict(orient="records"), "training": info, "siamese_reference": stats,
+        "overall": overall.to_dict(orient="records"), "training": info,
+        "siamese_reference": {k: (v if np.isfinite(v) else None) for k, v in stats.items()},  # null, not NaN
         "config": hyperparameters(model, config, resolution, info["samples"]),
         "split": {k: len(v) for k, v in parts.items()}, "checkpoint": str(folder.relative_to(out_dir)),
     }))
@@ -306,6 +307,27 @@ def apply_model(data: ScoredDataset, model, model_res: float, resolution: float,
     return stats
 
 
+def mark_seen_scans(data: ScoredDataset, card: dict) -> int:
+    """``--mode apply``: set ``split`` to ``train`` or ``validation`` for the scans the checkpoint saw (by the
+    sha256 of the file, :func:`bids_siamese.train.run.seen_split`), so that ``siamese_z`` is not measured against
+    scans the model has memorised (applying a model to the dataset it was trained on); the others keep ``n/a``.
+
+    Returns:
+        the number of scans the checkpoint was trained on.
+    """
+    from ..train.run import seen_split
+
+    scans = pd.DataFrame({"participant_id": [f.source for f in data.files], "path": [f.preproc for f in data.files]})
+    seen = seen_split(card, scans, "")
+    data.table["split"] = [seen.get(f.source) if seen.get(f.source) in ("train", "validation") else "n/a"
+                           for f in data.files]
+    n_train = int((data.table["split"] == "train").sum())
+    if n_train:
+        LOG.info("symmetry: %d scan(s) were training scans of the checkpoint (split 'train'); siamese_z leaves them "
+                 "out of its reference", n_train)
+    return n_train
+
+
 def run_symmetry(settings, subjects: list[str]) -> list[Path]:
     """The symmetry group level (see the module docstring); returns the paths written (the group table first).
 
@@ -338,6 +360,7 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
     if settings.task == "symmetry":
         if settings.mode == "apply":
             model, card = load_symmetry_model(settings.model)
+            mark_seen_scans(data, card)
             apply_model(data, model, model_resolution(card), resolution,
                         float(card.get("decision", {}).get("threshold", 0.5)))
         else:  # trains, then fills the Siamese columns before evaluating
