@@ -29,7 +29,7 @@ batch-norm re-estimation is not in it), and the median of the epochs after the f
 ``--pipeline-task symmetry`` measures the symmetry trainer the same way (:func:`measure_symmetry_pipeline`):
 ``train_symmetry_model`` on ``--pipeline-subjects`` such volumes (one of them for validation), whose batches are
 simulated lesions and augmentations on numpy (``make_example``), assembled by the DataLoader's workers; it trains
-on the CPU whatever ``--device`` says.
+on ``--device``.
 ``--cache-memory N`` reads N model-grid volumes (``--distinct-files`` NIfTI files written to a temporary folder,
 listed in turn) into the training stack with ``load_volume_cache`` and prints, per dtype, the stack's bytes, the
 peak of the traced (numpy) allocations while loading and the growth of the process's resident memory.
@@ -257,11 +257,12 @@ def _assembly_seconds(volumes, batch: int, max_shift: int, repeats: int = 5) -> 
 
 
 def measure_symmetry_pipeline(backbone: str = "small", resolution: float = 4.0, batch: int = 8, scans: int = 12,
-                              epochs: int = 3, cache: str = "float16", workers: int | None = None) -> PipelineFigures:
+                              epochs: int = 3, cache: str = "float16", workers: int | None = None,
+                              device: str = "cpu") -> PipelineFigures:
     """Train the symmetry model (``backbone``, difference fusion, difference channel) with ``train_symmetry_model``
     for ``epochs`` epochs on ``scans - 1`` brain-like random volumes on the ``resolution`` mm grid (2 samples per
     scan and epoch), validated on the last one (2 samples); training volumes held as ``cache``, ``workers`` loader
-    workers (None: the option is not passed). Returns the loop's volumes/s per epoch (samples assembled and
+    workers (None: the option is not passed), on ``device``. Returns the loop's volumes/s per epoch (samples assembled and
     trained on per second) and the median seconds to assemble one batch of ``batch`` samples in this process."""
     import torch
 
@@ -286,8 +287,8 @@ def measure_symmetry_pipeline(backbone: str = "small", resolution: float = 4.0, 
     torch.manual_seed(0)
     model = build_symmetry_model(backbone, "difference", 64, difference_channel=True)
     result, _ = train_symmetry_model(model, prepared[:-1], prepared[-1:], config, resolution, lesion,
-                                     samples_per_scan=1, val_draws=1, volume_cache_dtype=cache)
-    return PipelineFigures(backbone, batch, scans, cache, workers, "cpu",
+                                     samples_per_scan=1, val_draws=1, volume_cache_dtype=cache, device=device)
+    return PipelineFigures(backbone, batch, scans, cache, workers, device,
                            [float(v) for v in result.history["volumes_per_second"]], statistics.median(times),
                            task="symmetry")
 
@@ -392,7 +393,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", action="store_true",
                         help="measure the app's training path (train_twin with the DataLoader) instead of a bare step")
     parser.add_argument("--pipeline-task", choices=("twin", "symmetry"), default="twin",
-                        help="--pipeline: the trainer measured (symmetry: on the CPU)")
+                        help="--pipeline: the trainer measured")
     parser.add_argument("--pipeline-subjects", type=int, default=48,
                         help="--pipeline: subjects in the stack (symmetry: scans, the last one for validation)")
     parser.add_argument("--pipeline-epochs", type=int, default=3, help="--pipeline: epochs (the first is not counted)")
@@ -408,7 +409,8 @@ def run_pipeline_section(args: argparse.Namespace, device: str) -> list[Pipeline
     for backbone in args.backbones:
         if args.pipeline_task == "symmetry":
             out.append(measure_symmetry_pipeline(backbone, args.resolution, args.train_batch, args.pipeline_subjects,
-                                                 args.pipeline_epochs, args.volume_cache, args.loader_workers))
+                                                 args.pipeline_epochs, args.volume_cache, args.loader_workers,
+                                                 device))
         else:
             out.append(measure_training_pipeline(backbone, args.resolution, args.train_batch,
                                                  args.pipeline_subjects, args.pipeline_epochs, args.volume_cache,

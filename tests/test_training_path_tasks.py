@@ -270,15 +270,20 @@ def test_symmetry_model_all_outputs_is_forward_all():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
-def test_symmetry_trains_and_predicts_on_cuda():
-    from bids_siamese.symmetry.train import siamese_logits
+def test_symmetry_trains_and_predicts_on_cuda(tmp_path):
+    from bids_siamese.symmetry.train import load_symmetry_model, save_symmetry_checkpoint, siamese_logits
 
     scans = _sym_scans()
     model = build_symmetry_model("small", embedding_dim=16, difference_channel=True)
-    config = TrainConfig(epochs=2, batch_size=4, flip_lr=True, progress=False)
+    config = TrainConfig(epochs=2, batch_size=4, flip_lr=True, progress=False, loader_workers=2)
     result, info = train_symmetry_model(model, scans[:4], scans[4:], config, SYM_RES, SYM_LESION, samples_per_scan=1,
-                                        val_draws=1, device="cuda")
+                                        val_draws=1, device="cuda", volume_cache_dtype="float16")
     assert next(result.model.parameters()).device.type == "cuda"
     assert np.isfinite(result.history["train_loss"]).all() and 0.0 <= info["threshold"] <= 1.0
     logit, side = siamese_logits(result.model, [s.volume for s in scans], [s.mask for s in scans], SYM_RES, SYM_RES)
     assert logit.shape == (len(scans),) and np.isfinite(logit).all() and np.isfinite(side).all()
+    # the checkpoint of a CUDA-trained model loads on the CPU and gives the same logits
+    save_symmetry_checkpoint(tmp_path / "ckpt", result.model, config, SYM_RES, {}, {}, info["threshold"])
+    loaded, _ = load_symmetry_model(tmp_path / "ckpt")
+    again, _ = siamese_logits(loaded, [s.volume for s in scans], [s.mask for s in scans], SYM_RES, SYM_RES)
+    assert next(loaded.parameters()).device.type == "cpu" and np.allclose(again, logit, atol=1e-3)

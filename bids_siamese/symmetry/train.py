@@ -58,7 +58,7 @@ from ..train.batches import BatchAssembly
 from ..train.data import pair_batches, volume_cache
 from ..train.ddp import DistContext, unwrap
 from ..train.evaluate import choose_threshold, safe_auc
-from ..train.loop import TrainConfig, TrainResult, _Epochs, _fit, _setup, recompute_batch_norm
+from ..train.loop import TrainConfig, TrainResult, _autocast, _Epochs, _fit, _setup, recompute_batch_norm
 from ..train.run import runtime_options
 from .model import SymmetrySiamese, predict_logits, predict_proba, side_loss
 from .simulate import VOLUME_BINS, LesionConfig, bin_label, curriculum_range, simulate_lesion
@@ -379,7 +379,8 @@ def train_symmetry_model(
         return _stack(samples)
 
     def step(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
-        return _loss(net, *batch)[0], {}
+        with _autocast(device, config.amp):  # bf16 (else fp16 with the scaler) on CUDA, as the other tasks
+            return _loss(net, *batch)[0], {}
 
     @torch.no_grad()
     def validate() -> dict[str, float]:
