@@ -90,7 +90,7 @@ def build_population(args, heads, counts, lo, hi, rng, labels, pairs, grid):
                 row.update(lesion=True, lesion_volume_mm3=round(float(les.volume_mm3), 1), hemisphere=les.hemisphere,
                            lesion_center_mm=",".join(f"{c:.0f}" for c in les.center_mm))
             rows.append(row)
-            volumes.append(v)
+            volumes.append(v.astype(np.float16).astype(np.float32))  # as cached: fresh and cached runs score alike
             masks.append(m)
             maps.append(asymmetry_map(v, m, res, args.fwhm))
             regions.append(regional_asymmetry(positive_intensities(v, m), m, labels, pairs))
