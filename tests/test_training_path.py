@@ -30,12 +30,7 @@ from test_regional import SHAPE, _held_out_auc, _planted_twins, _quadrants
 GRID_SHAPE = (21, 26, 22)  # the 8 mm model grid
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _brains(n: int, seed: int = 0) -> np.ndarray:
@@ -221,7 +216,7 @@ def test_cuda_batches_come_pinned_and_are_copied_non_blocking(monkeypatch):
         calls.append((args, kwargs))
         return self
 
-    def assemble(idx, gen):
+    def assemble(idx, gen, epoch):
         return torch.full((len(idx), 1, 2, 2, 2), float(idx[0])), torch.from_numpy(idx)
 
     config = TrainConfig(loader_workers=0)

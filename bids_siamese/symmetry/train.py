@@ -396,8 +396,7 @@ def train_symmetry_model(
     start = time.time()
     # 0 loader workers: one numpy generator (seed ``config.seed``) drawn batch after batch, as before the loader;
     # with workers: batch k of epoch e draws from default_rng(batch_seed(seed, rank, e, k))
-    assembly = BatchAssembly(assemble, np.random.default_rng(config.seed), device, seeded=np.random.default_rng,
-                             with_epoch=True)
+    assembly = BatchAssembly(assemble, np.random.default_rng(config.seed), device, seeded=np.random.default_rng)
     result = _fit(net, opt, scaler, ctx, config, np.arange(len(items)), _Epochs(
         name="symmetry", batches=lambda r: pair_batches(len(items), config.batch_size, r),
         step=step, volumes_per_example=1,

@@ -39,23 +39,21 @@ class BatchAssembly:
     """How a task assembles a training batch outside its step: :func:`_fit` runs ``assemble`` in a DataLoader.
 
     Attributes:
-        assemble: ``(example indices, generator) -> tuple of CPU tensors`` (gather from the volume stack as
-            float32, augment, labels); ``(example indices, generator, epoch)`` with ``with_epoch`` (a curriculum);
-            runs in a loader worker when ``TrainConfig.loader_workers > 0``.
+        assemble: ``(example indices, generator, epoch) -> tuple of CPU tensors`` (gather from the volume stack
+            as float32, augment, labels; ``epoch`` is 1-based, for what changes per epoch such as a curriculum:
+            workers persist across epochs, so it must come with the batch, not from the training process's
+            state); runs in a loader worker when ``TrainConfig.loader_workers > 0``.
         generator: the run's augmentation generator, drawn in order with 0 workers.
         device: where the step runs; on CUDA the batches come in pinned memory and are copied with
             ``non_blocking=True``.
         seeded: the generator of one batch from its :func:`batch_seed` (with workers): a CPU ``torch.Generator``
             by default; e.g. ``numpy.random.default_rng`` for an assembly that draws from numpy.
-        with_epoch: pass the 1-based epoch to ``assemble`` (workers persist across epochs: what changes per
-            epoch must come with the batch, not from the training process's state).
     """
 
     assemble: Callable[..., tuple[torch.Tensor, ...]]
     generator: Any
     device: torch.device
     seeded: Callable[[int], Any] = lambda seed: torch.Generator().manual_seed(seed)
-    with_epoch: bool = False
 
 
 class _AssembledBatches(torch.utils.data.Dataset):
@@ -68,7 +66,7 @@ class _AssembledBatches(torch.utils.data.Dataset):
         epoch, k, idx = item
         assembly = self.assembly
         gen = assembly.generator if self.shared else assembly.seeded(batch_seed(self.seed, self.rank, epoch, k))
-        return tuple(assembly.assemble(idx, gen, epoch) if assembly.with_epoch else assembly.assemble(idx, gen))
+        return tuple(assembly.assemble(idx, gen, epoch))
 
 
 class _EpochItems(torch.utils.data.Sampler):

@@ -437,7 +437,7 @@ def train_twin(model: nn.Module, data: TwinData, train_idx: np.ndarray, val_idx:
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     has_pos = (data.positive[np.ix_(train_idx, train_idx)] > 0).any(axis=1)
 
-    def assemble(idx: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def assemble(idx: np.ndarray, generator: torch.Generator, epoch: int) -> tuple[torch.Tensor, ...]:
         pos = torch.from_numpy(data.positive[np.ix_(idx, idx)]).float()
         related = torch.from_numpy(~data.unrelated[np.ix_(idx, idx)])
         x = augment(torch.from_numpy(data.volumes[idx]), generator, config.flip_lr, config.max_shift,
@@ -532,7 +532,7 @@ def train_longitudinal(model: nn.Module, data: PairData, train_idx: np.ndarray, 
     n_pos, n_neg = float((y_train == 1).sum()), float((y_train == 0).sum())
     pos_weight = torch.tensor([n_neg / n_pos if n_pos and n_neg else 1.0], device=device)
 
-    def assemble(idx: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def assemble(idx: np.ndarray, generator: torch.Generator, epoch: int) -> tuple[torch.Tensor, ...]:
         pa, pb = data.pairs[idx, 0], data.pairs[idx, 1]
         both = torch.cat([torch.from_numpy(data.volumes[pa]), torch.from_numpy(data.volumes[pb])], dim=1)
         both = augment(both, generator, config.flip_lr, config.max_shift, config.intensity, config.noise_std)
@@ -619,7 +619,7 @@ def train_mirror_classifier(model: nn.Module, data: MirrorData, train_idx: np.nd
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     train_volumes = np.unique(data.examples[train_idx, 0])
 
-    def assemble(idx: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    def assemble(idx: np.ndarray, generator: torch.Generator, epoch: int) -> tuple[torch.Tensor, ...]:
         x = augment(data.batch(idx), generator, False, config.max_shift, config.intensity, config.noise_std)
         return x, torch.from_numpy(data.labels[idx]).long()
 
