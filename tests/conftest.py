@@ -116,3 +116,14 @@ def add_broken_subject(root: Path, label: str = "09") -> dict[str, Path]:
                 nib.Nifti1Image(np.full_like(data, 7.0), img.affine).to_filename(path)
         paths[kind] = path
     return paths
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (restored afterwards): reproducible CPU results, no oversubscription."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

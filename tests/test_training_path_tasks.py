@@ -32,12 +32,7 @@ SYM_RES = 4.0
 SYM_LESION = LesionConfig(volume_mm3=(500.0, 2000.0))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _same(a, b) -> bool:
