@@ -59,7 +59,7 @@ from bids_siamese.symmetry.train import (
     prepare_scan,
     save_symmetry_checkpoint,
     siamese_logits,
-    siamese_scorer,
+    siamese_scorers,
     to_model_resolution,
     train_symmetry_model,
 )
@@ -336,9 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                                "backbone": args.backbone, "fusion": args.fusion}
         # simulated lesions in the held-out scans, per bin
         test_scans = [prepare_scan(volumes[i], masks[i], res, str(i)) for i in parts["test"]]
-        probability = siamese_scorer(model, res, model_res)
-        scorers = {"siamese_probability": probability,
-                   "siamese_z": lambda vs, ms: siamese_z(siamese_logits(model, vs, ms, res, model_res)[0], z_stats),
+        scorers = {**siamese_scorers(model, res, model_res, z_stats),
                    "asymmetry_score": lambda vs, ms: np.array(
                        [score_scan(v, m, res, reference, args.fwhm)["asymmetry_score"] for v, m in zip(vs, ms)])}
         samples, sim_bins, sim_overall = evaluate_detection(

@@ -96,3 +96,24 @@ def test_apply_model_scores_against_the_scans_not_trained_on(monkeypatch):
     assert table["siamese_z"].iloc[:12].max() < -5  # training scans far below their own (unused) distribution
     assert np.allclose(table["siamese_probability"], np.round(p, 4))
     assert np.allclose(table["siamese_p_left"], round(float(_sigmoid(-0.8)), 4))
+
+
+def test_probability_and_z_scorers_share_one_forward_pass(monkeypatch):
+    from bids_siamese.symmetry import train as symmetry_train
+
+    calls = []
+
+    def fake_logits(model, volumes, masks, in_res, model_res, batch_size):
+        calls.append(len(volumes))
+        return np.arange(len(volumes), dtype=float), np.zeros(len(volumes))
+
+    monkeypatch.setattr(symmetry_train, "siamese_logits", fake_logits)
+    stats = {"n_reference": 20, "median_logit": 1.0, "sd_logit": 0.5}
+    scorers = symmetry_train.siamese_scorers(None, 4.0, 4.0, stats)
+    images = [None] * 3
+    p, z = scorers["siamese_probability"](images, images), scorers["siamese_z"](images, images)
+    assert calls == [3]  # one forward for both scores of the same images
+    assert np.allclose(p, _sigmoid([0.0, 1.0, 2.0])) and np.allclose(z, [-2.0, 0.0, 2.0])
+    scorers["siamese_z"]([None] * 2, [None] * 2)
+    assert calls == [3, 2]  # new images: a new forward
+    assert "siamese_z" not in symmetry_train.siamese_scorers(None, 4.0, 4.0, reference_statistics([0.0]))

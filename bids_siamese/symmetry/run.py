@@ -195,8 +195,8 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]
     from ..train.run import training_fingerprint
     from .model import build_symmetry_model
     from .train import (
-        detection_figure, evaluate_detection, hyperparameters, prepare_scan, save_symmetry_checkpoint, siamese_logits,
-        siamese_scorer, to_model_resolution, train_config, train_symmetry_model,
+        detection_figure, evaluate_detection, hyperparameters, prepare_scan, save_symmetry_checkpoint, siamese_scorers,
+        to_model_resolution, train_config, train_symmetry_model,
     )
 
     out_dir = Path(settings.output_dir)
@@ -239,17 +239,13 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]
     stats = apply_model(data, model, resolution, resolution, info["threshold"])
     test_scans = [prepare_scan(data.volumes[i], data.masks[i], resolution, files[i].source) for i in parts["test"]]
     reference = data.reference
-    probability = siamese_scorer(model, resolution, resolution)
-    scorers = {
-        "siamese_probability": probability,
+    scorers = {  # siamese_z only with enough reference scans (else it is n/a)
+        **siamese_scorers(model, resolution, resolution, stats),
         "asymmetry_score": lambda vols, ms: np.array(
             [score_scan(v, m, resolution, reference, fwhm)["asymmetry_score"] for v, m in zip(vols, ms)]),
     }
     thresholds = {"siamese_probability": info["threshold"], "siamese_z": SIAMESE_Z_THRESHOLD,
                   "asymmetry_score": ASYMMETRY_THRESHOLD}
-    if np.isfinite(stats["median_logit"]):  # with enough reference scans (else siamese_z is n/a)
-        scorers["siamese_z"] = lambda vols, ms: siamese_z(
-            siamese_logits(model, vols, ms, resolution, resolution)[0], stats)
     _, per_bin, overall = evaluate_detection(test_scans, resolution, scorers, thresholds, lesion, draws=2,
                                              seed=settings.seed + 7)
     metrics = {"validation": {"loss": info["best_val_loss"], "auc": info["best_val_auc"],

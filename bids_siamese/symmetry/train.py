@@ -60,6 +60,7 @@ from ..train.ddp import DistContext, unwrap
 from ..train.evaluate import choose_threshold, safe_auc
 from ..train.loop import TrainConfig, TrainResult, _autocast, _Epochs, _fit, _setup, recompute_batch_norm
 from ..train.run import runtime_options
+from .calibration import siamese_z
 from .model import SymmetrySiamese, predict_logits, predict_proba, side_loss
 from .simulate import VOLUME_BINS, LesionConfig, bin_label, curriculum_range, simulate_lesion
 
@@ -446,14 +447,31 @@ def siamese_predict(model: SymmetrySiamese, volumes: Sequence[np.ndarray], masks
     return 1.0 / (1.0 + np.exp(-logit)), 1.0 / (1.0 + np.exp(-side))
 
 
+def siamese_scorers(model: SymmetrySiamese, in_resolution: float, model_resolution: float,
+                    reference: Mapping | None = None, batch_size: int = 8) -> dict[str, Callable]:
+    """Scorers ``f(volumes, masks) -> scores`` for images on ``model_grid(in_resolution)``, for
+    :func:`evaluate_detection`: ``siamese_probability`` and, given the reference statistics of
+    :func:`~bids_siamese.symmetry.calibration.reference_statistics` (with a median), ``siamese_z``. Both come
+    from one forward pass: :func:`evaluate_detection` hands every scorer the same list of images in turn, and the
+    logits of the last list are kept."""
+    last: dict = {}
+
+    def logits(volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
+        if last.get("volumes") is not volumes:
+            last["volumes"] = volumes
+            last["logits"] = siamese_logits(model, volumes, masks, in_resolution, model_resolution, batch_size)[0]
+        return last["logits"]
+
+    scorers = {"siamese_probability": lambda volumes, masks: 1.0 / (1.0 + np.exp(-logits(volumes, masks)))}
+    if reference is not None and np.isfinite(reference["median_logit"]):
+        scorers["siamese_z"] = lambda volumes, masks: siamese_z(logits(volumes, masks), reference)
+    return scorers
+
+
 def siamese_scorer(model: SymmetrySiamese, in_resolution: float, model_resolution: float,
                    batch_size: int = 8) -> Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], np.ndarray]:
     """A scorer ``f(volumes, masks) -> p(abnormal)`` for images on ``model_grid(in_resolution)``."""
-
-    def score(volumes: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.ndarray:
-        return siamese_predict(model, volumes, masks, in_resolution, model_resolution, batch_size)[0]
-
-    return score
+    return siamese_scorers(model, in_resolution, model_resolution, batch_size=batch_size)["siamese_probability"]
 
 
 # ----------------------------------------------------------------------------------------------------------
