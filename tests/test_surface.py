@@ -102,6 +102,7 @@ def test_brain_models_are_hcp_91k_structure_by_structure():
             assert _index_sha(model.voxel.ravel()) == ref["sha256"], name
     assert [len(m) for n, _, m in structures[:2]] == [29696, 29716]
     assert brain_models() == axis
+    assert "tpl-MNI152NLin6Asym_from-MNI152NLin2009cAsym" in img.header.matrix.metadata["SubcorticalTransform"]
 
 
 def test_fslr_cortex_is_hcps_vertex_set():

@@ -126,16 +126,16 @@ def dense_scalar(maps: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) 
     return img
 
 
-def nlin6_grid_points() -> np.ndarray:
-    """The HCP 2 mm grid's voxel centres (MNI152NLin6Asym mm) as MNI152NLin2009cAsym points, ``(N, 3)`` in C order.
+def nlin6_grid_points(voxels: np.ndarray) -> np.ndarray:
+    """Voxels ``(N, 3)`` of the HCP 2 mm MNI152NLin6Asym grid as MNI152NLin2009cAsym points (mm), ``(N, 3)``.
 
     Examples:
-        >>> nlin6_grid_points().shape
-        (902629, 3)
+        >>> origin = nlin6_grid_points(np.array([[45, 63, 36]]))[0]  # MNI152NLin6Asym (0, 0, 0)
+        >>> bool(np.allclose(origin, template_transform().nlin6_to_2009c[:3, 3]))
+        True
     """
-    ijk = np.indices(CIFTI_GRID_SHAPE).reshape(3, -1)
     matrix = template_transform().nlin6_to_2009c @ CIFTI_GRID_AFFINE
-    return (matrix[:3, :3] @ ijk + matrix[:3, 3:4]).T
+    return (matrix[:3, :3] @ np.asarray(voxels, dtype=np.float64).T + matrix[:3, 3:4]).T
 
 
 def dscalar_from_volume(maps: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> nib.Cifti2Image:
@@ -145,14 +145,23 @@ def dscalar_from_volume(maps: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> ni
     Args:
         maps: name -> ``(volume, affine)`` in MNI152NLin2009cAsym space.
     """
-    xyz = nlin6_grid_points()
+    voxels = np.concatenate([v for _, v in _subcortical()])
+    xyz = nlin6_grid_points(voxels)
     out = {}
     for name, (volume, affine) in maps.items():
         left = vol_to_surf(volume, affine, "fsLR", "L")
         right = vol_to_surf(volume, affine, "fsLR", "R")
-        grid = sample_volume(volume, affine, xyz).reshape(CIFTI_GRID_SHAPE)
+        grid = np.zeros(CIFTI_GRID_SHAPE, dtype=np.float32)  # only the grayordinate voxels are read
+        grid[tuple(voxels.T)] = sample_volume(volume, affine, xyz)
         out[name] = (left, right, grid)
-    return dense_scalar(out)
+    img = dense_scalar(out)
+    xfm = template_transform()
+    img.header.matrix.metadata = nib.cifti2.Cifti2MetaData({
+        "Grayordinates": "HCP 91282: fsLR 32k atlasroi cortex + Atlas_ROIs.2 on MNI152NLin6Asym 2 mm",
+        "SourceSpace": "MNI152NLin2009cAsym",
+        "SubcorticalTransform": f"{xfm.path.name} (sha256 {xfm.sha256})",
+    })
+    return img
 
 
 def cifti_bytes(img: nib.Cifti2Image) -> bytes:
