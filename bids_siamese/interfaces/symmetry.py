@@ -87,6 +87,7 @@ class AsymmetryAnalysis(StepInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
 
+        from ..atlas import atlas_provenance
         from ..bids.derivatives import write_json, write_tsv
         from ..errors import BadDataError
         from ..resources import model_grid
@@ -107,6 +108,7 @@ class AsymmetryAnalysis(StepInterface):
                               fwhm_mm=self.inputs.fwhm, affine=grid.affine, names=names)
         report = dict(result.report)
         report["atlas"] = self.inputs.atlas
+        report["atlas_provenance"] = atlas_provenance(self.inputs.atlas)  # its files, spaces and transform
         report["asymmetry_score_definition"] = (
             "mean |z| of the 250 mm3 most deviant left-hemisphere voxels of z = (AI - template AI) / (robust sd of "
             "that difference over the scan's brain); the group level re-scores against the dataset")
