@@ -475,7 +475,7 @@ def dataset_description(bids_dir: Path | None = None, derivatives: Sequence[Any]
     for dataset in derivatives:
         url = Path(dataset.path).resolve().as_uri()
         description.setdefault("SourceDatasets", []).append(
-            {"URL": url, "Name": f"{dataset.pipeline} {dataset.version}", "Version": dataset.version})
+            {"URL": url, "Version": dataset.version})
         description.setdefault("DatasetLinks", {})[dataset.name] = url
     return description
 
