@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from ..bids.fmriprep import AnatDerivatives, find_anat, reuse_summary
 from ..bids.layout import T1wScan
 from ..errors import EXIT_DATA, CannotCreateError
 from ..interfaces.derivatives import WriteDerivatives, output_names
@@ -74,11 +75,9 @@ def _wf_name(scan: T1wScan) -> str:
     return "scan_" + re.sub(r"[^A-Za-z0-9]", "_", scan.name) + "_wf"
 
 
-def anatomical_derivatives(settings, scan: T1wScan):
+def anatomical_derivatives(settings, scan: T1wScan) -> AnatDerivatives | None:
     """The scan's fMRIPrep/sMRIPrep files (:class:`~bids_siamese.bids.fmriprep.AnatDerivatives`), or None
     without ``--derivatives`` or when the folder has none for it (logged: the scan is then processed alone)."""
-    from ..bids.fmriprep import find_anat
-
     for dataset in settings.derivatives.values():
         anat = find_anat(dataset, scan.entities, scan.name)
         if anat is None:
@@ -421,7 +420,6 @@ ORIENTATION_REPORT_KEYS = (
 def write_reports(settings, scans: list[T1wScan], failures: list[tuple[str, str]]) -> list[Path]:
     """One ``sub-<label>.html`` per subject from the written derivatives (failed scans shown as such)."""
     from .. import __version__
-    from ..bids.fmriprep import reuse_summary
     from ..reports.html import render_subject_report
 
     failed = dict(failures)
