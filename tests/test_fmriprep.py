@@ -344,3 +344,37 @@ def test_group_level_and_validator_on_fmriprep_runs(runs, trees, demo, tmp_path)
     assert links["fmriprep"] == trees["23"].resolve().as_uri()
     assert [i for i in run_validator(out) if i.severity == "error"] == []
 
+
+
+def test_reuse_node_smriprep_and_a_sources_mismatch(tmp_path, monkeypatch):
+    """The reuse node on a tiny sMRIPrep tree: the mask moves onto the scan, the record names bids:smriprep: files;
+    Sources naming another participant's scan fail the scan (BadDataError, exit 65) with the reason."""
+    from bids_siamese.errors import BadDataError
+    from bids_siamese.interfaces.preproc import ReuseAnatomical
+
+    raw = write_t1w(tmp_path / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz", seed=3)
+    root = _description(tmp_path / "smriprep", DatasetType="derivative",
+                        GeneratedBy=[{"Name": "sMRIPrep", "Version": "0.16.1"}])
+    anat_dir = root / "sub-01" / "anat"
+    anat_dir.mkdir(parents=True)
+    img = nib.load(raw)
+    nib.save(img, anat_dir / "sub-01_desc-preproc_T1w.nii.gz")
+    mask = np.zeros(img.shape, np.uint8)
+    mask[4:16, 4:20, 4:16] = 1
+    nib.save(nib.Nifti1Image(mask, img.affine), anat_dir / "sub-01_desc-brain_mask.nii.gz")
+    write_txt(np.eye(4), anat_dir / "sub-01_from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.txt")
+    anat = find_anat(read_pipeline_dataset("smriprep", root), {"subject": "01"}, "sub-01_T1w")
+    monkeypatch.chdir(tmp_path)
+    result = ReuseAnatomical(in_file=str(raw), anat=anat.as_dict(), scan="sub-01/anat/sub-01_T1w.nii.gz").run()
+    report = json.loads(Path(result.outputs.out_report).read_text())
+    assert report["pipeline"] == "sMRIPrep" and report["version"] == "0.16.1" and report["transform_source"] == "smriprep"
+    assert report["brain_mask"] == "bids:smriprep:sub-01/anat/sub-01_desc-brain_mask.nii.gz"
+    assert report["match_correlation"] == pytest.approx(1.0)
+    assert (np.asanyarray(nib.load(result.outputs.out_mask).dataobj) > 0).sum() == mask.sum()
+    np.testing.assert_allclose(np.loadtxt(result.outputs.out_matrix), np.eye(4), atol=1e-6)
+    (anat_dir / "sub-01_desc-preproc_T1w.json").write_text(json.dumps(
+        {"Sources": ["bids:raw:sub-02/anat/sub-02_T1w.nii.gz"]}))
+    anat = find_anat(read_pipeline_dataset("smriprep", root), {"subject": "01"}, "sub-01_T1w")
+    with pytest.raises(BadDataError, match="was not made from this scan .*sub-02_T1w.nii.gz") as err:
+        ReuseAnatomical(in_file=str(raw), anat=anat.as_dict(), scan="sub-01/anat/sub-01_T1w.nii.gz").run()
+    assert err.value.exit_code == 65 and "sMRIPrep 0.16.1" in str(err.value)
