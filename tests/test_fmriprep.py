@@ -100,6 +100,8 @@ def test_sources_must_name_the_scan():
                           "bids:raw:sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz"], scan) is None
     assert check_sources(["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"], scan) is None
     assert check_sources(["bids::sub-01/anat/sub-01_desc-brain_mask.nii.gz"], scan) is None  # no T1w: skipped
+    assert check_sources(["/data/bids/sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"], scan) is None
+    assert check_sources(["bids:raw:sub-101/ses-1/anat/xsub-01_ses-1_T1w.nii.gz"], scan) is not None
     reason = check_sources(["bids:raw:sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz"], scan)
     assert "sub-02_ses-1_T1w.nii.gz" in reason and scan in reason
 

@@ -187,7 +187,8 @@ def check_sources(sources: list[str] | None, scan_relpath: str) -> str | None:
     """Why the sidecar's ``Sources`` rule the scan out (None when they name it or are absent).
 
     ``Sources`` entries are BIDS URIs (``bids:raw:sub-X/anat/...``, ``bids::...``) or plain relative paths;
-    an entry names the scan when its path part ends with the scan's path relative to the raw dataset.
+    an entry names the scan when its path and the scan's path relative to the raw dataset end alike (whole
+    components: a bare file name, a path from the dataset root, or an absolute path).
     Entries that are not T1w images (e.g. masks) are ignored; with no T1w entry the check is skipped.
     """
     if not sources:
@@ -196,8 +197,14 @@ def check_sources(sources: list[str] | None, scan_relpath: str) -> str | None:
     t1w = [p for p in paths if p.endswith(("_T1w.nii.gz", "_T1w.nii"))]
     if not t1w:
         return None
-    scan = scan_relpath.lstrip("/")
-    if any(p.lstrip("/").endswith(scan) or scan.endswith(p.lstrip("/")) for p in t1w):
+    scan = Path(scan_relpath).parts
+
+    def names_scan(path: str) -> bool:  # one path is a tail of the other, compared by whole components
+        parts = Path(path).parts
+        n = min(len(parts), len(scan))
+        return parts[-n:] == scan[-n:]
+
+    if any(names_scan(p) for p in t1w):
         return None
     return f"its Sources name {', '.join(t1w)}, not {scan}"
 
