@@ -206,7 +206,7 @@ def check_sources(sources: list[str] | None, scan_relpath: str) -> str | None:
 
     if any(names_scan(p) for p in t1w):
         return None
-    return f"its Sources name {', '.join(t1w)}, not {scan}"
+    return f"its Sources name {', '.join(t1w)}, not {scan_relpath}"
 
 
 def _world_grid(mask_img: nib.spatialimages.SpatialImage, spacing_mm: float) -> np.ndarray:
