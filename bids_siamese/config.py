@@ -47,7 +47,8 @@ class Settings:
     bids_filters: dict[str, Any] = field(default_factory=dict)
     bids_filter_file: Path | None = None
     skip_bids_validation: bool = False
-    derivatives: dict[str, Path] = field(default_factory=dict)
+    #: ``--derivatives``: name -> :class:`bids_siamese.bids.fmriprep.PipelineDataset` (checked folder, version)
+    derivatives: dict[str, Any] = field(default_factory=dict)
     nprocs: int = 1
     omp_nthreads: int = 1
     mem_gb: float = 4.0

@@ -200,9 +200,11 @@ def test_option_errors(run_cli, mini_bids, tmp_path, args, code):
 def test_derivatives_option_parsed(mini_bids, tmp_path):
     fmriprep = tmp_path / "fmriprep"
     fmriprep.mkdir()
-    (fmriprep / "dataset_description.json").write_text("{}")
+    (fmriprep / "dataset_description.json").write_text(json.dumps(
+        {"Name": "f", "DatasetType": "derivative", "GeneratedBy": [{"Name": "fMRIPrep", "Version": "24.1.1"}]}))
     settings = parse_args([str(mini_bids), str(tmp_path / "out"), "participant", "--derivatives", f"fmriprep={fmriprep}"])
-    assert settings.derivatives == {"fmriprep": fmriprep.resolve()}
+    assert (settings.derivatives["fmriprep"].path, settings.derivatives["fmriprep"].version) == \
+        (fmriprep.resolve(), "24.1.1")
 
 
 def test_cuda_request_without_gpu_is_refused(run_cli, mini_bids, tmp_path):

@@ -445,7 +445,10 @@ def container_info() -> dict[str, str] | None:
     return {"Type": kind, "Tag": tag}
 
 
-def dataset_description(bids_dir: Path | None = None) -> dict[str, Any]:
+def dataset_description(bids_dir: Path | None = None, derivatives: Sequence[Any] = ()) -> dict[str, Any]:
+    """Our ``dataset_description.json``; ``derivatives``: the reused pipelines' datasets
+    (:class:`~bids_siamese.bids.fmriprep.PipelineDataset`), added to ``SourceDatasets`` and ``DatasetLinks``
+    under their ``--derivatives`` name, so that sidecars can name their files as ``bids:<name>:<path>``."""
     generated_by: dict[str, Any] = {"Name": "bids-siamese", "Version": __version__, "CodeURL": CODE_URL}
     container = container_info()
     if container:
@@ -469,11 +472,19 @@ def dataset_description(bids_dir: Path | None = None) -> dict[str, Any]:
             description["Name"] = f"bids-siamese derivatives of {src['Name']}"
         description["SourceDatasets"] = [source]
         description["DatasetLinks"] = {"raw": source["URL"]}
+    for dataset in derivatives:
+        url = Path(dataset.path).resolve().as_uri()
+        description.setdefault("SourceDatasets", []).append(
+            {"URL": url, "Version": dataset.version})
+        description.setdefault("DatasetLinks", {})[dataset.name] = url
     return description
 
 
-def init_output_dir(output_dir: Path, bids_dir: Path | None = None) -> None:
-    """Create OUTPUT_DIR with dataset_description.json, README and .bidsignore (kept when present)."""
+def init_output_dir(output_dir: Path, bids_dir: Path | None = None, derivatives: Sequence[Any] = ()) -> None:
+    """Create OUTPUT_DIR with dataset_description.json, README and .bidsignore (kept when present).
+
+    Derivative datasets linked by an earlier run (``DatasetLinks``/``SourceDatasets`` of another name) are kept,
+    so that the ``bids:<name>:`` URIs its sidecars hold still resolve after a run without ``--derivatives``."""
     output_dir = Path(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -483,7 +494,20 @@ def init_output_dir(output_dir: Path, bids_dir: Path | None = None) -> None:
         ) from err
     if not os.access(output_dir, os.W_OK):
         raise CannotCreateError(f"output folder {output_dir} is not writable; fix: choose a writable OUTPUT_DIR")
-    write_json(output_dir / "dataset_description.json", dataset_description(bids_dir))
+    description = dataset_description(bids_dir, derivatives)
+    try:
+        previous = json.loads((output_dir / "dataset_description.json").read_text())
+    except (OSError, ValueError):
+        previous = {}
+    links = description.setdefault("DatasetLinks", {})
+    for name, url in (previous.get("DatasetLinks") or {}).items():
+        if name not in links:
+            links[name] = url
+            description.setdefault("SourceDatasets", []).extend(
+                s for s in previous.get("SourceDatasets", []) if isinstance(s, dict) and s.get("URL") == url)
+    if not links:
+        del description["DatasetLinks"]
+    write_json(output_dir / "dataset_description.json", description)
     ignore_file = output_dir / ".bidsignore"
     existing = ignore_file.read_text().splitlines() if ignore_file.exists() else []
     lines = existing + [p for p in BIDSIGNORE if p not in existing]

@@ -71,7 +71,7 @@ def run(settings) -> int:
             f"{settings.output_dir} holds no participant-level results; fix: run the participant level first"
         )
     subjects, scans = _selection(settings)
-    init_output_dir(settings.output_dir, settings.bids_dir)
+    init_output_dir(settings.output_dir, settings.bids_dir, list(settings.derivatives.values()))
     log_dir = settings.save()
     LOG.info("run %s: settings saved in %s", settings.run_id, log_dir)
     record_templates(log_dir)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import __version__
+from ..bids.fmriprep import PIPELINES, PipelineDataset, read_pipeline_dataset
 from ..bids.layout import clean_label, load_filter_file
 from ..config import Settings, available_cpus, available_memory_gb
 from ..errors import EXIT_CODES, AnalysisLevelError, NoInputError, UsageError
@@ -28,7 +29,6 @@ TRAINING_DEFAULTS = {
     "cnn": {"epochs": 30, "batch_size": 8, "lr": 1e-3, "patience": 5},
     "regional": {"epochs": 100, "batch_size": 32, "lr": 0.05, "patience": 50},
 }
-KNOWN_DERIVATIVES = ("fmriprep",)
 #: ``--lrp-rules`` and ``--symmetry-fusion`` choices (bids_siamese.explain.lrp.RULE_SETS and
 #: bids_siamese.symmetry.model.FUSIONS; written out here so that parsing never imports torch or captum).
 LRP_RULE_SETS = ("epsilon_plus", "epsilon")
@@ -97,7 +97,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help='JSON query in fMRIPrep format, e.g. {"t1w": {"session": "01", "acquisition": null}}')
     sel.add_argument("--skip-bids-validation", action="store_true", help="do not run bids-validator-deno")
     sel.add_argument("--derivatives", nargs="+", default=[], metavar="NAME=PATH",
-                     help="reuse existing derivatives, e.g. fmriprep=/data/derivatives/fmriprep")
+                     help="reuse fMRIPrep's or sMRIPrep's anatomical derivatives (brain mask, T1w-to-MNI152NLin2009cAsym "
+                          "transform), e.g. fmriprep=/data/derivatives/fmriprep or smriprep=PATH; the folder's "
+                          "dataset_description.json must name that pipeline in GeneratedBy (see docs/usage.md)")
 
     proc = p.add_argument_group("processing")
     proc.add_argument("--resolution", type=float, default=2.0, help="model grid spacing in mm")
@@ -214,20 +216,18 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def parse_derivatives(items: Sequence[str]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
+def parse_derivatives(items: Sequence[str]) -> dict[str, PipelineDataset]:
+    """``NAME=PATH`` items -> checked derivative datasets (one anatomical source: fmriprep or smriprep)."""
+    out: dict[str, PipelineDataset] = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name or not value:
             raise UsageError(f"--derivatives '{item}' must be NAME=PATH; fix: e.g. --derivatives fmriprep=/out/fmriprep")
-        if name not in KNOWN_DERIVATIVES:
-            raise UsageError(f"--derivatives: unknown name '{name}'; fix: use one of {', '.join(KNOWN_DERIVATIVES)}")
-        path = Path(value).expanduser().resolve()
-        if not (path / "dataset_description.json").is_file():
-            raise NoInputError(
-                f"--derivatives {name}: {path} has no dataset_description.json; fix: point it at the {name} output folder"
-            )
-        out[name] = path
+        if name not in PIPELINES:
+            raise UsageError(f"--derivatives: unknown name '{name}'; fix: use one of {', '.join(PIPELINES)}")
+        out[name] = read_pipeline_dataset(name, Path(value))
+    if len(out) > 1:
+        raise UsageError(f"--derivatives {' and '.join(out)}: both give the anatomical reference; fix: pass one of them")
     return out
 
 

@@ -26,7 +26,8 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     entities = traits.Dict(mandatory=True, desc="BIDS entities of the source (subject, session, ...)")
     resolution = traits.Float(mandatory=True)
     resolution_label = traits.Str(mandatory=True)
-    brain_source = traits.Enum("deepbet", "fmriprep", usedefault=True)
+    brain_source = traits.Enum("deepbet", "fmriprep", "smriprep", usedefault=True)
+    reuse_report = File(exists=True, desc="ReuseAnatomical's JSON: the fMRIPrep/sMRIPrep files reused (absent: none)")
     preproc = File(exists=True, mandatory=True)
     grid_mask = File(exists=True, mandatory=True)
     native_mask = File(exists=True, mandatory=True)
@@ -102,6 +103,13 @@ class WriteDerivatives(StepInterface):
         remove_completion_record(out_dir, names["status"])  # rewritten last, once everything else is written
         raw = "bids:raw:" + str(Path(self.inputs.source_file).resolve().relative_to(Path(self.inputs.bids_dir).resolve()))
         native_mask_uri = "bids::" + str(names["native_mask"])
+        reuse = json.loads(Path(self.inputs.reuse_report).read_text()) if isdefined(self.inputs.reuse_report) else None
+        # the pipeline's files as bids:<name>: URIs (DatasetLinks in dataset_description.json resolves the name)
+        reused_mask = [reuse[k] for k in ("brain_mask", "orig_to_reference") if reuse and reuse.get(k)]
+        reused_xfm = [reuse[k] for k in ("transform", "orig_to_reference") if reuse and reuse.get(k)]
+        provenance = {"AnatomicalDerivatives": {k: reuse[k] for k in (
+            "pipeline", "version", "layout", "reference", "brain_mask", "transform", "transform_source")}} \
+            if reuse else {}
         res_desc = {self.inputs.resolution_label: f"{self.inputs.resolution:g} mm isotropic bids-siamese model grid "
                     "(template-aligned box, symmetric about x=0)"}
         written = []
@@ -115,10 +123,12 @@ class WriteDerivatives(StepInterface):
             "Description": "Skull-stripped T1w affinely registered to MNI152NLin2009cAsym, resampled to the model "
                            "grid and intensity-normalised inside the brain mask (median 0, IQR 1).",
             "SkullStripped": True,
-            "Sources": [raw, native_mask_uri, "bids::" + str(names["xfm"])],
+            "Sources": list(dict.fromkeys([raw, native_mask_uri, "bids::" + str(names["xfm"]), *reused_mask,
+                                           *reused_xfm])),
             **template_reference(),
             "Resolution": res_desc,
             "BrainExtraction": self.inputs.brain_source,
+            **provenance,
         })
         put_nifti("grid_mask", self.inputs.grid_mask, {
             "Description": "Brain mask on the model grid.",
@@ -130,8 +140,9 @@ class WriteDerivatives(StepInterface):
         put_nifti("native_mask", self.inputs.native_mask, {
             "Description": f"Brain mask in the T1w space (RAS), from {self.inputs.brain_source}.",
             "Type": "Brain",
-            "Sources": [raw],
+            "Sources": [raw, *reused_mask],
             "RawSources": [raw],
+            **provenance,
             "SpatialReference": raw,
         })
         write_bytes(out_dir / names["xfm"], Path(self.inputs.xfm).read_bytes())
@@ -145,6 +156,7 @@ class WriteDerivatives(StepInterface):
             "scan": Path(self.inputs.source_file).name,
             "source": raw,
             **report,
+            "anatomical_derivatives": reuse,
         }
         write_json(out_dir / names["orientation"], report)
         written.append(str(names["orientation"]))

@@ -14,6 +14,7 @@ import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
+    InputMultiObject,
     TraitedSpec,
     isdefined,
     traits,
@@ -112,24 +113,97 @@ class BrainExtraction(StepInterface):
         return runtime
 
 
-class _ExternalMaskInputSpec(BaseInterfaceInputSpec):
-    in_mask = File(exists=True, mandatory=True, desc="an fMRIPrep desc-brain_mask")
-    reference = File(exists=True, mandatory=True, desc="the conformed T1w defining the grid")
+class _ReuseInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="the raw T1w, conformed (same world space as the raw file)")
+    anat = traits.Dict(mandatory=True, desc="AnatDerivatives.as_dict() of bids_siamese.bids.fmriprep")
+    scan = traits.Str(mandatory=True, desc="the raw scan's path relative to BIDS_DIR")
+    anat_files = InputMultiObject(File(exists=True), desc="the files named in anat (their content enters the hash)")
 
 
-class ExternalMask(StepInterface):
-    """Use an existing (fMRIPrep) brain mask on the conformed T1w grid."""
+class _ReuseOutputSpec(TraitedSpec):
+    out_mask = File(exists=True, desc="the pipeline's brain mask on the raw scan's conformed grid (uint8)")
+    out_matrix = File(desc="template-to-T1w matrix (text) from the pipeline's transform (absent: none found)")
+    out_itk = File(desc="the same as an ITK affine text transform")
+    out_report = File(exists=True, desc="JSON: what was reused, from which pipeline and version, and the checks")
 
-    input_spec = _ExternalMaskInputSpec
-    output_spec = _BrainOutputSpec
+
+class ReuseAnatomical(StepInterface):
+    """fMRIPrep/sMRIPrep's mask and T1w-to-MNI transform for one raw scan, after checking they belong to it.
+
+    Checks (a failure is :class:`~bids_siamese.errors.BadDataError`, exit 65 for the scan, with the reason):
+    the reference's ``Sources`` name the scan (when present); the raw scan moved into the reference with the
+    pipeline's own ``from-orig_to-T1w`` transform correlates with its ``desc-preproc_T1w`` inside its mask
+    (:data:`~bids_siamese.bids.fmriprep.MATCH_MIN_CORRELATION`); its mask agrees with its ``dseg``. The
+    mask and the transform are then expressed on the raw scan, so each session keeps its own image.
+    """
+
+    input_spec = _ReuseInputSpec
+    output_spec = _ReuseOutputSpec
 
     def _run_interface(self, runtime):
+        from ..bids.fmriprep import (
+            MASK_DSEG_MIN_DICE, MATCH_MIN_CORRELATION, AnatDerivatives, check_sources, match_correlation,
+            tissue_summary,
+        )
         from ..preproc.brain import mask_from_image
+        from ..errors import BadDataError
+        from ..preproc.register import read_itk_affine, read_itk_transform, write_itk_affine
 
-        ref = nib.load(self.inputs.reference)
-        mask = mask_from_image(nib.load(self.inputs.in_mask), ref)
-        out = nib.Nifti1Image(np.asarray(mask).astype(np.uint8), ref.affine)
+        anat = AnatDerivatives.from_dict(dict(self.inputs.anat))
+        ds = anat.dataset
+        who = f"{ds.pipeline} {ds.version}'s {anat.preproc.name}"
+        fix = (f"fix: point --derivatives {ds.name}= at the {ds.pipeline} outputs of this dataset, or leave the "
+               "option out to process the scan on its own")
+        scan = str(self.inputs.scan)
+        reason = check_sources(anat.sources, scan)
+        if reason:
+            raise BadDataError(f"{scan}: {who} was not made from this scan ({reason}); {fix}")
+        orig_from_ref = read_itk_affine(anat.orig_xfm) if anat.orig_xfm else np.eye(4)
+        raw = nib.load(self.inputs.in_file)
+        ref, ref_mask = nib.load(anat.preproc), nib.load(anat.mask)
+        corr = match_correlation(raw, ref, ref_mask, orig_from_ref)
+        if not corr >= MATCH_MIN_CORRELATION:
+            raise BadDataError(f"{scan}: {who} does not match this scan (correlation {corr:.2f} inside its brain "
+                               f"mask after its own transform, below {MATCH_MIN_CORRELATION}); {fix}")
+        tissue = tissue_summary(ref_mask, nib.load(anat.dseg) if anat.dseg else None,
+                                {t: nib.load(p) for t, p in anat.probseg.items()})
+        if tissue["mask_dseg_dice"] is not None and tissue["mask_dseg_dice"] < MASK_DSEG_MIN_DICE:
+            raise BadDataError(f"{scan}: {ds.pipeline}'s {anat.mask.name} and {anat.dseg.name} disagree (Dice "
+                               f"{tissue['mask_dseg_dice']:.2f} < {MASK_DSEG_MIN_DICE}); {fix}")
+        # the reference mask placed in the raw scan's world (its affine composed with the transform), resampled
+        mask = mask_from_image(nib.Nifti1Image(np.asanyarray(ref_mask.dataobj), orig_from_ref @ ref_mask.affine), raw)
+        if not mask.any():
+            raise BadDataError(f"{scan}: {ds.pipeline}'s {anat.mask.name} does not overlap this scan; {fix}")
+        out = nib.Nifti1Image(mask.astype(np.uint8), raw.affine)
+        out.header.set_xyzt_units("mm", "sec")
         self._results["out_mask"] = _save(out, "brain_mask.nii.gz")
+
+        dropped: list[str] = []
+        if anat.xfm is not None:
+            ref_from_template, dropped = read_itk_transform(anat.xfm)
+            matrix = orig_from_ref @ ref_from_template  # template -> reference -> this scan
+            self._results["out_matrix"] = os.path.abspath("template_to_t1w.txt")
+            np.savetxt(self._results["out_matrix"], matrix, fmt="%.10f")
+            self._results["out_itk"] = os.path.abspath("from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.txt")
+            write_itk_affine(matrix, self._results["out_itk"])
+        uri = ds.uri
+        report = {
+            "name": ds.name, "pipeline": ds.pipeline, "version": ds.version, "layout": anat.layout,
+            "reference": uri(anat.preproc),
+            "brain_mask": uri(anat.mask),
+            "transform": uri(anat.xfm) if anat.xfm else None,
+            "transform_source": ds.name if anat.xfm else "estimated",
+            "transform_nonlinear_not_used": dropped,
+            "orig_to_reference": uri(anat.orig_xfm) if anat.orig_xfm else None,
+            "segmentation": [uri(p) for p in ([anat.dseg] if anat.dseg else []) + list(anat.probseg.values())],
+            "not_used": [uri(p) for p in (anat.mni_preproc, anat.mni_mask) if p is not None],
+            "sources_checked": bool(anat.sources),
+            "match_correlation": round(corr, 4),
+            "match_threshold": MATCH_MIN_CORRELATION,
+            **tissue,
+        }
+        self._results["out_report"] = os.path.abspath("anatomical_reuse.json")
+        Path(self._results["out_report"]).write_text(json.dumps(report, indent=2))
         return runtime
 
 
@@ -141,7 +215,6 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     device = traits.Str("cpu", usedefault=True)
     use_gpu = traits.Bool(False, usedefault=True, desc="runs on a GPU (nipype's MultiProc counts it in n_gpu_procs)")
     num_threads = traits.Int(1, usedefault=True)
-    identity = traits.Bool(False, usedefault=True, desc="input is already in template space (fMRIPrep MNI output)")
     dof = traits.Enum(12, 9, 7, 6, usedefault=True, desc="12 affine; 9 shear-free (the orientation check's)")
 
 
@@ -161,17 +234,14 @@ class AffineRegistration(StepInterface):
         from ..preproc.register import register_affine, write_itk_affine
         from ..resources import template_brain_path
 
-        if self.inputs.identity:
-            matrix = np.eye(4)
-        else:
-            img = nib.load(self.inputs.in_file)
-            mask = _mask(self.inputs.in_mask)
-            # register_affine masks the image itself (and caches the template side once per process)
-            matrix = register_affine(
-                img, mask, nib.load(template_brain_path()), resolution=self.inputs.resolution,
-                seed=self.inputs.seed, device=self.inputs.device, n_threads=self.inputs.num_threads,
-                dof=self.inputs.dof,
-            )
+        img = nib.load(self.inputs.in_file)
+        mask = _mask(self.inputs.in_mask)
+        # register_affine masks the image itself (and caches the template side once per process)
+        matrix = register_affine(
+            img, mask, nib.load(template_brain_path()), resolution=self.inputs.resolution,
+            seed=self.inputs.seed, device=self.inputs.device, n_threads=self.inputs.num_threads,
+            dof=self.inputs.dof,
+        )
         out_matrix = os.path.abspath("template_to_t1w.txt")
         np.savetxt(out_matrix, matrix, fmt="%.10f")
         self._results["out_matrix"] = out_matrix

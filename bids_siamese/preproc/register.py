@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from functools import lru_cache, reduce
 from pathlib import Path
 
+import h5py
 import nibabel as nib
 import numpy as np
 import torch
@@ -572,8 +573,61 @@ def read_itk_affine(path: str | Path) -> np.ndarray:
             fixed = np.array(line.split(":", 1)[1].split(), dtype=np.float64)
     if params is None or params.size != 12:
         raise ValueError(f"{path}: not a 3D ITK affine transform file")
-    linear, translation = params[:9].reshape(3, 3), params[9:]
+    return _itk_affine_to_ras(params, fixed)
+
+
+#: ITK transform types whose parameters are a 3x3 matrix and a translation (12 values) about a centre.
+ITK_AFFINE_TYPES = ("AffineTransform", "MatrixOffsetTransformBase")
+
+
+def _itk_affine_to_ras(params: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+    """RAS 4x4 matrix of an ITK affine (LPS parameters: 9 matrix + 3 translation values; centre ``fixed``)."""
+    linear, translation = params[:9].reshape(3, 3), params[9:12]
+    centre = np.zeros(3) if fixed.size < 3 else fixed[:3]
     lps = np.eye(4)
     lps[:3, :3] = linear
-    lps[:3, 3] = translation + fixed[:3] - linear @ fixed[:3]
+    lps[:3, 3] = translation + centre - linear @ centre
     return LPS_FROM_RAS @ lps @ LPS_FROM_RAS
+
+
+def read_itk_composite_h5(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """The affine part of an ITK composite transform file (``.h5``, as antsRegistration and fMRIPrep write).
+
+    Returns ``(matrix, dropped)``: the RAS 4x4 composition of the file's affine transforms, in the same
+    (fixed -> moving, i.e. template -> subject for ``from-T1w_to-<template>_mode-image``) sense as
+    :func:`read_itk_affine`, and the ITK types of the non-linear transforms left out (fMRIPrep's
+    ``DisplacementFieldTransform``). ITK applies a composite's queue last-first, so the affines compose as
+    ``A1 @ A2 @ ...`` in file order.
+    """
+    matrix, dropped, affines = np.eye(4), [], 0
+    with h5py.File(str(path), "r") as handle:
+        if "TransformGroup" not in handle:
+            raise ValueError(f"{path}: no TransformGroup (not an ITK transform file)")
+        group = handle["TransformGroup"]
+        for key in sorted(group.keys(), key=int):
+            node = group[key]
+            kind = bytes(np.asarray(node["TransformType"]).ravel()[0]).decode()
+            if kind.startswith("CompositeTransform"):
+                continue
+            # ITK wrote "Tranform" for years; both spellings are found in the wild
+            prefix = "Transform" if "TransformParameters" in node else "Tranform"
+            if kind.startswith(ITK_AFFINE_TYPES):
+                params = np.asarray(node[f"{prefix}Parameters"], dtype=np.float64).ravel()
+                fixed = np.asarray(node[f"{prefix}FixedParameters"], dtype=np.float64).ravel()
+                if params.size != 12:
+                    raise ValueError(f"{path}: transform {key} ({kind}) is not a 3D affine")
+                matrix = matrix @ _itk_affine_to_ras(params, fixed)
+                affines += 1
+            else:
+                dropped.append(kind)
+    if not affines:
+        raise ValueError(f"{path}: no affine transform in the composite (only {', '.join(dropped)})")
+    return matrix, dropped
+
+
+def read_itk_transform(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """An ITK ``.txt``/``.tfm`` affine or the affine part of an ``.h5`` composite; see
+    :func:`read_itk_composite_h5` for the return value."""
+    if str(path).endswith(".h5"):
+        return read_itk_composite_h5(path)
+    return read_itk_affine(path), []

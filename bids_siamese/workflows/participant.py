@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from ..bids.fmriprep import AnatDerivatives, find_anat, reuse_summary
 from ..bids.layout import T1wScan
 from ..errors import EXIT_DATA, CannotCreateError
 from ..interfaces.derivatives import WriteDerivatives, output_names
@@ -24,10 +25,10 @@ from ..interfaces.preproc import (
     BrainExtraction,
     CheckHeader,
     Conform,
-    ExternalMask,
     ModelGrid,
     OrientationCheck,
     ReportFigures,
+    ReuseAnatomical,
 )
 
 LOG = logging.getLogger("bids_siamese.participant")
@@ -74,30 +75,20 @@ def _wf_name(scan: T1wScan) -> str:
     return "scan_" + re.sub(r"[^A-Za-z0-9]", "_", scan.name) + "_wf"
 
 
-def fmriprep_inputs(fmriprep_dir: Path, scan: T1wScan) -> dict[str, Path] | None:
-    """fMRIPrep/sMRIPrep anatomical outputs for ``scan``: native preproc + mask, MNI ones when present.
-
-    fMRIPrep writes one anatomical reference per subject (no session entity) unless run per session,
-    so the session-specific files are preferred and the subject-level ones are the fallback.
-    """
-    sub = scan.entities["subject"]
-    candidates = []
-    if scan.entities.get("session"):
-        ses = scan.entities["session"]
-        candidates.append((fmriprep_dir / f"sub-{sub}" / f"ses-{ses}" / "anat", f"sub-{sub}_ses-{ses}"))
-    candidates.append((fmriprep_dir / f"sub-{sub}" / "anat", f"sub-{sub}"))
-    for folder, prefix in candidates:
-        preproc = folder / f"{prefix}_desc-preproc_T1w.nii.gz"
-        mask = folder / f"{prefix}_desc-brain_mask.nii.gz"
-        if preproc.is_file() and mask.is_file():
-            found = {"preproc": preproc, "mask": mask}
-            mni = sorted(folder.glob(f"{prefix}_space-MNI152NLin2009cAsym*_desc-preproc_T1w.nii.gz"))
-            for mni_preproc in mni:
-                mni_mask = Path(str(mni_preproc).replace("_desc-preproc_T1w", "_desc-brain_mask"))
-                if mni_mask.is_file():
-                    found.update(mni_preproc=mni_preproc, mni_mask=mni_mask)
-                    break
-            return found
+def anatomical_derivatives(settings, scan: T1wScan) -> AnatDerivatives | None:
+    """The scan's fMRIPrep/sMRIPrep files (:class:`~bids_siamese.bids.fmriprep.AnatDerivatives`), or None
+    without ``--derivatives`` or when the folder has none for it (logged: the scan is then processed alone)."""
+    for dataset in settings.derivatives.values():
+        anat = find_anat(dataset, scan.entities, scan.name)
+        if anat is None:
+            LOG.warning("%s: no %s anatomical outputs in %s; using deepbet and our registration", scan.name,
+                        dataset.pipeline, dataset.path)
+            continue
+        reused = "brain mask and T1w-to-MNI transform" if anat.xfm else "brain mask (no T1w-to-MNI transform: " \
+            "estimated by our registration)"
+        LOG.info("%s: reusing %s %s's %s (%s reference %s)", scan.name, dataset.pipeline, dataset.version, reused,
+                 anat.layout, dataset.uri(anat.preproc))
+        return anat
     return None
 
 
@@ -175,33 +166,27 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
         wf.connect([(grid, embed, [("out_file", "in_file")]),
                     (embed, sink, [("out_tsv", "embedding"), ("out_task", "embedding_task")])])
 
-    fmriprep = None
-    if "fmriprep" in settings.derivatives:
-        fmriprep = fmriprep_inputs(settings.derivatives["fmriprep"], scan)
-        if fmriprep is None:
-            LOG.warning("%s: no fMRIPrep anatomical outputs found; using deepbet and our registration", scan.name)
-
-    wf.connect([(inputnode, check, [("t1w", "in_file")]), (check, orient, [("out_checks", "in_checks")])])
-    if fmriprep is None:
+    anat = anatomical_derivatives(settings, scan)
+    wf.connect([(inputnode, check, [("t1w", "in_file")]), (check, orient, [("out_checks", "in_checks")]),
+                (check, conform, [("out_file", "in_file")])])
+    # every scan keeps its own raw image (its orientation, figures and model-grid volume): a pipeline's reference
+    # made from several sessions gives each session only its mask and transform, moved onto the session's image
+    if anat is None:
         brain_inputs, brain_procs = torch_node_resources(settings, omp)
-        brain = pe.Node(BrainExtraction(**brain_inputs), name="brain_extraction", mem_gb=MEM_GB["brain"],
-                        n_procs=brain_procs)
-        wf.connect([(check, conform, [("out_file", "in_file")]), (conform, brain, [("out_file", "in_file")])])
-        native_mask = brain
+        native_mask = pe.Node(BrainExtraction(**brain_inputs), name="brain_extraction", mem_gb=MEM_GB["brain"],
+                              n_procs=brain_procs)
+        wf.connect([(conform, native_mask, [("out_file", "in_file")])])
     else:
-        sink.inputs.brain_source = "fmriprep"
-        conform.inputs.in_file = str(fmriprep["preproc"])
-        native_mask = pe.Node(ExternalMask(in_mask=str(fmriprep["mask"])), name="fmriprep_mask",
-                              mem_gb=MEM_GB["conform"], n_procs=1)
-        wf.connect([(conform, native_mask, [("out_file", "reference")])])
-    start, start_mask = conform, native_mask  # what the registration and the model grid start from
-    if fmriprep is not None and "mni_preproc" in fmriprep:  # already in MNI152NLin2009cAsym: skip our registration
-        register.inputs.identity = True
-        start = pe.Node(Conform(in_file=str(fmriprep["mni_preproc"])), name="conform_mni",
-                        mem_gb=MEM_GB["conform"], n_procs=1)
-        start_mask = pe.Node(ExternalMask(in_mask=str(fmriprep["mni_mask"])), name="fmriprep_mni_mask",
-                             mem_gb=MEM_GB["conform"], n_procs=1)
-        wf.connect([(start, start_mask, [("out_file", "reference")])])
+        sink.inputs.brain_source = anat.dataset.name
+        native_mask = pe.Node(ReuseAnatomical(anat=anat.as_dict(), anat_files=[str(p) for p in anat.files()],
+                                              scan=str(scan.path.relative_to(settings.bids_dir))),
+                              name="reuse_anatomical", mem_gb=MEM_GB["conform"], n_procs=1)
+        wf.connect([(conform, native_mask, [("out_file", "in_file")]),
+                    (native_mask, sink, [("out_report", "reuse_report")])])
+    transform = register if anat is None or anat.xfm is None else native_mask
+    wf.connect([(transform, grid, [("out_matrix", "in_matrix")]), (transform, sink, [("out_itk", "xfm")])])
+    if transform is register:
+        wf.connect([(conform, register, [("out_file", "in_file")]), (native_mask, register, [("out_mask", "in_mask")])])
     wf.connect([
         (conform, register_qc, [("out_file", "in_file")]),
         (native_mask, register_qc, [("out_mask", "in_mask")]),
@@ -210,21 +195,17 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
         (native_mask, figures, [("out_mask", "native_mask")]),
         (native_mask, orient, [("out_mask", "native_mask")]),
         (native_mask, sink, [("out_mask", "native_mask")]),
-        (start, register, [("out_file", "in_file")]),
-        (start_mask, register, [("out_mask", "in_mask")]),
-        (start, grid, [("out_file", "in_file")]),
-        (start_mask, grid, [("out_mask", "in_mask")]),
+        (conform, grid, [("out_file", "in_file")]),
+        (native_mask, grid, [("out_mask", "in_mask")]),
     ])
 
     wf.connect([
-        (register, grid, [("out_matrix", "in_matrix")]),
         (register_qc, orient, [("out_matrix", "in_matrix")]),
         *([(grid, orient, [("out_file", "grid_file")])] if settings.orientation_model else []),
         (grid, figures, [("out_file", "grid_file")]),
         (figures, merge_figs, [("out_mask_svg", "in1"), ("out_reg_svg", "in2"), ("out_orient_svg", "in3")]),
         (merge_figs, sink, [("out", "figures")]),
         (grid, sink, [("out_file", "preproc"), ("out_mask", "grid_mask")]),
-        (register, sink, [("out_itk", "xfm")]),
         (orient, sink, [("out_report", "orientation")]),
         (sink, outputnode, [("out_orientation", "orientation"), ("out_files", "out_files")]),
     ])
@@ -232,8 +213,9 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     # default) instead of by content: six of them read the float32 1 mm T1w (30-65 MB), and an md5 of it in each
     # cost about 0.5 CPU s per scan. A rerun still reuses them: their inputs keep their times unless an upstream
     # node ran again. Nodes that read the user's files (BIDS, fMRIPrep, a model) keep content hashing.
-    intermediate = [register, register_qc, grid, orient, figures, merge_figs, sink]
-    intermediate += [brain] if fmriprep is None else []
+    intermediate = [register_qc, grid, orient, figures, merge_figs, sink]
+    intermediate += [register] if transform is register else []
+    intermediate += [native_mask] if anat is None else []
     intermediate += [asymmetry] if task != "symmetry" else []
     for node in intermediate:
         node.config = {"execution": {"hash_method": "timestamp"}}
@@ -458,7 +440,8 @@ def write_reports(settings, scans: list[T1wScan], failures: list[tuple[str, str]
                          "Correlation with template": qc.get("template_correlation"),
                          "Affine scales": "/".join(f"{v:.2f}" for v in qc.get("affine_scales", [])) or None,
                          "Field of view covers template brain": qc.get("fov_coverage"),
-                         "Obliquity (information)": qc.get("obliquity") or None},
+                         "Obliquity (information)": qc.get("obliquity") or None,
+                         **reuse_summary(qc.get("anatomical_derivatives"))},
             )
         by_subject.setdefault(scan.entities["subject"], []).append(entry)
     written = []
