@@ -285,6 +285,11 @@ def _exit_code_of(error_class: str) -> int:
     return EXIT_DATA
 
 
+#: The last line of a traceback that ran out of memory (numpy, Python, torch's CPU allocator); group: the detail.
+OUT_OF_MEMORY = re.compile(r"^\s*(?:[\w.]+\.)?(?:_Array|OutOf)?MemoryError\b:? ?(.*)$|"
+                           r"DefaultCPUAllocator: (can't allocate memory.*)$", re.M)
+
+
 def _crash_messages(crash_dir: Path) -> dict[str, tuple[str, int]]:
     """Map per-scan workflow name -> (the one-line error of its crashed node, exit code)."""
     messages: dict[str, tuple[str, int]] = {}
@@ -295,7 +300,14 @@ def _crash_messages(crash_dir: Path) -> dict[str, tuple[str, int]]:
         if wf is None:
             continue
         user = re.findall(r"(?:bids_siamese\.errors\.)?(\w*Error): (.+)", text)
-        if user:
+        memory = OUT_OF_MEMORY.findall(text)  # numpy/torch could not allocate: ulimit -v or a cgroup
+        if memory:
+            detail = "".join(memory[-1]).strip()
+            messages.setdefault(wf, (
+                f"out of memory in node {node.group(1).split('.')[-1] if node else '?'}"
+                f"{f' ({detail})' if detail else ''}; fix: give the job more memory and raise --mem-gb to match, "
+                "or lower --nprocs, then rerun (finished scans are reused)", EXIT_DATA))
+        elif user:
             messages.setdefault(wf, (user[-1][1].strip(), _exit_code_of(user[-1][0])))
         else:
             messages.setdefault(wf, (f"see {crash}", EXIT_DATA))
@@ -373,7 +385,12 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
         from ..cli.signals import workers_die_with_us
 
         with workers_die_with_us(plugin_args):
-            wf.run(plugin=plugin, plugin_args=plugin_args)
+            if plugin == "MultiProc":  # a worker's death fails its node instead of hanging the run
+                from .plugin import multiproc_plugin
+
+                wf.run(plugin=multiproc_plugin(plugin_args))
+            else:
+                wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:  # nipype raises after the other nodes finished
         LOG.debug("workflow finished with errors: %s", err)
     except OSError as err:  # nipype could not write its crash files or node folders

@@ -1,0 +1,174 @@
+"""Faults that must never hang a run (docs/reliability.md): dead workers, memory limits, full or read-only disks,
+huge images. Most cases run the CLI in a fresh process on the hand-made mini dataset, with the slow or faulty
+step injected by a small driver script; a timeout on the process is the hang guard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_reliability import ROOT, _alive, error_lines
+
+ENV = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, Linux signals")
+
+# ------------------------------------------------------------------------------------------------
+# a dead worker fails its own node's scan; the other scans go on; the run ends
+# ------------------------------------------------------------------------------------------------
+
+PLUGIN_DRIVER = """
+import json, sys, time
+from pathlib import Path
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+
+def nap(seconds, sig):
+    import os, time
+    time.sleep(seconds)
+    if sig:
+        os.kill(os.getpid(), sig)
+    return seconds
+
+
+def node(name, seconds, sig=0):
+    n = pe.Node(niu.Function(input_names=["seconds", "sig"], output_names=["out"], function=nap), name=name)
+    n.inputs.seconds, n.inputs.sig = seconds, sig
+    return n
+
+
+if __name__ == "__main__":
+    from bids_siamese.workflows.plugin import multiproc_plugin
+
+    base, context, sig = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    wf = pe.Workflow("top", base_dir=str(base))
+    scan_a = pe.Workflow("scan_a_wf")
+    scan_a.add_nodes([node("victim", 1.0, sig)])  # its worker dies while scan_b's first node runs
+    scan_b = pe.Workflow("scan_b_wf")
+    first, second = node("first", 3.0), node("second", 0.5)
+    scan_b.connect(first, "out", second, "seconds")
+    wf.add_nodes([scan_a, scan_b])
+    wf.config["execution"] = {"crashdump_dir": str(base / "crash"), "crashfile_format": "txt",
+                              "poll_sleep_duration": 0.1}
+    args = {"n_procs": 2, "memory_gb": 2.0}
+    if context != "fork":
+        args["mp_context"] = context
+    try:
+        wf.run(plugin=multiproc_plugin(args))
+        error = None
+    except RuntimeError as err:  # nipype: some node failed
+        error = type(err).__name__
+    print(json.dumps({"error": error}))
+"""
+
+
+@LINUX
+@pytest.mark.parametrize("context, sig, name", [("fork", signal.SIGKILL, "SIGKILL"),
+                                                ("forkserver", signal.SIGKILL, "SIGKILL"),
+                                                ("fork", signal.SIGSEGV, "SIGSEGV")])
+def test_dead_worker_fails_its_node_and_the_others_finish(tmp_path, context, sig, name):
+    """nipype's MultiProc waited for ever for the result of a node whose worker died (BrokenProcessPool)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(PLUGIN_DRIVER)
+    proc = subprocess.run([sys.executable, str(driver), str(tmp_path), context, str(int(sig))], capture_output=True,
+                          text=True, env=ENV, timeout=90)  # the hang guard: a hung run is killed and fails here
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"error": "RuntimeError"}
+    crashes = list((tmp_path / "crash").glob("crash-*.txt"))
+    assert len(crashes) == 1, "only the node whose worker died fails"
+    text = crashes[0].read_text()
+    assert "Node: top.scan_a_wf.victim" in text
+    assert f"WorkerDiedError: the worker process running node victim was killed by {name}" in text
+    assert "fix: give the job more memory" in text and "lower --nprocs" in text
+    # the other scan's node, terminated with the broken pool, was run again; its successor ran too
+    assert (tmp_path / "top" / "scan_b_wf" / "second" / "result_second.pklz").is_file()
+
+
+SLOW_SCAN_DRIVER = """
+import os, sys, time
+from pathlib import Path
+from bids_siamese.interfaces import preproc
+
+marker = Path(sys.argv[1])
+original = preproc.CheckHeader._run_interface
+
+
+def check(self, runtime):
+    if "sub-02" in str(self.inputs.in_file):  # the victim: the test kills this worker
+        (marker / str(os.getpid())).write_text("running")
+        time.sleep(300)
+    if "sub-01_ses-2" in str(self.inputs.in_file) and os.environ.get("EAT_MEMORY"):
+        import resource
+        import numpy as np
+
+        vsz = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[20])
+        resource.setrlimit(resource.RLIMIT_AS, (vsz + 256 * 2**20, resource.RLIM_INFINITY))
+        np.ones(2**30, dtype=np.uint8)  # 1 GB under a 256 MB allowance: MemoryError
+    raise RuntimeError("stop here: the rest of the pipeline is not needed")
+
+
+# module level: a forkserver imports this file as __mp_main__, so its workers are patched too
+preproc.CheckHeader._run_interface = check
+
+if __name__ == "__main__":
+    from bids_siamese.cli.main import entry
+    entry(sys.argv[2:])
+"""
+
+
+def _start(tmp_path: Path, mini_bids: Path, *options: str, env=None) -> tuple[subprocess.Popen, Path]:
+    marker = tmp_path / "running"
+    marker.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(SLOW_SCAN_DRIVER)
+    proc = subprocess.Popen([sys.executable, str(driver), str(marker), str(mini_bids), str(tmp_path / "out"),
+                             "participant", "--skip-bids-validation", "--nprocs", "2", "-w", str(tmp_path / "work"),
+                             *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or ENV)
+    return proc, marker
+
+
+@LINUX
+@pytest.mark.parametrize("forkserver", [False, True])
+def test_sigkill_of_a_worker_mid_node_ends_the_run_with_65(mini_bids, tmp_path, forkserver):
+    options = []
+    if forkserver:  # the GPU path's workers: started by a forkserver, not forked from the main process
+        plugin = tmp_path / "plugin.yml"
+        plugin.write_text("plugin: MultiProc\nplugin_args:\n  n_procs: 2\n  mp_context: forkserver\n")
+        options = ["--use-plugin", str(plugin)]
+    proc, marker = _start(tmp_path, mini_bids, *options)
+    deadline = time.monotonic() + 120
+    while not list(marker.iterdir()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the victim's node did not start"
+        time.sleep(0.2)
+    victim = int(next(marker.iterdir()).name)
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)  # within 30 s of the death, or the test fails here
+    assert proc.returncode == 65, err
+    failed = [line for line in err.splitlines() if line.startswith("bids-siamese: FAILED")]
+    assert len(failed) == 3  # the victim with its reason; the two others with their own error
+    victim_line = next(line for line in failed if "sub-02_ses-1_T1w:" in line)
+    assert "node check_header was killed by SIGKILL" in victim_line and "fix:" in victim_line
+    assert sum("stop here" in line for line in failed) == 2
+    assert "Traceback" not in err and len(error_lines(err)) == 1
+    assert not _alive(victim)
+
+
+@LINUX
+def test_memory_limit_is_one_line_naming_mem_gb_and_nprocs(mini_bids, tmp_path):
+    """RLIMIT_AS (``ulimit -v``; a memory cgroup gives SIGKILL, as above) smaller than a node needs."""
+    proc, _ = _start(tmp_path, mini_bids, "--participant-label", "01", env=dict(ENV, EAT_MEMORY="1"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 65, err
+    line = next(line for line in err.splitlines() if line.startswith("bids-siamese: FAILED sub-01_ses-2_T1w:"))
+    assert "out of memory in node check_header" in line
+    assert "fix: give the job more memory and raise --mem-gb to match, or lower --nprocs" in line
+    assert "Traceback" not in err
