@@ -172,3 +172,136 @@ def test_memory_limit_is_one_line_naming_mem_gb_and_nprocs(mini_bids, tmp_path):
     assert "out of memory in node check_header" in line
     assert "fix: give the job more memory and raise --mem-gb to match, or lower --nprocs" in line
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# full and read-only disks (a real tmpfs, so root only): 73 naming the folder; a rerun after the fix completes
+# ------------------------------------------------------------------------------------------------
+
+ROOT_ONLY = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0 or not sys.platform.startswith("linux"),
+                               reason="mounts a tmpfs: needs root on Linux")
+
+FAULT_DRIVER = """
+import os, subprocess, sys
+from pathlib import Path
+from bids_siamese.interfaces import derivatives, preproc
+
+mount, fault, node = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+hooked = {"check_header": preproc.CheckHeader, "model_grid": preproc.ModelGrid,
+          "write_derivatives": derivatives.WriteDerivatives}[node]
+original = hooked._run_interface
+
+
+def with_fault(self, runtime):  # the disk fails just as this node starts (in a worker: a mid-run fault)
+    if fault == "full":
+        fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        stat = os.statvfs(mount)
+        os.posix_fallocate(fd, 0, stat.f_bavail * stat.f_frsize)
+        os.close(fd)
+    elif node == "write_derivatives":  # a remount would fail: the run holds its lock file open for writing
+        import errno
+
+        def read_only(src, dst, *args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+
+        os.replace = read_only  # in this worker: every output file's final rename
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    return original(self, runtime)
+
+
+hooked._run_interface = with_fault
+
+if __name__ == "__main__":
+    from bids_siamese.cli.main import entry
+    entry(sys.argv[4:])
+"""
+
+
+class TinyTmpfs:
+    """A 30 MB tmpfs at ``path`` (``with TinyTmpfs(p) as fs``); always unmounted on exit."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(self.path)], check=True)
+        return self.path
+
+    def heal(self) -> None:
+        """Free the space and make it writable again (the user's fix)."""
+        subprocess.run(["mount", "-o", "remount,rw", str(self.path)], check=True)
+        (self.path / "filler").unlink(missing_ok=True)
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+
+def _participant_args(mini_bids: Path, out: Path, work: Path) -> list[str]:
+    return [str(mini_bids), str(out), "participant", "--participant-label", "02", "--skip-bids-validation",
+            "--nprocs", "2", "--resolution", "8", "-w", str(work)]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted run of the mini dataset's sub-02 (one scan, 8 mm grid)."""
+    from conftest import make_mini_bids
+
+    base = tmp_path_factory.mktemp("reference")
+    bids = make_mini_bids(base / "bids")
+    proc = subprocess.run([sys.executable, "-m", "bids_siamese", *_participant_args(bids, base / "out", base / "work")],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return base
+
+
+def assert_same_outputs(out: Path, reference: Path, subject: str = "02") -> None:
+    """The subject's outputs byte-identical to the reference run's (completion records: the same file list)."""
+    files = sorted(p for p in (reference / "out" / f"sub-{subject}").rglob("*") if p.is_file())
+    assert len(files) >= 10
+    for path in files:
+        mine = out / path.relative_to(reference / "out")
+        if path.name.endswith("_desc-status_qc.json"):  # run id and time differ
+            assert json.loads(mine.read_text())["files"] == json.loads(path.read_text())["files"]
+        else:
+            assert mine.read_bytes() == path.read_bytes(), mine
+    assert list(out.rglob(".*.part*")) == []
+
+
+@ROOT_ONLY
+@pytest.mark.slow
+@pytest.mark.parametrize("where, fault, node, rerun", [
+    ("work", "full", "check_header", False),        # ENOSPC at the first node
+    ("work", "full", "model_grid", True),           # ENOSPC mid-run; free the space, rerun
+    ("work", "readonly", "model_grid", False),      # EROFS mid-run (a read-only remount)
+    ("output", "full", "write_derivatives", True),  # ENOSPC while the outputs are written; free, rerun
+    ("output", "readonly", "write_derivatives", False),  # EROFS at the outputs' renames (patched)
+])
+def test_full_or_read_only_disk_is_73_naming_the_folder(reference_run, tmp_path, where, fault, node, rerun):
+    from conftest import make_mini_bids
+
+    bids = make_mini_bids(tmp_path / "bids")
+    driver = tmp_path / "driver.py"
+    driver.write_text(FAULT_DRIVER)
+    fs = TinyTmpfs(tmp_path / "fs")
+    with fs as mount:
+        out, work = (mount / "out", tmp_path / "work") if where == "output" else (tmp_path / "out", mount / "work")
+        args = _participant_args(bids, out, work)
+        proc = subprocess.run([sys.executable, str(driver), str(mount), fault, node, *args], capture_output=True,
+                              text=True, env=ENV, timeout=300)  # the hang guard
+        assert proc.returncode == 73, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("bids-siamese:")]
+        assert "Traceback" not in proc.stderr
+        reason = "No space left on device" if fault == "full" else "Read-only file system"
+        folder = f"OUTPUT_DIR {out}" if where == "output" else f"the work dir {work}"
+        assert any(folder in line and reason in line and "fix:" in line for line in lines), lines
+        assert len(error_lines(proc.stderr)) == 1
+        assert list(out.rglob(".*.part*")) == []  # no partial output file
+        if not rerun:
+            return
+        fs.heal()
+        proc = subprocess.run([sys.executable, "-m", "bids_siamese", *args], capture_output=True, text=True, env=ENV,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        assert_same_outputs(out, reference_run)

@@ -31,6 +31,8 @@ def setup_logging(verbosity: int) -> None:
     nipype_logging.update_logging(nipype_config)
     for name in ("nipype", "nipype.workflow", "nipype.interface", "nipype.utils"):
         logging.getLogger(name).propagate = False  # nipype has its own handler: avoid double lines
+    if verbosity < 2:  # nipype's CRITICAL lines (a hash file it cannot write on a full disk) come with our own line
+        logging.getLogger("nipype.workflow").setLevel(logging.CRITICAL + 1)
 
 
 def record_templates(log_dir) -> None:

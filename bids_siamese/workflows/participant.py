@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,7 +17,7 @@ from typing import Any, NamedTuple
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..bids.layout import T1wScan
+from ..bids.layout import T1wScan, bids_relative
 from ..errors import EXIT_DATA, CannotCreateError
 from ..interfaces.derivatives import WriteDerivatives, output_names
 from ..interfaces.preproc import (
@@ -393,12 +394,46 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
                 wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:  # nipype raises after the other nodes finished
         LOG.debug("workflow finished with errors: %s", err)
-    except OSError as err:  # nipype could not write its crash files or node folders
-        raise CannotCreateError(f"cannot write {err.filename or settings.work_dir}: {err.strerror or err}; fix: free "
-                                "space or restore write access, then rerun (finished scans are reused)") from err
+    except OSError as err:  # a full/read-only disk (the plugin ends the run), or nipype could not write its files
+        raise disk_error(settings, err.filename, err.strerror or str(err)) from err
     finally:
         gc.unfreeze()
 
+    try:
+        return _finish(settings, scans, crash_dir)
+    except OSError as err:  # the reports, completion records, QC records in OUTPUT_DIR
+        raise disk_error(settings, err.filename, err.strerror or str(err)) from err
+
+
+def disk_error(settings, path: str | Path | None, reason: str) -> CannotCreateError:
+    """Exit 73 naming the folder that cannot be written (OUTPUT_DIR or the work dir) and the fix.
+
+    ``path`` is the file that failed, when known; without it, the folder that is full or read-only is named.
+    """
+    output_dir, work_dir = Path(settings.output_dir), Path(settings.work_dir)
+    target = Path(path) if path else next((d for d in (output_dir, work_dir) if _unwritable(d)), None)
+    where = f" ({target})" if target is not None and target not in (output_dir, work_dir) else ""
+    if target is not None and target.is_relative_to(output_dir):
+        return CannotCreateError(f"cannot write OUTPUT_DIR {output_dir}{where}: {reason}; fix: free space or restore "
+                                 "write access to OUTPUT_DIR, then rerun (finished scans are reused)")
+    if target is None or target.is_relative_to(work_dir):
+        return CannotCreateError(f"cannot write the work dir {work_dir}{where}: {reason}; fix: free space or restore "
+                                 "write access there, or pass -w with a folder on another disk, then rerun (finished "
+                                 "scans are reused)")
+    return CannotCreateError(f"cannot write {target}: {reason}; fix: free space or restore write access, then rerun")
+
+
+def _unwritable(folder: Path, min_free: int = 1 << 20) -> bool:
+    """Whether ``folder``'s file system is read-only or has less than ``min_free`` bytes left."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return bool(stat.f_flag & os.ST_RDONLY) or stat.f_bavail * stat.f_frsize < min_free
+
+
+def _finish(settings, scans: list[T1wScan], crash_dir: Path) -> list[ScanFailure]:
+    """After the workflow: the failures, the subject reports, the completion records and the gate's line."""
     messages = _crash_messages(crash_dir) if crash_dir.exists() else {}
     failures: list[ScanFailure] = []
     written: dict[str, list[str]] = {}
@@ -419,7 +454,7 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
             qc = settings.output_dir / output_names(scan.entities, settings.resolution_label)["orientation"]
             done.setdefault(scan.entities["subject"], []).append(json.loads(qc.read_text()))
     unusable = sorted(scan_qc_failures(done))
-    (LOG.warning if unusable else LOG.info)(qc_summary_line(unusable))
+    (LOG.warning if unusable else LOG.info)(qc_summary_line(unusable, checked=len(written)))
     return failures
 
 
@@ -461,7 +496,7 @@ def write_reports(settings, scans: list[T1wScan], failures: list[tuple[str, str]
     by_subject: dict[str, list[dict[str, Any]]] = {}
     for scan in scans:
         names = output_names(scan.entities, settings.resolution_label)
-        entry: dict[str, Any] = {"name": scan.name, "source": str(scan.path.relative_to(settings.bids_dir))}
+        entry: dict[str, Any] = {"name": scan.name, "source": str(bids_relative(scan.path, settings.bids_dir))}
         if scan.name in failed:
             entry.update(error=failed[scan.name], header_checks=[], orientation={}, figures={})
         else:

@@ -1,6 +1,8 @@
 """``--use-plugin FILE``: read and check nipype plugin settings once, in the parser, before any work."""
 from __future__ import annotations
 
+import errno
+import re
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +114,8 @@ def death_reason(node_name: str, exitcode: int | None) -> str:
     """One line for a node whose worker process died with ``exitcode`` (negative: killed by that signal).
 
     Examples:
-        >>> death_reason("brain_extraction", -9)  # doctest: +ELLIPSIS
-        'the worker process running node brain_extraction was killed by SIGKILL (... fix: ...'
+        >>> death_reason("wf.scan_wf.brain_extraction", -9).split(" (")[0]
+        'the worker process running node brain_extraction was killed by SIGKILL'
     """
     import signal
 
@@ -142,6 +144,7 @@ def _safe_multiproc_class():
     import shutil
     import tempfile
     import threading
+    import traceback
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
@@ -158,6 +161,7 @@ def _safe_multiproc_class():
             self._requeue: set[int] = set()
             self._task_node: dict[int, str] = {}
             self._requeued: dict[str, int] = {}
+            self.disk_fault: tuple[int, str, str | None] | None = None
             self._processes: dict[int, Any] = {}
             self.pool = self._new_pool()
 
@@ -216,12 +220,34 @@ def _safe_multiproc_class():
                 result = {"result": None, "taskid": taskid,
                           "traceback": ["bids_siamese.errors.WorkerDiedError: "
                                         f"{death_reason(name, exitcode)}\n"]}
-            except BaseException as err:  # noqa: BLE001 - e.g. a node that cannot be pickled
-                result = {"result": None, "taskid": taskid,
-                          "traceback": [f"{type(err).__name__}: {err}\n"]}
+            except BaseException as err:  # noqa: BLE001 - e.g. a node whose result file could not be written
+                # the worker's own traceback (with the error that caused this one) is the exception's __cause__
+                result = {"result": None, "taskid": taskid, "traceback": traceback.format_exception(err)}
+            if result and result.get("traceback") and self.disk_fault is None:
+                self.disk_fault = find_disk_fault("".join(result["traceback"]))
             self._taskresult[taskid] = result
 
+        def run(self, graph, config, updatehash=False):
+            try:
+                return super().run(graph, config, updatehash=updatehash)
+            except BaseException:
+                self._stop_workers()
+                raise
+
+        def _stop_workers(self) -> None:
+            """Cancel what is queued and end the workers now (an aborted run must not wait for them)."""
+            processes = list((getattr(self.pool, "_processes", None) or {}).values())
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                try:
+                    process.kill()
+                except (OSError, ValueError, AttributeError):
+                    pass
+            shutil.rmtree(self._track_dir, ignore_errors=True)
+
         def _send_procs_to_workers(self, updatehash=False, graph=None):
+            if self.disk_fault is not None:  # a full or read-only disk: every further node would fail too
+                raise DiskFault(*self.disk_fault)
             with self._lock:
                 requeue, self._requeue = self._requeue, set()
             if requeue:
@@ -247,6 +273,31 @@ def _safe_multiproc_class():
 
 
 _SAFE_CLASS = None
+
+#: Errors of a full or read-only disk: ``(errno, text)``; found in a node's traceback they end the run.
+DISK_ERRORS = ((errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system"),
+               (errno.EDQUOT, "Disk quota exceeded"))
+
+
+class DiskFault(OSError):
+    """A node failed because a disk is full or read-only (raised in the main process to end the run)."""
+
+
+def find_disk_fault(text: str) -> tuple[int, str, str | None] | None:
+    """``(errno, strerror, path or None)`` when ``text`` (a traceback) shows a full or read-only disk.
+
+    Examples:
+        >>> find_disk_fault("OSError: [Errno 28] No space left on device: '/work/a/b.nii.gz'")
+        (28, 'No space left on device', '/work/a/b.nii.gz')
+        >>> find_disk_fault("ValueError: nope") is None
+        True
+    """
+    for number, message in DISK_ERRORS:
+        for line in reversed(text.splitlines()):
+            if message in line:
+                path = re.search(r"(/[^\s'\",:]+)", line)
+                return number, message, path.group(1) if path else None
+    return None
 #: How often a node is put back in the queue after another node's worker died while it ran (then it fails).
 MAX_REQUEUE = 3
 
