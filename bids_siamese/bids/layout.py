@@ -70,12 +70,16 @@ def read_bids_tsv(path: Path) -> pd.DataFrame:
         BadDataError: the file cannot be parsed (e.g. a row with more fields than the header).
     """
     import csv
+    import warnings
 
     import pandas as pd
 
     try:
-        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        with warnings.catch_warnings():  # a row longer than the header: pandas would drop or shift fields
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE,
+                               index_col=False)
+    except (pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError) as err:
         detail = " ".join(str(err).split())
         raise BadDataError(f"{path} is not a valid BIDS TSV file ({detail}); fix: one tab-separated row per line, "
                            "as many fields as the header") from err

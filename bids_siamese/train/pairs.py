@@ -126,7 +126,7 @@ def read_participants(bids_dir: Path) -> pd.DataFrame:
 
     Raises:
         NoInputError: no participants.tsv.
-        BadDataError: no participant_id column.
+        BadDataError: no participant_id column, a participant listed twice, a row that is not BIDS TSV.
     """
     path = Path(bids_dir) / "participants.tsv"
     if not path.is_file():
@@ -136,6 +136,10 @@ def read_participants(bids_dir: Path) -> pd.DataFrame:
     if "participant_id" not in table.columns:
         raise BadDataError(f"{path} has no participant_id column; fix: add it (BIDS requires it)")
     table["participant_id"] = table["participant_id"].map(participant_id)
+    duplicated = sorted(set(table.loc[table["participant_id"].duplicated(), "participant_id"]))
+    if duplicated:
+        raise BadDataError(f"{path} lists participant(s) {', '.join(duplicated)} more than once; fix: keep one row "
+                           "per participant (the BIDS validator reports this unless --skip-bids-validation)")
     return table
 
 
