@@ -305,3 +305,53 @@ def test_full_or_read_only_disk_is_73_naming_the_folder(reference_run, tmp_path,
                               timeout=600)
         assert proc.returncode == 0, proc.stderr
         assert_same_outputs(out, reference_run)
+
+
+# ------------------------------------------------------------------------------------------------
+# sizes: an image larger than --mem-gb allows (by its header) fails before its data are read
+# ------------------------------------------------------------------------------------------------
+
+def _bomb(path: Path, shape=(2000, 2000, 2000), stream_mb: int = 64) -> Path:
+    """A .nii.gz whose header declares ``shape`` int16 (16 GB) over a gzip stream of zeros (64 MB, ~64 kB)."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.diag([1.0, 1.0, 1.0, 1.0]))
+    img.header.set_data_shape(shape)
+    img.header.set_xyzt_units("mm", "sec")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb", compresslevel=1) as handle:
+        handle.write(img.header.binaryblock + b"\0" * 4)  # 348-byte header, 4-byte extension flag
+        chunk = b"\0" * (1 << 20)
+        for _ in range(stream_mb):
+            handle.write(chunk)
+    return path
+
+
+def test_image_larger_than_mem_gb_fails_by_its_header(mini_bids, tmp_path):
+    scan = _bomb(mini_bids / "sub-03" / "ses-1" / "anat" / "sub-03_ses-1_T1w.nii.gz")
+    assert scan.stat().st_size < 1_000_000
+    proc = subprocess.run([sys.executable, "-m", "bids_siamese", str(mini_bids), str(tmp_path / "out"), "participant",
+                           "--participant-label", "03", "--skip-bids-validation", "--mem-gb", "4", "--nprocs", "1",
+                           "-w", str(tmp_path / "work")], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 65, proc.stderr
+    line = next(line for line in proc.stderr.splitlines() if line.startswith("bids-siamese: FAILED sub-03_ses-1_T1w:"))
+    assert "2000x2000x2000 int16" in line and "more than --mem-gb 4 allows" in line and "fix:" in line
+    assert "Traceback" not in proc.stderr
+
+
+def test_decompression_bomb_is_not_read(tmp_path):
+    """The header is checked before any data are read: a stream far larger than the memory is never inflated."""
+    import resource
+
+    from bids_siamese.errors import BadDataError
+    from bids_siamese.preproc.conform import load_t1w
+
+    scan = _bomb(tmp_path / "bomb.nii.gz", stream_mb=256)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(BadDataError, match="more than --mem-gb 1 allows"):
+        load_t1w(scan, max_gb=1.0)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100  # nothing near the 256 MB stream (let alone the declared 16 GB) was inflated

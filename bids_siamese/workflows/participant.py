@@ -122,7 +122,7 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     inputnode.inputs.t1w = str(scan.path)
     outputnode = pe.Node(niu.IdentityInterface(fields=["orientation", "out_files"]), name="outputnode")
 
-    check = pe.Node(CheckHeader(), name="check_header", mem_gb=MEM_GB["conform"], n_procs=1)
+    check = pe.Node(CheckHeader(max_gb=settings.mem_gb), name="check_header", mem_gb=MEM_GB["conform"], n_procs=1)
     conform = pe.Node(Conform(), name="conform", mem_gb=MEM_GB["conform"], n_procs=1)
     # one thread each (REGISTRATION_THREADS: outputs do not depend on the thread count); the tensors are small
     # (<= 60,000 points), extra threads only stall, and the two registrations of a scan run side by side
