@@ -355,3 +355,65 @@ def test_decompression_bomb_is_not_read(tmp_path):
         load_t1w(scan, max_gb=1.0)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 100  # nothing near the 256 MB stream (let alone the declared 16 GB) was inflated
+
+
+# ------------------------------------------------------------------------------------------------
+# offline by proof, and a scan symlinked from outside the dataset: one end-to-end run
+# ------------------------------------------------------------------------------------------------
+
+#: Put first on PYTHONPATH as ``sitecustomize``: every Python process of the run (the CLI, its workers, any
+#: Python subprocess) refuses outgoing network connections and records each attempt.
+NETWORK_GUARD = """
+import os, socket
+
+_LOG = os.environ["NETWORK_GUARD_LOG"]
+
+
+def _refuse(self, address, *args, **kwargs):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        with open(_LOG, "a") as log:
+            log.write(f"{os.getpid()} connect {address!r}\\n")
+        raise ConnectionRefusedError(111, "network guard: no connection allowed in this test")
+    return _original_connect(self, address, *args, **kwargs)
+
+
+_original_connect = socket.socket.connect
+socket.socket.connect = _refuse
+socket.socket.connect_ex = lambda self, address: _refuse(self, address) or 0
+"""
+
+
+@pytest.mark.slow
+def test_offline_end_to_end_with_a_symlinked_scan(reference_run, tmp_path):
+    """With validation on, no Python process of the run tries to connect (the guard), and, where strace exists,
+    no process at all does (the validator is a native program). sub-02's scan is a symlink to a file outside
+    the dataset (as HPC datasets assembled from symlinks): processed and written like any scan."""
+    import shutil
+
+    from conftest import make_mini_bids
+
+    bids = make_mini_bids(tmp_path / "bids")
+    scan = bids / "sub-02" / "ses-1" / "anat" / "sub-02_ses-1_T1w.nii.gz"
+    store = tmp_path / "store" / "a_scan_stored_elsewhere.nii.gz"
+    store.parent.mkdir()
+    shutil.move(scan, store)
+    scan.symlink_to(store)
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NETWORK_GUARD)
+    log = tmp_path / "connections.log"
+    env = dict(ENV, PYTHONPATH=f"{guard}{os.pathsep}{ENV['PYTHONPATH']}", NETWORK_GUARD_LOG=str(log))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bids_siamese", *_participant_args(bids, out, tmp_path / "work")]
+    command.remove("--skip-bids-validation")
+    trace = tmp_path / "connect.strace"
+    if shutil.which("strace"):
+        command = ["strace", "-f", "--seccomp-bpf", "-e", "trace=connect", "-o", str(trace), *command]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert not log.exists(), log.read_text()
+    if trace.exists():
+        attempts = [line for line in trace.read_text().splitlines() if "AF_INET" in line]
+        assert attempts == []
+    assert_same_outputs(out, reference_run)
+    assert not scan.is_file() or scan.is_symlink()  # the dataset is untouched

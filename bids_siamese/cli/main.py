@@ -177,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .signals import Interrupted, handle_signals, stop_children
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # offline by design: nipype asks the network for its latest version (etelemetry) when the first interface is
+    # made, unless told not to; the workers inherit the setting
+    os.environ["NIPYPE_NO_ET"] = "1"
     settings = None
     try:
         with handle_signals():
