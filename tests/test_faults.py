@@ -250,9 +250,11 @@ def reference_run(tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("reference")
     bids = make_mini_bids(base / "bids")
+    start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "bids_siamese", *_participant_args(bids, base / "out", base / "work")],
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    (base / "seconds").write_text(f"{time.monotonic() - start:.1f}")  # where the soak test's kills may fall
     return base
 
 
@@ -417,3 +419,60 @@ def test_offline_end_to_end_with_a_symlinked_scan(reference_run, tmp_path):
         assert attempts == []
     assert_same_outputs(out, reference_run)
     assert not scan.is_file() or scan.is_symlink()  # the dataset is untouched
+
+
+# ------------------------------------------------------------------------------------------------
+# soak: killed at 5 random moments, resumed; the same outputs, no orphan, no stale lock
+# ------------------------------------------------------------------------------------------------
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@LINUX
+@pytest.mark.slow
+def test_soak_killed_at_five_random_moments_then_resumed(reference_run, tmp_path):
+    """SIGKILL of the main process at 5 random moments (seeded), each time resumed with the same command; the
+    final outputs are byte-identical to the uninterrupted reference run; no worker outlives a killed run; the
+    last resume finds no stale lock (a stale one would exit 75)."""
+    import random
+
+    from conftest import make_mini_bids
+
+    bids = make_mini_bids(tmp_path / "bids")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bids_siamese", *_participant_args(bids, out, tmp_path / "work")]
+    rng = random.Random(24)
+    span = float((reference_run / "seconds").read_text())
+    moments = []
+    for _ in range(5):
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        moment = rng.uniform(1.0, span)
+        try:
+            proc.wait(timeout=moment)  # finished before the moment: nothing left to kill
+        except subprocess.TimeoutExpired:
+            workers = _descendants(proc.pid)
+            proc.kill()
+            proc.wait(timeout=30)
+            moments.append(round(moment, 1))
+            deadline = time.monotonic() + 15
+            while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert [p for p in workers if _alive(p)] == [], "orphaned worker process"
+    assert moments, "no run was killed"
+    proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, proc.stderr  # 75 here would be a stale lock
+    assert_same_outputs(out, reference_run)

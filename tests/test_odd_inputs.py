@@ -211,3 +211,15 @@ def test_gate_line_counts_only_scans_that_reached_it():
     assert qc_summary_line([], checked=0).startswith("usable-scan gate: no scan reached it")
     assert qc_summary_line([], checked=3) == "usable-scan gate: all 3 scan(s) that reached it usable"
 
+
+
+def test_usage_doc_names_every_option_and_alias():
+    from bids_siamese.cli.parser import build_parser
+
+    text = (Path(__file__).parents[1] / "docs" / "usage.md").read_text()
+    options = [o for action in build_parser()._actions for o in action.option_strings]
+    assert {"--n-cpus", "--participant_label", "--verbose"} <= set(options)
+    import re
+
+    missing = [o for o in options if o not in ("-h", "--help") and not re.search(rf"(?<![\w-]){o}(?![\w-])", text)]
+    assert missing == []
