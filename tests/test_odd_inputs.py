@@ -223,3 +223,30 @@ def test_usage_doc_names_every_option_and_alias():
 
     missing = [o for o in options if o not in ("-h", "--help") and not re.search(rf"(?<![\w-]){o}(?![\w-])", text)]
     assert missing == []
+
+
+def test_output_unwritable_after_the_scans_is_73_one_line(run_cli, mini_bids, tmp_path, monkeypatch):
+    """The main process's own writes after the workflow (subject reports, completion records) hit a read-only
+    OUTPUT_DIR: one line naming it, not a traceback."""
+    import errno
+
+    from bids_siamese.workflows import participant
+
+    class NoWork:
+        config: dict = {}
+
+        def run(self, **kwargs):
+            return None
+
+    def read_only(*args, out_path, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out_path))
+
+    monkeypatch.setattr(participant, "init_participant_wf", lambda scans, settings: NoWork())
+    monkeypatch.setattr("bids_siamese.reports.html.render_subject_report", read_only)
+    out = tmp_path / "out"
+    code, _, err = run_cli(mini_bids, out, "participant", "--skip-bids-validation", "--nprocs", "1",
+                           "--participant-label", "01")
+    assert code == 73, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and f"cannot write OUTPUT_DIR {out}" in lines[0] and "Read-only file system" in lines[0]
+    assert "Traceback" not in err
