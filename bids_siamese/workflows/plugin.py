@@ -173,9 +173,9 @@ def _safe_multiproc_class():
                                        initargs=(self._cwd,), mp_context=context)
 
         def _renew_pool(self) -> None:
+            # the old pool's processes stay in self._processes: its callbacks may still be running
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = self._new_pool()
-            self._processes = {}
 
         def _submit_job(self, node, updatehash=False):
             if getattr(node.interface, "terminal_output", "") == "stream":
