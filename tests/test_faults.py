@@ -273,14 +273,15 @@ def assert_same_outputs(out: Path, reference: Path, subject: str = "02") -> None
 
 @ROOT_ONLY
 @pytest.mark.slow
-@pytest.mark.parametrize("where, fault, node, rerun", [
-    ("work", "full", "check_header", False),        # ENOSPC at the first node
-    ("work", "full", "model_grid", True),           # ENOSPC mid-run; free the space, rerun
-    ("work", "readonly", "model_grid", False),      # EROFS mid-run (a read-only remount)
-    ("output", "full", "write_derivatives", True),  # ENOSPC while the outputs are written; free, rerun
-    ("output", "readonly", "write_derivatives", False),  # EROFS at the outputs' renames (patched)
+@pytest.mark.parametrize("where, fault, node, rerun, nprocs", [
+    ("work", "full", "check_header", False, "2"),        # ENOSPC at the first node
+    ("work", "full", "model_grid", True, "2"),           # ENOSPC mid-run; free the space, rerun
+    ("work", "full", "model_grid", False, "1"),          # the same with the Linear plugin (no workers)
+    ("work", "readonly", "model_grid", False, "2"),      # EROFS mid-run (a read-only remount)
+    ("output", "full", "write_derivatives", True, "2"),  # ENOSPC while the outputs are written; free, rerun
+    ("output", "readonly", "write_derivatives", False, "2"),  # EROFS at the outputs' renames (patched)
 ])
-def test_full_or_read_only_disk_is_73_naming_the_folder(reference_run, tmp_path, where, fault, node, rerun):
+def test_full_or_read_only_disk_is_73_naming_the_folder(reference_run, tmp_path, where, fault, node, rerun, nprocs):
     from conftest import make_mini_bids
 
     bids = make_mini_bids(tmp_path / "bids")
@@ -290,6 +291,7 @@ def test_full_or_read_only_disk_is_73_naming_the_folder(reference_run, tmp_path,
     with fs as mount:
         out, work = (mount / "out", tmp_path / "work") if where == "output" else (tmp_path / "out", mount / "work")
         args = _participant_args(bids, out, work)
+        args[args.index("--nprocs") + 1] = nprocs
         proc = subprocess.run([sys.executable, str(driver), str(mount), fault, node, *args], capture_output=True,
                               text=True, env=ENV, timeout=300)  # the hang guard
         assert proc.returncode == 73, proc.stderr

@@ -434,6 +434,12 @@ def _unwritable(folder: Path, min_free: int = 1 << 20) -> bool:
 
 def _finish(settings, scans: list[T1wScan], crash_dir: Path) -> list[ScanFailure]:
     """After the workflow: the failures, the subject reports, the completion records and the gate's line."""
+    from .plugin import find_disk_fault
+
+    for crash in sorted(crash_dir.glob("crash-*.txt")) if crash_dir.exists() else []:
+        fault = find_disk_fault(crash.read_text(errors="replace"))  # Linear or a cluster plugin ran on
+        if fault is not None:
+            raise disk_error(settings, fault[2], fault[1])
     messages = _crash_messages(crash_dir) if crash_dir.exists() else {}
     failures: list[ScanFailure] = []
     written: dict[str, list[str]] = {}
