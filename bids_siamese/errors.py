@@ -79,3 +79,11 @@ class CannotCreateError(UserError, exit_code=EXIT_CANT_CREATE):
 
 class LockedError(UserError, exit_code=EXIT_LOCKED):
     """Another live run holds the lock of a selected subject."""
+
+
+class WorkerDiedError(UserError, exit_code=EXIT_DATA):
+    """A worker process died while it ran a node (SIGKILL by the OOM killer, a segfault): that scan fails."""
+
+
+class OutOfMemoryError(UserError, exit_code=EXIT_DATA):
+    """A node ran out of memory (``MemoryError``, e.g. under ``ulimit -v`` or a memory cgroup)."""

@@ -203,10 +203,12 @@ def fsaverage5_file(hemi: str, kind: str) -> TemplateFile:
     return template_file("fsaverage", f"tpl-fsaverage_hemi-{hemi}_den-10k_{kind}.surf.gii", fallback=nilearn_copy)
 
 
-def templates_used(announce: bool = False) -> list[dict[str, str]]:
+def templates_used(announce: bool = False, state_file: Path | None = None) -> list[dict[str, str]]:
     """Every template file the app reads, as resolved now (recorded per run in ``logs/<run_id>/templates.json``).
 
-    With ``announce`` (the CLI, once per run) a TemplateFlow cache that lacks files gets one warning line.
+    With ``announce`` (the CLI, once per run) a TemplateFlow cache that lacks files gets one short warning line
+    (the files are listed in templates.json); with ``state_file`` only when the cache's state differs from the
+    one recorded there (the next runs log it at INFO level).
     """
     files = [template_brain()]
     for hemi in ("L", "R"):
@@ -214,8 +216,19 @@ def templates_used(announce: bool = False) -> list[dict[str, str]]:
         files += [fsaverage5_file(hemi, kind) for kind in ("white", "pial", "sphere")]
     missing = [f.name for f in files if f.fallback_reason]
     if announce and missing:
-        LOG.warning("TemplateFlow cache %s lacks %d of %d template files (%s); using the bundled copies",
-                    templateflow_home(), len(missing), len(files), ", ".join(missing))
+        state = f"{templateflow_home()}: lacks {', '.join(missing)}"
+        try:
+            known = state_file is not None and state_file.read_text() == state
+        except OSError:
+            known = False
+        (LOG.info if known else LOG.warning)(
+            "TemplateFlow cache %s lacks %d of %d template files; using the bundled copies (listed in "
+            "templates.json)", templateflow_home(), len(missing), len(files))
+        if state_file is not None and not known:
+            try:
+                state_file.write_text(state)
+            except OSError:  # an unwritable log folder only means the warning comes again
+                pass
     return [f.to_dict() for f in files]
 
 

@@ -65,6 +65,7 @@ def test_bad_scans_one_line_each_and_group_counts_them(mini_bids, tmp_path):
     assert len(crashes) == len(BROKEN_KINDS) and all("Traceback" in c.read_text() for c in crashes)
     assert len(error_lines(proc.stderr)) == 1 and "6 of 6 scan(s) failed" in proc.stderr
     assert "work dir" in proc.stderr  # where the intermediate files are, even after a failure
+    assert "usable-scan gate: no scan reached it" in proc.stderr  # not "all scans usable"
 
     # group level: every selected scan has a row; none has results -> 66
     proc = cli(mini_bids, out, "group", "--skip-bids-validation")

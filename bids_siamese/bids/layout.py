@@ -13,9 +13,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import EmptySelectionError, NoInputError, UsageError, ValidationError
+from ..errors import BadDataError, EmptySelectionError, NoInputError, UsageError, ValidationError
+
+if TYPE_CHECKING:  # pandas is imported where a TSV is read (the CLI starts without it)
+    import pandas as pd
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 #: Entities users may filter on in ``--bids-filter-file`` (fMRIPrep's format: {"t1w": {...}}).
@@ -39,6 +42,47 @@ def clean_label(label: str, prefix: str) -> str:
             f"invalid label '{label}': BIDS labels contain only letters and digits; fix: pass e.g. {prefix}01 or 01"
         )
     return text
+
+
+def bids_relative(path: Path, bids_dir: Path) -> Path:
+    """``path`` relative to the dataset root, as the dataset names it (a symlinked file is not followed).
+
+    HPC datasets are often assembled from symlinks to files elsewhere: resolving the link would leave the dataset.
+
+    Examples:
+        >>> str(bids_relative(Path("/data/ds/sub-01/anat/sub-01_T1w.nii.gz"), Path("/data/ds")))
+        'sub-01/anat/sub-01_T1w.nii.gz'
+    """
+    import os
+
+    path, bids_dir = Path(os.path.abspath(path)), Path(os.path.abspath(bids_dir))
+    try:
+        return path.relative_to(bids_dir)
+    except ValueError:  # the dataset root given through another (symlinked) path
+        return path.resolve().relative_to(bids_dir.resolve())
+
+
+def read_bids_tsv(path: Path) -> pd.DataFrame:
+    """A BIDS TSV file (participants.tsv, sessions, scans) as strings: tab-separated, no quoting (a value may
+    start with ``"``), ``n/a`` kept as text.
+
+    Raises:
+        BadDataError: the file cannot be parsed (e.g. a row with more fields than the header).
+    """
+    import csv
+    import warnings
+
+    import pandas as pd
+
+    try:
+        with warnings.catch_warnings():  # a row longer than the header: pandas would drop or shift fields
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE,
+                               index_col=False)
+    except (pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError) as err:
+        detail = " ".join(str(err).split())
+        raise BadDataError(f"{path} is not a valid BIDS TSV file ({detail}); fix: one tab-separated row per line, "
+                           "as many fields as the header") from err
 
 
 def existing_subjects(bids_dir: Path) -> list[str]:

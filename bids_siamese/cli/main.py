@@ -31,6 +31,12 @@ def setup_logging(verbosity: int) -> None:
     nipype_logging.update_logging(nipype_config)
     for name in ("nipype", "nipype.workflow", "nipype.interface", "nipype.utils"):
         logging.getLogger(name).propagate = False  # nipype has its own handler: avoid double lines
+    if verbosity < 2:  # nipype's CRITICAL lines (a hash file it cannot write on a full disk) come with our own line
+        logging.getLogger("nipype.workflow").setLevel(logging.CRITICAL + 1)
+
+
+#: In ``OUTPUT_DIR/logs``: the TemplateFlow cache state last warned about (the warning comes once per state).
+TEMPLATE_STATE = ".templateflow-cache-state"
 
 
 def record_templates(log_dir) -> None:
@@ -38,7 +44,7 @@ def record_templates(log_dir) -> None:
     from ..bids.derivatives import write_json
     from ..resources import templates_used
 
-    used = templates_used(announce=True)
+    used = templates_used(announce=True, state_file=log_dir.parent / TEMPLATE_STATE)
     write_json(log_dir / "templates.json", used)
     sources = sorted({entry["Source"] for entry in used})
     LOG.info("templates: %d file(s) from %s (logs/%s/templates.json)", len(used), " and ".join(sources),
@@ -64,33 +70,52 @@ def _selection(settings):
 
 def run(settings) -> int:
     """Run one analysis level with checked ``settings``; returns the exit code."""
-    from ..bids.derivatives import init_output_dir
-
     if settings.analysis_level == "group" and not (settings.output_dir / "dataset_description.json").is_file():
         raise NoInputError(
             f"{settings.output_dir} holds no participant-level results; fix: run the participant level first"
         )
     subjects, scans = _selection(settings)
+    check_models(settings)
+    if settings.analysis_level == "participant":
+        from ..bids.locks import subject_locks
+
+        # the subjects' locks first: a run that finds a subject locked (75) writes nothing but the lock files
+        with subject_locks(settings.output_dir, subjects, settings.run_id):
+            _start_outputs(settings)
+            return run_participant_level(settings, subjects, scans)
+    _start_outputs(settings)
+    return run_group_level(settings, subjects, scans)
+
+
+def check_models(settings) -> None:
+    """Load every checkpoint given (--model, --orientation-model) before any scan is processed: a damaged or unsafe
+    file is one line and exit 65 now, not after hours of preprocessing."""
+    from ..models.checkpoint import load_checkpoint
+
+    for path, task in ((settings.model, None), (settings.orientation_model, "orientation")):
+        if path is not None:
+            load_checkpoint(path, task=task)
+
+
+def _start_outputs(settings) -> None:
+    """OUTPUT_DIR's top-level files, ``logs/<run_id>/`` (settings, command, templates)."""
+    from ..bids.derivatives import init_output_dir
+
     init_output_dir(settings.output_dir, settings.bids_dir, list(settings.derivatives.values()))
     log_dir = settings.save()
     LOG.info("run %s: settings saved in %s", settings.run_id, log_dir)
     record_templates(log_dir)
 
-    if settings.analysis_level == "participant":
-        return run_participant_level(settings, subjects, scans)
-    return run_group_level(settings, subjects, scans)
-
 
 def run_participant_level(settings, subjects, scans) -> int:
+    """The participant level; the caller holds the subjects' locks."""
     from ..bids.derivatives import sweep_partial_files
-    from ..bids.locks import subject_locks
     from ..workflows import participant
 
-    with subject_locks(settings.output_dir, subjects, settings.run_id):
-        swept = sweep_partial_files(settings.output_dir, subjects)
-        if swept:
-            LOG.info("removed %d partial file(s) left by an interrupted run, e.g. %s", len(swept), swept[0])
-        failures = participant.run_participant(settings, scans)
+    swept = sweep_partial_files(settings.output_dir, subjects)
+    if swept:
+        LOG.info("removed %d partial file(s) left by an interrupted run, e.g. %s", len(swept), swept[0])
+    failures = participant.run_participant(settings, scans)
     for failure in failures:
         _say(f"FAILED {failure[0]}: {failure[1]}", error=True)
     if failures:
@@ -124,6 +149,10 @@ def run_group_level(settings, subjects, scans) -> int:
     from ..bids.derivatives import sweep_partial_files
     from ..workflows.group import collect_scan_status, run_group, status_summary
 
+    if settings.task and (settings.bids_dir / "participants.tsv").is_file():
+        from ..train.pairs import read_participants
+
+        read_participants(settings.bids_dir)  # a malformed table or a participant listed twice: one line now
     sweep_partial_files(settings.output_dir)
     status = collect_scan_status(settings.output_dir, scans, settings.resolution_label)
     summary = status_summary(status)
@@ -148,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .signals import Interrupted, handle_signals, stop_children
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # offline by design: nipype asks the network for its latest version (etelemetry) when the first interface is
+    # made, unless told not to; the workers inherit the setting
+    os.environ["NIPYPE_NO_ET"] = "1"
     settings = None
     try:
         with handle_signals():

@@ -266,13 +266,19 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     cpus = available_cpus()
     nprocs = args.nprocs if args.nprocs is not None else cpus
     if nprocs < 1:
-        raise UsageError(f"--nprocs {nprocs} must be at least 1")
+        raise UsageError(f"--nprocs {nprocs} must be at least 1; fix: pass a positive number, or leave it out to use "
+                         f"the {cpus} CPU(s) this process may use")
+    if nprocs > cpus:  # more workers than CPUs only adds memory and forks (and --nprocs 1000 forked 388 workers)
+        print(f"bids-siamese: warning: --nprocs {nprocs} is more than the {cpus} CPU(s) this process may use "
+              f"(CPU affinity); using {cpus}", file=sys.stderr, flush=True)
+        nprocs = cpus
     omp = args.omp_nthreads if args.omp_nthreads is not None else min(8, nprocs)
     if omp < 1:
-        raise UsageError(f"--omp-nthreads {omp} must be at least 1")
+        raise UsageError(f"--omp-nthreads {omp} must be at least 1; fix: pass a positive number, or leave it out")
     mem_gb = args.mem_gb if args.mem_gb is not None else round(0.9 * available_memory_gb(), 1)
     if mem_gb <= 0:
-        raise UsageError(f"--mem-gb {mem_gb} must be positive")
+        raise UsageError(f"--mem-gb {args.mem_gb:g} must be positive; fix: pass the memory of the job in GB (e.g. "
+                         f"--mem-gb 16), or leave it out to use 90% of this machine's")
     if args.loader_workers is not None and args.loader_workers < 0:
         raise UsageError(f"--loader-workers {args.loader_workers} must not be negative")
     filters = load_filter_file(args.bids_filter_file) if args.bids_filter_file else {}

@@ -15,6 +15,7 @@ from nipype.interfaces.base import (
 )
 
 from ..bids.derivatives import template_reference
+from ..bids.layout import bids_relative
 from ..resources import TEMPLATE
 from .base import StepInterface
 
@@ -101,7 +102,7 @@ class WriteDerivatives(StepInterface):
         out_dir = Path(self.inputs.output_dir)
         names = output_names(dict(self.inputs.entities), self.inputs.resolution_label)
         remove_completion_record(out_dir, names["status"])  # rewritten last, once everything else is written
-        raw = "bids:raw:" + str(Path(self.inputs.source_file).resolve().relative_to(Path(self.inputs.bids_dir).resolve()))
+        raw = "bids:raw:" + str(bids_relative(Path(self.inputs.source_file), Path(self.inputs.bids_dir)))
         native_mask_uri = "bids::" + str(names["native_mask"])
         reuse = json.loads(Path(self.inputs.reuse_report).read_text()) if isdefined(self.inputs.reuse_report) else None
         # the pipeline's files as bids:<name>: URIs (DatasetLinks in dataset_description.json resolves the name)

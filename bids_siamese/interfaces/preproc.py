@@ -36,6 +36,8 @@ def _save(img, name: str) -> str:
 
 class _CheckHeaderInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="raw T1w image")
+    max_gb = traits.Float(desc="memory the run may use (--mem-gb): a larger image, by its header, is rejected "
+                               "before its data are read")
 
 
 class _CheckHeaderOutputSpec(TraitedSpec):
@@ -52,7 +54,7 @@ class CheckHeader(StepInterface):
     def _run_interface(self, runtime):
         from ..preproc.conform import header_checks, load_t1w
 
-        img = load_t1w(self.inputs.in_file)
+        img = load_t1w(self.inputs.in_file, max_gb=self.inputs.max_gb if isdefined(self.inputs.max_gb) else None)
         checks = header_checks(img)
         out_checks = os.path.abspath("header_checks.json")
         Path(out_checks).write_text(json.dumps(checks, indent=2))

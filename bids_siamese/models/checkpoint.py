@@ -240,6 +240,25 @@ def check_card(card: Mapping[str, Any], task: str | None = None, grid: Grid | No
                 "(and run the participant level at that resolution)")
 
 
+def load_weights(weights: Path) -> dict[str, Any]:
+    """The state dict in ``weights``, read with ``torch.load(weights_only=True)``: tensors only, no code runs.
+
+    Raises:
+        BadDataError: the file is not a tensor file (a pickle that would run code, random bytes, a truncated
+            file). One line, without PyTorch's advice to turn the safety off.
+    """
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, zipfile errors, ...
+        raise BadDataError(f"{weights} is not a PyTorch tensor file that can be loaded safely ({type(err).__name__}: "
+                           "it holds something other than plain tensors, or is damaged); fix: give a checkpoint "
+                           "written by bids-siamese --mode train") from None
+    if not isinstance(state, dict):
+        raise BadDataError(f"{weights} holds a {type(state).__name__}, not a model's weights; fix: give a checkpoint "
+                           "written by bids-siamese --mode train")
+    return state
+
+
 def load_checkpoint(path: Path, task: str | None = None, grid: Grid | None = None,
                     device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a checkpoint and load its weights, after the checks of :func:`read_card` and
@@ -257,8 +276,8 @@ def load_checkpoint(path: Path, task: str | None = None, grid: Grid | None = Non
     card = read_card(path)
     check_card(card, task, grid, source=f"--model {path}")
     weights = checkpoint_folder(path) / WEIGHTS
+    state = load_weights(weights)
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
         if card["task"] == "orientation":  # an ensemble of LatNet members, architecture in the card
             from .orientation import OrientationEnsemble
 

@@ -158,7 +158,44 @@ def _check_raw_pixdim(path: Path) -> None:
     )
 
 
-def load_t1w(path: str | Path) -> nib.Nifti1Image:
+#: Bytes per voxel the participant level holds besides the stored data: float32 copies while checking and
+#: conforming (the checked image, the conformed one, the value check's temporaries).
+WORKING_BYTES_PER_VOXEL = 12
+
+
+def image_memory_gb(img: nib.spatialimages.SpatialImage) -> float:
+    """GB needed to read and conform ``img``, from its header alone (shape and stored data type).
+
+    Examples:
+        >>> img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+        >>> img.header.set_data_shape((2000, 2000, 2000))
+        >>> round(image_memory_gb(img))
+        112
+    """
+    n_voxels = float(np.prod([int(n) for n in img.header.get_data_shape()], dtype=float))
+    return n_voxels * (img.header.get_data_dtype().itemsize + WORKING_BYTES_PER_VOXEL) / 1e9
+
+
+def _check_size(path: Path, max_gb: float) -> None:
+    """Reject an image whose header declares more data than ``max_gb`` allows, before any data are read.
+
+    nibabel reads exactly the bytes the header declares, so a gzip stream that decompresses to more (a
+    decompression bomb) is never read beyond that: the header is what must be checked.
+    """
+    try:
+        img = nib.load(str(path))  # the header only: the data stay on disk
+    except (*_READ_ERRORS, nib.spatialimages.HeaderDataError, nib.wrapstruct.WrapStructError):
+        return  # unreadable: :func:`_read_image` reports it
+    need = image_memory_gb(img)
+    if need > max_gb:
+        shape = "x".join(str(int(n)) for n in img.header.get_data_shape())
+        raise _bad(path, f"the header declares a {shape} {img.header.get_data_dtype()} image, about {need:.1f} GB to read "
+                   f"and conform, more than --mem-gb {max_gb:g} allows",
+                   "check the header's dim field (a damaged or wrong header), or, if the image is real, give the "
+                   "job more memory and raise --mem-gb")
+
+
+def load_t1w(path: str | Path, max_gb: float | None = None) -> nib.Nifti1Image:
     """Load a T1w scan as a 3D float32 :class:`nibabel.Nifti1Image`, or raise :class:`BadDataError`.
 
     The returned image keeps the file's affine and header (qform and sform untouched, so
@@ -167,10 +204,13 @@ def load_t1w(path: str | Path) -> nib.Nifti1Image:
     Raises:
         BadDataError: the file is missing, empty, truncated or otherwise unreadable; holds more than
             one volume; contains NaN/Inf; is constant; or has a zero/absurd (< 0.1 mm or > 10 mm)
-            voxel size. The message is one line naming the file and the fix.
+            voxel size; with ``max_gb``, declares (by its header) more data than that memory allows.
+            The message is one line naming the file and the fix.
     """
     path = Path(path)
     _check_raw_pixdim(path)  # before nibabel loads (and "fixes") the header
+    if max_gb is not None and path.is_file():
+        _check_size(path, max_gb)
     img, raw = _read_image(path)
     data = _check_values(path, _to_3d(path, raw))
     affine = np.asarray(img.affine, dtype=np.float64)

@@ -179,9 +179,19 @@ def orientation_qc_path(preproc) -> "Path":
     return preproc.with_name(preproc.name.split("_space-")[0] + "_desc-orientation_qc.json")
 
 
-def qc_summary_line(failed: list[str]) -> str:
-    """The one line a run ends with about the usable-scan gate."""
+def qc_summary_line(failed: list[str], checked: int | None = None) -> str:
+    """The one line a run ends with about the usable-scan gate; ``checked``: the scans that reached it.
+
+    Examples:
+        >>> qc_summary_line([], checked=0)
+        'usable-scan gate: no scan reached it (every scan failed before; see the FAILED lines)'
+        >>> qc_summary_line([], checked=2)
+        'usable-scan gate: all 2 scan(s) that reached it usable'
+    """
+    if checked == 0:
+        return "usable-scan gate: no scan reached it (every scan failed before; see the FAILED lines)"
     if not failed:
-        return "usable-scan gate: all scans usable"
+        return "usable-scan gate: all scans usable" if checked is None else \
+            f"usable-scan gate: all {checked} scan(s) that reached it usable"
     return (f"usable-scan gate: {len(failed)} scan(s) failed QC (usable: false; kept for inspection, left out of "
             f"group training and scoring): {', '.join(failed)}")

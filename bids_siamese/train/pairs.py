@@ -20,6 +20,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..bids.layout import read_bids_tsv
 from ..errors import BadDataError, NoInputError, UsageError
 
 LOG = logging.getLogger("bids_siamese.pairs")
@@ -125,16 +126,20 @@ def read_participants(bids_dir: Path) -> pd.DataFrame:
 
     Raises:
         NoInputError: no participants.tsv.
-        BadDataError: no participant_id column.
+        BadDataError: no participant_id column, a participant listed twice, a row that is not BIDS TSV.
     """
     path = Path(bids_dir) / "participants.tsv"
     if not path.is_file():
         raise NoInputError(f"{path} not found; fix: add a participants.tsv (participant_id, family and zygosity "
                            "or label columns) or pass --pairs-file")
-    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    table = read_bids_tsv(path)
     if "participant_id" not in table.columns:
         raise BadDataError(f"{path} has no participant_id column; fix: add it (BIDS requires it)")
     table["participant_id"] = table["participant_id"].map(participant_id)
+    duplicated = sorted(set(table.loc[table["participant_id"].duplicated(), "participant_id"]))
+    if duplicated:
+        raise BadDataError(f"{path} lists participant(s) {', '.join(duplicated)} more than once; fix: keep one row "
+                           "per participant (the BIDS validator reports this unless --skip-bids-validation)")
     return table
 
 
@@ -307,7 +312,7 @@ def read_pairs_file(path: Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise NoInputError(f"--pairs-file {path} not found; fix: give an existing TSV")
-    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    return read_bids_tsv(path)
 
 
 def unrelated_pairs(subjects: Sequence[str], family: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -422,7 +427,7 @@ def read_session_times(bids_dir: Path, subject: str) -> dict[str, pd.Timestamp]:
     times: dict[str, pd.Timestamp] = {}
     sessions_tsv = root / f"{pid}_sessions.tsv"
     if sessions_tsv.is_file():
-        table = pd.read_csv(sessions_tsv, sep="\t", dtype=str, keep_default_na=False)
+        table = read_bids_tsv(sessions_tsv)
         if {"session_id", "acq_time"} <= set(table.columns):
             for ses, value in zip(table["session_id"], table["acq_time"]):
                 stamp = pd.to_datetime(value, errors="coerce")
@@ -432,7 +437,7 @@ def read_session_times(bids_dir: Path, subject: str) -> dict[str, pd.Timestamp]:
         ses = scans_tsv.parent.name.removeprefix("ses-")
         if ses in times:
             continue
-        table = pd.read_csv(scans_tsv, sep="\t", dtype=str, keep_default_na=False)
+        table = read_bids_tsv(scans_tsv)
         if not {"filename", "acq_time"} <= set(table.columns):
             continue
         anat = table[table["filename"].str.startswith("anat/")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,7 +18,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..bids.fmriprep import AnatDerivatives, find_anat, reuse_summary
-from ..bids.layout import T1wScan
+from ..bids.layout import T1wScan, bids_relative
 from ..errors import EXIT_DATA, CannotCreateError
 from ..interfaces.derivatives import WriteDerivatives, output_names
 from ..interfaces.preproc import (
@@ -112,7 +113,7 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     inputnode.inputs.t1w = str(scan.path)
     outputnode = pe.Node(niu.IdentityInterface(fields=["orientation", "out_files"]), name="outputnode")
 
-    check = pe.Node(CheckHeader(), name="check_header", mem_gb=MEM_GB["conform"], n_procs=1)
+    check = pe.Node(CheckHeader(max_gb=settings.mem_gb), name="check_header", mem_gb=MEM_GB["conform"], n_procs=1)
     conform = pe.Node(Conform(), name="conform", mem_gb=MEM_GB["conform"], n_procs=1)
     # one thread each (REGISTRATION_THREADS: outputs do not depend on the thread count); the tensors are small
     # (<= 60,000 points), extra threads only stall, and the two registrations of a scan run side by side
@@ -267,6 +268,11 @@ def _exit_code_of(error_class: str) -> int:
     return EXIT_DATA
 
 
+#: The last line of a traceback that ran out of memory (numpy, Python, torch's CPU allocator); group: the detail.
+OUT_OF_MEMORY = re.compile(r"^\s*(?:[\w.]+\.)?(?:_Array|OutOf)?MemoryError\b:? ?(.*)$|"
+                           r"DefaultCPUAllocator: (can't allocate memory.*)$", re.M)
+
+
 def _crash_messages(crash_dir: Path) -> dict[str, tuple[str, int]]:
     """Map per-scan workflow name -> (the one-line error of its crashed node, exit code)."""
     messages: dict[str, tuple[str, int]] = {}
@@ -277,7 +283,14 @@ def _crash_messages(crash_dir: Path) -> dict[str, tuple[str, int]]:
         if wf is None:
             continue
         user = re.findall(r"(?:bids_siamese\.errors\.)?(\w*Error): (.+)", text)
-        if user:
+        memory = OUT_OF_MEMORY.findall(text)  # numpy/torch could not allocate: ulimit -v or a cgroup
+        if memory:
+            detail = "".join(memory[-1]).strip()
+            messages.setdefault(wf, (
+                f"out of memory in node {node.group(1).split('.')[-1] if node else '?'}"
+                f"{f' ({detail})' if detail else ''}; fix: give the job more memory and raise --mem-gb to match, "
+                "or lower --nprocs, then rerun (finished scans are reused)", EXIT_DATA))
+        elif user:
             messages.setdefault(wf, (user[-1][1].strip(), _exit_code_of(user[-1][0])))
         else:
             messages.setdefault(wf, (f"see {crash}", EXIT_DATA))
@@ -355,15 +368,60 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
         from ..cli.signals import workers_die_with_us
 
         with workers_die_with_us(plugin_args):
-            wf.run(plugin=plugin, plugin_args=plugin_args)
+            if plugin == "MultiProc":  # a worker's death fails its node instead of hanging the run
+                from .plugin import multiproc_plugin
+
+                wf.run(plugin=multiproc_plugin(plugin_args))
+            else:
+                wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as err:  # nipype raises after the other nodes finished
         LOG.debug("workflow finished with errors: %s", err)
-    except OSError as err:  # nipype could not write its crash files or node folders
-        raise CannotCreateError(f"cannot write {err.filename or settings.work_dir}: {err.strerror or err}; fix: free "
-                                "space or restore write access, then rerun (finished scans are reused)") from err
+    except OSError as err:  # a full/read-only disk (the plugin ends the run), or nipype could not write its files
+        raise disk_error(settings, err.filename, err.strerror or str(err)) from err
     finally:
         gc.unfreeze()
 
+    try:
+        return _finish(settings, scans, crash_dir)
+    except OSError as err:  # the reports, completion records, QC records in OUTPUT_DIR
+        raise disk_error(settings, err.filename, err.strerror or str(err)) from err
+
+
+def disk_error(settings, path: str | Path | None, reason: str) -> CannotCreateError:
+    """Exit 73 naming the folder that cannot be written (OUTPUT_DIR or the work dir) and the fix.
+
+    ``path`` is the file that failed, when known; without it, the folder that is full or read-only is named.
+    """
+    output_dir, work_dir = Path(settings.output_dir), Path(settings.work_dir)
+    target = Path(path) if path else next((d for d in (output_dir, work_dir) if _unwritable(d)), None)
+    where = f" ({target})" if target is not None and target not in (output_dir, work_dir) else ""
+    if target is not None and target.is_relative_to(output_dir):
+        return CannotCreateError(f"cannot write OUTPUT_DIR {output_dir}{where}: {reason}; fix: free space or restore "
+                                 "write access to OUTPUT_DIR, then rerun (finished scans are reused)")
+    if target is None or target.is_relative_to(work_dir):
+        return CannotCreateError(f"cannot write the work dir {work_dir}{where}: {reason}; fix: free space or restore "
+                                 "write access there, or pass -w with a folder on another disk, then rerun (finished "
+                                 "scans are reused)")
+    return CannotCreateError(f"cannot write {target}: {reason}; fix: free space or restore write access, then rerun")
+
+
+def _unwritable(folder: Path, min_free: int = 1 << 20) -> bool:
+    """Whether ``folder``'s file system is read-only or has less than ``min_free`` bytes left."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return False
+    return bool(stat.f_flag & os.ST_RDONLY) or stat.f_bavail * stat.f_frsize < min_free
+
+
+def _finish(settings, scans: list[T1wScan], crash_dir: Path) -> list[ScanFailure]:
+    """After the workflow: the failures, the subject reports, the completion records and the gate's line."""
+    from .plugin import find_disk_fault
+
+    for crash in sorted(crash_dir.glob("crash-*.txt")) if crash_dir.exists() else []:
+        fault = find_disk_fault(crash.read_text(errors="replace"))  # Linear or a cluster plugin ran on
+        if fault is not None:
+            raise disk_error(settings, fault[2], fault[1])
     messages = _crash_messages(crash_dir) if crash_dir.exists() else {}
     failures: list[ScanFailure] = []
     written: dict[str, list[str]] = {}
@@ -384,7 +442,7 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
             qc = settings.output_dir / output_names(scan.entities, settings.resolution_label)["orientation"]
             done.setdefault(scan.entities["subject"], []).append(json.loads(qc.read_text()))
     unusable = sorted(scan_qc_failures(done))
-    (LOG.warning if unusable else LOG.info)(qc_summary_line(unusable))
+    (LOG.warning if unusable else LOG.info)(qc_summary_line(unusable, checked=len(written)))
     return failures
 
 
@@ -426,7 +484,7 @@ def write_reports(settings, scans: list[T1wScan], failures: list[tuple[str, str]
     by_subject: dict[str, list[dict[str, Any]]] = {}
     for scan in scans:
         names = output_names(scan.entities, settings.resolution_label)
-        entry: dict[str, Any] = {"name": scan.name, "source": str(scan.path.relative_to(settings.bids_dir))}
+        entry: dict[str, Any] = {"name": scan.name, "source": str(bids_relative(scan.path, settings.bids_dir))}
         if scan.name in failed:
             entry.update(error=failed[scan.name], header_checks=[], orientation={}, figures={})
         else:
