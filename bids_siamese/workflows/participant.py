@@ -180,7 +180,7 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     else:
         sink.inputs.brain_source = anat.dataset.name
         native_mask = pe.Node(ReuseAnatomical(anat=anat.as_dict(), anat_files=[str(p) for p in anat.files()],
-                                              scan=str(scan.path.relative_to(settings.bids_dir))),
+                                              scan=str(bids_relative(scan.path, settings.bids_dir))),
                               name="reuse_anatomical", mem_gb=MEM_GB["conform"], n_procs=1)
         wf.connect([(conform, native_mask, [("out_file", "in_file")]),
                     (native_mask, sink, [("out_report", "reuse_report")])])
