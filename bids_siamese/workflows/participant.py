@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -372,8 +373,13 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
     try:
         from ..cli.signals import workers_die_with_us
 
+        started = time.time()
         with workers_die_with_us(plugin_args):
             wf.run(plugin=plugin, plugin_args=plugin_args)
+        if plugin == "SLURMGraph":  # it submitted the graph's jobs and returned
+            from .plugin import wait_for_slurm_graph
+
+            wait_for_slurm_graph(Path(settings.work_dir) / wf.name / "batch", started)
     except RuntimeError as err:  # nipype raises after the other nodes finished
         LOG.debug("workflow finished with errors: %s", err)
     except OSError as err:  # nipype could not write its crash files or node folders

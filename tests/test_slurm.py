@@ -1,0 +1,167 @@
+"""scripts/hpc/ on a real SLURM scheduler: a one-node cluster (tests/slurm_cluster.py) runs the documented job
+array, the group job after it, a cancelled and resubmitted task, a subject submitted twice, and nipype's
+SLURMGraph plugin, all on the tiny demo at a coarse grid. The app runs as the installed entry point
+(``--runner venv``) with this checkout first on PYTHONPATH; the jobs inherit that environment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bids_siamese.synthetic import generate
+from slurm_cluster import Cluster, missing_reason, start_cluster
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+ROOT = Path(__file__).parents[1]
+SUBMIT = ROOT / "scripts" / "hpc" / "submit.sh"
+RES = "4"  # the coarsest grid the app allows keeps the jobs quick
+APP = ["--resolution", RES, "--skip-bids-validation"]
+JOB = ["--runner", "venv", "--cpus", "1", "--mem-gb", "2", "--time", "00:30:00"]
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    reason = missing_reason()
+    if reason:
+        pytest.skip(reason)
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    cluster.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("slurm_demo") / "bids"
+    generate(root, size="tiny", seed=0)
+    return root
+
+
+def submit(cluster: Cluster, demo: Path, out: Path, work: Path, *args: str) -> dict[str, str]:
+    """scripts/hpc/submit.sh; returns its job ids by kind ('participant array', 'group')."""
+    proc = cluster.run("bash", str(SUBMIT), str(demo), str(out), *JOB, "--work-dir", str(work), *args)
+    ids = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+    return {kind: value.split()[0] for kind, value in ids.items()}
+
+
+def exit_code(job: dict[str, str]) -> int:
+    return int(job["ExitCode"].split(":")[0])
+
+
+def seconds(job: dict[str, str]) -> float:
+    def stamp(value: str) -> float:
+        return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
+
+    return stamp(job["EndTime"]) - stamp(job["StartTime"])
+
+
+def brain_extraction_results(work: Path) -> list[Path]:
+    return sorted(work.glob("bids_siamese_wf/scan_*/brain_extraction/result_brain_extraction.pklz"))
+
+
+def same_outputs(subject: str, out: Path, reference: Path) -> int:
+    """Assert that ``out`` holds the subject's files of ``reference`` byte for byte; return how many."""
+    compared = 0
+    for path in sorted((reference / f"sub-{subject}").rglob("*")):
+        mine = out / path.relative_to(reference)
+        if path.name.endswith("_desc-status_qc.json"):  # provenance (run id, time); the files it lists agree
+            assert json.loads(mine.read_text())["files"] == json.loads(path.read_text())["files"]
+        elif path.is_file():
+            assert mine.read_bytes() == path.read_bytes(), mine
+            compared += 1
+    return compared
+
+
+@pytest.fixture(scope="module")
+def array_run(slurm, demo, tmp_path_factory):
+    """The documented submission: every participant as an array task, then ``group --task orientation``."""
+    base = tmp_path_factory.mktemp("slurm_array")
+    out = base / "out"
+    ids = submit(slurm, demo, out, base / "work", "--", *APP, "--task", "orientation")
+    dependency = slurm.job(ids["group"])["Dependency"]  # shown until it is satisfied
+    slurm.wait(ids["participant array"], ids["group"])
+    return ids, out, dependency
+
+
+def test_array_then_group(slurm, demo, array_run):
+    ids, out, dependency = array_run
+    subjects = sorted(p.name[4:] for p in demo.glob("sub-*"))
+    tasks = slurm.array_tasks(ids["participant array"])
+    assert sorted(tasks) == list(range(len(subjects)))  # one task per participant
+    logs = {i: (out / "logs" / "slurm" / f"participant_{ids['participant array']}_{i}.out").read_text()
+            for i in tasks}
+    assert sorted(next(line for line in logs[i].splitlines() if line.startswith("siamese: task")).split()[6][4:]
+                  for i in tasks) == subjects
+    assert all(exit_code(task) == 0 for task in tasks.values()), logs
+    group = slurm.job(ids["group"])
+    assert dependency.startswith(f"afterany:{ids['participant array']}_*"), dependency
+    assert exit_code(group) == 0, (out / "logs" / "slurm" / f"group_{ids['group']}.out").read_text()
+    assert all(group["StartTime"] >= task["EndTime"] for task in tasks.values())  # after every task
+    table = pd.read_csv(out / "group_orientation.tsv", sep="\t")
+    truth = pd.read_csv(demo / "sourcedata" / "truth" / "scans.tsv", sep="\t")
+    assert len(table) == len(truth) and (table["status"] == "ok").all()
+    assert (out / "models").is_dir()  # --task orientation reached the group level and trained
+    print(f"\nSLURM array: {len(tasks)} tasks, " + ", ".join(f"{seconds(t):.0f} s" for t in tasks.values()) +
+          f"; group --task orientation {seconds(group):.0f} s")
+
+
+def test_cancelled_task_resumes_and_double_submission_is_locked(slurm, demo, array_run, tmp_path):
+    """The same subject submitted twice at once: one task exits 75 (the subject's lock). The other is cancelled
+    mid-run (scancel), resubmitted, resumes from its work dir and ends byte-identical to the array's run."""
+    _, reference, _ = array_run
+    subject = "002"  # one scan
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["--no-group", "--", *APP, "--participant-label", subject]
+    first = submit(slurm, demo, out, work, *args)["participant array"]
+    second = submit(slurm, demo, out, work, *args)["participant array"]
+    end = time.monotonic() + 900
+    while not brain_extraction_results(work) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert brain_extraction_results(work), "brain extraction never finished"
+    states = {job: slurm.job(f"{job}_0") for job in (first, second)}  # both started at once, on a CPU each
+    locked = [job for job, info in states.items() if info["JobState"] != "RUNNING"]
+    assert len(locked) == 1 and exit_code(states[locked[0]]) == 75, states
+    log = (out / "logs" / "slurm" / f"participant_{locked[0]}_0.out").read_text()
+    assert f"sub-{subject} in {out}" in log and "being processed by" in log
+    running = next(job for job in states if job != locked[0])
+    assert states[running]["JobState"] == "RUNNING"
+
+    slurm.run("scancel", running)
+    slurm.wait(running)
+    assert slurm.job(f"{running}_0")["JobState"] == "CANCELLED"
+    assert not list(out.glob(f"sub-{subject}/**/*_desc-status_qc.json"))  # did not finish
+    extracted = {p: p.stat().st_mtime_ns for p in brain_extraction_results(work)}
+
+    again = submit(slurm, demo, out, work, *args)["participant array"]
+    slurm.wait(again)
+    assert exit_code(slurm.job(f"{again}_0")) == 0, (out / "logs" / "slurm" / f"participant_{again}_0.out").read_text()
+    assert {p: p.stat().st_mtime_ns for p in brain_extraction_results(work)} == extracted  # reused, not redone
+    assert same_outputs(subject, out, reference) >= 14
+
+
+def test_slurm_graph_plugin_runs_the_nodes_as_jobs(slurm, demo, array_run, tmp_path):
+    """--use-plugin with nipype's SLURMGraph: every node of one participant's graph is a job; the app waits for
+    them and writes the same files as the array's MultiProc run."""
+    _, reference, _ = array_run
+    subject = "003"
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text('plugin: SLURMGraph\nplugin_args:\n  dont_resubmit_completed_jobs: true\n'
+                      '  sbatch_args: "--cpus-per-task=1 --mem=2G"\n')
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = slurm.run("bids-siamese", str(demo), str(out), "participant", "--participant-label", subject, "-w",
+                     str(work), *APP, "--omp-nthreads", "1", "--use-plugin", str(plugin), check=False, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SLURMGraph: waiting for" in proc.stderr
+    batch = work / "bids_siamese_wf" / "batch"
+    job_logs = sorted(batch.glob("batchscript_*.sh.o"))
+    assert len(job_logs) >= 10  # one job per node of the scan's graph
+    assert same_outputs(subject, out, reference) >= 14
+    status = next(out.glob(f"sub-{subject}/**/*_desc-status_qc.json"))
+    assert json.loads(status.read_text())["status"] == "ok"
