@@ -11,6 +11,7 @@ opts=() skip=0
 for opt in "$@"; do
     case "$opt" in
         --participant-label|--participant_label) skip=1; continue ;;
+        --participant-label=*|--participant_label=*) continue ;;
         -*) skip=0 ;;
     esac
     [ "$skip" = 1 ] || opts+=("$opt")

@@ -61,13 +61,15 @@ subjects=() in_labels=0
 for opt in "${app_opts[@]}"; do
     case "$opt" in
         --participant-label|--participant_label) in_labels=1 ;;
+        --participant-label=*|--participant_label=*) in_labels=0; subjects+=("${opt#*=}") ;;
         -*) in_labels=0 ;;
-        *) [ "$in_labels" = 1 ] && subjects+=("${opt#sub-}") ;;
+        *) [ "$in_labels" = 1 ] && subjects+=("$opt") ;;
     esac
 done
 if [ ${#subjects[@]} -eq 0 ]; then
     for dir in "$bids"/sub-*/; do [ -d "$dir" ] && subjects+=("$(basename "$dir" | sed 's/^sub-//')"); done
 fi
+subjects=("${subjects[@]#sub-}")
 [ ${#subjects[@]} -gt 0 ] || die 66 "no sub-* folder in $bids; fix: give a BIDS dataset"
 
 bids=$(cd "$bids" && pwd)
