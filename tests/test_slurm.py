@@ -1,12 +1,14 @@
 """scripts/hpc/ on a real SLURM scheduler: a one-node cluster (tests/slurm_cluster.py) runs the documented job
 array, the group job after it, a cancelled and resubmitted task, a subject submitted twice, and nipype's
 SLURMGraph plugin, all on the tiny demo at a coarse grid. The app runs as the installed entry point
-(``--runner venv``) with this checkout first on PYTHONPATH; the jobs inherit that environment.
+(``--runner venv``) with this checkout first on PYTHONPATH; the jobs inherit that environment. Quick tests
+without a cluster: submit.sh's argument errors, and the SLURMGraph wait with stand-ins for squeue and scancel.
 """
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,9 +16,9 @@ import pandas as pd
 import pytest
 
 from bids_siamese.synthetic import generate
+from bids_siamese.workflows.plugin import wait_for_slurm_graph
 from slurm_cluster import Cluster, missing_reason, start_cluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 ROOT = Path(__file__).parents[1]
 SUBMIT = ROOT / "scripts" / "hpc" / "submit.sh"
 RES = "4"  # the coarsest grid the app allows keeps the jobs quick
@@ -40,7 +42,7 @@ def slurm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("slurm_demo") / "bids"
-    generate(root, size="tiny", seed=0)
+    generate(root, size="tiny", seed=0, jobs=2)
     return root
 
 
@@ -90,6 +92,8 @@ def array_run(slurm, demo, tmp_path_factory):
     return ids, out, dependency
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_array_then_group(slurm, demo, array_run):
     ids, out, dependency = array_run
     subjects = sorted(p.name[4:] for p in demo.glob("sub-*"))
@@ -112,6 +116,8 @@ def test_array_then_group(slurm, demo, array_run):
           f"; group --task orientation {seconds(group):.0f} s")
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_cancelled_task_resumes_and_double_submission_is_locked(slurm, demo, array_run, tmp_path):
     """The same subject submitted twice at once: one task exits 75 (the subject's lock). The other is cancelled
     mid-run (scancel), resubmitted, resumes from its work dir and ends byte-identical to the array's run."""
@@ -146,6 +152,8 @@ def test_cancelled_task_resumes_and_double_submission_is_locked(slurm, demo, arr
     assert same_outputs(subject, out, reference) >= 14
 
 
+@pytest.mark.slow
+@pytest.mark.slurm
 def test_slurm_graph_plugin_runs_the_nodes_as_jobs(slurm, demo, array_run, tmp_path):
     """--use-plugin with nipype's SLURMGraph: every node of one participant's graph is a job; the app waits for
     them and writes the same files as the array's MultiProc run."""
@@ -165,3 +173,55 @@ def test_slurm_graph_plugin_runs_the_nodes_as_jobs(slurm, demo, array_run, tmp_p
     assert same_outputs(subject, out, reference) >= 14
     status = next(out.glob(f"sub-{subject}/**/*_desc-status_qc.json"))
     assert json.loads(status.read_text())["status"] == "ok"
+
+
+FAKE_SQUEUE = """#!/bin/sh
+# first call: three jobs (one stuck behind a failed node, one of another run); then an empty queue
+if [ -f "$0.called" ]; then exit 0; fi
+touch "$0.called"
+echo "11|RUNNING|None|BATCH/batchscript_a.sh"
+echo "12|PENDING|DependencyNeverSatisfied|BATCH/batchscript_b.sh"
+echo "13|PENDING|Dependency|/elsewhere/batch/batchscript_c.sh"
+"""
+
+
+def test_slurm_graph_wait_cancels_jobs_stuck_behind_a_failed_node(tmp_path, monkeypatch):
+    """wait_for_slurm_graph with stand-ins for squeue and scancel: it waits for its own jobs only (their script
+    is in its batch folder), cancels the one whose dependency can never be met, and returns when none is left."""
+    batch, bin_dir = tmp_path / "batch", tmp_path / "bin"
+    batch.mkdir()
+    bin_dir.mkdir()
+    (batch / "submit_jobs.sh").write_text("#!/usr/bin/env bash\n" + "".join(
+        f"j{i}_{n}=$(sbatch -o x -J j{i}_{n} {batch}/batchscript_{n}.sh | awk '{{print $4}}')\n"
+        for i, n in enumerate("abc")))
+    (bin_dir / "squeue").write_text(FAKE_SQUEUE.replace("BATCH", str(batch)))
+    (bin_dir / "scancel").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "cancelled"}\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert wait_for_slurm_graph(batch, since=time.time() + 60) == 0  # an older graph's script: nothing to wait for
+    assert not (bin_dir / "squeue.called").exists()
+    assert wait_for_slurm_graph(batch, since=0, poll=0.01) == 3
+    assert (tmp_path / "cancelled").read_text().split() == ["12"]
+
+
+@pytest.mark.parametrize("args, code, words", [
+    ([], 64, "BIDS_DIR and OUTPUT_DIR are required"),
+    (["--runner", "venv"], 64, "BIDS_DIR and OUTPUT_DIR come first"),
+    (["BIDS", "OUT", "--runner", "singularity"], 64, "--runner 'singularity' is not one of"),
+    (["BIDS", "OUT", "--cpus", "0"], 64, "--cpus '0' is not a positive integer"),
+    (["BIDS", "OUT", "--time", "soon"], 64, "--time 'soon' is not a SLURM time"),
+    (["BIDS", "OUT", "--resolution", "4"], 64, "unknown option '--resolution'; fix: put the app's options after '--'"),
+    (["BIDS", "OUT", "--image"], 64, "--image needs a value"),
+    (["BIDS/missing", "OUT"], 66, "BIDS_DIR"),
+    (["BIDS", "OUT", "--runner", "apptainer", "--image", "none.sif"], 66, "needs --image FILE.sif (none.sif not found)"),
+])
+def test_submit_bad_arguments_one_line(mini_bids, tmp_path, args, code, words):
+    """scripts/hpc/submit.sh: a bad argument is one line naming the fix and a documented exit code; nothing is
+    submitted or created."""
+    args = [a.replace("BIDS", str(mini_bids)).replace("OUT", str(tmp_path / "out")) for a in args]
+    proc = subprocess.run(["bash", str(SUBMIT), *args], capture_output=True, text=True, check=False)
+    assert proc.returncode == code, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("submit.sh: error: ") and words in lines[0] and "fix:" in lines[0]
+    assert proc.stdout == "" and not (tmp_path / "out").exists()

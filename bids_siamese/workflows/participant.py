@@ -370,16 +370,12 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
     # MultiProc calls gc.collect() in its scheduling loop (up to 5 times a second); freezing what exists now (the
     # imported modules, the BIDS layout, the workflow graph) keeps each collection to the objects made since
     gc.freeze()
+    started = time.time()
     try:
         from ..cli.signals import workers_die_with_us
 
-        started = time.time()
         with workers_die_with_us(plugin_args):
             wf.run(plugin=plugin, plugin_args=plugin_args)
-        if plugin == "SLURMGraph":  # it submitted the graph's jobs and returned
-            from .plugin import wait_for_slurm_graph
-
-            wait_for_slurm_graph(Path(settings.work_dir) / wf.name / "batch", started)
     except RuntimeError as err:  # nipype raises after the other nodes finished
         LOG.debug("workflow finished with errors: %s", err)
     except OSError as err:  # nipype could not write its crash files or node folders
@@ -387,6 +383,10 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
                                 "space or restore write access, then rerun (finished scans are reused)") from err
     finally:
         gc.unfreeze()
+    if plugin == "SLURMGraph":  # it submitted the graph's jobs and returned
+        from .plugin import wait_for_slurm_graph
+
+        wait_for_slurm_graph(Path(settings.work_dir) / wf.name / "batch", started)
 
     messages = _crash_messages(crash_dir) if crash_dir.exists() else {}
     failures: list[ScanFailure] = []

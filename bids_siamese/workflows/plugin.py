@@ -115,7 +115,7 @@ def wait_for_slurm_graph(batch_dir: Path, since: float, poll: float = SQUEUE_POL
                 failures = 0
             except OSError as err:  # squeue can time out while the controller is busy: look again
                 failures += 1
-                if failures > 30:
+                if failures > 30:  # the controller is gone: a traceback, the jobs stay as they are
                     raise
                 LOG.warning("SLURMGraph: squeue failed (%s); trying again", err)
                 time.sleep(poll)
