@@ -120,7 +120,8 @@ def test_array_then_group(slurm, demo, array_run):
 @pytest.mark.slurm
 def test_cancelled_task_resumes_and_double_submission_is_locked(slurm, demo, array_run, tmp_path):
     """The same subject submitted twice at once: one task exits 75 (the subject's lock). The other is cancelled
-    mid-run (scancel), resubmitted, resumes from its work dir and ends byte-identical to the array's run."""
+    mid-run (scancel), resubmitted, resumes from its work dir and ends byte-identical to the array's run; the
+    group job of the resubmission lists every scan of the dataset."""
     _, reference, _ = array_run
     subject = "002"  # one scan
     out, work = tmp_path / "out", tmp_path / "work"
@@ -145,11 +146,18 @@ def test_cancelled_task_resumes_and_double_submission_is_locked(slurm, demo, arr
     assert not list(out.glob(f"sub-{subject}/**/*_desc-status_qc.json"))  # did not finish
     extracted = {p: p.stat().st_mtime_ns for p in brain_extraction_results(work)}
 
-    again = submit(slurm, demo, out, work, *args)["participant array"]
-    slurm.wait(again)
+    ids = submit(slurm, demo, out, work, *args[1:])  # resubmitted, with the group job this time
+    again = ids["participant array"]
+    slurm.wait(again, ids["group"])
     assert exit_code(slurm.job(f"{again}_0")) == 0, (out / "logs" / "slurm" / f"participant_{again}_0.out").read_text()
     assert {p: p.stat().st_mtime_ns for p in brain_extraction_results(work)} == extracted  # reused, not redone
     assert same_outputs(subject, out, reference) >= 14
+    # the group job covers the whole dataset (it drops --participant-label): the others are listed as missing
+    assert exit_code(slurm.job(ids["group"])) == 0
+    table = pd.read_csv(out / "group_orientation.tsv", sep="\t")
+    assert len(table) == len(pd.read_csv(demo / "sourcedata" / "truth" / "scans.tsv", sep="\t"))
+    assert set(table.loc[table["participant_id"] == f"sub-{subject}", "status"]) == {"ok"}
+    assert set(table.loc[table["participant_id"] != f"sub-{subject}", "status"]) == {"missing"}
 
 
 @pytest.mark.slow

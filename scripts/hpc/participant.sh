@@ -6,18 +6,8 @@
 set -euo pipefail
 read -r -a subjects <<< "$SIAMESE_SUBJECTS"
 subject=${subjects[$SLURM_ARRAY_TASK_ID]}
-# the task's own subject replaces any --participant-label list in the options
-opts=() skip=0
-for opt in "$@"; do
-    case "$opt" in
-        --participant-label|--participant_label) skip=1; continue ;;
-        --participant-label=*|--participant_label=*) continue ;;
-        -*) skip=0 ;;
-    esac
-    [ "$skip" = 1 ] || opts+=("$opt")
-done
 cpus=${SLURM_CPUS_PER_TASK:-1}
 mem_gb=$(( ${SLURM_MEM_PER_NODE:-2048} / 1024 ))
 echo "siamese: task $SLURM_ARRAY_TASK_ID of job $SLURM_ARRAY_JOB_ID: sub-$subject on $(hostname) ($cpus CPUs, $mem_gb GB)"
-exec "$SIAMESE_HPC_DIR/run_app.sh" participant --participant-label "$subject" \
-    --nprocs "$cpus" --omp-nthreads "$cpus" --mem-gb "$mem_gb" "${opts[@]}"
+SIAMESE_SUBJECT=$subject exec "$SIAMESE_HPC_DIR/run_app.sh" participant \
+    --nprocs "$cpus" --omp-nthreads "$cpus" --mem-gb "$mem_gb" "$@"
