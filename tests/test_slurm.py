@@ -171,6 +171,7 @@ def test_slurm_graph_plugin_runs_the_nodes_as_jobs(slurm, demo, array_run, tmp_p
     plugin.write_text('plugin: SLURMGraph\nplugin_args:\n  dont_resubmit_completed_jobs: true\n'
                       '  sbatch_args: "--cpus-per-task=1 --mem=2G"\n')
     out, work = tmp_path / "out", tmp_path / "work"
+    start = time.monotonic()
     proc = slurm.run("bids-siamese", str(demo), str(out), "participant", "--participant-label", subject, "-w",
                      str(work), *APP, "--omp-nthreads", "1", "--use-plugin", str(plugin), check=False, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -178,6 +179,7 @@ def test_slurm_graph_plugin_runs_the_nodes_as_jobs(slurm, demo, array_run, tmp_p
     batch = work / "bids_siamese_wf" / "batch"
     job_logs = sorted(batch.glob("batchscript_*.sh.o"))
     assert len(job_logs) >= 10  # one job per node of the scan's graph
+    print(f"\nSLURMGraph: {len(job_logs)} node jobs, participant run {time.monotonic() - start:.0f} s")
     assert same_outputs(subject, out, reference) >= 14
     status = next(out.glob(f"sub-{subject}/**/*_desc-status_qc.json"))
     assert json.loads(status.read_text())["status"] == "ok"
