@@ -15,7 +15,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bids_siamese.synthetic import generate
 from bids_siamese.workflows.plugin import wait_for_slurm_graph
 from slurm_cluster import Cluster, missing_reason, start_cluster
 
@@ -40,10 +39,8 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("slurm_demo") / "bids"
-    generate(root, size="tiny", seed=0, jobs=2)
-    return root
+def demo(tiny_demo) -> Path:
+    return tiny_demo  # shared with test_participant.py
 
 
 def submit(cluster: Cluster, demo: Path, out: Path, work: Path, *args: str) -> dict[str, str]:
