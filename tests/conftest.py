@@ -118,6 +118,16 @@ def add_broken_subject(root: Path, label: str = "09") -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> Path:
+    """The tiny demo dataset (``bids-siamese-demo DIR --size tiny``, seed 0), made once per session; read only."""
+    from bids_siamese.synthetic import generate
+
+    root = tmp_path_factory.mktemp("tiny_demo") / "bids"
+    generate(root, size="tiny", seed=0)
+    return root
+
+
 @pytest.fixture
 def one_torch_thread():
     """torch on one thread for the test (restored afterwards): reproducible CPU results, no oversubscription."""

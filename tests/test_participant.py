@@ -14,17 +14,14 @@ import pytest
 from bids_siamese.bids.layout import run_validator
 from bids_siamese.cli.main import main
 from bids_siamese.interfaces.derivatives import output_names
-from bids_siamese.synthetic import generate
 
 pytestmark = pytest.mark.slow
 RES = "4"  # coarse model grid keeps the test quick
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo") / "bids"
-    generate(root, size="tiny", seed=0)
-    return root
+def demo(tiny_demo) -> Path:
+    return tiny_demo
 
 
 @pytest.fixture(scope="module")

@@ -190,6 +190,7 @@ def test_selection_typo_reported_before_validation(run_cli, mini_bids, tmp_path,
     ("plugin: SLURM\nplugin_args: [a, b]\n", "'plugin_args' must be a mapping"),
     ("plugin: SLURM\nplugin_arg: {}\n", "unknown key(s) plugin_arg"),
     ("- MultiProc\n", "must be a mapping"),
+    ("plugin: SGEGraph\n", "returns without waiting for them; fix: use 'plugin: SGE'"),
 ])
 def test_bad_plugin_file_is_64_before_any_work(run_cli, mini_bids, tmp_path, content, words, fake_participant):
     plugin = tmp_path / "plugin.yml"

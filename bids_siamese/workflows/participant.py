@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -364,6 +365,7 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
     # MultiProc calls gc.collect() in its scheduling loop (up to 5 times a second); freezing what exists now (the
     # imported modules, the BIDS layout, the workflow graph) keeps each collection to the objects made since
     gc.freeze()
+    started = time.time()
     try:
         from ..cli.signals import workers_die_with_us
 
@@ -380,6 +382,10 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
         raise disk_error(settings, err.filename, err.strerror or str(err)) from err
     finally:
         gc.unfreeze()
+    if plugin == "SLURMGraph":  # it submitted the graph's jobs and returned
+        from .plugin import wait_for_slurm_graph
+
+        wait_for_slurm_graph(Path(settings.work_dir) / wf.name / "batch", started)
 
     try:
         return _finish(settings, scans, crash_dir)
