@@ -291,7 +291,7 @@ def test_missing_participant_output_names_the_file_and_the_fix(group_data, tmp_p
     bids, out, subjects = group_data
     with pytest.raises(NoInputError, match=r"sub-77.*res-8_desc-preproc_T1w.nii.gz not found.*run the participant "
                                            r"level first"):
-        find_preproc(out, ["01", "77"], "8")
+        find_preproc(out, ["01", "77"])
     with pytest.raises(NoInputError, match=r"outputs exist for --resolution label\(s\) 8"):
         run_twin(settings_for(bids, out, "twin", resolution=4.0), subjects)
 
