@@ -72,12 +72,11 @@ def truth_outputs(bids: Path, results: Path, resolution: float) -> int:
 
     truth = pd.read_csv(bids / "sourcedata" / "truth" / "scans.tsv", sep="\t", dtype=str)
     grid = model_grid(resolution)
-    label = f"{resolution:g}".replace(".", "p")
     written = 0
     for _, row in truth.iterrows():
         rel = Path(row["path"])
         stem = rel.name.replace("_T1w.nii.gz", "")
-        pre = results / rel.parent / f"{stem}_space-MNI152NLin2009cAsym_res-{label}_desc-preproc_T1w.nii.gz"
+        pre = results / rel.parent / f"{stem}_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz"
         brain = Path(str(pre).replace("desc-preproc_T1w", "desc-brain_mask"))
         if not pre.is_file():
             volume, mask = resample_with_truth(bids, row, resolution)

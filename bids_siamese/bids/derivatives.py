@@ -309,12 +309,13 @@ def resample_to_templateflow(data: np.ndarray, grid: Grid, label: str = RESULT_R
 # --------------------------------------------------------------------------------------------------
 
 #: ``.bidsignore``: the outputs that BIDS 1.11 has no name for, each with why (docs/outputs.md lists them).
-#: Everything else (T1w, masks, dataset_description.json, README.md, sidecars) is validated.
+#: Everything else (T1w, masks, dataset_description.json, README.md, sidecars) is validated. Folder patterns
+#: have no trailing ``/``: bids-validator-deno then matches ``figures`` inside ``sub-<label>/`` too.
 BIDSIGNORE_REASONS = {
     "*.html": "reports (BIDS has no report files)",
-    "logs/": "settings, command line, crash files and subject locks of each run",
-    "figures/": "SVG figures of the reports, top level and sub-<label>/figures/ (as fMRIPrep)",
-    "models/": "trained checkpoints (weights, model cards)",
+    "logs": "settings, command line, crash files and subject locks of each run",
+    "figures": "SVG figures of the reports, top level and sub-<label>/figures/ (as fMRIPrep)",
+    "models": "trained checkpoints (weights, model cards)",
     "/group*": "group-level tables, the group record and the Workbench folder group/ (BIDS names only "
                "per-subject files in a derivative dataset's root)",
     "*_xfm.*": "transforms: the xfm suffix and from-/to-/mode- entities are not in BIDS 1.11 (as fMRIPrep)",

@@ -34,9 +34,9 @@ DEFAULT_FWHM = 6.0
 
 
 def map_sidecar(fwhm_mm: float = DEFAULT_FWHM, resolution_label: str = RESULT_RES) -> dict:
-    """The JSON sidecar of the written asymmetry map (``…_res-<R>_desc-asymmetry_statmap.nii.gz``), less the
+    """The JSON sidecar of the written asymmetry map (``…_res-2_desc-asymmetry_statmap.nii.gz``), less the
     ``Sources`` that the derivatives writer adds: the map is computed on the model grid and resampled onto
-    TemplateFlow's ``res-<R>`` grid.
+    TemplateFlow's ``res-<resolution_label>`` grid.
 
     Examples:
         >>> sorted(map_sidecar())
