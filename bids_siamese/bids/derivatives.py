@@ -243,12 +243,17 @@ def mask_path_for(preproc: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
+# (end of the group-level names)
+# --------------------------------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------------------------------
 # Grids: ``res-`` means TemplateFlow's grid of that resolution, nothing else
 # --------------------------------------------------------------------------------------------------
 
 #: TemplateFlow's grids of MNI152NLin2009cAsym by ``res-`` label: shape and voxel size (mm); the affine is
-#: diagonal with the first voxel's centre at :data:`TEMPLATEFLOW_ORIGIN_MM` (the headers of
-#: ``tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz`` and ``_res-02_T1w.nii.gz``; fMRIPrep's ``res-2`` outputs).
+#: diagonal with the first voxel's centre at :data:`TEMPLATEFLOW_ORIGIN_MM`. ``1``: the header of
+#: ``tpl-MNI152NLin2009cAsym_res-01_*.nii.gz`` (the bundled copy; tests/test_naming.py compares); ``2``: its 2 mm
+#: subsampling from the same first voxel, ``tpl-MNI152NLin2009cAsym_res-02`` and fMRIPrep's ``res-2`` (97x115x97).
 TEMPLATEFLOW_GRIDS = {"1": ((193, 229, 193), 1.0), "2": ((97, 115, 97), 2.0)}
 TEMPLATEFLOW_ORIGIN_MM = (-96.0, -132.0, -78.0)
 #: The ``res-`` of the result maps resampled for users (fMRIPrep's default output grid).
@@ -303,10 +308,6 @@ def resample_to_templateflow(data: np.ndarray, grid: Grid, label: str = RESULT_R
     img.set_sform(target.affine, 4)
     return img
 
-
-# --------------------------------------------------------------------------------------------------
-# (end of the group-level names)
-# --------------------------------------------------------------------------------------------------
 
 #: ``.bidsignore``: the outputs that BIDS 1.11 has no name for, each with why (docs/outputs.md lists them).
 #: Everything else (T1w, masks, dataset_description.json, README.md, sidecars) is validated. Folder patterns
