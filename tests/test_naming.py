@@ -67,3 +67,13 @@ def test_bidsignore_is_the_handful_documented():
     # no suffix named after our own analysis where BIDS has a standard one; T1w only for T1w images and figures
     suffixes = {s for p in path_patterns() for group in re.findall(r"\{suffix<([^>]+)>", p) for s in group.split("|")}
     assert suffixes.isdisjoint({"asymmetry", "symmetry"}) and {"mask", "T1w", "statmap"} <= suffixes
+
+
+def test_reused_output_dir_keeps_user_lines_and_drops_earlier_patterns(tmp_path):
+    from bids_siamese.bids.derivatives import LEGACY_BIDSIGNORE, init_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".bidsignore").write_text("my_notes/\n" + "\n".join(LEGACY_BIDSIGNORE) + "\nlogs\n")
+    init_output_dir(out)
+    assert (out / ".bidsignore").read_text().split() == ["my_notes/", "logs"] + [p for p in BIDSIGNORE if p != "logs"]

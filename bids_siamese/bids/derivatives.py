@@ -328,6 +328,9 @@ BIDSIGNORE_REASONS = {
     "*_embedding.tsv": "per-scan embeddings of a trained model (no BIDS suffix)",
 }
 BIDSIGNORE = list(BIDSIGNORE_REASONS)
+#: Lines that earlier versions wrote and the patterns above replace (dropped when OUTPUT_DIR is reused; lines a
+#: user added stay).
+LEGACY_BIDSIGNORE = ("sub-*/figures", "*_xfm.txt", "group_*.tsv", "group_*.json", "group")
 
 
 @lru_cache(maxsize=1)
@@ -549,7 +552,8 @@ def dataset_description(bids_dir: Path | None = None) -> dict[str, Any]:
 
 
 def init_output_dir(output_dir: Path, bids_dir: Path | None = None) -> None:
-    """Create OUTPUT_DIR with dataset_description.json, README and .bidsignore (kept when present)."""
+    """Create OUTPUT_DIR with dataset_description.json, README and .bidsignore (its lines kept when present,
+    less those of :data:`LEGACY_BIDSIGNORE`; missing patterns appended)."""
     output_dir = Path(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -561,7 +565,8 @@ def init_output_dir(output_dir: Path, bids_dir: Path | None = None) -> None:
         raise CannotCreateError(f"output folder {output_dir} is not writable; fix: choose a writable OUTPUT_DIR")
     write_json(output_dir / "dataset_description.json", dataset_description(bids_dir))
     ignore_file = output_dir / ".bidsignore"
-    existing = ignore_file.read_text().splitlines() if ignore_file.exists() else []
+    existing = [line for line in (ignore_file.read_text().splitlines() if ignore_file.exists() else [])
+                if line not in LEGACY_BIDSIGNORE]
     lines = existing + [p for p in BIDSIGNORE if p not in existing]
     write_text(ignore_file, "\n".join(lines) + "\n")
     readme = output_dir / "README.md"
