@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -497,9 +498,16 @@ def test_run_explain_writes_every_output(explained):
 
 
 @pytest.mark.slow
-def test_run_explain_outputs_pass_the_bids_validator(explained):
+def test_run_explain_outputs_pass_the_bids_validator(explained, tmp_path):
     from bids_siamese.bids.layout import run_validator
 
     out, _ = explained
     errors = [(i.code, i.location) for i in run_validator(out) if i.severity == "error"]
     assert not errors, errors
+    from bids_siamese.bids.derivatives import BIDSIGNORE
+
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    for pattern in ("models", "*_relevance.*", "/group*"):  # each is needed for the explanation outputs
+        (copy / ".bidsignore").write_text("\n".join(p for p in BIDSIGNORE if p != pattern) + "\n")
+        assert [i for i in run_validator(copy) if i.severity == "error"], f"{pattern} hides nothing"

@@ -430,7 +430,7 @@ def test_written_tree_and_sidecar_keys_match_docs_tables(participant_run, demo):
                     assert set(json.loads((out / rel).read_text())) == row["keys"], rel
 
 
-def test_bidsignore_is_the_documented_one_and_the_output_validates(participant_run):
+def test_bidsignore_is_the_documented_one_and_the_output_validates(participant_run, tmp_path):
     from bids_siamese.bids.derivatives import BIDSIGNORE
 
     _, out, _ = participant_run
@@ -445,6 +445,13 @@ def test_bidsignore_is_the_documented_one_and_the_output_validates(participant_r
         ("logs/", "group")) and "/figures/" not in f]
     assert sum(f.endswith(("_desc-preproc_T1w.nii.gz", "_mask.nii.gz")) for f in visible) >= 3 * 7
     assert [i for i in run_validator(out) if i.severity == "error"] == []
+    # no pattern is there for nothing: without it, the files it hides are errors (models, relevance maps and
+    # embeddings are not written here; tests/test_explain.py checks the first two)
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    for pattern in [p for p in BIDSIGNORE if p not in ("models", "*_relevance.*", "*_embedding.tsv")]:
+        (copy / ".bidsignore").write_text("\n".join(p for p in BIDSIGNORE if p != pattern) + "\n")
+        assert [i for i in run_validator(copy) if i.severity == "error"], f"{pattern} hides nothing"
 
 
 def test_res_entity_means_templateflow_grid(participant_run):
