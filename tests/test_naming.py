@@ -74,6 +74,7 @@ def test_reused_output_dir_keeps_user_lines_and_drops_earlier_patterns(tmp_path)
 
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".bidsignore").write_text("my_notes/\n" + "\n".join(LEGACY_BIDSIGNORE) + "\nlogs\n")
+    (out / ".bidsignore").write_text("my_notes/\n" + "\n".join(LEGACY_BIDSIGNORE) + "\nfigures\n")
     init_output_dir(out)
-    assert (out / ".bidsignore").read_text().split() == ["my_notes/", "logs"] + [p for p in BIDSIGNORE if p != "logs"]
+    assert (out / ".bidsignore").read_text().split() == ["my_notes/", "figures"] + [p for p in BIDSIGNORE
+                                                                                   if p != "figures"]

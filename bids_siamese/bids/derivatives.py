@@ -310,11 +310,11 @@ def resample_to_templateflow(data: np.ndarray, grid: Grid, label: str = RESULT_R
 
 
 #: ``.bidsignore``: the outputs that BIDS 1.11 has no name for, each with why (docs/outputs.md lists them).
-#: Everything else (T1w, masks, dataset_description.json, README.md, sidecars) is validated. Folder patterns
+#: Everything else (T1w, masks, dataset_description.json, README.md, sidecars) is validated; ``logs/`` is a
+#: directory of BIDS itself (opaque, not validated), so it needs no line. Folder patterns
 #: have no trailing ``/``: bids-validator-deno then matches ``figures`` inside ``sub-<label>/`` too.
 BIDSIGNORE_REASONS = {
     "*.html": "reports (BIDS has no report files)",
-    "logs": "settings, command line, crash files and subject locks of each run",
     "figures": "SVG figures of the reports, top level and sub-<label>/figures/ (as fMRIPrep)",
     "models": "trained checkpoints (weights, model cards)",
     "/group*": "group-level tables, the group record and the Workbench folder group/ (BIDS names only "
@@ -328,9 +328,9 @@ BIDSIGNORE_REASONS = {
     "*_embedding.tsv": "per-scan embeddings of a trained model (no BIDS suffix)",
 }
 BIDSIGNORE = list(BIDSIGNORE_REASONS)
-#: Lines that earlier versions wrote and the patterns above replace (dropped when OUTPUT_DIR is reused; lines a
-#: user added stay).
-LEGACY_BIDSIGNORE = ("sub-*/figures", "*_xfm.txt", "group_*.tsv", "group_*.json", "group")
+#: Lines that earlier versions wrote and the patterns above replace or make unneeded (dropped when OUTPUT_DIR is
+#: reused; lines a user added stay).
+LEGACY_BIDSIGNORE = ("logs", "sub-*/figures", "*_xfm.txt", "group_*.tsv", "group_*.json", "group")
 
 
 @lru_cache(maxsize=1)
