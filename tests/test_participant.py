@@ -409,12 +409,18 @@ def _written(out: Path) -> list[str]:
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
 
 
-def test_written_tree_and_sidecar_keys_match_docs_tables(participant_run, demo):
-    """Both ways: every file the tiny demo's participant + group runs wrote is in a table of docs/outputs.md, and
-    every row of the every-run tables matches a written file whose JSON keys are the documented ones."""
+def _with_group_outputs(participant_run, demo) -> Path:
+    """The tiny run's OUTPUT_DIR with the group level's outputs (run here unless an earlier test ran it)."""
     _, out, work = participant_run
     if not (out / "group_orientation.tsv").is_file():  # the group run of test_group_collects_orientation
         assert main([str(demo), str(out), "group", "-w", str(work), "--skip-bids-validation"]) == 0
+    return out
+
+
+def test_written_tree_and_sidecar_keys_match_docs_tables(participant_run, demo):
+    """Both ways: every file the tiny demo's participant + group runs wrote is in a table of docs/outputs.md, and
+    every row of the every-run tables matches a written file whose JSON keys are the documented ones."""
+    out = _with_group_outputs(participant_run, demo)
     rows = documented_rows(DOCS.read_text())
     written = _written(out)
     undocumented = [f for f in written if not any(p.fullmatch(f) for r in rows for p in r["patterns"])]
@@ -430,10 +436,10 @@ def test_written_tree_and_sidecar_keys_match_docs_tables(participant_run, demo):
                     assert set(json.loads((out / rel).read_text())) == row["keys"], rel
 
 
-def test_bidsignore_is_the_documented_one_and_the_output_validates(participant_run, tmp_path):
+def test_bidsignore_is_the_documented_one_and_the_output_validates(participant_run, demo, tmp_path):
     from bids_siamese.bids.derivatives import BIDSIGNORE
 
-    _, out, _ = participant_run
+    out = _with_group_outputs(participant_run, demo)
     assert (out / ".bidsignore").read_text().split() == BIDSIGNORE
     text = DOCS.read_text()
     table = text[text.index("| pattern | why |"):].split("\n\n")[0]
