@@ -106,7 +106,7 @@ def signal_check(bids: Path, results: Path, subjects: list[str], resolution: flo
     from bids_siamese.train.pairs import read_participants
 
     grid = model_grid(resolution)
-    scans = first_scan_per_subject(find_preproc(results, subjects, f"{resolution:g}".replace(".", "p")))
+    scans = first_scan_per_subject(find_preproc(results, subjects))
     volumes = load_volumes(list(scans["path"]), grid)[:, 0]
     regions = json.loads((bids / "sourcedata" / "truth" / "truth.json").read_text())["signal"]["family_regions"]
     image, labels, _ = atlas_paths("neuromorphometrics")
