@@ -52,7 +52,7 @@ def baseline(results: Path, resolution: float, splits: pd.DataFrame, predictions
     (tissue loss darkens the T1w where CSF grows). Threshold chosen on each sub-sampling's validation pairs."""
     grid = model_grid(resolution)
     subjects = sorted(predictions["participant_id"].str.removeprefix("sub-").unique())
-    scans = find_preproc(results, subjects, f"{resolution:g}".replace(".", "p"))
+    scans = find_preproc(results, subjects)
     path = {(r.participant_id, str(r.session)): r.path for r in scans.itertuples()}
     scores = []
     for r in predictions.itertuples():

@@ -104,12 +104,12 @@ def resample_with_truth(bids_dir: Path, row: pd.Series, resolution: float) -> tu
     return normalise(out, mask), mask
 
 
-def load_from_outputs(out_dir: Path, row: pd.Series, res_label: str) -> tuple[np.ndarray, np.ndarray] | None:
+def load_from_outputs(out_dir: Path, row: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
     """The participant-level model-grid image and mask of a scan, or ``None``."""
     stem = Path(row["path"]).name.replace("_T1w.nii.gz", "")
     anat = out_dir / Path(row["path"]).parent
-    pre = anat / f"{stem}_space-{TEMPLATE}_res-{res_label}_desc-preproc_T1w.nii.gz"
-    msk = anat / f"{stem}_space-{TEMPLATE}_res-{res_label}_desc-brain_mask.nii.gz"
+    pre = anat / f"{stem}_space-{TEMPLATE}_desc-preproc_T1w.nii.gz"
+    msk = anat / f"{stem}_space-{TEMPLATE}_desc-brain_mask.nii.gz"
     if not (pre.is_file() and msk.is_file()):
         return None
     return (np.asanyarray(nib.load(str(pre)).dataobj, dtype=np.float32),
@@ -124,7 +124,7 @@ def load_dataset(bids_dir: Path, out_dir: Path | None, resolution: float, cache:
     for _, row in truth.iterrows():
         key = Path(row["path"]).name.replace(".nii.gz", "")
         cached = cache / f"{key}_res-{res_label}.npz" if cache else None
-        loaded = load_from_outputs(out_dir, row, res_label) if out_dir else None
+        loaded = load_from_outputs(out_dir, row) if out_dir else None
         source = "participant outputs"
         if loaded is None:
             source = "true affine"

@@ -52,10 +52,10 @@ from bids_siamese.synthetic.fields import smooth_displacement, warp
 from bids_siamese.train.evaluate import safe_auc
 
 
-def load_heads(out_dir: Path, res_label: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def load_heads(out_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Every participant's model-grid image and mask in a participant-level output folder."""
     heads = {}
-    for pre in sorted(out_dir.glob(f"sub-*/**/anat/*_space-{TEMPLATE}_res-{res_label}_desc-preproc_T1w.nii.gz")):
+    for pre in sorted(out_dir.glob(f"sub-*/**/anat/*_space-{TEMPLATE}_desc-preproc_T1w.nii.gz")):
         mask = Path(str(pre).replace("_desc-preproc_T1w", "_desc-brain_mask"))
         heads[pre.name.split("_")[0]] = (np.asanyarray(nib.load(str(pre)).dataobj, dtype=np.float32),
                                          np.asanyarray(nib.load(str(mask)).dataobj) > 0)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     res = args.resolution
     grid = model_grid(res)
-    heads = load_heads(args.outputs, f"{res:g}".replace(".", "p"))
+    heads = load_heads(args.outputs)
     counts = [int(v) for v in args.variants.split(",")]
     if len(heads) < 2 or len(counts) < len(heads):
         raise SystemExit(f"need at least 2 heads and a --variants count for each; found {sorted(heads)}")

@@ -72,12 +72,11 @@ def truth_outputs(bids: Path, results: Path, resolution: float) -> int:
 
     truth = pd.read_csv(bids / "sourcedata" / "truth" / "scans.tsv", sep="\t", dtype=str)
     grid = model_grid(resolution)
-    label = f"{resolution:g}".replace(".", "p")
     written = 0
     for _, row in truth.iterrows():
         rel = Path(row["path"])
         stem = rel.name.replace("_T1w.nii.gz", "")
-        pre = results / rel.parent / f"{stem}_space-MNI152NLin2009cAsym_res-{label}_desc-preproc_T1w.nii.gz"
+        pre = results / rel.parent / f"{stem}_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz"
         brain = Path(str(pre).replace("desc-preproc_T1w", "desc-brain_mask"))
         if not pre.is_file():
             volume, mask = resample_with_truth(bids, row, resolution)
@@ -107,7 +106,7 @@ def signal_check(bids: Path, results: Path, subjects: list[str], resolution: flo
     from bids_siamese.train.pairs import read_participants
 
     grid = model_grid(resolution)
-    scans = first_scan_per_subject(find_preproc(results, subjects, f"{resolution:g}".replace(".", "p")))
+    scans = first_scan_per_subject(find_preproc(results, subjects))
     volumes = load_volumes(list(scans["path"]), grid)[:, 0]
     regions = json.loads((bids / "sourcedata" / "truth" / "truth.json").read_text())["signal"]["family_regions"]
     image, labels, _ = atlas_paths("neuromorphometrics")

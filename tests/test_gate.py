@@ -89,7 +89,7 @@ def test_registration_measures() -> None:
 
 
 def test_qc_files_and_summary_line(tmp_path: Path) -> None:
-    preproc = tmp_path / "sub-01_ses-1_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz"
+    preproc = tmp_path / "sub-01_ses-1_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz"
     qc = orientation_qc_path(preproc)
     assert qc.name == "sub-01_ses-1_desc-orientation_qc.json"
     assert qc_record_usable(qc)  # missing file: not excluded

@@ -258,7 +258,7 @@ def test_embedding_interface(tmp_path):
     model, folder, _ = _save(tmp_path)
     grid = model_grid(8.0)
     vol = np.random.default_rng(0).normal(size=grid.shape).astype(np.float32)
-    in_file = tmp_path / "sub-01_space-MNI152NLin2009cAsym_res-8_desc-preproc_T1w.nii.gz"
+    in_file = tmp_path / "sub-01_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz"
     nib.Nifti1Image(vol, grid.affine).to_filename(in_file)
     node_dir = tmp_path / "node"
     node_dir.mkdir()

@@ -90,7 +90,7 @@ def _dataset(root: Path, n_subjects: int = 14) -> tuple[Path, Path]:
             data = data[::-1].copy()
         anat = out / f"sub-{sub}" / "anat"
         anat.mkdir(parents=True)
-        stem = f"sub-{sub}_space-MNI152NLin2009cAsym_res-4"
+        stem = f"sub-{sub}_space-MNI152NLin2009cAsym"
         nib.save(nib.Nifti1Image(data, grid.affine), anat / f"{stem}_desc-preproc_T1w.nii.gz")
         nib.save(nib.Nifti1Image((mask[::-1] if flipped else mask).astype(np.uint8), grid.affine),
                  anat / f"{stem}_desc-brain_mask.nii.gz")

@@ -1,8 +1,10 @@
 """End to end: the participant and group levels on the tiny demo dataset at a coarse grid."""
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -316,3 +318,163 @@ def test_kill_at_a_rename_then_rerun(participant_run, demo, truth, tmp_path):
     assert json.loads((out / names["status"]).read_text())["status"] == "ok"
     assert main([str(demo), str(out), "group", "--skip-bids-validation"]) == 0
     assert (pd.read_csv(out / "group_orientation.tsv", sep="\t")["status"] == "ok").all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Names and grids: docs/outputs.md's tables against what the tiny demo wrote, res- against TemplateFlow
+# --------------------------------------------------------------------------------------------------
+
+DOCS = Path(__file__).parents[1] / "docs" / "outputs.md"
+#: Sections whose tables list what every participant + group run writes (checked both ways).
+EVERY_RUN_SECTIONS = ("Dataset level", "Participant level, per T1w scan", "Group level (top of `OUTPUT_DIR`)")
+ANAT = r"sub-[A-Za-z0-9]+/(?:ses-[A-Za-z0-9]+/)?anat/"
+SOURCE = (r"sub-[A-Za-z0-9]+(?:_ses-[A-Za-z0-9]+)?(?:_acq-[A-Za-z0-9]+)?(?:_ce-[A-Za-z0-9]+)?"
+          r"(?:_rec-[A-Za-z0-9]+)?(?:_run-[0-9]+)?")
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of a markdown table row (a ``|`` inside backticks or escaped does not split)."""
+    cells, cell, code, prev = [], "", False, ""
+    for ch in line.strip().strip("|"):
+        if ch == "`":
+            code = not code
+        if ch == "|" and not code and prev != "\\":
+            cells.append(cell.strip())
+            cell = ""
+        else:
+            cell += ch
+        prev = ch
+    return cells + [cell.strip()]
+
+
+def _pattern(name: str) -> re.Pattern:
+    """A documented file name (``<source>``, ``<label>``, ``{a,b}``, ``<a|b>``, ``[optional]``, ``*``, ``…``) as a
+    regex over paths relative to OUTPUT_DIR; a bare ``<source>_…`` name lives in the scan's anat folder."""
+    out, i = "", 0
+    while i < len(name):
+        ch = name[i]
+        if name.startswith("<source>", i):
+            out, i = out + SOURCE, i + len("<source>")
+            continue
+        if ch == "<":
+            end = name.index(">", i)
+            inner = name[i + 1:end]
+            out += f"(?:{'|'.join(map(re.escape, inner.split('|')))})" if "|" in inner else "[^/]+"
+            i = end + 1
+            continue
+        if ch == "{":
+            end = name.index("}", i)
+            out += "(?:" + "|".join(map(re.escape, name[i + 1:end].split(","))) + ")"
+            i = end + 1
+            continue
+        out += {"[": "(?:", "]": ")?", "*": "[^/]*", "…": "[^/]*"}.get(ch, re.escape(ch))
+        i += 1
+    if name.endswith("/"):
+        out += ".+"
+    if "/" not in name.rstrip("/") and name.startswith(("<source>", "…")):
+        out = ANAT + out
+    return re.compile(out)
+
+
+def documented_rows(text: str) -> list[dict]:
+    """Every table row of docs/outputs.md whose first cell names files: ``section``, ``patterns``, ``keys`` (None
+    without a keys column or for ``—``), ``conditional`` (the content starts with "only")."""
+    rows, section, header = [], "", None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section, header = line[3:].strip(), None
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = _cells(line)
+        if header is None:
+            header = [c.lower() for c in cells]
+            continue
+        if set(line) <= set("|- ") or header[0] not in ("file",):
+            continue
+        names = re.findall(r"`([^`]+)`", cells[0])
+        keys = None
+        if "keys" in header and cells[header.index("keys")] not in ("—", ""):
+            keys = set(re.findall(r"`([^`]+)`", cells[header.index("keys")]))
+        content = cells[-1]
+        rows.append({"section": section, "names": names, "patterns": [_pattern(n) for n in names], "keys": keys,
+                     "conditional": content.lower().startswith("only")})
+    return rows
+
+
+def _written(out: Path) -> list[str]:
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+
+def _with_group_outputs(participant_run, demo) -> Path:
+    """The tiny run's OUTPUT_DIR with the group level's outputs (run here unless an earlier test ran it)."""
+    _, out, work = participant_run
+    if not (out / "group_orientation.tsv").is_file():  # the group run of test_group_collects_orientation
+        assert main([str(demo), str(out), "group", "-w", str(work), "--skip-bids-validation"]) == 0
+    return out
+
+
+def test_written_tree_and_sidecar_keys_match_docs_tables(participant_run, demo):
+    """Both ways: every file the tiny demo's participant + group runs wrote is in a table of docs/outputs.md, and
+    every row of the every-run tables matches a written file whose JSON keys are the documented ones."""
+    out = _with_group_outputs(participant_run, demo)
+    rows = documented_rows(DOCS.read_text())
+    written = _written(out)
+    undocumented = [f for f in written if not any(p.fullmatch(f) for r in rows for p in r["patterns"])]
+    assert undocumented == [], "written but not in docs/outputs.md"
+    every_run = [r for r in rows if r["section"].startswith(EVERY_RUN_SECTIONS) and not r["conditional"]]
+    assert len(every_run) > 20
+    for row in every_run:
+        for name, pattern in zip(row["names"], row["patterns"]):
+            matches = [f for f in written if pattern.fullmatch(f)]
+            assert matches, f"docs/outputs.md lists {name}, the tiny demo did not write it"
+            if row["keys"] is not None:
+                for rel in matches:
+                    assert set(json.loads((out / rel).read_text())) == row["keys"], rel
+
+
+def test_bidsignore_is_the_documented_one_and_the_output_validates(participant_run, demo, tmp_path):
+    from bids_siamese.bids.derivatives import BIDSIGNORE
+
+    out = _with_group_outputs(participant_run, demo)
+    assert (out / ".bidsignore").read_text().split() == BIDSIGNORE
+    text = DOCS.read_text()
+    table = text[text.index("| pattern | why |"):].split("\n\n")[0]
+    documented = [re.findall(r"`([^`]+)`", _cells(line)[0])[0] for line in table.splitlines()[2:]]
+    assert documented == BIDSIGNORE
+    # the validated part is not empty: the T1w images, masks and sidecars of every scan
+    hidden = re.compile("|".join(fnmatch.translate(p.strip("/")) for p in BIDSIGNORE if "*" in p))
+    visible = [f for f in _written(out) if not hidden.match(Path(f).name) and not f.startswith(
+        ("logs/", "group")) and "/figures/" not in f]
+    assert sum(f.endswith(("_desc-preproc_T1w.nii.gz", "_mask.nii.gz")) for f in visible) >= 3 * 7
+    assert [i for i in run_validator(out) if i.severity == "error"] == []
+    # no pattern is there for nothing: without it, the files it hides are errors (models, relevance maps and
+    # embeddings are not written here; tests/test_explain.py checks the first two)
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    for pattern in [p for p in BIDSIGNORE if p not in ("models", "*_relevance.*", "*_embedding.tsv")]:
+        (copy / ".bidsignore").write_text("\n".join(p for p in BIDSIGNORE if p != pattern) + "\n")
+        assert [i for i in run_validator(copy) if i.severity == "error"], f"{pattern} hides nothing"
+
+
+def test_res_entity_means_templateflow_grid(participant_run):
+    """Every written ``space-MNI152NLin2009cAsym`` image with ``res-R`` has TemplateFlow's header for R; the
+    model-grid images carry no ``res-``."""
+    from bids_siamese.bids.derivatives import TEMPLATEFLOW_GRIDS, templateflow_grid
+    from bids_siamese.resources import model_grid, template_brain_path
+
+    _, out, _ = participant_run
+    tf1 = nib.load(template_brain_path())  # TemplateFlow's tpl-MNI152NLin2009cAsym_res-01 header
+    assert tf1.shape == templateflow_grid("1").shape and np.allclose(tf1.affine, templateflow_grid("1").affine)
+    images = [p for p in out.rglob("*_space-MNI152NLin2009cAsym_*.nii*")]
+    with_res = [p for p in images if "_res-" in p.name]
+    assert len(with_res) >= 7  # one asymmetry map per scan
+    for path in with_res:
+        label = re.search(r"_res-([A-Za-z0-9]+)_", path.name).group(1)
+        assert label in TEMPLATEFLOW_GRIDS, path.name
+        img, grid = nib.load(path), templateflow_grid(label)
+        assert img.shape == grid.shape and np.allclose(img.affine, grid.affine), path.name
+        assert np.allclose(img.header.get_sform(), grid.affine) and np.allclose(img.header.get_qform(), grid.affine)
+    for path in set(images) - set(with_res):
+        img = nib.load(path)
+        assert img.shape == model_grid(float(RES)).shape and np.allclose(img.affine, model_grid(float(RES)).affine)

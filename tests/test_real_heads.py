@@ -133,8 +133,8 @@ def test_cropped_scan_through_the_cli(tmp_path: Path, caplog) -> None:
     summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("usable-scan gate")]
     assert summary == ["usable-scan gate: 1 scan(s) failed QC (usable: false; kept for inspection, left out of "
                        "group training and scoring): sub-01_T1w.nii"]
-    assert find_preproc(out, ["01"], "4").empty  # left out of group training and scoring
-    assert len(find_preproc(out, ["01"], "4", include_unusable=True)) == 1
+    assert find_preproc(out, ["01"]).empty  # left out of group training and scoring
+    assert len(find_preproc(out, ["01"], include_unusable=True)) == 1
     code = main([str(bids), str(out), "group", "-w", str(tmp_path / "work"), "--skip-bids-validation"])
     assert code == 0
     table = pd.read_csv(out / "group_orientation.tsv", sep="\t")

@@ -405,7 +405,7 @@ def test_interface_writes_map_regions_report(template8, tmp_path, monkeypatch):
     assert report["atlas_provenance"]["AtlasSpace"] == "MNI152NLin2009cAsym"
     # the template compared with itself: no deviation at all
     assert report["focal_z"] == 0.0 or report["raw_magnitude"] > 0
-    assert map_sidecar(RES)["SkullStripped"] is True
+    assert map_sidecar()["Resolution"] == {"2": map_sidecar()["Resolution"]["2"]}
 
 
 def _fake_outputs(root: Path, template8, n: int, lesion_subjects: dict[int, str], seed=0) -> None:
@@ -424,7 +424,7 @@ def _fake_outputs(root: Path, template8, n: int, lesion_subjects: dict[int, str]
             img, _ = simulate_lesion(img, mask, affine, rng, LesionConfig(volume_mm3=(6000.0, 8000.0), intensity=(-3.0, -2.5)),
                                      hemisphere=lesion_subjects[i])
         anat = root / f"sub-{i:02d}" / "anat"
-        base = f"sub-{i:02d}_space-MNI152NLin2009cAsym_res-8"
+        base = f"sub-{i:02d}_space-MNI152NLin2009cAsym"
         _save(anat / f"{base}_desc-preproc_T1w.nii.gz", img)
         _save(anat / f"{base}_desc-brain_mask.nii.gz", mask.astype(np.uint8))
 
@@ -497,21 +497,22 @@ def test_group_train_and_apply(template8, tmp_path):
 
 @pytest.mark.slow
 def test_output_names_pass_the_validator(template8, tmp_path):
-    from bids_siamese.bids.derivatives import build_path, init_output_dir, write_json, write_nifti, write_tsv
+    """The asymmetry outputs under the writer's names, with the app's own .bidsignore and nothing added."""
+    from bids_siamese.bids.derivatives import (BIDSIGNORE, init_output_dir, resample_to_templateflow, write_json,
+                                               write_nifti, write_tsv)
+    from bids_siamese.interfaces.derivatives import output_names
     from bids_siamese.interfaces.symmetry import map_sidecar
 
     root = tmp_path / "deriv"
     init_output_dir(root)
-    with open(root / ".bidsignore", "a") as fh:  # proposed additions to BIDSIGNORE
-        fh.write("*_regions.tsv\n*_symmetry.json\n")
-    ents = {"subject": "01", "session": "1", "space": "MNI152NLin2009cAsym", "res": "8"}
+    assert (root / ".bidsignore").read_text().split() == BIDSIGNORE
+    names = output_names({"subject": "01", "session": "1"})
     data, _ = template8
-    map_path = build_path({**ents, "desc": "asymmetry", "suffix": "T1w", "extension": ".nii.gz"}, root)
-    write_nifti(map_path, nib.Nifti1Image(data, model_grid(RES).affine))
-    write_json(map_path.with_name(map_path.name.replace(".nii.gz", ".json")), map_sidecar(RES))
-    write_tsv(build_path({**ents, "desc": "asymmetry", "suffix": "regions", "extension": ".tsv"}, root),
-              pd.DataFrame({"region": ["a"], "asymmetry_index": [0.0]}))
-    write_json(build_path({**ents, "suffix": "symmetry", "extension": ".json"}, root), {"asymmetry_score": 0.0})
+    write_nifti(root / names["asymmetry_map"], resample_to_templateflow(data, model_grid(RES)))
+    write_json(root / names["asymmetry_map"].with_name(names["asymmetry_map"].name.replace(".nii.gz", ".json")),
+               map_sidecar())
+    write_tsv(root / names["asymmetry_regions"], pd.DataFrame({"region": ["a"], "asymmetry_index": [0.0]}))
+    write_json(root / names["asymmetry_report"], {"asymmetry_score": 0.0})
     (root / "group_symmetry.tsv").write_text("participant_id\tasymmetry_score\nsub-01\t0\n")
     errors = [i for i in run_validator(root) if i.severity == "error"]
     assert not errors, errors

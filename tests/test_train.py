@@ -21,7 +21,7 @@ import torch
 from scipy import ndimage as ndi
 
 from bids_siamese.config import Settings
-from bids_siamese.errors import NoInputError, UsageError
+from bids_siamese.errors import BadDataError, NoInputError, UsageError
 from bids_siamese.resources import model_grid
 from bids_siamese.train.data import augment, family_batches, find_preproc
 from bids_siamese.train.evaluate import binary_metrics, choose_threshold, draw_metrics, voxel_correlation
@@ -73,7 +73,7 @@ def make_group_inputs(root: Path, n_mz: int = 6, n_dz: int = 3, n_single: int = 
             vol = np.where(mask, vol, 0).astype(np.float32)
             anat = out / f"sub-{sid}" / f"ses-{ses}" / "anat"
             anat.mkdir(parents=True, exist_ok=True)
-            stem = f"sub-{sid}_ses-{ses}_{SPACE}_res-8"
+            stem = f"sub-{sid}_ses-{ses}_{SPACE}"
             nib.Nifti1Image(vol, grid.affine).to_filename(anat / f"{stem}_desc-preproc_T1w.nii.gz")
             nib.Nifti1Image(mask.astype(np.uint8), grid.affine).to_filename(anat / f"{stem}_desc-brain_mask.nii.gz")
         if len(sessions) > 1:  # session order from sessions.tsv
@@ -289,11 +289,17 @@ def test_apply_refuses_a_checkpoint_of_another_task(group_data):
 
 def test_missing_participant_output_names_the_file_and_the_fix(group_data, tmp_path):
     bids, out, subjects = group_data
-    with pytest.raises(NoInputError, match=r"sub-77.*res-8_desc-preproc_T1w.nii.gz not found.*run the participant "
-                                           r"level first"):
-        find_preproc(out, ["01", "77"], "8")
-    with pytest.raises(NoInputError, match=r"outputs exist for --resolution label\(s\) 8"):
+    with pytest.raises(NoInputError, match=r"sub-77.*MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz not found.*run the "
+                                           r"participant level first"):
+        find_preproc(out, ["01", "77"])
+    with pytest.raises(BadDataError, match=r"not on the 4 mm model grid.*same --resolution"):
         run_twin(settings_for(bids, out, "twin", resolution=4.0), subjects)
+    legacy = tmp_path / "legacy" / "sub-05" / "anat" / f"sub-05_{SPACE}_res-2_desc-preproc_T1w.nii.gz"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(b"")
+    with pytest.raises(NoInputError, match=r"found sub-05_.*_res-2_desc-preproc_T1w.nii.gz, named by an earlier "
+                                           r"bids-siamese: rerun the participant level"):
+        find_preproc(tmp_path / "legacy", ["05"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from bids.layout.writing import build_path as _pybids_build_path
 
 from .. import __version__
 from ..errors import CannotCreateError
-from ..resources import TEMPLATE, TEMPLATE_BRAIN
+from ..preproc.grid import resample_array
+from ..resources import GRID_BOX_MM, TEMPLATE, TEMPLATE_BRAIN, Grid, model_grid
 
 CODE_URL = "https://github.com/bids-apps/bids-siamese"
 CONTAINER_ENV = "BIDS_SIAMESE_CONTAINER"  # e.g. "docker://bids/siamese:0.1.0", set in the images
@@ -117,26 +118,29 @@ def relevance_desc(regional: bool) -> str:
 
 
 def relevance_path(preproc: Path, desc: str = "lrp") -> Path:
-    """The per-scan relevance map next to a ``desc-preproc_T1w`` file.
+    """The per-scan relevance map next to a ``desc-preproc_T1w`` file (model grid, so no ``res-``).
 
     Examples:
-        >>> relevance_path(Path("sub-1_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz"), "decomposition").name
-        'sub-1_space-MNI152NLin2009cAsym_res-2_desc-decomposition_relevance.nii.gz'
+        >>> relevance_path(Path("sub-1_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz"), "decomposition").name
+        'sub-1_space-MNI152NLin2009cAsym_desc-decomposition_relevance.nii.gz'
     """
-    name = Path(preproc).name.replace("_desc-preproc_T1w.nii.gz", f"_desc-{desc}_relevance.nii.gz")
+    name = Path(preproc).name.replace(f"_{PREPROC_SUFFIX}", f"_desc-{desc}_relevance.nii.gz")
     return Path(preproc).with_name(name)
 
 
-def map_file_names(stem: str, desc: str, suffix: str, resolution_label: str) -> dict[str, str]:
+def map_file_names(stem: str, desc: str, suffix: str, resolution_label: str = "") -> dict[str, str]:
     """Names of the volume, GIFTI and CIFTI files of one set of template-space maps (``stem``: ``group`` or a
-    scan's source).
+    scan's source). The volume is on the model grid and so carries no ``res-`` (:data:`TEMPLATEFLOW_GRIDS`);
+    ``resolution_label`` is accepted for the callers' signature and not part of any name.
 
     Examples:
         >>> map_file_names("group", "lrp", "relevance", "2")["fsLR_L"]
         'group_hemi-L_space-fsLR_den-32k_desc-lrp_relevance.func.gii'
+        >>> map_file_names("group", "lrp", "relevance", "2")["volume"]
+        'group_space-MNI152NLin2009cAsym_desc-lrp_relevance.nii.gz'
     """
     tail = f"desc-{desc}_{suffix}"
-    names = {"volume": f"{stem}_space-{TEMPLATE}_res-{resolution_label}_{tail}.nii.gz",
+    names = {"volume": f"{stem}_space-{TEMPLATE}_{tail}.nii.gz",
              "cifti": f"{stem}_space-fsLR_den-91k_{tail}.dscalar.nii"}
     for hemi in ("L", "R"):
         names[f"fsLR_{hemi}"] = f"{stem}_hemi-{hemi}_space-fsLR_den-32k_{tail}.func.gii"
@@ -212,22 +216,28 @@ def _relative(root: Path, path: Path) -> str:
 
 
 #: Participant-level outputs that the group level reads (written under the names of ``data/naming.json``).
+#: The model-grid files carry ``space-`` but no ``res-``: ``res-`` is kept for TemplateFlow's grids.
 PREPROC_SUFFIX = "desc-preproc_T1w.nii.gz"
 MASK_SUFFIX = "desc-brain_mask.nii.gz"
 ORIENTATION_QC_SUFFIX = "desc-orientation_qc.json"
 
 
-def preproc_name_pattern(resolution_label: str) -> str:
-    """Glob for the model-grid T1w files, e.g. ``*_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz``."""
-    return f"*_space-{TEMPLATE}_res-{resolution_label}_{PREPROC_SUFFIX}"
+def preproc_name_pattern() -> str:
+    """Glob for the model-grid T1w files: ``*_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz``."""
+    return f"*_space-{TEMPLATE}_{PREPROC_SUFFIX}"
+
+
+def legacy_preproc_pattern() -> str:
+    """Glob for model-grid T1w files named by earlier versions, with a ``res-<R>`` that was not TemplateFlow's grid."""
+    return f"*_space-{TEMPLATE}_res-*_{PREPROC_SUFFIX}"
 
 
 def mask_path_for(preproc: Path) -> Path:
     """The brain mask written next to a ``desc-preproc_T1w`` file.
 
     Examples:
-        >>> mask_path_for(Path("sub-1_space-X_res-2_desc-preproc_T1w.nii.gz")).name
-        'sub-1_space-X_res-2_desc-brain_mask.nii.gz'
+        >>> mask_path_for(Path("sub-1_space-X_desc-preproc_T1w.nii.gz")).name
+        'sub-1_space-X_desc-brain_mask.nii.gz'
     """
     return Path(preproc).with_name(Path(preproc).name.replace(PREPROC_SUFFIX, MASK_SUFFIX))
 
@@ -236,22 +246,91 @@ def mask_path_for(preproc: Path) -> Path:
 # (end of the group-level names)
 # --------------------------------------------------------------------------------------------------
 
-#: Non-BIDS files in the output folder, hidden from the validator (as fMRIPrep does).
-BIDSIGNORE = [
-    "*.html",
-    "logs",
-    "figures",
-    "sub-*/figures",
-    "*_xfm.txt",
-    "*_qc.json",
-    "*_regions.tsv",
-    "*_embedding.tsv",
-    "group_*.tsv",
-    "group_*.json",
-    "models",
-    "group",
-    "*_relevance.*",
-]
+# --------------------------------------------------------------------------------------------------
+# Grids: ``res-`` means TemplateFlow's grid of that resolution, nothing else
+# --------------------------------------------------------------------------------------------------
+
+#: TemplateFlow's grids of MNI152NLin2009cAsym by ``res-`` label: shape and voxel size (mm); the affine is
+#: diagonal with the first voxel's centre at :data:`TEMPLATEFLOW_ORIGIN_MM`. ``1``: the header of
+#: ``tpl-MNI152NLin2009cAsym_res-01_*.nii.gz`` (the bundled copy; tests/test_naming.py compares); ``2``: its 2 mm
+#: subsampling from the same first voxel, ``tpl-MNI152NLin2009cAsym_res-02`` and fMRIPrep's ``res-2`` (97x115x97).
+TEMPLATEFLOW_GRIDS = {"1": ((193, 229, 193), 1.0), "2": ((97, 115, 97), 2.0)}
+TEMPLATEFLOW_ORIGIN_MM = (-96.0, -132.0, -78.0)
+#: The ``res-`` of the result maps resampled for users (fMRIPrep's default output grid).
+RESULT_RES = "2"
+
+
+def templateflow_grid(label: str) -> Grid:
+    """TemplateFlow's MNI152NLin2009cAsym grid ``res-<label>``.
+
+    Examples:
+        >>> g = templateflow_grid("2")
+        >>> g.shape, g.affine[:3, 3].tolist(), g.resolution
+        ((97, 115, 97), [-96.0, -132.0, -78.0], 2.0)
+    """
+    shape, size = TEMPLATEFLOW_GRIDS[str(label)]
+    affine = np.diag([size, size, size, 1.0])
+    affine[:3, 3] = TEMPLATEFLOW_ORIGIN_MM
+    return Grid(shape=shape, affine=affine)
+
+
+def model_grid_sidecar(resolution: float) -> dict[str, Any]:
+    """Sidecar keys describing the model grid of a file named without ``res-``: ``Resolution`` (in words),
+    ``VoxelSizeMM``, ``GridShape``, ``GridAffine`` (voxel -> MNI152NLin2009cAsym mm).
+
+    Examples:
+        >>> model_grid_sidecar(2.0)["GridShape"]
+        [84, 104, 88]
+    """
+    grid = model_grid(resolution)
+    (x0, x1), (y0, y1), (z0, z1) = GRID_BOX_MM
+    return {"Resolution": (f"{resolution:g} mm isotropic bids-siamese model grid: the box x in [{x0:g}, {x1:g}], "
+                           f"y in [{y0:g}, {y1:g}], z in [{z0:g}, {z1:g}] mm, symmetric about x = 0 "
+                           f"({'x'.join(map(str, grid.shape))} voxels); not a TemplateFlow grid, hence no res-"),
+            "VoxelSizeMM": float(resolution), "GridShape": list(grid.shape),
+            "GridAffine": np.round(grid.affine, 6).tolist()}
+
+
+def templateflow_grid_sidecar(label: str) -> dict[str, Any]:
+    """``Resolution`` of a file named ``res-<label>`` (BIDS: the meaning of each ``res`` value)."""
+    grid = templateflow_grid(label)
+    return {"Resolution": {str(label): f"TemplateFlow's {grid.resolution:g} mm grid of {TEMPLATE} "
+                                       f"({'x'.join(map(str, grid.shape))} voxels), as tpl-{TEMPLATE}_res-0{label}"}}
+
+
+def resample_to_templateflow(data: np.ndarray, grid: Grid, label: str = RESULT_RES) -> nib.Nifti1Image:
+    """A model-grid float map resampled (linear) onto TemplateFlow's ``res-<label>`` grid, 0 outside the model
+    grid's box; float32 with qform and sform set to TemplateFlow's affine."""
+    target = templateflow_grid(label)
+    img = nib.Nifti1Image(resample_array(np.asarray(data, dtype=np.float32), grid.affine, target, order=1),
+                          target.affine)
+    img.set_qform(target.affine, 4)
+    img.set_sform(target.affine, 4)
+    return img
+
+
+#: ``.bidsignore``: the outputs that BIDS 1.11 has no name for, each with why (docs/outputs.md lists them).
+#: Everything else (T1w, masks, dataset_description.json, README.md, sidecars) is validated; ``logs/`` is a
+#: directory of BIDS itself (opaque, not validated), so it needs no line. Folder patterns
+#: have no trailing ``/``: bids-validator-deno then matches ``figures`` inside ``sub-<label>/`` too.
+BIDSIGNORE_REASONS = {
+    "*.html": "reports (BIDS has no report files)",
+    "figures": "SVG figures of the reports, top level and sub-<label>/figures/ (as fMRIPrep)",
+    "models": "trained checkpoints (weights, model cards)",
+    "/group*": "group-level tables, the group record and the Workbench folder group/ (BIDS names only "
+               "per-subject files in a derivative dataset's root)",
+    "*_xfm.*": "transforms: the xfm suffix and from-/to-/mode- entities are not in BIDS 1.11 (as fMRIPrep)",
+    "*_qc.json": "per-scan QC and completion records (no BIDS suffix for QC metrics)",
+    "*_statmap.*": "voxelwise asymmetry index maps (statmap: the suffix proposed for statistic maps, BEP041, "
+                   "not yet in BIDS)",
+    "*_relevance.*": "per-scan relevance maps of a twin model (no BIDS suffix)",
+    "*_regions.tsv": "per-scan regional asymmetry tables (no BIDS suffix for regional statistics)",
+    "*_embedding.tsv": "per-scan embeddings of a trained model (no BIDS suffix)",
+}
+BIDSIGNORE = list(BIDSIGNORE_REASONS)
+#: Lines that earlier versions wrote and the patterns above replace or make unneeded (dropped when OUTPUT_DIR is
+#: reused; lines a user added stay).
+LEGACY_BIDSIGNORE = ("logs", "sub-*/figures", "*_xfm.txt", "group_*.tsv", "group_*.json", "group")
 
 
 @lru_cache(maxsize=1)
@@ -268,8 +347,8 @@ def build_path(entities: Mapping[str, Any], root: Path | None = None) -> Path:
 
     Examples:
         >>> str(build_path({"subject": "01", "session": "1", "space": "MNI152NLin2009cAsym",
-        ...                 "res": "2", "desc": "preproc", "suffix": "T1w", "extension": ".nii.gz"}))
-        'sub-01/ses-1/anat/sub-01_ses-1_space-MNI152NLin2009cAsym_res-2_desc-preproc_T1w.nii.gz'
+        ...                 "desc": "preproc", "suffix": "T1w", "extension": ".nii.gz"}))
+        'sub-01/ses-1/anat/sub-01_ses-1_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz'
     """
     clean = {k: v for k, v in entities.items() if v is not None and v != ""}
     if "extension" in clean and not str(clean["extension"]).startswith("."):
@@ -481,7 +560,8 @@ def dataset_description(bids_dir: Path | None = None, derivatives: Sequence[Any]
 
 
 def init_output_dir(output_dir: Path, bids_dir: Path | None = None, derivatives: Sequence[Any] = ()) -> None:
-    """Create OUTPUT_DIR with dataset_description.json, README and .bidsignore (kept when present).
+    """Create OUTPUT_DIR with dataset_description.json, README and .bidsignore (its lines kept when present,
+    less those of :data:`LEGACY_BIDSIGNORE`; missing patterns appended).
 
     Derivative datasets linked by an earlier run (``DatasetLinks``/``SourceDatasets`` of another name) are kept,
     so that the ``bids:<name>:`` URIs its sidecars hold still resolve after a run without ``--derivatives``."""
@@ -509,7 +589,8 @@ def init_output_dir(output_dir: Path, bids_dir: Path | None = None, derivatives:
         del description["DatasetLinks"]
     write_json(output_dir / "dataset_description.json", description)
     ignore_file = output_dir / ".bidsignore"
-    existing = ignore_file.read_text().splitlines() if ignore_file.exists() else []
+    existing = [line for line in (ignore_file.read_text().splitlines() if ignore_file.exists() else [])
+                if line not in LEGACY_BIDSIGNORE]
     lines = existing + [p for p in BIDSIGNORE if p not in existing]
     write_text(ignore_file, "\n".join(lines) + "\n")
     readme = output_dir / "README.md"

@@ -3,7 +3,7 @@
 :func:`run_explain` is called by the group level after ``--task twin`` training or application. It reads the
 participant-level model-grid T1w files and the checkpoint, and writes (names in docs/outputs.md):
 
-* per scan, ``<source>_space-MNI152NLin2009cAsym_res-<R>_desc-lrp_relevance.nii.gz`` (+ ``.json``): the LRP
+* per scan, ``<source>_space-MNI152NLin2009cAsym_desc-lrp_relevance.nii.gz`` (+ ``.json``): the LRP
   relevance of a CNN backbone on the model grid (signed, summing to about the target value), or
   ``desc-decomposition_relevance`` for the regional models (their exact per-voxel decomposition, not LRP); with
   ``explain_surfaces`` also ``<source>_hemi-{L,R}_space-{fsLR_den-32k,fsaverage5}_desc-<desc>_relevance.func.gii``;
@@ -36,6 +36,7 @@ from scipy import ndimage
 from ..bids.derivatives import (
     EXPLAIN_FILES,
     model_folder,
+    model_grid_sidecar,
     relevance_desc,
     relevance_path,
     template_reference,
@@ -53,8 +54,9 @@ from .regions import class_contrast, labels_on_grid, load_atlas, rank_regions, s
 
 LOG = logging.getLogger("bids_siamese.group.explain")
 
-#: Patterns the validator must ignore (added to .bidsignore when missing).
-BIDSIGNORE_PATTERNS = ("group", "*_relevance.*")
+#: The ``.bidsignore`` patterns of the explanation outputs (entries of ``bids.derivatives.BIDSIGNORE``), added
+#: when missing: an OUTPUT_DIR made by an older version may lack them.
+BIDSIGNORE_PATTERNS = ("/group*", "*_relevance.*")
 
 #: The group and subject maps are divided by this percentile of their positive in-brain values (then clipped).
 UNIT_PERCENTILE = 99.5
@@ -335,7 +337,7 @@ def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, po
     model, card = load_checkpoint(checkpoint, "twin", grid, device)
     distance = card.get("hyperparameters", {}).get("distance", settings.distance)
     torch.manual_seed(int(settings.seed))
-    scans = find_preproc(out_dir, subjects, res_label, settings.session_label,
+    scans = find_preproc(out_dir, subjects, settings.session_label,
                          include_unusable=settings.include_unusable)
     scans = scans.sort_values(["participant_id", "session"], kind="stable").reset_index(drop=True)
     pids = scans["participant_id"].tolist()
@@ -391,7 +393,7 @@ def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, po
                                 "relevance per voxel, summing to about the explained target."),
                 "Sources": [f"bids::{path.relative_to(out_dir).as_posix()}"],
                 **template_reference(),
-                "Resolution": f"{grid.resolution:g} mm model grid",
+                **model_grid_sidecar(grid.resolution),
                 "RelevanceTarget": target,
                 "TargetValue": round(float(value), 6),
                 "RelevanceSum": round(totals[i], 6),

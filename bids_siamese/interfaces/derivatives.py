@@ -14,10 +14,11 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..bids.derivatives import template_reference
+from ..bids.derivatives import model_grid_sidecar, resample_to_templateflow, template_reference
 from ..bids.layout import bids_relative
-from ..resources import TEMPLATE
+from ..resources import TEMPLATE, Grid
 from .base import StepInterface
+from .symmetry import map_sidecar
 
 
 class _WriteInputSpec(BaseInterfaceInputSpec):
@@ -35,7 +36,7 @@ class _WriteInputSpec(BaseInterfaceInputSpec):
     xfm = File(exists=True, mandatory=True)
     orientation = File(exists=True, mandatory=True)
     figures = InputMultiObject(File(exists=True), desc="mask, registration, orientation SVGs")
-    asymmetry_map = File(exists=True, desc="voxelwise asymmetry index on the model grid")
+    asymmetry_map = File(exists=True, desc="voxelwise asymmetry index on the model grid (written on TemplateFlow's res-2 grid)")
     asymmetry_regions = File(exists=True, desc="regional asymmetry indices (TSV)")
     asymmetry_report = File(exists=True, desc="asymmetry scores (JSON)")
     fwhm = traits.Float(6.0, usedefault=True, desc="smoothing of the asymmetry map (mm)")
@@ -51,12 +52,18 @@ class _WriteOutputSpec(TraitedSpec):
 FIGURE_DESCS = ("brainmask", "reg", "orientation")
 
 
-def output_names(entities: dict, resolution_label: str) -> dict[str, Path]:
-    """Relative output paths for one scan (a pure function of its entities)."""
-    from ..bids.derivatives import build_path
+def output_names(entities: dict, resolution_label: str | None = None) -> dict[str, Path]:
+    """Relative output paths for one scan (a pure function of its entities).
+
+    The model-grid files (``preproc``, ``grid_mask``) carry ``space-`` without ``res-``: ``res-`` means
+    TemplateFlow's grid of that resolution (:data:`~bids_siamese.bids.derivatives.TEMPLATEFLOW_GRIDS`), which
+    only the asymmetry map is resampled onto. ``resolution_label`` (``--resolution``) is accepted for the callers
+    and names nothing.
+    """
+    from ..bids.derivatives import RESULT_RES, build_path
 
     base = {k: v for k, v in entities.items()}
-    std = dict(base, space=TEMPLATE, res=resolution_label)
+    std = dict(base, space=TEMPLATE)
     names = {
         "preproc": build_path(dict(std, desc="preproc", suffix="T1w", extension=".nii.gz")),
         "grid_mask": build_path(dict(std, desc="brain", suffix="mask", extension=".nii.gz")),
@@ -64,9 +71,9 @@ def output_names(entities: dict, resolution_label: str) -> dict[str, Path]:
         "xfm": build_path(dict(base, **{"from": "T1w", "to": TEMPLATE, "mode": "image"}, suffix="xfm", extension=".txt")),
         "orientation": build_path(dict(base, desc="orientation", suffix="qc", extension=".json")),
     }
-    names["asymmetry_map"] = build_path(dict(std, desc="asymmetry", suffix="T1w", extension=".nii.gz"))
-    names["asymmetry_regions"] = build_path(dict(base, space=TEMPLATE, desc="asymmetry", suffix="regions",
-                                                 extension=".tsv"))
+    names["asymmetry_map"] = build_path(dict(std, res=RESULT_RES, desc="asymmetry", suffix="statmap",
+                                             extension=".nii.gz"))
+    names["asymmetry_regions"] = build_path(dict(std, desc="asymmetry", suffix="regions", extension=".tsv"))
     names["asymmetry_report"] = build_path(dict(base, desc="asymmetry", suffix="qc", extension=".json"))
     for desc in FIGURE_DESCS:
         names[f"figure_{desc}"] = build_path(dict(base, desc=desc, suffix="T1w", extension=".svg"))
@@ -96,6 +103,7 @@ class WriteDerivatives(StepInterface):
 
     def _run_interface(self, runtime):
         import nibabel as nib
+        import numpy as np
 
         from ..bids.derivatives import remove_completion_record, sidecar_path, write_bytes, write_json, write_nifti
 
@@ -111,8 +119,7 @@ class WriteDerivatives(StepInterface):
         provenance = {"AnatomicalDerivatives": {k: reuse[k] for k in (
             "pipeline", "version", "layout", "reference", "brain_mask", "transform", "transform_source")}} \
             if reuse else {}
-        res_desc = {self.inputs.resolution_label: f"{self.inputs.resolution:g} mm isotropic bids-siamese model grid "
-                    "(template-aligned box, symmetric about x=0)"}
+        grid_keys = model_grid_sidecar(self.inputs.resolution)
         written = []
 
         def put_nifti(key: str, src: str, sidecar: dict) -> None:
@@ -127,7 +134,7 @@ class WriteDerivatives(StepInterface):
             "Sources": list(dict.fromkeys([raw, native_mask_uri, "bids::" + str(names["xfm"]), *reused_mask,
                                            *reused_xfm])),
             **template_reference(),
-            "Resolution": res_desc,
+            **grid_keys,
             "BrainExtraction": self.inputs.brain_source,
             **provenance,
         })
@@ -136,13 +143,12 @@ class WriteDerivatives(StepInterface):
             "Type": "Brain",
             "Sources": [native_mask_uri, "bids::" + str(names["xfm"])],
             **template_reference(),
-            "Resolution": res_desc,
+            **grid_keys,
         })
         put_nifti("native_mask", self.inputs.native_mask, {
             "Description": f"Brain mask in the T1w space (RAS), from {self.inputs.brain_source}.",
             "Type": "Brain",
             "Sources": [raw, *reused_mask],
-            "RawSources": [raw],
             **provenance,
             "SpatialReference": raw,
         })
@@ -164,16 +170,13 @@ class WriteDerivatives(StepInterface):
         self._results["out_orientation"] = str(out_dir / names["orientation"])
 
         if isdefined(self.inputs.asymmetry_map):
-            put_nifti("asymmetry_map", self.inputs.asymmetry_map, {
-                "Description": "Voxelwise hemispheric asymmetry index (I - I_mirror) / (I + I_mirror) of the "
-                               "model-grid brain and its mirror about x = 0, smoothed and masked; positive where the "
-                               "voxel is brighter than its contralateral homologue.",
-                "SkullStripped": True,
-                "Sources": ["bids::" + str(names["preproc"]), "bids::" + str(names["grid_mask"])],
-                **template_reference(),
-                "Resolution": res_desc,
-                "SmoothingFWHM": self.inputs.fwhm,
-            })
+            ai = nib.load(self.inputs.asymmetry_map)
+            resampled = resample_to_templateflow(np.asanyarray(ai.dataobj), Grid(tuple(ai.shape), ai.affine))
+            write_nifti(out_dir / names["asymmetry_map"], resampled)
+            write_json(out_dir / sidecar_path(names["asymmetry_map"]), {
+                **map_sidecar(self.inputs.fwhm),
+                "Sources": ["bids::" + str(names["preproc"]), "bids::" + str(names["grid_mask"])]})
+            written.extend([str(names["asymmetry_map"]), str(sidecar_path(names["asymmetry_map"]))])
             for key, src in (("asymmetry_regions", self.inputs.asymmetry_regions),
                              ("asymmetry_report", self.inputs.asymmetry_report)):
                 write_bytes(out_dir / names[key], Path(src).read_bytes())

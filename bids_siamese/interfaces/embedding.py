@@ -57,7 +57,7 @@ def embed_volume(model: nn.Module, volume: np.ndarray, device: str | torch.devic
 
 class _ComputeEmbeddingInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True,
-                   desc="model-grid T1w (space-MNI152NLin2009cAsym_res-<R>_desc-preproc_T1w.nii.gz)")
+                   desc="model-grid T1w (space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz)")
     model = traits.Str(mandatory=True, desc="checkpoint: folder, model.pt or model_card.json")
     device = traits.Str("cpu", usedefault=True, desc="cpu, cuda or cuda:N")
     use_gpu = traits.Bool(False, usedefault=True, desc="runs on a GPU (nipype's MultiProc counts it in n_gpu_procs)")

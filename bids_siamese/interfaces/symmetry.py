@@ -25,7 +25,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..bids.derivatives import template_reference
+from ..bids.derivatives import RESULT_RES, template_reference, templateflow_grid_sidecar
 from ..config import Settings
 from .base import StepInterface
 
@@ -33,28 +33,27 @@ from .base import StepInterface
 DEFAULT_FWHM = 6.0
 
 
-def map_sidecar(resolution: float, fwhm_mm: float = DEFAULT_FWHM) -> dict:
-    """The keys the derivatives writer should put into the asymmetry map's JSON sidecar (plus ``Sources``).
-
-    The validator requires ``SkullStripped`` and ``Resolution`` for a ``_T1w.nii.gz`` derivative.
+def map_sidecar(fwhm_mm: float = DEFAULT_FWHM, resolution_label: str = RESULT_RES) -> dict:
+    """The JSON sidecar of the written asymmetry map (``…_res-2_desc-asymmetry_statmap.nii.gz``), less the
+    ``Sources`` that the derivatives writer adds: the map is computed on the model grid and resampled onto
+    TemplateFlow's ``res-<resolution_label>`` grid.
 
     Examples:
-        >>> sorted(map_sidecar(2.0))[:3]
-        ['Description', 'FWHM', 'Resolution']
+        >>> sorted(map_sidecar())
+        ['Description', 'Resolution', 'SmoothingFWHM', 'SpatialReference', 'SpatialReferenceFile']
     """
     return {
         "Description": (
-            "Voxelwise hemispheric asymmetry index (I - I_mirror) / (I + I_mirror) of the skull-stripped T1w on "
-            "the model grid, mirrored about the template's mid-sagittal plane x = 0; I are the in-mask intensities "
-            "mapped linearly to a positive range (1st percentile -> 0.1, 99th -> 1.0) and smoothed inside the "
-            "brain mask. Antisymmetric; negative where a voxel is darker than its mirror voxel; 0 outside the "
-            "brain mask and its mirror. Unitless, in (-1, 1)."
+            "Voxelwise hemispheric asymmetry index (I - I_mirror) / (I + I_mirror) of the skull-stripped T1w, "
+            "computed on the model grid mirrored about the template's mid-sagittal plane x = 0 (I: the in-mask "
+            "intensities mapped linearly to a positive range, 1st percentile -> 0.1, 99th -> 1.0, and smoothed "
+            "inside the brain mask), then resampled (linear) onto TemplateFlow's grid. Antisymmetric; negative "
+            "where a voxel is darker than its mirror voxel; 0 outside the brain mask and its mirror. Unitless, "
+            "in (-1, 1)."
         ),
-        "SkullStripped": True,
-        "Resolution": f"{resolution:g} mm isotropic model grid (x in [-84, 84], y in [-120, 88], z in [-80, 96] mm)",
+        **templateflow_grid_sidecar(resolution_label),
         **template_reference(),
-        "FWHM": float(fwhm_mm),
-        "Units": "arbitrary",
+        "SmoothingFWHM": float(fwhm_mm),
     }
 
 

@@ -127,7 +127,7 @@ def make_card(
         "grid": grid_record(grid),
         "template": TEMPLATE,
         "input": {
-            "suffix": f"space-{TEMPLATE}_res-<R>_desc-preproc_T1w.nii.gz",
+            "suffix": f"space-{TEMPLATE}_desc-preproc_T1w.nii.gz",
             "normalisation": INPUT_NORMALISATION,
             "left_right_flip_augmentation": bool(hyperparameters.get("flip_lr", False)),
         },

@@ -2,7 +2,7 @@
 
 ``run_symmetry(settings, subjects)``:
 
-1. reads every participant-level ``*_space-MNI152NLin2009cAsym_res-<R>_desc-preproc_T1w.nii.gz`` (and its
+1. reads every participant-level ``*_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz`` (and its
    ``desc-brain_mask``) of the selected subjects;
 2. computes each scan's asymmetry map and regional indices, builds the dataset reference (template + scans,
    :func:`~bids_siamese.symmetry.asymmetry.group_reference`) and re-scores every scan against it;
@@ -87,17 +87,17 @@ class ScanFiles:
     orientation_qc: Path | None = None
 
 
-def find_scans(output_dir: Path, subjects: Sequence[str], resolution_label: str) -> list[ScanFiles]:
-    """The participant-level model-grid outputs of ``subjects`` at ``res-<resolution_label>``: every scan (all
+def find_scans(output_dir: Path, subjects: Sequence[str]) -> list[ScanFiles]:
+    """The participant-level model-grid outputs of ``subjects`` (their grid is checked by :func:`load_scan`): every scan (all
     sessions and runs) with a brain mask, named as the other tasks find them (:mod:`bids_siamese.train.data`).
 
     Examples:
-        >>> find_scans(Path("/nonexistent"), ["01"], "2")
+        >>> find_scans(Path("/nonexistent"), ["01"])
         []
     """
     found = []
     for subject in subjects:
-        pattern = preproc_name_pattern(resolution_label)
+        pattern = preproc_name_pattern()
         for preproc in sorted((Path(output_dir) / f"sub-{subject}").glob(f"**/anat/{pattern}")):
             mask = mask_path_for(preproc)
             if not mask.is_file():
@@ -337,7 +337,7 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
     out_dir = Path(settings.output_dir)
     resolution = float(settings.resolution)
     fwhm = float(settings.symmetry_fwhm)
-    files = find_scans(out_dir, subjects, settings.resolution_label)
+    files = find_scans(out_dir, subjects)
     if not settings.include_unusable:
         from ..qc.gate import qc_record_usable
 
@@ -347,9 +347,8 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
                         "them): %s", len(unusable), ", ".join(unusable))
         files = [f for f in files if f.orientation_qc is None or qc_record_usable(f.orientation_qc)]
     if not files:
-        raise NoInputError(f"no participant-level outputs (*_space-{TEMPLATE}_res-{settings.resolution_label}_"
-                           f"desc-preproc_T1w.nii.gz) in {out_dir}; fix: run the participant level first with the "
-                           "same --resolution")
+        raise NoInputError(f"no participant-level outputs ({preproc_name_pattern()}) in {out_dir}; fix: run the "
+                           "participant level first with the same --resolution")
     LOG.info("symmetry: %d scan(s) at %g mm", len(files), resolution)
     data = score_dataset(files, resolution, settings.atlas, fwhm, int(settings.symmetry_components))
     written: list[Path] = []

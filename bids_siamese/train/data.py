@@ -1,6 +1,6 @@
 """Model-grid volumes: finding and loading the participant-level outputs, batching and augmentation.
 
-The participant level writes, per scan, ``<source>_space-MNI152NLin2009cAsym_res-<R>_desc-preproc_T1w.nii.gz``
+The participant level writes, per scan, ``<source>_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz``
 (float32 on :func:`bids_siamese.resources.model_grid`, 0 outside the brain) and the matching
 ``desc-brain_mask``. Training holds them in memory as one ``(N, 1, X, Y, Z)`` stack: a float16
 :class:`VolumeCache` by default (1.5 MB per scan at 2 mm; ``--volume-cache float32``: a float32 array, 3 MB per
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..bids.derivatives import PREPROC_SUFFIX, mask_path_for, preproc_name_pattern  # noqa: F401 - mask_path_for: explain/
+from ..bids.derivatives import PREPROC_SUFFIX, legacy_preproc_pattern, mask_path_for, preproc_name_pattern  # noqa: F401 - mask_path_for: explain/
 from ..errors import BadDataError, NoInputError
 from ..qc.gate import orientation_qc_path, qc_record_usable
 from ..resources import TEMPLATE, Grid
@@ -29,15 +29,15 @@ LOG = logging.getLogger("bids_siamese.data")
 _ENTITY = re.compile(r"(?:^|_)(ses|acq|ce|rec|run)-([a-zA-Z0-9]+)")
 
 
-def find_preproc(output_dir: Path, subjects: Sequence[str], resolution_label: str,
+def find_preproc(output_dir: Path, subjects: Sequence[str],
                  sessions: Sequence[str] = (), include_unusable: bool = False) -> pd.DataFrame:
     """All model-grid T1w files of the selected subjects: ``participant_id, session, path`` (one per session;
-    the first in name order when a session has several runs).
+    the first in name order when a session has several runs). The names carry no ``res-`` (the model grid is not
+    a TemplateFlow grid); :func:`load_volume` checks each file's grid against ``--resolution`` when it is read.
 
     Args:
         output_dir: the participant level's OUTPUT_DIR.
         subjects: participant labels (with or without ``sub-``).
-        resolution_label: the ``res-`` label (``2`` for 2 mm).
         sessions: restrict to these session labels (empty: all).
         include_unusable: keep scans whose orientation QC says ``usable: false`` (left out and logged by
             default; see :mod:`bids_siamese.qc.gate`).
@@ -49,7 +49,7 @@ def find_preproc(output_dir: Path, subjects: Sequence[str], resolution_label: st
     wanted_sessions = {s.removeprefix("ses-") for s in sessions}
     for sub in subjects:
         pid = participant_id(sub)
-        files = sorted((Path(output_dir) / pid).glob(f"**/anat/{pid}{preproc_name_pattern(resolution_label)}"))
+        files = sorted((Path(output_dir) / pid).glob(f"**/anat/{pid}{preproc_name_pattern()}"))
         seen: set[str] = set()
         excluded = False
         for path in files:
@@ -70,12 +70,11 @@ def find_preproc(output_dir: Path, subjects: Sequence[str], resolution_label: st
         if not seen and not excluded:
             missing.append(pid)
     if missing:
-        other = sorted({p.name.split("_res-")[1].split("_")[0] for p in Path(output_dir).glob(
-            f"sub-*/**/anat/*_space-{TEMPLATE}_res-*_{PREPROC_SUFFIX}")})
-        hint = (f" (outputs exist for --resolution label(s) {', '.join(other)}: pass the same --resolution as the "
-                "participant level)" if other and resolution_label not in other else "")
+        legacy = next(iter(Path(output_dir).glob(f"{missing[0]}/**/anat/{legacy_preproc_pattern()}")), None)
+        hint = (f" (found {legacy.name}, named by an earlier bids-siamese: rerun the participant level to rename "
+                "its outputs)" if legacy else "")
         example = Path(output_dir) / missing[0] / "[ses-<label>/]anat" / (
-            f"{missing[0]}[_ses-<label>]_space-{TEMPLATE}_res-{resolution_label}_{PREPROC_SUFFIX}")
+            f"{missing[0]}[_ses-<label>]_space-{TEMPLATE}_{PREPROC_SUFFIX}")
         raise NoInputError(
             f"no participant-level output for {len(missing)} subject(s) ({', '.join(missing[:5])}"
             f"{', ...' if len(missing) > 5 else ''}): {example} not found{hint}; fix: run the participant level "

@@ -61,7 +61,7 @@ def _longitudinal_inputs(settings: Any, subjects: Sequence[str], require_labels:
     ``--volume-cache`` with ``load`` (``--mode train``), else read from the files on demand (``--mode apply``:
     each scan is read once, when it is embedded)."""
     grid = model_grid(settings.resolution)
-    scans = find_preproc(settings.output_dir, subjects, settings.resolution_label, settings.session_label,
+    scans = find_preproc(settings.output_dir, subjects, settings.session_label,
                          include_unusable=settings.include_unusable)
     times = session_times(settings.bids_dir, scans)
     labels: dict[str, int | None] = {}

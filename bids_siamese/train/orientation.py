@@ -123,7 +123,7 @@ def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
     torch.set_num_threads(max(1, int(settings.omp_nthreads)))
     out_dir = Path(settings.output_dir)
     grid = model_grid(settings.resolution)
-    scans = find_preproc(out_dir, subjects, settings.resolution_label, settings.session_label,
+    scans = find_preproc(out_dir, subjects, settings.session_label,
                          include_unusable=settings.include_unusable)
     if scans.empty:
         raise NoInputError(f"no usable participant-level outputs in {out_dir}; fix: run the participant level first "

@@ -196,7 +196,7 @@ class TwinDecision:
 
 def collect_twins(settings: Any, subjects: Sequence[str]) -> TwinCohort:
     """collect: the first usable model-grid scan of each subject and the twin relations."""
-    scans = find_preproc(settings.output_dir, subjects, settings.resolution_label, settings.session_label,
+    scans = find_preproc(settings.output_dir, subjects, settings.session_label,
                          include_unusable=settings.include_unusable)
     scans = first_scan_per_subject(scans, session_times(settings.bids_dir, scans))
     labels = [p.removeprefix("sub-") for p in scans["participant_id"]]
