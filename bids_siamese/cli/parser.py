@@ -182,6 +182,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                       help="group training (twin, longitudinal, orientation, symmetry): torch.compile the model "
                            "(eager with a warning when compiling fails)")
     perf.add_argument("--seed", type=int, default=0, help="random seed")
+    perf.add_argument("--deterministic", action="store_true",
+                      help="group training: torch's deterministic algorithms where they exist, deterministic cuDNN "
+                           "and CUBLAS_WORKSPACE_CONFIG (reruns on CUDA closer to identical, often slower; the CPU "
+                           "is byte-identical without it)")
     perf.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0, help="more output (repeatable)")
     return p
 
