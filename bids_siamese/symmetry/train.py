@@ -582,6 +582,8 @@ def detection_figure(per_bin: pd.DataFrame, title: str = "Lesion detection by vo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..reports.figures import SVG_HASHSALT
+
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     for i, (name, part) in enumerate(per_bin.groupby("scorer", sort=False)):
         colour = f"C{i}"
@@ -599,7 +601,8 @@ def detection_figure(per_bin: pd.DataFrame, title: str = "Lesion detection by vo
     top.set_xlabel("sphere-equivalent cross-section (mm$^2$)", fontsize=8)
     fig.tight_layout()
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
+    with matplotlib.rc_context({"svg.hashsalt": SVG_HASHSALT}):  # the same bytes run after run: no date, fixed ids
+        fig.savefig(buffer, format="svg", metadata={"Date": None})
     plt.close(fig)
     return buffer.getvalue()
 

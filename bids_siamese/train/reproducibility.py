@@ -6,11 +6,17 @@ algorithms of ``--deterministic``, and the global random generators of Python, n
 task that builds a model without seeding it first starts from different weights every run (the orientation
 task's first ensemble member did, issue 28).
 
-On the CPU the training is byte-identical run after run and across ``--nprocs``/``--omp-nthreads`` without
-``--deterministic`` (tests/test_reproducibility.py). On CUDA, cuDNN and cuBLAS choose kernels and reduction
-orders per run; ``--deterministic`` asks torch for deterministic algorithms where they exist (operations that
-have none, e.g. some 3-D pooling backward passes, still run and warn). The model card's ``reproducibility``
-record says which held (docs/reliability.md, "Reproducibility").
+On the CPU a task is byte-identical run after run and across ``--nprocs`` for the same ``--omp-nthreads``
+(tests/test_reproducibility.py). The number of torch threads is part of the result: torch's CPU kernels sum
+the gradients of convolution weights and biases, and batch-norm statistics, in per-thread partial sums, so
+another ``--omp-nthreads`` trains weights that differ in the last bits, and the difference grows over the
+epochs (inference, i.e. ``--mode apply``, is the same whatever the threads). ``--deterministic`` on the CPU
+trains on one torch thread: the result of ``--omp-nthreads 1`` whatever ``--omp-nthreads`` says.
+
+On CUDA, cuDNN and cuBLAS choose kernels and reduction orders per run; ``--deterministic`` asks torch for
+deterministic algorithms where they exist (operations that have none, e.g. some 3-D pooling backward passes,
+still run and warn). The model card's ``reproducibility`` record says which held (docs/reliability.md,
+"Reproducibility").
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ LOG = logging.getLogger("bids_siamese.group")
 CUBLAS_WORKSPACE = ":4096:8"
 #: What a rerun on the same device gives, by device type (recorded in the model card).
 TOLERANCE = {
-    "cpu": "byte-identical tables and checkpoints (same --seed, inputs and library versions)",
+    "cpu": "byte-identical tables and checkpoints for the same --seed, inputs, --omp-nthreads (cpu_threads) and "
+           "library versions; other thread counts differ in the last bits of the weights",
     "cuda": "not bit-identical: p_flipped, probabilities and scores typically agree to about 1e-3 and decisions "
             "near a threshold can change (docs/reliability.md, Reproducibility)",
     "cuda_deterministic": "deterministic kernels where torch has them; operations without one may still differ "
@@ -52,28 +59,51 @@ def seed_everything(seed: int) -> None:
 def configure_determinism(deterministic: bool) -> None:
     """``--deterministic``: torch's deterministic algorithms (warning, not failing, where an operation has none),
     deterministic cuDNN convolutions without autotuning, and cuBLAS's deterministic workspace (when the
-    environment does not set ``CUBLAS_WORKSPACE_CONFIG`` already). Without it nothing is changed."""
+    environment does not set ``CUBLAS_WORKSPACE_CONFIG`` already). Without it torch's deterministic algorithms
+    and cuDNN's deterministic mode are off (also after a task of the same process had them on)."""
+    torch.use_deterministic_algorithms(bool(deterministic), warn_only=True)
+    torch.backends.cudnn.deterministic = bool(deterministic)
     if not deterministic:
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    if hasattr(torch.backends, "cudnn"):
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = False
     LOG.info("--deterministic: torch deterministic algorithms on, cuDNN deterministic, CUBLAS_WORKSPACE_CONFIG=%s",
              os.environ["CUBLAS_WORKSPACE_CONFIG"])
 
 
+def training_threads(settings: Any) -> int:
+    """torch threads of a group task: ``--omp-nthreads``; one with ``--deterministic`` on the CPU (the CPU kernels'
+    sums depend on the number of threads).
+
+    Examples:
+        >>> from types import SimpleNamespace as S
+        >>> training_threads(S(omp_nthreads=4, deterministic=True, device="cpu"))
+        1
+        >>> training_threads(S(omp_nthreads=4, deterministic=True, device="cuda"))
+        4
+    """
+    threads = max(1, int(settings.omp_nthreads))
+    if getattr(settings, "deterministic", False) and torch.device(settings.device).type == "cpu":
+        return 1
+    return threads
+
+
 def prepare(settings: Any) -> None:
-    """The start of every group task: torch threads (``--omp-nthreads``), ``--deterministic``, then the seeds."""
-    torch.set_num_threads(max(1, int(settings.omp_nthreads)))
+    """The start of every group task: torch threads (:func:`training_threads`), ``--deterministic``, then the
+    seeds."""
+    threads = training_threads(settings)
+    if threads < int(settings.omp_nthreads):
+        LOG.info("--deterministic on the CPU: training on 1 torch thread instead of %d (the result of "
+                 "--omp-nthreads 1, whatever the number of threads)", int(settings.omp_nthreads))
+    torch.set_num_threads(threads)
     configure_determinism(bool(getattr(settings, "deterministic", False)))
     seed_everything(int(settings.seed))
 
 
 def reproducibility_record(device: Any) -> dict[str, Any]:
-    """The model card's ``reproducibility``: the device type, whether torch's deterministic algorithms were on,
-    whether a rerun is expected to be byte-identical, and the documented tolerance.
+    """The model card's ``reproducibility``: the device type, torch's CPU threads (part of a CPU result), whether
+    torch's deterministic algorithms were on, whether a rerun is expected to be byte-identical, and the
+    documented tolerance.
 
     Examples:
         >>> reproducibility_record("cpu")["bit_identical_reruns"]
@@ -88,5 +118,6 @@ def reproducibility_record(device: Any) -> dict[str, Any]:
         identical, tolerance = False, TOLERANCE["cuda_deterministic"]
     else:
         identical, tolerance = False, TOLERANCE.get(kind, TOLERANCE["cuda"])
-    return {"device": kind, "deterministic_algorithms": algorithms, "cudnn_deterministic": cudnn,
+    return {"device": kind, "cpu_threads": int(torch.get_num_threads()), "deterministic_algorithms": algorithms,
+            "cudnn_deterministic": cudnn,
             "bit_identical_reruns": identical, "tolerance": tolerance}
