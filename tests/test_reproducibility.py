@@ -6,7 +6,8 @@ own random seed, so a model built before seeding differs per run). Tables, figur
 checkpoints are then compared byte for byte. Only what is run-specific by design is left out
 (:data:`RUN_SPECIFIC`): wall-clock columns and rows, the model card's ``created`` time and timing
 hyper-parameters, and the group report's generation time. ``--omp-nthreads`` is part of a CPU result (torch sums
-gradients per thread); ``--deterministic`` makes it not matter (one training thread).
+gradients per thread); ``--deterministic`` makes it not matter (one training thread). Last, the README's quick
+start: the tiny demo's orientation task three times from the same participant outputs.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from bids_siamese.train.twins import run_twin
 
 from test_orientation_model import _dataset as orientation_dataset
 from test_orientation_model import _group_args as orientation_args
+from test_participant import RES as DEMO_RES  # the tiny demo at test_participant's coarse grid
+from test_participant import demo, participant_run  # noqa: F401 - fixtures (the tiny demo's participant run)
 from test_symmetry import _fake_outputs, _settings as symmetry_settings
 from test_symmetry import template8  # noqa: F401 - a fixture
 from test_train import make_group_inputs, settings_for
@@ -220,3 +223,26 @@ def test_deterministic_flag_sets_torch_and_the_card_says_so(tmp_path, monkeypatc
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The README's quick start: the tiny demo's orientation task, several times from the same participant outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_tiny_demo_orientation_task_gives_the_same_verdicts_every_run(demo, participant_run, tmp_path):  # noqa: F811
+    """Issue 28: on the same participant outputs, the quick start's ``group --task orientation`` flagged other
+    scans from run to run. Three runs (default epochs and seed) now write the same table and checkpoint."""
+    code, source, _ = participant_run
+    assert code == 0
+    tables, weights = [], []
+    for k in range(3):
+        out = tmp_path / f"run{k}"
+        shutil.copytree(source, out)
+        torch.seed()
+        assert main([str(demo), str(out), "group", "--task", "orientation", "--resolution", DEMO_RES,
+                     "--skip-bids-validation", "--nprocs", "1", "--omp-nthreads", "1"]) == 0
+        tables.append((out / "group_orientation_model.tsv").read_bytes())
+        weights.append((out / "models" / "orientation_latnet" / "model.pt").read_bytes())
+    assert tables[0] == tables[1] == tables[2]
+    assert weights[0] == weights[1] == weights[2]
