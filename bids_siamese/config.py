@@ -58,6 +58,8 @@ class Settings:
     volume_cache: str = "float16"
     compile: bool = False
     seed: int = 0
+    #: group training: deterministic torch/cuDNN/cuBLAS settings (bids_siamese.train.reproducibility)
+    deterministic: bool = False
     verbosity: int = 0
     resolution: float = 2.0
     use_plugin: Path | None = None

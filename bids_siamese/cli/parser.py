@@ -184,6 +184,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                       help="group training (twin, longitudinal, orientation, symmetry): torch.compile the model "
                            "(eager with a warning when compiling fails)")
     perf.add_argument("--seed", type=int, default=0, help="random seed")
+    perf.add_argument("--deterministic", action="store_true",
+                      help="group training: torch's deterministic algorithms where they exist, deterministic cuDNN "
+                           "and CUBLAS_WORKSPACE_CONFIG on CUDA; one training thread on the CPU, so the result does "
+                           "not depend on --omp-nthreads (slower; see docs/reliability.md)")
     perf.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0, help="more output (repeatable)")
     return p
 

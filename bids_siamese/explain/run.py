@@ -48,6 +48,7 @@ from ..bids.derivatives import (
 from ..errors import NoInputError
 from ..resources import TEMPLATE, model_grid
 from ..models.regional import RegionalEncoder
+from ..train.reproducibility import configure_determinism, seed_everything
 from .lrp import (CanonicalModel, canonize, distance_shares, embedding_network, embedding_shares, lrp_memory_gb,
                   relevance_maps)
 from .regions import class_contrast, labels_on_grid, load_atlas, rank_regions, subject_region_importance
@@ -336,7 +337,8 @@ def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, po
     checkpoint = _find_checkpoint(settings, model_path)
     model, card = load_checkpoint(checkpoint, "twin", grid, device)
     distance = card.get("hyperparameters", {}).get("distance", settings.distance)
-    torch.manual_seed(int(settings.seed))
+    configure_determinism(bool(settings.deterministic))
+    seed_everything(int(settings.seed))
     scans = find_preproc(out_dir, subjects, settings.session_label,
                          include_unusable=settings.include_unusable)
     scans = scans.sort_values(["participant_id", "session"], kind="stable").reset_index(drop=True)

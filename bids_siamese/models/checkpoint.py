@@ -101,6 +101,7 @@ def make_card(
     metrics: Mapping[str, Any],
     hyperparameters: Mapping[str, Any],
     pooling: str = "avgmax",
+    reproducibility: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A model card (the weights' sha256 is added by :func:`save_checkpoint`).
 
@@ -116,8 +117,10 @@ def make_card(
         metrics: test (and validation) metrics of this model.
         hyperparameters: training settings (distance, margin, epochs, lr, ...).
         pooling: the embedding head's global pooling (rebuilds the same architecture).
+        reproducibility: the training device and whether a rerun reproduces it bit for bit
+            (:func:`bids_siamese.train.reproducibility.reproducibility_record`); left out when None.
     """
-    return {
+    card = {
         "format_version": CARD_FORMAT,
         "task": task,
         "backbone": backbone,
@@ -139,6 +142,9 @@ def make_card(
         "library_versions": library_versions(),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+    if reproducibility is not None:
+        card["reproducibility"] = dict(reproducibility)
+    return card
 
 
 def save_checkpoint(folder: Path, model: nn.Module, card: Mapping[str, Any]) -> list[Path]:

@@ -189,9 +189,8 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]
     Returns:
         the paths written.
     """
-    import torch
-
     from ..train.pairs import read_families, subject_split
+    from ..train.reproducibility import prepare
     from ..train.run import training_fingerprint
     from .model import build_symmetry_model
     from .train import (
@@ -219,8 +218,7 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]
         table.loc[idx, "split"] = name
     config = train_config(settings)
     lesion = LesionConfig()
-    torch.set_num_threads(max(1, int(settings.omp_nthreads)))
-    torch.manual_seed(config.seed)
+    prepare(settings)  # threads, --deterministic, the seeds: before the model's initial weights are drawn
     model = build_symmetry_model(settings.backbone, settings.symmetry_fusion, int(min(settings.embedding_dim, 128)),
                                  difference_channel=True)
 
@@ -258,7 +256,7 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]
                      "n_test": len(parts["test"]), "selection": "asymmetry_score <= 3 and no left-right flip"}
     folder = out_dir / "models" / f"symmetry_{settings.backbone}"
     written = list(save_symmetry_checkpoint(folder, model, config, resolution, training_data, metrics,
-                                            info["threshold"], info["samples"]))
+                                            info["threshold"], info["samples"], settings.device))
     written.append(write_tsv(out_dir / TRAINING_TABLE, result.history.round(5)))
     written.append(write_tsv(out_dir / EVALUATION_TABLE, per_bin))
     written.append(write_json(out_dir / EVALUATION_JSON, {

@@ -59,6 +59,7 @@ from ..train.data import pair_batches, volume_cache
 from ..train.ddp import DistContext, unwrap
 from ..train.evaluate import choose_threshold, safe_auc
 from ..train.loop import TrainConfig, TrainResult, _autocast, _Epochs, _fit, _setup, recompute_batch_norm
+from ..train.reproducibility import reproducibility_record
 from ..train.run import runtime_options
 from .calibration import siamese_z
 from .model import SymmetrySiamese, predict_logits, predict_proba, side_loss
@@ -581,6 +582,8 @@ def detection_figure(per_bin: pd.DataFrame, title: str = "Lesion detection by vo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..reports.figures import SVG_HASHSALT
+
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     for i, (name, part) in enumerate(per_bin.groupby("scorer", sort=False)):
         colour = f"C{i}"
@@ -598,7 +601,8 @@ def detection_figure(per_bin: pd.DataFrame, title: str = "Lesion detection by vo
     top.set_xlabel("sphere-equivalent cross-section (mm$^2$)", fontsize=8)
     fig.tight_layout()
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
+    with matplotlib.rc_context({"svg.hashsalt": SVG_HASHSALT}):  # the same bytes run after run: no date, fixed ids
+        fig.savefig(buffer, format="svg", metadata={"Date": None})
     plt.close(fig)
     return buffer.getvalue()
 
@@ -621,7 +625,7 @@ def hyperparameters(model: SymmetrySiamese, config: TrainConfig, resolution: flo
 
 def save_symmetry_checkpoint(folder, model: SymmetrySiamese, config: TrainConfig, resolution: float,
                              training_data: Mapping, metrics: Mapping, threshold: float = 0.5,
-                             samples: Mapping | None = None) -> list:
+                             samples: Mapping | None = None, device: str = "cpu") -> list:
     """Write ``model.pt``, ``model.pt.sha256`` and ``model_card.json`` for a trained symmetry model.
 
     Args:
@@ -633,6 +637,7 @@ def save_symmetry_checkpoint(folder, model: SymmetrySiamese, config: TrainConfig
         metrics: validation/test metrics.
         threshold: decision threshold on p(abnormal).
         samples: the sample builder's settings (:func:`sample_settings`).
+        device: the device it was trained on (the card's ``reproducibility``).
 
     Returns:
         The paths written.
@@ -643,7 +648,7 @@ def save_symmetry_checkpoint(folder, model: SymmetrySiamese, config: TrainConfig
         seed=config.seed, training_data=training_data,
         decision={"threshold": float(threshold), "output": "p_abnormal = sigmoid(logit); p_left = sigmoid(side_logit)",
                   "calibration": "none (probabilities of a model trained on balanced simulated data)"},
-        metrics=metrics, hyperparameters=hyper,
+        metrics=metrics, hyperparameters=hyper, reproducibility=reproducibility_record(device),
     )
     card["input"]["left_right_flip_augmentation"] = bool(config.flip_lr)
     card["input"]["resampling"] = ("finer participant-level grids are block-averaged to the model grid "

@@ -260,13 +260,17 @@ def plot_roc(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], titl
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Write a figure atomically (format from the suffix) and close it."""
+    """Write a figure atomically (format from the suffix) and close it; an SVG has no date and a fixed
+    ``svg.hashsalt`` (matplotlib salts its element ids with a random uuid otherwise), so reruns write the same
+    bytes."""
+    import matplotlib
     import matplotlib.pyplot as plt
 
     from ..bids.derivatives import atomic_path
+    from ..reports.figures import SVG_HASHSALT
 
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, matplotlib.rc_context({"svg.hashsalt": SVG_HASHSALT}):
         fig.savefig(tmp, format=path.suffix.lstrip("."), metadata={"Date": None} if path.suffix == ".svg" else None)
     plt.close(fig)
     return path

@@ -31,6 +31,7 @@ from .loop import PairData, TrainConfig, TrainResult, predict_pairs, train_longi
 from .models import new_longitudinal_model, write_region_weights
 from .pairs import (family_folds, find_column, longitudinal_pairs, longitudinal_split_table, normalise_label,
                     read_participants)
+from .reproducibility import reproducibility_record
 from .run import card_training_data, dataset_name, log_metrics, run_distributed, seen_split, session_times, train_config
 
 LOG = logging.getLogger("bids_siamese.group.models")
@@ -387,7 +388,8 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
              "batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
              "flip_lr": config.flip_lr, "max_shift_voxels": config.max_shift, "n_runs": len(run_rows),
              "world_size": ctx.world_size, "training_seconds": round(first.seconds, 1),
-             "volumes_per_second": round(first.volumes_per_second, 2)})
+             "volumes_per_second": round(first.volumes_per_second, 2)},
+            reproducibility=reproducibility_record(settings.device))
         folder = model_folder(out_dir, "longitudinal", settings.backbone)
         if regional:
             card["hyperparameters"].update(l1=model.l1, l1_choices=list(L1_CHOICES),

@@ -32,6 +32,7 @@ from .data import find_preproc, load_volume_cache
 from .evaluate import safe_auc
 from .loop import MirrorData, TrainConfig, predict_mirror, train_mirror_classifier
 from .pairs import family_folds
+from .reproducibility import prepare, reproducibility_record, seed_everything
 from .run import runtime_options
 
 LOG = logging.getLogger("bids_siamese.group.orientation")
@@ -120,7 +121,7 @@ def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
     """``group --task orientation --mode train|apply``; returns the files written."""
     import torch
 
-    torch.set_num_threads(max(1, int(settings.omp_nthreads)))
+    prepare(settings)
     out_dir = Path(settings.output_dir)
     grid = model_grid(settings.resolution)
     scans = find_preproc(out_dir, subjects, settings.session_label,
@@ -167,6 +168,9 @@ def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
             val_fold = (fold + 1) % k
             train_idx = np.flatnonzero(example_trusted & (example_fold != fold) & (example_fold != val_fold))
             val_idx = np.flatnonzero(example_trusted & (example_fold == val_fold))
+            # each member starts from weights of its own seed (it was the global generator's state: unseeded
+            # for the first member, issue 28)
+            seed_everything(settings.seed + fold)
             member = LatNet(input_shape=grid.shape, channels=CHANNELS, input_pool=INPUT_POOL)
             result = train_mirror_classifier(member, data, train_idx, val_idx, _config(settings, settings.seed + fold),
                                              device)
@@ -193,7 +197,7 @@ def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
             metrics={key: metrics[key] for key in ("auc_mirrored_copies", "accuracy", "n_scans_evaluated")},
             hyperparameters={"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
                              "patience": settings.patience, "flip_lr": False},
-            pooling="none",
+            pooling="none", reproducibility=reproducibility_record(settings.device),
         )
         card["architecture"] = {"name": "LatNet-style", "members": k, "channels": list(CHANNELS),
                                 "input_pool": INPUT_POOL}

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -34,6 +33,7 @@ from .pairs import (
     relations_from_pairs_table,
     relations_from_participants,
 )
+from .reproducibility import prepare
 
 LOG = logging.getLogger("bids_siamese.group.models")
 
@@ -57,10 +57,8 @@ def runtime_options(settings: Any) -> dict[str, Any]:
 
 def _setup(settings: Any) -> tuple[DistContext, torch.device]:
     """Threads, the process group under torchrun, and the seeds of a group task."""
-    torch.set_num_threads(max(1, int(settings.omp_nthreads)))
     ctx, device = init_distributed(settings.device)
-    torch.manual_seed(settings.seed)
-    np.random.seed(settings.seed % (2**32))
+    prepare(settings)
     if ctx.is_distributed:
         LOG.info("distributed training: rank %d of %d (%s)", ctx.rank, ctx.world_size, ctx.backend)
     return ctx, device

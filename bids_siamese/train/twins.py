@@ -45,6 +45,7 @@ from .loop import TrainConfig, TrainResult, TwinData, embed, train_twin
 from .models import new_twin_model, write_region_weights
 from .pairs import Relations, twin_split_table
 from .relatives import nearest_relatives, relatives_table
+from .reproducibility import reproducibility_record
 from .run import (
     apply_relations,
     card_training_data,
@@ -376,7 +377,8 @@ def _twin_card(settings: Any, grid: Grid, model: nn.Module, cohort: TwinCohort, 
          "batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
          "flip_lr": config.flip_lr, "max_shift_voxels": config.max_shift, "world_size": ctx.world_size,
          "training_seconds": round(result.seconds, 1),
-         "volumes_per_second": round(result.volumes_per_second, 2)})
+         "volumes_per_second": round(result.volumes_per_second, 2)},
+        reproducibility=reproducibility_record(settings.device))
 
 
 def write_twin_training(settings: Any, model: nn.Module, card: dict[str, Any], result: TrainResult,
