@@ -51,17 +51,23 @@ base_args() {  # prints the --build-arg for the base: none when the pinned base 
 }
 
 pip_mounts() {  # this machine's pip configuration as one pip.conf, plus the paths it names, as buildah -v options
-    local conf="$STORE/pip.conf" key value token path
+    # (mounted under /run/host-pip, so that they never cover the image's own files, e.g. its CA bundle)
+    local conf="$STORE/pip.conf" key value token path mapped
     echo "[global]" > "$conf"
     echo "-v=$conf:/etc/pip.conf:ro"
     python3 -m pip config list 2>/dev/null | while IFS= read -r line; do
         key="${line%%=*}"; key="${key#*.}"; value="${line#*=}"; value="${value#\'}"; value="${value%\'}"
-        echo "$key = $value" >> "$conf"
+        mapped=""
         for token in $value; do
             path="${token#file://}"
-            [ "$path" != "$token" ] && path="$(dirname "$path")"  # a file:// index: its root (links go ../../files)
-            case "$path" in /*) [ -e "$path" ] && echo "-v=$path:$path:ro" ;; esac
+            case "$path" in
+                /*) if [ "$path" != "$token" ]; then mapped="$mapped file:///run/host-pip$path"; path="$(dirname "$path")"
+                    else mapped="$mapped /run/host-pip$path"; fi  # a file:// index: mount its root (links go ../../files)
+                    [ -e "$path" ] && echo "-v=$path:/run/host-pip$path:ro" ;;
+                *) mapped="$mapped $token" ;;
+            esac
         done
+        echo "$key = ${mapped# }" >> "$conf"
     done | sort -u
     awk '!seen[$1]++' "$conf" > "$conf.tmp" && mv "$conf.tmp" "$conf"  # the first value of a key wins, as in pip
 }
