@@ -82,7 +82,7 @@ build() {
     timeout 20 python3 -c "import urllib.request; urllib.request.urlopen('https://download.pytorch.org/whl/cpu/torch/', timeout=15)" \
         >/dev/null 2>&1 || torch_index=(--build-arg=TORCH_INDEX_URL=)
     start=$(date +%s)
-    bah bud --isolation chroot --layers --network host "${mounts[@]}" "${args[@]}" "${torch_index[@]}" \
+    bah bud --isolation chroot --layers --format docker --network host "${mounts[@]}" "${args[@]}" "${torch_index[@]}" \
         --build-arg "VERSION=$(cat version)" -t "$IMAGE" .
     echo "image: built $IMAGE in $(( $(date +%s) - start )) s; $(bah images --format '{{.Size}}' "$IMAGE")"
 }
