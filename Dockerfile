@@ -34,7 +34,7 @@ ENV VIRTUAL_ENV=/opt/venv \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN python3 -m venv "$VIRTUAL_ENV"
 WORKDIR /src
-COPY requirements /src/requirements
+COPY requirements/lock.txt "requirements/torch-${TORCH_VARIANT}.txt" /src/requirements/
 COPY scripts/install.sh scripts/slim_venv.sh /src/scripts/
 # Every wheel is hash-checked (torch too); then what the app never loads leaves the venv (scripts/slim_venv.sh).
 RUN TORCH_REQUIREMENTS="requirements/torch-${TORCH_VARIANT}.txt" TORCH_INDEX_URL="$TORCH_INDEX_URL" \

@@ -6,6 +6,8 @@ import logging
 import os
 import signal
 import sys
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 from ..errors import EXIT_DATA, EXIT_NO_INPUT, EXIT_OK, NoInputError, UserError
@@ -144,11 +146,33 @@ def run_group_level(settings, subjects, scans) -> int:
     return EXIT_OK
 
 
+def user_cache_dirs() -> None:
+    """Give matplotlib a configuration/cache directory of this user's own when its default (``~/.config``) is not
+    writable, as in a container run as an arbitrary UID (Singularity, ``docker run --user``): then
+    ``$TMPDIR/bids-siamese-<uid>/matplotlib`` (mode 0700), never one directory shared by every user of a node's
+    ``/tmp``. An ``MPLCONFIGDIR`` the user set is kept. Workers inherit the environment."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    if os.access(config if config.exists() else config.parent, os.W_OK):
+        return  # matplotlib's own default works
+    path = Path(tempfile.gettempdir()) / f"bids-siamese-{os.getuid()}" / "matplotlib"
+    try:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        if path.parent.stat().st_uid != os.getuid():
+            raise PermissionError(f"{path.parent} belongs to another user")
+        path.mkdir(mode=0o700, exist_ok=True)
+    except OSError:  # taken by someone else: a fresh private directory for this run
+        path = Path(tempfile.mkdtemp(prefix=f"bids-siamese-{os.getuid()}-matplotlib-"))
+    os.environ["MPLCONFIGDIR"] = str(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .signals import Interrupted, handle_signals, stop_children
 
     argv = list(sys.argv[1:] if argv is None else argv)
     settings = None
+    user_cache_dirs()
     try:
         with handle_signals():
             try:
