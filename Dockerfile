@@ -20,7 +20,7 @@ FROM ${BASE_IMAGE} AS base
 # bookworm's security updates, so they are not pinned here (the base digest pins the rest).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
     && python3 -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version'
 
@@ -32,7 +32,11 @@ ARG TORCH_VERSION=2.13.0
 ENV VIRTUAL_ENV=/opt/venv \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN python3 -m venv "$VIRTUAL_ENV"
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
+    && python3 -m venv "$VIRTUAL_ENV"
 WORKDIR /src
 COPY requirements/lock.txt "requirements/torch-${TORCH_VARIANT}.txt" /src/requirements/
 COPY scripts/install.sh scripts/slim_venv.sh /src/scripts/
@@ -57,6 +61,13 @@ ENV VIRTUAL_ENV=/opt/venv \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     BIDS_SIAMESE_CONTAINER="docker://bids/siamese"
 RUN groupadd --gid 1000 siamese && useradd --create-home --home-dir /home/siamese --uid 1000 --gid 1000 siamese
+LABEL org.opencontainers.image.title="bids-siamese" \
+      org.opencontainers.image.description="BIDS App: 3D Siamese networks for brain MRI" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="https://github.com/bids-apps/bids-siamese" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV HOME=/home/siamese
+WORKDIR /home/siamese
 COPY --from=deps /opt/venv /opt/venv
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The source: only the package, its metadata and the scripts the build runs (.dockerignore keeps the rest out).
@@ -74,12 +85,5 @@ RUN if [ "$VERSION" != "$(cat /tmp/src/version)" ]; then \
     && python /tmp/src/scripts/check_install.py \
     && bids-siamese --version \
     && rm -rf /tmp/src /root/.cache
-LABEL org.opencontainers.image.title="bids-siamese" \
-      org.opencontainers.image.description="BIDS App: 3D Siamese networks for brain MRI" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.source="https://github.com/bids-apps/bids-siamese" \
-      org.opencontainers.image.licenses="Apache-2.0"
-ENV HOME=/home/siamese
 USER 1000:1000
-WORKDIR /home/siamese
 ENTRYPOINT ["run.py"]

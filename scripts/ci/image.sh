@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the Docker image from ./Dockerfile with buildah (no Docker daemon needed: chroot isolation, vfs storage,
-# as root) and run it on the tiny demo (tests/test_image.py, pytest marker `image`). CI's image step (.ci/run).
+# Build the Docker image from ./Dockerfile with buildah (no Docker daemon needed: chroot isolation, overlay storage
+# where the kernel allows it, else vfs; as root) and run it on the tiny demo (tests/test_image.py, pytest marker `image`). CI's image step (.ci/run).
 #
 #   bash scripts/ci/image.sh          # all: tools, build, the image tests, then remove the buildah storage
 #   bash scripts/ci/image.sh build    # build (or rebuild from the layer cache) and keep the storage
@@ -13,14 +13,35 @@
 # written to one pip.conf, with the files and folders it names bind-mounted read-only): no index is hard-coded.
 #   BIDS_SIAMESE_IMAGE_STORE   buildah's storage (default /var/tmp/bids-siamese-image; removed by `all`/`clean`)
 #   BIDS_SIAMESE_IMAGE         the image name (default localhost/bids/siamese:<version>)
+#   BIDS_SIAMESE_IMAGE_DRIVER  buildah's storage driver (default: overlay where it can be mounted, else vfs)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STORE="${BIDS_SIAMESE_IMAGE_STORE:-/var/tmp/bids-siamese-image}"
 IMAGE="${BIDS_SIAMESE_IMAGE:-localhost/bids/siamese:$(cat version)}"
 STANDIN=localhost/bids-siamese/debian-standin:bookworm
 BASE_IMAGE="$(sed -n 's/^ARG BASE_IMAGE=//p' Dockerfile)"
-export BIDS_SIAMESE_IMAGE="$IMAGE" BIDS_SIAMESE_IMAGE_STORE="$STORE"
-bah() { buildah --root "$STORE/root" --runroot "$STORE/run" --storage-driver vfs "$@"; }
+
+overlay_works() {  # can this kernel mount overlayfs on the storage's file system? (not inside another overlay)
+    local probe
+    probe="$(mktemp -d "$STORE/overlay-probe.XXXXXX")" || return 1
+    mkdir -p "$probe"/{lower,upper,work,merged}
+    if mount -t overlay overlay -o "lowerdir=$probe/lower,upperdir=$probe/upper,workdir=$probe/work" \
+            "$probe/merged" 2>/dev/null; then
+        umount "$probe/merged"; rm -rf "$probe"; return 0
+    fi
+    rm -rf "$probe"; return 1
+}
+# overlay: a layer costs only its changes (a source edit rebuilds in seconds); vfs copies the whole file system per
+# layer and works everywhere. BIDS_SIAMESE_IMAGE_DRIVER overrides; an existing storage keeps its driver.
+mkdir -p "$STORE"
+if [ -z "${BIDS_SIAMESE_IMAGE_DRIVER:-}" ]; then
+    if [ -f "$STORE/driver" ]; then BIDS_SIAMESE_IMAGE_DRIVER="$(cat "$STORE/driver")"
+    elif overlay_works; then BIDS_SIAMESE_IMAGE_DRIVER=overlay
+    else BIDS_SIAMESE_IMAGE_DRIVER=vfs; fi
+fi
+echo "$BIDS_SIAMESE_IMAGE_DRIVER" > "$STORE/driver"
+export BIDS_SIAMESE_IMAGE="$IMAGE" BIDS_SIAMESE_IMAGE_STORE="$STORE" BIDS_SIAMESE_IMAGE_DRIVER
+bah() { buildah --root "$STORE/root" --runroot "$STORE/run" --storage-driver "$BIDS_SIAMESE_IMAGE_DRIVER" "$@"; }
 
 tools() {
     command -v buildah >/dev/null && command -v mmdebstrap >/dev/null && return 0
@@ -30,8 +51,9 @@ tools() {
 }
 
 base_args() {  # prints the --build-arg for the base: none when the pinned base is there or can be pulled
-    if bah inspect --type image "$BASE_IMAGE" >/dev/null 2>&1 || timeout 120 buildah --root "$STORE/root" \
-            --runroot "$STORE/run" --storage-driver vfs pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
+    if bah inspect --type image "$BASE_IMAGE" >/dev/null 2>&1 || timeout 120 \
+            buildah --root "$STORE/root" --runroot "$STORE/run" --storage-driver "$BIDS_SIAMESE_IMAGE_DRIVER" \
+            pull -q "$BASE_IMAGE" >/dev/null 2>&1; then
         return 0
     fi
     if ! bah inspect --type image "$STANDIN" >/dev/null 2>&1; then
