@@ -34,13 +34,14 @@ ENV VIRTUAL_ENV=/opt/venv \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv binutils \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
     && python3 -m venv "$VIRTUAL_ENV"
 WORKDIR /src
 COPY requirements/lock.txt "requirements/torch-${TORCH_VARIANT}.txt" /src/requirements/
 COPY scripts/install.sh scripts/slim_venv.sh /src/scripts/
-# Every wheel is hash-checked (torch too); then what the app never loads leaves the venv (scripts/slim_venv.sh).
+# Every wheel is hash-checked (torch too); then what the app never loads leaves the venv and the shared libraries
+# lose their symbol tables (scripts/slim_venv.sh; binutils' strip stays in this stage).
 RUN TORCH_REQUIREMENTS="requirements/torch-${TORCH_VARIANT}.txt" TORCH_INDEX_URL="$TORCH_INDEX_URL" \
         TORCH_VERSION="$TORCH_VERSION" INSTALL_PACKAGE=0 PIP="$VIRTUAL_ENV/bin/python -m pip" bash scripts/install.sh \
     && bash scripts/slim_venv.sh "$VIRTUAL_ENV"
