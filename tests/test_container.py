@@ -266,3 +266,27 @@ def test_prefetch_without_templateflow_server_fails_with_one_line(monkeypatch, t
     assert load_script("prefetch_templates").main([]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not reachable" in err[0] and "fix: build with --build-arg PREFETCH_TEMPLATEFLOW=0" in err[0]
+
+
+def test_an_arbitrary_uid_without_a_passwd_entry_gets_a_user_name(monkeypatch):
+    """monai calls getpass.getuser() on import, which raises for a UID the image's /etc/passwd lacks (found by
+    running the image as UID 54321): the entry point sets USER then, and leaves a named user alone."""
+    import getpass
+    import pwd
+
+    from bids_siamese.cli.main import user_name_for_arbitrary_uid
+
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(KeyError):
+        getpass.getuser()
+    user_name_for_arbitrary_uid()
+    assert getpass.getuser() == f"uid{os.getuid()}"
+    monkeypatch.setenv("USER", "alice")
+    user_name_for_arbitrary_uid()
+    assert os.environ["USER"] == "alice"

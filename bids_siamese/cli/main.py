@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pwd
 import signal
 import sys
 import tempfile
@@ -167,12 +168,25 @@ def user_cache_dirs() -> None:
     os.environ["MPLCONFIGDIR"] = str(path)
 
 
+def user_name_for_arbitrary_uid() -> None:
+    """An arbitrary UID in a container (``docker run --user 54321``) has no entry in the image's ``/etc/passwd``:
+    ``getpass.getuser()``, which monai calls on import, then raises ``KeyError``. It reads ``$USER`` first, so
+    set ``USER=uid<N>`` when neither the environment nor the password database names this user."""
+    if any(os.environ.get(name) for name in ("LOGNAME", "USER", "LNAME", "USERNAME")):
+        return
+    try:
+        pwd.getpwuid(os.getuid())
+    except KeyError:
+        os.environ["USER"] = f"uid{os.getuid()}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .signals import Interrupted, handle_signals, stop_children
 
     argv = list(sys.argv[1:] if argv is None else argv)
     settings = None
     user_cache_dirs()
+    user_name_for_arbitrary_uid()
     try:
         with handle_signals():
             try:
