@@ -74,10 +74,11 @@ base_args() {  # prints the --build-arg for the base: none when the pinned base 
 
 pip_mounts() {  # this machine's pip configuration as one pip.conf, plus the paths it names, as buildah -v options
     # (mounted under /run/host-pip, so that they never cover the image's own files, e.g. its CA bundle)
-    local conf="$STORE/pip.conf" key value token path mapped
+    local conf="$STORE/pip.conf" key value token path mapped python=python3
+    [ -x .venv/bin/python ] && python=.venv/bin/python  # CI's venv: Debian's python3 may lack pip
     echo "[global]" > "$conf"
     echo "-v=$conf:/etc/pip.conf:ro"
-    python3 -m pip config list 2>/dev/null | while IFS= read -r line; do
+    "$python" -m pip config list 2>/dev/null | while IFS= read -r line; do
         key="${line%%=*}"; key="${key#*.}"; value="${line#*=}"; value="${value#\'}"; value="${value%\'}"
         mapped=""
         for token in $value; do
