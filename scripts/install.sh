@@ -10,9 +10,14 @@
 # What: torch first, pinned, so that pip never resolves an open range to the multi-GB CUDA build, then every
 # other dependency from the hash-checked lock (requirements/lock.txt, or lock-test.txt with "test";
 # refresh with scripts/lock.sh), then this package without dependencies.
-#   TORCH_VERSION     (default 2.13.0)
-#   TORCH_INDEX_URL   (default: the configured index; the Docker CPU image uses the PyTorch CPU index,
-#                      a CUDA image passes a CUDA index instead)
+#   TORCH_VERSION       (default 2.13.0)
+#   TORCH_INDEX_URL     (default: the configured index; the Docker CPU image uses the PyTorch CPU index,
+#                        a CUDA image passes a CUDA index instead)
+#   TORCH_REQUIREMENTS  a hash-pinned torch requirements file (requirements/torch-cpu.txt, torch-cuda.txt):
+#                        torch is then installed with the lock in ONE --require-hashes call (TORCH_INDEX_URL
+#                        becomes an extra index), so torch and every dependency are hash-checked (the images)
+#   INSTALL_PACKAGE     0: only the dependencies (the Docker image installs them before copying the source,
+#                        so that a source edit does not reinstall them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="${1:-}"
@@ -33,11 +38,21 @@ if [ -z "${PIP:-}" ]; then
     PIP="$PYTHON -m pip"
     echo "install.sh: installing into $($PYTHON -c 'import sys; print(sys.prefix)')"
 fi
-if [ -n "${TORCH_INDEX_URL:-}" ]; then
-    $PIP install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+if [ -n "${TORCH_REQUIREMENTS:-}" ]; then
+    grep -q "^torch==${TORCH_VERSION}" "$TORCH_REQUIREMENTS" || {
+        echo "install.sh: $TORCH_REQUIREMENTS does not pin torch ${TORCH_VERSION}; fix: run scripts/lock.sh" >&2; exit 65; }
+    extra=()
+    [ -z "${TORCH_INDEX_URL:-}" ] || extra=(--extra-index-url "${TORCH_INDEX_URL}")
+    $PIP install --no-cache-dir --require-hashes --no-deps "${extra[@]}" -r "$TORCH_REQUIREMENTS" -r "$LOCK"
 else
-    $PIP install --no-cache-dir "torch==${TORCH_VERSION}"
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        $PIP install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+    else
+        $PIP install --no-cache-dir "torch==${TORCH_VERSION}"
+    fi
+    $PIP install --no-cache-dir --require-hashes --no-deps -r "$LOCK"
 fi
-$PIP install --no-cache-dir --require-hashes --no-deps -r "$LOCK"
-$PIP install --no-cache-dir --no-deps .
+if [ "${INSTALL_PACKAGE:-1}" != 0 ]; then
+    $PIP install --no-cache-dir --no-deps --no-build-isolation .
+fi
 $PIP check

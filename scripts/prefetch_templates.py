@@ -45,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
 
     found: list[Path] = []
     for template, query in QUERIES:
-        paths = tflow.ls(template, **query) if args.dry_run else tflow.get(template, **query)
+        try:
+            paths = tflow.ls(template, **query) if args.dry_run else tflow.get(template, **query)
+        except OSError as err:  # requests' connection errors are OSErrors: the server is unreachable
+            print(f"prefetch: TemplateFlow's server is not reachable for {template} ({type(err).__name__}); fix: "
+                  "build with --build-arg PREFETCH_TEMPLATEFLOW=0 (the copies bundled with the package are used)",
+                  file=sys.stderr)
+            return 1
         paths = paths if isinstance(paths, list) else [paths]
         if len(paths) != 1:
             print(f"prefetch: {template} {query} selects {len(paths)} files, expected 1", file=sys.stderr)

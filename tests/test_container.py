@@ -81,7 +81,7 @@ def test_image_and_ci_install_the_same_way():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "bash scripts/install.sh" in dockerfile
-    assert "RUN python scripts/check_install.py" in dockerfile
+    assert "&& python /tmp/src/scripts/check_install.py" in dockerfile
     assert "bash scripts/install.sh test" in ci
     # CI runs exactly the test command of the README's Quick start
     test_cmd = re.search(r"^(bash scripts/install.sh test && .*pytest.*)$", readme, re.M).group(1)
@@ -156,14 +156,39 @@ def test_version_has_one_source():
 def test_image_runtime_conventions():
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["run.py"]' in dockerfile
-    assert "install -m 0755 run.py" in dockerfile
+    assert "install -m 0755 /tmp/src/run.py" in dockerfile
     assert os.stat(ROOT / "run.py").st_mode & stat.S_IXUSR  # the entry point is executable in the repository
     assert ROOT.joinpath("run.py").read_text().startswith("#!/usr/bin/env python")
     assert "OMP_NUM_THREADS=1" in dockerfile
     assert re.search(r"^USER 1000", dockerfile, re.M)
     assert dockerfile.count("FROM ") >= 2  # multi-stage
     assert "TEMPLATEFLOW_HOME=/opt/templateflow" in dockerfile
-    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile  # the CUDA image: one build-arg
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    assert "ARG PREFETCH_TEMPLATEFLOW=0" in dockerfile  # the default works offline
+    for recipe in (dockerfile, (ROOT / "singularity.def").read_text()):
+        assert "MPLCONFIGDIR=/tmp/matplotlib" not in recipe  # shared by every user of a node's /tmp
+
+
+def test_image_build_is_pinned_hash_checked_and_cache_friendly():
+    """The base by digest, torch by hash (per variant, with the lock in one --require-hashes call), and the
+    dependencies installed before the source is copied (a source edit keeps their layers)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=docker\.io/library/debian:bookworm-slim@sha256:[0-9a-f]{64}$", dockerfile, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS base$", dockerfile, re.M)
+    deps = dockerfile.index("bash scripts/install.sh")
+    assert dockerfile.index("COPY requirements/lock.txt ") < deps < dockerfile.index("COPY . /tmp/src")
+    assert 'TORCH_REQUIREMENTS="requirements/torch-${TORCH_VARIANT}.txt"' in dockerfile
+    install = (ROOT / "scripts" / "install.sh").read_text()
+    assert '--require-hashes --no-deps "${extra[@]}" -r "$TORCH_REQUIREMENTS" -r "$LOCK"' in install
+    version = re.search(r'^TORCH_VERSION="\$\{TORCH_VERSION:-(.*)\}"$', install, re.M).group(1)
+    assert f"ARG TORCH_VERSION={version}" in dockerfile
+    for variant in ("cpu", "cuda"):
+        entries = locked(ROOT / "requirements" / f"torch-{variant}.txt")
+        assert entries["torch"] and all(entries.values()), f"torch-{variant}.txt: every wheel needs a hash"
+        lock = locked(ROOT / "requirements" / "lock.txt")
+        assert not set(entries) & set(lock), "torch's common dependencies come from the lock"
+    torch_line = re.search(r"^torch==(\S+) ", (ROOT / "requirements" / "torch-cpu.txt").read_text(), re.M).group(1)
+    assert torch_line == f"{version}+cpu"
 
 
 def test_entry_point_reports_version():
@@ -199,3 +224,69 @@ def test_front_page_and_help_name_the_default_models(capsys):
     for text in (" ".join(intro.split()), help_text):
         assert "regional" in text and "--task twin" in text and "--task longitudinal" in text
         assert "'small'" in text or "`small`" in text
+
+
+def test_matplotlib_gets_a_per_user_directory_when_home_is_not_writable(monkeypatch, tmp_path):
+    """An arbitrary UID in a container (HOME not its own): MPLCONFIGDIR becomes $TMPDIR/bids-siamese-<uid>/matplotlib
+    (0700), never a /tmp/matplotlib shared by every user; a directory of that name owned by someone else is not used."""
+    import tempfile
+
+    from bids_siamese.cli.main import user_cache_dirs
+
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "no-home" / ".config"))  # neither it nor its parent exists
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    user_cache_dirs()
+    mine = tmp_path / f"bids-siamese-{os.getuid()}" / "matplotlib"
+    assert os.environ["MPLCONFIGDIR"] == str(mine) and mine.is_dir()
+    assert stat.S_IMODE(mine.parent.stat().st_mode) == 0o700
+    monkeypatch.setenv("MPLCONFIGDIR", "/kept")
+    user_cache_dirs()
+    assert os.environ["MPLCONFIGDIR"] == "/kept"
+    if os.geteuid() == 0:  # someone else's directory of that name (chown needs root)
+        shutil.rmtree(mine.parent)
+        mine.parent.mkdir(mode=0o700)
+        os.chown(mine.parent, 54321, 54321)
+        monkeypatch.delenv("MPLCONFIGDIR")
+        user_cache_dirs()
+        other = Path(os.environ["MPLCONFIGDIR"])
+        assert other.parent == tmp_path and other.name.startswith(f"bids-siamese-{os.getuid()}-matplotlib-")
+
+
+def test_prefetch_without_templateflow_server_fails_with_one_line(monkeypatch, tmp_path, capsys):
+    """PREFETCH_TEMPLATEFLOW=1 where TemplateFlow's server is unreachable: one line naming the fix, no traceback."""
+    import requests
+    import templateflow.api as tflow
+
+    def unreachable(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'templateflow.s3.amazonaws.com'")
+
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "tf"))
+    monkeypatch.setattr(tflow, "get", unreachable)
+    assert load_script("prefetch_templates").main([]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not reachable" in err[0] and "fix: build with --build-arg PREFETCH_TEMPLATEFLOW=0" in err[0]
+
+
+def test_an_arbitrary_uid_without_a_passwd_entry_gets_a_user_name(monkeypatch):
+    """monai calls getpass.getuser() on import, which raises for a UID the image's /etc/passwd lacks (found by
+    running the image as UID 54321): the entry point sets USER then, and leaves a named user alone."""
+    import getpass
+    import pwd
+
+    from bids_siamese.cli.main import user_name_for_arbitrary_uid
+
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_entry(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    with pytest.raises(KeyError):
+        getpass.getuser()
+    user_name_for_arbitrary_uid()
+    assert getpass.getuser() == f"uid{os.getuid()}"
+    monkeypatch.setenv("USER", "alice")
+    user_name_for_arbitrary_uid()
+    assert os.environ["USER"] == "alice"

@@ -4,8 +4,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pwd
 import signal
 import sys
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 from ..errors import EXIT_DATA, EXIT_NO_INPUT, EXIT_OK, NoInputError, UserError
@@ -173,6 +176,39 @@ def run_group_level(settings, subjects, scans) -> int:
     return EXIT_OK
 
 
+def user_cache_dirs() -> None:
+    """Give matplotlib a configuration/cache directory of this user's own when its default (``~/.config``) is not
+    writable, as in a container run as an arbitrary UID (Singularity, ``docker run --user``): then
+    ``$TMPDIR/bids-siamese-<uid>/matplotlib`` (mode 0700), never one directory shared by every user of a node's
+    ``/tmp``. An ``MPLCONFIGDIR`` the user set is kept. Workers inherit the environment."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    if os.access(config if config.exists() else config.parent, os.W_OK):
+        return  # matplotlib's own default works
+    path = Path(tempfile.gettempdir()) / f"bids-siamese-{os.getuid()}" / "matplotlib"
+    try:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        if path.parent.stat().st_uid != os.getuid():
+            raise PermissionError(f"{path.parent} belongs to another user")
+        path.mkdir(mode=0o700, exist_ok=True)
+    except OSError:  # taken by someone else: a fresh private directory for this run
+        path = Path(tempfile.mkdtemp(prefix=f"bids-siamese-{os.getuid()}-matplotlib-"))
+    os.environ["MPLCONFIGDIR"] = str(path)
+
+
+def user_name_for_arbitrary_uid() -> None:
+    """An arbitrary UID in a container (``docker run --user 54321``) has no entry in the image's ``/etc/passwd``:
+    ``getpass.getuser()``, which monai calls on import, then raises ``KeyError``. It reads ``$USER`` first, so
+    set ``USER=uid<N>`` when neither the environment nor the password database names this user."""
+    if any(os.environ.get(name) for name in ("LOGNAME", "USER", "LNAME", "USERNAME")):
+        return
+    try:
+        pwd.getpwuid(os.getuid())
+    except KeyError:
+        os.environ["USER"] = f"uid{os.getuid()}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .signals import Interrupted, handle_signals, stop_children
 
@@ -181,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # made, unless told not to; the workers inherit the setting
     os.environ["NIPYPE_NO_ET"] = "1"
     settings = None
+    user_cache_dirs()
+    user_name_for_arbitrary_uid()
     try:
         with handle_signals():
             try:
