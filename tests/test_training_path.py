@@ -310,6 +310,7 @@ def test_cli_options_reach_the_training_configuration(mini_bids, tmp_path, monke
         parse_args([str(mini_bids), str(out), "group", "--device", "cpu", "--loader-workers", "-1"])
     # on CUDA (mocked: no GPU here) the default leaves one of --nprocs to the trainer, at most 4 workers
     monkeypatch.setattr("bids_siamese.cli.parser.resolve_device", lambda requested: "cuda")
+    monkeypatch.setattr("bids_siamese.cli.parser.available_cpus", lambda: 16)  # --nprocs is capped at the CPUs
     assert parse_args([str(mini_bids), str(out), "group", "--nprocs", "3"]).loader_workers == 2
     assert parse_args([str(mini_bids), str(out), "group", "--nprocs", "16"]).loader_workers == 4
     assert parse_args([str(mini_bids), str(out), "group", "--nprocs", "1"]).loader_workers == 0

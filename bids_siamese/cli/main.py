@@ -21,6 +21,8 @@ def setup_logging(verbosity: int) -> None:
     level = logging.WARNING - 10 * min(verbosity + 1, 2)  # default INFO, -v DEBUG
     logging.basicConfig(level=level, format="%(asctime)s [%(name)s] %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("bidsschematools").setLevel(logging.WARNING)
+    # matplotlib announces at INFO that it built its font cache (first run of each user): not the run's news
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     if verbosity == 0:  # header repairs nibabel announces are reported by our header checks
         logging.getLogger("nibabel").setLevel(logging.ERROR)
     from nipype import config as nipype_config
