@@ -166,8 +166,11 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         subprocess.run([_sbin("munged"), "--force", f"--socket={sock}", f"--key-file={key}",
                         f"--pid-file={root / 'munged.pid'}", f"--log-file={root / 'munged.log'}",
                         f"--seed-file={root / 'munge' / 'seed'}"], check=True, capture_output=True, env=env)
-        subprocess.run([_sbin("slurmctld")], check=True, capture_output=True, env=env)
-        subprocess.run([_sbin("slurmd")], check=True, capture_output=True, env=env)
+        for daemon in ("slurmctld", "slurmd"):
+            proc = subprocess.run([_sbin(daemon)], capture_output=True, text=True, env=env, check=False)
+            if proc.returncode != 0:  # say why: the daemon's own words and its log, before stop() removes it
+                raise RuntimeError(f"{daemon} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()}\n"
+                                   f"{cluster.log_tail()}")
         end = time.monotonic() + 60
         while time.monotonic() < end:
             state = cluster.run("sinfo", "--noheader", "--format", "%T", check=False).stdout.strip()

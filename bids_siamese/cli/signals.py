@@ -47,8 +47,21 @@ class Interrupted(BaseException):
         return signal.Signals(self.signum).name
 
 
+#: The signal that interrupted the run, kept in case a library turned the :class:`Interrupted` into its own error
+#: (nipype's Linear plugin reports it as a failed node).
+_received: int | None = None
+
+
 def _raise_interrupted(signum, frame):  # noqa: ARG001 - signal handler signature
+    global _received
+    _received = signum
     raise Interrupted(signum)
+
+
+def raise_if_interrupted() -> None:
+    """Raise :class:`Interrupted` again when a signal arrived inside :func:`handle_signals` and was swallowed."""
+    if _received is not None:
+        raise Interrupted(_received)
 
 
 def _set_parent_death_signal(sig: int) -> bool:
@@ -162,6 +175,8 @@ def handle_signals() -> Iterator[None]:
         yield
         return
     _main_pid = os.getpid()
+    global _received
+    _received = None
     if not _fork_hook_registered and hasattr(os, "register_at_fork"):
         os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
         _fork_hook_registered = True

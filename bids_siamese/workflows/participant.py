@@ -366,9 +366,9 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
     # imported modules, the BIDS layout, the workflow graph) keeps each collection to the objects made since
     gc.freeze()
     started = time.time()
-    try:
-        from ..cli.signals import workers_die_with_us
+    from ..cli.signals import raise_if_interrupted, workers_die_with_us
 
+    try:
         with workers_die_with_us(plugin_args):
             if plugin == "MultiProc":  # a worker's death fails its node instead of hanging the run
                 from .plugin import multiproc_plugin
@@ -382,6 +382,9 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
         raise disk_error(settings, err.filename, err.strerror or str(err)) from err
     finally:
         gc.unfreeze()
+    # SIGTERM/SIGINT while a node ran in this process (Linear): nipype reported it as the node's failure, but the
+    # scan was stopped, not failed; no completion record, exit 143/130 (a rerun resumes)
+    raise_if_interrupted()
     if plugin == "SLURMGraph":  # it submitted the graph's jobs and returned
         from .plugin import wait_for_slurm_graph
 
