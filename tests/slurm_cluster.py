@@ -9,8 +9,8 @@ missing they are installed with ``apt-get`` (root only); :func:`missing_reason` 
 from __future__ import annotations
 
 import contextlib
-import getpass
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -97,7 +97,7 @@ class Cluster:
     def stop(self) -> None:
         """Cancel every job, stop the daemons (SIGTERM, then SIGKILL), remove the folder."""
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            self.run("scancel", "--user", getpass.getuser(), check=False, timeout=20)
+            self.run("scancel", "--user", str(os.getuid()), check=False, timeout=20)
             self.wait(timeout=60)
         for pid_file in reversed(self.pid_files):  # slurmd, slurmctld, munged
             try:
@@ -126,7 +126,7 @@ def start_cluster(root: Path) -> Cluster:
     host = socket.gethostname().split(".")[0]
     cpus = len(os.sched_getaffinity(0))
     mem_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.9)
-    user = getpass.getuser()
+    user = pwd.getpwuid(os.getuid()).pw_name  # the account, whatever $USER says
     conf = root / "slurm.conf"
     conf.write_text(f"""ClusterName=siamesetest
 SlurmctldHost={host}(127.0.0.1)

@@ -277,7 +277,10 @@ def test_an_arbitrary_uid_without_a_passwd_entry_gets_a_user_name(monkeypatch):
     from bids_siamese.cli.main import user_name_for_arbitrary_uid
 
     for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then removed: monkeypatch then restores the variable's original state, absent included (CI runs
+        # without USER, and the USER=uid0 set below would otherwise leak into later tests)
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
 
     def no_entry(uid):
         raise KeyError(f"getpwuid(): uid not found: {uid}")
