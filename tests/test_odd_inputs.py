@@ -100,6 +100,16 @@ def test_bids_tsv_is_read_without_quoting(tmp_path):
         read_bids_tsv(path)
 
 
+def _twin_group_run(run_cli, mini_bids, tmp_path):
+    """``group --task twin`` over two subjects' fake participant outputs: (exit code, stdout, stderr)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "dataset_description.json").write_text("{}")
+    for sub in ("01", "02"):
+        _fake_participant_outputs(out, {"subject": sub, "session": "1"}, "ok")
+    return run_cli(mini_bids, out, "group", "--task", "twin", "--skip-bids-validation")
+
+
 def test_group_level_reads_a_quoted_participants_value(run_cli, mini_bids, tmp_path, monkeypatch):
     """A value starting with ``"`` (valid BIDS) made pandas' default reader fail at the group level."""
     (mini_bids / "participants.tsv").write_text(
@@ -109,12 +119,7 @@ def test_group_level_reads_a_quoted_participants_value(run_cli, mini_bids, tmp_p
                         lambda settings, subjects: seen.append(__import__("bids_siamese.train.run", fromlist=["x"])
                                                                .load_relations(settings, subjects)) or [])
     monkeypatch.setattr("bids_siamese.explain.run.run_explain", lambda settings, subjects: [])
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "dataset_description.json").write_text("{}")
-    for sub in ("01", "02"):
-        _fake_participant_outputs(out, {"subject": sub, "session": "1"}, "ok")
-    code, _, err = run_cli(mini_bids, out, "group", "--task", "twin", "--skip-bids-validation")
+    code, _, err = _twin_group_run(run_cli, mini_bids, tmp_path)
     assert code == 0, err
     assert seen and seen[0].relation("sub-01", "sub-02") == "MZ"
 
@@ -122,12 +127,7 @@ def test_group_level_reads_a_quoted_participants_value(run_cli, mini_bids, tmp_p
 def test_duplicate_participant_ids_are_one_line_naming_them(run_cli, mini_bids, tmp_path):
     (mini_bids / "participants.tsv").write_text(
         "participant_id\tfamily_id\tzygosity\nsub-01\tf1\tMZ\nsub-02\tf1\tMZ\n01\tf2\tDZ\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "dataset_description.json").write_text("{}")
-    for sub in ("01", "02"):
-        _fake_participant_outputs(out, {"subject": sub, "session": "1"}, "ok")
-    code, _, err = run_cli(mini_bids, out, "group", "--task", "twin", "--skip-bids-validation")
+    code, _, err = _twin_group_run(run_cli, mini_bids, tmp_path)
     assert code == 65, err
     lines = error_lines(err)
     assert len(lines) == 1 and "participant(s) sub-01 more than once" in lines[0] and "fix:" in lines[0]

@@ -170,12 +170,11 @@ def handle_signals() -> Iterator[None]:
 
     Only the main thread can install handlers; elsewhere the block runs unchanged.
     """
-    global _main_pid, _fork_hook_registered
+    global _main_pid, _fork_hook_registered, _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _main_pid = os.getpid()
-    global _received
     _received = None
     if not _fork_hook_registered and hasattr(os, "register_at_fork"):
         os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
