@@ -8,8 +8,8 @@ a small feature map instead of a global pooling.
 
 Examples:
     >>> import torch
-    >>> net = OrientationEnsemble([LatNet(input_shape=(24, 28, 24)) for _ in range(2)])
-    >>> p = net(torch.zeros(3, 1, 24, 28, 24))
+    >>> net = OrientationEnsemble([LatNet(input_shape=(48, 56, 48)) for _ in range(2)])
+    >>> p = net(torch.zeros(3, 1, 48, 56, 48))
     >>> tuple(p.shape), bool(torch.allclose(p.sum(1), torch.ones(3)))
     ((3, 2), True)
 """

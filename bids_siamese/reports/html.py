@@ -177,7 +177,7 @@ def orientation_direction(orientation: Mapping[str, Any]) -> str:
     Examples:
         >>> orientation_direction({"lr_flip_verdict": "ok", "lr_flip_statistic": -0.16,
         ...     "lr_flip_statistic_mirrored": 0.13, "lr_flip_difference": -0.29, "lr_flip_margin": 0.02})[:60]
-        'Left is left: the scan as stored matches the template\'s left-r'
+        "Left is left: the scan as stored matches the template's left"
     """
     verdict = orientation.get("lr_flip_verdict")
     if not bool(orientation.get("usable", True)):
