@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .bids.derivatives import write_json, write_text
 
 
 def available_cpus() -> int:
@@ -127,8 +128,6 @@ class Settings:
 
     def save(self) -> Path:
         """Write ``logs/<run_id>/settings.json`` and ``command.txt``; returns the log folder."""
-        from .bids.derivatives import write_json, write_text  # local: avoid a cycle
-
         write_json(self.log_dir / "settings.json", self.to_dict())
         write_text(self.log_dir / "command.txt", " ".join(self.command_line) + "\n")
         return self.log_dir
