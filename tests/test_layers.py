@@ -307,12 +307,32 @@ def reexport_detours() -> list[str]:
     return out
 
 
+def untyped_settings() -> list[str]:
+    """A parameter that receives the run settings is declared ``settings: Settings`` (``| None`` allowed)."""
+    out = []
+    for path in package_files():
+        tree, _ = _parse(path)
+        for node, _in_function, _type_checking in _walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            args = node.args
+            for arg in args.posonlyargs + args.args + args.kwonlyargs:
+                if arg.arg != "settings":
+                    continue
+                annotation = ast.unparse(arg.annotation) if arg.annotation else ""
+                if annotation.strip("'\"") not in ("Settings", "Settings | None"):
+                    out.append(f"{path.relative_to(PACKAGE.parent)}:{arg.lineno}: {node.name}(settings: "
+                               f"{annotation or 'untyped'}) - declare it Settings")
+    return out
+
+
 CHECKS = {
     "upward": upward_imports,
     "undeclared-deferred": undeclared_deferred_imports,
     "private": private_imports,
     "reimport": reimports,
     "detour": reexport_detours,
+    "settings": untyped_settings,
 }
 
 
@@ -350,6 +370,10 @@ def test_no_reexport_detours():
     _fail_with(reexport_detours(), "re-export detours")
 
 
+def test_settings_are_typed():
+    _fail_with(untyped_settings(), "settings parameters not declared Settings")
+
+
 def test_the_checks_catch_what_they_are_for(tmp_path, monkeypatch):
     """Each check flags a small planted offence (so a passing contract is not a blind one)."""
     package = tmp_path / PACKAGE_NAME
@@ -364,7 +388,7 @@ def test_the_checks_catch_what_they_are_for(tmp_path, monkeypatch):
         "from ..explain.regions import load_atlas\n"  # upward and a detour
         "from ..atlas import _private\n"  # private
         "from .. import atlas\n\n\n"
-        "def f():\n"
+        "def f(settings, other: int = 0):\n"
         "    import json\n"  # re-import, no reason
         "    import torch  # deferred: heavy\n"
         "    return atlas._private, json, torch\n")  # private attribute
@@ -375,6 +399,7 @@ def test_the_checks_catch_what_they_are_for(tmp_path, monkeypatch):
     assert [o.split(":")[1] for o in undeclared_deferred_imports()] == ["8"]
     assert [o.split(":")[1] for o in reimports()] == ["8"]
     assert [o.split(":")[1] for o in reexport_detours()] == ["2"]
+    assert [o.split(":")[1] for o in untyped_settings()] == ["7"]
     assert deferred_share() == (2, 7)  # six in models.py, one in regions.py
 
 
