@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .bids.derivatives import write_json, write_text
 
 
 def available_cpus() -> int:
@@ -128,6 +127,8 @@ class Settings:
 
     def save(self) -> Path:
         """Write ``logs/<run_id>/settings.json`` and ``command.txt``; returns the log folder."""
+        from .bids.derivatives import write_json, write_text  # deferred: pybids would slow the CLI's --help 1.5 s
+
         write_json(self.log_dir / "settings.json", self.to_dict())
         write_text(self.log_dir / "command.txt", " ".join(self.command_line) + "\n")
         return self.log_dir
