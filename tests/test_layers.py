@@ -276,7 +276,7 @@ def reimports() -> list[str]:
     out = []
     for path in package_files():
         records = imports_of(path)
-        top = {r.module for r in records if not r.in_function}
+        top = {r.module for r in records if not r.in_function and not r.type_checking}
         for record in statements([r for r in records if r.in_function]):
             if record.module in top:
                 out.append(f"{record.where}: re-imports {record.module} inside a function "
