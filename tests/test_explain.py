@@ -12,14 +12,14 @@ from scipy import ndimage
 from torch import nn
 
 from bids_siamese.config import Settings
+from bids_siamese.explain.canonize import canonize
 from bids_siamese.explain.lrp import (
-    attach_rules,
-    canonize,
     distance_shares,
     embedding_network,
     relevance_embedding,
     relevance_pair_distance,
 )
+from bids_siamese.explain.rules import attach_rules
 
 
 def _zero_bias_batchnorm(net: nn.Module) -> nn.Module:

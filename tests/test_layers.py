@@ -326,12 +326,36 @@ def untyped_settings() -> list[str]:
     return out
 
 
+def passed_on_imports() -> list[str]:
+    """A module imports a name of the package to use it, not to pass it on (``# noqa: F401`` re-exports).
+
+    A package's ``__init__`` is exempt: gathering its public names is its job.
+    """
+    out = []
+    for path in package_files():
+        if path.name == "__init__.py":
+            continue
+        tree, _ = _parse(path)
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        for node in tree.body:
+            if not isinstance(node, ast.ImportFrom) or not node.level and not (node.module or "").startswith(
+                    PACKAGE_NAME):
+                continue
+            for alias in node.names:
+                name = alias.asname or alias.name
+                if name not in used:
+                    out.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: imports {name} without using it "
+                               f"(a re-export: let its users import it from {_absolute(path, node)})")
+    return out
+
+
 CHECKS = {
     "upward": upward_imports,
     "undeclared-deferred": undeclared_deferred_imports,
     "private": private_imports,
     "reimport": reimports,
     "detour": reexport_detours,
+    "passed-on": passed_on_imports,
     "settings": untyped_settings,
 }
 
@@ -370,6 +394,10 @@ def test_no_reexport_detours():
     _fail_with(reexport_detours(), "re-export detours")
 
 
+def test_no_module_passes_imports_on():
+    _fail_with(passed_on_imports(), "imports kept only to be passed on")
+
+
 def test_settings_are_typed():
     _fail_with(untyped_settings(), "settings parameters not declared Settings")
 
@@ -400,6 +428,8 @@ def test_the_checks_catch_what_they_are_for(tmp_path, monkeypatch):
     assert [o.split(":")[1] for o in reimports()] == ["8"]
     assert [o.split(":")[1] for o in reexport_detours()] == ["2"]
     assert [o.split(":")[1] for o in untyped_settings()] == ["7"]
+    assert [o.split(": ")[0].rsplit("/", 1)[1] for o in passed_on_imports()] == [  # none of them is used
+        "regions.py:1", "models.py:2", "models.py:3"]
     assert deferred_share() == (2, 7)  # six in models.py, one in regions.py
 
 

@@ -30,7 +30,7 @@ TRAINING_DEFAULTS = {
     "cnn": {"epochs": 30, "batch_size": 8, "lr": 1e-3, "patience": 5},
     "regional": {"epochs": 100, "batch_size": 32, "lr": 0.05, "patience": 50},
 }
-#: ``--lrp-rules`` and ``--symmetry-fusion`` choices (bids_siamese.explain.lrp.RULE_SETS and
+#: ``--lrp-rules`` and ``--symmetry-fusion`` choices (bids_siamese.explain.rules.RULE_SETS and
 #: bids_siamese.symmetry.model.FUSIONS; written out here so that parsing never imports torch or captum).
 LRP_RULE_SETS = ("epsilon_plus", "epsilon")
 SYMMETRY_FUSIONS = ("difference", "embedding", "cross_attention")
