@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bids_siamese.config import Settings
@@ -53,3 +54,21 @@ def test_unreadable_participants_table_warns_that_families_are_dropped(tmp_path,
     assert len(messages) == 1 and "participants.tsv" in messages[0] and "own family" in messages[0]
     (tmp_path / "participants.tsv").write_text("participant_id\tfamily_id\nsub-01\tF1\nsub-02\tF1\n")
     assert read_families(tmp_path) == {"sub-01": "F1", "sub-02": "F1"}
+
+
+def test_group_report_without_surface_files_warns_and_keeps_the_slices(monkeypatch, caplog):
+    from bids_siamese.errors import NoInputError
+    from bids_siamese.reports import group
+
+    def missing(*args, **kwargs):
+        raise NoInputError("tpl-fsLR_hemi-L_den-32k_inflated.surf.gii not found; fix: ...")
+
+    monkeypatch.setattr(group, "surface_figure", missing)
+    monkeypatch.setattr(group, "slices_figure", lambda *args: "<svg/>")
+    with caplog.at_level(logging.WARNING, logger="bids_siamese"):
+        context = group.build_group_context("ds", relevance=(np.zeros((4, 4, 4)), np.eye(4), None))
+    assert context["slices_svg"] == "<svg/>" and context["surface_svg"] is None
+    assert any("surface views" in r.getMessage() and "fsLR" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(group, "surface_figure", lambda *args: 1 / 0)  # a bug is not a missing file
+    with pytest.raises(ZeroDivisionError):
+        group.build_group_context("ds", relevance=(np.zeros((4, 4, 4)), np.eye(4), None))

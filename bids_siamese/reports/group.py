@@ -45,6 +45,7 @@ from ..bids.derivatives import (
     write_text,
 )
 from ..config import Settings
+from ..errors import UserError
 from ..surface.gifti import load_mesh, vol_to_surf
 
 if TYPE_CHECKING:  # explain/ is a higher layer: its result type only annotates
@@ -396,8 +397,8 @@ def build_group_context(
         context["slices_svg"] = slices_figure(group_map, affine, template)
         try:
             context["surface_svg"] = surface_figure(group_map, affine)
-        except Exception as err:  # missing surface package: the slices still show the map
-            LOG.warning("no surface views in the report (%s)", err)
+        except (UserError, OSError) as err:  # a surface file missing or unreadable: the slices still show the map
+            LOG.warning("the group report has no surface views of the relevance map (%s)", err)
     if subjects_regions is not None and len(subjects_regions):
         for pid, rows in subjects_regions.groupby("participant_id", sort=True):
             top = rows.sort_values("importance", ascending=False).head(5)
