@@ -1,7 +1,8 @@
 """The package's shape, kept by a test (issue 25): layers, deferred imports, private names, re-export detours.
 
 Every check reads the source with :mod:`ast` (nothing is imported) and fails with one ``file:line: what``
-line per offence. ``python tests/test_layers.py`` prints the number of offences per file and per check.
+line per offence. ``python tests/test_layers.py`` prints the number of offences per file and per check
+(``-v``: every offence).
 
 Layers, high to low (a module imports only its own package or a lower layer; ``if TYPE_CHECKING:``
 imports are exempt, they never run)::
@@ -212,7 +213,7 @@ def upward_imports() -> list[str]:
             if target != source and RANK[target] > RANK[source]:
                 out.append(f"{record.where}: {source or 'root'} imports the higher layer {target} "
                            f"({record.module})")
-    return out
+    return list(dict.fromkeys(out))  # one line per statement and module
 
 
 def undeclared_deferred_imports() -> list[str]:
@@ -433,7 +434,10 @@ def test_the_checks_catch_what_they_are_for(tmp_path, monkeypatch):
     assert deferred_share() == (2, 7)  # six in models.py, one in regions.py
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # ``python tests/test_layers.py [-v]``: counts per check and file (-v: every offence)
+    if "-v" in sys.argv:
+        for check in CHECKS.values():
+            print("\n".join(check()))
     inside, total = deferred_share()
     print(f"imports inside functions: {inside} of {total} ({inside / total:.1%})")
     for check, counts in violations_by_file().items():
