@@ -12,7 +12,7 @@ from pathlib import Path
 from nipype import config as nipype_config
 from nipype import logging as nipype_logging
 
-from ..bids.derivatives import init_output_dir, sweep_partial_files, write_json
+from ..bids.derivatives import init_output_dir, sweep_partial_files, write_json, write_text
 from ..bids.layout import T1wScan, collect_t1w, resolve_participants, validate_dataset
 from ..bids.locks import subject_locks
 from ..config import Settings
@@ -50,6 +50,14 @@ def setup_logging(verbosity: int) -> None:
 
 #: In ``OUTPUT_DIR/logs``: the TemplateFlow cache state last warned about (the warning comes once per state).
 TEMPLATE_STATE = ".templateflow-cache-state"
+
+
+def save_settings(settings: Settings) -> Path:
+    """Write ``logs/<run_id>/settings.json`` (:meth:`~bids_siamese.config.Settings.to_dict`) and ``command.txt``;
+    returns the log folder."""
+    write_json(settings.log_dir / "settings.json", settings.to_dict())
+    write_text(settings.log_dir / "command.txt", " ".join(settings.command_line) + "\n")
+    return settings.log_dir
 
 
 def record_templates(log_dir: Path) -> None:
@@ -100,7 +108,7 @@ def check_models(settings: Settings) -> None:
 def _start_outputs(settings: Settings) -> None:
     """OUTPUT_DIR's top-level files, ``logs/<run_id>/`` (settings, command, templates)."""
     init_output_dir(settings.output_dir, settings.bids_dir, list(settings.derivatives.values()))
-    log_dir = settings.save()
+    log_dir = save_settings(settings)
     LOG.info("run %s: settings saved in %s", settings.run_id, log_dir)
     record_templates(log_dir)
 
