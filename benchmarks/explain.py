@@ -37,11 +37,12 @@ import torch
 
 from bids_siamese.bids.layout import resolve_participants
 from bids_siamese.cli.parser import parse_args
-from bids_siamese.explain.lrp import canonize, embedding_network, relevance_embedding
-from bids_siamese.explain.run import EXPLAIN_FILES, explain_device, run_explain
+from bids_siamese.explain.canonize import canonize
+from bids_siamese.explain.lrp import embedding_network, relevance_embedding
+from bids_siamese.explain.run import explain_device, run_explain
 from bids_siamese.models import BACKBONES, build_model
 from bids_siamese.resources import model_grid
-from bids_siamese.bids.derivatives import REGION_WEIGHTS
+from bids_siamese.bids.derivatives import EXPLAIN_FILES, REGION_WEIGHTS
 from bids_siamese.train.twins import run_twin
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(seed)
         arch = kw.get("arch", "cnn")
         if arch == "regional":
-            from bids_siamese.explain.regions import labels_on_grid, load_atlas
+            from bids_siamese.atlas import labels_on_grid, load_atlas
             from bids_siamese.models.regional import RegionalEncoder, part_map_for
             atlas = load_atlas(kw.get("atlas", "harvard_oxford"))
             brain = masks[train, 0].mean(0) >= 0.5

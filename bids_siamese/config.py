@@ -125,14 +125,6 @@ class Settings:
         text = f"{self.resolution:g}"
         return text.replace(".", "p")
 
-    def save(self) -> Path:
-        """Write ``logs/<run_id>/settings.json`` and ``command.txt``; returns the log folder."""
-        from .bids.derivatives import write_json, write_text  # local: avoid a cycle
-
-        write_json(self.log_dir / "settings.json", self.to_dict())
-        write_text(self.log_dir / "command.txt", " ".join(self.command_line) + "\n")
-        return self.log_dir
-
 
 def load_settings(path: Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())

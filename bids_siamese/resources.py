@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -193,7 +194,7 @@ def fslr_file(hemi: str, kind: str) -> TemplateFile:
 def fsaverage5_file(hemi: str, kind: str) -> TemplateFile:
     """fsaverage5 (TemplateFlow ``den-10k``) ``white``/``pial``/``sphere`` surface, nilearn's copy when the
     TemplateFlow cache has none; ``inflated`` (not in TemplateFlow at 10k) always nilearn's."""
-    from nilearn import datasets
+    from nilearn import datasets  # deferred: nilearn takes seconds to import; only fsaverage5 needs it
 
     side = {"L": "left", "R": "right"}[hemi]
     key = {"white": "white", "pial": "pial", "inflated": "infl", "sphere": "sphere"}[kind]
@@ -280,6 +281,44 @@ def hcp_file(key: str) -> Path:
     return path
 
 
+#: ITK's LPS world convention versus NIfTI's RAS: ``lps = LPS_FROM_RAS @ ras`` (its own inverse).
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: ITK transform types whose parameters are a 3x3 matrix and a translation (12 values) about a centre.
+ITK_AFFINE_TYPES = ("AffineTransform", "MatrixOffsetTransformBase")
+
+
+def itk_affine_to_ras(params: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+    """RAS 4x4 matrix of an ITK affine (LPS parameters: 9 matrix + 3 translation values; centre ``fixed``).
+
+    Examples:
+        >>> itk_affine_to_ras(np.array([1, 0, 0, 0, 1, 0, 0, 0, 1, 2, 3, 4.0]), np.zeros(3))[:3, 3].tolist()
+        [-2.0, -3.0, 4.0]
+    """
+    linear, translation = params[:9].reshape(3, 3), params[9:12]
+    centre = np.zeros(3) if fixed.size < 3 else fixed[:3]
+    lps = np.eye(4)
+    lps[:3, :3] = linear
+    lps[:3, 3] = translation + centre - linear @ centre
+    return LPS_FROM_RAS @ lps @ LPS_FROM_RAS
+
+
+def read_itk_affine(path: str | Path) -> np.ndarray:
+    """Read a single ITK affine text transform back as a RAS template->subject 4x4 matrix.
+
+    Handles ``AffineTransform``/``MatrixOffsetTransformBase`` with a non-zero centre. Here (the lowest layer)
+    because the bundled template transform is such a file; registration writes and reads them too.
+    """
+    params, fixed = None, np.zeros(3)
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("Parameters:"):
+            params = np.array(line.split(":", 1)[1].split(), dtype=np.float64)
+        elif line.startswith("FixedParameters:"):
+            fixed = np.array(line.split(":", 1)[1].split(), dtype=np.float64)
+    if params is None or params.size != 12:
+        raise ValueError(f"{path}: not a 3D ITK affine transform file")
+    return itk_affine_to_ras(params, fixed)
+
+
 #: The bundled template-to-template transform (TemplateFlow's name for it, ITK text instead of .h5).
 TEMPLATE_TRANSFORM = (Path(__file__).parent / "data" / "transforms"
                       / "tpl-MNI152NLin6Asym_from-MNI152NLin2009cAsym_mode-image_xfm.txt")
@@ -320,11 +359,6 @@ def template_transform() -> TemplateTransform:
         >>> xfm.nlin6_to_2009c.shape, xfm.provenance["FixedTemplate"]["Identifier"]
         ((4, 4), 'MNI152NLin6Asym')
     """
-    import json
-
-    # register.py imports torch; reading a text file should not, so the shared ITK reader is imported here
-    from .preproc.register import read_itk_affine
-
     if not TEMPLATE_TRANSFORM.is_file():
         raise NoInputError(f"the bundled transform {TEMPLATE_TRANSFORM} is missing; fix: reinstall bids-siamese")
     matrix = read_itk_affine(TEMPLATE_TRANSFORM)

@@ -279,7 +279,7 @@ def test_every_group_option_is_settable_and_saved(mini_bids, tmp_path):
 
     from bids_siamese.cli.parser import LRP_RULE_SETS, SYMMETRY_FUSIONS
     from bids_siamese.config import Settings
-    from bids_siamese.explain.lrp import RULE_SETS
+    from bids_siamese.explain.rules import RULE_SETS
     from bids_siamese.symmetry.model import FUSIONS
 
     assert LRP_RULE_SETS == RULE_SETS and SYMMETRY_FUSIONS == FUSIONS

@@ -12,14 +12,14 @@ from scipy import ndimage
 from torch import nn
 
 from bids_siamese.config import Settings
+from bids_siamese.explain.canonize import canonize
 from bids_siamese.explain.lrp import (
-    attach_rules,
-    canonize,
     distance_shares,
     embedding_network,
     relevance_embedding,
     relevance_pair_distance,
 )
+from bids_siamese.explain.rules import attach_rules
 
 
 def _zero_bias_batchnorm(net: nn.Module) -> nn.Module:
@@ -365,7 +365,8 @@ def _thalamus_map(resolution: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("atlas", ["harvard_oxford", "aal", "neuromorphometrics"])
 def test_thalamus_map_ranks_thalamus_first(atlas):
-    from bids_siamese.explain.regions import labels_on_grid, load_atlas, rank_regions
+    from bids_siamese.atlas import labels_on_grid, load_atlas
+    from bids_siamese.explain.regions import rank_regions
     from bids_siamese.resources import model_grid
 
     grid = model_grid(2.0)
@@ -386,7 +387,7 @@ def test_thalamus_map_ranks_thalamus_first(atlas):
 def test_user_atlas_with_label_tsv(tmp_path):
     import nibabel as nib
 
-    from bids_siamese.explain.regions import load_atlas
+    from bids_siamese.atlas import load_atlas
 
     labels = np.zeros((10, 10, 10), np.int16)
     labels[:5] = 1

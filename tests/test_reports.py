@@ -9,9 +9,11 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
+from bids_siamese.bids.derivatives import write_text
+from bids_siamese.errors import CannotCreateError
 from bids_siamese.reports import figures
 from bids_siamese.reports.figures import mask_contour_mosaic, orientation_figure, registration_mosaic
-from bids_siamese.reports.html import orientation_direction, render_subject_report, scan_verdict, write_text_atomic
+from bids_siamese.reports.html import orientation_direction, render_subject_report, scan_verdict
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
@@ -363,11 +365,11 @@ def test_atomic_write_failure_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
     target.write_text("old")
 
     def broken_replace(src, dst):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError):
-        write_text_atomic(target, "new")
+    with pytest.raises(CannotCreateError):
+        render_subject_report("01", make_scans()[:1], out_path=target)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["sub-01.html"]
 
@@ -375,7 +377,7 @@ def test_atomic_write_failure_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
 def test_report_next_to_real_figures(tmp_path, vol):
     fig_dir = tmp_path / "sub-01" / "figures"
     rel = "sub-01/figures/sub-01_desc-orientation_T1w.svg"
-    write_text_atomic(tmp_path / rel, orientation_figure(vol, vol))
+    write_text(tmp_path / rel, orientation_figure(vol, vol))
     scans = [{"name": "sub-01_T1w", "source": "x.nii.gz", "header_checks": [],
               "orientation": {"lr_flip_probability": 0.1, "lr_flip_suspected": False, "threshold": 0.5},
               "figures": {"Orientation": rel}}]

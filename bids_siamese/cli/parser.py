@@ -16,6 +16,7 @@ from ..bids.fmriprep import PIPELINES, PipelineDataset, read_pipeline_dataset
 from ..bids.layout import clean_label, load_filter_file
 from ..config import Settings, available_cpus, available_memory_gb
 from ..errors import EXIT_CODES, AnalysisLevelError, NoInputError, UsageError
+from ..resources import model_grid
 
 ANALYSIS_LEVELS = ("participant", "group")
 TASKS = ("twin", "longitudinal", "symmetry", "orientation")
@@ -29,7 +30,7 @@ TRAINING_DEFAULTS = {
     "cnn": {"epochs": 30, "batch_size": 8, "lr": 1e-3, "patience": 5},
     "regional": {"epochs": 100, "batch_size": 32, "lr": 0.05, "patience": 50},
 }
-#: ``--lrp-rules`` and ``--symmetry-fusion`` choices (bids_siamese.explain.lrp.RULE_SETS and
+#: ``--lrp-rules`` and ``--symmetry-fusion`` choices (bids_siamese.explain.rules.RULE_SETS and
 #: bids_siamese.symmetry.model.FUSIONS; written out here so that parsing never imports torch or captum).
 LRP_RULE_SETS = ("epsilon_plus", "epsilon")
 SYMMETRY_FUSIONS = ("difference", "embedding", "cross_attention")
@@ -208,7 +209,7 @@ def resolve_device(requested: str) -> str:
         return "cpu"
     # ask NVML, not the CUDA runtime: a process that initialised CUDA cannot fork workers that use it
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    import torch
+    import torch  # deferred: keeps the CLI's --help fast; only a device other than cpu needs it
 
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -289,8 +290,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     if args.model is not None and not args.model.exists():
         raise NoInputError(f"--model {args.model} not found; fix: give a checkpoint written by --mode train")
     if args.orientation_model is not None:  # an orientation checkpoint for this model grid
-        from ..models.checkpoint import check_card, read_card
-        from ..resources import model_grid
+        from ..models.checkpoint import check_card, read_card  # deferred: torch, only with --orientation-model
 
         check_card(read_card(args.orientation_model), "orientation", model_grid(float(args.resolution)),
                    source=f"--orientation-model {args.orientation_model}")
@@ -320,7 +320,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     if args.atlas_labels is not None and not args.atlas_labels.is_file():
         raise NoInputError(f"--atlas-labels {args.atlas_labels} not found; fix: give the atlas's label TSV")
     if args.use_plugin is not None:
-        from ..workflows.plugin import load_plugin_file
+        from ..workflows.plugin import load_plugin_file  # deferred: nipype, only with --use-plugin
 
         load_plugin_file(args.use_plugin)  # one-line error (64/66) before any work
 

@@ -39,29 +39,33 @@ from torch import nn
 
 __all__ = ["CanonicalModel", "ScanReadout", "canonize"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: Convolutions (merged with a following normalisation into :class:`ConvNorm`; LRP rules act on them).
+CONV_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _INSTANCENORM = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-_NORMS = _BATCHNORM + _INSTANCENORM + (nn.GroupNorm,)
+#: Normalisations: merged into the convolution before them, kept as leaves of the traced graph otherwise.
+NORM_LAYERS = _BATCHNORM + _INSTANCENORM + (nn.GroupNorm,)
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
-_PASS_ACTIVATIONS = (nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Softplus, nn.ReLU6, nn.Mish,
-                     nn.Tanh, nn.Sigmoid)
-_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-          nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+#: Element-wise activations that relevance passes through unchanged (identity rule).
+PASS_ACTIVATIONS = (nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Softplus, nn.ReLU6, nn.Mish,
+                    nn.Tanh, nn.Sigmoid)
+#: Pooling layers (the epsilon rule splits their relevance by contribution).
+POOL_LAYERS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+               nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+               nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Structural modules that replace functional operations
 # ----------------------------------------------------------------------------------------------------------
-class _Branch(nn.Module):
+class Branch(nn.Module):
     """Identity for one use of a tensor that has several uses (keeps captum's bookkeeping exact)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clone()
 
 
-class _Concat(nn.Module):
+class Concat(nn.Module):
     """``torch.cat`` as a module (dense connections)."""
 
     def __init__(self, dim: int):
@@ -72,7 +76,7 @@ class _Concat(nn.Module):
         return torch.cat(xs, dim=self.dim)
 
 
-class _Reduce(nn.Module):
+class Reduce(nn.Module):
     """``x.mean(dim)`` or ``x.amax(dim)`` as a module (global average or max pooling).
 
     With the epsilon rule relevance splits in proportion to each input's contribution: over all inputs for
@@ -106,7 +110,7 @@ class ScanReadout(nn.Module):
         return (e * self.weights).sum(dim=1, keepdim=True)
 
 
-class _ConvNorm(nn.Module):
+class ConvNorm(nn.Module):
     """A convolution merged with the normalisation that follows it, a single affine layer for one scan.
 
     ``weight`` and ``bias`` (what LRP rules read and modify) are the merged values. For per-scan statistics
@@ -203,7 +207,7 @@ class CanonicalModel:
 
     def calibrate(self, x: torch.Tensor) -> torch.Tensor:
         """Set the per-scan merged weights from ``x`` (batch of 1) and return the output."""
-        folded = [m for m in self.module.modules() if isinstance(m, _ConvNorm)]
+        folded = [m for m in self.module.modules() if isinstance(m, ConvNorm)]
         for m in folded:
             m.calibrating = True
         try:
@@ -218,7 +222,7 @@ class _Tracer(fx.Tracer):
     """Keeps normalisation layers (and subclasses with their own ``forward``) as single modules."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _NORMS) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, NORM_LAYERS) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _replace_node_with_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, args: tuple, name: str) -> fx.Node:
@@ -253,7 +257,7 @@ def canonize(model: nn.Module) -> CanonicalModel:
         >>> net = nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2), nn.ReLU(inplace=True))
         >>> canon = canonize(net.eval())
         >>> sorted(type(m).__name__ for m in canon.module.children())
-        ['ReLU', '_ConvNorm']
+        ['ConvNorm', 'ReLU']
     """
     model = copy.deepcopy(model).eval()
     for m in model.modules():
@@ -293,12 +297,12 @@ def canonize(model: nn.Module) -> CanonicalModel:
     needs_calibration = False
     for node in list(graph.nodes):
         mod = module_of(node)
-        if not isinstance(mod, _NORMS):
+        if not isinstance(mod, NORM_LAYERS):
             continue
         source = node.args[0]
         src_mod = module_of(source) if isinstance(source, fx.Node) else None
-        if isinstance(src_mod, _CONV) and len(source.users) == 1:
-            fused = _ConvNorm(src_mod, mod)
+        if isinstance(src_mod, CONV_LAYERS) and len(source.users) == 1:
+            fused = ConvNorm(src_mod, mod)
             needs_calibration |= not fused.static
             name = fresh("convnorm")
             gm.add_submodule(name, fused)
@@ -352,20 +356,20 @@ def canonize(model: nn.Module) -> CanonicalModel:
         elif node.op == "call_function" and node.target in (torch.cat, torch.concat):
             tensors = _arg(node, 0, "tensors")
             dim = _arg(node, 1, "dim", 0)
-            _replace_node_with_module(gm, node, _Concat(dim), tuple(tensors), fresh("cat"))
+            _replace_node_with_module(gm, node, Concat(dim), tuple(tensors), fresh("cat"))
         elif (node.op == "call_method" and node.target == "mean") or (
             node.op == "call_function" and node.target is torch.mean
         ):
             dim = _arg(node, 1, "dim", None)
             if dim is None:
                 raise TypeError("LRP: a mean over all dimensions (batch included) is not supported")
-            _replace_node_with_module(gm, node, _Reduce("mean", dim, _arg(node, 2, "keepdim", False)), (node.args[0],),
+            _replace_node_with_module(gm, node, Reduce("mean", dim, _arg(node, 2, "keepdim", False)), (node.args[0],),
                                       fresh("mean"))
         elif (node.op == "call_method" and node.target == "amax") or (
             node.op == "call_function" and node.target is torch.amax
         ):
             dim = _arg(node, 1, "dim", None)
-            _replace_node_with_module(gm, node, _Reduce("amax", dim, _arg(node, 2, "keepdim", False)), (node.args[0],),
+            _replace_node_with_module(gm, node, Reduce("amax", dim, _arg(node, 2, "keepdim", False)), (node.args[0],),
                                       fresh("amax"))
         elif (node.op == "call_function" and node.target in (F.relu, torch.relu)) or (
             node.op == "call_method" and node.target == "relu"
@@ -399,7 +403,7 @@ def canonize(model: nn.Module) -> CanonicalModel:
             if user.op == "call_method" and user.target in ("size", "dim"):
                 continue
             name = fresh("branch")
-            gm.add_submodule(name, _Branch())
+            gm.add_submodule(name, Branch())
             with graph.inserting_before(user):
                 branch = graph.call_module(name, args=(node,))
             user.replace_input_with(node, branch)

@@ -35,14 +35,10 @@ from captum.attr import LRP
 from torch import nn
 
 from .canonize import CanonicalModel, ScanReadout, canonize
-from .rules import RULE_SETS, attach_rules
+from .rules import attach_rules
 
 __all__ = [
-    "RULE_SETS",
     "TARGETS",
-    "CanonicalModel",
-    "attach_rules",
-    "canonize",
     "distance_shares",
     "embedding_network",
     "embedding_shares",

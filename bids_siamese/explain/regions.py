@@ -1,7 +1,7 @@
 """Atlas regions: ranking of relevance maps by region, and the subcortical-vs-cortical statistics.
 
 Atlases (bundled or user, their label tables, ``region``/``hemisphere``/``structure_class`` per label) are
-read by :mod:`bids_siamese.atlas`; its names are re-exported here. Labels of class ``other`` (ventricles, CSF,
+read by :mod:`bids_siamese.atlas` (import the loader from there). Labels of class ``other`` (ventricles, CSF,
 vessels, unknown) are not ranked.
 
 Importance of a region = mean of the 0..1 group relevance map over the region's voxels, divided by the
@@ -16,18 +16,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ..atlas import STRUCTURE_CLASSES, Atlas, label_table, labels_on_grid, load_atlas, parse_label, structure_class
-
 __all__ = [
-    "STRUCTURE_CLASSES",
     "RANKING_COLUMNS",
     "STATISTICS_COLUMNS",
-    "Atlas",
-    "parse_label",
-    "structure_class",
-    "label_table",
-    "load_atlas",
-    "labels_on_grid",
     "region_means",
     "rank_regions",
     "subject_region_importance",
@@ -65,14 +56,15 @@ def rank_regions(group_map: np.ndarray, grid_labels: np.ndarray, table: pd.DataF
 
     Args:
         group_map: group relevance on the grid (0..1).
-        grid_labels: atlas labels on the same grid (:func:`labels_on_grid`).
-        table: the atlas label table (:func:`label_table`).
+        grid_labels: atlas labels on the same grid (:func:`bids_siamese.atlas.labels_on_grid`).
+        table: the atlas label table (:func:`bids_siamese.atlas.label_table`).
         min_voxels: regions with fewer voxels on the grid are left out.
 
     Returns:
         :data:`RANKING_COLUMNS`, most important first; ``importance`` = region mean / largest region mean.
 
     Examples:
+        >>> from bids_siamese.atlas import label_table
         >>> tab = label_table(pd.DataFrame({"index": [1, 2, 3], "name": ["Left_Thalamus", "Right_Thalamus",
         ...                                  "Left_Precentral"]}))
         >>> rank_regions(np.array([1.0, 0.5, 0.1, 0.0]), np.array([1, 2, 3, 0]), tab)[["region", "hemisphere",

@@ -19,7 +19,8 @@ from captum.attr._utils.custom_modules import Addition_Module
 from captum.attr._utils.lrp_rules import Alpha1_Beta0_Rule, EpsilonRule, IdentityRule, PropagationRule
 from torch import nn
 
-from .canonize import _CONV, _NORMS, _PASS_ACTIVATIONS, _POOLS, ScanReadout, _Branch, _Concat, _ConvNorm, _Reduce
+from .canonize import (CONV_LAYERS, NORM_LAYERS, PASS_ACTIVATIONS, POOL_LAYERS, Branch, Concat, ConvNorm, Reduce,
+                       ScanReadout)
 
 __all__ = ["RULE_SETS", "StabilisedEpsilonRule", "ZPlusRule", "WSquareRule", "attach_rules"]
 
@@ -123,15 +124,15 @@ def attach_rules(module: nn.Module, rules: str = "epsilon_plus", epsilon: float 
         raise ValueError(f"rules must be one of {RULE_SETS}, got {rules!r}")
     plus = rules == "epsilon_plus"
     leaves = _leaf_modules(module)
-    first_conv = next((m for m in leaves if isinstance(m, _CONV + (_ConvNorm,))), None)
+    first_conv = next((m for m in leaves if isinstance(m, CONV_LAYERS + (ConvNorm,))), None)
     for m in leaves:
         if isinstance(m, nn.ReLU):  # captum passes relevance through ReLU itself
             if hasattr(m, "rule"):
                 del m.rule
             continue
-        if isinstance(m, _NORMS + _PASS_ACTIVATIONS):
+        if isinstance(m, NORM_LAYERS + PASS_ACTIVATIONS):
             m.rule = IdentityRule()
-        elif isinstance(m, _CONV + (_ConvNorm,)):
+        elif isinstance(m, CONV_LAYERS + (ConvNorm,)):
             if not plus:
                 m.rule = StabilisedEpsilonRule(epsilon)
             elif m is first_conv:
@@ -140,7 +141,7 @@ def attach_rules(module: nn.Module, rules: str = "epsilon_plus", epsilon: float 
                 m.rule = ZPlusRule(epsilon, relative=PLUS_RELATIVE_EPSILON)
         elif isinstance(m, (nn.Linear, ScanReadout)):
             m.rule = StabilisedEpsilonRule(epsilon, relative=PLUS_RELATIVE_EPSILON if plus else 0.0)
-        elif isinstance(m, (Addition_Module, _Concat, _Reduce, _Branch) + _POOLS):
+        elif isinstance(m, (Addition_Module, Concat, Reduce, Branch) + POOL_LAYERS):
             m.rule = StabilisedEpsilonRule(epsilon, relative=STRUCTURAL_RELATIVE_EPSILON if plus else 0.0)
         else:
             raise TypeError(f"LRP: no rule for layer type {type(m).__name__}")

@@ -32,9 +32,12 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import ndimage
+from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
+from ..atlas import Atlas, labels_on_grid, load_atlas
 from ..bids.derivatives import (
     EXPLAIN_FILES,
+    mask_path_for,
     model_folder,
     model_grid_sidecar,
     relevance_desc,
@@ -45,13 +48,21 @@ from ..bids.derivatives import (
     write_text,
     write_tsv,
 )
-from ..errors import NoInputError
-from ..resources import TEMPLATE, model_grid
+from ..config import Settings
+from ..errors import NoInputError, UserError
+from ..models.checkpoint import load_checkpoint
 from ..models.regional import RegionalEncoder
+from ..preproc.brain import torch_threads
+from ..preproc.grid import template_on_grid
+from ..reports.group import write_group_report
+from ..resources import TEMPLATE, Grid, model_grid
+from ..surface.spec import write_surface_maps, write_workbench_bundle
+from ..train.data import find_preproc, load_volume
 from ..train.reproducibility import configure_determinism, seed_everything
-from .lrp import (CanonicalModel, canonize, distance_shares, embedding_network, embedding_shares, lrp_memory_gb,
-                  relevance_maps)
-from .regions import class_contrast, labels_on_grid, load_atlas, rank_regions, subject_region_importance
+from ..train.run import load_relations
+from .canonize import CanonicalModel, canonize
+from .lrp import distance_shares, embedding_network, embedding_shares, lrp_memory_gb, relevance_maps
+from .regions import class_contrast, rank_regions, subject_region_importance
 
 LOG = logging.getLogger("bids_siamese.group.explain")
 
@@ -191,17 +202,19 @@ def source_stem(preproc: Path) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # The step
 # ----------------------------------------------------------------------------------------------------------
-def _families(settings: Any, pids: Sequence[str]) -> dict[str, str]:
+def _families(settings: Settings, pids: Sequence[str]) -> dict[str, str]:
+    """``{participant_id: family}`` of the explained subjects; without readable family information (no
+    participants.tsv or family column, a bad ``--pairs-file``: a :class:`~bids_siamese.errors.UserError`) every
+    subject is its own family, with a WARNING naming what is lost. Any other error is a bug and propagates."""
     try:
-        from ..train.run import load_relations
-
         return dict(load_relations(settings, [p.removeprefix("sub-") for p in pids]).family)
-    except Exception as err:  # no family information: every subject is its own family
-        LOG.info("no family information for the explanations (%s)", err)
+    except UserError as err:
+        LOG.warning("no family information for the explanations, so every subject counts as its own family in "
+                    "the embeddings table's family_id and the group report (%s)", err)
         return {p: p for p in pids}
 
 
-def _find_checkpoint(settings: Any, model_path: Path | None) -> Path:
+def _find_checkpoint(settings: Settings, model_path: Path | None) -> Path:
     if model_path is not None:
         return Path(model_path)
     if settings.model:
@@ -231,7 +244,7 @@ def explain_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def scan_workers(settings: Any) -> int:
+def scan_workers(settings: Settings) -> int:
     """Threads that read, write and smooth scans next to the LRP (``--nprocs``, at most one per
     :data:`SCAN_MEM_GB` of ``--mem-gb``; at least 1)."""
     by_memory = int(float(settings.mem_gb) // SCAN_MEM_GB)
@@ -257,10 +270,8 @@ def _batches(n: int, size: int) -> list[list[int]]:
     return [list(range(start, min(n, start + size))) for start in range(0, n, size)]
 
 
-def _read_scan(path: Path, grid: Any) -> tuple[np.ndarray, np.ndarray]:
+def _read_scan(path: Path, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
     """A scan on the model grid and its brain mask (the non-zero voxels when no mask file is next to it)."""
-    from ..train.data import load_volume, mask_path_for
-
     volume = load_volume(Path(path), grid)
     mask_path = mask_path_for(Path(path))
     return volume, ((load_volume(mask_path, grid) > 0.5) if mask_path.is_file() else volume != 0)
@@ -278,12 +289,10 @@ def _scan_embeddings(model: torch.nn.Module, canon: CanonicalModel | None, volum
     return np.concatenate(out).astype(np.float32)
 
 
-def _write_scan(settings: Any, path: Path, relevance: np.ndarray, sidecar: dict[str, Any], grid: Any, desc: str
+def _write_scan(settings: Settings, path: Path, relevance: np.ndarray, sidecar: dict[str, Any], grid: Grid, desc: str
                 ) -> list[Path]:
     """The relevance map of one scan (NIfTI, JSON sidecar, GIFTI with ``explain_surfaces``), named ``desc-<desc>``
     (:func:`~bids_siamese.bids.derivatives.relevance_desc`); returns the paths."""
-    from ..surface.spec import write_surface_maps
-
     out_path = relevance_path(Path(path), desc)
     written = [write_nifti(out_path, nib.Nifti1Image(relevance.astype(np.float32), grid.affine)),
                write_json(out_path.with_name(out_path.name.replace(".nii.gz", ".json")),
@@ -295,7 +304,7 @@ def _write_scan(settings: Any, path: Path, relevance: np.ndarray, sidecar: dict[
     return written
 
 
-def run_explain(settings: Any, subjects: list[str], model_path: Path | None = None) -> list[Path]:
+def run_explain(settings: Settings, subjects: list[str], model_path: Path | None = None) -> list[Path]:
     """Relevance maps, region ranking and statistics, Workbench files and ``group.html`` for a twin model.
 
     The model runs on ``settings.device`` (CPU fallback), explaining :func:`lrp_batch` scans per LRP pass;
@@ -313,19 +322,14 @@ def run_explain(settings: Any, subjects: list[str], model_path: Path | None = No
     Returns:
         Every path written.
     """
-    from ..preproc.brain import torch_threads
-
     workers = scan_workers(settings)
     LOG.info("explanations: %d scan thread(s), %d torch thread(s)", workers, settings.omp_nthreads)
     with torch_threads(settings.omp_nthreads), ThreadPoolExecutor(workers) as pool:
         return _run_explain(settings, subjects, model_path, pool)
 
 
-def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, pool: ThreadPoolExecutor) -> list[Path]:
-    from ..models.checkpoint import load_checkpoint
-    from ..surface.spec import write_workbench_bundle
-    from ..train.data import find_preproc
-
+def _run_explain(settings: Settings, subjects: list[str], model_path: Path | None, pool: ThreadPoolExecutor
+                 ) -> list[Path]:
     t0 = time.perf_counter()
     out_dir = Path(settings.output_dir)
     grid = model_grid(settings.resolution)
@@ -433,10 +437,6 @@ def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, po
     result = ExplainResult(scans=scans, group_map=group_map, affine=grid.affine, template=template_job.result(),
                            ranking=ranking, statistics=statistics, embeddings=emb_table, target=target,
                            atlas=atlas.name, fwhm=fwhm, written=written)
-    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
-
-    from ..reports.group import write_group_report
-
     # one OpenMP/BLAS thread for the report: its t-SNE of a few hundred scans takes 0.2-0.6 s on one thread, but 10-50 s
     # with one spinning thread per core when other jobs share the cores; the coordinates are bit-identical
     with threadpool_limits(limits=1):
@@ -444,7 +444,7 @@ def _run_explain(settings: Any, subjects: list[str], model_path: Path | None, po
     return written
 
 
-def _atlas_on_grid(settings: Any, grid: Any) -> tuple[Any, np.ndarray]:
+def _atlas_on_grid(settings: Settings, grid: Grid) -> tuple[Atlas, np.ndarray]:
     """The run's atlas (``--atlas``, ``--atlas-labels``) and its labels on the model grid."""
     atlas = load_atlas(str(settings.atlas), settings.atlas_labels)
     return atlas, labels_on_grid(atlas, grid.shape, grid.affine)
@@ -461,13 +461,11 @@ def _embedding_table(scans: pd.DataFrame, embeddings: np.ndarray, totals: Sequen
     return pd.concat([table.reset_index(drop=True), emb], axis=1)
 
 
-def _template_on_grid(grid) -> np.ndarray | None:
+def _template_on_grid(grid: Grid) -> np.ndarray | None:
     """The template brain on the model grid (:func:`bids_siamese.preproc.grid.template_on_grid`), the report's
     underlay."""
     try:
-        from ..preproc.grid import template_on_grid
-
         return template_on_grid(grid)[0]
-    except Exception as err:  # the report still works without the template underlay
-        LOG.info("no template underlay for the report (%s)", err)
+    except OSError as err:  # an unreadable bundled template: the report still works without its underlay
+        LOG.warning("the group report's relevance figures have no template underlay: %s", err)
         return None

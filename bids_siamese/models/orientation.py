@@ -8,8 +8,8 @@ a small feature map instead of a global pooling.
 
 Examples:
     >>> import torch
-    >>> net = OrientationEnsemble([LatNet(input_shape=(48, 56, 48)) for _ in range(2)])
-    >>> p = net(torch.zeros(3, 1, 48, 56, 48))
+    >>> net = OrientationEnsemble([LatNet(input_shape=(24, 28, 24), input_pool=1) for _ in range(2)])
+    >>> p = net(torch.zeros(3, 1, 24, 28, 24))
     >>> tuple(p.shape), bool(torch.allclose(p.sum(1), torch.ones(3)))
     ((3, 2), True)
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,8 +87,6 @@ def p_flipped(model: nn.Module, volumes, device: torch.device | str = "cpu", bat
 
     ``model`` is an :class:`OrientationEnsemble` (probabilities) or a single :class:`LatNet` (logits).
     """
-    import numpy as np
-
     was_training = model.training
     model.eval()
     out = []

@@ -39,7 +39,7 @@ def torch_threads(n_threads: int | None) -> Iterator[None]:
 @lru_cache(maxsize=4)
 def bet_model(device: str = "cpu"):
     """deepbet's :class:`~deepbet.bet.BrainExtraction` with both networks on ``device`` (cached)."""
-    from deepbet.bet import BrainExtraction  # heavy import, deferred until brain extraction is needed
+    from deepbet.bet import BrainExtraction  # deferred: heavy, imported only when a brain is extracted
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load is deprecated in torch 2.9+

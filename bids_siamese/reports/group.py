@@ -17,15 +17,17 @@ group map sampled at the cortex.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import jinja2
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
@@ -42,6 +44,12 @@ from ..bids.derivatives import (
     read_group_record,
     write_text,
 )
+from ..config import Settings
+from ..errors import UserError
+from ..surface.gifti import load_mesh, vol_to_surf
+
+if TYPE_CHECKING:  # explain/ is a higher layer: its result type only annotates
+    from ..explain.run import ExplainResult
 
 LOG = logging.getLogger("bids_siamese.group.report")
 
@@ -57,8 +65,6 @@ _SALT = "bids-siamese-group"
 # Figures (pure: arrays/tables in, SVG text out)
 # ----------------------------------------------------------------------------------------------------------
 def _svg(fig: Figure, dpi: int = 90) -> str:
-    import matplotlib
-
     buffer = io.StringIO()
     with matplotlib.rc_context({"svg.hashsalt": _SALT, "svg.fonttype": "none"}):
         fig.savefig(buffer, format="svg", dpi=dpi, metadata={"Date": None}, bbox_inches="tight")
@@ -87,7 +93,7 @@ def ranking_figure(ranking: pd.DataFrame, top: int = 20) -> str:
 def _project_2d(embeddings: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
     x = embeddings - embeddings.mean(axis=0)
     if method == "tsne":
-        from sklearn.manifold import TSNE
+        from sklearn.manifold import TSNE  # deferred: scikit-learn takes seconds to import; only t-SNE needs it
 
         perplexity = float(max(2.0, min(30.0, (len(x) - 1) / 3.0)))
         return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
@@ -190,8 +196,6 @@ def _render_mesh(ax, coords: np.ndarray, faces: np.ndarray, values: np.ndarray, 
 
 def surface_figure(group_map: np.ndarray, affine: np.ndarray, threshold: float = 0.25, mesh_name: str = "fsLR") -> str:
     """Lateral and medial views of both hemispheres (inflated fsLR 32k, medial wall grey) coloured by the group map."""
-    from ..surface.gifti import load_mesh, vol_to_surf
-
     fig = Figure(figsize=(10, 5.2))
     panels = [("L", "lateral"), ("R", "lateral"), ("L", "medial"), ("R", "medial")]
     for k, (hemi, view) in enumerate(panels):
@@ -393,8 +397,8 @@ def build_group_context(
         context["slices_svg"] = slices_figure(group_map, affine, template)
         try:
             context["surface_svg"] = surface_figure(group_map, affine)
-        except Exception as err:  # missing surface package: the slices still show the map
-            LOG.warning("no surface views in the report (%s)", err)
+        except (UserError, OSError) as err:  # a surface file missing or unreadable: the slices still show the map
+            LOG.warning("the group report has no surface views of the relevance map (%s)", err)
     if subjects_regions is not None and len(subjects_regions):
         for pid, rows in subjects_regions.groupby("participant_id", sort=True):
             top = rows.sort_values("importance", ascending=False).head(5)
@@ -430,7 +434,8 @@ def _read_text(path: Path) -> str | None:
     return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
-def recorded_steps(output_dir: Path, settings: Any = None, explain: Any = None) -> dict[str, dict[str, Any]]:
+def recorded_steps(output_dir: Path, settings: Settings | None = None, explain: ExplainResult | None = None
+                   ) -> dict[str, dict[str, Any]]:
     """The group steps to report: the record's entries (``group_outputs.json``), the explanations of this run
     (``explain.written``, recorded by the workflow only after the report), and, for a step the record lacks
     (outputs from before the record existed, or a task function called directly), the files of
@@ -452,7 +457,25 @@ def _region_weights(output_dir: Path, entry: Mapping[str, Any] | None, fallbacks
     return next((_read_tsv(f / REGION_WEIGHTS) for f in folders if (f / REGION_WEIGHTS).is_file()), None)
 
 
-def write_group_report(settings: Any, explain: Any = None, output_dir: Path | None = None) -> Path:
+def dataset_name(bids_dir: Path) -> str:
+    """The ``Name`` in the dataset's ``dataset_description.json``; ``""`` when it has none, and also (with a
+    WARNING naming the file) when the file cannot be read: the report only shows the name.
+
+    Examples:
+        >>> dataset_name(Path("/nonexistent"))
+        ''
+    """
+    path = Path(bids_dir) / "dataset_description.json"
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # missing, unreadable, not JSON or not UTF-8
+        LOG.warning("the group report shows no dataset name: cannot read %s (%s)", path, err)
+        return ""
+    return str(description.get("Name", "")) if isinstance(description, dict) else ""
+
+
+def write_group_report(settings: Settings, explain: ExplainResult | None = None, output_dir: Path | None = None
+                       ) -> Path:
     """Write ``OUTPUT_DIR/group.html`` from what the group steps recorded (:func:`recorded_steps`).
 
     Args:
@@ -464,13 +487,8 @@ def write_group_report(settings: Any, explain: Any = None, output_dir: Path | No
     Returns:
         The report path.
     """
-    import json
-
     out = Path(output_dir or settings.output_dir)
-    try:
-        dataset = json.loads((Path(settings.bids_dir) / "dataset_description.json").read_text()).get("Name", "")
-    except Exception:  # the report does not need the dataset name
-        dataset = ""
+    dataset = dataset_name(Path(settings.bids_dir))
     steps = recorded_steps(out, settings, explain)
     tables: dict[str, Any] = {}
     figures: dict[str, str | None] = {}

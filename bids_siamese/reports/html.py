@@ -36,9 +36,7 @@ Scan dictionary contract
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
@@ -48,10 +46,10 @@ from urllib.parse import quote
 
 import jinja2
 
+from ..bids.derivatives import write_text
 from ..qc import INFORMATIONAL_CHECKS
 
-__all__ = ["render_subject_report", "build_report_context", "scan_verdict", "write_text_atomic",
-           "orientation_direction"]
+__all__ = ["render_subject_report", "build_report_context", "scan_verdict", "orientation_direction"]
 
 TEMPLATE_NAME = "MNI152NLin2009cAsym"
 _TEMPLATE_FILE = "subject.html.j2"
@@ -332,31 +330,6 @@ def _template() -> jinja2.Template:
     return env.from_string(source)
 
 
-def write_text_atomic(path: Path | str, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically: a temp file in the same folder, then ``os.replace``.
-
-    Readers see either the old file or the complete new one, never a partial write; the temp file is
-    removed if anything fails. The parent folder is created when missing.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
-
-
 def render_subject_report(
     participant_label: str,
     scans: list[dict],
@@ -368,7 +341,8 @@ def render_subject_report(
     Args:
         participant_label: BIDS label with or without the ``sub-`` prefix (``"01"`` or ``"sub-01"``).
         scans: one dict per scan, in display order (see the module docstring for the keys).
-        out_path: when given, the HTML is written there (temp file + ``os.replace``); figure paths in
+        out_path: when given, the HTML is written there atomically
+            (:func:`bids_siamese.bids.derivatives.write_text`); figure paths in
             the scan dicts are relative to this file's folder.
         app_version: shown in the header and footer.
 
@@ -380,5 +354,5 @@ def render_subject_report(
     """
     html = _template().render(**build_report_context(participant_label, scans, app_version))
     if out_path is not None:
-        write_text_atomic(out_path, html)
+        write_text(Path(out_path), html)
     return html

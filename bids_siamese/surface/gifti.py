@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
 
 from ..resources import fslr_file, fsaverage5_file
 
@@ -126,8 +126,6 @@ def inflate(mesh: Mesh, iterations: int = 60, step: float = 0.5) -> Mesh:
         >>> inflate(m, iterations=5).n_vertices == m.n_vertices
         True
     """
-    from scipy import sparse
-
     n = mesh.n_vertices
     f = mesh.faces
     rows = np.concatenate([f[:, 0], f[:, 1], f[:, 2], f[:, 1], f[:, 2], f[:, 0]])

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Iterable, Mapping
 from xml.sax.saxutils import escape, quoteattr
 
-from ..bids.derivatives import RELEVANCE_DESC, TEMPLATE_FILE, map_file_names, surface_file_name
+import nibabel as nib
+import numpy as np
+
+from ..bids.derivatives import (RELEVANCE_DESC, TEMPLATE_FILE, map_file_names, surface_file_name, write_bytes,
+                                write_nifti, write_text)
+from ..resources import template_brain_path
+from .cifti import cifti_bytes, dscalar_from_volume
+from .gifti import gifti_bytes, load_mesh, metric_gifti, surface_gifti, vol_to_surf
 
 __all__ = ["SpecEntry", "FILE_TYPES", "file_type", "entry_for", "spec_xml", "surface_file_name", "map_file_names",
            "write_surface_maps", "write_workbench_bundle"]
@@ -133,10 +140,6 @@ def write_surface_maps(folder, stem: str, maps, resolution_label: str, desc: str
     Returns:
         File key (``fsLR_L``, ``fsaverage5_R``, ``cifti``) -> written path.
     """
-    from ..bids.derivatives import write_bytes
-    from .cifti import cifti_bytes, dscalar_from_volume
-    from .gifti import gifti_bytes, metric_gifti, vol_to_surf
-
     folder = Path(folder)
     names = map_file_names(stem, desc, suffix, resolution_label)
     written: dict[str, Path] = {}
@@ -171,13 +174,6 @@ def write_workbench_bundle(folder, maps, resolution_label: str, stem: str = "gro
     Returns:
         Every path written, the spec files last.
     """
-    import nibabel as nib
-    import numpy as np
-
-    from ..bids.derivatives import write_bytes, write_nifti, write_text
-    from ..resources import template_brain_path
-    from .gifti import gifti_bytes, load_mesh, surface_gifti
-
     folder = Path(folder)
     names = map_file_names(stem, desc, suffix, resolution_label)
     written: list[Path] = []

@@ -9,14 +9,13 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..atlas import DEFAULT_ATLAS
+from ..atlas import DEFAULT_ATLAS, atlas_on_grid
 from ..preproc.grid import template_on_grid
 from ..resources import model_grid
 from .asymmetry import DEFAULT_FWHM_MM, TOP_VOLUME_MM3, Reference, asymmetry_map, positive_intensities, score_scan, peak_location
 from .regional import (
     REGION_COLUMNS,
     RegionPair,
-    atlas_on_grid,
     homologous_pairs,
     region_at,
     regional_asymmetry,

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..resources import template_brain_path
-from .fields import apply_affine_grid
+from ..atlas import atlas_on_grid
+from ..resources import Grid, template_brain_path
 from .head import make_head
 from .params import COARSE_SPACING, FIELD_SPACING, PAD, VENTRICLE_CSF_MAX, VENTRICLE_LABELS
 
@@ -57,9 +57,6 @@ def load_template() -> tuple[np.ndarray, np.ndarray]:
 
 def load_atlas(shape: Sequence[int], affine: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
     """Neuromorphometrics labels resampled (nearest neighbour) to a template grid, and the label names."""
-    from ..atlas import atlas_on_grid
-    from ..resources import Grid
-
     labels, names = atlas_on_grid("neuromorphometrics", Grid(tuple(int(s) for s in shape), np.asarray(affine)))
     return np.asarray(labels, dtype=np.uint8), {int(k): str(v) for k, v in names.items()}
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -65,9 +67,6 @@ def _run_tasks(tasks: list[tuple], jobs: int) -> list[tuple[list[dict], list[dic
     """Run subject tasks serially or in ``jobs`` forked worker processes (results in task order)."""
     if jobs <= 1 or len(tasks) <= 1:
         return [_subject_task(t) for t in tasks]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     get_model(tasks[0][0])  # build once in the parent; forked workers inherit it
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..bids.derivatives import PREPROC_SUFFIX, legacy_preproc_pattern, mask_path_for, preproc_name_pattern  # noqa: F401 - mask_path_for: explain/
+from ..bids.derivatives import PREPROC_SUFFIX, legacy_preproc_pattern, mask_path_for, preproc_name_pattern
 from ..errors import BadDataError, NoInputError
 from ..qc.gate import orientation_qc_path, qc_record_usable
 from ..resources import TEMPLATE, Grid

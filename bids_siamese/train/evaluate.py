@@ -10,8 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from ..bids.derivatives import atomic_path
+from ..reports.figures import SVG_HASHSALT
 
 METRICS = ("accuracy", "precision", "recall", "f1", "auc_roc")
 
@@ -23,8 +29,6 @@ def safe_auc(labels: Sequence[float], scores: Sequence[float]) -> float:
         >>> safe_auc([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.3]), safe_auc([1, 1], [0.2, 0.3])
         (1.0, nan)
     """
-    from sklearn.metrics import roc_auc_score
-
     labels = np.asarray(labels, dtype=float)
     if len(np.unique(labels[~np.isnan(labels)])) < 2:
         return float("nan")
@@ -205,13 +209,9 @@ def plot_history(history: pd.DataFrame, title: str, distance_columns: Sequence[s
     Returns:
         A matplotlib Figure.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = [c for c in distance_columns if c in history]
-    fig, axes = plt.subplots(1, 2 if cols else 1, figsize=(10 if cols else 5.5, 3.8), squeeze=False)
+    fig = Figure(figsize=(10 if cols else 5.5, 3.8))
+    axes = fig.subplots(1, 2 if cols else 1, squeeze=False)
     ax = axes[0, 0]
     ax.plot(history["epoch"], history["train_loss"], "o-", label="training loss", ms=3)
     if "val_loss" in history:
@@ -237,13 +237,8 @@ def plot_roc(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], titl
     Returns:
         A matplotlib Figure.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    fig = Figure(figsize=(4.8, 4.5))
+    ax = fig.subplots()
     for name, (labels, scores) in curves.items():
         labels = np.asarray(labels, dtype=float)
         if len(np.unique(labels)) < 2:
@@ -260,17 +255,11 @@ def plot_roc(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], titl
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Write a figure atomically (format from the suffix) and close it; an SVG has no date and a fixed
+    """Write a figure (a :class:`matplotlib.figure.Figure`, not held by pyplot) atomically, format from the
+    suffix; an SVG has no date and a fixed
     ``svg.hashsalt`` (matplotlib salts its element ids with a random uuid otherwise), so reruns write the same
     bytes."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-
-    from ..bids.derivatives import atomic_path
-    from ..reports.figures import SVG_HASHSALT
-
     path = Path(path)
     with atomic_path(path) as tmp, matplotlib.rc_context({"svg.hashsalt": SVG_HASHSALT}):
         fig.savefig(tmp, format=path.suffix.lstrip("."), metadata={"Date": None} if path.suffix == ".svg" else None)
-    plt.close(fig)
     return path

@@ -16,7 +16,9 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..atlas import labels_on_grid, load_atlas
 from ..bids.derivatives import REGION_WEIGHTS, write_tsv
+from ..config import Settings
 from ..models.heads import build_model
 from ..models.regional import REGIONAL_MODELS, RegionalChange, RegionalConvEncoder, RegionalEncoder, part_map_for
 from ..resources import Grid
@@ -29,13 +31,11 @@ LOG = logging.getLogger("bids_siamese.group.models")
 REGIONAL_BLOCK_MM = 4.0
 
 
-def region_weight_table(model: RegionalEncoder | RegionalChange, settings: Any) -> pd.DataFrame:
+def region_weight_table(model: RegionalEncoder | RegionalChange, settings: Settings) -> pd.DataFrame:
     """``region, hemisphere, structure_class, label, voxels, weight, rank`` of a regional model, most important
     first (``voxels``: pooled voxels of the part). Twin model: ``weight`` = learned region weight (sums to 1).
     Longitudinal model: ``weight`` = the classifier's coefficient of the standardised change of the region's
     mean (signed: negative = darkening means decline), ranked by its absolute value."""
-    from ..explain.regions import load_atlas
-
     table = load_atlas(str(settings.atlas), settings.atlas_labels).table.set_index("index")
     labels = model.part_label.numpy()
     weight = (model.region_weights() if isinstance(model, RegionalEncoder) else model.classifier.weight[0])
@@ -52,7 +52,7 @@ def region_weight_table(model: RegionalEncoder | RegionalChange, settings: Any) 
     return out.assign(rank=np.arange(1, len(out) + 1))
 
 
-def write_region_weights(model: RegionalEncoder | RegionalChange, settings: Any, card: dict[str, Any],
+def write_region_weights(model: RegionalEncoder | RegionalChange, settings: Settings, card: dict[str, Any],
                          folder: Path) -> Path:
     """Write ``folder/region_weights.tsv`` (:func:`region_weight_table`) and record the regional layout in
     ``card`` (``pool``, ``atlas``, ``n_regions``, ``top_regions``); returns the TSV path."""
@@ -62,16 +62,14 @@ def write_region_weights(model: RegionalEncoder | RegionalChange, settings: Any,
     return write_tsv(folder / REGION_WEIGHTS, weights)
 
 
-def _regional_parts(settings: Any, grid: Grid, brain: np.ndarray) -> tuple[np.ndarray, int, str]:
+def _regional_parts(settings: Settings, grid: Grid, brain: np.ndarray) -> tuple[np.ndarray, int, str]:
     """``(part map, pool, atlas name)`` of a regional model: ``settings.atlas`` labels inside ``brain``."""
-    from ..explain.regions import labels_on_grid, load_atlas
-
     atlas = load_atlas(str(settings.atlas), settings.atlas_labels)
     pool = max(1, int(round(REGIONAL_BLOCK_MM / grid.resolution)))
     return part_map_for(grid.shape, grid.affine, partial(labels_on_grid, atlas), brain, pool), pool, atlas.name
 
 
-def new_longitudinal_model(settings: Any, grid: Grid, data: PairData, train_idx: np.ndarray) -> nn.Module:
+def new_longitudinal_model(settings: Settings, grid: Grid, data: PairData, train_idx: np.ndarray) -> nn.Module:
     """A fresh longitudinal model for ``settings.backbone``; the ``regional`` one takes its regions inside the
     training scans' brain and standardises its change features by the training pairs."""
     if settings.backbone != "regional":
@@ -89,7 +87,7 @@ def new_longitudinal_model(settings: Any, grid: Grid, data: PairData, train_idx:
     return model
 
 
-def new_twin_model(settings: Any, grid: Grid, volumes: np.ndarray, masks: np.ndarray, train_idx: np.ndarray
+def new_twin_model(settings: Settings, grid: Grid, volumes: np.ndarray, masks: np.ndarray, train_idx: np.ndarray
                    ) -> nn.Module:
     """A fresh twin model for ``settings.backbone``; the ``regional`` model takes its regions from
     ``settings.atlas`` inside the training subjects' brain and its population reference from their scans."""

@@ -559,6 +559,7 @@ def family_folds(family: Mapping[str, str], n_folds: int, seed: int = 0) -> dict
 def read_families(bids_dir: Path, family_column: str = "family_id") -> dict[str, str]:
     """``participant_id -> family id`` from ``participants.tsv`` (HCP's ``Family_ID`` is found for the default
     column, as for twins); empty when the file or the column is missing, so that every subject is its own family.
+    A participants.tsv that cannot be read as a BIDS table gives the same, with a WARNING naming it.
 
     Examples:
         >>> read_families(Path("/nonexistent"))
@@ -568,7 +569,8 @@ def read_families(bids_dir: Path, family_column: str = "family_id") -> dict[str,
         return {}
     try:
         table = read_participants(bids_dir)
-    except BadDataError:
+    except BadDataError as err:
+        LOG.warning("family information dropped, every subject is its own family in the split: %s", err)
         return {}
     column = find_column(table, family_column, FAMILY_FALLBACKS if family_column == "family_id" else ())
     if column is None:
