@@ -16,7 +16,8 @@ from bids_siamese.train.ddp import DistContext
 from bids_siamese.train.longitudinal import (L1_CHOICES, _longitudinal_inputs, fit_longitudinal_draw,
                                              refit_folds)
 from bids_siamese.train.loop import PairData
-from bids_siamese.train.run import train_config
+from bids_siamese.train.run import siamese_options
+from bids_siamese.train.trainer import train_config
 
 from test_train import make_group_inputs, settings_for
 
@@ -69,7 +70,7 @@ def _draw(settings, inputs, data, monkeypatch=None, calls=None):
 
         monkeypatch.setattr(long_mod, "train_longitudinal", spy)
     torch.manual_seed(0)
-    return fit_longitudinal_draw(settings, model_grid(settings.resolution), inputs, data, train_config(settings),
+    return fit_longitudinal_draw(settings, model_grid(settings.resolution), inputs, data, train_config(settings, **siamese_options(settings)),
                                  0, torch.device("cpu"), DistContext())
 
 

@@ -18,13 +18,13 @@ from bids_siamese.resources import model_grid
 from bids_siamese.symmetry.model import build_symmetry_model
 from bids_siamese.symmetry.simulate import LesionConfig, curriculum_range
 from bids_siamese.symmetry.train import RAMP_FRACTION, Scan, make_example, prepare_scan, train_symmetry_model
-from bids_siamese.symmetry.train import train_config as symmetry_config
 from bids_siamese.train.batches import batch_seed
 from bids_siamese.train.data import VolumeCache, VolumeFiles, pair_batches, volume_cache
 from bids_siamese.train.longitudinal import _longitudinal_inputs
-from bids_siamese.train.loop import PairData, TrainConfig, predict_pairs, train_longitudinal
+from bids_siamese.train.loop import PairData, predict_pairs, train_longitudinal
 from bids_siamese.train.models import new_longitudinal_model
-from bids_siamese.train.run import train_config
+from bids_siamese.train.run import siamese_options
+from bids_siamese.train.trainer import TrainConfig, train_config
 
 from test_train import make_group_inputs, settings_for
 
@@ -107,7 +107,7 @@ def test_longitudinal_float16_cache_predicts_within_tolerance_of_float32(long_da
         train_idx, val_idx = np.arange(8), np.arange(8, 12)
         torch.manual_seed(0)
         model = new_longitudinal_model(settings, model_grid(settings.resolution), data, train_idx)
-        result = train_longitudinal(model, data, train_idx, val_idx, train_config(settings))
+        result = train_longitudinal(model, data, train_idx, val_idx, train_config(settings, **siamese_options(settings)))
         preds[cache] = predict_pairs(result.model, PairData(inputs.stored, inputs.pair_index, labels))
         losses[cache] = result.history["train_loss"].to_numpy()
     assert np.isfinite(losses["float16"]).all()
@@ -136,14 +136,15 @@ def _train_sym(scans, workers: int = 0, cache: str = "float32", compile_model: b
                                 val_draws=1, volume_cache_dtype=cache)
 
 
-def test_symmetry_config_takes_the_runtime_options(tmp_path):
+def test_task_configs_take_the_runtime_options(tmp_path):
+    """The one TrainConfig builder passes --loader-workers/--compile to every task, under the task's overrides."""
     def settings(**kw) -> Settings:
         return Settings(bids_dir=tmp_path, output_dir=tmp_path, work_dir=tmp_path, analysis_level="group",
                         task="symmetry", **kw)
 
-    config = symmetry_config(settings(loader_workers=3, compile=True))
+    config = train_config(settings(loader_workers=3, compile=True), flip_lr=True)  # the symmetry task's override
     assert (config.loader_workers, config.compile, config.flip_lr) == (3, True, True)
-    default = symmetry_config(settings())
+    default = train_config(settings())
     assert (default.loader_workers, default.compile) == (0, False)
 
 

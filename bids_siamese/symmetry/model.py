@@ -31,6 +31,7 @@ from torch import nn
 
 from ..models.backbones import Encoder, build_backbone
 from ..models.heads import EmbeddingHead
+from ..models.registry import register_model
 
 FUSIONS = ("difference", "embedding", "cross_attention")
 #: Largest magnitude of the standardised difference channel.
@@ -289,6 +290,10 @@ def symmetry_model_from_card(card: dict, state: dict) -> SymmetrySiamese:
         if name in state:
             setattr(model, name, torch.zeros_like(state[name]))
     return model
+
+
+#: load_checkpoint rebuilds symmetry checkpoints with this factory (registered on import of this module).
+register_model(symmetry_model_from_card, task="symmetry")
 
 
 def predict_logits(model: SymmetrySiamese, volumes: torch.Tensor,

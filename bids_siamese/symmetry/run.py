@@ -2,8 +2,8 @@
 
 ``run_symmetry(settings, subjects)``:
 
-1. reads every participant-level ``*_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz`` (and its
-   ``desc-brain_mask``) of the selected subjects;
+1. collects the participant-level ``*_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz`` (and its
+   ``desc-brain_mask``) of the selected subjects as every group task does (:func:`collect_scans`);
 2. computes each scan's asymmetry map and regional indices, builds the dataset reference (template + scans,
    :func:`~bids_siamese.symmetry.asymmetry.group_reference`) and re-scores every scan against it;
 3. with ``--task symmetry --mode train``: trains the Siamese hemisphere model on the scans that look
@@ -11,7 +11,7 @@
    family/subject into training (70 %), validation (15 %) and test (15 %) scans; evaluates it and the
    asymmetry score on lesions planted in the test scans per volume bin; saves the checkpoint to
    ``models/symmetry_<backbone>/``; with ``--mode apply``: loads ``--model``;
-4. writes ``group_symmetry.tsv`` (one row per scan, with the Siamese probability and the group-relative
+4. writes (names: :data:`~bids_siamese.bids.derivatives.SYMMETRY_FILES`) ``group_symmetry.tsv`` (one row per scan, with the Siamese probability and the group-relative
    ``siamese_z`` (:mod:`bids_siamese.symmetry.calibration`) when a model was trained or applied) and, after
    training, ``group_symmetry_training.tsv``, ``group_symmetry_evaluation.tsv``,
    ``group_symmetry_evaluation.json`` and ``figures/group_symmetry_detection.svg``.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,11 +27,17 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..bids.derivatives import write_json, write_text, write_tsv
+from ..bids.derivatives import SYMMETRY_FILES, model_folder, write_json, write_text, write_tsv
+from ..config import Settings
 from ..errors import NoInputError
 from ..qc.gate import orientation_qc_path
 from ..resources import TEMPLATE, model_grid
-from ..train.data import load_volume, mask_path_for, preproc_name_pattern
+from ..train.data import find_preproc, load_volume, mask_path_for
+from ..train.pairs import read_families, subject_split
+from ..train.reproducibility import prepare
+from ..train.run import seen_split, training_fingerprint
+from ..train.task import GroupTask
+from ..train.trainer import train_config
 from .analysis import template_reference
 from .asymmetry import (
     ASYMMETRY_THRESHOLD,
@@ -53,16 +58,25 @@ from .regional import (
     top_regions,
 )
 from .calibration import MIN_REFERENCE_SCANS, SIAMESE_Z_THRESHOLD, reference_statistics, siamese_z, suspected
+from .model import build_symmetry_model
 from .normative import DEFAULT_COMPONENTS
 from .simulate import LesionConfig
+from .train import (
+    detection_figure,
+    evaluate_detection,
+    hyperparameters,
+    load_symmetry_model,
+    model_resolution,
+    prepare_scan,
+    save_symmetry_checkpoint,
+    siamese_logits,
+    siamese_scorers,
+    to_model_resolution,
+    train_symmetry_model,
+)
 
 LOG = logging.getLogger("bids_siamese.symmetry")
 
-GROUP_TABLE = "group_symmetry.tsv"
-TRAINING_TABLE = "group_symmetry_training.tsv"
-EVALUATION_TABLE = "group_symmetry_evaluation.tsv"
-EVALUATION_JSON = "group_symmetry_evaluation.json"
-FIGURE = "figures/group_symmetry_detection.svg"
 #: Train, validation and test fractions of the lesion-free subjects' families.
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 
@@ -71,8 +85,6 @@ GROUP_COLUMNS = [
     "peak_mm", "peak_region", "top_regions", "siamese_probability", "siamese_z", "siamese_suspected", "siamese_p_left",
     "split", "scan",
 ]
-
-_ENTITY = re.compile(r"(?:^|_)(sub|ses)-([A-Za-z0-9]+)")
 
 
 @dataclass
@@ -87,28 +99,30 @@ class ScanFiles:
     orientation_qc: Path | None = None
 
 
-def find_scans(output_dir: Path, subjects: Sequence[str]) -> list[ScanFiles]:
-    """The participant-level model-grid outputs of ``subjects`` (their grid is checked by :func:`load_scan`): every scan (all
-    sessions and runs) with a brain mask, named as the other tasks find them (:mod:`bids_siamese.train.data`).
+def collect_scans(settings: Settings, subjects: Sequence[str]) -> list[ScanFiles]:
+    """collect: the participant-level model-grid scans of ``subjects`` as every group task collects them
+    (:func:`~bids_siamese.train.data.find_preproc`: one per session, ``--session-label``, the usable-scan gate
+    unless ``--include-unusable``), with their brain masks (a scan without one is skipped with a warning) and
+    orientation QC records. Their grid is checked by :func:`load_scan`.
 
-    Examples:
-        >>> find_scans(Path("/nonexistent"), ["01"])
-        []
+    Raises:
+        NoInputError: a selected subject has no participant-level output, or no scan has a brain mask.
     """
+    table = find_preproc(settings.output_dir, subjects, settings.session_label,
+                         include_unusable=settings.include_unusable)
     found = []
-    for subject in subjects:
-        pattern = preproc_name_pattern()
-        for preproc in sorted((Path(output_dir) / f"sub-{subject}").glob(f"**/anat/{pattern}")):
-            mask = mask_path_for(preproc)
-            if not mask.is_file():
-                LOG.warning("%s has no brain mask next to it; skipped", preproc.name)
-                continue
-            source = preproc.name.split(f"_space-{TEMPLATE}")[0]
-            ents = dict(_ENTITY.findall(source))
-            qc = orientation_qc_path(preproc)
-            found.append(ScanFiles(preproc, mask, f"sub-{ents.get('sub', subject)}",
-                                   f"ses-{ents['ses']}" if "ses" in ents else "n/a", source,
-                                   qc if qc.is_file() else None))
+    for pid, session, preproc in table[["participant_id", "session", "path"]].itertuples(index=False):
+        preproc = Path(preproc)
+        mask = mask_path_for(preproc)
+        if not mask.is_file():
+            LOG.warning("%s has no brain mask next to it; left out of the symmetry task", preproc.name)
+            continue
+        qc = orientation_qc_path(preproc)
+        found.append(ScanFiles(preproc, mask, pid, f"ses-{session}" if session else "n/a",
+                               preproc.name.split(f"_space-{TEMPLATE}")[0], qc if qc.is_file() else None))
+    if not found:
+        raise NoInputError(f"no participant-level brain mask next to the scans in {settings.output_dir}; fix: rerun "
+                           "the participant level with the same --resolution")
     return found
 
 
@@ -128,7 +142,9 @@ def lr_flip_suspected(files: ScanFiles) -> bool:
         return False
     try:
         return bool(json.loads(files.orientation_qc.read_text()).get("lr_flip_suspected", False))
-    except (OSError, ValueError):
+    except (OSError, ValueError) as err:
+        LOG.warning("symmetry: unreadable orientation QC record %s (%s); %s is taken as not left-right flipped",
+                    files.orientation_qc, err, files.source)
         return False
 
 
@@ -180,7 +196,7 @@ def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwh
     return ScoredDataset(list(files), volumes, masks, reference, pd.DataFrame(rows, columns=GROUP_COLUMNS))
 
 
-def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]:
+def train_from_dataset(settings: Settings, data: ScoredDataset, fwhm: float) -> list[Path]:
     """Split the lesion-free scans by family (:func:`bids_siamese.train.pairs.subject_split`, families from
     ``participants.tsv`` as for twins), train the symmetry model in the shared loop, evaluate it on planted lesions
     in the test scans, write the checkpoint and the training/evaluation files; fills ``data.table['split']`` and
@@ -189,15 +205,6 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]
     Returns:
         the paths written.
     """
-    from ..train.pairs import read_families, subject_split
-    from ..train.reproducibility import prepare
-    from ..train.run import training_fingerprint
-    from .model import build_symmetry_model
-    from .train import (
-        detection_figure, evaluate_detection, hyperparameters, prepare_scan, save_symmetry_checkpoint, siamese_scorers,
-        to_model_resolution, train_config, train_symmetry_model,
-    )
-
     out_dir = Path(settings.output_dir)
     resolution = float(settings.resolution)
     files, table = data.files, data.table
@@ -216,7 +223,8 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]
     table["split"] = "excluded"
     for name, idx in parts.items():
         table.loc[idx, "split"] = name
-    config = train_config(settings)
+    # the task's overrides: left-right flips (the lesion side flips with the image), evaluation in training batches
+    config = train_config(settings, flip_lr=True, eval_batch_size=int(settings.batch_size))
     lesion = LesionConfig()
     prepare(settings)  # threads, --deterministic, the seeds: before the model's initial weights are drawn
     model = build_symmetry_model(settings.backbone, settings.symmetry_fusion, int(min(settings.embedding_dim, 128)),
@@ -254,18 +262,18 @@ def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]
     training_data = {**training_fingerprint(scans, dict(zip(scans["participant_id"], table["split"]))),
                      "n_train": len(parts["train"]), "n_validation": len(parts["validation"]),
                      "n_test": len(parts["test"]), "selection": "asymmetry_score <= 3 and no left-right flip"}
-    folder = out_dir / "models" / f"symmetry_{settings.backbone}"
+    folder = model_folder(out_dir, "symmetry", settings.backbone)
     written = list(save_symmetry_checkpoint(folder, model, config, resolution, training_data, metrics,
                                             info["threshold"], info["samples"], settings.device))
-    written.append(write_tsv(out_dir / TRAINING_TABLE, result.history.round(5)))
-    written.append(write_tsv(out_dir / EVALUATION_TABLE, per_bin))
-    written.append(write_json(out_dir / EVALUATION_JSON, {
+    written.append(write_tsv(out_dir / SYMMETRY_FILES["training"], result.history.round(5)))
+    written.append(write_tsv(out_dir / SYMMETRY_FILES["evaluation"], per_bin))
+    written.append(write_json(out_dir / SYMMETRY_FILES["evaluation_json"], {
         "overall": overall.to_dict(orient="records"), "training": info,
         "siamese_reference": {k: (v if np.isfinite(v) else None) for k, v in stats.items()},  # null, not NaN
         "config": hyperparameters(model, config, resolution, info["samples"]),
         "split": {k: len(v) for k, v in parts.items()}, "checkpoint": str(folder.relative_to(out_dir)),
     }))
-    written.append(write_text(out_dir / FIGURE, detection_figure(
+    written.append(write_text(out_dir / SYMMETRY_FILES["detection_figure"], detection_figure(
         per_bin, f"Held-out scans with planted lesions ({len(test_scans)} scans)")))
     return written
 
@@ -279,8 +287,6 @@ def apply_model(data: ScoredDataset, model, model_res: float, resolution: float,
     Returns:
         the reference statistics (:func:`~bids_siamese.symmetry.calibration.reference_statistics`).
     """
-    from .train import siamese_logits
-
     logit, side = siamese_logits(model, data.volumes, data.masks, resolution, model_res)
     p, p_left = 1.0 / (1.0 + np.exp(-logit)), 1.0 / (1.0 + np.exp(-side))
     stats = reference_statistics(logit[(data.table["split"] != "train").to_numpy()])
@@ -309,8 +315,6 @@ def mark_seen_scans(data: ScoredDataset, card: dict) -> int:
     Returns:
         the number of scans the checkpoint was trained on.
     """
-    from ..train.run import seen_split
-
     scans = pd.DataFrame({"participant_id": [f.source for f in data.files], "path": [f.preproc for f in data.files]})
     seen = seen_split(card, scans, "")
     data.table["split"] = [seen.get(f.source) if seen.get(f.source) in ("train", "validation") else "n/a"
@@ -322,7 +326,7 @@ def mark_seen_scans(data: ScoredDataset, card: dict) -> int:
     return n_train
 
 
-def run_symmetry(settings, subjects: list[str]) -> list[Path]:
+def run_symmetry(settings: Settings, subjects: list[str]) -> list[Path]:
     """The symmetry group level (see the module docstring); returns the paths written (the group table first).
 
     Raises:
@@ -330,23 +334,10 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
         BadDataError: an output is not on the model grid of ``--resolution``.
         UsageError: ``--mode apply`` with a checkpoint of another task.
     """
-    from .train import load_symmetry_model, model_resolution
-
     out_dir = Path(settings.output_dir)
     resolution = float(settings.resolution)
     fwhm = float(settings.symmetry_fwhm)
-    files = find_scans(out_dir, subjects)
-    if not settings.include_unusable:
-        from ..qc.gate import qc_record_usable
-
-        unusable = [f.source for f in files if f.orientation_qc is not None and not qc_record_usable(f.orientation_qc)]
-        if unusable:
-            LOG.warning("symmetry: %d scan(s) failed the usable-scan gate and are left out (--include-unusable keeps "
-                        "them): %s", len(unusable), ", ".join(unusable))
-        files = [f for f in files if f.orientation_qc is None or qc_record_usable(f.orientation_qc)]
-    if not files:
-        raise NoInputError(f"no participant-level outputs ({preproc_name_pattern()}) in {out_dir}; fix: run the "
-                           "participant level first with the same --resolution")
+    files = collect_scans(settings, subjects)
     LOG.info("symmetry: %d scan(s) at %g mm", len(files), resolution)
     data = score_dataset(files, resolution, settings.atlas, fwhm, int(settings.symmetry_components))
     written: list[Path] = []
@@ -359,7 +350,13 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
         else:  # trains, then fills the Siamese columns before evaluating
             written = train_from_dataset(settings, data, fwhm)
     table = data.table.sort_values(["participant_id", "session_id", "scan"], kind="stable").reset_index(drop=True)
-    written.insert(0, write_tsv(out_dir / GROUP_TABLE, table))
-    LOG.info("symmetry: %d scan(s) in %s, %d with asymmetry_score > %g", len(table), GROUP_TABLE,
+    written.insert(0, write_tsv(out_dir / SYMMETRY_FILES["table"], table))
+    LOG.info("symmetry: %d scan(s) in %s, %d with asymmetry_score > %g", len(table), SYMMETRY_FILES["table"],
              int(table["asymmetry_suspected"].sum()), ASYMMETRY_THRESHOLD)
     return written
+
+
+#: ``--task symmetry`` (not distributed).
+TASK = GroupTask("symmetry", run_symmetry, distributed=False,
+                 steps="collect -> asymmetry maps and group reference -> family split of the lesion-free scans -> "
+                       "fit (planted lesions) or --model -> evaluate (lesions planted in test scans) -> write")

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from ..bids.derivatives import LONGITUDINAL_FILES, model_folder, write_tsv
+from ..config import Settings
 from ..errors import BadDataError, NoInputError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.regional import RegionalChange
@@ -27,12 +28,15 @@ from .data import VolumeCache, VolumeFiles, find_preproc, load_volume_cache
 from .ddp import DistContext, barrier
 from .evaluate import (METRICS, binary_metrics, choose_threshold, plot_history, plot_roc, safe_auc, save_figure,
                        scalar_rows, summarise)
-from .loop import PairData, TrainConfig, TrainResult, predict_pairs, train_longitudinal
+from .loop import PairData, predict_pairs, train_longitudinal
 from .models import new_longitudinal_model, write_region_weights
 from .pairs import (family_folds, find_column, longitudinal_pairs, longitudinal_split_table, normalise_label,
                     read_participants)
 from .reproducibility import reproducibility_record
-from .run import card_training_data, dataset_name, log_metrics, run_distributed, seen_split, session_times, train_config
+from .run import (card_training_data, dataset_name, log_metrics, run_distributed, seen_split, session_times,
+                  siamese_options)
+from .task import GroupTask
+from .trainer import TrainConfig, TrainResult, train_config
 
 LOG = logging.getLogger("bids_siamese.group.models")
 
@@ -56,7 +60,7 @@ class _LongitudinalInputs:
     stored: np.ndarray | VolumeFiles  # the volumes as stored (float32): what the written predictions come from
 
 
-def _longitudinal_inputs(settings: Any, subjects: Sequence[str], require_labels: bool, load: bool = True
+def _longitudinal_inputs(settings: Settings, subjects: Sequence[str], require_labels: bool, load: bool = True
                          ) -> _LongitudinalInputs:
     """The session pairs, their labels and families, and their scans: held in memory as the training stack of
     ``--volume-cache`` with ``load`` (``--mode train``), else read from the files on demand (``--mode apply``:
@@ -104,7 +108,7 @@ def _label_text(value: float) -> str:
     return "n/a" if pd.isna(value) else ("decline" if value == 1 else "stable")
 
 
-def run_longitudinal(settings: Any, subjects: list[str]) -> list[Path]:
+def run_longitudinal(settings: Settings, subjects: list[str]) -> list[Path]:
     """Longitudinal change (decline vs stable) at the group level: train or apply the session-pair classifier.
 
     Training repeats a random family-aware, label-stratified split ``--n-draws`` times (seeds ``seed``,
@@ -179,7 +183,7 @@ def refit_folds(split_table: pd.DataFrame, n_folds: int = REFIT_FOLDS, seed: int
     return folds
 
 
-def _fixed_epochs_fit(settings: Any, grid: Grid, data: PairData, config: TrainConfig, train_idx: np.ndarray,
+def _fixed_epochs_fit(settings: Settings, grid: Grid, data: PairData, config: TrainConfig, train_idx: np.ndarray,
                       l1: float | None, epochs: int, device: torch.device, ctx: DistContext) -> TrainResult:
     """A fresh model (regions and feature scale from ``train_idx``) trained on ``train_idx`` for ``epochs`` epochs
     (no early stopping) with penalty ``l1``. No pair outside ``train_idx`` is looked at: the epoch whose weights
@@ -193,7 +197,7 @@ def _fixed_epochs_fit(settings: Any, grid: Grid, data: PairData, config: TrainCo
     return train_longitudinal(model, data, train_idx, train_idx, fixed, device, ctx)
 
 
-def out_of_fold_threshold(settings: Any, grid: Grid, data: PairData, config: TrainConfig, pairs: pd.DataFrame,
+def out_of_fold_threshold(settings: Settings, grid: Grid, data: PairData, config: TrainConfig, pairs: pd.DataFrame,
                           split_table: pd.DataFrame, l1: float | None, epochs: int, device: torch.device,
                           ctx: DistContext) -> tuple[float, int] | None:
     """Decision point of a model refitted on the training + validation pairs: the largest Youden's J of the
@@ -217,7 +221,7 @@ def out_of_fold_threshold(settings: Any, grid: Grid, data: PairData, config: Tra
     return choose_threshold(labels[done], scores[done]), int(np.nanmax(fold)) + 1
 
 
-def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs, data: PairData,
+def fit_longitudinal_draw(settings: Settings, grid: Grid, inputs: _LongitudinalInputs, data: PairData,
                           config: TrainConfig, run: int, device: torch.device, ctx: DistContext,
                           outputs: PairData | None = None) -> LongitudinalDraw:
     """split -> fit (and, for ``regional``, choose the L1 penalty) -> decision point on the validation pairs ->
@@ -291,7 +295,7 @@ def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs
                             final_train_idx)
 
 
-def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
+def _run_longitudinal(settings: Settings, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
                       ) -> list[Path]:
     out_dir = Path(settings.output_dir)
     grid = model_grid(settings.resolution)
@@ -301,7 +305,7 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
     labels = pairs["label"].to_numpy(dtype=float)
     data = PairData(inputs.volumes, inputs.pair_index, labels)  # training: the --volume-cache stack
     outputs = PairData(inputs.stored, inputs.pair_index, labels)  # written predictions: the stored float32 volumes
-    config = train_config(settings)
+    config = train_config(settings, **siamese_options(settings))
     written: list[Path] = []
     run_rows, before_rows, split_tables, histories = [], [], [], []
     model, card, threshold = None, {}, 0.5
@@ -409,3 +413,8 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
     barrier(ctx)
     return written
 
+
+#: ``--task longitudinal``.
+TASK = GroupTask("longitudinal", run_longitudinal, distributed=True,
+                 steps="collect (every session) -> session pairs -> --n-draws family splits -> fit (BCE) or --model "
+                       "-> evaluate (test pairs) -> write")

@@ -21,8 +21,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..bids.derivatives import ORIENTATION_MODEL_FILES, model_folder, write_tsv
+from ..config import Settings
 from ..errors import NoInputError, UserError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.orientation import LatNet, OrientationEnsemble
@@ -30,10 +32,11 @@ from ..qc.gate import orientation_qc_path
 from ..resources import model_grid
 from .data import find_preproc, load_volume_cache
 from .evaluate import safe_auc
-from .loop import MirrorData, TrainConfig, predict_mirror, train_mirror_classifier
-from .pairs import family_folds
+from .loop import MirrorData, predict_mirror, train_mirror_classifier
+from .pairs import FAMILY_FALLBACKS, family_folds, find_column, read_participants
 from .reproducibility import prepare, reproducibility_record, seed_everything
-from .run import runtime_options
+from .task import GroupTask
+from .trainer import train_config
 
 LOG = logging.getLogger("bids_siamese.group.orientation")
 
@@ -50,7 +53,9 @@ def image_verdicts(paths: Sequence[Path]) -> list[str]:
     for path in paths:
         try:
             rec = json.loads(orientation_qc_path(path).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as err:
+            LOG.warning("orientation: unreadable QC record of %s (%s); its stored orientation is trusted (ok)",
+                        path.name, err)
             out.append("ok")
             continue
         out.append(str(rec.get("lr_flip_verdict", "flipped" if rec.get("lr_flip_suspected") else "ok")))
@@ -68,10 +73,8 @@ def mirror_examples(n_scans: int) -> tuple[np.ndarray, np.ndarray]:
     return examples, examples[:, 1].copy()
 
 
-def _families(settings: Any, pids: Sequence[str]) -> dict[str, str]:
+def _families(settings: Settings, pids: Sequence[str]) -> dict[str, str]:
     """participant -> family from participants.tsv (``--family-column``); every participant alone when absent."""
-    from .pairs import FAMILY_FALLBACKS, find_column, read_participants
-
     family = {pid: pid for pid in pids}
     try:
         table = read_participants(settings.bids_dir)
@@ -86,12 +89,6 @@ def _families(settings: Any, pids: Sequence[str]) -> dict[str, str]:
         if pid in family and str(fam).strip() not in ("", "n/a"):
             family[pid] = f"family {fam}"
     return family
-
-
-def _config(settings: Any, seed: int) -> TrainConfig:
-    return TrainConfig(epochs=int(settings.epochs), batch_size=int(settings.batch_size), lr=float(settings.lr),
-                       patience=int(settings.patience), flip_lr=False, max_shift=1, seed=seed,
-                       **runtime_options(settings))
 
 
 def _metrics(p_stored: np.ndarray, p_mirrored: np.ndarray, trusted: np.ndarray) -> dict[str, float]:
@@ -117,10 +114,8 @@ def _score_table(scans: pd.DataFrame, p_stored: np.ndarray, p_mirrored: np.ndarr
     return table[MODEL_COLUMNS]
 
 
-def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
+def run_orientation(settings: Settings, subjects: list[str]) -> list[Path]:
     """``group --task orientation --mode train|apply``; returns the files written."""
-    import torch
-
     prepare(settings)
     out_dir = Path(settings.output_dir)
     grid = model_grid(settings.resolution)
@@ -172,8 +167,8 @@ def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
             # for the first member, issue 28)
             seed_everything(settings.seed + fold)
             member = LatNet(input_shape=grid.shape, channels=CHANNELS, input_pool=INPUT_POOL)
-            result = train_mirror_classifier(member, data, train_idx, val_idx, _config(settings, settings.seed + fold),
-                                             device)
+            config = train_config(settings, seed=settings.seed + fold, flip_lr=False, max_shift=1)
+            result = train_mirror_classifier(member, data, train_idx, val_idx, config, device)
             held_out = np.flatnonzero(example_fold == fold)
             p[held_out] = predict_mirror(result.model, data, held_out, device)
             histories.append(result.history.assign(fold=fold))
@@ -216,3 +211,9 @@ def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
         LOG.warning("orientation model: %d scan(s) whose stored orientation looks mirrored: %s", len(flagged),
                     ", ".join(flagged))
     return written
+
+
+#: ``--task orientation`` (not distributed).
+TASK = GroupTask("orientation", run_orientation, distributed=False,
+                 steps="collect -> stored and mirrored copies -> family folds -> fit (one member per fold) or "
+                       "--model -> evaluate (held-out scores) -> write")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..bids.derivatives import TWIN_FILES, model_folder, write_tsv
+from ..config import Settings
 from ..errors import BadDataError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.losses import pair_distance
@@ -41,7 +42,7 @@ from .evaluate import (
     summarise,
     voxel_correlation,
 )
-from .loop import TrainConfig, TrainResult, TwinData, embed, train_twin
+from .loop import TwinData, embed, train_twin
 from .models import new_twin_model, write_region_weights
 from .pairs import Relations, twin_split_table
 from .relatives import nearest_relatives, relatives_table
@@ -55,8 +56,10 @@ from .run import (
     run_distributed,
     seen_split,
     session_times,
-    train_config,
+    siamese_options,
 )
+from .task import GroupTask
+from .trainer import TrainConfig, TrainResult, train_config
 
 LOG = logging.getLogger("bids_siamese.group.models")
 
@@ -144,7 +147,7 @@ def _twin_test_metrics(pairs: pd.DataFrame, score_col: str, threshold: float, n_
     return pd.concat(tables, ignore_index=True), curves
 
 
-def run_twin(settings: Any, subjects: list[str]) -> list[Path]:
+def run_twin(settings: Settings, subjects: list[str]) -> list[Path]:
     """Twin identification at the group level: train (``--mode train``) or apply (``--mode apply --model``).
 
     Writes ``group_twins_splits.tsv`` (train), ``group_twins_pairs.tsv``, ``group_twins_metrics.tsv``,
@@ -195,7 +198,7 @@ class TwinDecision:
     card: dict[str, Any]
 
 
-def collect_twins(settings: Any, subjects: Sequence[str]) -> TwinCohort:
+def collect_twins(settings: Settings, subjects: Sequence[str]) -> TwinCohort:
     """collect: the first usable model-grid scan of each subject and the twin relations."""
     scans = find_preproc(settings.output_dir, subjects, settings.session_label,
                          include_unusable=settings.include_unusable)
@@ -205,7 +208,7 @@ def collect_twins(settings: Any, subjects: Sequence[str]) -> TwinCohort:
     return TwinCohort(scans, load_relations(settings, labels) if train_mode else apply_relations(settings, labels))
 
 
-def twin_splits(settings: Any, cohort: TwinCohort, card: dict[str, Any]) -> tuple[dict[str, str], pd.DataFrame | None]:
+def twin_splits(settings: Settings, cohort: TwinCohort, card: dict[str, Any]) -> tuple[dict[str, str], pd.DataFrame | None]:
     """split: participant -> split, and the split table when training (family-aware, stratified by family type);
     in ``--mode apply`` the split in which the checkpoint saw each participant (else ``test``)."""
     if settings.mode != "train":
@@ -276,10 +279,10 @@ def evaluate_twins(pairs: pd.DataFrame, decision: TwinDecision, n_draws: int, se
     return metrics, roc
 
 
-def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
+def _run_twin(settings: Settings, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
               ) -> list[Path]:
     grid, train_mode = model_grid(settings.resolution), settings.mode == "train"
-    config = train_config(settings)
+    config = train_config(settings, **siamese_options(settings))
     cohort = collect_twins(settings, subjects)
     pids = cohort.pids
     model, card, result = None, {}, None
@@ -325,7 +328,7 @@ def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torc
     return written
 
 
-def _relatives_only(settings: Any, pids: list[str], emb: torch.Tensor, card: dict[str, Any], ctx: DistContext,
+def _relatives_only(settings: Settings, pids: list[str], emb: torch.Tensor, card: dict[str, Any], ctx: DistContext,
                     t_start: float) -> list[Path]:
     """``--mode apply`` without family data: only the closest relatives are written."""
     LOG.info("twins: %d subjects, no family data (no --pairs-file, no '%s' column in participants.tsv): "
@@ -346,7 +349,7 @@ def _log_pairs(pids: list[str], pairs: pd.DataFrame, split_of: dict[str, str]) -
              ", ".join(f"{k} {v}" for k, v in pd.Series(split_of).value_counts().sort_index().items()))
 
 
-def fit_twin(settings: Any, grid: Grid, cohort: TwinCohort, volumes: np.ndarray, masks: np.ndarray,
+def fit_twin(settings: Settings, grid: Grid, cohort: TwinCohort, volumes: np.ndarray, masks: np.ndarray,
              split_arr: np.ndarray, config: TrainConfig, device: torch.device, ctx: DistContext) -> TrainResult:
     """fit: a fresh model (:func:`~bids_siamese.train.models.new_twin_model`) trained with the batch-hard triplet
     loss on the training subjects, early-stopped on the validation subjects."""
@@ -360,7 +363,7 @@ def fit_twin(settings: Any, grid: Grid, cohort: TwinCohort, volumes: np.ndarray,
     return result
 
 
-def _twin_card(settings: Any, grid: Grid, model: nn.Module, cohort: TwinCohort, split_of: dict[str, str],
+def _twin_card(settings: Settings, grid: Grid, model: nn.Module, cohort: TwinCohort, split_of: dict[str, str],
                pairs: pd.DataFrame, decision: TwinDecision, metrics: pd.DataFrame, result: TrainResult,
                config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     """The model card of a trained twin model."""
@@ -381,7 +384,7 @@ def _twin_card(settings: Any, grid: Grid, model: nn.Module, cohort: TwinCohort, 
         reproducibility=reproducibility_record(settings.device))
 
 
-def write_twin_training(settings: Any, model: nn.Module, card: dict[str, Any], result: TrainResult,
+def write_twin_training(settings: Settings, model: nn.Module, card: dict[str, Any], result: TrainResult,
                         split_table: pd.DataFrame, n_train: int) -> list[Path]:
     """write, train: the split table, the loss history and figure, and the checkpoint folder (with the learned
     region weights of a regional model)."""
@@ -401,7 +404,7 @@ def write_twin_training(settings: Any, model: nn.Module, card: dict[str, Any], r
     return written + save_checkpoint(folder, model, card)
 
 
-def write_twins(settings: Any, pids: list[str], pairs: pd.DataFrame, emb: torch.Tensor, card: dict[str, Any],
+def write_twins(settings: Settings, pids: list[str], pairs: pd.DataFrame, emb: torch.Tensor, card: dict[str, Any],
                 relations: Relations | None, metrics: pd.DataFrame,
                 roc: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[Path]:
     """write: the pairs table, the closest relatives, the metrics and the ROC figure."""
@@ -431,3 +434,7 @@ def _write_relatives(out_dir: Path, pids: Sequence[str], emb: torch.Tensor, card
     return write_tsv(out_dir / TWIN_FILES["relatives"], table)
 
 
+#: ``--task twin``.
+TASK = GroupTask("twin", run_twin, distributed=True,
+                 steps="collect (first usable scan per subject, relations) -> twin pairs -> family split -> fit "
+                       "(triplet loss) or --model -> evaluate (test pairs, threshold from validation) -> write")
