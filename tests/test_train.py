@@ -376,21 +376,19 @@ def test_ddp_two_cpu_processes_gloo(group_data, tmp_path):
 
 def test_group_level_explains_and_writes_tables_in_the_first_process_only(tmp_path, monkeypatch):
     """Under torchrun every process runs the group level: processes other than RANK 0 only train."""
-    import bids_siamese.explain.run as explain_run
-    import bids_siamese.train.twins as train_run
     from bids_siamese.workflows import group
 
     calls = []
-    monkeypatch.setattr(train_run, "run_twin", lambda settings, subjects: calls.append("train") or [])
-    monkeypatch.setattr(explain_run, "run_explain", lambda settings, subjects: calls.append("explain") or [])
+    monkeypatch.setattr(group, "run_task", lambda task, settings, subjects: calls.append(task.name) or [])
+    monkeypatch.setattr(group, "run_explain", lambda settings, subjects: calls.append("explain") or [])
     monkeypatch.setattr(group, "find_orientation_records", lambda out, subjects: calls.append("tables") or [])
     settings = settings_for(tmp_path, tmp_path, "twin", explain=True)
     monkeypatch.setenv("RANK", "1")
-    assert group.run_group(settings, ["01"]) == [] and calls == ["train"]
+    assert group.run_group(settings, ["01"]) == [] and calls == ["twin"]
     calls.clear()
     monkeypatch.setenv("RANK", "0")
     group.run_group(settings, ["01"])
-    assert calls == ["tables", "train", "explain"] and not (tmp_path / "group.html").exists()
+    assert calls == ["tables", "twin", "explain"] and not (tmp_path / "group.html").exists()
     settings.explain = False  # without explanations the report is still written, from the tables present
     assert group.run_group(settings, ["01"]) == [tmp_path / "group.html"]
 

@@ -20,7 +20,7 @@ from bids_siamese.symmetry.simulate import LesionConfig, curriculum_range
 from bids_siamese.symmetry.train import RAMP_FRACTION, Scan, make_example, prepare_scan, train_symmetry_model
 from bids_siamese.train.batches import batch_seed
 from bids_siamese.train.data import VolumeCache, VolumeFiles, pair_batches, volume_cache
-from bids_siamese.train.longitudinal import _longitudinal_inputs
+from bids_siamese.train.longitudinal import collect_longitudinal
 from bids_siamese.train.loop import PairData, predict_pairs, train_longitudinal
 from bids_siamese.train.models import new_longitudinal_model
 from bids_siamese.train.run import siamese_options
@@ -77,17 +77,17 @@ def test_longitudinal_training_with_loader_workers_is_reproducible():
     assert not _same(runs["0"], runs["1"])  # 0 workers: the run's one generator, in order
 
 
-def test_longitudinal_inputs_hold_the_cache_for_training_and_the_stored_volumes_for_outputs(long_data):
+def testcollect_longitudinal_hold_the_cache_for_training_and_the_stored_volumes_for_outputs(long_data):
     bids, out, subjects = long_data
-    half = _longitudinal_inputs(settings_for(bids, out, "longitudinal"), subjects, require_labels=True)
+    half = collect_longitudinal(settings_for(bids, out, "longitudinal"), subjects, require_labels=True)
     assert isinstance(half.volumes, VolumeCache) and half.volumes.array.dtype == np.float16  # the default
     assert isinstance(half.stored, VolumeFiles)
-    full = _longitudinal_inputs(settings_for(bids, out, "longitudinal", volume_cache="float32"), subjects, True)
+    full = collect_longitudinal(settings_for(bids, out, "longitudinal", volume_cache="float32"), subjects, True)
     assert isinstance(full.volumes, np.ndarray) and full.stored is full.volumes
     stored = half.stored[np.arange(len(half.stored))]
     assert np.array_equal(stored, full.volumes)
     assert np.abs(half.volumes[:] - stored).max() <= 2.0 ** -11 * np.abs(stored).max()
-    applied = _longitudinal_inputs(settings_for(bids, out, "longitudinal", mode="apply"), subjects, False, load=False)
+    applied = collect_longitudinal(settings_for(bids, out, "longitudinal", mode="apply"), subjects, False, load=False)
     assert isinstance(applied.volumes, VolumeFiles) and applied.stored is applied.volumes
 
 
@@ -101,13 +101,14 @@ def test_longitudinal_float16_cache_predicts_within_tolerance_of_float32(long_da
     preds, losses = {}, {}
     for cache in ("float32", "float16"):
         settings = settings_for(bids, out, "longitudinal", backbone=backbone, volume_cache=cache, epochs=4, **extra)
-        inputs = _longitudinal_inputs(settings, subjects, require_labels=True)
+        inputs = collect_longitudinal(settings, subjects, require_labels=True)
         labels = inputs.pairs["label"].to_numpy(dtype=float)
         data = PairData(inputs.volumes, inputs.pair_index, labels)
         train_idx, val_idx = np.arange(8), np.arange(8, 12)
         torch.manual_seed(0)
         model = new_longitudinal_model(settings, model_grid(settings.resolution), data, train_idx)
-        result = train_longitudinal(model, data, train_idx, val_idx, train_config(settings, **siamese_options(settings)))
+        config = train_config(settings, **siamese_options(settings))
+        result = train_longitudinal(model, data, train_idx, val_idx, config)
         preds[cache] = predict_pairs(result.model, PairData(inputs.stored, inputs.pair_index, labels))
         losses[cache] = result.history["train_loss"].to_numpy()
     assert np.isfinite(losses["float16"]).all()

@@ -36,7 +36,8 @@ def batch_seed(seed: int, rank: int, epoch: int, k: int) -> int:
 
 @dataclass
 class BatchAssembly:
-    """How a task assembles a training batch outside its step: :meth:`~bids_siamese.train.trainer.Trainer.fit` runs ``assemble`` in a DataLoader.
+    """How a task assembles a training batch outside its step: :meth:`~bids_siamese.train.trainer.Trainer.fit` runs
+    ``assemble`` in a DataLoader.
 
     Attributes:
         assemble: ``(example indices, generator, epoch) -> tuple of CPU tensors`` (gather from the volume stack

@@ -1,27 +1,23 @@
-"""Group level: the steps that the twin and longitudinal Siamese tasks share.
+"""Group level: pieces the tasks share beyond the trainer.
 
-The task pipelines are :func:`bids_siamese.train.twins.run_twin` and
-:func:`bids_siamese.train.longitudinal.run_longitudinal` (called by :mod:`bids_siamese.workflows.group`); their
-model factories are in :mod:`bids_siamese.train.models`. This module holds what both use: the training
-configuration from the settings, the distributed set-up (:func:`run_distributed`: under torchrun only rank 0
-writes), the family relations, the dataset name, and the training-data fingerprint of a model card with the
-"seen in training" split of ``--mode apply``. Output names come from :mod:`bids_siamese.bids.derivatives`.
+The twin and longitudinal tasks (:class:`bids_siamese.train.twins.TwinTask`,
+:class:`bids_siamese.train.longitudinal.LongitudinalTask`) take their training configuration's own fields from
+:func:`siamese_options`; every task may use the family relations, the dataset name, the session times, and the
+training-data fingerprint of a model card with the "seen in training" split of ``--mode apply``
+(:func:`seen_split`). Output names come from :mod:`bids_siamese.bids.derivatives`.
 """
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
-import torch
 
 from ..config import Settings
 from ..models.checkpoint import sha256_bytes, sha256_file
 from ..models.regional import REGIONAL_MODELS
-from .ddp import DistContext, cleanup, init_distributed
 from .pairs import (
     FAMILY_FALLBACKS,
     Relations,
@@ -32,7 +28,6 @@ from .pairs import (
     relations_from_pairs_table,
     relations_from_participants,
 )
-from .reproducibility import prepare
 from .trainer import shift_voxels
 
 LOG = logging.getLogger("bids_siamese.group.models")
@@ -47,15 +42,6 @@ def siamese_options(settings: Settings) -> dict[str, Any]:
     return {"distance": settings.distance, "margin": settings.margin, "dz_positives": settings.dz_positives,
             "max_shift": 0 if regional else shift_voxels(settings.resolution), "intensity": 0.0 if regional else 0.1,
             "noise_std": 0.0 if regional else 0.05}
-
-
-def _setup(settings: Settings) -> tuple[DistContext, torch.device]:
-    """Threads, the process group under torchrun, and the seeds of a group task."""
-    ctx, device = init_distributed(settings.device)
-    prepare(settings)
-    if ctx.is_distributed:
-        LOG.info("distributed training: rank %d of %d (%s)", ctx.rank, ctx.world_size, ctx.backend)
-    return ctx, device
 
 
 def dataset_name(bids_dir: Path) -> str:
@@ -135,17 +121,6 @@ def log_metrics(task: str, metrics: pd.DataFrame, seconds: float) -> None:
     shown = metrics[metrics["metric"].isin(["accuracy", "f1", "auc_roc", "baseline_auc_roc"])]
     LOG.info("%s done in %.0f s: %s", task, seconds,
              ", ".join(f"{r.metric} {r.mean:.3f} +- {r.std:.3f}" for r in shown.itertuples()))
-
-
-def run_distributed(pipeline: Callable[..., list[Path]], settings: Settings, subjects: list[str]) -> list[Path]:
-    """Run ``pipeline(settings, subjects, ctx, device, t_start)`` inside the task's process group (one process, or
-    every torchrun rank); the group is left however the pipeline ends."""
-    t_start = time.perf_counter()
-    ctx, device = _setup(settings)
-    try:
-        return pipeline(settings, subjects, ctx, device, t_start)
-    finally:
-        cleanup(ctx)
 
 
 def card_training_data(scans: pd.DataFrame, split_of: dict[str, str], bids_dir: Path, **extra: Any) -> dict[str, Any]:

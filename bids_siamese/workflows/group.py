@@ -34,9 +34,11 @@ from ..explain.run import run_explain
 from ..interfaces.derivatives import output_names
 from ..qc.orientation import failed_header_checks
 from ..reports.group import write_group_report
-from ..symmetry import run as symmetry
-from ..train import longitudinal, orientation, twins
-from ..train.task import GroupTask
+from ..symmetry.run import SymmetryTask
+from ..train.longitudinal import LongitudinalTask
+from ..train.orientation import OrientationTask
+from ..train.task import GroupTask, run_task
+from ..train.twins import TwinTask
 
 LOG = logging.getLogger("bids_siamese.group")
 
@@ -214,9 +216,11 @@ class _Steps:
         return written
 
 
-#: The group tasks (``--task``), each a module with the same steps and its :class:`GroupTask`.
-TASKS: dict[str, GroupTask] = {task.name: task for task in (twins.TASK, longitudinal.TASK, orientation.TASK,
-                                                             symmetry.TASK)}
+#: The group tasks (``--task``): one :class:`~bids_siamese.train.task.GroupTask` subclass each, in its own module,
+#: with the same steps (collect -> samples -> split -> fit -> evaluate -> write), run by
+#: :func:`~bids_siamese.train.task.run_task`.
+TASKS: dict[str, type[GroupTask]] = {task.name: task for task in (TwinTask, LongitudinalTask, OrientationTask,
+                                                                   SymmetryTask)}
 
 
 def run_group(settings: Settings, subjects: list[str], status: list[dict[str, Any]] | None = None) -> list[Path]:
@@ -240,7 +244,7 @@ def run_group(settings: Settings, subjects: list[str], status: list[dict[str, An
         selected = usable_subjects(task.name, subjects, status)
         LOG.info("--task %s: %s", task.name, task.steps)
         if task.distributed or step.main:
-            step(task.name, task.run(settings, selected))
+            step(task.name, run_task(task, settings, selected))
         else:
             LOG.info("%s training is not distributed: process %s leaves it to process 0", task.name,
                      os.environ["RANK"])
