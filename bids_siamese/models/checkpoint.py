@@ -62,8 +62,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries a checkpoint depends on."""
-    import monai
-    import sklearn
+    import monai  # deferred: monai takes seconds to import; only a card being written needs its version
+    import sklearn  # deferred: as monai
 
     return {
         "bids_siamese": __version__,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from scipy import ndimage as ndi
 from torch import nn
 
 from ..models.backbones import Encoder, build_backbone
@@ -200,8 +201,6 @@ class SymmetrySiamese(nn.Module):
         mean = diff.median(dim=0).values
         sd = 1.4826 * (diff - mean).abs().median(dim=0).values
         if smooth_vox > 0:
-            from scipy import ndimage as ndi
-
             sd = torch.from_numpy(ndi.gaussian_filter(sd.numpy(), smooth_vox)).to(sd)
         inside = sd > 0
         floor = float(torch.quantile(sd[inside], 0.05)) if bool(inside.any()) else 1.0

@@ -42,6 +42,7 @@ rate on the clean scans.
 """
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -51,10 +52,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib import rc_context
+from matplotlib.figure import Figure
 from scipy import ndimage as ndi
 
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..preproc.grid import resample_array
+from ..reports.figures import SVG_HASHSALT
 from ..resources import model_grid
 from ..train.batches import BatchAssembly
 from ..train.data import pair_batches, volume_cache
@@ -604,16 +608,8 @@ def summarise_detection(samples: pd.DataFrame, scorers: Sequence[str], threshold
 def detection_figure(per_bin: pd.DataFrame, title: str = "Lesion detection by volume") -> str:
     """An SVG of detection rate (solid) and AUC (dashed) against lesion volume, one colour per scorer, with
     the sphere-equivalent cross-section (mm^2) on a second axis, like the neonatal study's curve."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..reports.figures import SVG_HASHSALT
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)  # no pyplot: no global figure state, no GUI backend
+    ax = fig.add_subplot()
     for i, (name, part) in enumerate(per_bin.groupby("scorer", sort=False)):
         colour = f"C{i}"
         ax.plot(part["volume_mm3"], part["detection_rate"], "o-", color=colour, label=f"{name}: detection rate")
@@ -630,9 +626,8 @@ def detection_figure(per_bin: pd.DataFrame, title: str = "Lesion detection by vo
     top.set_xlabel("sphere-equivalent cross-section (mm$^2$)", fontsize=8)
     fig.tight_layout()
     buffer = io.StringIO()
-    with matplotlib.rc_context({"svg.hashsalt": SVG_HASHSALT}):  # the same bytes run after run: no date, fixed ids
+    with rc_context({"svg.hashsalt": SVG_HASHSALT}):  # the same bytes run after run: no date, fixed ids
         fig.savefig(buffer, format="svg", metadata={"Date": None})
-    plt.close(fig)
     return buffer.getvalue()
 
 

@@ -103,7 +103,7 @@ def train_config(settings: Settings, **task_overrides: Any) -> TrainConfig:
     flips, the orientation ensemble member's seed).
 
     Examples:
-        >>> s = Settings(bids_dir="/bids", output_dir="/out", analysis_level="group", epochs=3)
+        >>> s = Settings(bids_dir="/bids", output_dir="/out", work_dir="/work", analysis_level="group", epochs=3)
         >>> c = train_config(s, flip_lr=True)
         >>> c.epochs, c.flip_lr, c.seed
         (3, True, 0)
