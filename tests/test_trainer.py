@@ -137,3 +137,22 @@ def test_run_task_calls_the_steps_in_order_and_writes_in_the_first_process(tmp_p
     finally:
         torch.set_num_threads(threads)
     assert calls == [("collect", ("01",)), "samples", "split", "fit", "evaluate", "write"]
+
+
+@pytest.mark.slow
+def test_a_fresh_process_loads_a_symmetry_checkpoint_through_the_group_workflow(tmp_path):
+    """The CLI checks --model before any work (check_checkpoint): in a fresh interpreter that has imported only
+    the group workflow, the symmetry model's factory is registered."""
+    import subprocess
+    import sys
+
+    from bids_siamese.symmetry.model import build_symmetry_model
+    from bids_siamese.symmetry.train import save_symmetry_checkpoint
+
+    save_symmetry_checkpoint(tmp_path / "symmetry_small", build_symmetry_model("small"), TrainConfig(), 8.0, {}, {})
+    code = ("import sys; from bids_siamese.workflows.group import check_checkpoint; "
+            "print(check_checkpoint(sys.argv[1])['task'])")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "symmetry_small")], capture_output=True,
+                          text=True, cwd=Path(__file__).parents[1], check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "symmetry"

@@ -32,6 +32,7 @@ from ..bids.derivatives import (
 from ..config import Settings
 from ..explain.run import run_explain
 from ..interfaces.derivatives import output_names
+from ..models.checkpoint import load_checkpoint
 from ..qc.orientation import failed_header_checks
 from ..reports.group import write_group_report
 from ..symmetry.run import SymmetryTask
@@ -221,6 +222,18 @@ class _Steps:
 #: :func:`~bids_siamese.train.task.run_task`.
 TASKS: dict[str, type[GroupTask]] = {task.name: task for task in (TwinTask, LongitudinalTask, OrientationTask,
                                                                    SymmetryTask)}
+
+
+def check_checkpoint(path: Path, task: str | None = None) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` (``--model``, ``--orientation-model``) once, before any scan is processed,
+    whatever its task: importing this module imported every task module, so every task's model factory is
+    registered (:mod:`bids_siamese.models.registry`). Returns the model card.
+
+    Raises:
+        UsageError: a checkpoint of another task than ``task`` (None: any).
+        NoInputError, BadDataError: missing, damaged or unsafe checkpoint files.
+    """
+    return load_checkpoint(path, task=task)[1]
 
 
 def run_group(settings: Settings, subjects: list[str], status: list[dict[str, Any]] | None = None) -> list[Path]:
