@@ -268,7 +268,6 @@ def position_targets(weights: torch.Tensor, shape: Sequence[int]) -> torch.Tenso
     return ((pooled / peak >= 0.5) & (pooled > 0)).float()
 
 
-
 def validation_set(scans: Sequence[Scan], config: TrainConfig, lesion: LesionConfig, affine: np.ndarray,
                    val_draws: int = VAL_DRAWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fixed validation samples ``(x, label, is_left, target)`` (seed ``config.seed + 1``): from each scan
@@ -629,8 +628,6 @@ def detection_figure(per_bin: pd.DataFrame, title: str = "Lesion detection by vo
     with rc_context({"svg.hashsalt": SVG_HASHSALT}):  # the same bytes run after run: no date, fixed ids
         fig.savefig(buffer, format="svg", metadata={"Date": None})
     return buffer.getvalue()
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------
