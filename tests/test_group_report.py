@@ -119,7 +119,7 @@ def test_run_group_records_each_step_for_the_report(tmp_path, monkeypatch):
     def fake_longitudinal(settings, subjects):
         return _longitudinal_outputs(settings.output_dir)[:3]
 
-    monkeypatch.setattr("bids_siamese.train.longitudinal.run_longitudinal", fake_longitudinal)
+    monkeypatch.setattr(group, "run_task", lambda task, settings, subjects: fake_longitudinal(settings, subjects))
     monkeypatch.setattr(group, "find_orientation_records", lambda out, subjects: [
         {"participant_id": "sub-01", "session_id": None, "scan": "sub-01_T1w.nii.gz", "lr_flip_suspected": False,
          "header_checks": []}])

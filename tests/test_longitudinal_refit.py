@@ -13,10 +13,11 @@ import torch
 from bids_siamese.resources import model_grid
 from bids_siamese.train import longitudinal as long_mod
 from bids_siamese.train.ddp import DistContext
-from bids_siamese.train.longitudinal import (L1_CHOICES, _longitudinal_inputs, fit_longitudinal_draw,
+from bids_siamese.train.longitudinal import (L1_CHOICES, collect_longitudinal, fit_longitudinal_draw,
                                              refit_folds)
 from bids_siamese.train.loop import PairData
-from bids_siamese.train.run import train_config
+from bids_siamese.train.run import siamese_options
+from bids_siamese.train.trainer import train_config
 
 from test_train import make_group_inputs, settings_for
 
@@ -54,7 +55,7 @@ def regional_draw_inputs(tmp_path_factory):
     bids, out, subjects = make_group_inputs(tmp_path_factory.mktemp("refit"))
     settings = settings_for(bids, out, "longitudinal", backbone="regional", epochs=25, batch_size=32, lr=0.05,
                             patience=25, atlas="harvard_oxford")
-    inputs = _longitudinal_inputs(settings, subjects, require_labels=True)
+    inputs = collect_longitudinal(settings, subjects, require_labels=True)
     labels = inputs.pairs["label"].to_numpy(dtype=float)
     return settings, inputs, PairData(inputs.volumes, inputs.pair_index, labels)
 
@@ -69,7 +70,8 @@ def _draw(settings, inputs, data, monkeypatch=None, calls=None):
 
         monkeypatch.setattr(long_mod, "train_longitudinal", spy)
     torch.manual_seed(0)
-    return fit_longitudinal_draw(settings, model_grid(settings.resolution), inputs, data, train_config(settings),
+    config = train_config(settings, **siamese_options(settings))
+    return fit_longitudinal_draw(settings, model_grid(settings.resolution), inputs, data, config,
                                  0, torch.device("cpu"), DistContext())
 
 

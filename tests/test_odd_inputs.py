@@ -115,10 +115,10 @@ def test_group_level_reads_a_quoted_participants_value(run_cli, mini_bids, tmp_p
     (mini_bids / "participants.tsv").write_text(
         'participant_id\tfamily_id\tzygosity\tnote\nsub-01\tf1\tMZ\t"twin A\nsub-02\tf1\tMZ\tok\n')
     seen = []
-    monkeypatch.setattr("bids_siamese.train.twins.run_twin",
-                        lambda settings, subjects: seen.append(__import__("bids_siamese.train.run", fromlist=["x"])
-                                                               .load_relations(settings, subjects)) or [])
-    monkeypatch.setattr("bids_siamese.explain.run.run_explain", lambda settings, subjects: [])
+    monkeypatch.setattr("bids_siamese.workflows.group.run_task",
+                        lambda task, settings, subjects: seen.append(__import__("bids_siamese.train.run", fromlist=["x"])
+                                                                     .load_relations(settings, subjects)) or [])
+    monkeypatch.setattr("bids_siamese.workflows.group.run_explain", lambda settings, subjects: [])
     code, _, err = _twin_group_run(run_cli, mini_bids, tmp_path)
     assert code == 0, err
     assert seen and seen[0].relation("sub-01", "sub-02") == "MZ"

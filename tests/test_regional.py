@@ -20,7 +20,8 @@ from bids_siamese.models.regional import (RegionalChange, RegionalConvEncoder, R
                                           pooled_affine, pooled_shape)
 from bids_siamese.models.losses import pairwise_distance
 from bids_siamese.train.evaluate import safe_auc
-from bids_siamese.train.loop import TrainConfig, TwinData, train_twin
+from bids_siamese.train.loop import TwinData, train_twin
+from bids_siamese.train.trainer import TrainConfig
 from bids_siamese.bids.derivatives import LONGITUDINAL_FILES, REGION_WEIGHTS, TWIN_FILES
 from bids_siamese.train.longitudinal import run_longitudinal
 from bids_siamese.train.twins import run_twin

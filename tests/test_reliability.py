@@ -379,8 +379,9 @@ def test_lock_count_is_capped(tmp_path, monkeypatch, caplog):
 
 def test_group_task_sees_only_subjects_with_complete_results(run_cli, mini_bids, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr("bids_siamese.train.twins.run_twin", lambda settings, subjects: calls.append(subjects) or [])
-    monkeypatch.setattr("bids_siamese.explain.run.run_explain", lambda settings, subjects: [])
+    monkeypatch.setattr("bids_siamese.workflows.group.run_task",
+                        lambda task, settings, subjects: calls.append(subjects) or [])
+    monkeypatch.setattr("bids_siamese.workflows.group.run_explain", lambda settings, subjects: [])
     out = tmp_path / "out"
     out.mkdir()
     (out / "dataset_description.json").write_text("{}")

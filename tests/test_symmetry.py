@@ -315,7 +315,7 @@ def test_train_save_load_and_evaluate(template8, tmp_path):
     from bids_siamese.symmetry.train import (
         evaluate_detection, load_symmetry_model, save_symmetry_checkpoint, siamese_scorer, train_symmetry_model,
     )
-    from bids_siamese.train.loop import TrainConfig
+    from bids_siamese.train.trainer import TrainConfig
 
     scans = _jittered_scans(template8, 5)
     cfg = TrainConfig(epochs=2, batch_size=4, flip_lr=True)

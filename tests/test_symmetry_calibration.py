@@ -76,7 +76,6 @@ def test_constant_model_output_does_not_explode():
 
 def test_apply_model_scores_against_the_scans_not_trained_on(monkeypatch):
     from bids_siamese.symmetry import run as symmetry_run
-    from bids_siamese.symmetry import train as symmetry_train
 
     n = 30
     rng = np.random.default_rng(2)
@@ -84,7 +83,7 @@ def test_apply_model_scores_against_the_scans_not_trained_on(monkeypatch):
     logits[:12] = -4.0  # the training scans: memorised, far lower
     logits[-1] = 3.0  # one abnormal held-out scan
     p = _sigmoid(logits)
-    monkeypatch.setattr(symmetry_train, "siamese_logits", lambda model, vols, masks, r, mr: (logits, np.full(n, -0.8)))
+    monkeypatch.setattr(symmetry_run, "siamese_logits", lambda model, vols, masks, r, mr: (logits, np.full(n, -0.8)))
     table = pd.DataFrame({"split": ["train"] * 12 + ["validation"] * 8 + ["test"] * 8 + ["excluded"] * 2,
                           "siamese_probability": np.nan, "siamese_z": np.nan, "siamese_suspected": np.nan,
                           "siamese_p_left": np.nan})

@@ -394,7 +394,8 @@ def test_training_flops_do_not_depend_on_the_batch_layout_and_the_peak_table():
 def test_training_with_channels_last_3d_weights_matches_the_contiguous_one_on_cpu(backbone, tmp_path):
     """On CUDA the training loop gives the model channels_last_3d weights; the same run with such weights on the
     CPU trains to the same weights and history, and its checkpoint loads into a contiguous model."""
-    from bids_siamese.train.loop import TrainConfig, TwinData, _setup, train_twin
+    from bids_siamese.train.loop import TwinData, train_twin
+    from bids_siamese.train.trainer import TrainConfig, setup_training
 
     bench = _train_throughput_module()
     rng = np.random.default_rng(0)
@@ -409,7 +410,7 @@ def test_training_with_channels_last_3d_weights_matches_the_contiguous_one_on_cp
     torch.set_num_threads(1)
     try:
         plain = bench.twin_model(backbone, 8.0)
-        _setup(plain, config, "cpu", None)  # the CPU keeps the contiguous layout
+        setup_training(plain, config, "cpu", None)  # the CPU keeps the contiguous layout
         assert all(p.is_contiguous() for p in plain.parameters())
         last = bench.twin_model(backbone, 8.0).to(memory_format=torch.channels_last_3d)
         conv_weights = [p for p in last.parameters() if p.dim() == 5 and p.shape[1] > 1]

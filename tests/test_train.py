@@ -22,10 +22,13 @@ from scipy import ndimage as ndi
 
 from bids_siamese.config import Settings
 from bids_siamese.errors import BadDataError, NoInputError, UsageError
+from bids_siamese.models import build_model
+from bids_siamese.models.checkpoint import make_card, save_checkpoint
 from bids_siamese.resources import model_grid
 from bids_siamese.train.data import augment, family_batches, find_preproc
 from bids_siamese.train.evaluate import binary_metrics, choose_threshold, draw_metrics, voxel_correlation
-from bids_siamese.train.loop import TrainConfig, TwinData, recompute_batch_norm, train_twin
+from bids_siamese.train.loop import TwinData, recompute_batch_norm, train_twin
+from bids_siamese.train.trainer import TrainConfig
 from bids_siamese.train.relatives import RELATIVE_COLUMNS
 from bids_siamese.bids.derivatives import LONGITUDINAL_FILES, TWIN_FILES
 from bids_siamese.train.longitudinal import run_longitudinal
@@ -151,8 +154,6 @@ def test_voxel_correlation_baseline_uses_both_masks():
 
 
 def test_recompute_batch_norm_uses_current_weights():
-    from bids_siamese.models import build_model
-
     torch.manual_seed(0)
     model = build_model("twin", "small", embedding_dim=8)
     vols = np.random.default_rng(0).normal(size=(6, 1, 21, 26, 22)).astype(np.float32)
@@ -278,11 +279,19 @@ def test_longitudinal_train_then_apply(group_data):
     assert (again["p_decline"] == pred["p_decline"]).all()
 
 
-def test_apply_refuses_a_checkpoint_of_another_task(group_data):
+@pytest.fixture
+def longitudinal_checkpoint(tmp_path) -> Path:
+    """A longitudinal checkpoint on the test grid (untrained: only its card matters here)."""
+    model = build_model("longitudinal", "small", embedding_dim=8)
+    card = make_card("longitudinal", "small", 8, model_grid(RES), 0, {}, {"threshold_p_decline": 0.5}, {}, {})
+    folder = tmp_path / "longitudinal_small"
+    save_checkpoint(folder, model, card)
+    return folder
+
+
+def test_apply_refuses_a_checkpoint_of_another_task(group_data, longitudinal_checkpoint):
     bids, out, subjects = group_data
-    folder = out / "models" / "longitudinal_small"
-    if not folder.exists():
-        pytest.skip("needs the longitudinal checkpoint of the previous test")
+    folder = longitudinal_checkpoint
     with pytest.raises(UsageError, match="trained for --task longitudinal, not twin"):
         run_twin(settings_for(bids, out, "twin", mode="apply", model=folder), subjects)
 
@@ -313,7 +322,8 @@ DDP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from bids_siamese.models import build_model
     from bids_siamese.train.ddp import init_distributed
-    from bids_siamese.train.loop import TrainConfig, TwinData, train_twin
+    from bids_siamese.train.loop import TwinData, train_twin
+    from bids_siamese.train.trainer import TrainConfig
     from bids_siamese.train.twins import run_twin
     from test_train import settings_for
 
@@ -366,21 +376,19 @@ def test_ddp_two_cpu_processes_gloo(group_data, tmp_path):
 
 def test_group_level_explains_and_writes_tables_in_the_first_process_only(tmp_path, monkeypatch):
     """Under torchrun every process runs the group level: processes other than RANK 0 only train."""
-    import bids_siamese.explain.run as explain_run
-    import bids_siamese.train.twins as train_run
     from bids_siamese.workflows import group
 
     calls = []
-    monkeypatch.setattr(train_run, "run_twin", lambda settings, subjects: calls.append("train") or [])
-    monkeypatch.setattr(explain_run, "run_explain", lambda settings, subjects: calls.append("explain") or [])
+    monkeypatch.setattr(group, "run_task", lambda task, settings, subjects: calls.append(task.name) or [])
+    monkeypatch.setattr(group, "run_explain", lambda settings, subjects: calls.append("explain") or [])
     monkeypatch.setattr(group, "find_orientation_records", lambda out, subjects: calls.append("tables") or [])
     settings = settings_for(tmp_path, tmp_path, "twin", explain=True)
     monkeypatch.setenv("RANK", "1")
-    assert group.run_group(settings, ["01"]) == [] and calls == ["train"]
+    assert group.run_group(settings, ["01"]) == [] and calls == ["twin"]
     calls.clear()
     monkeypatch.setenv("RANK", "0")
     group.run_group(settings, ["01"])
-    assert calls == ["tables", "train", "explain"] and not (tmp_path / "group.html").exists()
+    assert calls == ["tables", "twin", "explain"] and not (tmp_path / "group.html").exists()
     settings.explain = False  # without explanations the report is still written, from the tables present
     assert group.run_group(settings, ["01"]) == [tmp_path / "group.html"]
 

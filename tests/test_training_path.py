@@ -21,9 +21,9 @@ from bids_siamese.resources import model_grid
 from bids_siamese.train import loop
 from bids_siamese.train.data import VolumeCache, augment, family_batches, load_volume_cache, load_volumes
 from bids_siamese.train.batches import BatchAssembly, BatchLoader, CompiledOrEager, batch_seed
-from bids_siamese.train.loop import TrainConfig, TwinData, train_twin
-from bids_siamese.train.orientation import _config as orientation_config
-from bids_siamese.train.run import train_config
+from bids_siamese.train.loop import TwinData, train_twin
+from bids_siamese.train.run import siamese_options
+from bids_siamese.train.trainer import TrainConfig, train_config
 
 from test_regional import SHAPE, _held_out_auc, _planted_twins, _quadrants
 
@@ -304,7 +304,7 @@ def test_cli_options_reach_the_training_configuration(mini_bids, tmp_path, monke
                     "--volume-cache", "float32"])
     assert (s.loader_workers, s.volume_cache, s.compile) == (2, "float32", True)
     assert s.to_dict()["loader_workers"] == 2 and s.to_dict()["compile"] is True
-    for config in (train_config(s), orientation_config(s, 0)):
+    for config in (train_config(s, **siamese_options(s)), train_config(s, seed=1, flip_lr=False, max_shift=1)):
         assert (config.loader_workers, config.compile) == (2, True)
     with pytest.raises(UsageError, match="--loader-workers"):
         parse_args([str(mini_bids), str(out), "group", "--device", "cpu", "--loader-workers", "-1"])

@@ -18,13 +18,13 @@ from bids_siamese.resources import model_grid
 from bids_siamese.symmetry.model import build_symmetry_model
 from bids_siamese.symmetry.simulate import LesionConfig, curriculum_range
 from bids_siamese.symmetry.train import RAMP_FRACTION, Scan, make_example, prepare_scan, train_symmetry_model
-from bids_siamese.symmetry.train import train_config as symmetry_config
 from bids_siamese.train.batches import batch_seed
 from bids_siamese.train.data import VolumeCache, VolumeFiles, pair_batches, volume_cache
-from bids_siamese.train.longitudinal import _longitudinal_inputs
-from bids_siamese.train.loop import PairData, TrainConfig, predict_pairs, train_longitudinal
+from bids_siamese.train.longitudinal import collect_longitudinal
+from bids_siamese.train.loop import PairData, predict_pairs, train_longitudinal
 from bids_siamese.train.models import new_longitudinal_model
-from bids_siamese.train.run import train_config
+from bids_siamese.train.run import siamese_options
+from bids_siamese.train.trainer import TrainConfig, train_config
 
 from test_train import make_group_inputs, settings_for
 
@@ -77,17 +77,17 @@ def test_longitudinal_training_with_loader_workers_is_reproducible():
     assert not _same(runs["0"], runs["1"])  # 0 workers: the run's one generator, in order
 
 
-def test_longitudinal_inputs_hold_the_cache_for_training_and_the_stored_volumes_for_outputs(long_data):
+def testcollect_longitudinal_hold_the_cache_for_training_and_the_stored_volumes_for_outputs(long_data):
     bids, out, subjects = long_data
-    half = _longitudinal_inputs(settings_for(bids, out, "longitudinal"), subjects, require_labels=True)
+    half = collect_longitudinal(settings_for(bids, out, "longitudinal"), subjects, require_labels=True)
     assert isinstance(half.volumes, VolumeCache) and half.volumes.array.dtype == np.float16  # the default
     assert isinstance(half.stored, VolumeFiles)
-    full = _longitudinal_inputs(settings_for(bids, out, "longitudinal", volume_cache="float32"), subjects, True)
+    full = collect_longitudinal(settings_for(bids, out, "longitudinal", volume_cache="float32"), subjects, True)
     assert isinstance(full.volumes, np.ndarray) and full.stored is full.volumes
     stored = half.stored[np.arange(len(half.stored))]
     assert np.array_equal(stored, full.volumes)
     assert np.abs(half.volumes[:] - stored).max() <= 2.0 ** -11 * np.abs(stored).max()
-    applied = _longitudinal_inputs(settings_for(bids, out, "longitudinal", mode="apply"), subjects, False, load=False)
+    applied = collect_longitudinal(settings_for(bids, out, "longitudinal", mode="apply"), subjects, False, load=False)
     assert isinstance(applied.volumes, VolumeFiles) and applied.stored is applied.volumes
 
 
@@ -101,13 +101,14 @@ def test_longitudinal_float16_cache_predicts_within_tolerance_of_float32(long_da
     preds, losses = {}, {}
     for cache in ("float32", "float16"):
         settings = settings_for(bids, out, "longitudinal", backbone=backbone, volume_cache=cache, epochs=4, **extra)
-        inputs = _longitudinal_inputs(settings, subjects, require_labels=True)
+        inputs = collect_longitudinal(settings, subjects, require_labels=True)
         labels = inputs.pairs["label"].to_numpy(dtype=float)
         data = PairData(inputs.volumes, inputs.pair_index, labels)
         train_idx, val_idx = np.arange(8), np.arange(8, 12)
         torch.manual_seed(0)
         model = new_longitudinal_model(settings, model_grid(settings.resolution), data, train_idx)
-        result = train_longitudinal(model, data, train_idx, val_idx, train_config(settings))
+        config = train_config(settings, **siamese_options(settings))
+        result = train_longitudinal(model, data, train_idx, val_idx, config)
         preds[cache] = predict_pairs(result.model, PairData(inputs.stored, inputs.pair_index, labels))
         losses[cache] = result.history["train_loss"].to_numpy()
     assert np.isfinite(losses["float16"]).all()
@@ -136,14 +137,15 @@ def _train_sym(scans, workers: int = 0, cache: str = "float32", compile_model: b
                                 val_draws=1, volume_cache_dtype=cache)
 
 
-def test_symmetry_config_takes_the_runtime_options(tmp_path):
+def test_task_configs_take_the_runtime_options(tmp_path):
+    """The one TrainConfig builder passes --loader-workers/--compile to every task, under the task's overrides."""
     def settings(**kw) -> Settings:
         return Settings(bids_dir=tmp_path, output_dir=tmp_path, work_dir=tmp_path, analysis_level="group",
                         task="symmetry", **kw)
 
-    config = symmetry_config(settings(loader_workers=3, compile=True))
+    config = train_config(settings(loader_workers=3, compile=True), flip_lr=True)  # the symmetry task's override
     assert (config.loader_workers, config.compile, config.flip_lr) == (3, True, True)
-    default = symmetry_config(settings())
+    default = train_config(settings())
     assert (default.loader_workers, default.compile) == (0, False)
 
 

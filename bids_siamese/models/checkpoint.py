@@ -27,8 +27,8 @@ from .. import __version__
 from ..bids.derivatives import write_bytes, write_json, write_text
 from ..errors import BadDataError, NoInputError, UsageError
 from ..resources import TEMPLATE, Grid
-from .heads import EmbeddingHead, build_model
-from .regional import RegionalChange, RegionalConvEncoder, RegionalEncoder
+from .heads import EmbeddingHead
+from .registry import model_factory
 
 WEIGHTS = "model.pt"
 CARD = "model_card.json"
@@ -62,8 +62,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries a checkpoint depends on."""
-    import monai
-    import sklearn
+    import monai  # deferred: monai takes seconds to import; only a card being written needs its version
+    import sklearn  # deferred: as monai
 
     return {
         "bids_siamese": __version__,
@@ -267,8 +267,8 @@ def load_weights(weights: Path) -> dict[str, Any]:
 
 def load_checkpoint(path: Path, task: str | None = None, grid: Grid | None = None,
                     device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model of a checkpoint and load its weights, after the checks of :func:`read_card` and
-    :func:`check_card`.
+    """Rebuild the model of a checkpoint (the factory that :mod:`bids_siamese.models.registry` holds for its task and
+    backbone) and load its weights, after the checks of :func:`read_card` and :func:`check_card`.
 
     Args:
         path: checkpoint folder, ``model.pt`` or ``model_card.json``.
@@ -283,26 +283,9 @@ def load_checkpoint(path: Path, task: str | None = None, grid: Grid | None = Non
     check_card(card, task, grid, source=f"--model {path}")
     weights = checkpoint_folder(path) / WEIGHTS
     state = load_weights(weights)
+    factory = model_factory(card["task"], card.get("backbone"))  # models/registry.py: filled by the models' owners
     try:
-        if card["task"] == "orientation":  # an ensemble of LatNet members, architecture in the card
-            from .orientation import OrientationEnsemble
-
-            model: nn.Module = OrientationEnsemble.from_card(card)
-        elif card["task"] == "symmetry":  # the hemisphere model; its reference buffers are sized by the grid
-            from ..symmetry.model import symmetry_model_from_card
-
-            model = symmetry_model_from_card(card, state)
-        elif card["backbone"] == "regional" and card["task"] == "longitudinal":  # region layout in the buffers
-            model = RegionalChange.from_state_dict(state, tuple(card["grid"]["shape"]),
-                                                              pool=int(card.get("pool", 2)))
-        elif card["backbone"] == "regional":  # the region layout and population reference are in the buffers
-            model = RegionalEncoder.from_state_dict(state, pool=int(card.get("pool", 2)))
-        elif card["backbone"] == "regional_cnn":  # the same, and the channels in the logits' shape
-            model = RegionalConvEncoder.from_state_dict(state, pool=int(card.get("pool", 2)))
-        else:
-            model = build_model(card["task"], card["backbone"], embedding_dim=int(card["embedding_dim"]),
-                                in_channels=int(card.get("in_channels", 1)),
-                                pooling=card.get("pooling", "avg"))  # cards before 0.1.0 had no pooling: avg
+        model = factory(card, state)
         model.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as err:
         raise BadDataError(f"{weights} does not fit a {card['task']}/{card['backbone']} model ({err}); fix: "

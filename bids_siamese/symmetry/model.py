@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from scipy import ndimage as ndi
 from torch import nn
 
 from ..models.backbones import Encoder, build_backbone
 from ..models.heads import EmbeddingHead
+from ..models.registry import register_model
 
 FUSIONS = ("difference", "embedding", "cross_attention")
 #: Largest magnitude of the standardised difference channel.
@@ -199,8 +201,6 @@ class SymmetrySiamese(nn.Module):
         mean = diff.median(dim=0).values
         sd = 1.4826 * (diff - mean).abs().median(dim=0).values
         if smooth_vox > 0:
-            from scipy import ndimage as ndi
-
             sd = torch.from_numpy(ndi.gaussian_filter(sd.numpy(), smooth_vox)).to(sd)
         inside = sd > 0
         floor = float(torch.quantile(sd[inside], 0.05)) if bool(inside.any()) else 1.0
@@ -289,6 +289,10 @@ def symmetry_model_from_card(card: dict, state: dict) -> SymmetrySiamese:
         if name in state:
             setattr(model, name, torch.zeros_like(state[name]))
     return model
+
+
+#: load_checkpoint rebuilds symmetry checkpoints with this factory (registered on import of this module).
+register_model(symmetry_model_from_card, task="symmetry")
 
 
 def predict_logits(model: SymmetrySiamese, volumes: torch.Tensor,

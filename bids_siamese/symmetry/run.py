@@ -2,8 +2,8 @@
 
 ``run_symmetry(settings, subjects)``:
 
-1. reads every participant-level ``*_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz`` (and its
-   ``desc-brain_mask``) of the selected subjects;
+1. collects the participant-level ``*_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz`` (and its
+   ``desc-brain_mask``) of the selected subjects as every group task does (:func:`collect_scans`);
 2. computes each scan's asymmetry map and regional indices, builds the dataset reference (template + scans,
    :func:`~bids_siamese.symmetry.asymmetry.group_reference`) and re-scores every scan against it;
 3. with ``--task symmetry --mode train``: trains the Siamese hemisphere model on the scans that look
@@ -11,7 +11,8 @@
    family/subject into training (70 %), validation (15 %) and test (15 %) scans; evaluates it and the
    asymmetry score on lesions planted in the test scans per volume bin; saves the checkpoint to
    ``models/symmetry_<backbone>/``; with ``--mode apply``: loads ``--model``;
-4. writes ``group_symmetry.tsv`` (one row per scan, with the Siamese probability and the group-relative
+4. writes (names: :data:`~bids_siamese.bids.derivatives.SYMMETRY_FILES`) ``group_symmetry.tsv`` (one row per
+   scan, with the Siamese probability and the group-relative
    ``siamese_z`` (:mod:`bids_siamese.symmetry.calibration`) when a model was trained or applied) and, after
    training, ``group_symmetry_training.tsv``, ``group_symmetry_evaluation.tsv``,
    ``group_symmetry_evaluation.json`` and ``figures/group_symmetry_detection.svg``.
@@ -20,19 +21,26 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
-from ..bids.derivatives import write_json, write_text, write_tsv
+from ..bids.derivatives import SYMMETRY_FILES, model_folder, write_json, write_text, write_tsv
+from ..config import Settings
 from ..errors import NoInputError
 from ..qc.gate import orientation_qc_path
 from ..resources import TEMPLATE, model_grid
-from ..train.data import load_volume, mask_path_for, preproc_name_pattern
+from ..train.data import find_preproc, load_volume, mask_path_for
+from ..train.ddp import DistContext
+from ..train.pairs import read_families, subject_split
+from ..train.reproducibility import prepare
+from ..train.run import seen_split, training_fingerprint
+from ..train.task import GroupTask, run_task
+from ..train.trainer import train_config
 from .analysis import template_reference
 from .asymmetry import (
     ASYMMETRY_THRESHOLD,
@@ -53,16 +61,25 @@ from .regional import (
     top_regions,
 )
 from .calibration import MIN_REFERENCE_SCANS, SIAMESE_Z_THRESHOLD, reference_statistics, siamese_z, suspected
+from .model import build_symmetry_model
 from .normative import DEFAULT_COMPONENTS
 from .simulate import LesionConfig
+from .train import (
+    detection_figure,
+    evaluate_detection,
+    hyperparameters,
+    load_symmetry_model,
+    model_resolution,
+    prepare_scan,
+    save_symmetry_checkpoint,
+    siamese_logits,
+    siamese_scorers,
+    to_model_resolution,
+    train_symmetry_model,
+)
 
 LOG = logging.getLogger("bids_siamese.symmetry")
 
-GROUP_TABLE = "group_symmetry.tsv"
-TRAINING_TABLE = "group_symmetry_training.tsv"
-EVALUATION_TABLE = "group_symmetry_evaluation.tsv"
-EVALUATION_JSON = "group_symmetry_evaluation.json"
-FIGURE = "figures/group_symmetry_detection.svg"
 #: Train, validation and test fractions of the lesion-free subjects' families.
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
 
@@ -71,8 +88,6 @@ GROUP_COLUMNS = [
     "peak_mm", "peak_region", "top_regions", "siamese_probability", "siamese_z", "siamese_suspected", "siamese_p_left",
     "split", "scan",
 ]
-
-_ENTITY = re.compile(r"(?:^|_)(sub|ses)-([A-Za-z0-9]+)")
 
 
 @dataclass
@@ -87,28 +102,30 @@ class ScanFiles:
     orientation_qc: Path | None = None
 
 
-def find_scans(output_dir: Path, subjects: Sequence[str]) -> list[ScanFiles]:
-    """The participant-level model-grid outputs of ``subjects`` (their grid is checked by :func:`load_scan`): every scan (all
-    sessions and runs) with a brain mask, named as the other tasks find them (:mod:`bids_siamese.train.data`).
+def collect_scans(settings: Settings, subjects: Sequence[str]) -> list[ScanFiles]:
+    """collect: the participant-level model-grid scans of ``subjects`` as every group task collects them
+    (:func:`~bids_siamese.train.data.find_preproc`: one per session, ``--session-label``, the usable-scan gate
+    unless ``--include-unusable``), with their brain masks (a scan without one is skipped with a warning) and
+    orientation QC records. Their grid is checked by :func:`load_scan`.
 
-    Examples:
-        >>> find_scans(Path("/nonexistent"), ["01"])
-        []
+    Raises:
+        NoInputError: a selected subject has no participant-level output, or no scan has a brain mask.
     """
+    table = find_preproc(settings.output_dir, subjects, settings.session_label,
+                         include_unusable=settings.include_unusable)
     found = []
-    for subject in subjects:
-        pattern = preproc_name_pattern()
-        for preproc in sorted((Path(output_dir) / f"sub-{subject}").glob(f"**/anat/{pattern}")):
-            mask = mask_path_for(preproc)
-            if not mask.is_file():
-                LOG.warning("%s has no brain mask next to it; skipped", preproc.name)
-                continue
-            source = preproc.name.split(f"_space-{TEMPLATE}")[0]
-            ents = dict(_ENTITY.findall(source))
-            qc = orientation_qc_path(preproc)
-            found.append(ScanFiles(preproc, mask, f"sub-{ents.get('sub', subject)}",
-                                   f"ses-{ents['ses']}" if "ses" in ents else "n/a", source,
-                                   qc if qc.is_file() else None))
+    for pid, session, preproc in table[["participant_id", "session", "path"]].itertuples(index=False):
+        preproc = Path(preproc)
+        mask = mask_path_for(preproc)
+        if not mask.is_file():
+            LOG.warning("%s has no brain mask next to it; left out of the symmetry task", preproc.name)
+            continue
+        qc = orientation_qc_path(preproc)
+        found.append(ScanFiles(preproc, mask, pid, f"ses-{session}" if session else "n/a",
+                               preproc.name.split(f"_space-{TEMPLATE}")[0], qc if qc.is_file() else None))
+    if not found:
+        raise NoInputError(f"no participant-level brain mask next to the scans in {settings.output_dir}; fix: rerun "
+                           "the participant level with the same --resolution")
     return found
 
 
@@ -128,7 +145,9 @@ def lr_flip_suspected(files: ScanFiles) -> bool:
         return False
     try:
         return bool(json.loads(files.orientation_qc.read_text()).get("lr_flip_suspected", False))
-    except (OSError, ValueError):
+    except (OSError, ValueError) as err:
+        LOG.warning("symmetry: unreadable orientation QC record %s (%s); %s is taken as not left-right flipped",
+                    files.orientation_qc, err, files.source)
         return False
 
 
@@ -180,96 +199,6 @@ def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwh
     return ScoredDataset(list(files), volumes, masks, reference, pd.DataFrame(rows, columns=GROUP_COLUMNS))
 
 
-def train_from_dataset(settings, data: ScoredDataset, fwhm: float) -> list[Path]:
-    """Split the lesion-free scans by family (:func:`bids_siamese.train.pairs.subject_split`, families from
-    ``participants.tsv`` as for twins), train the symmetry model in the shared loop, evaluate it on planted lesions
-    in the test scans, write the checkpoint and the training/evaluation files; fills ``data.table['split']`` and
-    the Siamese columns (:func:`apply_model`).
-
-    Returns:
-        the paths written.
-    """
-    from ..train.pairs import read_families, subject_split
-    from ..train.reproducibility import prepare
-    from ..train.run import training_fingerprint
-    from .model import build_symmetry_model
-    from .train import (
-        detection_figure, evaluate_detection, hyperparameters, prepare_scan, save_symmetry_checkpoint, siamese_scorers,
-        to_model_resolution, train_config, train_symmetry_model,
-    )
-
-    out_dir = Path(settings.output_dir)
-    resolution = float(settings.resolution)
-    files, table = data.files, data.table
-    healthy = [i for i, f in enumerate(files) if not table.at[i, "asymmetry_suspected"] and not lr_flip_suspected(f)]
-    families = read_families(settings.bids_dir, settings.family_column)
-    split = subject_split(sorted({files[i].participant_id for i in healthy}), families, settings.seed,
-                          SPLIT_FRACTIONS)
-    parts = {name: [i for i in healthy if split.get(files[i].participant_id) == name]
-             for name in ("train", "validation", "test")}
-    if min(len(p) for p in parts.values()) < 1 or len(parts["train"]) < 2:
-        raise NoInputError(
-            f"symmetry training needs lesion-free scans of at least 4 subjects/families (got {len(healthy)} "
-            f"scan(s) of {len(split)} subject(s) in {len({families.get(p, p) for p in split})} "
-            f"famil(ies), split {', '.join(f'{k} {len(v)}' for k, v in parts.items())}); fix: add participants "
-            "or use --mode apply --model PATH")
-    table["split"] = "excluded"
-    for name, idx in parts.items():
-        table.loc[idx, "split"] = name
-    config = train_config(settings)
-    lesion = LesionConfig()
-    prepare(settings)  # threads, --deterministic, the seeds: before the model's initial weights are drawn
-    model = build_symmetry_model(settings.backbone, settings.symmetry_fusion, int(min(settings.embedding_dim, 128)),
-                                 difference_channel=True)
-
-    def on_grid(i: int):
-        small, small_mask = to_model_resolution(data.volumes[i], data.masks[i], resolution, resolution)
-        return prepare_scan(small, small_mask, resolution, files[i].source)
-
-    LOG.info("symmetry: training the %s/%s model on %d scans (validation %d, test %d)", settings.backbone,
-             settings.symmetry_fusion, len(parts["train"]), len(parts["validation"]), len(parts["test"]))
-    result, info = train_symmetry_model(model, [on_grid(i) for i in parts["train"]],
-                                        [on_grid(i) for i in parts["validation"]], config, resolution, lesion,
-                                        volume_cache_dtype=settings.volume_cache, device=settings.device)
-    model = result.model
-    LOG.info("symmetry: best epoch %d of %d, validation loss %.4f, AUC %.3f (%.1f s)", info["best_epoch"],
-             info["epochs_run"], info["best_val_loss"], info["best_val_auc"], info["seconds"])
-    stats = apply_model(data, model, resolution, resolution, info["threshold"])
-    test_scans = [prepare_scan(data.volumes[i], data.masks[i], resolution, files[i].source) for i in parts["test"]]
-    reference = data.reference
-    scorers = {  # siamese_z only with enough reference scans (else it is n/a)
-        **siamese_scorers(model, resolution, resolution, stats),
-        "asymmetry_score": lambda vols, ms: np.array(
-            [score_scan(v, m, resolution, reference, fwhm)["asymmetry_score"] for v, m in zip(vols, ms)]),
-    }
-    thresholds = {"siamese_probability": info["threshold"], "siamese_z": SIAMESE_Z_THRESHOLD,
-                  "asymmetry_score": ASYMMETRY_THRESHOLD}
-    _, per_bin, overall = evaluate_detection(test_scans, resolution, scorers, thresholds, lesion, draws=2,
-                                             seed=settings.seed + 7)
-    metrics = {"validation": {"loss": info["best_val_loss"], "auc": info["best_val_auc"],
-                              "best_epoch": info["best_epoch"]},
-               "test_simulated": overall.set_index("scorer").to_dict(orient="index"),
-               "training_seconds": info["seconds"]}
-    scans = pd.DataFrame({"participant_id": [f.source for f in files], "path": [f.preproc for f in files]})
-    training_data = {**training_fingerprint(scans, dict(zip(scans["participant_id"], table["split"]))),
-                     "n_train": len(parts["train"]), "n_validation": len(parts["validation"]),
-                     "n_test": len(parts["test"]), "selection": "asymmetry_score <= 3 and no left-right flip"}
-    folder = out_dir / "models" / f"symmetry_{settings.backbone}"
-    written = list(save_symmetry_checkpoint(folder, model, config, resolution, training_data, metrics,
-                                            info["threshold"], info["samples"], settings.device))
-    written.append(write_tsv(out_dir / TRAINING_TABLE, result.history.round(5)))
-    written.append(write_tsv(out_dir / EVALUATION_TABLE, per_bin))
-    written.append(write_json(out_dir / EVALUATION_JSON, {
-        "overall": overall.to_dict(orient="records"), "training": info,
-        "siamese_reference": {k: (v if np.isfinite(v) else None) for k, v in stats.items()},  # null, not NaN
-        "config": hyperparameters(model, config, resolution, info["samples"]),
-        "split": {k: len(v) for k, v in parts.items()}, "checkpoint": str(folder.relative_to(out_dir)),
-    }))
-    written.append(write_text(out_dir / FIGURE, detection_figure(
-        per_bin, f"Held-out scans with planted lesions ({len(test_scans)} scans)")))
-    return written
-
-
 def apply_model(data: ScoredDataset, model, model_res: float, resolution: float, fallback_threshold: float) -> dict:
     """Fill the Siamese columns of ``data.table``: ``siamese_probability``, ``siamese_p_left`` and the
     group-relative ``siamese_z`` against every scan with ``split`` other than ``train``
@@ -279,8 +208,6 @@ def apply_model(data: ScoredDataset, model, model_res: float, resolution: float,
     Returns:
         the reference statistics (:func:`~bids_siamese.symmetry.calibration.reference_statistics`).
     """
-    from .train import siamese_logits
-
     logit, side = siamese_logits(model, data.volumes, data.masks, resolution, model_res)
     p, p_left = 1.0 / (1.0 + np.exp(-logit)), 1.0 / (1.0 + np.exp(-side))
     stats = reference_statistics(logit[(data.table["split"] != "train").to_numpy()])
@@ -309,8 +236,6 @@ def mark_seen_scans(data: ScoredDataset, card: dict) -> int:
     Returns:
         the number of scans the checkpoint was trained on.
     """
-    from ..train.run import seen_split
-
     scans = pd.DataFrame({"participant_id": [f.source for f in data.files], "path": [f.preproc for f in data.files]})
     seen = seen_split(card, scans, "")
     data.table["split"] = [seen.get(f.source) if seen.get(f.source) in ("train", "validation") else "n/a"
@@ -322,7 +247,7 @@ def mark_seen_scans(data: ScoredDataset, card: dict) -> int:
     return n_train
 
 
-def run_symmetry(settings, subjects: list[str]) -> list[Path]:
+def run_symmetry(settings: Settings, subjects: list[str]) -> list[Path]:
     """The symmetry group level (see the module docstring); returns the paths written (the group table first).
 
     Raises:
@@ -330,36 +255,151 @@ def run_symmetry(settings, subjects: list[str]) -> list[Path]:
         BadDataError: an output is not on the model grid of ``--resolution``.
         UsageError: ``--mode apply`` with a checkpoint of another task.
     """
-    from .train import load_symmetry_model, model_resolution
+    return run_task(SymmetryTask, settings, subjects)
 
-    out_dir = Path(settings.output_dir)
-    resolution = float(settings.resolution)
-    fwhm = float(settings.symmetry_fwhm)
-    files = find_scans(out_dir, subjects)
-    if not settings.include_unusable:
-        from ..qc.gate import qc_record_usable
 
-        unusable = [f.source for f in files if f.orientation_qc is not None and not qc_record_usable(f.orientation_qc)]
-        if unusable:
-            LOG.warning("symmetry: %d scan(s) failed the usable-scan gate and are left out (--include-unusable keeps "
-                        "them): %s", len(unusable), ", ".join(unusable))
-        files = [f for f in files if f.orientation_qc is None or qc_record_usable(f.orientation_qc)]
-    if not files:
-        raise NoInputError(f"no participant-level outputs ({preproc_name_pattern()}) in {out_dir}; fix: run the "
-                           "participant level first with the same --resolution")
-    LOG.info("symmetry: %d scan(s) at %g mm", len(files), resolution)
-    data = score_dataset(files, resolution, settings.atlas, fwhm, int(settings.symmetry_components))
-    written: list[Path] = []
-    if settings.task == "symmetry":
-        if settings.mode == "apply":
-            model, card = load_symmetry_model(settings.model)
-            mark_seen_scans(data, card)
-            apply_model(data, model, model_resolution(card), resolution,
-                        float(card.get("decision", {}).get("threshold", 0.5)))
-        else:  # trains, then fills the Siamese columns before evaluating
-            written = train_from_dataset(settings, data, fwhm)
-    table = data.table.sort_values(["participant_id", "session_id", "scan"], kind="stable").reset_index(drop=True)
-    written.insert(0, write_tsv(out_dir / GROUP_TABLE, table))
-    LOG.info("symmetry: %d scan(s) in %s, %d with asymmetry_score > %g", len(table), GROUP_TABLE,
-             int(table["asymmetry_suspected"].sum()), ASYMMETRY_THRESHOLD)
-    return written
+class SymmetryTask(GroupTask):
+    """``--task symmetry``: collect -> samples -> split -> fit -> evaluate -> write (module docstring). Run for
+    another ``--task`` (no model), it scores the asymmetry and writes the group table only."""
+
+    name = "symmetry"
+    steps = ("collect (usable scans with brain masks) -> samples (asymmetry maps, group reference) -> family split "
+             "of the lesion-free scans -> fit (planted lesions) or --model -> evaluate (lesions planted in test "
+             "scans) -> write")
+
+    def __init__(self, settings: Settings, ctx: DistContext, device: torch.device):
+        super().__init__(settings, ctx, device)
+        self.resolution = float(settings.resolution)
+        self.fwhm = float(settings.symmetry_fwhm)
+        self.modelled = settings.task == "symmetry"
+        self.training = self.modelled and self.train_mode
+
+    def collect(self, subjects: list[str]) -> None:
+        """The scans (:func:`collect_scans`) and, in ``--mode apply``, the checkpoint."""
+        self.files = collect_scans(self.settings, subjects)
+        LOG.info("symmetry: %d scan(s) at %g mm", len(self.files), self.resolution)
+        if self.modelled and not self.train_mode:
+            self.model, self.card = load_symmetry_model(self.settings.model)
+
+    def samples(self) -> None:
+        """Every scan's asymmetry map and regional indices, scored against the dataset reference
+        (:func:`score_dataset`)."""
+        self.data = score_dataset(self.files, self.resolution, self.settings.atlas, self.fwhm,
+                                  int(self.settings.symmetry_components))
+
+    def split(self) -> None:
+        """Train: the lesion-free scans (``asymmetry_score`` <= 3, no left-right flip) split by family
+        (:func:`~bids_siamese.train.pairs.subject_split`, families from ``participants.tsv`` as for twins); apply:
+        the scans the checkpoint saw (:func:`mark_seen_scans`)."""
+        settings, files, table = self.settings, self.data.files, self.data.table
+        if self.modelled and not self.train_mode:
+            mark_seen_scans(self.data, self.card)
+        if not self.training:
+            return
+        healthy = [i for i, f in enumerate(files) if not table.at[i, "asymmetry_suspected"]
+                   and not lr_flip_suspected(f)]
+        families = read_families(settings.bids_dir, settings.family_column)
+        split = subject_split(sorted({files[i].participant_id for i in healthy}), families, settings.seed,
+                              SPLIT_FRACTIONS)
+        self.parts = parts = {name: [i for i in healthy if split.get(files[i].participant_id) == name]
+                              for name in ("train", "validation", "test")}
+        if min(len(p) for p in parts.values()) < 1 or len(parts["train"]) < 2:
+            raise NoInputError(
+                f"symmetry training needs lesion-free scans of at least 4 subjects/families (got {len(healthy)} "
+                f"scan(s) of {len(split)} subject(s) in {len({families.get(p, p) for p in split})} "
+                f"famil(ies), split {', '.join(f'{k} {len(v)}' for k, v in parts.items())}); fix: add participants "
+                "or use --mode apply --model PATH")
+        table["split"] = "excluded"
+        for name, idx in parts.items():
+            table.loc[idx, "split"] = name
+
+    def fit(self) -> None:
+        """Train the hemisphere model on the training scans with planted lesions (:func:`train_symmetry_model`),
+        or take the checkpoint; then fill the Siamese columns of the group table (:func:`apply_model`)."""
+        settings, data, resolution = self.settings, self.data, self.resolution
+        if not self.modelled:
+            return
+        if not self.train_mode:
+            apply_model(data, self.model, model_resolution(self.card), resolution,
+                        float(self.card.get("decision", {}).get("threshold", 0.5)))
+            return
+        parts, files = self.parts, data.files
+        # the task's overrides: left-right flips (the lesion side flips with the image), evaluation in training
+        # batches
+        self.config = train_config(settings, flip_lr=True, eval_batch_size=int(settings.batch_size))
+        self.lesion = LesionConfig()
+        prepare(settings)  # the seeds again: the model's initial weights do not depend on the scoring before
+        model = build_symmetry_model(settings.backbone, settings.symmetry_fusion,
+                                     int(min(settings.embedding_dim, 128)), difference_channel=True)
+
+        def on_grid(i: int):
+            small, small_mask = to_model_resolution(data.volumes[i], data.masks[i], resolution, resolution)
+            return prepare_scan(small, small_mask, resolution, files[i].source)
+
+        LOG.info("symmetry: training the %s/%s model on %d scans (validation %d, test %d)", settings.backbone,
+                 settings.symmetry_fusion, len(parts["train"]), len(parts["validation"]), len(parts["test"]))
+        self.result, self.info = train_symmetry_model(
+            model, [on_grid(i) for i in parts["train"]], [on_grid(i) for i in parts["validation"]], self.config,
+            resolution, self.lesion, volume_cache_dtype=settings.volume_cache, device=settings.device)
+        self.model, info = self.result.model, self.info
+        LOG.info("symmetry: best epoch %d of %d, validation loss %.4f, AUC %.3f (%.1f s)", info["best_epoch"],
+                 info["epochs_run"], info["best_val_loss"], info["best_val_auc"], info["seconds"])
+        self.stats = apply_model(data, self.model, resolution, resolution, info["threshold"])
+
+    def evaluate(self) -> None:
+        """Train: the model and the asymmetry score on lesions planted in the test scans, per volume bin
+        (:func:`~bids_siamese.symmetry.train.evaluate_detection`)."""
+        if not self.training:
+            return
+        data, resolution, info, files = self.data, self.resolution, self.info, self.data.files
+        self.test_scans = [prepare_scan(data.volumes[i], data.masks[i], resolution, files[i].source)
+                           for i in self.parts["test"]]
+        reference, fwhm = data.reference, self.fwhm
+        scorers = {  # siamese_z only with enough reference scans (else it is n/a)
+            **siamese_scorers(self.model, resolution, resolution, self.stats),
+            "asymmetry_score": lambda vols, ms: np.array(
+                [score_scan(v, m, resolution, reference, fwhm)["asymmetry_score"] for v, m in zip(vols, ms)]),
+        }
+        thresholds = {"siamese_probability": info["threshold"], "siamese_z": SIAMESE_Z_THRESHOLD,
+                      "asymmetry_score": ASYMMETRY_THRESHOLD}
+        _, self.per_bin, self.overall = evaluate_detection(self.test_scans, resolution, scorers, thresholds,
+                                                           self.lesion, draws=2, seed=self.settings.seed + 7)
+
+    def write(self) -> list[Path]:
+        """The group table (first), and after training the checkpoint and the training/evaluation files."""
+        out_dir = Path(self.settings.output_dir)
+        written = self.write_training() if self.training else []
+        table = self.data.table.sort_values(["participant_id", "session_id", "scan"], kind="stable").reset_index(
+            drop=True)
+        written.insert(0, write_tsv(out_dir / SYMMETRY_FILES["table"], table))
+        LOG.info("symmetry: %d scan(s) in %s, %d with asymmetry_score > %g", len(table), SYMMETRY_FILES["table"],
+                 int(table["asymmetry_suspected"].sum()), ASYMMETRY_THRESHOLD)
+        return written
+
+    def write_training(self) -> list[Path]:
+        """write, train: the checkpoint folder, the training history, the evaluation table, JSON and figure."""
+        settings, info, parts, model, config = self.settings, self.info, self.parts, self.model, self.config
+        out_dir, resolution = Path(settings.output_dir), self.resolution
+        files, table = self.data.files, self.data.table
+        metrics = {"validation": {"loss": info["best_val_loss"], "auc": info["best_val_auc"],
+                                  "best_epoch": info["best_epoch"]},
+                   "test_simulated": self.overall.set_index("scorer").to_dict(orient="index"),
+                   "training_seconds": info["seconds"]}
+        scans = pd.DataFrame({"participant_id": [f.source for f in files], "path": [f.preproc for f in files]})
+        training_data = {**training_fingerprint(scans, dict(zip(scans["participant_id"], table["split"]))),
+                         "n_train": len(parts["train"]), "n_validation": len(parts["validation"]),
+                         "n_test": len(parts["test"]), "selection": "asymmetry_score <= 3 and no left-right flip"}
+        folder = model_folder(out_dir, "symmetry", settings.backbone)
+        written = list(save_symmetry_checkpoint(folder, model, config, resolution, training_data, metrics,
+                                                info["threshold"], info["samples"], settings.device))
+        written.append(write_tsv(out_dir / SYMMETRY_FILES["training"], self.result.history.round(5)))
+        written.append(write_tsv(out_dir / SYMMETRY_FILES["evaluation"], self.per_bin))
+        written.append(write_json(out_dir / SYMMETRY_FILES["evaluation_json"], {
+            "overall": self.overall.to_dict(orient="records"), "training": info,
+            "siamese_reference": {k: (v if np.isfinite(v) else None) for k, v in self.stats.items()},  # null, not NaN
+            "config": hyperparameters(model, config, resolution, info["samples"]),
+            "split": {k: len(v) for k, v in parts.items()}, "checkpoint": str(folder.relative_to(out_dir)),
+        }))
+        written.append(write_text(out_dir / SYMMETRY_FILES["detection_figure"], detection_figure(
+            self.per_bin, f"Held-out scans with planted lesions ({len(self.test_scans)} scans)")))
+        return written

@@ -1,8 +1,10 @@
 """The symmetry task's sample builder, training call and evaluation on planted lesions.
 
-The training loop, its configuration (:class:`~bids_siamese.train.loop.TrainConfig`: ``--epochs``,
-``--batch-size``, ``--lr``, ``--patience``, ``--seed``), precise batch norm, the AUC and the threshold are the shared
-ones of :mod:`bids_siamese.train`; this module holds what is specific to the task: its samples and its loss.
+The training loop (:class:`~bids_siamese.train.trainer.Trainer`), its configuration
+(:func:`~bids_siamese.train.trainer.train_config`: ``--epochs``, ``--batch-size``, ``--lr``, ``--patience``,
+``--seed``; the task adds left-right flips), precise batch norm, the AUC and the threshold are the shared ones of
+:mod:`bids_siamese.train`; this module holds what is specific to the task: its samples, its loss and its hooks
+(:class:`SymmetryTrainer`).
 
 Samples (:func:`make_example`): per epoch, ``samples_per_scan`` pairs of samples from every training scan: one
 with a synthetic unilateral lesion (label 1; lesion volume from the epoch's curriculum range, see
@@ -18,7 +20,7 @@ lesioned samples plus :data:`POSITION_WEIGHT` times the cross-entropy of the mod
 against the cells that hold the planted lesion (deep supervision: with it the encoder learns to see a focal
 asymmetry within a few hundred steps, from the image label alone it had not after several hundred).
 
-Training (:func:`train_symmetry_model`) runs :func:`bids_siamese.train.loop._fit`: AdamW with a cosine decay of
+Training (:func:`train_symmetry_model`) runs :class:`SymmetryTrainer` on the shared loop: AdamW with a cosine decay of
 the learning rate to 5 % over the epochs, batch-norm statistics re-estimated on the training scans after each
 epoch, validation on a fixed simulated set (``val_draws`` lesion-free and ``val_draws`` lesioned samples of each
 validation scan, volumes log-uniform over the whole range, augmented like the training samples); the weights
@@ -40,6 +42,7 @@ rate on the clean scans.
 """
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -49,18 +52,21 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib import rc_context
+from matplotlib.figure import Figure
 from scipy import ndimage as ndi
 
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..preproc.grid import resample_array
+from ..reports.figures import SVG_HASHSALT
 from ..resources import model_grid
 from ..train.batches import BatchAssembly
 from ..train.data import pair_batches, volume_cache
 from ..train.ddp import DistContext, unwrap
 from ..train.evaluate import choose_threshold, safe_auc
-from ..train.loop import TrainConfig, TrainResult, _autocast, _Epochs, _fit, _setup, recompute_batch_norm
+from ..train.loop import recompute_batch_norm
+from ..train.trainer import TrainConfig, Trainer, TrainResult
 from ..train.reproducibility import reproducibility_record
-from ..train.run import runtime_options
 from .calibration import siamese_z
 from .model import SymmetrySiamese, predict_logits, predict_proba, side_loss
 from .simulate import VOLUME_BINS, LesionConfig, bin_label, curriculum_range, simulate_lesion
@@ -85,15 +91,6 @@ SAMPLES_PER_SCAN = 2
 VAL_DRAWS = 4
 #: False-positive rate on the validation lesion-free samples that ``threshold_fp5`` allows.
 FP_TARGET = 0.05
-
-
-def train_config(settings) -> TrainConfig:
-    """The shared training settings of the symmetry model from the run's :class:`~bids_siamese.config.Settings`:
-    left-right flips allowed (the lesion side flips with the image), intensity and noise augmentation, and the
-    runtime options (``--loader-workers``, ``--compile``) of every task."""
-    return TrainConfig(epochs=int(settings.epochs), batch_size=int(settings.batch_size), lr=float(settings.lr),
-                       patience=int(settings.patience), seed=int(settings.seed), flip_lr=True,
-                       eval_batch_size=int(settings.batch_size), **runtime_options(settings))
 
 
 def sample_settings(lesion: LesionConfig, samples_per_scan: int, val_draws: int) -> dict:
@@ -271,7 +268,6 @@ def position_targets(weights: torch.Tensor, shape: Sequence[int]) -> torch.Tenso
     return ((pooled / peak >= 0.5) & (pooled > 0)).float()
 
 
-
 def validation_set(scans: Sequence[Scan], config: TrainConfig, lesion: LesionConfig, affine: np.ndarray,
                    val_draws: int = VAL_DRAWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fixed validation samples ``(x, label, is_left, target)`` (seed ``config.seed + 1``): from each scan
@@ -298,6 +294,91 @@ def _loss(model: SymmetrySiamese, x: torch.Tensor, y: torch.Tensor, left: torch.
     return loss, out["logit"]
 
 
+class SymmetryTrainer(Trainer):
+    """The symmetry task's hooks on the shared loop: samples with and without planted lesions drawn from the
+    training volumes (held at ``volume_cache_dtype``; lesion volumes from the epoch's curriculum range), the loss
+    of :func:`_loss`, a cosine decay of the learning rate to 5 % over the epochs, batch-norm statistics
+    re-estimated on the training volumes, and a fixed simulated validation set (:func:`validation_set`); the score
+    is the validation loss, and early stopping counts only once the curriculum has reached the full range.
+
+    With a ``difference_channel`` model, its reference is set here from the training scans as given (float32),
+    before the training set-up. Arguments: as :func:`train_symmetry_model`.
+    """
+
+    name = TASK
+
+    def __init__(self, model: SymmetrySiamese, train_scans: Sequence[Scan], val_scans: Sequence[Scan],
+                 config: TrainConfig, resolution: float, lesion: LesionConfig = LesionConfig(),
+                 samples_per_scan: int = SAMPLES_PER_SCAN, val_draws: int = VAL_DRAWS, ctx: DistContext | None = None,
+                 volume_cache_dtype: str = "float32", device: torch.device | str = "cpu"):
+        self.affine = np.diag([float(resolution)] * 3 + [1.0])  # only the voxel size matters to the simulator
+        if getattr(model, "difference_channel", False):  # the reference of the volumes as given (float32)
+            model.set_reference(torch.from_numpy(np.stack([scan.volume for scan in train_scans])[:, None]))
+        self.volumes = volume_cache([scan.volume for scan in train_scans], volume_cache_dtype)
+        self.items = [(i, lesioned) for i in range(len(train_scans)) for lesioned in (True, False)
+                      for _ in range(max(1, samples_per_scan))]
+        super().__init__(model, config, np.arange(len(self.items)), device, ctx)
+        self.train_scans, self.lesion = list(train_scans), lesion
+        self.patience_after = int(np.ceil(RAMP_FRACTION * config.epochs))
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, config.epochs),
+                                                                   eta_min=0.05 * config.lr)
+        self.val_x, self.val_y, self.val_side, self.val_target = validation_set(val_scans, config, lesion,
+                                                                                self.affine, val_draws)
+
+    def volume_range(self, epoch: int) -> tuple[float, float]:
+        """The lesion volumes of the 1-based ``epoch``'s curriculum."""
+        return curriculum_range(epoch - 1, self.config.epochs, self.lesion.volume_mm3, RAMP_FRACTION)
+
+    def on_epoch_start(self, epoch: int) -> dict[str, float]:
+        if epoch > 1:
+            self.schedule.step()  # cosine decay per epoch
+        vrange = self.volume_range(epoch)
+        return {"volume_min_mm3": round(vrange[0], 1), "volume_max_mm3": round(vrange[1], 1)}
+
+    def batches(self, rng: np.random.Generator) -> list[np.ndarray]:
+        return pair_batches(len(self.items), self.config.batch_size, rng)
+
+    def assembly(self) -> BatchAssembly:
+        # 0 loader workers: one numpy generator (seed ``config.seed``) drawn batch after batch; with workers:
+        # batch k of epoch e draws from default_rng(batch_seed(seed, rank, e, k))
+        return BatchAssembly(self.assemble, np.random.default_rng(self.config.seed), self.device,
+                             seeded=np.random.default_rng)
+
+    def assemble(self, idx: np.ndarray, rng: np.random.Generator, epoch: int) -> tuple[torch.Tensor, ...]:
+        """The samples of a batch (lesion simulation and augmentation on numpy: a loader worker's job)."""
+        samples = []
+        for j in idx:
+            scan = self.train_scans[self.items[j][0]]
+            training = Scan(self.volumes[self.items[j][0], 0], scan.mask, scan.depth_mm, scan.key)
+            samples.append(make_example(training, self.items[j][1], rng, self.config, self.lesion,
+                                        self.volume_range(epoch), self.affine))
+        return _stack(samples)
+
+    def train_step(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
+        with self.autocast():  # bf16 (else fp16 with the scaler) on CUDA, as the other tasks
+            return _loss(self.net, *batch)[0], {}
+
+    def on_train_epoch_end(self) -> None:
+        recompute_batch_norm(self.net, self.volumes, np.arange(len(self.volumes)), self.device,
+                             self.config.batch_size, forward=unwrap(self.net))
+
+    @torch.no_grad()
+    def validation_step(self) -> dict[str, float]:
+        self.net.eval()
+        losses, scores = [], []
+        size, val_y = self.config.eval_batch_size, self.val_y
+        for b in range(0, len(val_y), size):
+            sl = slice(b, b + size)
+            loss, logit = _loss(unwrap(self.net), *(t[sl].to(self.device) for t in (self.val_x, val_y, self.val_side,
+                                                                                     self.val_target)))
+            losses.append(float(loss) * len(val_y[sl]))
+            scores.append(torch.sigmoid(logit.float()).cpu())
+        return {"val_loss": sum(losses) / len(val_y), "val_auc": safe_auc(val_y.numpy(), torch.cat(scores).numpy())}
+
+    def score(self, train_loss: float, val: dict[str, float]) -> tuple[float, float]:
+        return val["val_loss"], 0.0
+
+
 def train_symmetry_model(
     model: SymmetrySiamese,
     train_scans: Sequence[Scan],
@@ -319,7 +400,7 @@ def train_symmetry_model(
             training scans).
         train_scans: training scans (:func:`prepare_scan` on ``model_grid(resolution)``).
         val_scans: validation scans (at least one).
-        config: the shared training settings (:func:`train_config`).
+        config: the shared training settings (:func:`~bids_siamese.train.trainer.train_config`).
         resolution: the model grid resolution (mm).
         lesion: lesion distribution.
         samples_per_scan: lesioned (and as many lesion-free) samples per training scan and epoch.
@@ -352,60 +433,11 @@ def train_symmetry_model(
     """
     if not train_scans or not val_scans:
         raise ValueError("need at least one training and one validation scan")
-    affine = np.diag([float(resolution)] * 3 + [1.0])  # only the voxel size matters to the simulator
-    if getattr(model, "difference_channel", False):  # the reference of the volumes as given (float32)
-        model.set_reference(torch.from_numpy(np.stack([scan.volume for scan in train_scans])[:, None]))
-    volumes = volume_cache([scan.volume for scan in train_scans], volume_cache_dtype)
-    ctx, device, net, opt, scaler, _ = _setup(model, config, device, ctx)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs), eta_min=0.05 * config.lr)
-    val_x, val_y, val_side, val_target = validation_set(val_scans, config, lesion, affine, val_draws)
-    items = [(i, lesioned) for i in range(len(train_scans)) for lesioned in (True, False)
-             for _ in range(max(1, samples_per_scan))]
-
-    def volume_range(epoch: int) -> tuple[float, float]:
-        return curriculum_range(epoch - 1, config.epochs, lesion.volume_mm3, RAMP_FRACTION)
-
-    def start_epoch(epoch: int) -> dict[str, float]:
-        if epoch > 1:
-            schedule.step()  # cosine decay per epoch
-        vrange = volume_range(epoch)
-        return {"volume_min_mm3": round(vrange[0], 1), "volume_max_mm3": round(vrange[1], 1)}
-
-    def assemble(idx: np.ndarray, rng: np.random.Generator, epoch: int) -> tuple[torch.Tensor, ...]:
-        """The samples of a batch (lesion simulation and augmentation on numpy: a loader worker's job)."""
-        samples = []
-        for j in idx:
-            scan = train_scans[items[j][0]]
-            training = Scan(volumes[items[j][0], 0], scan.mask, scan.depth_mm, scan.key)
-            samples.append(make_example(training, items[j][1], rng, config, lesion, volume_range(epoch), affine))
-        return _stack(samples)
-
-    def step(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, float]]:
-        with _autocast(device, config.amp):  # bf16 (else fp16 with the scaler) on CUDA, as the other tasks
-            return _loss(net, *batch)[0], {}
-
-    @torch.no_grad()
-    def validate() -> dict[str, float]:
-        net.eval()
-        losses, scores = [], []
-        for b in range(0, len(val_y), config.eval_batch_size):
-            sl = slice(b, b + config.eval_batch_size)
-            loss, logit = _loss(unwrap(net), *(t[sl].to(device) for t in (val_x, val_y, val_side, val_target)))
-            losses.append(float(loss) * len(val_y[sl]))
-            scores.append(torch.sigmoid(logit.float()).cpu())
-        return {"val_loss": sum(losses) / len(val_y), "val_auc": safe_auc(val_y.numpy(), torch.cat(scores).numpy())}
-
+    trainer = SymmetryTrainer(model, train_scans, val_scans, config, resolution, lesion, samples_per_scan,
+                              val_draws, ctx, volume_cache_dtype, device)
     start = time.time()
-    # 0 loader workers: one numpy generator (seed ``config.seed``) drawn batch after batch, as before the loader;
-    # with workers: batch k of epoch e draws from default_rng(batch_seed(seed, rank, e, k))
-    assembly = BatchAssembly(assemble, np.random.default_rng(config.seed), device, seeded=np.random.default_rng)
-    result = _fit(net, opt, scaler, ctx, config, np.arange(len(items)), _Epochs(
-        name="symmetry", batches=lambda r: pair_batches(len(items), config.batch_size, r),
-        step=step, volumes_per_example=1,
-        recompute_batch_norm=lambda: recompute_batch_norm(net, volumes, np.arange(len(volumes)), device,
-                                                          config.batch_size, forward=unwrap(net)),
-        validate=validate, score=lambda train_loss, val: (val["val_loss"], 0.0),
-        start_epoch=start_epoch, patience_after=int(np.ceil(RAMP_FRACTION * config.epochs)), assembly=assembly))
+    result = trainer.fit()
+    val_x, val_y = trainer.val_x, trainer.val_y
     p_val, _ = predict_proba(result.model, val_x, batch_size=config.eval_batch_size)
     threshold = choose_threshold(val_y.numpy(), p_val.numpy()) if 0 < float(val_y.sum()) < len(val_y) else 0.5
     negatives = p_val.numpy()[val_y.numpy() < 0.5]
@@ -575,16 +607,8 @@ def summarise_detection(samples: pd.DataFrame, scorers: Sequence[str], threshold
 def detection_figure(per_bin: pd.DataFrame, title: str = "Lesion detection by volume") -> str:
     """An SVG of detection rate (solid) and AUC (dashed) against lesion volume, one colour per scorer, with
     the sphere-equivalent cross-section (mm^2) on a second axis, like the neonatal study's curve."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..reports.figures import SVG_HASHSALT
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)  # no pyplot: no global figure state, no GUI backend
+    ax = fig.add_subplot()
     for i, (name, part) in enumerate(per_bin.groupby("scorer", sort=False)):
         colour = f"C{i}"
         ax.plot(part["volume_mm3"], part["detection_rate"], "o-", color=colour, label=f"{name}: detection rate")
@@ -601,12 +625,9 @@ def detection_figure(per_bin: pd.DataFrame, title: str = "Lesion detection by vo
     top.set_xlabel("sphere-equivalent cross-section (mm$^2$)", fontsize=8)
     fig.tight_layout()
     buffer = io.StringIO()
-    with matplotlib.rc_context({"svg.hashsalt": SVG_HASHSALT}):  # the same bytes run after run: no date, fixed ids
+    with rc_context({"svg.hashsalt": SVG_HASHSALT}):  # the same bytes run after run: no date, fixed ids
         fig.savefig(buffer, format="svg", metadata={"Date": None})
-    plt.close(fig)
     return buffer.getvalue()
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------

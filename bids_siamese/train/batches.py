@@ -1,4 +1,4 @@
-"""How the shared training loop (:func:`bids_siamese.train.loop._fit`) gets its batches and runs its forward.
+"""How the shared training loop (:meth:`bids_siamese.train.trainer.Trainer.fit`) gets its batches and runs its forward.
 
 * :class:`BatchAssembly` / :class:`BatchLoader`: training batches (gather from the volume stack, float32
   conversion, augmentation) assembled by a torch ``DataLoader`` with ``TrainConfig.loader_workers`` worker
@@ -36,7 +36,8 @@ def batch_seed(seed: int, rank: int, epoch: int, k: int) -> int:
 
 @dataclass
 class BatchAssembly:
-    """How a task assembles a training batch outside its step: :func:`_fit` runs ``assemble`` in a DataLoader.
+    """How a task assembles a training batch outside its step: :meth:`~bids_siamese.train.trainer.Trainer.fit` runs
+    ``assemble`` in a DataLoader.
 
     Attributes:
         assemble: ``(example indices, generator, epoch) -> tuple of CPU tensors`` (gather from the volume stack
@@ -96,7 +97,7 @@ class BatchLoader:
     """The DataLoader of a training run (persistent workers, pinned memory on CUDA) and its per-epoch items."""
 
     def __init__(self, assembly: BatchAssembly, config, ctx: DistContext):
-        """``config``: the run's :class:`~bids_siamese.train.loop.TrainConfig` (``loader_workers``, ``seed``)."""
+        """``config``: the run's :class:`~bids_siamese.train.trainer.TrainConfig` (``loader_workers``, ``seed``)."""
         workers = usable_loader_workers(config.loader_workers)
         self.items = _EpochItems()
         self.device = assembly.device

@@ -19,20 +19,23 @@ import pandas as pd
 import torch
 
 from ..bids.derivatives import LONGITUDINAL_FILES, model_folder, write_tsv
+from ..config import Settings
 from ..errors import BadDataError, NoInputError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.regional import RegionalChange
 from ..resources import Grid, model_grid
 from .data import VolumeCache, VolumeFiles, find_preproc, load_volume_cache
-from .ddp import DistContext, barrier
+from .ddp import DistContext
 from .evaluate import (METRICS, binary_metrics, choose_threshold, plot_history, plot_roc, safe_auc, save_figure,
                        scalar_rows, summarise)
-from .loop import PairData, TrainConfig, TrainResult, predict_pairs, train_longitudinal
+from .loop import PairData, predict_pairs, train_longitudinal
 from .models import new_longitudinal_model, write_region_weights
 from .pairs import (family_folds, find_column, longitudinal_pairs, longitudinal_split_table, normalise_label,
                     read_participants)
 from .reproducibility import reproducibility_record
-from .run import card_training_data, dataset_name, log_metrics, run_distributed, seen_split, session_times, train_config
+from .run import card_training_data, dataset_name, log_metrics, seen_split, session_times, siamese_options
+from .task import GroupTask, run_task
+from .trainer import TrainConfig, TrainResult, train_config
 
 LOG = logging.getLogger("bids_siamese.group.models")
 
@@ -47,7 +50,9 @@ REFIT_FOLDS = 5
 
 
 @dataclass
-class _LongitudinalInputs:
+class LongitudinalInputs:
+    """collect + pairs: the session pairs with labels, their scans and volumes, and the families."""
+
     pairs: pd.DataFrame  # participant_id, session_a, session_b, label
     scans: pd.DataFrame  # participant_id, session, path (only scans used by pairs)
     volumes: np.ndarray | VolumeCache | VolumeFiles  # the training stack (--volume-cache); files with load=False
@@ -56,8 +61,8 @@ class _LongitudinalInputs:
     stored: np.ndarray | VolumeFiles  # the volumes as stored (float32): what the written predictions come from
 
 
-def _longitudinal_inputs(settings: Any, subjects: Sequence[str], require_labels: bool, load: bool = True
-                         ) -> _LongitudinalInputs:
+def collect_longitudinal(settings: Settings, subjects: Sequence[str], require_labels: bool, load: bool = True
+                         ) -> LongitudinalInputs:
     """The session pairs, their labels and families, and their scans: held in memory as the training stack of
     ``--volume-cache`` with ``load`` (``--mode train``), else read from the files on demand (``--mode apply``:
     each scan is read once, when it is embedded)."""
@@ -97,14 +102,14 @@ def _longitudinal_inputs(settings: Any, subjects: Sequence[str], require_labels:
     volumes = load_volume_cache(paths, grid, settings.volume_cache) if load else files
     # the float32 stack is the stored volumes themselves; a float16 cache is for training only
     stored = volumes if isinstance(volumes, np.ndarray) else files
-    return _LongitudinalInputs(pairs, used_scans, volumes, pair_index, family, stored)
+    return LongitudinalInputs(pairs, used_scans, volumes, pair_index, family, stored)
 
 
 def _label_text(value: float) -> str:
     return "n/a" if pd.isna(value) else ("decline" if value == 1 else "stable")
 
 
-def run_longitudinal(settings: Any, subjects: list[str]) -> list[Path]:
+def run_longitudinal(settings: Settings, subjects: list[str]) -> list[Path]:
     """Longitudinal change (decline vs stable) at the group level: train or apply the session-pair classifier.
 
     Training repeats a random family-aware, label-stratified split ``--n-draws`` times (seeds ``seed``,
@@ -125,7 +130,7 @@ def run_longitudinal(settings: Any, subjects: list[str]) -> list[Path]:
     Returns:
         Paths written (empty on ranks other than 0).
     """
-    return run_distributed(_run_longitudinal, settings, subjects)
+    return run_task(LongitudinalTask, settings, subjects)
 
 
 @dataclass
@@ -179,7 +184,7 @@ def refit_folds(split_table: pd.DataFrame, n_folds: int = REFIT_FOLDS, seed: int
     return folds
 
 
-def _fixed_epochs_fit(settings: Any, grid: Grid, data: PairData, config: TrainConfig, train_idx: np.ndarray,
+def _fixed_epochs_fit(settings: Settings, grid: Grid, data: PairData, config: TrainConfig, train_idx: np.ndarray,
                       l1: float | None, epochs: int, device: torch.device, ctx: DistContext) -> TrainResult:
     """A fresh model (regions and feature scale from ``train_idx``) trained on ``train_idx`` for ``epochs`` epochs
     (no early stopping) with penalty ``l1``. No pair outside ``train_idx`` is looked at: the epoch whose weights
@@ -193,7 +198,7 @@ def _fixed_epochs_fit(settings: Any, grid: Grid, data: PairData, config: TrainCo
     return train_longitudinal(model, data, train_idx, train_idx, fixed, device, ctx)
 
 
-def out_of_fold_threshold(settings: Any, grid: Grid, data: PairData, config: TrainConfig, pairs: pd.DataFrame,
+def out_of_fold_threshold(settings: Settings, grid: Grid, data: PairData, config: TrainConfig, pairs: pd.DataFrame,
                           split_table: pd.DataFrame, l1: float | None, epochs: int, device: torch.device,
                           ctx: DistContext) -> tuple[float, int] | None:
     """Decision point of a model refitted on the training + validation pairs: the largest Youden's J of the
@@ -217,9 +222,15 @@ def out_of_fold_threshold(settings: Any, grid: Grid, data: PairData, config: Tra
     return choose_threshold(labels[done], scores[done]), int(np.nanmax(fold)) + 1
 
 
-def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs, data: PairData,
+def draw_split(inputs: LongitudinalInputs, seed: int) -> pd.DataFrame:
+    """One sub-sampling's family-aware, label-stratified split (seed ``--seed + run``)."""
+    return longitudinal_split_table(inputs.pairs, inputs.family, seed=seed)
+
+
+def fit_longitudinal_draw(settings: Settings, grid: Grid, inputs: LongitudinalInputs, data: PairData,
                           config: TrainConfig, run: int, device: torch.device, ctx: DistContext,
-                          outputs: PairData | None = None) -> LongitudinalDraw:
+                          outputs: PairData | None = None, split_table: pd.DataFrame | None = None
+                          ) -> LongitudinalDraw:
     """split -> fit (and, for ``regional``, choose the L1 penalty) -> decision point on the validation pairs ->
     (``regional``: refit on the training + validation pairs, decision point from out-of-fold predictions on them)
     -> evaluate on the test pairs, for one random sub-sampling (seed ``--seed + run``). Test pairs take no part in
@@ -228,10 +239,11 @@ def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs
     ``data`` holds the training stack (``--volume-cache``): every fit and every choice (early stopping, penalty,
     decision point) uses it. The test pairs' p(decline) (``test_p``, the test metrics, the held-out predictions)
     come from ``outputs``: the same pairs on the volumes as stored (float32), as in ``--mode apply``; None: ``data``.
+    ``split_table``: the draw's split (:func:`draw_split`; None: drawn here).
     """
     pairs, labels = inputs.pairs, data.labels
     seed = settings.seed + run
-    split_table = longitudinal_split_table(pairs, inputs.family, seed=seed)
+    split_table = draw_split(inputs, seed) if split_table is None else split_table
     split_of = dict(zip(split_table["participant_id"], split_table["split"]))
     split = pairs["participant_id"].map(split_of).to_numpy()
     y_train, y_val = labels[split == "train"], labels[split == "validation"]
@@ -291,89 +303,141 @@ def fit_longitudinal_draw(settings: Any, grid: Grid, inputs: _LongitudinalInputs
                             final_train_idx)
 
 
-def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
-                      ) -> list[Path]:
-    out_dir = Path(settings.output_dir)
-    grid = model_grid(settings.resolution)
-    train_mode = settings.mode == "train"
-    inputs = _longitudinal_inputs(settings, subjects, require_labels=train_mode, load=train_mode)
-    pairs = inputs.pairs
-    labels = pairs["label"].to_numpy(dtype=float)
-    data = PairData(inputs.volumes, inputs.pair_index, labels)  # training: the --volume-cache stack
-    outputs = PairData(inputs.stored, inputs.pair_index, labels)  # written predictions: the stored float32 volumes
-    config = train_config(settings)
-    written: list[Path] = []
-    run_rows, before_rows, split_tables, histories = [], [], [], []
-    model, card, threshold = None, {}, 0.5
-    heldout_sum, heldout_n = np.zeros(len(pairs)), np.zeros(len(pairs), dtype=int)
-    if train_mode:
-        for run in range(settings.n_draws):
-            draw = fit_longitudinal_draw(settings, grid, inputs, data, config, run, device, ctx, outputs)
-            run_rows.append(draw.row)
-            if draw.before_refit:
-                before_rows.append(draw.before_refit)
-            split_tables.append(draw.split_table.assign(run=run))
-            histories.append(draw.selection.history.assign(run=run))
+class LongitudinalTask(GroupTask):
+    """``--task longitudinal``: collect -> samples -> split -> fit -> evaluate -> write (:func:`run_longitudinal`)."""
+
+    name = "longitudinal"
+    distributed = True
+    steps = ("collect (every session, labels, families) -> samples (session pairs) -> --n-draws family splits -> "
+             "fit (BCE, one model per draw) or --model -> evaluate (test pairs) -> write")
+
+    def __init__(self, settings: Settings, ctx: DistContext, device: torch.device):
+        super().__init__(settings, ctx, device)
+        self.config = train_config(settings, **siamese_options(settings))
+        self.model, self.card, self.threshold = None, {}, 0.5
+        self.draws: list[LongitudinalDraw] = []
+
+    def collect(self, subjects: list[str]) -> None:
+        """The session pairs and their scans (:func:`collect_longitudinal`) and, in ``--mode apply``, the
+        checkpoint and its decision point."""
+        self.inputs = collect_longitudinal(self.settings, subjects, require_labels=self.train_mode,
+                                           load=self.train_mode)
+        if not self.train_mode:
+            if self.settings.model is None:
+                raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
+            self.model, self.card = load_checkpoint(self.settings.model, "longitudinal", self.grid, self.device)
+            self.threshold = float(self.card.get("decision", {}).get("threshold_p_decline", 0.5))
+
+    def samples(self) -> None:
+        """The pairs on the training stack (``--volume-cache``) and on the volumes as stored (float32), from which
+        the written predictions come."""
+        inputs = self.inputs
+        self.pairs = inputs.pairs
+        self.labels = self.pairs["label"].to_numpy(dtype=float)
+        self.data = PairData(inputs.volumes, inputs.pair_index, self.labels)
+        self.outputs = PairData(inputs.stored, inputs.pair_index, self.labels)
+
+    def split(self) -> None:
+        """``--n-draws`` random splits (:func:`draw_split`, seeds ``--seed``, ``--seed + 1``, ...), or the split in
+        which the checkpoint saw each participant."""
+        settings = self.settings
+        if self.train_mode:
+            self.split_tables = [draw_split(self.inputs, settings.seed + run) for run in range(settings.n_draws)]
+        else:
+            split_of = seen_split(self.card, self.inputs.scans, dataset_name(settings.bids_dir))
+            self.pairs["split"] = self.pairs["participant_id"].map(split_of)
+
+    def fit(self) -> None:
+        """One model per draw (:func:`fit_longitudinal_draw`); the first draw's model writes the predictions."""
+        if not self.train_mode:
+            return
+        for run, split_table in enumerate(self.split_tables):
+            self.draws.append(fit_longitudinal_draw(self.settings, self.grid, self.inputs, self.data, self.config,
+                                                    run, self.device, self.ctx, self.outputs, split_table))
+        first = self.draws[0]
+        self.model, self.threshold = first.result.model, first.threshold
+        self.pairs["split"] = self.pairs["participant_id"].map(first.split_of)
+
+    def evaluate(self) -> None:
+        """Every pair's p(decline) (as ``--mode apply`` computes them), its held-out p(decline) over the draws in
+        which it was a test pair, and the test metrics (mean +- std over the draws)."""
+        pairs, labels, threshold = self.pairs, self.labels, self.threshold
+        heldout_sum, heldout_n = np.zeros(len(pairs)), np.zeros(len(pairs), dtype=int)
+        for draw in self.draws:
             np.add.at(heldout_sum, draw.test_idx, draw.test_p)
             np.add.at(heldout_n, draw.test_idx, 1)
-            if run == 0:
-                model, first, split0, threshold = draw.result.model, draw.selection, draw.split_of, draw.threshold
-                final0 = draw.result
-        pairs["split"] = pairs["participant_id"].map(split0)
-    else:
-        if settings.model is None:
-            raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
-        model, card = load_checkpoint(settings.model, "longitudinal", grid, device)
-        threshold = float(card.get("decision", {}).get("threshold_p_decline", 0.5))
-        split_of = seen_split(card, inputs.scans, dataset_name(settings.bids_dir))
-        pairs["split"] = pairs["participant_id"].map(split_of)
-    p_all = predict_pairs(model, outputs, None, device)  # as --mode apply computes them
-    pairs["p_decline"] = p_all
-    pairs["predicted"] = np.where(p_all >= threshold, "decline", "stable")
-    pairs["p_decline_heldout"] = np.where(heldout_n > 0, heldout_sum / np.maximum(heldout_n, 1), np.nan)
-    pairs["heldout_draws"] = heldout_n
-    test_mask = (pairs["split"] == "test").to_numpy() & ~np.isnan(labels)
-    if train_mode:
-        runs = pd.DataFrame(run_rows)
-        metrics = summarise(runs)
-        refitted = bool(before_rows)  # regional: the final model of each draw also trained on its validation pairs
-        seen = ("train", "validation") if refitted else ("train",)
-        in_sample = pairs["split"].isin(seen).to_numpy() & ~np.isnan(labels)
-        metrics = pd.concat([metrics, scalar_rows({
-            "train_accuracy_run0": binary_metrics(labels[in_sample], p_all[in_sample], threshold)["accuracy"],
-            "threshold_p_decline_mean": float(np.mean([r["threshold_p_decline"] for r in run_rows])),
+        p_all = predict_pairs(self.model, self.outputs, None, self.device)
+        pairs["p_decline"] = p_all
+        pairs["predicted"] = np.where(p_all >= threshold, "decline", "stable")
+        pairs["p_decline_heldout"] = np.where(heldout_n > 0, heldout_sum / np.maximum(heldout_n, 1), np.nan)
+        pairs["heldout_draws"] = heldout_n
+        self.test_mask = test_mask = (pairs["split"] == "test").to_numpy() & ~np.isnan(labels)
+        if self.train_mode:
+            run_rows = [draw.row for draw in self.draws]
+            before_rows = [draw.before_refit for draw in self.draws if draw.before_refit]
+            runs = pd.DataFrame(run_rows)
+            metrics = summarise(runs)
+            refitted = bool(before_rows)  # regional: the final model of each draw also trained on its validation pairs
+            seen = ("train", "validation") if refitted else ("train",)
+            in_sample = pairs["split"].isin(seen).to_numpy() & ~np.isnan(labels)
+            metrics = pd.concat([metrics, scalar_rows({
+                "train_accuracy_run0": binary_metrics(labels[in_sample], p_all[in_sample], threshold)["accuracy"],
+                "threshold_p_decline_mean": float(np.mean([r["threshold_p_decline"] for r in run_rows])),
+            })], ignore_index=True)
+            if refitted:
+                metrics = pd.concat([
+                    metrics, summarise(pd.DataFrame(before_rows), "before_refit_"),
+                    summarise(runs, "", ["accuracy_validation_threshold", "threshold_p_decline_validation", "l1"]),
+                    scalar_rows({"refitted": 1, **{f"l1_run{r['run']}": r["l1"] for r in run_rows},
+                                 **{f"refit_folds_run{r['run']}": r["refit_folds"] for r in run_rows}})],
+                    ignore_index=True)
+        else:
+            one = binary_metrics(labels[test_mask], p_all[test_mask], threshold) if test_mask.any() else {}
+            metrics = summarise(pd.DataFrame([one]) if one else pd.DataFrame(columns=METRICS))
+        self.metrics = pd.concat([metrics, scalar_rows({
+            "threshold_p_decline": threshold,
+            "n_test_pairs": int(test_mask.sum()),
+            "n_test_decline": int((labels[test_mask] == 1).sum()),
+            "n_test_stable": int((labels[test_mask] == 0).sum()),
         })], ignore_index=True)
-        if refitted:
-            metrics = pd.concat([
-                metrics, summarise(pd.DataFrame(before_rows), "before_refit_"),
-                summarise(runs, "", ["accuracy_validation_threshold", "threshold_p_decline_validation", "l1"]),
-                scalar_rows({"refitted": 1, **{f"l1_run{r['run']}": r["l1"] for r in run_rows},
-                             **{f"refit_folds_run{r['run']}": r["refit_folds"] for r in run_rows}})],
-                ignore_index=True)
-    else:
-        one = binary_metrics(labels[test_mask], p_all[test_mask], threshold) if test_mask.any() else {}
-        metrics = summarise(pd.DataFrame([one]) if one else pd.DataFrame(columns=METRICS))
-    metrics = pd.concat([metrics, scalar_rows({
-        "threshold_p_decline": threshold,
-        "n_test_pairs": int(test_mask.sum()),
-        "n_test_decline": int((labels[test_mask] == 1).sum()),
-        "n_test_stable": int((labels[test_mask] == 0).sum()),
-    })], ignore_index=True)
-    if not ctx.is_main:
-        barrier(ctx)
-        return []
-    if train_mode:
-        splits = pd.concat(split_tables, ignore_index=True)
+
+    def write(self) -> list[Path]:
+        """The splits, history, loss figure and checkpoint (train), the predictions, metrics and ROC figure."""
+        settings, pairs, labels, test_mask = self.settings, self.pairs, self.labels, self.test_mask
+        out_dir = Path(settings.output_dir)
+        written = self.write_training() if self.train_mode else []
+        table = pairs.assign(label=pairs["label"].map(_label_text), p_decline=pairs["p_decline"].round(4),
+                             p_decline_heldout=pairs["p_decline_heldout"].round(4))
+        written.append(write_tsv(out_dir / LONGITUDINAL_FILES["predictions"], table[PREDICTION_COLUMNS]))
+        written.append(write_tsv(out_dir / LONGITUDINAL_FILES["metrics"], self.metrics))
+        if test_mask.any():
+            curve = {"learned": (labels[test_mask], pairs["p_decline"].to_numpy()[test_mask])}
+            written.append(save_figure(plot_roc(curve, "decline vs stable, test pairs"),
+                                       out_dir / LONGITUDINAL_FILES["roc_figure"]))
+        log_metrics("longitudinal", self.metrics, time.perf_counter() - self.t_start)
+        return written
+
+    def write_training(self) -> list[Path]:
+        """write, train: the splits of every draw, the histories, the first draw's loss figure and its checkpoint
+        folder (with the learned region weights of a regional model)."""
+        settings, config, model, metrics = self.settings, self.config, self.model, self.metrics
+        out_dir = Path(settings.output_dir)
+        first, final0 = self.draws[0].selection, self.draws[0].result
+        run_rows = [draw.row for draw in self.draws]
+        splits = pd.concat([draw.split_table.assign(run=run) for run, draw in enumerate(self.draws)],
+                           ignore_index=True)
         splits["label"] = splits["label"].map(_label_text)
-        written.append(write_tsv(out_dir / LONGITUDINAL_FILES["splits"],
-                                 splits[["participant_id", "family_id", "label", "run", "split"]]))
-        history = pd.concat(histories, ignore_index=True).round(6)
+        written = [write_tsv(out_dir / LONGITUDINAL_FILES["splits"],
+                             splits[["participant_id", "family_id", "label", "run", "split"]])]
+        history = pd.concat([draw.selection.history.assign(run=run) for run, draw in enumerate(self.draws)],
+                            ignore_index=True).round(6)
         history = history[["run", *[c for c in history.columns if c != "run"]]]
         written.append(write_tsv(out_dir / LONGITUDINAL_FILES["history"], history))
-        written.append(save_figure(plot_history(first.history, f"longitudinal BCE loss ({settings.backbone}, run 0)",
-                                                ["val_accuracy", "val_auc"]), out_dir / LONGITUDINAL_FILES["loss_figure"]))
-        training_data = card_training_data(inputs.scans, split0, settings.bids_dir,
-                                           n_pairs=pd.Series(pairs["split"]).value_counts().to_dict(),
+        figure = plot_history(first.history, f"longitudinal BCE loss ({settings.backbone}, run 0)",
+                              ["val_accuracy", "val_auc"])
+        written.append(save_figure(figure, out_dir / LONGITUDINAL_FILES["loss_figure"]))
+        training_data = card_training_data(self.inputs.scans, self.draws[0].split_of, settings.bids_dir,
+                                           n_pairs=pd.Series(self.pairs["split"]).value_counts().to_dict(),
                                            label_column=settings.label_column)
         regional = isinstance(model, RegionalChange)
         refit_folds0 = run_rows[0].get("refit_folds", 0)
@@ -381,13 +445,13 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
                      f"({refit_folds0:g} family-aware folds, largest Youden's J)" if refit_folds0 else
                      "validation pairs of the first sub-sampling (largest Youden's J)")
         card = make_card(
-            "longitudinal", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, grid,
-            settings.seed, training_data, {"threshold_p_decline": threshold, "chosen_on": chosen_on},
+            "longitudinal", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, self.grid,
+            settings.seed, training_data, {"threshold_p_decline": self.threshold, "chosen_on": chosen_on},
             {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["mean"])},
             {"epochs": settings.epochs, "epochs_run": len(first.history), "best_epoch": first.best_epoch,
              "batch_size": settings.batch_size, "lr": settings.lr, "patience": settings.patience,
              "flip_lr": config.flip_lr, "max_shift_voxels": config.max_shift, "n_runs": len(run_rows),
-             "world_size": ctx.world_size, "training_seconds": round(first.seconds, 1),
+             "world_size": self.ctx.world_size, "training_seconds": round(first.seconds, 1),
              "volumes_per_second": round(first.volumes_per_second, 2)},
             reproducibility=reproducibility_record(settings.device))
         folder = model_folder(out_dir, "longitudinal", settings.backbone)
@@ -397,15 +461,4 @@ def _run_longitudinal(settings: Any, subjects: list[str], ctx: DistContext, devi
                                            refitted_on="training + validation pairs",
                                            refit_epochs=len(final0.history))
             written.append(write_region_weights(model, settings, card, folder))
-        written += save_checkpoint(folder, model, card)
-    table = pairs.assign(label=pairs["label"].map(_label_text), p_decline=pairs["p_decline"].round(4),
-                         p_decline_heldout=pairs["p_decline_heldout"].round(4))
-    written.append(write_tsv(out_dir / LONGITUDINAL_FILES["predictions"], table[PREDICTION_COLUMNS]))
-    written.append(write_tsv(out_dir / LONGITUDINAL_FILES["metrics"], metrics))
-    if test_mask.any():
-        written.append(save_figure(plot_roc({"learned": (labels[test_mask], p_all[test_mask])},
-                                            "decline vs stable, test pairs"), out_dir / LONGITUDINAL_FILES["roc_figure"]))
-    log_metrics("longitudinal", metrics, time.perf_counter() - t_start)
-    barrier(ctx)
-    return written
-
+        return written + save_checkpoint(folder, model, card)

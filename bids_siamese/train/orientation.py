@@ -23,17 +23,18 @@ import numpy as np
 import pandas as pd
 
 from ..bids.derivatives import ORIENTATION_MODEL_FILES, model_folder, write_tsv
+from ..config import Settings
 from ..errors import NoInputError, UserError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.orientation import LatNet, OrientationEnsemble
 from ..qc.gate import orientation_qc_path
-from ..resources import model_grid
 from .data import find_preproc, load_volume_cache
 from .evaluate import safe_auc
-from .loop import MirrorData, TrainConfig, predict_mirror, train_mirror_classifier
-from .pairs import family_folds
-from .reproducibility import prepare, reproducibility_record, seed_everything
-from .run import runtime_options
+from .loop import MirrorData, predict_mirror, train_mirror_classifier
+from .pairs import FAMILY_FALLBACKS, family_folds, find_column, read_participants
+from .reproducibility import reproducibility_record, seed_everything
+from .task import GroupTask, run_task
+from .trainer import train_config
 
 LOG = logging.getLogger("bids_siamese.group.orientation")
 
@@ -50,7 +51,9 @@ def image_verdicts(paths: Sequence[Path]) -> list[str]:
     for path in paths:
         try:
             rec = json.loads(orientation_qc_path(path).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as err:
+            LOG.warning("orientation: unreadable QC record of %s (%s); its stored orientation is trusted (ok)",
+                        path.name, err)
             out.append("ok")
             continue
         out.append(str(rec.get("lr_flip_verdict", "flipped" if rec.get("lr_flip_suspected") else "ok")))
@@ -68,10 +71,8 @@ def mirror_examples(n_scans: int) -> tuple[np.ndarray, np.ndarray]:
     return examples, examples[:, 1].copy()
 
 
-def _families(settings: Any, pids: Sequence[str]) -> dict[str, str]:
+def _families(settings: Settings, pids: Sequence[str]) -> dict[str, str]:
     """participant -> family from participants.tsv (``--family-column``); every participant alone when absent."""
-    from .pairs import FAMILY_FALLBACKS, find_column, read_participants
-
     family = {pid: pid for pid in pids}
     try:
         table = read_participants(settings.bids_dir)
@@ -86,12 +87,6 @@ def _families(settings: Any, pids: Sequence[str]) -> dict[str, str]:
         if pid in family and str(fam).strip() not in ("", "n/a"):
             family[pid] = f"family {fam}"
     return family
-
-
-def _config(settings: Any, seed: int) -> TrainConfig:
-    return TrainConfig(epochs=int(settings.epochs), batch_size=int(settings.batch_size), lr=float(settings.lr),
-                       patience=int(settings.patience), flip_lr=False, max_shift=1, seed=seed,
-                       **runtime_options(settings))
 
 
 def _metrics(p_stored: np.ndarray, p_mirrored: np.ndarray, trusted: np.ndarray) -> dict[str, float]:
@@ -117,52 +112,72 @@ def _score_table(scans: pd.DataFrame, p_stored: np.ndarray, p_mirrored: np.ndarr
     return table[MODEL_COLUMNS]
 
 
-def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
+def run_orientation(settings: Settings, subjects: list[str]) -> list[Path]:
     """``group --task orientation --mode train|apply``; returns the files written."""
-    import torch
+    return run_task(OrientationTask, settings, subjects)
 
-    prepare(settings)
-    out_dir = Path(settings.output_dir)
-    grid = model_grid(settings.resolution)
-    scans = find_preproc(out_dir, subjects, settings.session_label,
-                         include_unusable=settings.include_unusable)
-    if scans.empty:
-        raise NoInputError(f"no usable participant-level outputs in {out_dir}; fix: run the participant level first "
-                           "(scans that failed the usable-scan gate are left out unless --include-unusable)")
-    paths = [Path(p) for p in scans["path"]]
-    verdicts = image_verdicts(paths)
-    trusted = np.array([v == "ok" for v in verdicts])
-    t_load = time.perf_counter()
-    volumes = load_volume_cache(paths, grid, settings.volume_cache)
-    LOG.info("orientation: %d scan(s) loaded in %.1f s (%d trusted as stored, %d not trained on: image verdict "
-             "flipped/undetermined)", len(paths), time.perf_counter() - t_load, int(trusted.sum()),
-             int((~trusted).sum()))
-    examples, labels = mirror_examples(len(paths))
-    data = MirrorData(volumes, examples, labels)
-    n = len(paths)
-    device = torch.device(settings.device)
-    written: list[Path] = []
-    if settings.mode == "apply":
-        model, card = load_checkpoint(settings.model, task="orientation", grid=grid, device=device)
-        t0 = time.perf_counter()
-        p = predict_mirror(model, data, None, device)
-        seconds = time.perf_counter() - t0
-        folds: list[Any] = ["apply"] * n
-        metrics = {**_metrics(p[:n], p[n:], trusted), "inference_seconds_per_volume": seconds / max(1, 2 * n),
-                   "model": str(settings.model)}
-    else:
-        family = _families(settings, scans["participant_id"].unique().tolist())
+
+class OrientationTask(GroupTask):
+    """``--task orientation``: collect -> samples -> split -> fit -> evaluate -> write (module docstring)."""
+
+    name = "orientation"
+    steps = ("collect (usable scans, participant-level verdicts) -> samples (stored and mirrored copies) -> family "
+             "folds -> fit (one member per fold, held-out scores) or --model -> evaluate -> write")
+
+    def collect(self, subjects: list[str]) -> None:
+        """The usable scans and their participant-level verdicts (``ok`` ones are trusted as stored)."""
+        out_dir = Path(self.settings.output_dir)
+        self.scans = find_preproc(out_dir, subjects, self.settings.session_label,
+                                  include_unusable=self.settings.include_unusable)
+        if self.scans.empty:
+            raise NoInputError(f"no usable participant-level outputs in {out_dir}; fix: run the participant level "
+                               "first (scans that failed the usable-scan gate are left out unless --include-unusable)")
+        self.paths = [Path(p) for p in self.scans["path"]]
+        self.verdicts = image_verdicts(self.paths)
+        self.trusted = np.array([v == "ok" for v in self.verdicts])
+
+    def samples(self) -> None:
+        """Every scan as stored (label ``ok``) and mirrored (label ``flipped``) (:func:`mirror_examples`)."""
+        t_load = time.perf_counter()
+        volumes = load_volume_cache(self.paths, self.grid, self.settings.volume_cache)
+        LOG.info("orientation: %d scan(s) loaded in %.1f s (%d trusted as stored, %d not trained on: image verdict "
+                 "flipped/undetermined)", len(self.paths), time.perf_counter() - t_load, int(self.trusted.sum()),
+                 int((~self.trusted).sum()))
+        self.examples, labels = mirror_examples(len(self.paths))
+        self.data = MirrorData(volumes, self.examples, labels)
+        self.n = len(self.paths)
+
+    def split(self) -> None:
+        """``--orientation-folds`` family-aware folds (train; at least 3 families)."""
+        if not self.train_mode:
+            self.folds: list[Any] = ["apply"] * self.n
+            return
+        settings = self.settings
+        family = _families(settings, self.scans["participant_id"].unique().tolist())
         n_families = len(set(family.values()))
-        k = min(int(settings.orientation_folds), n_families)
-        if k < 3:
+        self.k = min(int(settings.orientation_folds), n_families)
+        if self.k < 3:
             raise NoInputError(f"--task orientation needs participants from at least 3 families, found {n_families}; "
                                "fix: run the participant level on more subjects")
-        fold_of = family_folds(family, k, seed=int(settings.seed))
-        scan_fold = np.array([fold_of[pid] for pid in scans["participant_id"]])
-        example_fold = scan_fold[examples[:, 0]]
-        example_trusted = trusted[examples[:, 0]]
-        p = np.zeros(len(examples), dtype=np.float64)
-        members, histories = [], []
+        self.fold_of = family_folds(family, self.k, seed=int(settings.seed))
+        self.scan_fold = np.array([self.fold_of[pid] for pid in self.scans["participant_id"]])
+        self.folds = self.scan_fold.tolist()
+
+    def fit(self) -> None:
+        """Train: member ``k`` trained on the other folds (fold ``k+1`` for early stopping) scores the examples of
+        fold ``k``; the members together are the ensemble. Apply: the checkpoint scores every example."""
+        settings, data, device = self.settings, self.data, self.device
+        if not self.train_mode:
+            self.model, self.card = load_checkpoint(settings.model, task="orientation", grid=self.grid, device=device)
+            t0 = time.perf_counter()
+            self.p = predict_mirror(self.model, data, None, device)
+            self.inference = (time.perf_counter() - t0) / max(1, 2 * self.n)
+            return
+        k = self.k
+        example_fold = self.scan_fold[self.examples[:, 0]]
+        example_trusted = self.trusted[self.examples[:, 0]]
+        self.p = np.zeros(len(self.examples), dtype=np.float64)
+        members, self.histories = [], []
         t_train = time.perf_counter()
         for fold in range(k):
             val_fold = (fold + 1) % k
@@ -171,48 +186,67 @@ def run_orientation(settings: Any, subjects: list[str]) -> list[Path]:
             # each member starts from weights of its own seed (it was the global generator's state: unseeded
             # for the first member, issue 28)
             seed_everything(settings.seed + fold)
-            member = LatNet(input_shape=grid.shape, channels=CHANNELS, input_pool=INPUT_POOL)
-            result = train_mirror_classifier(member, data, train_idx, val_idx, _config(settings, settings.seed + fold),
-                                             device)
+            member = LatNet(input_shape=self.grid.shape, channels=CHANNELS, input_pool=INPUT_POOL)
+            config = train_config(settings, seed=settings.seed + fold, flip_lr=False, max_shift=1)
+            result = train_mirror_classifier(member, data, train_idx, val_idx, config, device)
             held_out = np.flatnonzero(example_fold == fold)
-            p[held_out] = predict_mirror(result.model, data, held_out, device)
-            histories.append(result.history.assign(fold=fold))
+            self.p[held_out] = predict_mirror(result.model, data, held_out, device)
+            self.histories.append(result.history.assign(fold=fold))
             members.append(result.model.cpu())
             LOG.info("orientation fold %d/%d: %d training examples, best epoch %d, %.0f s", fold + 1, k,
                      len(train_idx), result.best_epoch, result.seconds)
-        train_seconds = time.perf_counter() - t_train
-        model = OrientationEnsemble(members).eval()
+        self.train_seconds = time.perf_counter() - t_train
+        self.model = OrientationEnsemble(members).eval()
+
+    def evaluate(self) -> None:
+        """AUC and accuracy of the held-out scores on the trusted scans' stored and mirrored copies (and, after
+        training, the ensemble's inference time per volume)."""
+        n, p = self.n, self.p
+        if not self.train_mode:
+            self.metrics = {**_metrics(p[:n], p[n:], self.trusted),
+                            "inference_seconds_per_volume": self.inference, "model": str(self.settings.model)}
+            return
         t0 = time.perf_counter()
-        predict_mirror(model, data, np.arange(min(n, 8)), "cpu")  # inference time of the whole ensemble
+        predict_mirror(self.model, self.data, np.arange(min(n, 8)), "cpu")  # inference time of the whole ensemble
         inference = (time.perf_counter() - t0) / max(1, min(n, 8))
-        folds = scan_fold.tolist()
-        metrics = {**_metrics(p[:n], p[n:], trusted), "training_seconds": train_seconds,
-                   "inference_seconds_per_volume": inference, "folds": k, "members": k}
+        self.metrics = {**_metrics(p[:n], p[n:], self.trusted), "training_seconds": self.train_seconds,
+                        "inference_seconds_per_volume": inference, "folds": self.k, "members": self.k}
+
+    def write(self) -> list[Path]:
+        """The ensemble's checkpoint and the fold histories (train), the per-scan scores and the metrics."""
+        settings, n, metrics = self.settings, self.n, self.metrics
+        out_dir = Path(settings.output_dir)
+        written = self.write_training() if self.train_mode else []
+        table = _score_table(self.scans, self.p[:n], self.p[n:], self.folds, self.verdicts)
+        written.append(write_tsv(out_dir / ORIENTATION_MODEL_FILES["table"], table))
+        metric_rows = pd.DataFrame({"metric": list(metrics), "value": [str(v) for v in metrics.values()]})
+        written.append(write_tsv(out_dir / ORIENTATION_MODEL_FILES["metrics"], metric_rows))
+        LOG.info("orientation model: held-out AUC on mirrored copies %.4f, accuracy %.4f (%d scans)",
+                 metrics["auc_mirrored_copies"], metrics["accuracy"], metrics["n_scans_evaluated"])
+        flagged = table.loc[table["lr_flip_suspected"], "scan"].tolist()
+        if flagged:
+            LOG.warning("orientation model: %d scan(s) whose stored orientation looks mirrored: %s", len(flagged),
+                        ", ".join(flagged))
+        return written
+
+    def write_training(self) -> list[Path]:
+        """write, train: the ensemble's checkpoint folder and the members' histories."""
+        settings, metrics = self.settings, self.metrics
+        out_dir = Path(settings.output_dir)
         card = make_card(
-            task="orientation", backbone="latnet", embedding_dim=2, grid=grid, seed=int(settings.seed),
-            training_data={"n_scans": n, "n_trusted": int(trusted.sum()), "examples": "each usable scan stored "
-                           "(ok) and mirrored left-right on the model grid (flipped)",
-                           "folds": {str(pid): int(f) for pid, f in fold_of.items()}},
+            task="orientation", backbone="latnet", embedding_dim=2, grid=self.grid, seed=int(settings.seed),
+            training_data={"n_scans": self.n, "n_trusted": int(self.trusted.sum()), "examples": "each usable scan "
+                           "stored (ok) and mirrored left-right on the model grid (flipped)",
+                           "folds": {str(pid): int(f) for pid, f in self.fold_of.items()}},
             decision={"threshold": 0.5, "output": "averaged softmax of the members; column 1 = p(flipped)"},
             metrics={key: metrics[key] for key in ("auc_mirrored_copies", "accuracy", "n_scans_evaluated")},
             hyperparameters={"epochs": settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
                              "patience": settings.patience, "flip_lr": False},
             pooling="none", reproducibility=reproducibility_record(settings.device),
         )
-        card["architecture"] = {"name": "LatNet-style", "members": k, "channels": list(CHANNELS),
+        card["architecture"] = {"name": "LatNet-style", "members": self.k, "channels": list(CHANNELS),
                                 "input_pool": INPUT_POOL}
-        folder = model_folder(out_dir, "orientation", "latnet")
-        written += save_checkpoint(folder, model, card)
+        written = save_checkpoint(model_folder(out_dir, "orientation", "latnet"), self.model, card)
         written.append(write_tsv(out_dir / ORIENTATION_MODEL_FILES["history"],
-                                 pd.concat(histories, ignore_index=True)))
-    table = _score_table(scans, p[:n], p[n:], folds, verdicts)
-    written.append(write_tsv(out_dir / ORIENTATION_MODEL_FILES["table"], table))
-    metric_rows = pd.DataFrame({"metric": list(metrics), "value": [str(v) for v in metrics.values()]})
-    written.append(write_tsv(out_dir / ORIENTATION_MODEL_FILES["metrics"], metric_rows))
-    LOG.info("orientation model: held-out AUC on mirrored copies %.4f, accuracy %.4f (%d scans)",
-             metrics["auc_mirrored_copies"], metrics["accuracy"], metrics["n_scans_evaluated"])
-    flagged = table.loc[table["lr_flip_suspected"], "scan"].tolist()
-    if flagged:
-        LOG.warning("orientation model: %d scan(s) whose stored orientation looks mirrored: %s", len(flagged),
-                    ", ".join(flagged))
-    return written
+                                 pd.concat(self.histories, ignore_index=True)))
+        return written

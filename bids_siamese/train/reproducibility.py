@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import Settings
+
 LOG = logging.getLogger("bids_siamese.group")
 
 #: cuBLAS workspace that makes its reductions deterministic (CUDA >= 10.2; see torch's "Reproducibility" notes).
@@ -72,7 +74,7 @@ def configure_determinism(deterministic: bool) -> None:
              os.environ["CUBLAS_WORKSPACE_CONFIG"])
 
 
-def training_threads(settings: Any) -> int:
+def training_threads(settings: Settings) -> int:
     """torch threads of a group task: ``--omp-nthreads``; one with ``--deterministic`` on the CPU (the CPU kernels'
     sums depend on the number of threads).
 
@@ -89,7 +91,7 @@ def training_threads(settings: Any) -> int:
     return threads
 
 
-def prepare(settings: Any) -> None:
+def prepare(settings: Settings) -> None:
     """The start of every group task: torch threads (:func:`training_threads`), ``--deterministic``, then the
     seeds."""
     threads = training_threads(settings)

@@ -1,28 +1,23 @@
-"""Group level: the steps that the twin and longitudinal Siamese tasks share.
+"""Group level: pieces the tasks share beyond the trainer.
 
-The task pipelines are :func:`bids_siamese.train.twins.run_twin` and
-:func:`bids_siamese.train.longitudinal.run_longitudinal` (called by :mod:`bids_siamese.workflows.group`); their
-model factories are in :mod:`bids_siamese.train.models`. This module holds what both use: the training
-configuration from the settings, the distributed set-up (:func:`run_distributed`: under torchrun only rank 0
-writes), the family relations, the dataset name, and the training-data fingerprint of a model card with the
-"seen in training" split of ``--mode apply``. Output names come from :mod:`bids_siamese.bids.derivatives`.
+The twin and longitudinal tasks (:class:`bids_siamese.train.twins.TwinTask`,
+:class:`bids_siamese.train.longitudinal.LongitudinalTask`) take their training configuration's own fields from
+:func:`siamese_options`; every task may use the family relations, the dataset name, the session times, and the
+training-data fingerprint of a model card with the "seen in training" split of ``--mode apply``
+(:func:`seen_split`). Output names come from :mod:`bids_siamese.bids.derivatives`.
 """
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
-import torch
 
-from ..bids.derivatives import model_folder  # noqa: F401 - the checkpoint folder, also imported from here by explain/
+from ..config import Settings
 from ..models.checkpoint import sha256_bytes, sha256_file
 from ..models.regional import REGIONAL_MODELS
-from .ddp import DistContext, cleanup, init_distributed
-from .loop import TrainConfig, shift_voxels
 from .pairs import (
     FAMILY_FALLBACKS,
     Relations,
@@ -33,35 +28,20 @@ from .pairs import (
     relations_from_pairs_table,
     relations_from_participants,
 )
-from .reproducibility import prepare
+from .trainer import shift_voxels
 
 LOG = logging.getLogger("bids_siamese.group.models")
 
 
-def train_config(settings: Any) -> TrainConfig:
-    """Training settings from the run's :class:`~bids_siamese.config.Settings`."""
-    regional = settings.backbone in REGIONAL_MODELS  # compares voxels with the population: no shift/intensity jitter
-    return TrainConfig(
-        epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, patience=settings.patience,
-        distance=settings.distance, margin=settings.margin, dz_positives=settings.dz_positives, seed=settings.seed,
-        max_shift=0 if regional else shift_voxels(settings.resolution), intensity=0.0 if regional else 0.1,
-        noise_std=0.0 if regional else 0.05, **runtime_options(settings),
-    )
-
-
-def runtime_options(settings: Any) -> dict[str, Any]:
-    """The :class:`TrainConfig` fields that set how training runs, not what it learns (``--loader-workers``,
-    ``--compile``), for every task's training configuration."""
-    return {"loader_workers": int(settings.loader_workers), "compile": bool(settings.compile)}
-
-
-def _setup(settings: Any) -> tuple[DistContext, torch.device]:
-    """Threads, the process group under torchrun, and the seeds of a group task."""
-    ctx, device = init_distributed(settings.device)
-    prepare(settings)
-    if ctx.is_distributed:
-        LOG.info("distributed training: rank %d of %d (%s)", ctx.rank, ctx.world_size, ctx.backend)
-    return ctx, device
+def siamese_options(settings: Settings) -> dict[str, Any]:
+    """The twin and longitudinal tasks' own :class:`~bids_siamese.train.trainer.TrainConfig` fields (the overrides
+    they pass to :func:`~bids_siamese.train.trainer.train_config`): ``--distance``, ``--margin``,
+    ``--dz-positives`` and the augmentation: a translation of about 2 mm (:func:`shift_voxels`), intensity and
+    noise jitter; none for the regional models, which compare voxels with the population."""
+    regional = settings.backbone in REGIONAL_MODELS
+    return {"distance": settings.distance, "margin": settings.margin, "dz_positives": settings.dz_positives,
+            "max_shift": 0 if regional else shift_voxels(settings.resolution), "intensity": 0.0 if regional else 0.1,
+            "noise_std": 0.0 if regional else 0.05}
 
 
 def dataset_name(bids_dir: Path) -> str:
@@ -114,7 +94,7 @@ def seen_split(card: dict[str, Any], scans: pd.DataFrame, dataset_name: str) -> 
     return out
 
 
-def load_relations(settings: Any, subjects: Sequence[str]) -> Relations:
+def load_relations(settings: Settings, subjects: Sequence[str]) -> Relations:
     """Twin relations from ``--pairs-file`` or from participants.tsv family/zygosity columns."""
     if settings.pairs_file is not None:
         return relations_from_pairs_table(read_pairs_file(settings.pairs_file), subjects,
@@ -124,7 +104,7 @@ def load_relations(settings: Any, subjects: Sequence[str]) -> Relations:
                                        source=str(Path(settings.bids_dir) / "participants.tsv"))
 
 
-def apply_relations(settings: Any, subjects: Sequence[str]) -> Relations | None:
+def apply_relations(settings: Settings, subjects: Sequence[str]) -> Relations | None:
     """Relations for ``--mode apply``: as :func:`load_relations` when ``--pairs-file`` is given or participants.tsv
     has the family column; ``None`` (nothing to evaluate, only the closest relatives are written) otherwise."""
     if settings.pairs_file is None:
@@ -141,17 +121,6 @@ def log_metrics(task: str, metrics: pd.DataFrame, seconds: float) -> None:
     shown = metrics[metrics["metric"].isin(["accuracy", "f1", "auc_roc", "baseline_auc_roc"])]
     LOG.info("%s done in %.0f s: %s", task, seconds,
              ", ".join(f"{r.metric} {r.mean:.3f} +- {r.std:.3f}" for r in shown.itertuples()))
-
-
-def run_distributed(pipeline: Callable[..., list[Path]], settings: Any, subjects: list[str]) -> list[Path]:
-    """Run ``pipeline(settings, subjects, ctx, device, t_start)`` inside the task's process group (one process, or
-    every torchrun rank); the group is left however the pipeline ends."""
-    t_start = time.perf_counter()
-    ctx, device = _setup(settings)
-    try:
-        return pipeline(settings, subjects, ctx, device, t_start)
-    finally:
-        cleanup(ctx)
 
 
 def card_training_data(scans: pd.DataFrame, split_of: dict[str, str], bids_dir: Path, **extra: Any) -> dict[str, Any]:

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 
 from ..bids.derivatives import TWIN_FILES, model_folder, write_tsv
+from ..config import Settings
 from ..errors import BadDataError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.losses import pair_distance
 from ..models.regional import RegionalEncoder
-from ..resources import Grid, model_grid
+from ..resources import Grid
 from .data import VolumeFiles, find_preproc, first_scan_per_subject, load_masks, load_volume_cache
-from .ddp import DistContext, barrier
+from .ddp import DistContext
 from .evaluate import (
     choose_threshold,
     draw_metrics,
@@ -41,7 +42,7 @@ from .evaluate import (
     summarise,
     voxel_correlation,
 )
-from .loop import TrainConfig, TrainResult, TwinData, embed, train_twin
+from .loop import TwinData, embed, train_twin
 from .models import new_twin_model, write_region_weights
 from .pairs import Relations, twin_split_table
 from .relatives import nearest_relatives, relatives_table
@@ -52,11 +53,12 @@ from .run import (
     dataset_name,
     load_relations,
     log_metrics,
-    run_distributed,
     seen_split,
     session_times,
-    train_config,
+    siamese_options,
 )
+from .task import GroupTask, run_task
+from .trainer import TrainConfig, TrainResult, train_config
 
 LOG = logging.getLogger("bids_siamese.group.models")
 
@@ -144,7 +146,7 @@ def _twin_test_metrics(pairs: pd.DataFrame, score_col: str, threshold: float, n_
     return pd.concat(tables, ignore_index=True), curves
 
 
-def run_twin(settings: Any, subjects: list[str]) -> list[Path]:
+def run_twin(settings: Settings, subjects: list[str]) -> list[Path]:
     """Twin identification at the group level: train (``--mode train``) or apply (``--mode apply --model``).
 
     Writes ``group_twins_splits.tsv`` (train), ``group_twins_pairs.tsv``, ``group_twins_metrics.tsv``,
@@ -163,7 +165,7 @@ def run_twin(settings: Any, subjects: list[str]) -> list[Path]:
         UsageError: missing columns, or a checkpoint for another task/grid.
         BadDataError: too few twin families for the splits, unreadable volumes.
     """
-    return run_distributed(_run_twin, settings, subjects)
+    return run_task(TwinTask, settings, subjects)
 
 
 @dataclass
@@ -195,7 +197,7 @@ class TwinDecision:
     card: dict[str, Any]
 
 
-def collect_twins(settings: Any, subjects: Sequence[str]) -> TwinCohort:
+def collect_twins(settings: Settings, subjects: Sequence[str]) -> TwinCohort:
     """collect: the first usable model-grid scan of each subject and the twin relations."""
     scans = find_preproc(settings.output_dir, subjects, settings.session_label,
                          include_unusable=settings.include_unusable)
@@ -205,7 +207,8 @@ def collect_twins(settings: Any, subjects: Sequence[str]) -> TwinCohort:
     return TwinCohort(scans, load_relations(settings, labels) if train_mode else apply_relations(settings, labels))
 
 
-def twin_splits(settings: Any, cohort: TwinCohort, card: dict[str, Any]) -> tuple[dict[str, str], pd.DataFrame | None]:
+def twin_splits(settings: Settings, cohort: TwinCohort, card: dict[str, Any]
+                ) -> tuple[dict[str, str], pd.DataFrame | None]:
     """split: participant -> split, and the split table when training (family-aware, stratified by family type);
     in ``--mode apply`` the split in which the checkpoint saw each participant (else ``test``)."""
     if settings.mode != "train":
@@ -276,67 +279,109 @@ def evaluate_twins(pairs: pd.DataFrame, decision: TwinDecision, n_draws: int, se
     return metrics, roc
 
 
-def _run_twin(settings: Any, subjects: list[str], ctx: DistContext, device: torch.device, t_start: float
-              ) -> list[Path]:
-    grid, train_mode = model_grid(settings.resolution), settings.mode == "train"
-    config = train_config(settings)
-    cohort = collect_twins(settings, subjects)
-    pids = cohort.pids
-    model, card, result = None, {}, None
-    positive_relations = ["MZ", "DZ"] if settings.dz_positives else ["MZ"]
-    if not train_mode:
-        if settings.model is None:
-            raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
-        model, card = load_checkpoint(settings.model, "twin", grid, device)
-        positive_relations = ["MZ", "DZ"] if card.get("hyperparameters", {}).get("dz_positives") else ["MZ"]
-        # each scan is read and embedded once, one batch in memory at a time
-        emb = embed(model, VolumeFiles(cohort.paths, grid), None, device, config.eval_batch_size)
-        if cohort.relations is None:
-            return _relatives_only(settings, pids, emb, card, ctx, t_start)
-    split_of, split_table = twin_splits(settings, cohort, card)
-    pairs = twin_pair_table(pids, cohort.relations, split_of)
-    if train_mode:
-        _check_twin_splits(pairs, positive_relations)
-    _log_pairs(pids, pairs, split_of)
-    volumes, masks = load_volume_cache(cohort.paths, grid, settings.volume_cache), load_masks(cohort.paths, grid)
-    split_arr = np.array([split_of[p] for p in pids])
-    if train_mode:
-        result = fit_twin(settings, grid, cohort, volumes, masks, split_arr, config, device, ctx)
-        model = result.model
-        # the scores come from the volumes as stored (float32), as in --mode apply; the float16 cache is for training
-        stored = volumes if isinstance(volumes, np.ndarray) else VolumeFiles(cohort.paths, grid)
-        emb = embed(model, stored, None, device, config.eval_batch_size)
-    distance = card.get("hyperparameters", {}).get("distance", settings.distance) if card else settings.distance
-    pairs = score_twin_pairs(pairs, emb, volumes, masks, distance)
-    decision = choose_twin_decision(pairs, positive_relations) if train_mode else card_decision(card)
-    metrics, roc = evaluate_twins(pairs, decision, settings.n_draws, settings.seed)
-    if not ctx.is_main:
-        barrier(ctx)
-        return []
-    written: list[Path] = []
-    if result is not None:
-        card = _twin_card(settings, grid, model, cohort, split_of, pairs, decision, metrics, result, config, ctx)
-        written += write_twin_training(settings, model, card, result, split_table, int((split_arr == "train").sum()))
-    written += write_twins(settings, pids, pairs, emb, card or {"decision": decision.card,
-                                                                "hyperparameters": {"distance": distance}},
-                           cohort.relations, metrics, roc)
-    log_metrics("twins", metrics, time.perf_counter() - t_start)
-    barrier(ctx)
-    return written
+class TwinTask(GroupTask):
+    """``--task twin``: collect -> samples -> split -> fit -> evaluate -> write (module docstring).
 
+    ``--mode apply`` without family data (no ``--pairs-file``, no family column) has nothing to split or evaluate:
+    only the closest relatives are written."""
 
-def _relatives_only(settings: Any, pids: list[str], emb: torch.Tensor, card: dict[str, Any], ctx: DistContext,
-                    t_start: float) -> list[Path]:
-    """``--mode apply`` without family data: only the closest relatives are written."""
-    LOG.info("twins: %d subjects, no family data (no --pairs-file, no '%s' column in participants.tsv): "
-             "writing the closest relatives only", len(pids), settings.family_column)
-    if not ctx.is_main:
-        barrier(ctx)
-        return []
-    written = [_write_relatives(Path(settings.output_dir), pids, emb, card, None, settings.top_k)]
-    LOG.info("twins: closest relatives of %d scans in %.0f s", len(pids), time.perf_counter() - t_start)
-    barrier(ctx)
-    return written
+    name = "twin"
+    distributed = True
+    steps = ("collect (first usable scan per subject, relations) -> samples (volumes, masks) -> family split and "
+             "pairs -> fit (triplet loss) or --model -> evaluate (test pairs, threshold from validation) -> write")
+
+    def __init__(self, settings: Settings, ctx: DistContext, device: torch.device):
+        super().__init__(settings, ctx, device)
+        self.config = train_config(settings, **siamese_options(settings))
+        self.positive_relations = ["MZ", "DZ"] if settings.dz_positives else ["MZ"]
+        self.model: nn.Module | None = None
+        self.card: dict[str, Any] = {}
+        self.result: TrainResult | None = None
+
+    @property
+    def relatives_only(self) -> bool:
+        """``--mode apply`` without family data."""
+        return self.cohort.relations is None
+
+    def collect(self, subjects: list[str]) -> None:
+        """The cohort (:func:`collect_twins`) and, in ``--mode apply``, the checkpoint."""
+        self.cohort = collect_twins(self.settings, subjects)
+        self.pids = self.cohort.pids
+        if not self.train_mode:
+            if self.settings.model is None:
+                raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
+            self.model, self.card = load_checkpoint(self.settings.model, "twin", self.grid, self.device)
+            dz = self.card.get("hyperparameters", {}).get("dz_positives")
+            self.positive_relations = ["MZ", "DZ"] if dz else ["MZ"]
+
+    def samples(self) -> None:
+        """The subjects' volumes (the ``--volume-cache`` stack) and brain masks (the baseline's); none are held
+        for the closest relatives only."""
+        if self.relatives_only:
+            return
+        paths = self.cohort.paths
+        self.volumes, self.masks = load_volume_cache(paths, self.grid, self.settings.volume_cache), load_masks(
+            paths, self.grid)
+
+    def split(self) -> None:
+        """The split (:func:`twin_splits`) and the pairs to score (:func:`twin_pair_table`)."""
+        if self.relatives_only:
+            return
+        self.split_of, self.split_table = twin_splits(self.settings, self.cohort, self.card)
+        self.pairs = twin_pair_table(self.pids, self.cohort.relations, self.split_of)
+        if self.train_mode:
+            _check_twin_splits(self.pairs, self.positive_relations)
+        _log_pairs(self.pids, self.pairs, self.split_of)
+        self.split_arr = np.array([self.split_of[p] for p in self.pids])
+
+    def fit(self) -> None:
+        """Train (:func:`fit_twin`) or take the checkpoint; then every subject's embedding. The embeddings come
+        from the volumes as stored (float32), as in ``--mode apply``: the float16 cache is for training only."""
+        if self.train_mode:
+            self.result = fit_twin(self.settings, self.grid, self.cohort, self.volumes, self.masks, self.split_arr,
+                                   self.config, self.device, self.ctx)
+            self.model = self.result.model
+            stored = self.volumes if isinstance(self.volumes, np.ndarray) else VolumeFiles(self.cohort.paths,
+                                                                                             self.grid)
+        else:  # each scan is read and embedded once, one batch in memory at a time
+            stored = VolumeFiles(self.cohort.paths, self.grid)
+        self.emb = embed(self.model, stored, None, self.device, self.config.eval_batch_size)
+
+    def evaluate(self) -> None:
+        """Pair scores, the decision rule (validation pairs, or the card's) and the test metrics."""
+        if self.relatives_only:
+            return
+        settings, card = self.settings, self.card
+        self.distance = card.get("hyperparameters", {}).get("distance", settings.distance) if card \
+            else settings.distance
+        self.pairs = score_twin_pairs(self.pairs, self.emb, self.volumes, self.masks, self.distance)
+        self.decision = (choose_twin_decision(self.pairs, self.positive_relations) if self.train_mode
+                         else card_decision(card))
+        self.metrics, self.roc = evaluate_twins(self.pairs, self.decision, settings.n_draws, settings.seed)
+
+    def write(self) -> list[Path]:
+        """The training outputs and checkpoint (train), the pairs, relatives, metrics and ROC figure."""
+        settings = self.settings
+        if self.relatives_only:
+            LOG.info("twins: %d subjects, no family data (no --pairs-file, no '%s' column in participants.tsv): "
+                     "writing the closest relatives only", len(self.pids), settings.family_column)
+            written = [_write_relatives(Path(settings.output_dir), self.pids, self.emb, self.card, None,
+                                        settings.top_k)]
+            LOG.info("twins: closest relatives of %d scans in %.0f s", len(self.pids),
+                     time.perf_counter() - self.t_start)
+            return written
+        written: list[Path] = []
+        card = self.card
+        if self.result is not None:
+            card = _twin_card(settings, self.grid, self.model, self.cohort, self.split_of, self.pairs,
+                              self.decision, self.metrics, self.result, self.config, self.ctx)
+            written += write_twin_training(settings, self.model, card, self.result, self.split_table,
+                                           int((self.split_arr == "train").sum()))
+        written += write_twins(settings, self.pids, self.pairs, self.emb,
+                               card or {"decision": self.decision.card, "hyperparameters": {"distance": self.distance}},
+                               self.cohort.relations, self.metrics, self.roc)
+        log_metrics("twins", self.metrics, time.perf_counter() - self.t_start)
+        return written
 
 
 def _log_pairs(pids: list[str], pairs: pd.DataFrame, split_of: dict[str, str]) -> None:
@@ -346,7 +391,7 @@ def _log_pairs(pids: list[str], pairs: pd.DataFrame, split_of: dict[str, str]) -
              ", ".join(f"{k} {v}" for k, v in pd.Series(split_of).value_counts().sort_index().items()))
 
 
-def fit_twin(settings: Any, grid: Grid, cohort: TwinCohort, volumes: np.ndarray, masks: np.ndarray,
+def fit_twin(settings: Settings, grid: Grid, cohort: TwinCohort, volumes: np.ndarray, masks: np.ndarray,
              split_arr: np.ndarray, config: TrainConfig, device: torch.device, ctx: DistContext) -> TrainResult:
     """fit: a fresh model (:func:`~bids_siamese.train.models.new_twin_model`) trained with the batch-hard triplet
     loss on the training subjects, early-stopped on the validation subjects."""
@@ -360,7 +405,7 @@ def fit_twin(settings: Any, grid: Grid, cohort: TwinCohort, volumes: np.ndarray,
     return result
 
 
-def _twin_card(settings: Any, grid: Grid, model: nn.Module, cohort: TwinCohort, split_of: dict[str, str],
+def _twin_card(settings: Settings, grid: Grid, model: nn.Module, cohort: TwinCohort, split_of: dict[str, str],
                pairs: pd.DataFrame, decision: TwinDecision, metrics: pd.DataFrame, result: TrainResult,
                config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
     """The model card of a trained twin model."""
@@ -381,7 +426,7 @@ def _twin_card(settings: Any, grid: Grid, model: nn.Module, cohort: TwinCohort, 
         reproducibility=reproducibility_record(settings.device))
 
 
-def write_twin_training(settings: Any, model: nn.Module, card: dict[str, Any], result: TrainResult,
+def write_twin_training(settings: Settings, model: nn.Module, card: dict[str, Any], result: TrainResult,
                         split_table: pd.DataFrame, n_train: int) -> list[Path]:
     """write, train: the split table, the loss history and figure, and the checkpoint folder (with the learned
     region weights of a regional model)."""
@@ -401,7 +446,7 @@ def write_twin_training(settings: Any, model: nn.Module, card: dict[str, Any], r
     return written + save_checkpoint(folder, model, card)
 
 
-def write_twins(settings: Any, pids: list[str], pairs: pd.DataFrame, emb: torch.Tensor, card: dict[str, Any],
+def write_twins(settings: Settings, pids: list[str], pairs: pd.DataFrame, emb: torch.Tensor, card: dict[str, Any],
                 relations: Relations | None, metrics: pd.DataFrame,
                 roc: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[Path]:
     """write: the pairs table, the closest relatives, the metrics and the ROC figure."""
@@ -429,5 +474,3 @@ def _write_relatives(out_dir: Path, pids: Sequence[str], emb: torch.Tensor, card
                             decision.get("probability_scale"),
                             relation_lookup(relations) if relations is not None else None)
     return write_tsv(out_dir / TWIN_FILES["relatives"], table)
-
-

@@ -1,10 +1,14 @@
 """Group level: the one entry (:func:`run_group`), one short sequence of steps per ``--task``.
 
 Every group run first writes the per-scan QC table ``group_orientation.tsv`` from the participant-level
-results, then runs the task's steps (:data:`TASKS`): each step is a function of the shared packages
-(``train/``, ``symmetry/``, ``explain/``) that returns the paths it wrote, and the workflow records them in
-``group_outputs.json`` (:func:`~bids_siamese.bids.derivatives.write_group_record`); the report
+results, then runs the task (:data:`TASKS`: one :class:`~bids_siamese.train.task.GroupTask` per ``--task``,
+each in its own module: collect -> pairs or samples -> split -> fit -> evaluate -> write), then, after
+``--task twin --explain``, the explanations (``explain/``). Each step returns the paths it wrote and the workflow
+records them in ``group_outputs.json`` (:func:`~bids_siamese.bids.derivatives.write_group_record`); the report
 (``reports/group.py``) is built from that record.
+
+Importing this module imports every task module, which registers the tasks' model factories
+(:mod:`bids_siamese.models.registry`) for :func:`~bids_siamese.models.checkpoint.load_checkpoint`.
 """
 from __future__ import annotations
 
@@ -16,7 +20,26 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ..bids.derivatives import ORIENTATION_QC_SUFFIX, QC_FILES, write_group_record, write_tsv
+from ..bids.derivatives import (
+    ORIENTATION_QC_SUFFIX,
+    QC_FILES,
+    STATUS_MISSING,
+    STATUS_OK,
+    check_completion_record,
+    write_group_record,
+    write_tsv,
+)
+from ..config import Settings
+from ..explain.run import run_explain
+from ..interfaces.derivatives import output_names
+from ..models.checkpoint import load_checkpoint
+from ..qc.orientation import failed_header_checks
+from ..reports.group import write_group_report
+from ..symmetry.run import SymmetryTask
+from ..train.longitudinal import LongitudinalTask
+from ..train.orientation import OrientationTask
+from ..train.task import GroupTask, run_task
+from ..train.twins import TwinTask
 
 LOG = logging.getLogger("bids_siamese.group")
 
@@ -66,8 +89,6 @@ def orientation_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     Records written before the usable-scan gate and the three-way verdict existed (no ``qc_status``)
     are read as usable, with the verdict derived from ``lr_flip_suspected``.
     """
-    from ..qc.orientation import failed_header_checks
-
     rows = []
     for rec in records:
         failed = failed_header_checks(rec.get("header_checks", []))
@@ -90,9 +111,6 @@ def orientation_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
 def collect_scan_status(output_dir: Path, scans: Iterable[Any], resolution_label: str) -> list[dict[str, Any]]:
     """One entry per selected scan: ``status`` ok/failed/missing (from its completion record), ``reason``, and
     for ok scans the orientation QC record (``record``)."""
-    from ..bids.derivatives import STATUS_MISSING, STATUS_OK, check_completion_record
-    from ..interfaces.derivatives import output_names
-
     entries = []
     for scan in scans:
         names = output_names(scan.entities, resolution_label)
@@ -153,7 +171,7 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0") or 0) == 0
 
 
-def write_orientation_table(settings, subjects: list[str], status: list[dict[str, Any]] | None) -> list[Path]:
+def write_orientation_table(settings: Settings, subjects: list[str], status: list[dict[str, Any]] | None) -> list[Path]:
     """The QC step of every group run: ``group_orientation.tsv``, one row per selected scan (with ``status``:
     every selected scan, ok or not; without: the scans with an orientation record)."""
     records = status_records(status) if status is not None else find_orientation_records(settings.output_dir,
@@ -189,7 +207,7 @@ def usable_subjects(task: str, subjects: list[str], status: list[dict[str, Any]]
 class _Steps:
     """Runs the group steps and records what each wrote (``group_outputs.json``, read by the report)."""
 
-    def __init__(self, settings, main_process: bool):
+    def __init__(self, settings: Settings, main_process: bool):
         self.settings, self.main, self.written = settings, main_process, []
 
     def __call__(self, step: str, written: list[Path]) -> list[Path]:
@@ -199,49 +217,26 @@ class _Steps:
         return written
 
 
-def _twin(settings, subjects: list[str], step: _Steps) -> None:
-    """collect -> pairs -> split -> fit -> evaluate -> write (train/twins.py), then explain (explain/run.py,
-    which also writes the report with the relevance maps)."""
-    from ..explain.run import run_explain
-    from ..train.twins import run_twin
-
-    step("twin", run_twin(settings, subjects))
-    if settings.explain and step.main:
-        step("explain", run_explain(settings, subjects))
+#: The group tasks (``--task``): one :class:`~bids_siamese.train.task.GroupTask` subclass each, in its own module,
+#: with the same steps (collect -> samples -> split -> fit -> evaluate -> write), run by
+#: :func:`~bids_siamese.train.task.run_task`.
+TASKS: dict[str, type[GroupTask]] = {task.name: task for task in (TwinTask, LongitudinalTask, OrientationTask,
+                                                                   SymmetryTask)}
 
 
-def _longitudinal(settings, subjects: list[str], step: _Steps) -> None:
-    """collect -> session pairs -> splits (``--n-draws``) -> fit -> evaluate -> write (train/longitudinal.py)."""
-    from ..train.longitudinal import run_longitudinal
+def check_checkpoint(path: Path, task: str | None = None) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` (``--model``, ``--orientation-model``) once, before any scan is processed,
+    whatever its task: importing this module imported every task module, so every task's model factory is
+    registered (:mod:`bids_siamese.models.registry`). Returns the model card.
 
-    step("longitudinal", run_longitudinal(settings, subjects))
-
-
-def _orientation(settings, subjects: list[str], step: _Steps) -> None:
-    """collect -> stored and mirrored copies -> family folds -> fit -> held-out scores -> write
-    (train/orientation.py); not distributed."""
-    from ..train.orientation import run_orientation
-
-    if step.main:
-        step("orientation", run_orientation(settings, subjects))
+    Raises:
+        UsageError: a checkpoint of another task than ``task`` (None: any).
+        NoInputError, BadDataError: missing, damaged or unsafe checkpoint files.
+    """
+    return load_checkpoint(path, task=task)[1]
 
 
-def _symmetry(settings, subjects: list[str], step: _Steps) -> None:
-    """collect -> asymmetry maps and group reference -> (train: planted lesions -> fit -> evaluate) -> write
-    (symmetry/run.py); not distributed."""
-    from ..symmetry.run import run_symmetry
-
-    if step.main:
-        step("symmetry", run_symmetry(settings, subjects))
-    else:
-        LOG.info("symmetry training is not distributed: process %s leaves it to process 0", os.environ["RANK"])
-
-
-#: The group tasks (``--task``), each one short sequence of steps.
-TASKS = {"twin": _twin, "longitudinal": _longitudinal, "orientation": _orientation, "symmetry": _symmetry}
-
-
-def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None = None) -> list[Path]:
+def run_group(settings: Settings, subjects: list[str], status: list[dict[str, Any]] | None = None) -> list[Path]:
     """The group level: the per-scan QC table, then ``--task``'s steps, then the report; returns the paths written
     (the record ``group_outputs.json`` aside).
 
@@ -257,12 +252,18 @@ def run_group(settings, subjects: list[str], status: list[dict[str, Any]] | None
     step = _Steps(settings, _main_process())
     if step.main:
         step("qc", write_orientation_table(settings, subjects, status))
-    task = settings.task
-    if task:
-        TASKS[task](settings, usable_subjects(task, subjects, status), step)
-    explained = task == "twin" and settings.explain
-    if step.main and not explained:  # the explanation step writes the report with its maps
-        from ..reports.group import write_group_report
-
+    task = TASKS[settings.task] if settings.task else None
+    if task is not None:
+        selected = usable_subjects(task.name, subjects, status)
+        LOG.info("--task %s: %s", task.name, task.steps)
+        if task.distributed or step.main:
+            step(task.name, run_task(task, settings, selected))
+        else:
+            LOG.info("%s training is not distributed: process %s leaves it to process 0", task.name,
+                     os.environ["RANK"])
+    explained = settings.task == "twin" and settings.explain
+    if explained and step.main:  # the explanation step writes the report with its maps
+        step("explain", run_explain(settings, selected))
+    elif step.main:
         step.written.append(write_group_report(settings))
     return step.written
