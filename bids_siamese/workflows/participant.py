@@ -22,6 +22,7 @@ from ..bids.fmriprep import AnatDerivatives, find_anat, reuse_summary
 from ..bids.layout import T1wScan, bids_relative
 from ..errors import EXIT_DATA, CannotCreateError
 from ..interfaces.derivatives import WriteDerivatives, output_names
+from .signals import raise_if_interrupted, workers_die_with_us
 from ..interfaces.preproc import (
     AffineRegistration,
     BrainExtraction,
@@ -366,8 +367,6 @@ def run_participant(settings, scans: list[T1wScan]) -> list[ScanFailure]:
     # imported modules, the BIDS layout, the workflow graph) keeps each collection to the objects made since
     gc.freeze()
     started = time.time()
-    from ..cli.signals import raise_if_interrupted, workers_die_with_us
-
     try:
         with workers_die_with_us(plugin_args):
             if plugin == "MultiProc":  # a worker's death fails its node instead of hanging the run

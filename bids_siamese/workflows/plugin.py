@@ -96,7 +96,7 @@ _TRACK_DIR: str | None = None
 
 
 def _worker_initializer(cwd: str, track_dir: str, inner=None) -> None:
-    """Pool initializer: nipype's (or :func:`~bids_siamese.cli.signals.pool_worker_initializer`), then the
+    """Pool initializer: nipype's (or :func:`~bids_siamese.workflows.signals.pool_worker_initializer`), then the
     task-file folder."""
     global _TRACK_DIR
     from nipype.pipeline.plugins import multiproc
