@@ -97,7 +97,7 @@ from pathlib import Path
 from bids_siamese.interfaces import preproc
 
 marker = Path(sys.argv[1])
-original = preproc.CheckHeader._run_interface
+original = preproc.CheckHeader._run_step
 
 
 def check(self, runtime):
@@ -115,7 +115,7 @@ def check(self, runtime):
 
 
 # module level: a forkserver imports this file as __mp_main__, so its workers are patched too
-preproc.CheckHeader._run_interface = check
+preproc.CheckHeader._run_step = check
 
 if __name__ == "__main__":
     from bids_siamese.cli.main import entry
@@ -189,7 +189,7 @@ from bids_siamese.interfaces import derivatives, preproc
 mount, fault, node = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 hooked = {"check_header": preproc.CheckHeader, "model_grid": preproc.ModelGrid,
           "write_derivatives": derivatives.WriteDerivatives}[node]
-original = hooked._run_interface
+original = hooked._run_step
 
 
 def with_fault(self, runtime):  # the disk fails just as this node starts (in a worker: a mid-run fault)
@@ -210,7 +210,7 @@ def with_fault(self, runtime):  # the disk fails just as this node starts (in a 
     return original(self, runtime)
 
 
-hooked._run_interface = with_fault
+hooked._run_step = with_fault
 
 if __name__ == "__main__":
     from bids_siamese.cli.main import entry

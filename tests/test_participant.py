@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bids_siamese.bids.derivatives import output_names
 from bids_siamese.bids.layout import run_validator
 from bids_siamese.cli.main import main
-from bids_siamese.interfaces.derivatives import output_names
 
 pytestmark = pytest.mark.slow
 RES = "4"  # coarse model grid keeps the test quick

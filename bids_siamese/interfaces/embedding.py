@@ -79,7 +79,7 @@ class ComputeEmbedding(StepInterface):
     input_spec = _ComputeEmbeddingInputSpec
     output_spec = _ComputeEmbeddingOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         from ..models.checkpoint import load_checkpoint
         from ..resources import model_grid
         from ..train.data import load_volume

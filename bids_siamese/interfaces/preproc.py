@@ -51,7 +51,7 @@ class CheckHeader(StepInterface):
     input_spec = _CheckHeaderInputSpec
     output_spec = _CheckHeaderOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         from ..preproc.conform import header_checks, load_t1w
 
         img = load_t1w(self.inputs.in_file, max_gb=self.inputs.max_gb if isdefined(self.inputs.max_gb) else None)
@@ -78,7 +78,7 @@ class Conform(StepInterface):
     input_spec = _ConformInputSpec
     output_spec = _ConformOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         from ..preproc.conform import conform, load_t1w
 
         # uncompressed: this float32 image is read by six nodes, and gzip would cost seconds per 1 mm scan
@@ -104,7 +104,7 @@ class BrainExtraction(StepInterface):
     input_spec = _BrainInputSpec
     output_spec = _BrainOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         from ..preproc.brain import extract_brain
 
         img = nib.load(self.inputs.in_file)
@@ -142,7 +142,7 @@ class ReuseAnatomical(StepInterface):
     input_spec = _ReuseInputSpec
     output_spec = _ReuseOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         from ..bids.fmriprep import (
             MASK_DSEG_MIN_DICE, MATCH_MIN_CORRELATION, AnatDerivatives, check_sources, match_correlation,
             tissue_summary,
@@ -232,7 +232,7 @@ class AffineRegistration(StepInterface):
     input_spec = _RegisterInputSpec
     output_spec = _RegisterOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         from ..preproc.register import register_affine, write_itk_affine
         from ..resources import template_brain_path
 
@@ -270,7 +270,7 @@ class ModelGrid(StepInterface):
     input_spec = _GridInputSpec
     output_spec = _GridOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         from ..preproc.grid import normalise_intensity, resample_to_grid
         from ..resources import model_grid
 
@@ -316,7 +316,7 @@ class OrientationCheck(StepInterface):
     input_spec = _OrientationInputSpec
     output_spec = _OrientationOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         from ..qc.orientation import scan_orientation_report
 
         native_mask = _mask(self.inputs.native_mask)
@@ -362,7 +362,7 @@ class ReportFigures(StepInterface):
     input_spec = _FiguresInputSpec
     output_spec = _FiguresOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         from ..preproc.grid import template_on_grid
         from ..reports.figures import mask_contour_mosaic, orientation_figure, registration_mosaic
         from ..resources import Grid

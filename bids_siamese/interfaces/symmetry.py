@@ -83,7 +83,7 @@ class AsymmetryAnalysis(StepInterface):
     input_spec = _AsymmetryInputSpec
     output_spec = _AsymmetryOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         import nibabel as nib
 
         from ..atlas import atlas_provenance
