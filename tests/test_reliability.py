@@ -242,7 +242,7 @@ def slow(self, runtime):  # stands in for a long brain extraction
     return runtime
 
 # module level: a forkserver imports this file as __mp_main__, so its workers are patched too
-preproc.CheckHeader._run_interface = slow
+preproc.CheckHeader._run_step = slow
 
 if __name__ == "__main__":
     from bids_siamese.cli.main import entry
