@@ -90,7 +90,7 @@ def limit_torch_threads(n_threads: int, load: bool = False) -> None:
     """``torch.set_num_threads(n_threads)`` when torch is loaded in this process (importing it costs ~1 s), or
     with ``load`` in any case (a step that runs torch)."""
     if load:
-        import torch  # noqa: F401 - imported into sys.modules for the line below
+        import torch  # noqa: F401  # deferred: costs ~1 s; only a step that runs torch loads it here
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(max(1, int(n_threads)))

@@ -25,6 +25,9 @@ from nipype.interfaces.base import (
 )
 from torch import nn
 
+from ..models.checkpoint import load_checkpoint
+from ..resources import model_grid
+from ..train.data import load_volume
 from .base import StepInterface
 
 
@@ -80,10 +83,6 @@ class ComputeEmbedding(StepInterface):
     output_spec = _ComputeEmbeddingOutputSpec
 
     def _run_step(self, runtime):
-        from ..models.checkpoint import load_checkpoint
-        from ..resources import model_grid
-        from ..train.data import load_volume
-
         torch.set_num_threads(max(1, int(self.inputs.num_threads)))
         model, card = load_checkpoint(self.inputs.model, device=self.inputs.device)
         volume = load_volume(self.inputs.in_file, model_grid(float(card["grid"]["resolution"])))
