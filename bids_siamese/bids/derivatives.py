@@ -317,6 +317,11 @@ def orientation_qc_path(preproc: Path | str) -> Path:
     return preproc.with_name(preproc.name.split("_space-")[0] + "_" + ORIENTATION_QC_SUFFIX)
 
 
+#: ``logs/<run_id>/failures.json``: only when a scan failed, one entry per failed scan (``scan``, ``node``,
+#: ``error``, ``message``, ``exit_code``), the same as the run's ``FAILED`` lines.
+RUN_FAILURES = "failures.json"
+
+
 def read_qc_record(path: Path | str) -> dict[str, Any] | None:
     """A per-scan QC record (``*_desc-orientation_qc.json``) as a dict; None when the file does not exist.
 

@@ -22,12 +22,14 @@ from nipype.pipeline.engine.utils import load_resultfile
 from .. import __version__
 from ..atlas import atlas_on_grid
 from ..bids.derivatives import (
+    RUN_FAILURES,
     STATUS_FAILED,
     STATUS_OK,
     output_names,
     read_qc_record,
     subject_report_name,
     write_completion_record,
+    write_json,
 )
 from ..bids.fmriprep import reuse_summary
 from ..bids.layout import T1wScan, bids_relative
@@ -204,7 +206,8 @@ def unwritable(folder: Path, min_free: int = 1 << 20) -> bool:
 
 
 def finish(settings: Settings, scans: list[T1wScan], crash_dir: Path) -> list[ScanFailure]:
-    """After the workflow: the failures, the subject reports, the completion records and the gate's line."""
+    """After the workflow: the failures (also as ``logs/<run_id>/failures.json``), the subject reports, the
+    completion records and the gate's line."""
     failures: list[ScanFailure] = []
     written: dict[str, list[str]] = {}
     unrecorded = False
@@ -223,6 +226,8 @@ def finish(settings: Settings, scans: list[T1wScan], crash_dir: Path) -> list[Sc
     fault = crash_file_disk_fault(crash_dir) if unrecorded else None
     if fault is not None:
         raise disk_error(settings, fault[2], fault[1])
+    if failures:  # the FAILED lines as data, for scripts that rerun or report the failed scans
+        write_json(settings.log_dir / RUN_FAILURES, [failure.as_record() for failure in failures])
     write_reports(settings, scans, failures)
     write_completion_records(settings, scans, written, failures)
     qc_records = {scan.name: read_qc_record(settings.output_dir / output_names(scan.entities)["orientation"])
