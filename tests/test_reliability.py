@@ -19,12 +19,12 @@ import pytest
 
 from bids_siamese.bids.derivatives import (
     check_completion_record,
+    output_names,
     sweep_partial_files,
     write_completion_record,
     write_json,
 )
 from bids_siamese.cli.parser import build_parser
-from bids_siamese.interfaces.derivatives import output_names
 from conftest import BROKEN_KINDS, add_broken_subject
 
 ROOT = Path(__file__).parents[1]
