@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from nipype.interfaces.base import BaseInterfaceInputSpec, TraitedSpec
 
+from bids_siamese.interfaces.base import StepInterface
 from test_reliability import ROOT, _alive, error_lines
 
 ENV = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
@@ -97,7 +99,7 @@ from pathlib import Path
 from bids_siamese.interfaces import preproc
 
 marker = Path(sys.argv[1])
-original = preproc.CheckHeader._run_interface
+original = preproc.CheckHeader._run_step
 
 
 def check(self, runtime):
@@ -115,7 +117,7 @@ def check(self, runtime):
 
 
 # module level: a forkserver imports this file as __mp_main__, so its workers are patched too
-preproc.CheckHeader._run_interface = check
+preproc.CheckHeader._run_step = check
 
 if __name__ == "__main__":
     from bids_siamese.cli.main import entry
@@ -189,7 +191,7 @@ from bids_siamese.interfaces import derivatives, preproc
 mount, fault, node = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 hooked = {"check_header": preproc.CheckHeader, "model_grid": preproc.ModelGrid,
           "write_derivatives": derivatives.WriteDerivatives}[node]
-original = hooked._run_interface
+original = hooked._run_step
 
 
 def with_fault(self, runtime):  # the disk fails just as this node starts (in a worker: a mid-run fault)
@@ -210,7 +212,7 @@ def with_fault(self, runtime):  # the disk fails just as this node starts (in a 
     return original(self, runtime)
 
 
-hooked._run_interface = with_fault
+hooked._run_step = with_fault
 
 if __name__ == "__main__":
     from bids_siamese.cli.main import entry
@@ -359,6 +361,112 @@ def test_decompression_bomb_is_not_read(tmp_path):
         load_t1w(scan, max_gb=1.0)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 100  # nothing near the 256 MB stream (let alone the declared 16 GB) was inflated
+
+
+# ------------------------------------------------------------------------------------------------
+# failures as data: a failed step leaves a record; the summary reads records, never crash text
+# ------------------------------------------------------------------------------------------------
+
+class FailingStep(StepInterface):
+    """A step that raises :attr:`error` (module level: nipype pickles the interface's class by reference)."""
+
+    input_spec = BaseInterfaceInputSpec
+    output_spec = TraitedSpec
+    error: BaseException = RuntimeError("unset")
+
+    def _run_step(self, runtime):
+        raise self.error
+
+
+@pytest.mark.parametrize("error, expected", [
+    ("BadDataError", {"error": "BadDataError", "message": "x.nii.gz is not 3D; fix: give a 3D T1w", "exit_code": 65}),
+    ("CannotCreateError", {"error": "CannotCreateError", "message": "cannot write y; fix: free space",
+                           "exit_code": 73}),
+    ("MemoryError", {"error": "MemoryError", "exit_code": 65,
+                     "message": "out of memory in node conform (Unable to allocate 8.00 GiB); fix: give the job more "
+                                "memory and raise --mem-gb to match, or lower --nprocs, then rerun (finished scans "
+                                "are reused)"}),
+    ("ValueError", {"error": "ValueError", "message": "a bug's first line", "exit_code": 65}),
+])
+def test_a_failed_step_leaves_its_record_in_the_node_folder(tmp_path, error, expected):
+    from nipype.pipeline import engine as pe
+
+    from bids_siamese import errors
+    from bids_siamese.interfaces.base import FAILURE_FILE
+
+    exc = {"BadDataError": errors.BadDataError("x.nii.gz is not 3D; fix: give a 3D T1w"),
+           "CannotCreateError": errors.CannotCreateError("cannot write y; fix: free space"),
+           "MemoryError": MemoryError("Unable to allocate 8.00 GiB"),
+           "ValueError": ValueError("a bug's first line\nand its second")}[error]
+    FailingStep.error = exc
+    node = pe.Node(FailingStep(), name="conform", base_dir=str(tmp_path))
+    (tmp_path / "conform").mkdir()
+    (tmp_path / "conform" / FAILURE_FILE).write_text("{}")  # an earlier run's record is replaced
+    with pytest.raises(Exception):
+        node.run()
+    record = json.loads((tmp_path / "conform" / FAILURE_FILE).read_text())
+    assert record == {"node": "conform", **expected}
+    assert (tmp_path / "conform" / "result_conform.pklz").is_file()  # nipype's own handling is unchanged
+
+
+def test_the_summary_reads_the_earliest_record_and_a_disk_fault_record_is_73(tmp_path):
+    from types import SimpleNamespace
+
+    from bids_siamese.bids.layout import T1wScan
+    from bids_siamese.errors import CannotCreateError
+    from bids_siamese.workflows import participant
+    from bids_siamese.workflows.failures import failure_records, scan_failure
+
+    scan = T1wScan(tmp_path / "bids" / "sub-01" / "anat" / "sub-01_T1w.nii.gz", {"subject": "01"})
+    settings = SimpleNamespace(work_dir=tmp_path / "work", output_dir=tmp_path / "out")
+    folder = participant.scan_dir(settings, scan)
+    first, later = folder / "preproc_wf" / "conform", folder / "orientation_qc_wf" / "figures"
+    for path, message in ((first, "first; fix: a"), (later, "later; fix: b")):
+        path.mkdir(parents=True)
+        (path / "failure.json").write_text(json.dumps({"node": path.name, "error": "BadDataError",
+                                                        "message": message, "exit_code": 65}))
+        time.sleep(0.02)
+    failure = scan_failure(scan.name, failure_records(folder))
+    assert failure == ("sub-01_T1w", "first; fix: a", 65, "conform", "BadDataError")
+    assert failure.as_record()["node"] == "conform"
+    (later / "failure.json").write_text(json.dumps({
+        "node": "figures", "error": "OSError", "message": "[Errno 28] No space left on device",
+        "exit_code": 65, "errno": 28, "filename": str(tmp_path / "out" / "sub-01" / "x.svg")}))
+    with pytest.raises(CannotCreateError, match=f"cannot write OUTPUT_DIR {tmp_path / 'out'} .*No space left"):
+        participant.finish(settings, [scan], tmp_path / "crash")
+
+
+def test_an_unreadable_result_of_the_writer_is_named_at_warning(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from bids_siamese.bids.layout import T1wScan
+    from bids_siamese.workflows import participant
+
+    scan = T1wScan(tmp_path / "sub-01_T1w.nii.gz", {"subject": "01"})
+    settings = SimpleNamespace(work_dir=tmp_path / "work")
+    assert participant.sink_outputs(settings, scan) is None  # never ran: nothing to say
+    result = participant.scan_dir(settings, scan) / "derivatives_wf" / "write_derivatives" / \
+        "result_write_derivatives.pklz"
+    result.parent.mkdir(parents=True)
+    result.write_bytes(b"not a pickle")
+    with caplog.at_level("WARNING", logger="bids_siamese.participant"):
+        assert participant.sink_outputs(settings, scan) is None
+    assert any(str(result) in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_an_unreadable_model_card_is_named_at_warning(tmp_path, caplog):
+    """--model whose card cannot be read: the participant level runs without it, and says so (it was silent)."""
+    from bids_siamese.workflows.scan import model_task
+
+    assert model_task(None) is None
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_card.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="bids_siamese.participant"):
+        assert model_task(tmp_path / "model") is None
+    assert any(str(tmp_path / "model" / "model_card.json") in r.getMessage() and "fix:" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+    (tmp_path / "model" / "model_card.json").write_text(json.dumps({"task": "twin"}))
+    assert model_task(tmp_path / "model") == "twin"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_siamese.bids.derivatives import init_output_dir
+from bids_siamese.bids.derivatives import init_output_dir, output_names
 from bids_siamese.bids.fmriprep import (
     MATCH_MIN_CORRELATION,
     PipelineDataset,
@@ -24,7 +24,6 @@ from bids_siamese.bids.fmriprep import (
 )
 from bids_siamese.bids.layout import run_validator
 from bids_siamese.cli.main import main
-from bids_siamese.interfaces.derivatives import output_names
 from bids_siamese.preproc.register import read_itk_affine, read_itk_transform
 from bids_siamese.synthetic import generate
 

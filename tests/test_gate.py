@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,12 @@ from bids_siamese.qc.gate import (
     TEMPLATE_CORRELATION,
     edge_sides,
     fov_coverage,
-    orientation_qc_path,
     qc_record_usable,
     qc_summary_line,
     registration_measures,
     scan_gate,
 )
+from bids_siamese.bids.derivatives import orientation_qc_path
 from bids_siamese.workflows.group import orientation_table, unusable_scans
 
 GOOD = {"brain_volume_cm3": 1400.0, "template_correlation": 0.85, "affine_scales": [1.02, 1.0, 0.97],
@@ -100,6 +101,20 @@ def test_qc_files_and_summary_line(tmp_path: Path) -> None:
     assert qc_summary_line([]) == "usable-scan gate: all scans usable"
     line = qc_summary_line(["sub-01_T1w.nii.gz", "sub-02_T1w.nii.gz"])
     assert "2 scan(s) failed QC" in line and "sub-01_T1w.nii.gz, sub-02_T1w.nii.gz" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("content", ["{\"usable\": tr", "[1, 2]", None])
+def test_an_unreadable_qc_record_is_not_usable_and_named_at_warning(tmp_path: Path, caplog, content) -> None:
+    """A QC file that exists but cannot be read is no longer taken for a usable scan (its verdict is unknown)."""
+    qc = tmp_path / "sub-01_desc-orientation_qc.json"
+    if content is None:  # a folder where the file should be: reading it fails with an OSError
+        qc.mkdir()
+    else:
+        qc.write_text(content)
+    with caplog.at_level(logging.WARNING, logger="bids_siamese.qc"):
+        assert qc_record_usable(qc) is False
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(qc) in warnings[0].getMessage() and "fix:" in warnings[0].getMessage()
 
 
 def test_group_orientation_table_has_the_gate_and_verdict_columns() -> None:

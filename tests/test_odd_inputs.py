@@ -242,7 +242,7 @@ def test_output_unwritable_after_the_scans_is_73_one_line(run_cli, mini_bids, tm
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out_path))
 
     monkeypatch.setattr(participant, "init_participant_wf", lambda scans, settings: NoWork())
-    monkeypatch.setattr("bids_siamese.reports.html.render_subject_report", read_only)
+    monkeypatch.setattr(participant, "render_subject_report", read_only)
     out = tmp_path / "out"
     code, _, err = run_cli(mini_bids, out, "participant", "--skip-bids-validation", "--nprocs", "1",
                            "--participant-label", "01")

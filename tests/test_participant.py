@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bids_siamese.bids.derivatives import output_names
 from bids_siamese.bids.layout import run_validator
 from bids_siamese.cli.main import main
-from bids_siamese.interfaces.derivatives import output_names
 
 pytestmark = pytest.mark.slow
 RES = "4"  # coarse model grid keeps the test quick
@@ -175,6 +175,10 @@ def test_bad_scan_fails_alone(demo, truth, tmp_path):
     assert not (out / output_names(entities_of(str(bad_path.relative_to(bids))), RES)["preproc"]).exists()
     crashes = list((out / "logs").glob("*/crash/crash-*.txt"))
     assert crashes
+    # the FAILED line as data: the failed step, its error class, the one-line message and the exit code
+    [failure] = json.loads(next((out / "logs").glob("*/failures.json")).read_text())
+    assert failure["scan"] == bad_path.name.split(".")[0] and failure["exit_code"] == 65
+    assert failure["node"] == "check_header" and failure["error"] == "BadDataError" and "fix:" in failure["message"]
     html = (out / f"{keep[1]}.html").read_text()
     assert "FAILED" in html.upper()
 

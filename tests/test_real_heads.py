@@ -111,7 +111,7 @@ def test_cropped_scan_through_the_cli(tmp_path: Path, caplog) -> None:
     import pandas as pd
 
     from bids_siamese.cli.main import main
-    from bids_siamese.interfaces.derivatives import output_names
+    from bids_siamese.bids.derivatives import output_names
     from bids_siamese.train.data import find_preproc
 
     bids = tmp_path / "bids"

@@ -19,12 +19,12 @@ import pytest
 
 from bids_siamese.bids.derivatives import (
     check_completion_record,
+    output_names,
     sweep_partial_files,
     write_completion_record,
     write_json,
 )
 from bids_siamese.cli.parser import build_parser
-from bids_siamese.interfaces.derivatives import output_names
 from conftest import BROKEN_KINDS, add_broken_subject
 
 ROOT = Path(__file__).parents[1]
@@ -242,7 +242,7 @@ def slow(self, runtime):  # stands in for a long brain extraction
     return runtime
 
 # module level: a forkserver imports this file as __mp_main__, so its workers are patched too
-preproc.CheckHeader._run_interface = slow
+preproc.CheckHeader._run_step = slow
 
 if __name__ == "__main__":
     from bids_siamese.cli.main import entry

@@ -63,7 +63,7 @@ def seconds(job: dict[str, str]) -> float:
 
 def node_results(work: Path, node: str = "*") -> list[Path]:
     """The result files of the scan workflows' finished nodes (``node``: one node's name)."""
-    return sorted(work.glob(f"bids_siamese_wf/scan_*/{node}/result_{node}.pklz"))
+    return sorted(work.glob(f"bids_siamese_wf/scan_*/*_wf/{node}/result_{node}.pklz"))
 
 
 def same_outputs(subject: str, out: Path, reference: Path) -> int:

@@ -500,7 +500,7 @@ def test_output_names_pass_the_validator(template8, tmp_path):
     """The asymmetry outputs under the writer's names, with the app's own .bidsignore and nothing added."""
     from bids_siamese.bids.derivatives import (BIDSIGNORE, init_output_dir, resample_to_templateflow, write_json,
                                                write_nifti, write_tsv)
-    from bids_siamese.interfaces.derivatives import output_names
+    from bids_siamese.bids.derivatives import output_names
     from bids_siamese.interfaces.symmetry import map_sidecar
 
     root = tmp_path / "deriv"

@@ -247,6 +247,99 @@ def mask_path_for(preproc: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 # --------------------------------------------------------------------------------------------------
+# Participant level (workflows/participant.py, interfaces/derivatives.py): every per-scan output name
+# --------------------------------------------------------------------------------------------------
+
+#: The ``desc-`` of the three per-scan figures, in the order the figures node gives them.
+FIGURE_DESCS = ("brainmask", "reg", "orientation")
+
+
+def output_names(entities: Mapping[str, Any], resolution_label: str | None = None) -> dict[str, Path]:
+    """Relative output paths for one scan (a pure function of its BIDS entities).
+
+    The model-grid files (``preproc``, ``grid_mask``) carry ``space-`` without ``res-``: ``res-`` means
+    TemplateFlow's grid of that resolution (:data:`TEMPLATEFLOW_GRIDS`), which only the asymmetry map is
+    resampled onto. ``resolution_label`` (``--resolution``) is accepted for the callers and names nothing.
+
+    Examples:
+        >>> names = output_names({"subject": "01", "session": "1"})
+        >>> str(names["orientation"]), str(names["status"])
+        ('sub-01/ses-1/anat/sub-01_ses-1_desc-orientation_qc.json', 'sub-01/ses-1/anat/sub-01_ses-1_desc-status_qc.json')
+    """
+    base = dict(entities)
+    std = dict(base, space=TEMPLATE)
+    names = {
+        "preproc": build_path(dict(std, desc="preproc", suffix="T1w", extension=".nii.gz")),
+        "grid_mask": build_path(dict(std, desc="brain", suffix="mask", extension=".nii.gz")),
+        "native_mask": build_path(dict(base, desc="brain", suffix="mask", extension=".nii.gz")),
+        "xfm": build_path(dict(base, **{"from": "T1w", "to": TEMPLATE, "mode": "image"}, suffix="xfm",
+                               extension=".txt")),
+        "orientation": build_path(dict(base, desc="orientation", suffix="qc", extension=".json")),
+        "asymmetry_map": build_path(dict(std, res=RESULT_RES, desc="asymmetry", suffix="statmap",
+                                         extension=".nii.gz")),
+        "asymmetry_regions": build_path(dict(std, desc="asymmetry", suffix="regions", extension=".tsv")),
+        "asymmetry_report": build_path(dict(base, desc="asymmetry", suffix="qc", extension=".json")),
+    }
+    for desc in FIGURE_DESCS:
+        names[f"figure_{desc}"] = build_path(dict(base, desc=desc, suffix="T1w", extension=".svg"))
+    names["status"] = completion_record_name(entities)
+    return names
+
+
+def completion_record_name(entities: Mapping[str, Any]) -> Path:
+    """``<source>_desc-status_qc.json``: the scan's completion record (see docs/reliability.md)."""
+    return build_path(dict(entities, desc="status", suffix="qc", extension=".json"))
+
+
+def embedding_name(entities: Mapping[str, Any], task: str) -> Path:
+    """``<source>_desc-<task>_embedding.tsv`` for a participant-level embedding."""
+    return build_path(dict(entities, desc=task, suffix="embedding", extension=".tsv"))
+
+
+def subject_report_name(subject: str) -> str:
+    """``sub-<label>.html``: one subject's participant-level report, at the top of OUTPUT_DIR.
+
+    Examples:
+        >>> subject_report_name("01")
+        'sub-01.html'
+    """
+    return f"sub-{subject}.html"
+
+
+def orientation_qc_path(preproc: Path | str) -> Path:
+    """The ``*_desc-orientation_qc.json`` next to a model-grid ``*_space-..._desc-preproc_T1w`` file.
+
+    Examples:
+        >>> orientation_qc_path("a/sub-1_ses-2_space-X_desc-preproc_T1w.nii.gz").as_posix()
+        'a/sub-1_ses-2_desc-orientation_qc.json'
+    """
+    preproc = Path(preproc)
+    return preproc.with_name(preproc.name.split("_space-")[0] + "_" + ORIENTATION_QC_SUFFIX)
+
+
+#: ``logs/<run_id>/failures.json``: only when a scan failed, one entry per failed scan (``scan``, ``node``,
+#: ``error``, ``message``, ``exit_code``), the same as the run's ``FAILED`` lines.
+RUN_FAILURES = "failures.json"
+
+
+def read_qc_record(path: Path | str) -> dict[str, Any] | None:
+    """A per-scan QC record (``*_desc-orientation_qc.json``) as a dict; None when the file does not exist.
+
+    Raises:
+        OSError: the file exists but cannot be read.
+        ValueError: it is not JSON, or not a JSON object.
+    """
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return None
+    record = json.loads(text)
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON object was expected, not {type(record).__name__}")
+    return record
+
+
+# --------------------------------------------------------------------------------------------------
 # Grids: ``res-`` means TemplateFlow's grid of that resolution, nothing else
 # --------------------------------------------------------------------------------------------------
 

@@ -12,21 +12,85 @@ each run. After each run it records, in the node's runtime (saved in its ``resul
 
 ``benchmarks/participant.py --workflow`` reads them to report per-node CPU time and memory next to the run's
 end-to-end figures.
+
+Each interface implements :meth:`StepInterface._run_step`. When a step fails, it leaves a failure record (:data:`FAILURE_FILE`, JSON: node, error class, one-line message,
+exit code; :func:`failure_record`) in the node's folder before nipype reports the crash: the run's summary reads
+these records (``workflows/failures.py``) instead of parsing crash files.
 """
 from __future__ import annotations
 
+import json
+import logging
 import resource
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from nipype.interfaces.base import SimpleInterface, isdefined
+
+from ..errors import EXIT_DATA, UserError
+
+LOG = logging.getLogger("bids_siamese.interfaces")
+
+#: The failure record a failed step leaves in its node's folder (the work dir), read after the run.
+FAILURE_FILE = "failure.json"
+#: The fix named in every out-of-memory message (a worker killed by the OOM killer says the same).
+MEMORY_FIX = ("fix: give the job more memory and raise --mem-gb to match, or lower --nprocs, then rerun "
+              "(finished scans are reused)")
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure: ``MemoryError`` (numpy's included) or torch's CPU allocator's
+    ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and
+                                             "DefaultCPUAllocator: can't allocate memory" in str(err))
+
+
+def failure_record(node: str, err: BaseException) -> dict[str, Any]:
+    """The failure record of a step named ``node`` that raised ``err``.
+
+    ``error``: the exception's class; ``message``: one line (a :class:`~bids_siamese.errors.UserError`'s own
+    line, an out-of-memory line naming the node and the fix, else the exception's first line); ``exit_code``:
+    the ``UserError``'s code, else 65; an ``OSError`` adds ``errno`` and ``filename`` (a full or read-only disk).
+
+    Examples:
+        >>> failure_record("conform", ValueError("bad affine\\nmore"))["message"]
+        'bad affine'
+        >>> failure_record("check_header", MemoryError("Unable to allocate 1 GiB"))["message"][:60]
+        'out of memory in node check_header (Unable to allocate 1 GiB'
+    """
+    lines = str(err).strip().splitlines()
+    message = lines[0].strip() if lines else type(err).__name__
+    if out_of_memory(err):
+        detail = message if message != type(err).__name__ else ""
+        message = f"out of memory in node {node}{f' ({detail})' if detail else ''}; {MEMORY_FIX}"
+    record: dict[str, Any] = {"node": node, "error": type(err).__name__, "message": message,
+                              "exit_code": err.exit_code if isinstance(err, UserError) else EXIT_DATA}
+    if isinstance(err, OSError):
+        record.update(errno=err.errno, filename=None if err.filename is None else str(err.filename))
+    return record
+
+
+def write_failure_record(folder: Path | str, record: dict[str, Any]) -> Path | None:
+    """Write ``record`` as :data:`FAILURE_FILE` in ``folder``; None (logged at WARNING) when that fails, e.g. on
+    the full disk that made the step fail (the run then falls back to the crash files)."""
+    path = Path(folder) / FAILURE_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+    except OSError as err:
+        LOG.warning("cannot write the failure record %s (%s): node %s failed with %s: %s", path, err,
+                    record.get("node"), record.get("error"), record.get("message"))
+        return None
+    return path
 
 
 def limit_torch_threads(n_threads: int, load: bool = False) -> None:
     """``torch.set_num_threads(n_threads)`` when torch is loaded in this process (importing it costs ~1 s), or
     with ``load`` in any case (a step that runs torch)."""
     if load:
-        import torch  # noqa: F401 - imported into sys.modules for the line below
+        import torch  # noqa: F401  # deferred: costs ~1 s; only a step that runs torch loads it here
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(max(1, int(n_threads)))
@@ -60,6 +124,22 @@ class StepInterface(SimpleInterface):
 
     #: The step runs torch: torch is imported and its threads set before each run, not only when already loaded.
     uses_torch = False
+
+    def _run_interface(self, runtime):
+        """Run the step (:meth:`_run_step`); a failure leaves :data:`FAILURE_FILE` in the node's folder, then
+        propagates (nipype saves the node's result and reports the crash as usual)."""
+        stale = Path(runtime.cwd) / FAILURE_FILE
+        if stale.exists():  # an earlier run's, in a node folder nipype kept
+            stale.unlink()
+        try:
+            return self._run_step(runtime)
+        except Exception as err:
+            write_failure_record(runtime.cwd, failure_record(Path(runtime.cwd).name, err))
+            raise
+
+    def _run_step(self, runtime):
+        """The step itself (each interface's own); returns ``runtime``."""
+        raise NotImplementedError
 
     def _n_threads(self) -> int:
         n = getattr(self.inputs, "num_threads", 1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     Directory,
@@ -14,9 +16,21 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..bids.derivatives import model_grid_sidecar, resample_to_templateflow, template_reference
+from ..bids.derivatives import (
+    FIGURE_DESCS,
+    embedding_name,
+    model_grid_sidecar,
+    output_names,
+    remove_completion_record,
+    resample_to_templateflow,
+    sidecar_path,
+    template_reference,
+    write_bytes,
+    write_json,
+    write_nifti,
+)
 from ..bids.layout import bids_relative
-from ..resources import TEMPLATE, Grid
+from ..resources import Grid
 from .base import StepInterface
 from .symmetry import map_sidecar
 
@@ -49,64 +63,13 @@ class _WriteOutputSpec(TraitedSpec):
     out_orientation = File(desc="the orientation QC JSON in OUTPUT_DIR")
 
 
-FIGURE_DESCS = ("brainmask", "reg", "orientation")
-
-
-def output_names(entities: dict, resolution_label: str | None = None) -> dict[str, Path]:
-    """Relative output paths for one scan (a pure function of its entities).
-
-    The model-grid files (``preproc``, ``grid_mask``) carry ``space-`` without ``res-``: ``res-`` means
-    TemplateFlow's grid of that resolution (:data:`~bids_siamese.bids.derivatives.TEMPLATEFLOW_GRIDS`), which
-    only the asymmetry map is resampled onto. ``resolution_label`` (``--resolution``) is accepted for the callers
-    and names nothing.
-    """
-    from ..bids.derivatives import RESULT_RES, build_path
-
-    base = {k: v for k, v in entities.items()}
-    std = dict(base, space=TEMPLATE)
-    names = {
-        "preproc": build_path(dict(std, desc="preproc", suffix="T1w", extension=".nii.gz")),
-        "grid_mask": build_path(dict(std, desc="brain", suffix="mask", extension=".nii.gz")),
-        "native_mask": build_path(dict(base, desc="brain", suffix="mask", extension=".nii.gz")),
-        "xfm": build_path(dict(base, **{"from": "T1w", "to": TEMPLATE, "mode": "image"}, suffix="xfm", extension=".txt")),
-        "orientation": build_path(dict(base, desc="orientation", suffix="qc", extension=".json")),
-    }
-    names["asymmetry_map"] = build_path(dict(std, res=RESULT_RES, desc="asymmetry", suffix="statmap",
-                                             extension=".nii.gz"))
-    names["asymmetry_regions"] = build_path(dict(std, desc="asymmetry", suffix="regions", extension=".tsv"))
-    names["asymmetry_report"] = build_path(dict(base, desc="asymmetry", suffix="qc", extension=".json"))
-    for desc in FIGURE_DESCS:
-        names[f"figure_{desc}"] = build_path(dict(base, desc=desc, suffix="T1w", extension=".svg"))
-    names["status"] = completion_record_name(entities)
-    return names
-
-
-def completion_record_name(entities: dict) -> Path:
-    """``<source>_desc-status_qc.json``: the scan's completion record (see docs/reliability.md)."""
-    from ..bids.derivatives import build_path
-
-    return build_path(dict(entities, desc="status", suffix="qc", extension=".json"))
-
-
-def embedding_name(entities: dict, task: str) -> Path:
-    """``<source>_desc-<task>_embedding.tsv`` for a participant-level embedding."""
-    from ..bids.derivatives import build_path
-
-    return build_path(dict(entities, desc=task, suffix="embedding", extension=".tsv"))
-
-
 class WriteDerivatives(StepInterface):
     """Copy one scan's results into OUTPUT_DIR atomically, with JSON sidecars."""
 
     input_spec = _WriteInputSpec
     output_spec = _WriteOutputSpec
 
-    def _run_interface(self, runtime):
-        import nibabel as nib
-        import numpy as np
-
-        from ..bids.derivatives import remove_completion_record, sidecar_path, write_bytes, write_json, write_nifti
-
+    def _run_step(self, runtime):
         out_dir = Path(self.inputs.output_dir)
         names = output_names(dict(self.inputs.entities), self.inputs.resolution_label)
         remove_completion_record(out_dir, names["status"])  # rewritten last, once everything else is written

@@ -25,6 +25,9 @@ from nipype.interfaces.base import (
 )
 from torch import nn
 
+from ..models.checkpoint import load_checkpoint
+from ..resources import model_grid
+from ..train.data import load_volume
 from .base import StepInterface
 
 
@@ -79,11 +82,7 @@ class ComputeEmbedding(StepInterface):
     input_spec = _ComputeEmbeddingInputSpec
     output_spec = _ComputeEmbeddingOutputSpec
 
-    def _run_interface(self, runtime):
-        from ..models.checkpoint import load_checkpoint
-        from ..resources import model_grid
-        from ..train.data import load_volume
-
+    def _run_step(self, runtime):
         torch.set_num_threads(max(1, int(self.inputs.num_threads)))
         model, card = load_checkpoint(self.inputs.model, device=self.inputs.device)
         volume = load_volume(self.inputs.in_file, model_grid(float(card["grid"]["resolution"])))

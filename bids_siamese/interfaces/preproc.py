@@ -20,6 +20,21 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from ..bids.fmriprep import (
+    MASK_DSEG_MIN_DICE,
+    MATCH_MIN_CORRELATION,
+    AnatDerivatives,
+    check_sources,
+    match_correlation,
+    tissue_summary,
+)
+from ..errors import BadDataError
+from ..preproc.brain import extract_brain, mask_from_image
+from ..preproc.conform import conform, header_checks, load_t1w
+from ..preproc.grid import normalise_intensity, resample_to_grid, template_on_grid
+from ..preproc.register import read_itk_affine, read_itk_transform, register_affine, write_itk_affine
+from ..reports.figures import mask_contour_mosaic, orientation_figure, registration_mosaic
+from ..resources import Grid, model_grid, template_brain_path
 from .base import StepInterface
 
 
@@ -51,9 +66,7 @@ class CheckHeader(StepInterface):
     input_spec = _CheckHeaderInputSpec
     output_spec = _CheckHeaderOutputSpec
 
-    def _run_interface(self, runtime):
-        from ..preproc.conform import header_checks, load_t1w
-
+    def _run_step(self, runtime):
         img = load_t1w(self.inputs.in_file, max_gb=self.inputs.max_gb if isdefined(self.inputs.max_gb) else None)
         checks = header_checks(img)
         out_checks = os.path.abspath("header_checks.json")
@@ -78,9 +91,7 @@ class Conform(StepInterface):
     input_spec = _ConformInputSpec
     output_spec = _ConformOutputSpec
 
-    def _run_interface(self, runtime):
-        from ..preproc.conform import conform, load_t1w
-
+    def _run_step(self, runtime):
         # uncompressed: this float32 image is read by six nodes, and gzip would cost seconds per 1 mm scan
         self._results["out_file"] = _save(conform(load_t1w(self.inputs.in_file)), "t1w_ras.nii")
         return runtime
@@ -104,9 +115,7 @@ class BrainExtraction(StepInterface):
     input_spec = _BrainInputSpec
     output_spec = _BrainOutputSpec
 
-    def _run_interface(self, runtime):
-        from ..preproc.brain import extract_brain
-
+    def _run_step(self, runtime):
         img = nib.load(self.inputs.in_file)
         mask, _ = extract_brain(img, device=self.inputs.device)
         out = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
@@ -142,15 +151,7 @@ class ReuseAnatomical(StepInterface):
     input_spec = _ReuseInputSpec
     output_spec = _ReuseOutputSpec
 
-    def _run_interface(self, runtime):
-        from ..bids.fmriprep import (
-            MASK_DSEG_MIN_DICE, MATCH_MIN_CORRELATION, AnatDerivatives, check_sources, match_correlation,
-            tissue_summary,
-        )
-        from ..preproc.brain import mask_from_image
-        from ..errors import BadDataError
-        from ..preproc.register import read_itk_affine, read_itk_transform, write_itk_affine
-
+    def _run_step(self, runtime):
         anat = AnatDerivatives.from_dict(dict(self.inputs.anat))
         ds = anat.dataset
         who = f"{ds.pipeline} {ds.version}'s {anat.preproc.name}"
@@ -232,10 +233,7 @@ class AffineRegistration(StepInterface):
     input_spec = _RegisterInputSpec
     output_spec = _RegisterOutputSpec
 
-    def _run_interface(self, runtime):
-        from ..preproc.register import register_affine, write_itk_affine
-        from ..resources import template_brain_path
-
+    def _run_step(self, runtime):
         img = nib.load(self.inputs.in_file)
         mask = _mask(self.inputs.in_mask)
         # register_affine masks the image itself (and caches the template side once per process)
@@ -270,10 +268,7 @@ class ModelGrid(StepInterface):
     input_spec = _GridInputSpec
     output_spec = _GridOutputSpec
 
-    def _run_interface(self, runtime):
-        from ..preproc.grid import normalise_intensity, resample_to_grid
-        from ..resources import model_grid
-
+    def _run_step(self, runtime):
         grid = model_grid(self.inputs.resolution)
         matrix = np.loadtxt(self.inputs.in_matrix)
         img = nib.load(self.inputs.in_file)
@@ -316,7 +311,7 @@ class OrientationCheck(StepInterface):
     input_spec = _OrientationInputSpec
     output_spec = _OrientationOutputSpec
 
-    def _run_interface(self, runtime):
+    def _run_step(self, runtime):
         from ..qc.orientation import scan_orientation_report
 
         native_mask = _mask(self.inputs.native_mask)
@@ -362,11 +357,7 @@ class ReportFigures(StepInterface):
     input_spec = _FiguresInputSpec
     output_spec = _FiguresOutputSpec
 
-    def _run_interface(self, runtime):
-        from ..preproc.grid import template_on_grid
-        from ..reports.figures import mask_contour_mosaic, orientation_figure, registration_mosaic
-        from ..resources import Grid
-
+    def _run_step(self, runtime):
         t1 = nib.load(self.inputs.t1w)
         mask = _mask(self.inputs.native_mask)
         grid_img = nib.load(self.inputs.grid_file)

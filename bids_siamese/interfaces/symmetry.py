@@ -12,11 +12,12 @@ working directory:
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import torch
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
@@ -25,8 +26,16 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..bids.derivatives import RESULT_RES, template_reference, templateflow_grid_sidecar
+from ..atlas import atlas_on_grid, atlas_provenance
+from ..bids.derivatives import RESULT_RES, template_reference, templateflow_grid_sidecar, write_json, write_tsv
 from ..config import Settings
+from ..errors import BadDataError
+from ..resources import model_grid
+from ..symmetry.analysis import analyse_scan
+from ..symmetry.analysis import template_reference as template_asymmetry
+from ..symmetry.model import predict_proba
+from ..symmetry.regional import homologous_pairs
+from ..symmetry.train import load_symmetry_model, model_resolution, to_model_resolution
 from .base import StepInterface
 
 #: Default smoothing (mm FWHM) of the asymmetry map.
@@ -83,16 +92,7 @@ class AsymmetryAnalysis(StepInterface):
     input_spec = _AsymmetryInputSpec
     output_spec = _AsymmetryOutputSpec
 
-    def _run_interface(self, runtime):
-        import nibabel as nib
-
-        from ..atlas import atlas_provenance
-        from ..bids.derivatives import write_json, write_tsv
-        from ..errors import BadDataError
-        from ..resources import model_grid
-        from ..symmetry.analysis import analyse_scan, template_reference
-        from ..symmetry.regional import atlas_on_grid, homologous_pairs
-
+    def _run_step(self, runtime):
         img = nib.load(self.inputs.in_file)
         data = np.asanyarray(img.dataobj, dtype=np.float32)
         mask = np.asanyarray(nib.load(self.inputs.in_mask).dataobj) > 0
@@ -102,7 +102,7 @@ class AsymmetryAnalysis(StepInterface):
             raise BadDataError(f"{self.inputs.in_file} is not on the {resolution:g} mm model grid; fix: use the "
                                "participant-level desc-preproc output")
         labels, names = atlas_on_grid(self.inputs.atlas, resolution)
-        reference = template_reference(resolution, self.inputs.fwhm, self.inputs.atlas)
+        reference = template_asymmetry(resolution, self.inputs.fwhm, self.inputs.atlas)
         result = analyse_scan(data, mask, resolution, labels, homologous_pairs(names), reference,
                               fwhm_mm=self.inputs.fwhm, affine=grid.affine, names=names)
         report = dict(result.report)
@@ -136,11 +136,6 @@ def siamese_score(data: np.ndarray, mask: np.ndarray, resolution: float, model_p
         model_path: checkpoint.
         num_threads: torch threads.
     """
-    import torch
-
-    from ..symmetry.model import predict_proba
-    from ..symmetry.train import load_symmetry_model, model_resolution, to_model_resolution
-
     torch.set_num_threads(max(1, int(num_threads)))
     model, card = load_symmetry_model(model_path)
     small, _ = to_model_resolution(data, mask, resolution, model_resolution(card))
@@ -152,27 +147,3 @@ def siamese_score(data: np.ndarray, mask: np.ndarray, resolution: float, model_p
         "siamese_model": str(model_path),
         "siamese_model_sha256": card.get("weights", {}).get("sha256"),
     }
-
-
-def is_symmetry_checkpoint(path: str | Path | None) -> bool:
-    """Whether ``--model PATH`` is a symmetry checkpoint (so the participant workflow passes it to
-    :class:`AsymmetryAnalysis`; twin/longitudinal checkpoints are for the embedding node).
-
-    Examples:
-        >>> is_symmetry_checkpoint(None)
-        False
-    """
-    if not path:
-        return False
-    from ..models.checkpoint import CARD, checkpoint_folder
-
-    card = checkpoint_folder(Path(path)) / CARD
-    try:
-        return json.loads(card.read_text()).get("task") == "symmetry"
-    except (OSError, ValueError):
-        return False
-
-
-def read_report(path: str | Path) -> dict:
-    """The JSON report of :class:`AsymmetryAnalysis`."""
-    return json.loads(Path(path).read_text())

@@ -23,9 +23,17 @@ oblique acquisitions are normal and never make a scan fail or warn.
 """
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
+
+# orientation_qc_path: train/data.py, train/orientation.py and symmetry/run.py still import it from here; they
+# should import it from bids.derivatives, its owner (then drop it from this line)
+from ..bids.derivatives import orientation_qc_path, read_qc_record  # noqa: F401
+
+LOG = logging.getLogger("bids_siamese.qc")
 
 #: (fail below, warn below, warn above, fail above) brain volume in cm^3.
 BRAIN_VOLUME_CM3 = (500.0, 800.0, 2400.0, 2800.0)
@@ -159,24 +167,31 @@ def scan_gate(measures: dict) -> dict:
     return {"qc_status": status, "usable": status != "fail", "qc_reasons": reasons_fail + reasons_warn}
 
 
-def qc_record_usable(qc_path) -> bool:
-    """Whether a ``*_desc-orientation_qc.json`` says the scan is usable (True when the file is missing,
-    unreadable or older than the gate: such scans are not excluded)."""
-    import json
-    from pathlib import Path
+def record_usable(record: dict | None) -> bool:
+    """Whether a scan's QC record (the JSON of ``*_desc-orientation_qc.json``) says it is usable.
 
+    A missing record (None) or one written before the gate existed (no ``usable`` key) does not exclude the scan.
+
+    Examples:
+        >>> record_usable({"usable": False}), record_usable({"lr_flip_suspected": False}), record_usable(None)
+        (False, True, True)
+    """
+    return True if record is None else bool(record.get("usable", True))
+
+
+def qc_record_usable(qc_path: Path | str) -> bool:
+    """Whether the ``*_desc-orientation_qc.json`` at ``qc_path`` says the scan is usable (:func:`record_usable`;
+    the file is read by :func:`~bids_siamese.bids.derivatives.read_qc_record`).
+
+    A file that exists but cannot be read (permissions, truncated or foreign JSON) makes the scan NOT usable:
+    its gate verdict is unknown. That is logged at WARNING with the file and the fix.
+    """
     try:
-        return bool(json.loads(Path(qc_path).read_text()).get("usable", True))
-    except (OSError, ValueError, TypeError):
-        return True
-
-
-def orientation_qc_path(preproc) -> "Path":
-    """The ``*_desc-orientation_qc.json`` next to a model-grid ``*_space-..._desc-preproc_T1w`` file."""
-    from pathlib import Path
-
-    preproc = Path(preproc)
-    return preproc.with_name(preproc.name.split("_space-")[0] + "_desc-orientation_qc.json")
+        return record_usable(read_qc_record(qc_path))
+    except (OSError, ValueError) as err:
+        LOG.warning("%s cannot be read (%s): the scan's usable-scan verdict is unknown, so it counts as not usable; "
+                    "fix: rerun the participant level for it", qc_path, err)
+        return False
 
 
 def qc_summary_line(failed: list[str], checked: int | None = None) -> str:

@@ -8,15 +8,28 @@ just as early and are refused: their polling counterparts (``SGE``, ``PBS``, ``C
 from __future__ import annotations
 
 import errno
+import functools
 import logging
+import multiprocessing as mp
+import multiprocessing.connection  # noqa: F401  (mp.connection.wait)
 import os
 import re
+import shutil
+import signal
 import subprocess
+import tempfile
+import threading
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from ..errors import NoInputError, UsageError
+import yaml
+
+from ..errors import NoInputError, UsageError, WorkerDiedError
+from ..interfaces.base import MEMORY_FIX, write_failure_record
 
 LOG = logging.getLogger("bids_siamese.plugin")
 EXAMPLE = "e.g. 'plugin: SLURM' and 'plugin_args: {sbatch_args: \"--mem=8G\"}'"
@@ -28,7 +41,7 @@ SQUEUE_POLL_S = 2.0
 
 def known_plugins() -> list[str]:
     """Names nipype accepts for ``Workflow.run(plugin=...)`` (``MultiProc``, ``SLURM``, ...)."""
-    from nipype.pipeline import plugins
+    from nipype.pipeline import plugins  # deferred: nipype's plugins cost a second; the parser calls us
 
     return sorted(name[: -len("Plugin")] for name in dir(plugins) if name.endswith("Plugin") and name != "Plugin")
 
@@ -40,8 +53,6 @@ def load_plugin_file(path: Path) -> tuple[str, dict[str, Any]]:
         NoInputError: the file does not exist (exit 66).
         UsageError: malformed YAML/JSON, not a mapping, unknown plugin name or ``plugin_args`` not a mapping.
     """
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise NoInputError(f"--use-plugin file {path} not found; fix: give an existing YAML/JSON file")
@@ -96,10 +107,10 @@ _TRACK_DIR: str | None = None
 
 
 def _worker_initializer(cwd: str, track_dir: str, inner=None) -> None:
-    """Pool initializer: nipype's (or :func:`~bids_siamese.cli.signals.pool_worker_initializer`), then the
+    """Pool initializer: nipype's (or :func:`~bids_siamese.workflows.signals.pool_worker_initializer`), then the
     task-file folder."""
     global _TRACK_DIR
-    from nipype.pipeline.plugins import multiproc
+    from nipype.pipeline.plugins import multiproc  # deferred: nipype's plugins cost a second
 
     (inner or multiproc.process_initializer)(cwd)
     _TRACK_DIR = track_dir
@@ -107,9 +118,7 @@ def _worker_initializer(cwd: str, track_dir: str, inner=None) -> None:
 
 def run_node_tracked(node, updatehash: bool, taskid: int):
     """nipype's ``run_node`` in a worker, with a file ``<track dir>/<taskid>`` holding this worker's pid."""
-    import os
-
-    from nipype.pipeline.plugins.multiproc import run_node
+    from nipype.pipeline.plugins.multiproc import run_node  # deferred: nipype's plugins cost a second
 
     marker = os.path.join(_TRACK_DIR, str(taskid)) if _TRACK_DIR else None
     if marker:
@@ -135,10 +144,7 @@ def death_reason(node_name: str, exitcode: int | None) -> str:
         >>> death_reason("wf.scan_wf.brain_extraction", -9).split(" (")[0]
         'the worker process running node brain_extraction was killed by SIGKILL'
     """
-    import signal
-
-    fix = ("fix: give the job more memory and raise --mem-gb to match, or lower --nprocs, then rerun "
-           "(finished scans are reused)")
+    fix = MEMORY_FIX
     if exitcode is not None and exitcode < 0:
         try:
             name = signal.Signals(-exitcode).name
@@ -156,17 +162,7 @@ def _safe_multiproc_class():
     global _SAFE_CLASS
     if _SAFE_CLASS is not None:
         return _SAFE_CLASS
-    import functools
-    import multiprocessing as mp
-    import multiprocessing.connection  # noqa: F401  (mp.connection.wait)
-    import shutil
-    import tempfile
-    import threading
-    import traceback
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    from nipype.pipeline.plugins import multiproc
+    from nipype.pipeline.plugins import multiproc  # deferred: nipype's plugins cost a second
 
     class SafeMultiProcPlugin(multiproc.MultiProcPlugin):
         """MultiProc in which a dead worker fails its own node (with the reason) and never hangs the run."""
@@ -178,6 +174,7 @@ def _safe_multiproc_class():
             self._lock = threading.Lock()
             self._requeue: set[int] = set()
             self._task_node: dict[int, str] = {}
+            self._task_dir: dict[int, str] = {}
             self._requeued: dict[str, int] = {}
             self.disk_fault: tuple[int, str, str | None] | None = None
             self._processes: dict[int, Any] = {}
@@ -202,6 +199,7 @@ def _safe_multiproc_class():
                 self._taskid += 1
                 taskid = self._taskid
                 self._task_node[taskid] = node.fullname
+                self._task_dir[taskid] = node.output_dir()
                 try:
                     future = self.pool.submit(run_node_tracked, node, updatehash, taskid)
                 except BrokenProcessPool:  # broke since the last check: a fresh pool, once
@@ -235,9 +233,13 @@ def _safe_multiproc_class():
                     with self._lock:
                         self._requeue.add(taskid)
                     return
+                reason = death_reason(name, exitcode)
+                # the failure record the worker could not leave: the run's summary reads it (workflows/failures.py)
+                write_failure_record(self._task_dir[taskid], {
+                    "node": name.split(".")[-1], "error": WorkerDiedError.__name__, "message": reason,
+                    "exit_code": WorkerDiedError.exit_code})
                 result = {"result": None, "taskid": taskid,
-                          "traceback": ["bids_siamese.errors.WorkerDiedError: "
-                                        f"{death_reason(name, exitcode)}\n"]}
+                          "traceback": [f"bids_siamese.errors.WorkerDiedError: {reason}\n"]}
             except BaseException as err:  # noqa: BLE001 - e.g. a node whose result file could not be written
                 # the worker's own traceback (with the error that caused this one) is the exception's __cause__
                 result = {"result": None, "taskid": taskid, "traceback": traceback.format_exception(err)}
@@ -322,15 +324,11 @@ MAX_REQUEUE = 3
 
 def _shm_or_tmp() -> str | None:
     """``/dev/shm`` (memory, so a full disk cannot stop the task files) when writable, else the temp dir."""
-    import os
-
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 def _read_pid(track_dir: str, taskid: int, remove: bool = False) -> int | None:
     """The pid in a task file (None when absent or unreadable)."""
-    import os
-
     path = os.path.join(track_dir, str(taskid))
     try:
         with open(path) as handle:
