@@ -50,7 +50,8 @@ from bids_siamese.symmetry.asymmetry import (
 from bids_siamese.symmetry.calibration import SIAMESE_Z_THRESHOLD, reference_statistics, siamese_z
 from bids_siamese.symmetry.model import build_symmetry_model
 from bids_siamese.symmetry.normative import DEFAULT_COMPONENTS
-from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs, regional_asymmetry
+from bids_siamese.atlas import atlas_on_grid
+from bids_siamese.symmetry.regional import homologous_pairs, regional_asymmetry
 from bids_siamese.symmetry.run import SPLIT_FRACTIONS
 from bids_siamese.symmetry.simulate import LesionConfig, sphere_cross_section_mm2
 from bids_siamese.symmetry.train import (

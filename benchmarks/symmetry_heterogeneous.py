@@ -46,7 +46,8 @@ from bids_siamese.symmetry.analysis import template_reference
 from bids_siamese.symmetry.asymmetry import (
     ASYMMETRY_THRESHOLD, asymmetry_map, group_reference, positive_intensities, score_map,
 )
-from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs, regional_asymmetry
+from bids_siamese.atlas import atlas_on_grid
+from bids_siamese.symmetry.regional import homologous_pairs, regional_asymmetry
 from bids_siamese.symmetry.simulate import simulate_lesion
 from bids_siamese.synthetic.fields import smooth_displacement, warp
 from bids_siamese.train.evaluate import safe_auc

@@ -25,7 +25,8 @@ from bids_siamese.symmetry.asymmetry import (
     score_scan,
     symmetric_mask,
 )
-from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs, regional_asymmetry
+from bids_siamese.atlas import atlas_on_grid
+from bids_siamese.symmetry.regional import homologous_pairs, regional_asymmetry
 from bids_siamese.symmetry.model import FUSIONS, SymmetrySiamese, build_symmetry_model, split_hemispheres
 from bids_siamese.symmetry.simulate import (
     LesionConfig,

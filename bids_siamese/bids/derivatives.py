@@ -8,14 +8,17 @@ which is then renamed over the target, so a killed run never leaves a half-writt
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import os
 import tempfile
+import time
+from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -25,7 +28,10 @@ from bids.layout.writing import build_path as _pybids_build_path
 from .. import __version__
 from ..errors import CannotCreateError
 from ..preproc.grid import resample_array
-from ..resources import GRID_BOX_MM, TEMPLATE, TEMPLATE_BRAIN, Grid, model_grid
+from ..resources import GRID_BOX_MM, TEMPLATE, TEMPLATE_BRAIN, Grid, model_grid, template_brain
+
+if TYPE_CHECKING:  # config sits above bids in the layers; the type only
+    from ..config import Settings
 
 CODE_URL = "https://github.com/bids-apps/bids-siamese"
 CONTAINER_ENV = "BIDS_SIAMESE_CONTAINER"  # e.g. "docker://bids/siamese:0.1.0", set in the images
@@ -165,11 +171,10 @@ def surface_file_name(mesh: str, hemi: str, surface: str) -> str:
 TEMPLATE_FILE = TEMPLATE_BRAIN
 
 
-def group_record_entry(output_dir: Path, step: str, written: Sequence[Path], settings: Any = None) -> dict[str, Any]:
+def group_record_entry(output_dir: Path, step: str, written: Sequence[Path], settings: Settings | None = None) -> dict[str, Any]:
     """What one group step wrote, as kept in the record: ``run_id``, ``mode``, ``backbone``, ``finished``,
     ``files`` (role -> path relative to OUTPUT_DIR, with the roles of :data:`TASK_FILES`), ``model`` (the
     checkpoint folder it wrote, or with ``--mode apply`` the one it read) and ``other`` (the remaining files)."""
-    from datetime import datetime, timezone
 
     output_dir = Path(output_dir)
     rel = [_relative(output_dir, p) for p in written]
@@ -186,7 +191,7 @@ def group_record_entry(output_dir: Path, step: str, written: Sequence[Path], set
             "other": [r for r in rel if r not in roles.values() and not r.startswith("models/")]}
 
 
-def write_group_record(output_dir: Path, step: str, written: Sequence[Path], settings: Any = None) -> Path:
+def write_group_record(output_dir: Path, step: str, written: Sequence[Path], settings: Settings | None = None) -> Path:
     """Record what one group step wrote (:func:`group_record_entry`) in ``OUTPUT_DIR/group_outputs.json``.
 
     The record keeps one entry per step (``qc``, ``twin``, ``longitudinal``, ``orientation``, ``symmetry``,
@@ -517,7 +522,6 @@ def sweep_partial_files(output_dir: Path, subjects: Sequence[str] | None = None,
     without: the group-level folders. Top-level files shared by all runs are swept only when older than
     :data:`SHARED_PART_AGE_S`.
     """
-    import time
 
     output_dir = Path(output_dir)
     now = time.time() if now is None else now
@@ -565,7 +569,6 @@ def write_nifti(path: Path, img: nib.Nifti1Image) -> Path:
     img.header.set_xyzt_units("mm", "sec")
     data = img.to_bytes()  # plain .nii bytes
     if str(path).endswith(".gz"):
-        import gzip
 
         data = gzip.compress(data, compresslevel=6, mtime=0)
     return write_bytes(path, data)
@@ -589,7 +592,6 @@ def template_reference() -> dict[str, Any]:
     """Sidecar fields naming the template a file is aligned to: ``SpatialReference`` (the TemplateFlow URI of
     MNI152NLin2009cAsym's 1 mm brain) and ``SpatialReferenceFile`` (the file this run actually used: path,
     source ``templateflow`` cache or ``bundled`` copy, sha256)."""
-    from ..resources import template_brain  # local: resources is light, but keep this module's imports minimal
 
     used = template_brain()
     return {"SpatialReference": used.uri,
@@ -710,7 +712,6 @@ def write_completion_record(output_dir: Path, rel: Path, *, status: str, scan: s
     Written last, after the scan's derivatives, figures and the subject report: a scan without this record
     (or with a listed file missing or of another size) is incomplete.
     """
-    from datetime import datetime, timezone
 
     output_dir = Path(output_dir)
     listed = []

@@ -17,11 +17,11 @@ from ..bids.layout import T1wScan, collect_t1w, resolve_participants, validate_d
 from ..bids.locks import subject_locks
 from ..config import Settings
 from ..errors import EXIT_DATA, EXIT_NO_INPUT, EXIT_OK, NoInputError
-from ..models.checkpoint import load_checkpoint
 from ..resources import templates_used
 from ..train.pairs import read_participants
 from ..workflows import participant
-from ..workflows.group import collect_scan_status, run_group, status_summary
+from ..workflows.group import check_checkpoint, collect_scan_status, run_group, status_summary
+from ..workflows.scan import scan_wf_name
 from ..workflows.workdir import clean_work_dir, folder_size, human_size
 from .main import say
 
@@ -102,7 +102,7 @@ def check_models(settings: Settings) -> None:
     file is one line and exit 65 now, not after hours of preprocessing."""
     for path, task in ((settings.model, None), (settings.orientation_model, "orientation")):
         if path is not None:
-            load_checkpoint(path, task=task)
+            check_checkpoint(path, task)
 
 
 def _start_outputs(settings: Settings) -> None:
@@ -130,7 +130,7 @@ def run_participant_level(settings: Settings, subjects: list[str], scans: list[T
         return code
     say(f"{len(scans)} scan(s) processed; outputs in {settings.output_dir}")
     if settings.clean_workdir:
-        removed = clean_work_dir(settings.work_dir, [participant._wf_name(s) for s in scans])
+        removed = clean_work_dir(settings.work_dir, [scan_wf_name(s) for s in scans])
         say(f"work dir {settings.work_dir} " + ("removed" if removed else "cleaned of this run's scans "
                                                  "(other runs' folders kept)"))
     else:

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from ..errors import UserError
 from .parser import parse_args
-from .signals import Interrupted, handle_signals, stop_children
+from ..workflows.signals import Interrupted
+from .signals import handle_signals, stop_children
 
 
 def say(message: str, error: bool = False) -> None:

@@ -25,7 +25,6 @@ from typing import Iterator
 
 from ..workflows.signals import clear_interrupt, interrupt, worker_setup
 # cli/main.py still imports Interrupted from here; it should import it from workflows.signals (then drop this line)
-from ..workflows.signals import Interrupted  # noqa: F401
 
 _parent_pid: int | None = None
 _fork_hook_registered = False

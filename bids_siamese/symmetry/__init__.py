@@ -12,7 +12,7 @@ _WHERE = {
     "analyse_scan": ".analysis", "template_reference": ".analysis",
     "Reference": ".asymmetry", "asymmetry_map": ".asymmetry", "group_reference": ".asymmetry",
     "positive_intensities": ".asymmetry", "score_scan": ".asymmetry",
-    "atlas_on_grid": ".regional", "homologous_pairs": ".regional", "regional_asymmetry": ".regional",
+    "atlas_on_grid": "..atlas", "homologous_pairs": ".regional", "regional_asymmetry": ".regional",
     "FUSIONS": ".model", "SymmetrySiamese": ".model", "build_symmetry_model": ".model",
     "split_hemispheres": ".model",
     "LesionConfig": ".simulate", "curriculum_range": ".simulate", "render_lesion": ".simulate",

@@ -7,7 +7,7 @@ region united with the mirror of the right region, and the right value is read o
 (left + right)``; a perfectly symmetric image therefore scores exactly 0 in every region, whatever the
 atlas's own left-right differences.
 
-The atlas comes from :func:`bids_siamese.atlas.atlas_on_grid` (re-exported here).
+The atlas comes from :func:`bids_siamese.atlas.atlas_on_grid`.
 """
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..atlas import atlas_on_grid
 from ..preproc.grid import mirror
 from .asymmetry import Reference, left_hemisphere, robust_sd, symmetric_mask
 
-__all__ = ["atlas_on_grid", "split_side", "RegionPair", "homologous_pairs", "regional_asymmetry", "regional_z",
+__all__ = ["split_side", "RegionPair", "homologous_pairs", "regional_asymmetry", "regional_z",
            "top_regions", "format_top_regions", "region_at"]
 
 #: Smallest spread (regional AI units) by which regional deviations are divided.

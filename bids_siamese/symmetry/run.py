@@ -29,12 +29,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..bids.derivatives import SYMMETRY_FILES, model_folder, write_json, write_text, write_tsv
+from ..atlas import atlas_on_grid
+from ..bids.derivatives import (
+    SYMMETRY_FILES,
+    mask_path_for,
+    model_folder,
+    orientation_qc_path,
+    write_json,
+    write_text,
+    write_tsv,
+)
 from ..config import Settings
 from ..errors import NoInputError
-from ..qc.gate import orientation_qc_path
 from ..resources import TEMPLATE, model_grid
-from ..train.data import find_preproc, load_volume, mask_path_for
+from ..train.data import find_preproc, load_volume
 from ..train.ddp import DistContext
 from ..train.pairs import read_families, subject_split
 from ..train.reproducibility import prepare
@@ -52,7 +60,6 @@ from .asymmetry import (
     score_scan,
 )
 from .regional import (
-    atlas_on_grid,
     format_top_regions,
     homologous_pairs,
     region_at,

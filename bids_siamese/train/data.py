@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..bids.derivatives import PREPROC_SUFFIX, legacy_preproc_pattern, mask_path_for, preproc_name_pattern
+from ..bids.derivatives import PREPROC_SUFFIX, legacy_preproc_pattern, mask_path_for, orientation_qc_path, preproc_name_pattern
 from ..errors import BadDataError, NoInputError
-from ..qc.gate import orientation_qc_path, qc_record_usable
+from ..qc.gate import qc_record_usable
 from ..resources import TEMPLATE, Grid
 from .pairs import order_sessions, participant_id
 

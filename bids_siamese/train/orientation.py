@@ -22,12 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ..bids.derivatives import ORIENTATION_MODEL_FILES, model_folder, write_tsv
+from ..bids.derivatives import ORIENTATION_MODEL_FILES, model_folder, orientation_qc_path, write_tsv
 from ..config import Settings
 from ..errors import NoInputError, UserError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
 from ..models.orientation import LatNet, OrientationEnsemble
-from ..qc.gate import orientation_qc_path
 from .data import find_preproc, load_volume_cache
 from .evaluate import safe_auc
 from .loop import MirrorData, predict_mirror, train_mirror_classifier

@@ -26,12 +26,12 @@ from ..bids.derivatives import (
     STATUS_MISSING,
     STATUS_OK,
     check_completion_record,
+    output_names,
     write_group_record,
     write_tsv,
 )
 from ..config import Settings
 from ..explain.run import run_explain
-from ..interfaces.derivatives import output_names
 from ..models.checkpoint import load_checkpoint
 from ..qc.orientation import failed_header_checks
 from ..reports.group import write_group_report

@@ -61,10 +61,6 @@ LOG = logging.getLogger("bids_siamese.participant")
 #: is in its CPU part (reading, post-processing) and fit on an 8 GB card.
 GPU_NODES = 2
 
-#: cli/main.py (``--clean-workdir``) still calls ``participant._wf_name``; it should call
-#: :func:`~bids_siamese.workflows.scan.scan_wf_name` (then drop this line).
-_wf_name = scan_wf_name
-
 
 def init_participant_wf(scans: list[T1wScan], settings: Settings, name: str = WORKFLOW_FOLDER) -> pe.Workflow:
     """The participant-level workflow: one :func:`~bids_siamese.workflows.scan.init_scan_wf` per scan."""
