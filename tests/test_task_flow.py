@@ -43,7 +43,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-import torch
 
 from bids_siamese.models.backbones import precise_batch_norm, small_encoder
 from bids_siamese.models.registry import FACTORIES
