@@ -17,7 +17,8 @@ re-estimates the batch-norm statistics on the training set after every epoch (se
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -50,36 +51,38 @@ class Encoder(nn.Module):
 
 
 
-def precise_batch_norm(model: nn.Module, forward_batches: Callable[[], None]) -> int:
+@contextlib.contextmanager
+def precise_batch_norm(model: nn.Module) -> Iterator[int]:
     """Re-estimate the running statistics of every batch-norm layer of ``model`` ("precise BN").
 
-    The statistics are reset and then averaged cumulatively (momentum ``None``) over the forward passes that
-    ``forward_batches`` makes in training mode; momenta and the training flag are restored afterwards. After
-    few training steps the momentum averages still describe earlier weights; evaluation then uses these.
-    Returns the number of layers updated (0: nothing to do, ``forward_batches`` is not called).
+    On entering, the statistics are reset, momenta set to ``None`` (a cumulative average) and the model put in
+    training mode under ``torch.no_grad``; the caller then runs its forward passes inside the block, and the
+    statistics become the average over them. Momenta and the training flag are restored on leaving. After few
+    training steps the momentum averages still describe earlier weights; evaluation then uses these. The
+    block's value is the number of layers updated (0: nothing to do, the caller may skip its passes).
 
     Examples:
         >>> enc = small_encoder()
-        >>> precise_batch_norm(enc, lambda: enc(torch.randn(2, 1, 16, 16, 16)))  # layers updated
+        >>> with precise_batch_norm(enc) as layers:
+        ...     _ = enc(torch.randn(2, 1, 16, 16, 16))
+        >>> layers
         6
     """
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not layers:
-        return 0
     momenta = [m.momentum for m in layers]
     for m in layers:
         m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
+        m.momentum = None  # cumulative average over the batches the caller runs
     was_training = model.training
     model.train()
     try:
         with torch.no_grad():
-            forward_batches()
+            yield len(layers)
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
         model.train(was_training)
-    return len(layers)
+
 
 def _conv_block(spatial_dims: int, in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
     conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d

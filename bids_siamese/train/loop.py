@@ -92,11 +92,11 @@ def recompute_batch_norm(model: nn.Module, volumes: np.ndarray, idx: np.ndarray,
     device = torch.device(device)
     run = forward or (net.embed if hasattr(net, "embed") else net)
 
-    def forward_batches() -> None:
-        for chunk in np.array_split(idx, max(1, int(np.ceil(len(idx) / batch_size)))):
-            run(torch.from_numpy(volumes[chunk]).to(device))
-
-    return precise_batch_norm(net, forward_batches)
+    with precise_batch_norm(net) as layers:
+        if layers:
+            for chunk in np.array_split(idx, max(1, int(np.ceil(len(idx) / batch_size)))):
+                run(torch.from_numpy(volumes[chunk]).to(device))
+    return layers
 
 
 @dataclass
