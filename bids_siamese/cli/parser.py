@@ -19,7 +19,7 @@ from ..errors import EXIT_CODES, AnalysisLevelError, NoInputError, UsageError
 
 ANALYSIS_LEVELS = ("participant", "group")
 TASKS = ("twin", "longitudinal", "symmetry", "orientation")
-BACKBONES = ("small", "unet", "resnet18", "densenet121")
+BACKBONES = ("small", "unet", "resnet18", "densenet121", "swin")
 #: ``--backbone`` choices: the CNN encoders and the atlas-region models (bids_siamese.models.regional).
 MODEL_CHOICES = (*BACKBONES, "regional", "regional_cnn")
 #: Training defaults when an option is not given: the atlas-region twin model learns one weight per region from
