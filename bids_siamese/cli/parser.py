@@ -305,6 +305,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     if backbone == "regional_cnn" and args.task in ("longitudinal", "symmetry"):
         raise UsageError(f"--backbone regional_cnn is a twin model; fix: choose one of {', '.join(MODEL_CHOICES[:-1])} "
                          f"for --task {args.task}")
+    if backbone == "swin" and args.task == "twin" and args.explain:
+        raise UsageError("--backbone swin has no LRP explanation (the LRP rules cover the CNN encoders); fix: add "
+                         "--no-explain to --task twin")
     for name, value in TRAINING_DEFAULTS["cnn" if backbone in BACKBONES else "regional"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
