@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import Encoder
+from .heads import BatchNorm1dAnyBatch
 
 #: InfoNCE temperature of the seed papers.
 TEMPERATURE = 0.07
@@ -207,7 +208,10 @@ class PretrainHeads(nn.Module):
 
     def __init__(self, channels: int, projection_dim: int = 128, hidden: int = 256, decoder_channels: int = 32):
         super().__init__()
-        self.projection = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True),
+        # batch norm, as in SimCLR's projection head and the EmbeddingHead: registered brains share most of their
+        # pooled features; centred across the batch, the projections of different scans start apart
+        self.projection = nn.Sequential(BatchNorm1dAnyBatch(channels), nn.Linear(channels, hidden),
+                                        BatchNorm1dAnyBatch(hidden), nn.ReLU(inplace=True),
                                         nn.Linear(hidden, projection_dim))
         self.rotation_head = nn.Linear(channels, ROTATIONS)
         self.mirror_head = nn.Linear(2 * channels, 1)
