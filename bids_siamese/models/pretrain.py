@@ -35,8 +35,9 @@ left-right (:func:`mirror_loss`)
     a nearly symmetric brain differs only there. So the head reads the features' left-minus-right difference
     (the left half of the feature map minus the mirrored right half, averaged), which flips its sign under a
     mirror when the features follow the anatomy, next to the globally pooled features. Expect this loss to
-    fall slower than the others. Both views share the mirror so the contrastive term does not push the
-    projection to be mirror-invariant.
+    fall slower than the others: on the tiny demo's 7 scans at 8 mm it stayed at chance over 300 ``small``
+    steps while the rotation head reached 85-98 % accuracy (docs/benchmarks.md). Both views share the mirror
+    so the contrastive term does not push the projection to be mirror-invariant.
 
 The total is the weighted sum (:data:`DEFAULT_WEIGHTS`: all 1, as Tang et al. weight their three losses).
 """
