@@ -25,8 +25,9 @@ from bids_siamese.models.pretrain import (
     rotate_sagittal,
     square_sagittal,
 )
-from bids_siamese.models.swin import swin_encoder
+from bids_siamese.models.swin import SwinStage, swin_encoder
 from bids_siamese.resources import model_grid
+from bids_siamese.symmetry.model import SymmetrySiamese
 from bids_siamese.train.data import augment
 
 
@@ -191,3 +192,18 @@ def test_cli_takes_swin_for_the_three_tasks_and_asks_for_no_explain_with_twin(mi
         assert (s.backbone, s.epochs, s.batch_size) == ("swin", 30, 8)  # the CNN training defaults
     with pytest.raises(UsageError, match=r"--backbone swin has no LRP explanation .*; fix: add --no-explain"):
         parse_args([str(mini_bids), str(out), "group", "--task", "twin", "--backbone", "swin"])
+
+
+@pytest.mark.slow
+def test_sa_swin_cross_attention_on_swin_keeps_the_side_antisymmetric():
+    """SymmetrySiamese runs the swin body stage by stage (its middle level is a Swin stage's output)."""
+    torch.manual_seed(0)
+    model = SymmetrySiamese(swin_encoder(in_channels=2, feature_size=12), fusion="cross_attention",
+                            embedding_dim=16, difference_channel=True).eval()
+    assert isinstance(model.encoder.body[model.mid_index], SwinStage)
+    x = torch.randn(2, 1, *model_grid(8.0).shape)
+    with torch.no_grad():
+        out = model.forward_all(x)
+        _, side_flipped = model(torch.flip(x, dims=[2]))
+    assert out["logit"].shape == out["side"].shape == (2,)
+    assert torch.allclose(out["side"], -side_flipped, atol=1e-4)
