@@ -20,7 +20,7 @@ from ..resources import model_grid
 
 ANALYSIS_LEVELS = ("participant", "group")
 TASKS = ("twin", "longitudinal", "symmetry", "orientation")
-BACKBONES = ("small", "unet", "resnet18", "densenet121")
+BACKBONES = ("small", "unet", "resnet18", "densenet121", "swin")
 #: ``--backbone`` choices: the CNN encoders and the atlas-region models (bids_siamese.models.regional).
 MODEL_CHOICES = (*BACKBONES, "regional", "regional_cnn")
 #: Training defaults when an option is not given: the atlas-region twin model learns one weight per region from
@@ -305,6 +305,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     if backbone == "regional_cnn" and args.task in ("longitudinal", "symmetry"):
         raise UsageError(f"--backbone regional_cnn is a twin model; fix: choose one of {', '.join(MODEL_CHOICES[:-1])} "
                          f"for --task {args.task}")
+    if backbone == "swin" and args.task == "twin" and args.explain:
+        raise UsageError("--backbone swin has no LRP explanation (the LRP rules cover the CNN encoders); fix: add "
+                         "--no-explain to --task twin")
     for name, value in TRAINING_DEFAULTS["cnn" if backbone in BACKBONES else "regional"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -6,10 +6,12 @@ backbones are MONAI's networks with their classification/decoder parts removed:
 * ``unet``: the encoder (down path and bottom block) of MONAI's residual ``UNet``;
 * ``resnet18``: MONAI's ``resnet18`` up to ``layer4``;
 * ``densenet121``: MONAI's ``DenseNet121.features`` followed by its final ReLU;
+* ``swin``: the Swin transformer encoder of Swin UNETR / SA-Swin (:mod:`bids_siamese.models.swin`); it normalises
+  each token over its channels (layer norm), the one backbone without batch norm;
 * ``small``: a 2x average-pooling stem and three strided conv blocks (batch norm, LeakyReLU); trains on a
   CPU in minutes.
 
-All backbones use batch norm. Instance (or group) norm right before global average pooling would erase what
+All CNN backbones use batch norm. Instance (or group) norm right before global average pooling would erase what
 distinguishes subjects: the spatial mean of ``act(instance_norm(x))`` is nearly the same for every input.
 (MONAI's U-Net defaults to instance norm; its encoder is built here with batch norm.) The training loop
 re-estimates the batch-norm statistics on the training set after every epoch (see
@@ -23,7 +25,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-BACKBONES = ("small", "unet", "resnet18", "densenet121")
+BACKBONES = ("small", "unet", "resnet18", "densenet121", "swin")
 
 
 class Encoder(nn.Module):
@@ -198,7 +200,7 @@ def build_backbone(name: str, spatial_dims: int = 3, in_channels: int = 1) -> En
     """The encoder called ``name`` (one of :data:`BACKBONES`).
 
     Args:
-        name: ``small``, ``unet``, ``resnet18`` or ``densenet121``.
+        name: ``small``, ``unet``, ``resnet18``, ``densenet121`` or ``swin``.
         spatial_dims: 2 or 3.
         in_channels: input channels (1 for a T1w volume).
 
@@ -215,6 +217,10 @@ def build_backbone(name: str, spatial_dims: int = 3, in_channels: int = 1) -> En
         "resnet18": resnet18_encoder,
         "densenet121": densenet121_encoder,
     }
+    if name == "swin":
+        from .swin import swin_encoder  # deferred: MONAI's Swin modules take seconds to import
+
+        return swin_encoder(spatial_dims=spatial_dims, in_channels=in_channels)
     if name not in builders:
         raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(BACKBONES)}")
     return builders[name](spatial_dims=spatial_dims, in_channels=in_channels)
