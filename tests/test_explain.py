@@ -512,3 +512,25 @@ def test_run_explain_outputs_pass_the_bids_validator(explained, tmp_path):
     for pattern in ("models", "*_relevance.*", "/group*"):  # each is needed for the explanation outputs
         (copy / ".bidsignore").write_text("\n".join(p for p in BIDSIGNORE if p != pattern) + "\n")
         assert [i for i in run_validator(copy) if i.severity == "error"], f"{pattern} hides nothing"
+
+
+def test_run_explain_refuses_a_swin_twin_model_in_one_line(tmp_path):
+    """A swin twin checkpoint applied without --backbone (so the parser cannot refuse it): the explain step says
+    in one line that LRP does not cover swin and how to run without it, instead of a torch.fx traceback."""
+    from bids_siamese.errors import UsageError
+    from bids_siamese.explain.run import run_explain
+    from bids_siamese.models.checkpoint import make_card, save_checkpoint
+    from bids_siamese.models.heads import build_model
+    from bids_siamese.resources import model_grid
+
+    grid = model_grid(8.0)
+    torch.manual_seed(0)
+    model = build_model("twin", "swin", embedding_dim=8).eval()
+    card = make_card("twin", "swin", 8, grid, 0, {"fingerprint": "x"}, {"threshold_distance": 0.5}, {},
+                     {"distance": "cosine"})
+    folder = save_checkpoint(tmp_path / "out" / "models" / "twins_swin", model, card)
+    settings = Settings(output_dir=tmp_path / "out", bids_dir=tmp_path, analysis_level="group",
+                        work_dir=tmp_path / "work", resolution=8.0, task="twin", seed=0, backbone="small")
+    with pytest.raises(UsageError, match="swin twin model.*fix: add --no-explain") as err:
+        run_explain(settings, ["01"], model_path=tmp_path / "out" / "models" / "twins_swin")
+    assert "\n" not in str(err.value) and folder is not None

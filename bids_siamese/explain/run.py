@@ -49,7 +49,7 @@ from ..bids.derivatives import (
     write_tsv,
 )
 from ..config import Settings
-from ..errors import NoInputError, UserError
+from ..errors import NoInputError, UsageError, UserError
 from ..models.checkpoint import load_checkpoint
 from ..models.regional import RegionalEncoder
 from ..preproc.brain import torch_threads
@@ -340,6 +340,8 @@ def _run_explain(settings: Settings, subjects: list[str], model_path: Path | Non
     device = explain_device(settings.device)
     checkpoint = _find_checkpoint(settings, model_path)
     model, card = load_checkpoint(checkpoint, "twin", grid, device)
+    if card.get("backbone") == "swin":  # torch.fx cannot trace the Swin blocks; the LRP rules cover the CNNs only
+        raise UsageError(f"{checkpoint} is a swin twin model, which has no LRP explanation; fix: add --no-explain")
     distance = card.get("hyperparameters", {}).get("distance", settings.distance)
     configure_determinism(bool(settings.deterministic))
     seed_everything(int(settings.seed))
