@@ -11,7 +11,12 @@ brains, and the time ratio and accuracy of each engine are printed.
 Usage::
 
     python benchmarks/participant.py /tmp/demo_small --resolution 2 --limit 8 --n-threads 2
-    python benchmarks/participant.py /tmp/heads --workflow --nprocs 2 --omp-nthreads 2
+    python benchmarks/participant.py /tmp/heads12 --make-heads   # build the 12 real 1 mm heads (offline)
+    python benchmarks/participant.py /tmp/heads12 --workflow --nprocs 2 --omp-nthreads 1 --n-threads 1
+
+``--make-heads`` writes the real-heads dataset of docs/benchmarks.md to ``BIDS_DIR``: Colin27 with its skull
+(``ch2.nii.gz``, mricron-data), the same zero-padded to a 289x260x219 field of view, and pydeface's mean head,
+each under 4 subject labels (12 scans); ``tests/real_heads.py`` says where each file comes from.
 
 With ``--workflow`` it times the workflow a user runs instead: ``bids-siamese BIDS_DIR OUT participant`` in a
 subprocess (fresh work and output folders), with its end-to-end wall time, the CPU time of all its processes
@@ -86,6 +91,34 @@ def find_scans(bids_dir: Path, limit: int | None, flipped_first: bool = True) ->
     else:
         scans = [Scan(p) for p in sorted(bids_dir.glob("sub-*/**/anat/*_T1w.nii*"))]
     return scans[:limit] if limit else scans
+
+
+def make_heads(bids_dir: Path, copies: int = 4) -> list[Path]:
+    """The real-heads benchmark dataset (see the module doc): 3 heads x ``copies`` subjects, 1 mm, with skull."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import real_heads  # deferred: a test helper, found only once tests/ is on the path
+
+    colin = real_heads.load_head("colin27")
+    pad = [(a, b - a - s) for a, b, s in zip((54, 21, 19), (289, 260, 219), colin.shape)]
+    padded_affine = colin.affine.copy()
+    padded_affine[:3, 3] -= colin.affine[:3, :3] @ np.array([p[0] for p in pad], dtype=float)
+    padded = nib.Nifti1Image(np.pad(np.asarray(colin.dataobj), pad), padded_affine)
+    heads = {"colin": colin, "colinpadded": padded, "pydeface": real_heads.load_head("pydeface_mean")}
+    bids_dir.mkdir(parents=True, exist_ok=True)
+    (bids_dir / "dataset_description.json").write_text(json.dumps({"Name": "real heads", "BIDSVersion": "1.10.0"}))
+    (bids_dir / "README").write_text("Real 1 mm T1w heads (Colin27, padded Colin27, pydeface's mean), 4 copies.\n")
+    written = []
+    for name, img in heads.items():
+        for copy in range(1, copies + 1):
+            path = bids_dir / f"sub-{name}{copy}" / "anat" / f"sub-{name}{copy}_T1w.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+            out.header.set_xyzt_units("mm", "sec")
+            out.set_qform(img.affine, 1)
+            out.set_sform(img.affine, 1)
+            nib.save(out, path)
+            written.append(path)
+    return written
 
 
 def lr_axis(affine: np.ndarray) -> int:
@@ -531,7 +564,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--omp-nthreads", type=int, default=2, help="--workflow: the app's --omp-nthreads")
     parser.add_argument("--device", default="cpu", help="--workflow: the app's --device")
     parser.add_argument("--participant-label", nargs="+", default=[], help="--workflow: these participants only")
+    parser.add_argument("--make-heads", action="store_true",
+                        help="write the 12-scan real-heads dataset to BIDS_DIR and exit")
     args = parser.parse_args(argv)
+    if args.make_heads:
+        print(f"wrote {len(make_heads(args.bids_dir))} scans to {args.bids_dir}")
+        return 0
     if args.workflow:
         return workflow_main(args)
     _set_thread_env(args.n_threads)
