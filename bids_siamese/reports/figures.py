@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import contourpy
 import matplotlib
@@ -268,7 +269,7 @@ def _new_axes(fig: Figure, spec) -> Axes:
     return ax
 
 
-def _show(ax: Axes, panel: np.ndarray, extent, window: tuple[float, float]) -> None:
+def _show(ax: Axes, panel: np.ndarray, extent, window: tuple[float, float], aspect: str = "equal") -> None:
     ax.imshow(
         panel,
         cmap="gray",
@@ -277,7 +278,7 @@ def _show(ax: Axes, panel: np.ndarray, extent, window: tuple[float, float]) -> N
         origin="lower",
         extent=extent,
         interpolation="antialiased",
-        aspect="equal",
+        aspect=aspect,
     )
 
 
@@ -323,7 +324,8 @@ def _points_per_unit(ax: Axes, extent) -> float:
     return min(width_pt / max(extent[1] - extent[0], 1e-9), height_pt / max(extent[3] - extent[2], 1e-9))
 
 
-def _contour(ax: Axes, panel: np.ndarray, extent, level: float, colour: str, width: float) -> None:
+def _contour(ax: Axes, panel: np.ndarray, extent, level: float, colour: str, width: float,
+             points_per_unit: float | None = None) -> None:
     """Draw the iso-line ``level`` of ``panel`` (nothing, and no warning, if it does not cross it).
 
     Lines come from ``contourpy`` (matplotlib's own contouring engine) and are simplified to a quarter
@@ -338,7 +340,7 @@ def _contour(ax: Axes, panel: np.ndarray, extent, level: float, colour: str, wid
     xs = extent[0] + (np.arange(cols) + 0.5) * (extent[1] - extent[0]) / cols
     ys = extent[2] + (np.arange(rows) + 0.5) * (extent[3] - extent[2]) / rows
     generator = contourpy.contour_generator(xs, ys, np.asarray(panel, dtype=np.float64), line_type="Separate")
-    points_per_unit = _points_per_unit(ax, extent)
+    points_per_unit = _points_per_unit(ax, extent) if points_per_unit is None else points_per_unit
     tolerance = 0.25 / points_per_unit
     smallest = 1.0 / points_per_unit  # specks under a point across are noise at display size
     lines = [
@@ -350,15 +352,26 @@ def _contour(ax: Axes, panel: np.ndarray, extent, level: float, colour: str, wid
         ax.add_collection(LineCollection(lines, colors=[colour], linewidths=width), autolim=False)
 
 
-def _letters(ax: Axes, letters: tuple[str, str], size: float = 7.0) -> None:
-    """Put orientation letters at the left and right edges of a panel."""
+def _letters(ax: Axes, letters: tuple[str, str], size: float = 7.0, extent=None) -> None:
+    """Put orientation letters at the left and right edges of a panel (the whole axes, or ``extent`` in data
+    coordinates when the axes holds several panels)."""
     style = {"color": LETTER_COLOUR, "fontsize": size, "fontweight": "bold", "va": "center"}
-    ax.text(0.015, 0.5, letters[0], transform=ax.transAxes, ha="left", **style)
-    ax.text(0.985, 0.5, letters[1], transform=ax.transAxes, ha="right", **style)
+    if extent is None:
+        ax.text(0.015, 0.5, letters[0], transform=ax.transAxes, ha="left", **style)
+        ax.text(0.985, 0.5, letters[1], transform=ax.transAxes, ha="right", **style)
+        return
+    x0, x1, y0, y1 = extent
+    ax.text(x0 + 0.015 * (x1 - x0), (y0 + y1) / 2, letters[0], ha="left", **style)
+    ax.text(x0 + 0.985 * (x1 - x0), (y0 + y1) / 2, letters[1], ha="right", **style)
 
 
-def _label(ax: Axes, text: str, size: float = 6.5) -> None:
-    ax.text(0.02, 0.98, text, transform=ax.transAxes, ha="left", va="top", color=LETTER_COLOUR, fontsize=size)
+def _label(ax: Axes, text: str, size: float = 6.5, extent=None) -> None:
+    style = {"ha": "left", "va": "top", "color": LETTER_COLOUR, "fontsize": size}
+    if extent is None:
+        ax.text(0.02, 0.98, text, transform=ax.transAxes, **style)
+    else:
+        x0, x1, y0, y1 = extent
+        ax.text(x0 + 0.02 * (x1 - x0), y0 + 0.98 * (y1 - y0), text, **style)
 
 
 _PATH_DATA = re.compile(r'( d=")([^"]*)(")')
@@ -428,24 +441,55 @@ def _to_svg(fig: Figure, max_bytes: int | None = None) -> str:
     return svg
 
 
-def _mosaic_figure(shape: Sequence[int], zooms: Sequence[float], n_slices: int, footer: str | None):
-    """Figure and grid spec for a 3-row (axial, coronal, sagittal) x ``n_slices`` mosaic."""
+@dataclass(frozen=True)
+class _Mosaic:
+    """A 3-row (axial, coronal, sagittal) x ``n_slices`` mosaic drawn on ONE axes.
+
+    Each panel is an image placed at its own extent in the axes' data coordinates (cell width 1; a row's
+    panels keep their physical aspect), so the figure has one axes and matplotlib composites the panels into
+    one embedded PNG: far cheaper to build and save than one axes per panel, and it looks the same.
+    """
+
+    fig: Figure
+    ax: Axes
+    row_heights: tuple[float, ...]
+    gap_x: float
+    gap_y: float
+    points_per_unit: float
+
+    def extent(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """Data-coordinate extent of the panel in ``row`` (0: axial, at the top) and ``col``."""
+        x0 = col * (1.0 + self.gap_x)
+        top = sum(self.row_heights) + self.gap_y * (len(self.row_heights) - 1)
+        y1 = top - sum(self.row_heights[:row]) - self.gap_y * row
+        return (x0, x0 + 1.0, y1 - self.row_heights[row], y1)
+
+
+def _mosaic_figure(shape: Sequence[int], zooms: Sequence[float], n_slices: int, footer: str | None) -> _Mosaic:
+    """The figure and its single axes for a 3-row x ``n_slices`` mosaic (see :class:`_Mosaic`)."""
     physical = [shape[a] * zooms[a] for a in range(3)]
     ratios = []
     for _, axis, _ in _VIEWS:
         in_plane = [a for a in range(3) if a != axis]
         ratios.append(max(physical[in_plane[1]] / physical[in_plane[0]], 0.05))
     cell_width = 1.4  # inches
+    gap_x, gap_y = 0.02, 0.03 * float(np.mean(ratios))
+    width_units = n_slices + gap_x * (n_slices - 1)
+    height_units = sum(ratios) + 2 * gap_y
+    inches_per_unit = cell_width * n_slices / width_units
     footer_height = 0.22 if footer else 0.0
-    height = cell_width * sum(ratios) + footer_height + 0.05
+    axes_height = height_units * inches_per_unit
+    height = axes_height + footer_height + 0.05
     fig = Figure(figsize=(cell_width * n_slices, height), facecolor=BACKGROUND)
-    bottom = footer_height / height
-    grid = fig.add_gridspec(
-        3, n_slices, height_ratios=ratios, left=0.0, right=1.0, top=1.0, bottom=bottom, wspace=0.02, hspace=0.03
-    )
+    ax = fig.add_axes((0.0, footer_height / height, 1.0, axes_height / height))
+    ax.set_facecolor(BACKGROUND)
+    ax.set_axis_off()
+    ax.set_xlim(0.0, width_units)
+    ax.set_ylim(0.0, height_units)
+    ax.set_autoscale_on(False)
     if footer:
         fig.text(0.5, footer_height / height / 2.0, footer, ha="center", va="center", color=LETTER_COLOUR, fontsize=7)
-    return fig, grid
+    return _Mosaic(fig, ax, tuple(ratios), gap_x, gap_y, 72.0 * inches_per_unit)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -477,23 +521,23 @@ def registration_mosaic(moving: np.ndarray, fixed: np.ndarray, n_slices: int = 7
     mov, fix = mov[box], fix[box]
     reference = fix if np.any(fix) else mov
 
-    fig, grid = _mosaic_figure(
+    mosaic = _mosaic_figure(
         mov.shape, zooms, n_slices, "template edges: brain outline (yellow), grey/white boundary (cyan)"
     )
+    ax, unit = mosaic.ax, mosaic.points_per_unit
     for row, (view, axis, letters) in enumerate(_VIEWS):
-        extent = _extent(mov.shape, zooms, axis)
         for col, index in enumerate(select_slices(reference, axis, n_slices)):
-            ax = _new_axes(fig, grid[row, col])
-            _show(ax, _panel(mov, axis, index), extent, window)
+            extent = mosaic.extent(row, col)
+            _show(ax, _panel(mov, axis, index), extent, window, "auto")
             edges = ndimage.gaussian_filter(_panel(fix, axis, index), sigma=0.6)
             if outline_level is not None:
-                _contour(ax, edges, extent, outline_level, OUTLINE_COLOUR, 0.6)
+                _contour(ax, edges, extent, outline_level, OUTLINE_COLOUR, 0.6, unit)
             if tissue_level is not None:
-                _contour(ax, edges, extent, tissue_level, TISSUE_COLOUR, 0.45)
-            _letters(ax, letters)
+                _contour(ax, edges, extent, tissue_level, TISSUE_COLOUR, 0.45, unit)
+            _letters(ax, letters, extent=extent)
             if col == 0:
-                _label(ax, view)
-    return _to_svg(fig)
+                _label(ax, view, extent=extent)
+    return _to_svg(mosaic.fig)
 
 
 def mask_contour_mosaic(
@@ -526,17 +570,17 @@ def mask_contour_mosaic(
     img, binary = img[box], binary[box]
     reference = binary if binary.any() else img
 
-    fig, grid = _mosaic_figure(img.shape, vox, n_slices, None)
+    mosaic = _mosaic_figure(img.shape, vox, n_slices, None)
+    ax, unit = mosaic.ax, mosaic.points_per_unit
     for row, (view, axis, letters) in enumerate(_VIEWS):
-        extent = _extent(img.shape, vox, axis)
         for col, index in enumerate(select_slices(reference, axis, n_slices)):
-            ax = _new_axes(fig, grid[row, col])
-            _show(ax, _panel(img, axis, index), extent, window)
-            _contour(ax, _panel(binary, axis, index), extent, 0.5, MASK_COLOUR, 0.8)
-            _letters(ax, letters)
+            extent = mosaic.extent(row, col)
+            _show(ax, _panel(img, axis, index), extent, window, "auto")
+            _contour(ax, _panel(binary, axis, index), extent, 0.5, MASK_COLOUR, 0.8, unit)
+            _letters(ax, letters, extent=extent)
             if col == 0:
-                _label(ax, view)
-    return _to_svg(fig)
+                _label(ax, view, extent=extent)
+    return _to_svg(mosaic.fig)
 
 
 def _orientation_slices(volume: np.ndarray) -> tuple[int, int]:
