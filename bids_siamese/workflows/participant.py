@@ -189,6 +189,8 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     wf.connect([(transform, grid, [("out_matrix", "in_matrix")]), (transform, sink, [("out_itk", "xfm")])])
     if transform is register:
         wf.connect([(conform, register, [("out_file", "in_file")]), (native_mask, register, [("out_mask", "in_mask")])])
+        # the shear-free registration refines the affine one (issue 27) instead of searching from scratch
+        wf.connect([(register, register_qc, [("out_matrix", "in_initial")])])
     wf.connect([
         (conform, register_qc, [("out_file", "in_file")]),
         (native_mask, register_qc, [("out_mask", "in_mask")]),
@@ -311,7 +313,7 @@ def warm_worker_caches(settings) -> None:
     from ..interfaces.symmetry import DEFAULT_FWHM
     from ..preproc.brain import torch_threads
     from ..preproc.grid import template_on_grid
-    from ..preproc.register import _levels, _template_data
+    from ..preproc.register import pyramid_levels, template_side
     from ..reports import figures  # noqa: F401  (matplotlib)
     from ..resources import model_grid, template_brain_path
     from ..atlas import atlas_on_grid
@@ -321,7 +323,8 @@ def warm_worker_caches(settings) -> None:
     atlas_on_grid(settings.atlas, settings.resolution)
     template_reference(settings.resolution, DEFAULT_FWHM, settings.atlas)
     with torch_threads(1):
-        _template_data(nib.load(template_brain_path()), None, _levels(max(settings.resolution, 2.0)), settings.seed)
+        template_side(nib.load(template_brain_path()), None, pyramid_levels(max(settings.resolution, 2.0)),
+                      settings.seed)
 
 
 def _sink_outputs(settings, scan: T1wScan) -> list[str] | None:
