@@ -106,12 +106,14 @@ def _gradient_magnitude(volume: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_gradient_magnitude(np.asarray(volume, dtype=np.float32), GRADIENT_SIGMA_VOXELS)
 
 
-def flip_statistic(image_on_grid: np.ndarray, mask_on_grid: np.ndarray, template_on_grid: np.ndarray) -> float:
+def flip_statistic(image_on_grid: np.ndarray, mask_on_grid: np.ndarray, template_on_grid: np.ndarray,
+                   template_gradient: np.ndarray | None = None) -> float:
     """Evidence of a left-right flip (> 0: flipped-looking, < 0: template-like); see the module doc.
 
     ``image_on_grid`` is the registered head *without* skull stripping: only the voxels in
     ``mask | mirror(mask)`` count, and leaving the image unmasked keeps the brain mask's own left-right
-    asymmetry (deepbet's mask is not mirror-symmetric) out of the statistic.
+    asymmetry (deepbet's mask is not mirror-symmetric) out of the statistic. ``template_gradient``: the
+    template's gradient magnitude when already computed (:func:`paired_flip_test` scores two images).
     """
     brain = np.asarray(image_on_grid, dtype=np.float32)
     template = np.asarray(template_on_grid, dtype=np.float32)
@@ -120,7 +122,9 @@ def flip_statistic(image_on_grid: np.ndarray, mask_on_grid: np.ndarray, template
     if not region.any():
         raise ValueError("the brain mask on the grid is empty")
     intensity = antisymmetric_correlation(brain, template, region)
-    gradient = antisymmetric_correlation(_gradient_magnitude(brain), _gradient_magnitude(template), region)
+    if template_gradient is None:
+        template_gradient = _gradient_magnitude(template)
+    gradient = antisymmetric_correlation(_gradient_magnitude(brain), template_gradient, region)
     return -(intensity + gradient) / 2.0
 
 
@@ -173,7 +177,7 @@ def mirrored_matrix(matrix: np.ndarray, affine: np.ndarray, shape: tuple[int, ..
 def registered_statistic(img, mask: np.ndarray, grid, template_on_grid: np.ndarray, *, resolution: float = 2.0,
                          seed: int = 0, n_threads: int | None = 1, device: str = "cpu",
                          matrix: np.ndarray | None = None, initial: np.ndarray | None = None,
-                         ) -> tuple[float, np.ndarray, np.ndarray]:
+                         template_gradient: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
     """:func:`flip_statistic` of a native scan after its own shear-free (9-dof) registration.
 
     Args:
@@ -181,6 +185,7 @@ def registered_statistic(img, mask: np.ndarray, grid, template_on_grid: np.ndarr
         grid, template_on_grid: the model grid and the template brain on it.
         matrix: an existing 9-dof template-to-subject matrix for ``img`` (skips the registration).
         initial: a start for the registration (``register_affine(initial=...)``; ignored with ``matrix``).
+        template_gradient: passed on to :func:`flip_statistic`.
 
     Returns:
         ``(statistic, template_to_subject, mask_on_grid)``.
@@ -191,7 +196,8 @@ def registered_statistic(img, mask: np.ndarray, grid, template_on_grid: np.ndarr
                                  seed=seed, device=device, n_threads=n_threads, dof=QC_DOF, initial=initial)
     head_on_grid = resample_to_grid(img, matrix, grid)  # registered through the brain, scored on the head
     mask_on_grid = resample_mask_to_grid(mask, brain.affine, matrix, grid)
-    return float(flip_statistic(head_on_grid, mask_on_grid, template_on_grid)), np.asarray(matrix), mask_on_grid
+    statistic = flip_statistic(head_on_grid, mask_on_grid, template_on_grid, template_gradient)
+    return float(statistic), np.asarray(matrix), mask_on_grid
 
 
 def paired_flip_test(img, mask: np.ndarray, grid, template_on_grid: np.ndarray, *, warm_start: bool = True,
@@ -213,6 +219,7 @@ def paired_flip_test(img, mask: np.ndarray, grid, template_on_grid: np.ndarray, 
         ``{"statistic", "mirrored_statistic", "difference", "matrix", "mirrored_matrix", "mask_on_grid"}``
         (``matrix`` and ``mask_on_grid``: the stored scan's).
     """
+    kwargs.setdefault("template_gradient", _gradient_magnitude(template_on_grid))
     stored, matrix, mask_on_grid = registered_statistic(img, mask, grid, template_on_grid, **kwargs)
     kwargs.pop("matrix", None)
     mirror_img, mirror_mask = mirrored_scan(img, mask)
