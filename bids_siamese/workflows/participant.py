@@ -117,7 +117,7 @@ def init_scan_wf(scan: T1wScan, settings, name: str | None = None) -> pe.Workflo
     check = pe.Node(CheckHeader(max_gb=settings.mem_gb), name="check_header", mem_gb=MEM_GB["conform"], n_procs=1)
     conform = pe.Node(Conform(), name="conform", mem_gb=MEM_GB["conform"], n_procs=1)
     # one thread each (REGISTRATION_THREADS: outputs do not depend on the thread count); the tensors are small
-    # (<= 60,000 points), extra threads only stall, and the two registrations of a scan run side by side
+    # (<= 60,000 points), extra threads only stall; the shear-free one refines the affine one (issue 27)
     reg_inputs, reg_procs = torch_node_resources(settings, REGISTRATION_THREADS)
     register = pe.Node(
         AffineRegistration(resolution=max(settings.resolution, 2.0), seed=settings.seed, **reg_inputs),
