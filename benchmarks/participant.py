@@ -564,7 +564,7 @@ def workflow_main(args: argparse.Namespace) -> int:
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     figures_cpu = sum(r["cpu"] or 0.0 for r in by_node.get("figures", [])) / n
     print(f"PER SCAN (workflow, --nprocs {args.nprocs}, {n} scans): wall {run['wall'] / n:.2f} s, CPU {run['cpu'] / n:.2f} s "
-          f"(all processes); figures node {figures_cpu:.2f} CPU s = {100 * figures_cpu / (run['cpu'] / n):.1f} % of "
+          f"(all processes); figures node {figures_cpu:.2f} CPU s (mean) = {100 * figures_cpu / (run['cpu'] / n):.1f} % of "
           f"the scan's CPU")
     if args.json:
         args.json.write_text(json.dumps({"workflow": run, "stages": [{"cpu": w.cpu, "wall": w.wall} for w in watches]},

@@ -431,10 +431,11 @@ def test_register_affine_refines_a_start_estimate_with_fewer_steps(monkeypatch) 
     monkeypatch.setattr(register, "_optimise", counting)
     cold = register_affine(brain, mask, _template(3), resolution=4.0, seed=0, n_threads=1, dof=9)
     cold_steps, steps[:] = sum(steps), []
-    # a start 3 degrees and 3 mm off the answer (as the mirror of a registration is for the mirrored scan)
+    # a start about a degree and a millimetre off the answer (the mirror of a registration is 0.6-1.0 mm off
+    # the mirrored scan's on the real heads of tests/test_real_heads.py)
     start = cold.copy()
-    start[:3, :3] = _rotation((3.0, -2.0, 1.0)) @ start[:3, :3]
-    start[:3, 3] += [3.0, -2.0, 1.0]
+    start[:3, :3] = _rotation((1.0, -0.5, 0.5)) @ start[:3, :3]
+    start[:3, 3] += [1.0, -0.5, 0.5]
     warm = register_affine(brain, mask, _template(3), resolution=4.0, seed=0, n_threads=1, dof=9, initial=start)
     warm_steps = sum(steps)
     assert warm_steps <= cold_steps / 5
