@@ -39,9 +39,9 @@ and its mirror image. :func:`paired_flip_test` therefore registers both the scan
 (each on its own, 9 dof) and uses ``difference = statistic(scan) - statistic(mirror)``. The mirror's
 registration starts from the mirror of the scan's (:func:`mirrored_matrix`) and only refines it: what the
 first registration found (pose, scale) is not searched for twice, and the refinement is what adapts the
-mirror to the asymmetric template (on the full-field-of-view real heads of the tests at 2 mm, differences
-within 0.022, at most 1.3 % of their size, of registering the mirror from scratch, and the same verdicts;
-``docs/benchmarks.md``, issue 27).
+mirror to the asymmetric template (on the real heads of the tests at 2 mm, differences within 0.008 of
+registering the mirror from scratch, below the registration's own seed-to-seed spread of up to 0.029 on the
+same heads, and the same verdicts; ``docs/benchmarks.md``, issue 27).
 
 * ``lr_flip_verdict`` is ``flipped`` when ``difference >= LR_FLIP_MARGIN``, ``ok`` when
   ``difference <= -LR_FLIP_MARGIN``, and ``undetermined`` in between (a symmetric brain: the scan
