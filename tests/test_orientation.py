@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -94,8 +95,6 @@ def test_flip_statistic_signs_template_and_its_mirror(template_2mm) -> None:
 @pytest.mark.slow
 def test_paired_flip_test_on_a_native_scan_and_its_mirror(template_2mm) -> None:
     """The template brain stored as a native 2 mm scan (shifted): ok as stored, flipped when mirrored."""
-    import nibabel as nib
-
     template, mask = template_2mm
     grid = model_grid(2.0)
     affine = grid.affine.copy()
@@ -125,8 +124,6 @@ def test_paired_flip_test_on_a_native_scan_and_its_mirror(template_2mm) -> None:
 
 @pytest.mark.slow
 def test_paired_flip_test_symmetric_brain_is_undetermined(template_2mm) -> None:
-    import nibabel as nib
-
     template, mask = template_2mm
     grid = model_grid(2.0)
     symmetric = (template + mirror(template)) / 2

@@ -6,12 +6,14 @@ from functools import lru_cache
 from pathlib import Path
 
 import nibabel as nib
+import nitransforms as nt
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
 from bids_siamese.errors import BadDataError
+from conftest import raw_nifti_with_zero_pixdim
 from bids_siamese.preproc import register
 from bids_siamese.preproc.brain import extract_brain, mask_from_image
 from bids_siamese.preproc.conform import conform, header_checks, load_t1w
@@ -23,6 +25,7 @@ from bids_siamese.preproc.register import (
     register_affine,
     write_itk_affine,
 )
+from bids_siamese.qc.orientation import antisymmetric_correlation, flip_statistic
 from bids_siamese.resources import model_grid, template_brain_path
 
 
@@ -206,7 +209,6 @@ def test_load_t1w_rejects_zero_voxel_size(tmp_path: Path) -> None:
 
 def test_load_t1w_rejects_raw_zero_pixdim(tmp_path: Path) -> None:
     """pixdim 0 without an sform: nibabel reads 1 mm voxels, the raw header says the size is unknown."""
-    from conftest import raw_nifti_with_zero_pixdim
 
     path = raw_nifti_with_zero_pixdim(tmp_path / "t1.nii.gz")
     assert nib.load(path).header.get_zooms()[:3] == (1.0, 1.0, 1.0)  # what nibabel alone would use
@@ -346,8 +348,6 @@ def test_extract_brain_finds_the_brain_under_a_skull() -> None:
 # ------------------------------------------------------------------------------------------------
 
 def test_itk_affine_round_trip(tmp_path: Path) -> None:
-    import nitransforms as nt
-
     rng = np.random.default_rng(3)
     matrix = _random_affine(rng, max_deg=25)
     matrix[:3, :3] = matrix[:3, :3] @ np.array([[1, 0.05, 0], [0, 1, 0.02], [0, 0, 1]])
@@ -456,8 +456,6 @@ def test_register_affine_is_deterministic_for_a_seed() -> None:
 
 @pytest.mark.slow
 def test_register_affine_does_not_undo_a_left_right_flip() -> None:
-    from bids_siamese.qc.orientation import antisymmetric_correlation, flip_statistic
-
     grid = model_grid(4.0)
     template, _ = template_on_grid(grid)
     on_grid, statistic = {}, {}
