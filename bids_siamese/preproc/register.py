@@ -497,10 +497,8 @@ def register_affine(
 def warm_schedule(levels: list[Level]) -> list[tuple[int, float]]:
     """``(iterations, learning rate)`` per pyramid level when :func:`register_affine` starts from an estimate.
 
-    The coarsest level is skipped (its large steps would first shake a good start loose) and every other level
-    runs :data:`WARM_ITERATIONS` steps at its own learning rate; a one-level pyramid runs its level. Measured
-    on the mirror starts of the orientation check (0.6-1.0 mm mean displacement from the answer), this lands
-    within the registration's own seed-to-seed spread (docs/benchmarks.md, issue 27).
+    The coarsest level is skipped (its large steps would shake a good start loose), every other level runs
+    :data:`WARM_ITERATIONS` steps at its own learning rate (docs/benchmarks.md, issue 27).
 
     Examples:
         >>> warm_schedule(pyramid_levels(2.0))
@@ -514,10 +512,9 @@ def matrix_to_parameters(matrix: np.ndarray, centre_fixed: np.ndarray, centre_mo
                          dof: int = 12) -> np.ndarray:
     """The parameter vector ``[t(3), w(3), l(3), h(3)]`` of :func:`_template_to_subject` for a 4x4 matrix.
 
-    The 3x3 part is split as ``R @ diag(s) @ H`` (QR with a positive diagonal); the parameters ``dof`` keeps
-    fixed are dropped (shears below 12 dof, anisotropic scales below 9, scales at 6), keeping where the template's
-    centre lands. Raises ``ValueError``
-    for a reflection or a singular matrix (the model cannot represent them).
+    The 3x3 part is split as ``R @ diag(s) @ H`` (QR, positive diagonal); what ``dof`` keeps fixed is dropped
+    (shears below 12 dof, anisotropic scales below 9, scales at 6); the template's centre lands where it did.
+    Raises ``ValueError`` for a reflection or a singular matrix (the model cannot represent them).
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     linear = matrix[:3, :3]
