@@ -11,7 +11,12 @@ brains, and the time ratio and accuracy of each engine are printed.
 Usage::
 
     python benchmarks/participant.py /tmp/demo_small --resolution 2 --limit 8 --n-threads 2
-    python benchmarks/participant.py /tmp/heads --workflow --nprocs 2 --omp-nthreads 2
+    python benchmarks/participant.py /tmp/heads12 --make-heads   # build the 12 real 1 mm heads (offline)
+    python benchmarks/participant.py /tmp/heads12 --workflow --nprocs 2 --omp-nthreads 1 --n-threads 1
+
+``--make-heads`` writes the real-heads dataset of docs/benchmarks.md to ``BIDS_DIR``: Colin27 with its skull
+(``ch2.nii.gz``, mricron-data), the same zero-padded to a 289x260x219 field of view, and pydeface's mean head,
+each under 4 subject labels (12 scans); ``tests/real_heads.py`` says where each file comes from.
 
 With ``--workflow`` it times the workflow a user runs instead: ``bids-siamese BIDS_DIR OUT participant`` in a
 subprocess (fresh work and output folders), with its end-to-end wall time, the CPU time of all its processes
@@ -33,18 +38,23 @@ import contextlib
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
+from nipype.pipeline.engine.utils import load_resultfile
 
 
 def _set_thread_env(n_threads: int) -> None:
-    """Thread counts for the native libraries, before they are imported."""
+    """Thread counts for the native libraries, before they are imported (torch and this package's modules are
+    imported inside the functions that use them, marked ``# deferred: after _set_thread_env``)."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
         os.environ[name] = str(n_threads)
 
@@ -72,8 +82,6 @@ def find_scans(bids_dir: Path, limit: int | None, flipped_first: bool = True) ->
     truth = bids_dir / "sourcedata" / "truth" / "scans.tsv"
     scans: list[Scan] = []
     if truth.is_file():
-        import pandas as pd
-
         table = pd.read_csv(truth, sep="\t")
         for row in table.itertuples():
             flipped = str(row.lr_flipped).lower() in ("true", "1")
@@ -86,6 +94,34 @@ def find_scans(bids_dir: Path, limit: int | None, flipped_first: bool = True) ->
     else:
         scans = [Scan(p) for p in sorted(bids_dir.glob("sub-*/**/anat/*_T1w.nii*"))]
     return scans[:limit] if limit else scans
+
+
+def make_heads(bids_dir: Path, copies: int = 4) -> list[Path]:
+    """The real-heads benchmark dataset (see the module doc): 3 heads x ``copies`` subjects, 1 mm, with skull."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import real_heads  # deferred: a test helper, found only once tests/ is on the path
+
+    colin = real_heads.load_head("colin27")
+    pad = [(a, b - a - s) for a, b, s in zip((54, 21, 19), (289, 260, 219), colin.shape)]
+    padded_affine = colin.affine.copy()
+    padded_affine[:3, 3] -= colin.affine[:3, :3] @ np.array([p[0] for p in pad], dtype=float)
+    padded = nib.Nifti1Image(np.pad(np.asarray(colin.dataobj), pad), padded_affine)
+    heads = {"colin": colin, "colinpadded": padded, "pydeface": real_heads.load_head("pydeface_mean")}
+    bids_dir.mkdir(parents=True, exist_ok=True)
+    (bids_dir / "dataset_description.json").write_text(json.dumps({"Name": "real heads", "BIDSVersion": "1.10.0"}))
+    (bids_dir / "README").write_text("Real 1 mm T1w heads (Colin27, padded Colin27, pydeface's mean), 4 copies.\n")
+    written = []
+    for name, img in heads.items():
+        for copy in range(1, copies + 1):
+            path = bids_dir / f"sub-{name}{copy}" / "anat" / f"sub-{name}{copy}_T1w.nii.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+            out.header.set_xyzt_units("mm", "sec")
+            out.set_qform(img.affine, 1)
+            out.set_sform(img.affine, 1)
+            nib.save(out, path)
+            written.append(path)
+    return written
 
 
 def lr_axis(affine: np.ndarray) -> int:
@@ -163,8 +199,8 @@ class Prepared:
 
 def prepare(path: Path, n_threads: int, flip: bool = False) -> Prepared:
     """load + header checks, conform and deepbet for one scan (optionally array-flipped first)."""
-    from bids_siamese.preproc.brain import extract_brain
-    from bids_siamese.preproc.conform import conform, header_checks, load_t1w
+    from bids_siamese.preproc.brain import extract_brain  # deferred: after _set_thread_env
+    from bids_siamese.preproc.conform import conform, header_checks, load_t1w  # deferred: after _set_thread_env
 
     watch = Stopwatch()
     with watch.stage("load_checks"):
@@ -185,8 +221,13 @@ def prepare(path: Path, n_threads: int, flip: bool = False) -> Prepared:
 
 def grid_stage(prepared: Prepared, matrix: np.ndarray, resolution: float) -> tuple[float, dict]:
     """grid + normalise (timed) and the registration accuracy on the grid; returns (seconds, results)."""
-    from bids_siamese.preproc.grid import normalise_intensity, resample_mask_to_grid, resample_to_grid, template_on_grid
-    from bids_siamese.resources import model_grid
+    from bids_siamese.preproc.grid import (  # deferred: after _set_thread_env
+        normalise_intensity,
+        resample_mask_to_grid,
+        resample_to_grid,
+        template_on_grid,
+    )
+    from bids_siamese.resources import model_grid  # deferred: after _set_thread_env
 
     grid = model_grid(resolution)
     template, template_mask = template_on_grid(grid)
@@ -206,25 +247,33 @@ def grid_stage(prepared: Prepared, matrix: np.ndarray, resolution: float) -> tup
     return seconds, results
 
 
-def orientation_stage(prepared: Prepared, resolution: float, n_threads: int) -> tuple[float, dict]:
-    """The paired left-right test (9-dof registrations of the scan and of its mirror) and the verdict, timed."""
-    from bids_siamese.preproc.grid import template_on_grid
-    from bids_siamese.qc.orientation import lr_flip_verdict, paired_flip_test
-    from bids_siamese.resources import model_grid
+def orientation_stage(prepared: Prepared, resolution: float, n_threads: int,
+                      forward: np.ndarray | None = None) -> tuple[float, dict]:
+    """The paired left-right test (9-dof registrations of the scan and of its mirror) and the verdict, timed.
+
+    As in the workflow, the scan's 9-dof registration refines the 12-dof one (``forward``) when given, and the
+    mirror's refines the mirror of the scan's.
+    """
+    from bids_siamese.preproc.grid import template_on_grid  # deferred: after _set_thread_env
+    from bids_siamese.preproc.register import register_affine  # deferred: after _set_thread_env
+    from bids_siamese.qc.orientation import QC_DOF, lr_flip_verdict, paired_flip_test  # deferred: as above
+    from bids_siamese.resources import model_grid  # deferred: after _set_thread_env
 
     grid = model_grid(resolution)
     template, _ = template_on_grid(grid)
     watch = Stopwatch()
     with watch.stage("orientation"):
+        matrix = register_affine(prepared.brain, prepared.mask, nib.load(str(_template_path())),
+                                 resolution=max(resolution, 2.0), n_threads=n_threads, dof=QC_DOF, initial=forward)
         test = paired_flip_test(prepared.conformed, prepared.mask, grid, template, resolution=resolution,
-                                n_threads=n_threads)
+                                n_threads=n_threads, matrix=matrix)
         check = {"statistic": test["difference"], **lr_flip_verdict(test["difference"])}
     return watch.wall["orientation"], {**check, "cpu": watch.cpu["orientation"]}
 
 
 def register_torch(prepared: Prepared, resolution: float, n_threads: int, seed: int = 0) -> np.ndarray:
     """This package's engine."""
-    from bids_siamese.preproc.register import register_affine
+    from bids_siamese.preproc.register import register_affine  # deferred: after _set_thread_env
 
     fixed = nib.load(str(_template_path()))
     return register_affine(prepared.brain, prepared.mask, fixed, resolution=resolution, seed=seed, n_threads=n_threads)
@@ -236,9 +285,9 @@ def register_ants(prepared: Prepared, resolution: float, n_threads: int, seed: i
     The forward transform maps fixed (MNI) LPS points to moving (subject) LPS points, the same
     direction as ``register_affine``; it is converted to RAS.
     """
-    import ants
+    import ants  # deferred: optional reference engine (the 'reference' extra)
 
-    from bids_siamese.preproc.register import LPS_FROM_RAS
+    from bids_siamese.preproc.register import LPS_FROM_RAS  # deferred: after _set_thread_env
 
     ants.config._random_seed = seed  # what set_ants_deterministic() sets, without forcing 1 thread
     fixed = ants.image_read(str(_template_path()))
@@ -264,12 +313,12 @@ def register_torchreg(prepared: Prepared, resolution: float, n_threads: int, see
     same centre-of-mass/volume initialisation as ``register_affine``; the result is converted back
     to a template->subject world matrix. Intensities are scaled to [0, 1] (99th percentile).
     """
-    import torch
-    import torchreg
+    import torch  # deferred: after _set_thread_env
+    import torchreg  # deferred: optional reference engine (the 'reference' extra)
 
-    from bids_siamese.preproc.brain import torch_threads
-    from bids_siamese.preproc.grid import resample_to_grid
-    from bids_siamese.resources import Grid
+    from bids_siamese.preproc.brain import torch_threads  # deferred: after _set_thread_env
+    from bids_siamese.preproc.grid import resample_to_grid  # deferred: after _set_thread_env
+    from bids_siamese.resources import Grid  # deferred: after _set_thread_env
 
     template = nib.load(str(_template_path()))
     grid_affine = template.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
@@ -298,10 +347,10 @@ def register_torchreg(prepared: Prepared, resolution: float, n_threads: int, see
 
 def _moments_init(prepared: Prepared, template: nib.spatialimages.SpatialImage) -> np.ndarray:
     """Centre-of-mass translation and cube-root volume-ratio scale (template -> subject)."""
-    from bids_siamese.preproc.register import _centre_and_cov
+    from bids_siamese.preproc.register import centre_and_cov  # deferred: after _set_thread_env
 
-    centre_f, _, volume_f = _centre_and_cov(template.get_fdata() > 0, template.affine)
-    centre_m, _, volume_m = _centre_and_cov(prepared.mask, prepared.brain.affine)
+    centre_f, _, volume_f = centre_and_cov(template.get_fdata() > 0, template.affine)
+    centre_m, _, volume_m = centre_and_cov(prepared.mask, prepared.brain.affine)
     scale = (volume_m / volume_f) ** (1.0 / 3.0)
     init = np.eye(4)
     init[:3, :3] *= scale
@@ -313,15 +362,15 @@ ENGINES = {"torch": register_torch, "ants": register_ants, "torchreg": register_
 
 
 def _template_path() -> Path:
-    from bids_siamese.resources import template_brain_path
+    from bids_siamese.resources import template_brain_path  # deferred: after _set_thread_env
 
     return template_brain_path()
 
 
 def template_points(resolution: float) -> np.ndarray:
     """Template-brain voxel centres on the model grid (mm), where displacement errors are measured."""
-    from bids_siamese.preproc.grid import template_on_grid
-    from bids_siamese.resources import model_grid
+    from bids_siamese.preproc.grid import template_on_grid  # deferred: after _set_thread_env
+    from bids_siamese.resources import model_grid  # deferred: after _set_thread_env
 
     grid = model_grid(resolution)
     _, mask = template_on_grid(grid)
@@ -373,11 +422,6 @@ def _proc_tree_rss_mb(root_pid: int) -> float:
 def run_workflow(bids_dir: Path, labels: list[str], nprocs: int, omp: int, resolution: float, device: str,
                  root: Path) -> dict:
     """Run the app's participant level in a subprocess; returns wall, CPU, peak memory and the node records."""
-    import subprocess
-    import threading
-
-    from nipype.pipeline.engine.utils import load_resultfile
-
     out, work = root / "out", root / "work"
     cmd = [sys.executable, "-m", "bids_siamese", str(bids_dir), str(out), "participant", "--skip-bids-validation",
            "--nprocs", str(nprocs), "--omp-nthreads", str(omp), "--resolution", str(resolution),
@@ -426,24 +470,31 @@ def run_workflow(bids_dir: Path, labels: list[str], nprocs: int, omp: int, resol
 
 def stage_cpu(path: Path, resolution: float, n_threads: int, reg_threads: int, out_dir: Path) -> Stopwatch:
     """Every step of the per-scan workflow as plain calls in this process (timed per stage)."""
-    from bids_siamese.bids.derivatives import write_nifti
-    from bids_siamese.preproc.grid import template_on_grid
-    from bids_siamese.reports.figures import mask_contour_mosaic, orientation_figure, registration_mosaic
-    from bids_siamese.resources import model_grid
-    from bids_siamese.symmetry.analysis import analyse_scan, template_reference
-    from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs
+    from bids_siamese.bids.derivatives import write_nifti  # deferred: after _set_thread_env
+    from bids_siamese.preproc.grid import (  # deferred: after _set_thread_env
+        normalise_intensity,
+        resample_mask_to_grid,
+        resample_to_grid,
+        template_on_grid,
+    )
+    from bids_siamese.reports.figures import (  # deferred: after _set_thread_env
+        mask_contour_mosaic,
+        orientation_figure,
+        registration_mosaic,
+    )
+    from bids_siamese.resources import model_grid  # deferred: after _set_thread_env
+    from bids_siamese.symmetry.analysis import analyse_scan, template_reference  # deferred: after _set_thread_env
+    from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs  # deferred: after _set_thread_env
 
     prepared = prepare(path, n_threads)
     watch = prepared.watch
     with watch.stage("registration"):
         matrix = register_torch(prepared, resolution, reg_threads)
     with watch.stage("grid_normalise"):
-        from bids_siamese.preproc.grid import normalise_intensity, resample_mask_to_grid, resample_to_grid
-
         grid = model_grid(resolution)
         mask_grid = resample_mask_to_grid(prepared.mask, prepared.brain.affine, matrix, grid)
         data = normalise_intensity(resample_to_grid(prepared.conformed, matrix, grid), mask_grid)
-    watch.wall["orientation"], check = orientation_stage(prepared, resolution, reg_threads)
+    watch.wall["orientation"], check = orientation_stage(prepared, resolution, reg_threads, forward=matrix)
     watch.cpu["orientation"] = check["cpu"]
     with watch.stage("figures"):
         template, _ = template_on_grid(grid)
@@ -494,9 +545,10 @@ def workflow_main(args: argparse.Namespace) -> int:
 
     _set_thread_env(args.n_threads)
     watches = []
+    # the plain calls on every --stage-every-th scan (the dataset's copies of one head cost the same)
     with tempfile.TemporaryDirectory(prefix="bench_stages_") as tmp:
         wall = time.perf_counter()
-        for scan in scans:
+        for scan in scans[::args.stage_every]:
             watches.append(stage_cpu(scan.path, args.resolution, args.n_threads, args.reg_threads, Path(tmp)))
         wall = time.perf_counter() - wall
     stages = list(watches[0].cpu)
@@ -506,8 +558,14 @@ def workflow_main(args: argparse.Namespace) -> int:
     stage_total = sum(sum(w.cpu.values()) for w in watches)
     print(f"stages as plain calls: {len(watches)} scans, CPU {stage_total:.1f} s ({stage_total / len(watches):.2f} "
           f"s/scan), wall {wall:.1f} s ({wall / len(watches):.2f} s/scan); peak RSS {peak_rss_mb():.0f} MB")
-    print(f"workflow CPU / stage CPU: {run['cpu'] / stage_total:.2f} (whole run), {node_cpu / stage_total:.2f} "
-          f"(inside the nodes); load average now {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    per_stage = stage_total / len(watches)
+    print(f"workflow CPU / stage CPU (per scan): {run['cpu'] / n / per_stage:.2f} (whole run), "
+          f"{node_cpu / n / per_stage:.2f} (inside the nodes); load average now "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    figures_cpu = sum(r["cpu"] or 0.0 for r in by_node.get("figures", [])) / n
+    print(f"PER SCAN (workflow, --nprocs {args.nprocs}, {n} scans): wall {run['wall'] / n:.2f} s, CPU {run['cpu'] / n:.2f} s "
+          f"(all processes); figures node {figures_cpu:.2f} CPU s (mean) = {100 * figures_cpu / (run['cpu'] / n):.1f} % of "
+          f"the scan's CPU")
     if args.json:
         args.json.write_text(json.dumps({"workflow": run, "stages": [{"cpu": w.cpu, "wall": w.wall} for w in watches]},
                                         indent=1, default=float))
@@ -531,7 +589,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--omp-nthreads", type=int, default=2, help="--workflow: the app's --omp-nthreads")
     parser.add_argument("--device", default="cpu", help="--workflow: the app's --device")
     parser.add_argument("--participant-label", nargs="+", default=[], help="--workflow: these participants only")
+    parser.add_argument("--stage-every", type=int, default=1,
+                        help="--workflow: time the steps as plain calls on every N-th scan only (4 on the real-heads "
+                             "dataset: one copy of each head)")
+    parser.add_argument("--make-heads", action="store_true",
+                        help="write the 12-scan real-heads dataset to BIDS_DIR and exit")
     args = parser.parse_args(argv)
+    if args.make_heads:
+        print(f"wrote {len(make_heads(args.bids_dir))} scans to {args.bids_dir}")
+        return 0
     if args.workflow:
         return workflow_main(args)
     _set_thread_env(args.n_threads)
@@ -555,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             matrix = register_torch(prepared, args.resolution, reg_threads)
         prepared.times["grid_normalise"], results = grid_stage(prepared, matrix, args.resolution)
         prepared.watch.cpu["grid_normalise"] = results.pop("cpu")
-        prepared.times["orientation"], check = orientation_stage(prepared, args.resolution, reg_threads)
+        prepared.times["orientation"], check = orientation_stage(prepared, args.resolution, reg_threads, forward=matrix)
         prepared.watch.cpu["orientation"] = check.pop("cpu")
         results.update(check)
         error = None

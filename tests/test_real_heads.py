@@ -12,16 +12,32 @@ docs/benchmarks.md), and deepbet runs once per distinct conformed array.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 import real_heads
-from bids_siamese.preproc.brain import extract_brain
+from bids_siamese.cli.main import main
+from bids_siamese.bids.derivatives import output_names
+from bids_siamese.preproc.brain import brain_image, extract_brain
 from bids_siamese.preproc.conform import conform, header_checks
-from bids_siamese.qc.orientation import LR_FLIP_MARGIN, scan_orientation_report
+from bids_siamese.preproc.grid import template_on_grid
+from bids_siamese.preproc.register import register_affine
+from bids_siamese.qc.orientation import (
+    LR_FLIP_MARGIN,
+    QC_DOF,
+    lr_flip_verdict,
+    paired_flip_test,
+    scan_orientation_report,
+)
+from bids_siamese.resources import model_grid, template_brain_path
+from bids_siamese.train.data import find_preproc
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +52,21 @@ CASES = (
 )
 
 
+#: Cases also scored with every registration made from scratch, as before issue 27 (the mirror's registration
+#: now refines the mirror of the scan's, and the workflow's shear-free registration refines the affine one):
+#: a head with skull, an oblique mirrored head, and the symmetric template (the closest call).
+FROM_SCRATCH_CASES = (("colin27", "stored"), ("pydeface_mean", "array_mirrored"), ("icbm2009a_sym", "stored"))
+
+
 @pytest.fixture(scope="session")
-def real_head_reports() -> dict[tuple[str, str], dict]:
-    """The orientation QC record of every case in :data:`CASES` (fails, never skips, when a head is missing)."""
+def real_head_inputs() -> dict[tuple[str, str], tuple]:
+    """``(conformed, brain mask, header checks)`` of every case in :data:`CASES` (fails, never skips, when a head
+    is missing); deepbet runs once per distinct conformed array."""
     missing = sorted({real_heads.INSTALL[h] for h, _ in CASES if real_heads.head_path(h) is None})
     if missing:
         pytest.fail("real heads missing; install them: " + "; ".join(missing), pytrace=False)
     masks: dict[str, np.ndarray] = {}
-    reports = {}
+    inputs = {}
     for head in dict.fromkeys(h for h, _ in CASES):
         stored = real_heads.load_head(head)
         for variant in [v for h, v in CASES if h == head]:
@@ -53,9 +76,36 @@ def real_head_reports() -> dict[tuple[str, str], dict]:
             key = hashlib.sha1(np.ascontiguousarray(conformed.get_fdata(dtype=np.float32)).tobytes()).hexdigest()
             if key not in masks:
                 masks[key] = extract_brain(conformed, n_threads=1)[0]
-            reports[head, variant] = scan_orientation_report(conformed, masks[key], header_checks(img),
-                                                             resolution=RESOLUTION, n_threads=1)
-    return reports
+            inputs[head, variant] = (conformed, masks[key], header_checks(img))
+    return inputs
+
+
+@pytest.fixture(scope="session")
+def real_head_reports(real_head_inputs) -> dict[tuple[str, str], dict]:
+    """The orientation QC record of every case in :data:`CASES`."""
+    return {case: scan_orientation_report(conformed, mask, checks, resolution=RESOLUTION, n_threads=1)
+            for case, (conformed, mask, checks) in real_head_inputs.items()}
+
+
+@pytest.mark.parametrize("head, variant", FROM_SCRATCH_CASES)
+def test_refined_registrations_keep_the_verdicts_of_registrations_from_scratch(real_head_inputs, real_head_reports,
+                                                                               head, variant) -> None:
+    conformed, mask, checks = real_head_inputs[head, variant]
+    qc = real_head_reports[head, variant]
+    grid = model_grid(RESOLUTION)
+    template, _ = template_on_grid(grid)
+    scratch = paired_flip_test(conformed, mask, grid, template, resolution=RESOLUTION, n_threads=1, warm_start=False)
+    assert lr_flip_verdict(scratch["difference"])["lr_flip_verdict"] == qc["lr_flip_verdict"]
+    tolerance = max(0.02, 0.05 * abs(scratch["difference"]))
+    assert qc["lr_flip_difference"] == pytest.approx(scratch["difference"], abs=tolerance)
+    # the workflow's path: the shear-free registration refines the affine one, the mirror's refines its mirror
+    brain, template_img = brain_image(conformed, mask), nib.load(str(template_brain_path()))
+    affine = register_affine(brain, mask, template_img, resolution=RESOLUTION, n_threads=1)
+    shear_free = register_affine(brain, mask, template_img, resolution=RESOLUTION, n_threads=1, dof=QC_DOF,
+                                 initial=affine)
+    workflow = scan_orientation_report(conformed, mask, checks, resolution=RESOLUTION, n_threads=1, matrix=shear_free)
+    assert workflow["usable"] == qc["usable"] and workflow["lr_flip_verdict"] == qc["lr_flip_verdict"]
+    assert workflow["lr_flip_difference"] == pytest.approx(scratch["difference"], abs=tolerance)
 
 
 @pytest.mark.parametrize("head, variant", [c for c in CASES if c[0] in real_heads.ASYMMETRIC])
@@ -105,15 +155,6 @@ def test_oblique_mean_head_is_not_a_failed_check(real_head_reports) -> None:
 
 def test_cropped_scan_through_the_cli(tmp_path: Path, caplog) -> None:
     """Participant level on the cropped scan: outputs and report kept, summary line, left out at group level."""
-    import json
-    import shutil
-
-    import pandas as pd
-
-    from bids_siamese.cli.main import main
-    from bids_siamese.bids.derivatives import output_names
-    from bids_siamese.train.data import find_preproc
-
     bids = tmp_path / "bids"
     anat = bids / "sub-01" / "anat"
     anat.mkdir(parents=True)

@@ -66,8 +66,8 @@ def test_svgs_parse_and_embed_a_png(vol, kind):
     images = embedded_images(root)
     assert images, "no <image> element in the SVG"
     assert all(href.startswith("data:image/png;base64,") for href in images)
-    expected_panels = {"registration": 3 * 4, "mask": 3 * 4, "orientation": 6}[kind]
-    assert len(images) == expected_panels
+    # every figure draws its panels (3 x 4, or 2 x 3) on one axes, which matplotlib composites into one image
+    assert len(images) == 1
     # Contours are drawn as vector paths on top of the images.
     assert len(list(root.iter(f"{SVG_NS}path"))) > 0
     assert len(svg) < 500_000

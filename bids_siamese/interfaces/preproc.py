@@ -219,6 +219,7 @@ class _RegisterInputSpec(BaseInterfaceInputSpec):
     use_gpu = traits.Bool(False, usedefault=True, desc="runs on a GPU (nipype's MultiProc counts it in n_gpu_procs)")
     num_threads = traits.Int(1, usedefault=True)
     dof = traits.Enum(12, 9, 7, 6, usedefault=True, desc="12 affine; 9 shear-free (the orientation check's)")
+    in_initial = File(exists=True, desc="template-to-T1w matrix (text) to refine instead of searching from scratch")
 
 
 class _RegisterOutputSpec(TraitedSpec):
@@ -236,11 +237,12 @@ class AffineRegistration(StepInterface):
     def _run_step(self, runtime):
         img = nib.load(self.inputs.in_file)
         mask = _mask(self.inputs.in_mask)
+        initial = np.loadtxt(self.inputs.in_initial) if isdefined(self.inputs.in_initial) else None
         # register_affine masks the image itself (and caches the template side once per process)
         matrix = register_affine(
             img, mask, nib.load(template_brain_path()), resolution=self.inputs.resolution,
             seed=self.inputs.seed, device=self.inputs.device, n_threads=self.inputs.num_threads,
-            dof=self.inputs.dof,
+            dof=self.inputs.dof, initial=initial,
         )
         out_matrix = os.path.abspath("template_to_t1w.txt")
         np.savetxt(out_matrix, matrix, fmt="%.10f")

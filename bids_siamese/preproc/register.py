@@ -77,6 +77,9 @@ CANDIDATE_ITERATIONS = 40
 #: right) plus this many of the best-scoring principal-axes rotations.
 N_PRINCIPAL_CANDIDATES = 2
 
+#: Adam steps per pyramid level (the coarsest skipped) when :func:`register_affine` starts from an estimate.
+WARM_ITERATIONS = 20
+
 #: At most this many template voxels (a seeded random subset) enter the similarity at each level.
 MAX_POINTS = 60_000
 
@@ -104,7 +107,7 @@ def _box_downsample(data: np.ndarray, affine: np.ndarray, spacing_mm: float) -> 
     return pooled, affine @ step
 
 
-def _centre_and_cov(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def centre_and_cov(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """World centre of mass, covariance (mm^2) and volume (mm^3) of a boolean mask.
 
     Computed from the mask's 1D and 2D marginal sums (no per-voxel coordinate arrays).
@@ -274,7 +277,7 @@ def _fixed_data(fixed_img: nib.spatialimages.SpatialImage, fixed_mask: np.ndarra
     fixed = fixed_img.get_fdata(dtype=np.float32)
     fixed_affine = np.asarray(fixed_img.affine, dtype=np.float64)
     mask = fixed > 0 if fixed_mask is None else np.asarray(fixed_mask, dtype=bool)
-    centre, cov, volume = _centre_and_cov(mask, fixed_affine)
+    centre, cov, volume = centre_and_cov(mask, fixed_affine)
     rng = np.random.default_rng(seed)
     mask_f32 = mask.astype(np.float32)
     data = tuple(_fixed_level(fixed, fixed_affine, mask_f32, lv.spacing_mm, rng) for lv in levels)
@@ -290,9 +293,13 @@ def _fixed_data_cached(path: str, mtime_ns: int, levels: tuple[Level, ...], seed
     return _fixed_data(nib.load(path), None, list(levels), seed)
 
 
-def _template_data(fixed_img: nib.spatialimages.SpatialImage, fixed_mask: np.ndarray | None, levels: list[Level],
-                   seed: int) -> _FixedData:
-    """The cached template side when ``fixed_img`` was loaded from a file and no mask is given, else computed."""
+def template_side(fixed_img: nib.spatialimages.SpatialImage, fixed_mask: np.ndarray | None, levels: list[Level],
+                  seed: int) -> _FixedData:
+    """The template side of :func:`register_affine` (mask moments, each level's sample points and values).
+
+    Cached once per process when ``fixed_img`` was loaded from a file and no mask is given (the workflow warms
+    this cache before its workers fork), else computed.
+    """
     filename = fixed_img.get_filename() if hasattr(fixed_img, "get_filename") else None
     if fixed_mask is None and filename and os.path.isfile(filename) and isinstance(fixed_img.dataobj,
                                                                                    nib.arrayproxy.ArrayProxy):
@@ -422,6 +429,7 @@ def register_affine(
     n_threads: int | None = 1,
     fixed_mask: np.ndarray | None = None,
     dof: int = 12,
+    initial: np.ndarray | None = None,
 ) -> np.ndarray:
     """Affine (12-dof, no reflection) registration of a subject brain to a template brain.
 
@@ -435,6 +443,10 @@ def register_affine(
         n_threads: torch CPU threads for this call (restored afterwards; ``None``: unchanged).
         fixed_mask: template brain mask (default: ``fixed_img > 0``).
         dof: 12 (affine, the default), 9 (no shear), 7 (rigid + isotropic scale) or 6 (rigid).
+        initial: a template_to_subject estimate to start from (e.g. the mirror of a registration already
+            made, :func:`bids_siamese.qc.orientation.mirrored_matrix`): the rotation search is skipped and
+            the pyramid runs :func:`warm_schedule` (a start within a few millimetres and degrees). Its 3x3 part
+            must have a positive determinant; parameters ``dof`` keeps fixed are dropped.
 
     Returns:
         ``template_to_subject``: float64 4x4 matrix mapping template (MNI RAS mm) points to subject
@@ -448,8 +460,8 @@ def register_affine(
     moving_mask = np.asarray(moving_mask, dtype=bool)
     if not moving_mask.any():
         raise ValueError("the moving brain mask is empty")
-    levels = _levels(float(resolution))
-    template = _template_data(fixed_img, fixed_mask, levels, seed)
+    levels = pyramid_levels(float(resolution))
+    template = template_side(fixed_img, fixed_mask, levels, seed)
     centre_f, cov_f, volume_f = template.centre, template.cov, template.volume
     moving_data = moving_img.get_fdata(dtype=np.float32)
     moving_data = moving_data.reshape(moving_data.shape[:3]) if moving_data.ndim > 3 else moving_data
@@ -457,7 +469,7 @@ def register_affine(
                                                                                            dtype=np.float64),
                                                       [lv.spacing_mm for lv in levels])
     del moving_data
-    centre_m, cov_m, volume_m = _centre_and_cov(moving_mask, moving_affine)
+    centre_m, cov_m, volume_m = centre_and_cov(moving_mask, moving_affine)
     log_scale0 = math.log(volume_m / volume_f) / 3.0 if dof > 6 else 0.0
 
     with torch_threads(n_threads):
@@ -468,16 +480,72 @@ def register_affine(
                                               fixed_values=torch.from_numpy(values.copy()),
                                               moving=moving_t, world_to_grid=to_grid), device))
         centres = (torch.from_numpy(centre_f).to(device), torch.from_numpy(centre_m).to(device))
-        params = _initial_parameters(data[0], centres, log_scale0, levels[0].learning_rate, cov_f, cov_m, dof)
-        for index, (level, lv) in enumerate(zip(data, levels)):
-            iterations = lv.iterations - (CANDIDATE_ITERATIONS if index == 0 else 0)
-            params, _ = _optimise(level, params, centres, log_scale0, max(iterations, 0), lv.learning_rate, dof)
+        if initial is None:
+            params = _initial_parameters(data[0], centres, log_scale0, levels[0].learning_rate, cov_f, cov_m, dof)
+            schedule = [(lv.iterations - (CANDIDATE_ITERATIONS if index == 0 else 0), lv.learning_rate)
+                        for index, lv in enumerate(levels)]
+        else:
+            params = torch.from_numpy(matrix_to_parameters(initial, centre_f, centre_m, log_scale0, dof)).to(device)
+            schedule = warm_schedule(levels)
+        for level, (iterations, learning_rate) in zip(data, schedule):
+            if iterations > 0:
+                params, _ = _optimise(level, params, centres, log_scale0, iterations, learning_rate, dof)
         matrix = _template_to_subject(params.detach(), *centres, log_scale0).cpu()
     return matrix.numpy().astype(np.float64)
 
 
-def _levels(resolution: float) -> list[Level]:
-    """The pyramid for a final spacing: the coarser levels of :data:`LEVELS`, then ``resolution``."""
+def warm_schedule(levels: list[Level]) -> list[tuple[int, float]]:
+    """``(iterations, learning rate)`` per pyramid level when :func:`register_affine` starts from an estimate.
+
+    The coarsest level is skipped (its large steps would shake a good start loose), every other level runs
+    :data:`WARM_ITERATIONS` steps at its own learning rate (docs/benchmarks.md, issue 27).
+
+    Examples:
+        >>> warm_schedule(pyramid_levels(2.0))
+        [(0, 0.03), (20, 0.01), (20, 0.004)]
+    """
+    return [(0 if index == 0 and len(levels) > 1 else min(WARM_ITERATIONS, lv.iterations), lv.learning_rate)
+            for index, lv in enumerate(levels)]
+
+
+def matrix_to_parameters(matrix: np.ndarray, centre_fixed: np.ndarray, centre_moving: np.ndarray, log_scale0: float,
+                         dof: int = 12) -> np.ndarray:
+    """The parameter vector ``[t(3), w(3), l(3), h(3)]`` of :func:`_template_to_subject` for a 4x4 matrix.
+
+    The 3x3 part is split as ``R @ diag(s) @ H`` (QR, positive diagonal); what ``dof`` keeps fixed is dropped
+    (shears below 12 dof, anisotropic scales below 9, scales at 6); the template's centre lands where it did.
+    Raises ``ValueError`` for a reflection or a singular matrix (the model cannot represent them).
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    linear = matrix[:3, :3]
+    if not np.linalg.det(linear) > 0:
+        raise ValueError("the initial matrix must have a positive determinant (no reflection)")
+    q, u = np.linalg.qr(linear)
+    signs = np.sign(np.diag(u))
+    q, u = q * signs, signs[:, None] * u
+    scales = np.diag(u).copy()
+    shear = u / scales[:, None]
+    params = np.zeros(12)
+    params[3:6] = _rotation_to_vector(q)
+    log_scales = np.log(scales) - log_scale0
+    params[6:9] = {6: np.zeros(3), 7: np.full(3, log_scales.mean())}.get(dof, log_scales)
+    if dof == 12:
+        params[9:12] = shear[0, 1], shear[0, 2], shear[1, 2]
+    # t is where the template's centre lands (whatever the model keeps of the linear part)
+    params[:3] = (linear @ centre_fixed + matrix[:3, 3] - centre_moving) / TRANSLATION_UNIT_MM
+    return params
+
+
+def pyramid_levels(resolution: float) -> list[Level]:
+    """The pyramid :func:`register_affine` runs for a final spacing: the coarser levels of :data:`LEVELS`, then
+    ``resolution`` (with the last entry's iterations and learning rate).
+
+    Examples:
+        >>> [lv.spacing_mm for lv in pyramid_levels(2.0)]
+        [8.0, 4.0, 2.0]
+        >>> [(lv.spacing_mm, lv.iterations) for lv in pyramid_levels(4.0)]
+        [(8.0, 120), (4.0, 40)]
+    """
     coarse = [lv for lv in LEVELS[:-1] if lv.spacing_mm > resolution * 1.01]
     last = LEVELS[-1] if coarse else LEVELS[0]
     return [*coarse, Level(resolution, last.iterations, last.learning_rate)]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import contourpy
 import matplotlib
@@ -229,14 +230,6 @@ def _panel(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return volume[(slice(None),) * axis + (int(index),)].T
 
 
-def _extent(shape: Sequence[int], zooms: Sequence[float], axis: int) -> tuple[float, float, float, float]:
-    """Physical ``imshow`` extent (mm) of a slice through ``axis``."""
-    in_plane = [a for a in range(3) if a != axis]
-    width = shape[in_plane[0]] * float(zooms[in_plane[0]])
-    height = shape[in_plane[1]] * float(zooms[in_plane[1]])
-    return (0.0, width, 0.0, height)
-
-
 def _volume_pair(a: np.ndarray, name_a: str, b: np.ndarray, name_b: str, n_slices: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Two volumes of one figure as :func:`_as_volume` arrays on one grid, with at least one slice per row."""
@@ -261,13 +254,6 @@ def _check_zooms(zooms: Sequence[float]) -> tuple[float, float, float]:
 # --------------------------------------------------------------------------------------------------
 # Drawing helpers
 # --------------------------------------------------------------------------------------------------
-def _new_axes(fig: Figure, spec) -> Axes:
-    ax = fig.add_subplot(spec)
-    ax.set_facecolor(BACKGROUND)
-    ax.set_axis_off()
-    return ax
-
-
 def _show(ax: Axes, panel: np.ndarray, extent, window: tuple[float, float]) -> None:
     ax.imshow(
         panel,
@@ -277,7 +263,7 @@ def _show(ax: Axes, panel: np.ndarray, extent, window: tuple[float, float]) -> N
         origin="lower",
         extent=extent,
         interpolation="antialiased",
-        aspect="equal",
+        aspect="auto",  # the extent keeps the panel's shape (see _Mosaic)
     )
 
 
@@ -314,16 +300,8 @@ def _simplify_line(line: np.ndarray, tolerance: float) -> np.ndarray:
     return line[keep]
 
 
-def _points_per_unit(ax: Axes, extent) -> float:
-    """Display points per data unit of ``ax`` once its aspect is equalised."""
-    fig = ax.get_figure()
-    box = ax.get_position()
-    width_pt = box.width * fig.get_figwidth() * 72.0
-    height_pt = box.height * fig.get_figheight() * 72.0
-    return min(width_pt / max(extent[1] - extent[0], 1e-9), height_pt / max(extent[3] - extent[2], 1e-9))
-
-
-def _contour(ax: Axes, panel: np.ndarray, extent, level: float, colour: str, width: float) -> None:
+def _contour(ax: Axes, panel: np.ndarray, extent, level: float, colour: str, width: float,
+             points_per_unit: float) -> None:
     """Draw the iso-line ``level`` of ``panel`` (nothing, and no warning, if it does not cross it).
 
     Lines come from ``contourpy`` (matplotlib's own contouring engine) and are simplified to a quarter
@@ -338,7 +316,6 @@ def _contour(ax: Axes, panel: np.ndarray, extent, level: float, colour: str, wid
     xs = extent[0] + (np.arange(cols) + 0.5) * (extent[1] - extent[0]) / cols
     ys = extent[2] + (np.arange(rows) + 0.5) * (extent[3] - extent[2]) / rows
     generator = contourpy.contour_generator(xs, ys, np.asarray(panel, dtype=np.float64), line_type="Separate")
-    points_per_unit = _points_per_unit(ax, extent)
     tolerance = 0.25 / points_per_unit
     smallest = 1.0 / points_per_unit  # specks under a point across are noise at display size
     lines = [
@@ -350,15 +327,19 @@ def _contour(ax: Axes, panel: np.ndarray, extent, level: float, colour: str, wid
         ax.add_collection(LineCollection(lines, colors=[colour], linewidths=width), autolim=False)
 
 
-def _letters(ax: Axes, letters: tuple[str, str], size: float = 7.0) -> None:
-    """Put orientation letters at the left and right edges of a panel."""
+def _letters(ax: Axes, letters: tuple[str, str], extent, size: float = 7.0) -> None:
+    """Put orientation letters at the left and right edges of the panel at ``extent`` (data coordinates)."""
     style = {"color": LETTER_COLOUR, "fontsize": size, "fontweight": "bold", "va": "center"}
-    ax.text(0.015, 0.5, letters[0], transform=ax.transAxes, ha="left", **style)
-    ax.text(0.985, 0.5, letters[1], transform=ax.transAxes, ha="right", **style)
+    x0, x1, y0, y1 = extent
+    ax.text(x0 + 0.015 * (x1 - x0), (y0 + y1) / 2, letters[0], ha="left", **style)
+    ax.text(x0 + 0.985 * (x1 - x0), (y0 + y1) / 2, letters[1], ha="right", **style)
 
 
-def _label(ax: Axes, text: str, size: float = 6.5) -> None:
-    ax.text(0.02, 0.98, text, transform=ax.transAxes, ha="left", va="top", color=LETTER_COLOUR, fontsize=size)
+def _label(ax: Axes, text: str, extent, size: float = 6.5) -> None:
+    """The view's name in the top-left corner of the panel at ``extent``."""
+    x0, x1, y0, y1 = extent
+    ax.text(x0 + 0.02 * (x1 - x0), y0 + 0.98 * (y1 - y0), text, ha="left", va="top", color=LETTER_COLOUR,
+            fontsize=size)
 
 
 _PATH_DATA = re.compile(r'( d=")([^"]*)(")')
@@ -428,24 +409,78 @@ def _to_svg(fig: Figure, max_bytes: int | None = None) -> str:
     return svg
 
 
-def _mosaic_figure(shape: Sequence[int], zooms: Sequence[float], n_slices: int, footer: str | None):
-    """Figure and grid spec for a 3-row (axial, coronal, sagittal) x ``n_slices`` mosaic."""
+@dataclass(frozen=True)
+class _Mosaic:
+    """A 3-row (axial, coronal, sagittal) x ``n_slices`` mosaic drawn on ONE axes.
+
+    Each panel is an image placed at its own extent in the axes' data coordinates (cell width 1; a row's
+    panels keep their physical aspect), so the figure has one axes and matplotlib composites the panels into
+    one embedded PNG: far cheaper to build and save than one axes per panel, and it looks the same.
+    """
+
+    fig: Figure
+    ax: Axes
+    row_heights: tuple[float, ...]
+    gap_x: float
+    gap_y: float
+    points_per_unit: float
+
+    def extent(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """Data-coordinate extent of the panel in ``row`` (0: axial, at the top) and ``col``."""
+        x0 = col * (1.0 + self.gap_x)
+        top = sum(self.row_heights) + self.gap_y * (len(self.row_heights) - 1)
+        y1 = top - sum(self.row_heights[:row]) - self.gap_y * row
+        return (x0, x0 + 1.0, y1 - self.row_heights[row], y1)
+
+
+def _panel_grid(ratios: Sequence[float], n_cols: int, cell_width: float, wspace: float, hspace: float,
+                below: float, above: float) -> _Mosaic:
+    """A figure whose single axes holds ``len(ratios)`` rows x ``n_cols`` panel cells (see :class:`_Mosaic`).
+
+    Cells are ``cell_width`` inches wide and ``ratio`` times as high, separated by ``wspace`` of a cell width and
+    ``hspace`` of the mean cell height; ``below``/``above`` inches are left free for text under/over the panels.
+    """
+    gap_x, gap_y = wspace, hspace * float(np.mean(ratios))
+    width_units = n_cols + gap_x * (n_cols - 1)
+    height_units = sum(ratios) + gap_y * (len(ratios) - 1)
+    inches_per_unit = cell_width * n_cols / width_units
+    axes_height = height_units * inches_per_unit
+    height = axes_height + below + above
+    fig = Figure(figsize=(cell_width * n_cols, height), facecolor=BACKGROUND)
+    ax = fig.add_axes((0.0, below / height, 1.0, axes_height / height))
+    ax.set_facecolor(BACKGROUND)
+    ax.set_axis_off()
+    ax.set_xlim(0.0, width_units)
+    ax.set_ylim(0.0, height_units)
+    ax.set_autoscale_on(False)
+    return _Mosaic(fig, ax, tuple(float(r) for r in ratios), gap_x, gap_y, 72.0 * inches_per_unit)
+
+
+def _fit(extent: tuple[float, float, float, float], ratio: float) -> tuple[float, float, float, float]:
+    """The largest extent of height/width ``ratio`` centred in the cell ``extent`` (a panel keeps its shape)."""
+    x0, x1, y0, y1 = extent
+    width, height = x1 - x0, y1 - y0
+    if ratio * width > height:
+        new_width = height / ratio
+        return (x0 + (width - new_width) / 2, x0 + (width + new_width) / 2, y0, y1)
+    new_height = ratio * width
+    return (x0, x1, y0 + (height - new_height) / 2, y0 + (height + new_height) / 2)
+
+
+def _mosaic_figure(shape: Sequence[int], zooms: Sequence[float], n_slices: int, footer: str | None) -> _Mosaic:
+    """The figure and its single axes for a 3-row x ``n_slices`` mosaic (see :class:`_Mosaic`)."""
     physical = [shape[a] * zooms[a] for a in range(3)]
     ratios = []
     for _, axis, _ in _VIEWS:
         in_plane = [a for a in range(3) if a != axis]
         ratios.append(max(physical[in_plane[1]] / physical[in_plane[0]], 0.05))
-    cell_width = 1.4  # inches
     footer_height = 0.22 if footer else 0.0
-    height = cell_width * sum(ratios) + footer_height + 0.05
-    fig = Figure(figsize=(cell_width * n_slices, height), facecolor=BACKGROUND)
-    bottom = footer_height / height
-    grid = fig.add_gridspec(
-        3, n_slices, height_ratios=ratios, left=0.0, right=1.0, top=1.0, bottom=bottom, wspace=0.02, hspace=0.03
-    )
+    mosaic = _panel_grid(ratios, n_slices, 1.4, 0.02, 0.03, footer_height, 0.05)
     if footer:
-        fig.text(0.5, footer_height / height / 2.0, footer, ha="center", va="center", color=LETTER_COLOUR, fontsize=7)
-    return fig, grid
+        height = mosaic.fig.get_figheight()
+        mosaic.fig.text(0.5, footer_height / height / 2.0, footer, ha="center", va="center", color=LETTER_COLOUR,
+                        fontsize=7)
+    return mosaic
 
 
 # --------------------------------------------------------------------------------------------------
@@ -477,23 +512,23 @@ def registration_mosaic(moving: np.ndarray, fixed: np.ndarray, n_slices: int = 7
     mov, fix = mov[box], fix[box]
     reference = fix if np.any(fix) else mov
 
-    fig, grid = _mosaic_figure(
+    mosaic = _mosaic_figure(
         mov.shape, zooms, n_slices, "template edges: brain outline (yellow), grey/white boundary (cyan)"
     )
+    ax, unit = mosaic.ax, mosaic.points_per_unit
     for row, (view, axis, letters) in enumerate(_VIEWS):
-        extent = _extent(mov.shape, zooms, axis)
         for col, index in enumerate(select_slices(reference, axis, n_slices)):
-            ax = _new_axes(fig, grid[row, col])
+            extent = mosaic.extent(row, col)
             _show(ax, _panel(mov, axis, index), extent, window)
             edges = ndimage.gaussian_filter(_panel(fix, axis, index), sigma=0.6)
             if outline_level is not None:
-                _contour(ax, edges, extent, outline_level, OUTLINE_COLOUR, 0.6)
+                _contour(ax, edges, extent, outline_level, OUTLINE_COLOUR, 0.6, unit)
             if tissue_level is not None:
-                _contour(ax, edges, extent, tissue_level, TISSUE_COLOUR, 0.45)
-            _letters(ax, letters)
+                _contour(ax, edges, extent, tissue_level, TISSUE_COLOUR, 0.45, unit)
+            _letters(ax, letters, extent)
             if col == 0:
-                _label(ax, view)
-    return _to_svg(fig)
+                _label(ax, view, extent)
+    return _to_svg(mosaic.fig)
 
 
 def mask_contour_mosaic(
@@ -526,17 +561,17 @@ def mask_contour_mosaic(
     img, binary = img[box], binary[box]
     reference = binary if binary.any() else img
 
-    fig, grid = _mosaic_figure(img.shape, vox, n_slices, None)
+    mosaic = _mosaic_figure(img.shape, vox, n_slices, None)
+    ax, unit = mosaic.ax, mosaic.points_per_unit
     for row, (view, axis, letters) in enumerate(_VIEWS):
-        extent = _extent(img.shape, vox, axis)
         for col, index in enumerate(select_slices(reference, axis, n_slices)):
-            ax = _new_axes(fig, grid[row, col])
+            extent = mosaic.extent(row, col)
             _show(ax, _panel(img, axis, index), extent, window)
-            _contour(ax, _panel(binary, axis, index), extent, 0.5, MASK_COLOUR, 0.8)
-            _letters(ax, letters)
+            _contour(ax, _panel(binary, axis, index), extent, 0.5, MASK_COLOUR, 0.8, unit)
+            _letters(ax, letters, extent)
             if col == 0:
-                _label(ax, view)
-    return _to_svg(fig)
+                _label(ax, view, extent)
+    return _to_svg(mosaic.fig)
 
 
 def _orientation_slices(volume: np.ndarray) -> tuple[int, int]:
@@ -590,14 +625,11 @@ def orientation_figure(brain: np.ndarray, template: np.ndarray) -> str:
     )
     rows = (("axial", 2, 0), ("coronal", 1, 1))
     ratios = [max(sub.shape[1] / sub.shape[0], 0.05), max(sub.shape[2] / sub.shape[0], 0.05)]
-    cell_width = 2.3
     title_height = 0.55
-    height = cell_width * sum(ratios) + title_height + 0.25
-    fig = Figure(figsize=(cell_width * 3, height), facecolor=BACKGROUND)
-    grid = fig.add_gridspec(
-        2, 3, height_ratios=ratios, left=0.0, right=1.0, top=1.0 - title_height / height,
-        bottom=0.25 / height, wspace=0.03, hspace=0.04,
-    )
+    # one axes for the six panels (matplotlib composites them into one embedded image; see _Mosaic)
+    layout = _panel_grid(ratios, 3, 2.3, 0.03, 0.04, 0.25, title_height)
+    fig, ax, unit = layout.fig, layout.ax, layout.points_per_unit
+    height = fig.get_figheight()
     fig.text(
         0.5, 1.0 - 0.17 / height, "Which subject column matches the template on the right?",
         ha="center", va="center", color=LETTER_COLOUR, fontsize=9, fontweight="bold",
@@ -611,17 +643,18 @@ def orientation_figure(brain: np.ndarray, template: np.ndarray) -> str:
     )
     for row, (view, axis, which) in enumerate(rows):
         for col, (_, volume, window, indices, overlay) in enumerate(columns):
-            ax = _new_axes(fig, grid[row, col])
             index = int(np.clip(indices[which], 0, volume.shape[axis] - 1))
-            extent = _extent(volume.shape, (1.0, 1.0, 1.0), axis)
-            _show(ax, _panel(volume, axis, index), extent, window)
+            panel = _panel(volume, axis, index)
+            cell = layout.extent(row, col)
+            extent = _fit(cell, panel.shape[0] / max(panel.shape[1], 1))
+            _show(ax, panel, extent, window)
             if overlay and same_grid:
                 edges = ndimage.gaussian_filter(_panel(tpl, axis, index), sigma=0.6)
                 if outline_level is not None:
-                    _contour(ax, edges, extent, outline_level, OUTLINE_COLOUR, 0.7)
+                    _contour(ax, edges, extent, outline_level, OUTLINE_COLOUR, 0.7, unit)
                 if tissue_level is not None:
-                    _contour(ax, edges, extent, tissue_level, TISSUE_COLOUR, 0.5)
-            _letters(ax, ("L", "R"), size=8)
+                    _contour(ax, edges, extent, tissue_level, TISSUE_COLOUR, 0.5, unit)
+            _letters(ax, ("L", "R"), cell, size=8)
             if col == 0:
-                _label(ax, view, size=7)
+                _label(ax, view, cell, size=7)
     return _to_svg(fig)

@@ -93,7 +93,8 @@ def warm_worker_caches(resolution: float, atlas: str) -> None:
     MultiProc forks its workers when the first node is submitted, so they inherit these copy-on-write: the
     template on the model grid (orientation check, figures), and the atlas and the template's own asymmetry
     (asymmetry node). numpy/scipy only, so that forking stays safe. The template side of the registration is
-    not warmed here: ``preproc/register.py`` has no public function for it yet (each worker builds it once).
+    not warmed here: it is built with torch, which is not fork-safe once used, so each worker builds it once
+    (:func:`~bids_siamese.preproc.register.template_side`, about 0.5 s).
     """
     template_on_grid(model_grid(resolution))
     atlas_on_grid(atlas, resolution)

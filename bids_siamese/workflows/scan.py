@@ -195,7 +195,8 @@ def init_preproc_wf(*, resolution: float, mem_gb: float, omp_nthreads: int, devi
     transform = brain
     if anat is None or anat.xfm is None:
         # one thread (REGISTRATION_THREADS: outputs do not depend on the thread count); the tensors are small
-        # (<= 60,000 points), extra threads only stall, and the two registrations of a scan run side by side
+        # (<= 60,000 points), extra threads only stall; the orientation check's shear-free registration refines
+        # this one's matrix (init_orientation_qc_wf's refine_initial)
         reg_inputs, reg_procs = torch_node_resources(device, REGISTRATION_THREADS)
         transform = pe.Node(AffineRegistration(resolution=registration_resolution(resolution), seed=seed,
                                                **reg_inputs),
@@ -209,11 +210,12 @@ def init_preproc_wf(*, resolution: float, mem_gb: float, omp_nthreads: int, devi
 
 
 def init_orientation_qc_wf(*, resolution: float, seed: int, device: str, orientation_model: str | None = None,
-                           name: str = "orientation_qc_wf") -> pe.Workflow:
+                           refine_initial: bool = False, name: str = "orientation_qc_wf") -> pe.Workflow:
     """The usable-scan gate, the left-right orientation check and the QC figures of one scan.
 
     The check needs a shear-free registration (shears imitate the brain's torque asymmetry): its own 9-dof
-    ``register_shear_free``. The ``orientation`` node (:class:`~bids_siamese.interfaces.preproc.OrientationCheck`)
+    ``register_shear_free``, which refines the preprocessing's 12-dof matrix (input ``initial_matrix``) when
+    ``refine_initial`` is set, instead of searching from scratch. The ``orientation`` node (:class:`~bids_siamese.interfaces.preproc.OrientationCheck`)
     registers the mirrored image as well: one thread, as the registrations, so outputs do not depend on
     ``--omp-nthreads``.
 
@@ -222,13 +224,16 @@ def init_orientation_qc_wf(*, resolution: float, seed: int, device: str, orienta
         seed: seeds the registrations.
         device: torch device of the registrations.
         orientation_model: a ``group --task orientation`` checkpoint (``--orientation-model``), or None.
+        refine_initial: start the shear-free registration from ``inputnode.initial_matrix`` (our own 12-dof
+            registration's matrix; not set when fMRIPrep's transform is reused, whose matrix is not ours).
         name: the workflow's name.
 
-    Inputs ``header_checks``, ``t1w`` (conformed), ``native_mask``, ``grid_t1w``. Outputs ``report`` (the QC
+    Inputs ``header_checks``, ``t1w`` (conformed), ``native_mask``, ``grid_t1w``, ``initial_matrix``. Outputs ``report`` (the QC
     JSON) and ``figures`` (brain-mask, registration and orientation SVGs, in that order).
     """
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["header_checks", "t1w", "native_mask", "grid_t1w"]),
+    inputnode = pe.Node(niu.IdentityInterface(fields=["header_checks", "t1w", "native_mask", "grid_t1w",
+                                                      "initial_matrix"]),
                         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["report", "figures"]), name="outputnode")
     reg_inputs, reg_procs = torch_node_resources(device, REGISTRATION_THREADS)
@@ -238,6 +243,8 @@ def init_orientation_qc_wf(*, resolution: float, seed: int, device: str, orienta
     orient = pe.Node(OrientationCheck(resolution=registration_resolution(resolution), seed=seed, device=device,
                                       num_threads=REGISTRATION_THREADS),
                      name="orientation", mem_gb=MEM_GB["register"], n_procs=REGISTRATION_THREADS)
+    if refine_initial:
+        wf.connect([(inputnode, register_qc, [("initial_matrix", "in_initial")])])
     if orientation_model:
         orient.inputs.orientation_model = str(orientation_model)
         wf.connect([(inputnode, orient, [("grid_t1w", "grid_file")])])
@@ -355,7 +362,7 @@ def init_scan_wf(scan: T1wScan, settings: Settings, name: str | None = None) -> 
                                  anat=anat, source=str(bids_relative(scan.path, settings.bids_dir)) if anat else None)
     qc_wf = init_orientation_qc_wf(resolution=settings.resolution, seed=settings.seed, device=settings.device,
                                    orientation_model=str(settings.orientation_model) if settings.orientation_model
-                                   else None)
+                                   else None, refine_initial=anat is None or anat.xfm is None)
     asymmetry_wf = init_asymmetry_wf(atlas=settings.atlas, omp_nthreads=settings.omp_nthreads,
                                      model=str(settings.model) if task == "symmetry" else None)
     embeds = task in ("twin", "longitudinal")
@@ -367,7 +374,8 @@ def init_scan_wf(scan: T1wScan, settings: Settings, name: str | None = None) -> 
         (inputnode, preproc_wf, [("t1w", "inputnode.t1w")]),
         (preproc_wf, qc_wf, [("outputnode.header_checks", "inputnode.header_checks"),
                              ("outputnode.t1w", "inputnode.t1w"), ("outputnode.native_mask", "inputnode.native_mask"),
-                             ("outputnode.grid_t1w", "inputnode.grid_t1w")]),
+                             ("outputnode.grid_t1w", "inputnode.grid_t1w"),
+                             ("outputnode.xfm_matrix", "inputnode.initial_matrix")]),
         (preproc_wf, asymmetry_wf, [("outputnode.grid_t1w", "inputnode.grid_t1w"),
                                     ("outputnode.grid_mask", "inputnode.grid_mask")]),
         (preproc_wf, derivatives_wf, [("outputnode.grid_t1w", "inputnode.preproc"),
