@@ -287,7 +287,7 @@ def register_ants(prepared: Prepared, resolution: float, n_threads: int, seed: i
     """
     import ants  # deferred: optional reference engine (the 'reference' extra)
 
-    from bids_siamese.preproc.register import LPS_FROM_RAS  # deferred: after _set_thread_env
+    from bids_siamese.resources import LPS_FROM_RAS  # deferred: after _set_thread_env
 
     ants.config._random_seed = seed  # what set_ants_deterministic() sets, without forcing 1 thread
     fixed = ants.image_read(str(_template_path()))

@@ -24,7 +24,8 @@ from bids_siamese.bids.fmriprep import (
 )
 from bids_siamese.bids.layout import run_validator
 from bids_siamese.cli.main import main
-from bids_siamese.preproc.register import read_itk_affine, read_itk_transform
+from bids_siamese.preproc.register import read_itk_transform
+from bids_siamese.resources import read_itk_affine
 from bids_siamese.synthetic import generate
 
 from conftest import write_t1w

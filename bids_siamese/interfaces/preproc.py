@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib  # loaded by nipype already
 import numpy as np
+import torch
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
@@ -29,12 +30,15 @@ from ..bids.fmriprep import (
     tissue_summary,
 )
 from ..errors import BadDataError
+from ..models.checkpoint import load_checkpoint
+from ..models.orientation import p_flipped
 from ..preproc.brain import extract_brain, mask_from_image
 from ..preproc.conform import conform, header_checks, load_t1w
 from ..preproc.grid import normalise_intensity, resample_to_grid, template_on_grid
-from ..preproc.register import read_itk_affine, read_itk_transform, register_affine, write_itk_affine
+from ..preproc.register import read_itk_transform, register_affine, write_itk_affine
+from ..qc.orientation import scan_orientation_report, with_model_verdict
 from ..reports.figures import mask_contour_mosaic, orientation_figure, registration_mosaic
-from ..resources import Grid, model_grid, template_brain_path
+from ..resources import Grid, model_grid, read_itk_affine, template_brain_path
 from .base import StepInterface
 
 
@@ -314,8 +318,6 @@ class OrientationCheck(StepInterface):
     output_spec = _OrientationOutputSpec
 
     def _run_step(self, runtime):
-        from ..qc.orientation import scan_orientation_report
-
         native_mask = _mask(self.inputs.native_mask)
         report = scan_orientation_report(
             nib.load(self.inputs.t1w), native_mask, json.loads(Path(self.inputs.in_checks).read_text()),
@@ -323,12 +325,6 @@ class OrientationCheck(StepInterface):
             device=self.inputs.device, matrix=np.loadtxt(self.inputs.in_matrix),
         )
         if self.inputs.orientation_model:
-            import torch
-
-            from ..models.checkpoint import load_checkpoint
-            from ..models.orientation import p_flipped
-            from ..qc.orientation import with_model_verdict
-
             model, card = load_checkpoint(self.inputs.orientation_model, task="orientation")
             volume = np.asanyarray(nib.load(self.inputs.grid_file).dataobj, dtype=np.float32)
             with torch.inference_mode():

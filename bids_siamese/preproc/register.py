@@ -51,11 +51,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..resources import ITK_AFFINE_TYPES, LPS_FROM_RAS, itk_affine_to_ras, read_itk_affine
 from .brain import torch_threads
-
-#: ITK's LPS world convention versus NIfTI's RAS: ``lps = LPS_FROM_RAS @ ras`` (its own inverse).
-LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
 
 @dataclass(frozen=True)
 class Level:
@@ -628,36 +625,6 @@ def write_itk_affine(template_to_subject: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def read_itk_affine(path: str | Path) -> np.ndarray:
-    """Read a single ITK affine text transform back as a RAS template->subject 4x4 matrix.
-
-    Handles ``AffineTransform``/``MatrixOffsetTransformBase`` with a non-zero centre.
-    """
-    params, fixed = None, np.zeros(3)
-    for line in Path(path).read_text().splitlines():
-        if line.startswith("Parameters:"):
-            params = np.array(line.split(":", 1)[1].split(), dtype=np.float64)
-        elif line.startswith("FixedParameters:"):
-            fixed = np.array(line.split(":", 1)[1].split(), dtype=np.float64)
-    if params is None or params.size != 12:
-        raise ValueError(f"{path}: not a 3D ITK affine transform file")
-    return _itk_affine_to_ras(params, fixed)
-
-
-#: ITK transform types whose parameters are a 3x3 matrix and a translation (12 values) about a centre.
-ITK_AFFINE_TYPES = ("AffineTransform", "MatrixOffsetTransformBase")
-
-
-def _itk_affine_to_ras(params: np.ndarray, fixed: np.ndarray) -> np.ndarray:
-    """RAS 4x4 matrix of an ITK affine (LPS parameters: 9 matrix + 3 translation values; centre ``fixed``)."""
-    linear, translation = params[:9].reshape(3, 3), params[9:12]
-    centre = np.zeros(3) if fixed.size < 3 else fixed[:3]
-    lps = np.eye(4)
-    lps[:3, :3] = linear
-    lps[:3, 3] = translation + centre - linear @ centre
-    return LPS_FROM_RAS @ lps @ LPS_FROM_RAS
-
-
 def read_itk_composite_h5(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """The affine part of an ITK composite transform file (``.h5``, as antsRegistration and fMRIPrep write).
 
@@ -684,7 +651,7 @@ def read_itk_composite_h5(path: str | Path) -> tuple[np.ndarray, list[str]]:
                 fixed = np.asarray(node[f"{prefix}FixedParameters"], dtype=np.float64).ravel()
                 if params.size != 12:
                     raise ValueError(f"{path}: transform {key} ({kind}) is not a 3D affine")
-                matrix = matrix @ _itk_affine_to_ras(params, fixed)
+                matrix = matrix @ itk_affine_to_ras(params, fixed)
                 affines += 1
             else:
                 dropped.append(kind)
