@@ -115,9 +115,6 @@ class Settings:
 
         return {k: plain(v) for k, v in asdict(self).items()}
 
-    @property
-    def log_dir(self) -> Path:
-        return self.output_dir / "logs" / self.run_id
 
     @property
     def resolution_label(self) -> str:

@@ -322,6 +322,26 @@ def orientation_qc_path(preproc: Path | str) -> Path:
     return preproc.with_name(preproc.name.split("_space-")[0] + "_" + ORIENTATION_QC_SUFFIX)
 
 
+#: ``OUTPUT_DIR/logs``: one folder per run (``logs/<run_id>/``, :func:`run_log_dir`) and the subjects' locks.
+LOGS_FOLDER = "logs"
+#: In ``logs/<run_id>/``: the run's settings, its command line and the template files it read.
+RUN_SETTINGS, RUN_COMMAND, RUN_TEMPLATES = "settings.json", "command.txt", "templates.json"
+#: In ``OUTPUT_DIR/logs``: the folder of the subjects' locks, and the TemplateFlow cache state last warned about.
+LOCKS_FOLDER, TEMPLATE_STATE = "locks", ".templateflow-cache-state"
+#: In ``logs/<run_id>/``: nipype's crash files of the participant level.
+CRASH_FOLDER = "crash"
+
+
+def run_log_dir(output_dir: Path | str, run_id: str) -> Path:
+    """``OUTPUT_DIR/logs/<run_id>``: one run's settings, command, templates and failures.
+
+    Examples:
+        >>> run_log_dir("out", "20261206-120000_ab12cd34").as_posix()
+        'out/logs/20261206-120000_ab12cd34'
+    """
+    return Path(output_dir) / LOGS_FOLDER / run_id
+
+
 #: ``logs/<run_id>/failures.json``: only when a scan failed, one entry per failed scan (``scan``, ``node``,
 #: ``error``, ``message``, ``exit_code``), the same as the run's ``FAILED`` lines.
 RUN_FAILURES = "failures.json"

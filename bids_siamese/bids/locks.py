@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 from filelock import FileLock, Timeout
 
 from ..errors import CannotCreateError, LockedError
+from .derivatives import LOCKS_FOLDER, LOGS_FOLDER
 
 LOG = logging.getLogger("bids_siamese.locks")
 #: At most this many subject locks per run (one open file each; the usual limit is 1024 per process).
@@ -27,7 +28,7 @@ MAX_LOCKS = 256
 
 
 def lock_dir(output_dir: Path) -> Path:
-    return Path(output_dir) / "logs" / "locks"
+    return Path(output_dir) / LOGS_FOLDER / LOCKS_FOLDER
 
 
 def _holder(info: Path) -> str:

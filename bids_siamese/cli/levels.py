@@ -12,7 +12,18 @@ from pathlib import Path
 from nipype import config as nipype_config
 from nipype import logging as nipype_logging
 
-from ..bids.derivatives import init_output_dir, sweep_partial_files, write_json, write_text
+from ..bids.derivatives import (
+    CRASH_FOLDER,
+    RUN_COMMAND,
+    RUN_SETTINGS,
+    RUN_TEMPLATES,
+    TEMPLATE_STATE,
+    init_output_dir,
+    run_log_dir,
+    sweep_partial_files,
+    write_json,
+    write_text,
+)
 from ..bids.layout import T1wScan, collect_t1w, resolve_participants, validate_dataset
 from ..bids.locks import subject_locks
 from ..config import Settings
@@ -48,25 +59,22 @@ def setup_logging(verbosity: int) -> None:
         logging.getLogger("nipype.workflow").setLevel(logging.CRITICAL + 1)
 
 
-#: In ``OUTPUT_DIR/logs``: the TemplateFlow cache state last warned about (the warning comes once per state).
-TEMPLATE_STATE = ".templateflow-cache-state"
-
-
 def save_settings(settings: Settings) -> Path:
     """Write ``logs/<run_id>/settings.json`` (:meth:`~bids_siamese.config.Settings.to_dict`) and ``command.txt``;
     returns the log folder."""
-    write_json(settings.log_dir / "settings.json", settings.to_dict())
-    write_text(settings.log_dir / "command.txt", " ".join(settings.command_line) + "\n")
-    return settings.log_dir
+    log_dir = run_log_dir(settings.output_dir, settings.run_id)
+    write_json(log_dir / RUN_SETTINGS, settings.to_dict())
+    write_text(log_dir / RUN_COMMAND, " ".join(settings.command_line) + "\n")
+    return log_dir
 
 
 def record_templates(log_dir: Path) -> None:
     """Write ``logs/<run_id>/templates.json``: every template file this run reads, its source and sha256."""
     used = templates_used(announce=True, state_file=log_dir.parent / TEMPLATE_STATE)
-    write_json(log_dir / "templates.json", used)
+    write_json(log_dir / RUN_TEMPLATES, used)
     sources = sorted({entry["Source"] for entry in used})
-    LOG.info("templates: %d file(s) from %s (logs/%s/templates.json)", len(used), " and ".join(sources),
-             log_dir.name)
+    LOG.info("templates: %d file(s) from %s (logs/%s/%s)", len(used), " and ".join(sources),
+             log_dir.name, RUN_TEMPLATES)
 
 
 def _selection(settings: Settings) -> tuple[list[str], list[T1wScan]]:
@@ -125,7 +133,7 @@ def run_participant_level(settings: Settings, subjects: list[str], scans: list[T
         code = max(getattr(f, "exit_code", EXIT_DATA) for f in failures)  # 73 (output) before 65 (data)
         others = "; other scans finished" if len(failures) < len(scans) else ""
         say(f"error: {len(failures)} of {len(scans)} scan(s) failed ({', '.join(f[0] for f in failures)}); "
-             f"crash files in {settings.log_dir / 'crash'}{others}", error=True)
+             f"crash files in {run_log_dir(settings.output_dir, settings.run_id) / CRASH_FOLDER}{others}", error=True)
         say(_work_dir_line(settings), error=True)
         return code
     say(f"{len(scans)} scan(s) processed; outputs in {settings.output_dir}")

@@ -22,11 +22,13 @@ from nipype.pipeline.engine.utils import load_resultfile
 from .. import __version__
 from ..atlas import atlas_on_grid
 from ..bids.derivatives import (
+    CRASH_FOLDER,
     RUN_FAILURES,
     STATUS_FAILED,
     STATUS_OK,
     output_names,
     read_qc_record,
+    run_log_dir,
     subject_report_name,
     write_completion_record,
     write_json,
@@ -128,7 +130,7 @@ def run_participant(settings: Settings, scans: list[T1wScan]) -> list[ScanFailur
     Each scan ends with its completion record (``*_desc-status_qc.json``, ``ok`` or ``failed`` with the
     reason), written after its derivatives and its subject's report.
     """
-    crash_dir = settings.log_dir / "crash"
+    crash_dir = run_log_dir(settings.output_dir, settings.run_id) / CRASH_FOLDER
     wf = init_participant_wf(scans, settings)
     wf.config["execution"] = {
         "crashdump_dir": str(crash_dir),
@@ -224,7 +226,8 @@ def finish(settings: Settings, scans: list[T1wScan], crash_dir: Path) -> list[Sc
     if fault is not None:
         raise disk_error(settings, fault[2], fault[1])
     if failures:  # the FAILED lines as data, for scripts that rerun or report the failed scans
-        write_json(settings.log_dir / RUN_FAILURES, [failure.as_record() for failure in failures])
+        write_json(run_log_dir(settings.output_dir, settings.run_id) / RUN_FAILURES,
+                   [failure.as_record() for failure in failures])
     write_reports(settings, scans, failures)
     write_completion_records(settings, scans, written, failures)
     qc_records = {scan.name: read_qc_record(settings.output_dir / output_names(scan.entities)["orientation"])
