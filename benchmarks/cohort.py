@@ -21,7 +21,8 @@ through the CLI, each measured (wall, CPU, peak RSS of the process tree, disk wr
    ``--skip-bids-validation``.
 
 Peak RSS is the largest sum of VmRSS over the step's process tree, polled every 0.2 s (``/proc``), or the
-kernel's ``ru_maxrss`` of the step if larger; CPU time is user + system of the step and its waited-for
+kernel's ``ru_maxrss`` of the step if larger; ``peak_anon_gb`` the same for RssAnon (anonymous memory, without the
+pages of memory-mapped files that the kernel may drop); CPU time is user + system of the step and its waited-for
 children (``os.wait4``); disk written is the growth of the bytes allocated under the cohort's OUTPUT_DIR.
 Nothing here asserts on time.
 
@@ -58,14 +59,16 @@ def cli(bids: Path, out: Path, level: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "bids_siamese", str(bids), str(out), level, *args]
 
 
-def child_env() -> dict[str, str]:
+def child_env(source: Path = ROOT) -> dict[str, str]:
+    """The environment of the steps: ``source`` (a checkout's root) first on the path."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(source) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
-def tree_rss(root: int) -> int:
-    """Bytes resident in ``root`` and all its descendants now (``/proc``; 0 for processes gone meanwhile)."""
+def tree_rss(root: int) -> tuple[int, int]:
+    """Bytes resident in ``root`` and all its descendants now (``/proc``; 0 for processes gone meanwhile): all
+    (VmRSS) and anonymous (RssAnon: what the kernel cannot drop, unlike the pages of mapped files)."""
     parents: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -76,16 +79,18 @@ def tree_rss(root: int) -> int:
         except (OSError, IndexError, ValueError):
             continue
         parents.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [root]
+    total, anon, todo = 0, 0, [root]
     while todo:
         pid = todo.pop()
         todo += parents.get(pid, [])
         try:
             with open(f"/proc/{pid}/status") as fh:
-                total += next((int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:")), 0)
+                fields = dict(line.split(":", 1) for line in fh if line.startswith(("VmRSS:", "RssAnon:")))
         except OSError:
             continue
-    return total
+        total += int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+        anon += int(fields.get("RssAnon", "0 kB").split()[0]) * 1024
+    return total, anon
 
 
 def disk_bytes(folder: Path) -> int:
@@ -103,24 +108,25 @@ def disk_bytes(folder: Path) -> int:
     return total
 
 
-def measure(cmd: list[str], out_dir: Path, log: Path) -> dict:
+def measure(cmd: list[str], out_dir: Path, log: Path, source: Path = ROOT) -> dict:
     """Run ``cmd``; its wall and CPU seconds, peak RSS (GB) of its process tree, disk written (GB) and ok."""
     before = disk_bytes(out_dir)
     start = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env())
-        peak = 0
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env(source))
+        peak = peak_anon = 0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            peak = max(peak, tree_rss(proc.pid))
+            rss, anon = tree_rss(proc.pid)
+            peak, peak_anon = max(peak, rss), max(peak_anon, anon)
             time.sleep(0.2)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     peak = max(peak, usage.ru_maxrss * 1024)
     return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
-            "peak_rss_gb": round(peak / 1e9, 3), "disk_gb": round((disk_bytes(out_dir) - before) / 1e9, 4),
+            "peak_rss_gb": round(peak / 1e9, 3), "peak_anon_gb": round(peak_anon / 1e9, 3), "disk_gb": round((disk_bytes(out_dir) - before) / 1e9, 4),
             "ok": proc.returncode == 0, "exit_code": proc.returncode}
 
 
@@ -131,15 +137,19 @@ def run_checked(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {code}; see {log}")
 
 
-def make_seed(work: Path, resolution: float) -> Path:
-    """The tiny demo, its participant level and two small checkpoints (cached: a finished seed is reused)."""
+def make_seed(work: Path, resolution: float, demo: Path | None = None) -> Path:
+    """The tiny demo (a copy of ``demo`` if given), its participant level and two small checkpoints (cached: a
+    finished seed is reused)."""
     seed = work / f"seed-{resolution:g}mm"
     if (seed / "done").is_file():
         return seed
     shutil.rmtree(seed, ignore_errors=True)
     seed.mkdir(parents=True)
     res = ["--resolution", f"{resolution:g}", "--skip-bids-validation"]
-    generate(seed / "bids", size="tiny", seed=0)
+    if demo is not None:
+        shutil.copytree(demo, seed / "bids")
+    else:
+        generate(seed / "bids", size="tiny", seed=0)
     run_checked(cli(seed / "bids", seed / "out", "participant", *res, "-w", str(seed / "work"), "--clean-workdir"),
                 seed / "participant.log")
     models = seed / "models_run"
@@ -272,7 +282,9 @@ def build_cohort(seed: Path, dest: Path, n: int, rng_seed: int = 0) -> dict:
     for row in plan.itertuples():
         sub = f"sub-{row.label}"
         s = int(row.seed_scan)
-        shared = fields.setdefault(row.family, smooth_field(rng, bases[s].shape, 0.05))
+        if row.family not in fields:  # co-twins are consecutive rows: only the current family's field is kept
+            fields = {row.family: smooth_field(rng, bases[s].shape, 0.05)}
+        shared = fields[row.family]
         own = smooth_field(rng, bases[s].shape, 0.05)
         field = {"MZ": shared + 0.1 * own, "DZ": 0.5 * (shared + own)}.get(row.zygosity, own)
         participants.append({"participant_id": sub, "family_id": f"fam{row.family:05d}", "zygosity": row.zygosity,
@@ -335,17 +347,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2, help="training epochs of twin_train and longitudinal")
     p.add_argument("--n-draws", type=int, default=2, help="--n-draws of the longitudinal step (its splits)")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    p.add_argument("--source", type=Path, default=ROOT,
+                   help="the checkout whose bids_siamese runs the group steps (default: this one), e.g. an older "
+                        "commit's `git worktree` to measure before and after a change")
+    p.add_argument("--demo", type=Path, help="an existing tiny demo (bids-siamese-demo DIR --size tiny) to seed from")
+    p.add_argument("--reuse", action="store_true", help="reuse a cohort of this N kept by an earlier --keep run")
     p.add_argument("--keep", action="store_true", help="keep the cohort's files (default: removed at the end)")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    seed = make_seed(args.work, args.resolution)
+    seed = make_seed(args.work, args.resolution, args.demo)
     seed_s = time.perf_counter() - t0
     dest = args.work / f"cohort-{args.subjects}"
-    t0, c0 = time.perf_counter(), time.process_time()
-    cohort = build_cohort(seed, dest, args.subjects)
-    generation = {"wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
-                  "disk_gb": round(disk_bytes(dest) / 1e9, 3)}
+    made = dest / "cohort.json"
+    if args.reuse and made.is_file():  # a kept cohort of the same N: its generation figures as measured then
+        cohort, generation = (json.loads(made.read_text())[k] for k in ("cohort", "generation"))
+    else:
+        t0, c0 = time.perf_counter(), time.process_time()
+        cohort = build_cohort(seed, dest, args.subjects)
+        generation = {"wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
+                      "disk_gb": round(disk_bytes(dest) / 1e9, 3)}
+        made.write_text(json.dumps({"cohort": cohort, "generation": generation}))
     print(f"generate: {cohort['subjects']} subjects, {cohort['scans']} scans, {cohort['twin_pairs']} twin pairs, "
           f"{cohort['two_sessions']} with two sessions, {len(cohort['lesions'])} lesions: "
           f"{generation['wall_s']:.1f} s wall, {generation['disk_gb']:.2f} GB", flush=True)
@@ -353,14 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in args.steps:
         load = os.getloadavg()
-        res = measure(commands[name], dest / "out", args.work / f"cohort-{args.subjects}-{name}.log")
-        res["load_avg_1m"] = round(load[0], 2)
+        res = measure(commands[name], dest / "out", args.work / f"cohort-{args.subjects}-{name}.log", args.source)
+        res["load_avg_1m"] = [round(load[0], 2), round(os.getloadavg()[0], 2)]  # at the start and the end
         results[name] = res
-        print(f"{name:18s} wall {res['wall_s']:9.1f} s  cpu {res['cpu_s']:9.1f} s  peak RSS {res['peak_rss_gb']:6.2f} "
-              f"GB  disk {res['disk_gb']:7.4f} GB  ok {res['ok']}  (load {load[0]:.1f})", flush=True)
+        print(f"{name:18s} wall {res['wall_s']:9.1f} s  cpu {res['cpu_s']:9.1f} s  peak RSS {res['peak_rss_gb']:6.2f} GB "
+              f"(anon {res['peak_anon_gb']:5.2f})  disk {res['disk_gb']:7.4f} GB  ok {res['ok']}  (load {load[0]:.1f})", flush=True)
     report = {"subjects": args.subjects, "cohort": {k: v for k, v in cohort.items() if k != "lesions"},
               "lesions": cohort["lesions"], "generation": generation, "seed_s": round(seed_s, 1),
               "options": {"resolution": args.resolution, "epochs": args.epochs, "n_draws": args.n_draws, "explain": False,
+                          "source": str(args.source),
                           "bids_validation": False},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
               "steps": results}
