@@ -20,8 +20,9 @@ through the CLI, each measured (wall, CPU, peak RSS of the process tree, disk wr
    Siamese model), ``orientation_apply`` (``--mode apply`` with the seed checkpoint). All with
    ``--skip-bids-validation``.
 
-Peak RSS is the largest sum of VmRSS over the step's process tree, polled every 0.2 s (``/proc``), or the
-kernel's ``ru_maxrss`` of the step if larger; ``peak_anon_gb`` the same for RssAnon (anonymous memory, without the
+Peak RSS is the largest sum of VmRSS over the step's process tree, polled every 0.2 s (``/proc``; not the
+kernel's ``ru_maxrss``, which counts the forked child's copy of this process's memory before ``exec``);
+``peak_anon_gb`` the same for RssAnon (anonymous memory, without the
 pages of memory-mapped files that the kernel may drop); CPU time is user + system of the step and its waited-for
 children (``os.wait4``); disk written is the growth of the bytes allocated under the cohort's OUTPUT_DIR.
 Nothing here asserts on time.
@@ -124,7 +125,6 @@ def measure(cmd: list[str], out_dir: Path, log: Path, source: Path = ROOT) -> di
             time.sleep(0.2)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    peak = max(peak, usage.ru_maxrss * 1024)
     return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             "peak_rss_gb": round(peak / 1e9, 3), "peak_anon_gb": round(peak_anon / 1e9, 3), "disk_gb": round((disk_bytes(out_dir) - before) / 1e9, 4),
             "ok": proc.returncode == 0, "exit_code": proc.returncode}
