@@ -226,9 +226,9 @@ def seed_scans(seed: Path) -> list[dict]:
     return scans
 
 
-def write_scan(out: Path, seed: dict, sub: str, ses: str, volume: np.ndarray, img: nib.Nifti1Image) -> None:
-    """One scan's participant-level outputs named for ``sub``/``ses``: the model-grid T1w from ``volume``, the
-    rest hard-linked or rewritten from the seed scan, then the completion record with the new sizes."""
+def write_scan(out: Path, seed: dict, sub: str, ses: str, volume: np.ndarray | None, img: nib.Nifti1Image) -> None:
+    """One scan's participant-level outputs named for ``sub``/``ses``: the model-grid T1w from ``volume`` (None:
+    hard-linked from the seed scan), the rest hard-linked or rewritten from the seed scan, then the completion record with the new sizes."""
     old_prefix, new_prefix = seed["prefix"], f"{sub}_{ses}"
     anat = out / sub / ses / "anat"
     figures = out / sub / "figures"
@@ -246,7 +246,7 @@ def write_scan(out: Path, seed: dict, sub: str, ses: str, volume: np.ndarray, im
         src = seed["anat"].parents[2] / item["path"]
         rel = Path(renamed(item["path"]))
         dst = out / rel
-        if dst.name.endswith("desc-preproc_T1w.nii.gz"):
+        if volume is not None and dst.name.endswith("desc-preproc_T1w.nii.gz"):
             new = nib.Nifti1Image(volume, img.affine, img.header)
             new.set_data_dtype(np.int16)
             new.to_filename(dst)
@@ -259,8 +259,24 @@ def write_scan(out: Path, seed: dict, sub: str, ses: str, volume: np.ndarray, im
     (anat / f"{new_prefix}_desc-status_qc.json").write_text(json.dumps(record, indent=2))
 
 
-def build_cohort(seed: Path, dest: Path, n: int, rng_seed: int = 0) -> dict:
-    """N subjects' raw BIDS stand-ins and participant-level outputs in ``dest/bids`` and ``dest/out``."""
+def session_row(ses: str, j: int, row) -> dict:
+    return {"session_id": ses, "acq_time": f"20{17 + 2 * j}-0{1 + int(row.label) % 9}-1{j}T10:00:00",
+            "age": row.age + 2 * j}
+
+
+def link_raw(bids: Path, seed: dict, sub: str, ses: str, j: int, row) -> None:
+    """The raw T1w and sidecar (hard links to the seed's) and the session's ``scans.tsv``."""
+    raw = bids / sub / ses / "anat"
+    raw.mkdir(parents=True)
+    os.link(seed["raw"], raw / f"{sub}_{ses}_T1w.nii.gz")
+    os.link(seed["raw"].with_name(seed["raw"].name.replace(".nii.gz", ".json")), raw / f"{sub}_{ses}_T1w.json")
+    write_tsv(bids / sub / ses / f"{sub}_{ses}_scans.tsv", pd.DataFrame(
+        {"filename": [f"anat/{sub}_{ses}_T1w.nii.gz"], "acq_time": [session_row(ses, j, row)["acq_time"]]}))
+
+
+def build_cohort(seed: Path, dest: Path, n: int, rng_seed: int = 0, perturb: bool = True) -> dict:
+    """N subjects' raw BIDS stand-ins and participant-level outputs in ``dest/bids`` and ``dest/out``; with
+    ``perturb=False`` every model-grid T1w is a hard link to its seed scan (for the steps that read only records)."""
     rng = np.random.default_rng(rng_seed)
     scans = seed_scans(seed)
     shutil.rmtree(dest, ignore_errors=True)
@@ -282,16 +298,22 @@ def build_cohort(seed: Path, dest: Path, n: int, rng_seed: int = 0) -> dict:
     for row in plan.itertuples():
         sub = f"sub-{row.label}"
         s = int(row.seed_scan)
-        if row.family not in fields:  # co-twins are consecutive rows: only the current family's field is kept
+        if perturb and row.family not in fields:  # co-twins are consecutive rows: only the current family's field is kept
             fields = {row.family: smooth_field(rng, bases[s].shape, 0.05)}
-        shared = fields[row.family]
-        own = smooth_field(rng, bases[s].shape, 0.05)
-        field = {"MZ": shared + 0.1 * own, "DZ": 0.5 * (shared + own)}.get(row.zygosity, own)
+        if perturb:
+            shared, own = fields[row.family], smooth_field(rng, bases[s].shape, 0.05)
+            field = {"MZ": shared + 0.1 * own, "DZ": 0.5 * (shared + own)}.get(row.zygosity, own)
         participants.append({"participant_id": sub, "family_id": f"fam{row.family:05d}", "zygosity": row.zygosity,
                              "age": row.age, "sex": row.sex, "group": row.group})
         sessions = []
         for j in range(row.n_sessions):
             ses = f"ses-{j + 1:02d}"
+            if not perturb:
+                k += 1
+                write_scan(out, scans[s], sub, ses, None, imgs[s])
+                link_raw(bids, scans[s], sub, ses, j, row)
+                sessions.append(session_row(ses, j, row))
+                continue
             vol = bases[s] * (1.0 + field)
             if j and row.group == "decline":
                 vol *= 0.97
@@ -305,15 +327,8 @@ def build_cohort(seed: Path, dest: Path, n: int, rng_seed: int = 0) -> dict:
                 lesions.append({"scan": f"{sub}_{ses}", "centre_voxel": centre.tolist()})
             k += 1
             write_scan(out, scans[s], sub, ses, vol, imgs[s])
-            raw = bids / sub / ses / "anat"
-            raw.mkdir(parents=True)
-            os.link(scans[s]["raw"], raw / f"{sub}_{ses}_T1w.nii.gz")
-            os.link(scans[s]["raw"].with_name(scans[s]["raw"].name.replace(".nii.gz", ".json")),
-                    raw / f"{sub}_{ses}_T1w.json")
-            acq = f"20{17 + 2 * j}-0{1 + int(row.label) % 9}-1{j}T10:00:00"
-            sessions.append({"session_id": ses, "acq_time": acq, "age": row.age + 2 * j})
-            write_tsv(bids / sub / ses / f"{sub}_{ses}_scans.tsv",
-                      pd.DataFrame({"filename": [f"anat/{sub}_{ses}_T1w.nii.gz"], "acq_time": [acq]}))
+            link_raw(bids, scans[s], sub, ses, j, row)
+            sessions.append(session_row(ses, j, row))
         write_tsv(bids / sub / f"{sub}_sessions.tsv", pd.DataFrame(sessions))
     write_tsv(bids / "participants.tsv", pd.DataFrame(participants))
     return {"subjects": n, "scans": k, "twin_pairs": int((plan["zygosity"] != "none").sum() // 2),
@@ -351,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the checkout whose bids_siamese runs the group steps (default: this one), e.g. an older "
                         "commit's `git worktree` to measure before and after a change")
     p.add_argument("--demo", type=Path, help="an existing tiny demo (bids-siamese-demo DIR --size tiny) to seed from")
+    p.add_argument("--volumes", choices=("perturbed", "linked"), default="perturbed",
+                   help="linked: every model-grid T1w a hard link to its seed scan (no per-subject variation; fast, "
+                        "for the qc step, which reads only records)")
     p.add_argument("--reuse", action="store_true", help="reuse a cohort of this N kept by an earlier --keep run")
     p.add_argument("--keep", action="store_true", help="keep the cohort's files (default: removed at the end)")
     args = p.parse_args(argv)
@@ -364,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         cohort, generation = (json.loads(made.read_text())[k] for k in ("cohort", "generation"))
     else:
         t0, c0 = time.perf_counter(), time.process_time()
-        cohort = build_cohort(seed, dest, args.subjects)
+        cohort = build_cohort(seed, dest, args.subjects, perturb=args.volumes == "perturbed")
         generation = {"wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
                       "disk_gb": round(disk_bytes(dest) / 1e9, 3)}
         made.write_text(json.dumps({"cohort": cohort, "generation": generation}))
@@ -382,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(anon {res['peak_anon_gb']:5.2f})  disk {res['disk_gb']:7.4f} GB  ok {res['ok']}  (load {load[0]:.1f})", flush=True)
     report = {"subjects": args.subjects, "cohort": {k: v for k, v in cohort.items() if k != "lesions"},
               "lesions": cohort["lesions"], "generation": generation, "seed_s": round(seed_s, 1),
-              "options": {"resolution": args.resolution, "epochs": args.epochs, "n_draws": args.n_draws, "explain": False,
+              "options": {"resolution": args.resolution, "epochs": args.epochs, "n_draws": args.n_draws, "explain": False, "volumes": args.volumes,
                           "source": str(args.source),
                           "bids_validation": False},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
