@@ -353,9 +353,31 @@ def step_commands(seed: Path, dest: Path, resolution: float, epochs: int, draws:
     }
 
 
+def fit_growth(reports: list[dict]) -> dict[str, dict]:
+    """Per step, from the runs that succeeded: wall = a + b N (least squares; ``s_per_1000`` = 1000 b) and the
+    exponent k of wall ~ N^k (least squares on logs); with the largest N and the points used."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    for report in reports:
+        for name, step in report["steps"].items():
+            if step["ok"]:
+                points.setdefault(name, []).append((int(report["subjects"]), float(step["wall_s"])))
+    fits = {}
+    for name, pts in points.items():
+        n, wall = np.array(sorted(pts), dtype=float).T
+        if len(set(n)) < 2:
+            continue
+        b, a = np.polyfit(n, wall, 1)
+        k = np.polyfit(np.log(n), np.log(wall), 1)[0]
+        fits[name] = {"intercept_s": round(float(a), 1), "s_per_1000": round(1000 * float(b), 1),
+                      "exponent": round(float(k), 2), "points": [[int(x), y] for x, y in zip(n, wall)]}
+    return fits
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--subjects", type=int, required=True, help="cohort size N")
+    p.add_argument("--subjects", type=int, help="cohort size N")
+    p.add_argument("--fit", nargs="+", type=Path, metavar="JSON",
+                   help="instead of a run: fit the growth of each step's wall time over these results")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--work", type=Path, default=Path("/tmp/cohort"), help="seed and cohort folders")
     p.add_argument("--resolution", type=float, default=2.0, help="model grid (mm)")
@@ -372,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse a cohort of this N kept by an earlier --keep run")
     p.add_argument("--keep", action="store_true", help="keep the cohort's files (default: removed at the end)")
     args = p.parse_args(argv)
+    if args.fit:
+        for name, fit in fit_growth([json.loads(path.read_text()) for path in args.fit]).items():
+            print(f"{name:18s} wall = {fit['intercept_s']} s + {fit['s_per_1000']} s per 1000 subjects; "
+                  f"~ N^{fit['exponent']}  (points {fit['points']})")
+        return 0
+    if args.subjects is None:
+        p.error("--subjects N is required (or --fit)")
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     seed = make_seed(args.work, args.resolution, args.demo)
