@@ -354,22 +354,24 @@ def step_commands(seed: Path, dest: Path, resolution: float, epochs: int, draws:
 
 
 def fit_growth(reports: list[dict]) -> dict[str, dict]:
-    """Per step, from the runs that succeeded: wall = a + b N (least squares; ``s_per_1000`` = 1000 b) and the
-    exponent k of wall ~ N^k (least squares on logs); with the largest N and the points used."""
-    points: dict[str, list[tuple[int, float]]] = {}
+    """Per step, from the runs that succeeded, for wall and CPU seconds: ``a + b N`` (least squares; reported as
+    ``a`` and ``1000 b``, seconds per 1000 subjects) and the exponent k of ``~ N^k`` (least squares on logs)."""
+    points: dict[str, list[tuple[int, float, float]]] = {}
     for report in reports:
         for name, step in report["steps"].items():
             if step["ok"]:
-                points.setdefault(name, []).append((int(report["subjects"]), float(step["wall_s"])))
+                points.setdefault(name, []).append((int(report["subjects"]), float(step["wall_s"]),
+                                                    float(step["cpu_s"])))
     fits = {}
     for name, pts in points.items():
-        n, wall = np.array(sorted(pts), dtype=float).T
+        n, wall, cpu = np.array(sorted(pts), dtype=float).T
         if len(set(n)) < 2:
             continue
-        b, a = np.polyfit(n, wall, 1)
-        k = np.polyfit(np.log(n), np.log(wall), 1)[0]
-        fits[name] = {"intercept_s": round(float(a), 1), "s_per_1000": round(1000 * float(b), 1),
-                      "exponent": round(float(k), 2), "points": [[int(x), y] for x, y in zip(n, wall)]}
+        fits[name] = {"points": [[int(x), float(w), float(c)] for x, w, c in zip(n, wall, cpu)]}
+        for key, y in (("wall", wall), ("cpu", cpu)):
+            b, a = np.polyfit(n, y, 1)
+            fits[name][key] = {"intercept_s": round(float(a), 1), "s_per_1000": round(1000 * float(b), 1),
+                               "exponent": round(float(np.polyfit(np.log(n), np.log(y), 1)[0]), 2)}
     return fits
 
 
@@ -396,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.fit:
         for name, fit in fit_growth([json.loads(path.read_text()) for path in args.fit]).items():
-            print(f"{name:18s} wall = {fit['intercept_s']} s + {fit['s_per_1000']} s per 1000 subjects; "
-                  f"~ N^{fit['exponent']}  (points {fit['points']})")
+            w, c = fit["wall"], fit["cpu"]
+            print(f"{name:18s} wall {w['intercept_s']} s + {w['s_per_1000']} s/1000 subjects (~N^{w['exponent']}); "
+                  f"CPU {c['intercept_s']} s + {c['s_per_1000']} s/1000 (~N^{c['exponent']}); "
+                  f"N, wall, CPU: {fit['points']}")
         return 0
     if args.subjects is None:
         p.error("--subjects N is required (or --fit)")

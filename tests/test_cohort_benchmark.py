@@ -60,12 +60,13 @@ def test_the_temporary_file_of_a_mapped_stack_is_not_left_behind(tmp_path, monke
 
 @pytest.mark.slow
 def test_cohort_benchmark_runs_every_group_step_at_a_tiny_cohort(tmp_path, tiny_demo):
-    """12 subjects from the tiny demo at 8 mm: the participant level on the demo's 7 scans, the cohort, the six
-    group steps through the CLI; the JSON has every step with its figures, and every step succeeded."""
+    """12 subjects from the tiny demo at 4 mm: the participant level on the demo's 7 scans, the cohort, the six
+    group steps through the CLI; the JSON has every step with its figures, and every step succeeded. (At 8 mm the
+    seed's orientation model cannot train: a batch of one reaches a BatchNorm at 1x1x1 voxels; see issue 27.)"""
     out = tmp_path / "n12.json"
     cohort = runpy.run_path(str(COHORT), run_name="cohort_benchmark")
     code = cohort["main"](["--subjects", "12", "--json", str(out), "--work", str(tmp_path / "work"),
-                           "--resolution", "8", "--demo", str(tiny_demo)])
+                           "--resolution", "4", "--demo", str(tiny_demo)])
     report = json.loads(out.read_text())
     assert set(report["steps"]) == set(cohort["STEPS"])
     for name, step in report["steps"].items():
