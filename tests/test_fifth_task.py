@@ -16,6 +16,7 @@ from torch import nn
 from bids_siamese.bids.derivatives import TASK_FILES, group_file, group_tasks, read_group_record, write_tsv
 from bids_siamese.cli.parser import parse_args
 from bids_siamese.models.registry import FACTORIES, model_factory
+from bids_siamese.reports.group import EARLIER_VIEWS, ReportView
 from bids_siamese.train.data import find_preproc, load_volume
 from bids_siamese.train.task import GroupTask
 from bids_siamese.workflows import group
@@ -68,6 +69,12 @@ def toy_model(card, state) -> nn.Module:
 def test_task_choices_are_the_tasks_with_output_names():
     """``--task`` takes its choices from the tasks' output names: they must be the workflow's tasks."""
     assert set(group_tasks()) == set(group.TASKS)
+
+
+def test_earlier_records_show_the_built_in_tasks_as_they_declare():
+    """Records without a ``report`` (older runs) fall back to views that must match what the tasks declare."""
+    assert {name: ReportView(**{**task.report_view(), "shown": tuple(task.report_view()["shown"])})
+            for name, task in group.TASKS.items()} == EARLIER_VIEWS
 
 
 def test_a_fifth_task_runs_is_recorded_and_reported(tmp_path, monkeypatch):
