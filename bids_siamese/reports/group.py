@@ -6,7 +6,9 @@ from the record of what each group step wrote (``group_outputs.json``, see
 loss and ROC curves, learned region weights, predictions), the orientation model, the symmetry results
 (per-scan summary, planted-lesion evaluation), the per-scan QC and, for a twin model's explanations, the
 embedding map, the group relevance map, the region ranking and statistics. Every section is shown only when
-its step ran (or, for outputs from before the record, when its files exist). With ``report_subjects`` a
+its step ran (or, for outputs from before the record, when its files exist). A task's section is built as the task
+declares it (title, shown files, layout: :class:`ReportView`, recorded with its outputs by the workflow), so a new
+task needs no code here: without a layout of its own it gets a heading with each shown table and figure. With ``report_subjects`` a
 per-subject section lists each subject's most important regions.
 
 Figures are drawn with :class:`matplotlib.figure.Figure` (no pyplot state). Slices are in neurological

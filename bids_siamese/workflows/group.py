@@ -4,7 +4,8 @@ Every group run first writes the per-scan QC table ``group_orientation.tsv`` fro
 results, then runs the task (:data:`TASKS`: one :class:`~bids_siamese.train.task.GroupTask` per ``--task``,
 each in its own module: collect -> pairs or samples -> split -> fit -> evaluate -> write), then, after
 ``--task twin --explain``, the explanations (``explain/``). Each step returns the paths it wrote and the workflow
-records them in ``group_outputs.json`` (:func:`~bids_siamese.bids.derivatives.write_group_record`); the report
+records them in ``group_outputs.json`` (:func:`~bids_siamese.bids.derivatives.write_group_record`), a task's with
+how the report shows it (:meth:`~bids_siamese.train.task.GroupTask.report_view`); the report
 (``reports/group.py``) is built from that record.
 
 Importing this module imports every task module, which registers the tasks' model factories
