@@ -288,7 +288,7 @@ EARLIER_VIEWS = {"twin": ReportView("Twin model", ("metrics", "loss_figure", "ro
                  "orientation": ReportView("Orientation model", ("table", "metrics"), "orientation_model"),
                  "symmetry": ReportView("Symmetry", ("table", "evaluation", "detection_figure"), "symmetry")}
 #: Report order of the known steps in the ``Tasks`` table (others follow in record order).
-STEP_ORDER = ("twin", "longitudinal", "orientation", "symmetry", "explain", "qc")
+STEP_ORDER = (*EARLIER_VIEWS, "explain", "qc")
 
 
 def step_view(step: str, entry: Mapping[str, Any]) -> ReportView:
