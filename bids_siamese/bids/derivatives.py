@@ -85,6 +85,21 @@ QC_FILES = {"orientation": group_file("orientation")}
 #: Files of each group step by role, keyed as in the record (:func:`write_group_record`).
 TASK_FILES = {"qc": QC_FILES, "twin": TWIN_FILES, "longitudinal": LONGITUDINAL_FILES,
               "orientation": ORIENTATION_MODEL_FILES, "symmetry": SYMMETRY_FILES, "explain": EXPLAIN_FILES}
+#: Steps of :data:`TASK_FILES` that are not ``--task`` values: the per-scan QC table and the explanations.
+GROUP_STEPS = ("qc", "explain")
+
+
+def group_tasks() -> tuple[str, ...]:
+    """The ``--task`` choices: the steps of :data:`TASK_FILES` that are tasks (a task's names come with it;
+    tests/test_fifth_task.py checks these are the keys of ``workflows.group.TASKS``).
+
+    Examples:
+        >>> group_tasks()
+        ('twin', 'longitudinal', 'orientation', 'symmetry')
+    """
+    return tuple(step for step in TASK_FILES if step not in GROUP_STEPS)
+
+
 #: The group report and the record of what the group steps wrote (read by the report).
 GROUP_REPORT = "group.html"
 GROUP_RECORD = group_file("outputs", extension=".json")
@@ -171,10 +186,13 @@ def surface_file_name(mesh: str, hemi: str, surface: str) -> str:
 TEMPLATE_FILE = TEMPLATE_BRAIN
 
 
-def group_record_entry(output_dir: Path, step: str, written: Sequence[Path], settings: Settings | None = None) -> dict[str, Any]:
+def group_record_entry(output_dir: Path, step: str, written: Sequence[Path], settings: Settings | None = None,
+                       report: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What one group step wrote, as kept in the record: ``run_id``, ``mode``, ``backbone``, ``finished``,
     ``files`` (role -> path relative to OUTPUT_DIR, with the roles of :data:`TASK_FILES`), ``model`` (the
-    checkpoint folder it wrote, or with ``--mode apply`` the one it read) and ``other`` (the remaining files)."""
+    checkpoint folder it wrote, or with ``--mode apply`` the one it read), ``other`` (the remaining files) and,
+    when given, ``report``: how the group report shows the step (a task's declaration: title, shown roles,
+    layout)."""
 
     output_dir = Path(output_dir)
     rel = [_relative(output_dir, p) for p in written]
@@ -188,10 +206,12 @@ def group_record_entry(output_dir: Path, step: str, written: Sequence[Path], set
     return {"run_id": run["run_id"], "mode": run["mode"], "backbone": run["backbone"],
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": roles,
             "model": folders[0] if folders else None,
-            "other": [r for r in rel if r not in roles.values() and not r.startswith("models/")]}
+            "other": [r for r in rel if r not in roles.values() and not r.startswith("models/")],
+            **({"report": dict(report)} if report else {})}
 
 
-def write_group_record(output_dir: Path, step: str, written: Sequence[Path], settings: Settings | None = None) -> Path:
+def write_group_record(output_dir: Path, step: str, written: Sequence[Path], settings: Settings | None = None,
+                       report: Mapping[str, Any] | None = None) -> Path:
     """Record what one group step wrote (:func:`group_record_entry`) in ``OUTPUT_DIR/group_outputs.json``.
 
     The record keeps one entry per step (``qc``, ``twin``, ``longitudinal``, ``orientation``, ``symmetry``,
@@ -199,7 +219,7 @@ def write_group_record(output_dir: Path, step: str, written: Sequence[Path], set
     group report shows every task run into this OUTPUT_DIR.
     """
     record = read_group_record(output_dir)
-    record["steps"][step] = group_record_entry(output_dir, step, written, settings)
+    record["steps"][step] = group_record_entry(output_dir, step, written, settings, report)
     return write_json(Path(output_dir) / GROUP_RECORD, record)
 
 

@@ -19,7 +19,26 @@ from ..errors import EXIT_CODES, AnalysisLevelError, NoInputError, UsageError
 from ..resources import model_grid
 
 ANALYSIS_LEVELS = ("participant", "group")
-TASKS = ("twin", "longitudinal", "symmetry", "orientation")
+
+
+class TaskChoices:
+    """The ``--task`` choices, read from their one source (:func:`bids_siamese.bids.derivatives.group_tasks`, the
+    tasks' output names) only when argparse checks a ``--task`` value or prints them (``--help``)."""
+
+    def names(self) -> tuple[str, ...]:
+        """The task names."""
+        from ..bids.derivatives import group_tasks  # deferred: pandas and pybids (~1 s) only when --task is used
+
+        return group_tasks()
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.names()
+
+    def __iter__(self):
+        return iter(self.names())
+
+
+TASKS = TaskChoices()
 BACKBONES = ("small", "unet", "resnet18", "densenet121", "swin")
 #: ``--backbone`` choices: the CNN encoders and the atlas-region models (bids_siamese.models.regional).
 MODEL_CHOICES = (*BACKBONES, "regional", "regional_cnn")

@@ -6,7 +6,9 @@ from the record of what each group step wrote (``group_outputs.json``, see
 loss and ROC curves, learned region weights, predictions), the orientation model, the symmetry results
 (per-scan summary, planted-lesion evaluation), the per-scan QC and, for a twin model's explanations, the
 embedding map, the group relevance map, the region ranking and statistics. Every section is shown only when
-its step ran (or, for outputs from before the record, when its files exist). With ``report_subjects`` a
+its step ran (or, for outputs from before the record, when its files exist). A task's section is built as the task
+declares it (title, shown files, layout: :class:`ReportView`, recorded with its outputs by the workflow), so a new
+task needs no code here: without a layout of its own it gets a heading with each shown table and figure. With ``report_subjects`` a
 per-subject section lists each subject's most important regions.
 
 Figures are drawn with :class:`matplotlib.figure.Figure` (no pyplot state). Slices are in neurological
@@ -24,7 +26,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
 
 import jinja2
 import matplotlib
@@ -53,7 +55,7 @@ if TYPE_CHECKING:  # explain/ is a higher layer: its result type only annotates
 
 LOG = logging.getLogger("bids_siamese.group.report")
 
-__all__ = ["build_group_context", "render_group_report", "write_group_report", "ranking_figure",
+__all__ = ["ReportView", "step_view", "build_group_context", "render_group_report", "write_group_report", "ranking_figure",
            "embedding_figure", "slices_figure", "surface_figure", "table_view"]
 
 CLASS_COLOURS = {"subcortical": "#d62728", "cortical": "#1f77b4", "cerebellar": "#2ca02c", "brainstem": "#9467bd",
@@ -258,14 +260,52 @@ def _inline_svg(text: str | None) -> str | None:
     return text[start:] if start >= 0 else None
 
 
-#: What the report shows of each group step (roles of :data:`~bids_siamese.bids.derivatives.TASK_FILES`).
-SHOWN = {"qc": ("orientation",), "twin": ("metrics", "loss_figure", "roc_figure"),
-         "longitudinal": ("metrics", "predictions", "loss_figure", "roc_figure"),
-         "orientation": ("table", "metrics"), "symmetry": ("table", "evaluation", "detection_figure"),
-         "explain": ("ranking", "statistics", "embeddings", "subjects")}
-#: Section titles of the group tasks, in report order.
-TASK_TITLES = {"twin": "Twin model", "longitudinal": "Longitudinal model", "orientation": "Orientation model",
-               "symmetry": "Symmetry", "explain": "Explanations", "qc": "Scan QC"}
+class ReportView(NamedTuple):
+    """How the report shows one group step, as the step declares it (a task: its
+    :class:`~bids_siamese.train.task.GroupTask` attributes, recorded in ``group_outputs.json`` by the workflow).
+
+    Attributes:
+        title: the section and ``Tasks`` table title.
+        shown: the roles of its files (:data:`~bids_siamese.bids.derivatives.TASK_FILES`) the report reads;
+            empty: every file the step recorded.
+        section: the layout (:data:`SECTION_BUILDERS`): ``files`` (a heading, each table and figure) or one of the
+            built-in tasks' layouts (``twin``, ``longitudinal``, ``orientation_model``, ``symmetry``).
+    """
+
+    title: str
+    shown: tuple[str, ...] = ()
+    section: str = "files"
+
+
+#: The workflow's own steps (not tasks): the per-scan QC table and the explanations (their own template parts).
+STEP_VIEWS = {"qc": ReportView("Scan QC", ("orientation",), "qc"),
+              "explain": ReportView("Explanations", ("ranking", "statistics", "embeddings", "subjects"), "explain")}
+#: The built-in tasks' views for record entries written before the record carried each task's view (and for
+#: steps found only by their files); a task run by the workflow records its own (:func:`step_view`).
+EARLIER_VIEWS = {"twin": ReportView("Twin model", ("metrics", "loss_figure", "roc_figure"), "twin"),
+                 "longitudinal": ReportView("Longitudinal model", ("metrics", "predictions", "loss_figure",
+                                                                   "roc_figure"), "longitudinal"),
+                 "orientation": ReportView("Orientation model", ("table", "metrics"), "orientation_model"),
+                 "symmetry": ReportView("Symmetry", ("table", "evaluation", "detection_figure"), "symmetry")}
+#: Report order of the known steps in the ``Tasks`` table (others follow in record order).
+STEP_ORDER = (*EARLIER_VIEWS, "explain", "qc")
+
+
+def step_view(step: str, entry: Mapping[str, Any]) -> ReportView:
+    """The view of one recorded step: the one recorded with it (``report``), else :data:`STEP_VIEWS` or
+    :data:`EARLIER_VIEWS`, else every file under the step's name.
+
+    Examples:
+        >>> step_view("toy", {"report": {"title": "Toy", "shown": ["table"]}})
+        ReportView(title='Toy', shown=('table',), section='files')
+        >>> step_view("toy", {}).title
+        'toy'
+    """
+    recorded = entry.get("report")
+    if isinstance(recorded, Mapping):
+        return ReportView(str(recorded.get("title", step)), tuple(recorded.get("shown", ())),
+                          str(recorded.get("section", "files")))
+    return STEP_VIEWS.get(step) or EARLIER_VIEWS.get(step) or ReportView(step)
 
 
 def _model_section(tables: Mapping[str, Any], figures: Mapping[str, str | None], task: str) -> dict | None:
@@ -275,8 +315,7 @@ def _model_section(tables: Mapping[str, Any], figures: Mapping[str, str | None],
                "roc_svg": _inline_svg(figures.get(f"{task}_roc_figure")),
                "region_weights": table_view(tables.get(f"{task}_region_weights"), 15,
                                             ["rank", "region", "hemisphere", "structure_class", "weight", "voxels"])}
-    if task == "longitudinal":
-        section["predictions"] = table_view(tables.get("longitudinal_predictions"), 30)
+    section["predictions"] = table_view(tables.get(f"{task}_predictions"), 30)
     return section if any(section.values()) else None
 
 
@@ -302,8 +341,10 @@ def _orientation_section(orientation: pd.DataFrame | None) -> dict | None:
             "table": table_view(pd.concat([not_ok, unusable, flagged, undetermined, failed]).drop_duplicates(), 30)}
 
 
-def _orientation_model_section(scores: pd.DataFrame | None, metrics: pd.DataFrame | None) -> dict | None:
+def _orientation_model_section(tables: Mapping[str, Any], figures: Mapping[str, str | None], step: str
+                               ) -> dict | None:
     """The trained left-right model's held-out AUC and the scans it flags (``group --task orientation``)."""
+    scores, metrics = tables.get(f"{step}_table"), tables.get(f"{step}_metrics")
     if scores is None or not len(scores):
         return None
     flagged = scores[scores["lr_flip_suspected"].astype(str).str.lower() == "true"]
@@ -313,24 +354,41 @@ def _orientation_model_section(scores: pd.DataFrame | None, metrics: pd.DataFram
             "held_out": "apply" not in set(scores["fold"].astype(str))}
 
 
-def _symmetry_section(tables: Mapping[str, Any], figures: Mapping[str, str | None]) -> dict | None:
+def _symmetry_section(tables: Mapping[str, Any], figures: Mapping[str, str | None], step: str) -> dict | None:
     """Per-scan asymmetry summary and, after training, the planted-lesion evaluation (``group --task symmetry``)."""
-    symmetry = tables.get("symmetry_table")
+    symmetry = tables.get(f"{step}_table")
     if symmetry is None or not len(symmetry):
         return None
     numeric = symmetry.select_dtypes("number")
     summary = numeric.describe().T[["mean", "std", "min", "max"]].reset_index().rename(columns={"index": "column"})
     return {"n": len(symmetry), "summary": table_view(summary, 30),
-            "evaluation": table_view(tables.get("symmetry_evaluation"), 40),
-            "detection_svg": _inline_svg(figures.get("symmetry_detection_figure"))}
+            "evaluation": table_view(tables.get(f"{step}_evaluation"), 40),
+            "detection_svg": _inline_svg(figures.get(f"{step}_detection_figure"))}
+
+
+def _files_section(tables: Mapping[str, Any], figures: Mapping[str, str | None], step: str) -> dict | None:
+    """Any task's section: each table and figure of the step the report read (``None``: none)."""
+    prefix = f"{step}_"
+    shown = {"tables": [{"role": key[len(prefix):], "table": table_view(table, 30)} for key, table in tables.items()
+                        if key.startswith(prefix) and table is not None and len(table)],
+             "figures": [{"role": key[len(prefix):], "svg": _inline_svg(svg)} for key, svg in figures.items()
+                         if key.startswith(prefix) and _inline_svg(svg)]}
+    return shown if shown["tables"] or shown["figures"] else None
+
+
+#: The report's section layouts (:attr:`ReportView.section`): ``(tables, figures, step) -> section or None``.
+#: ``files`` sections are listed under ``task_sections``; the others fill the template part of their name.
+SECTION_BUILDERS = {"twin": _model_section, "longitudinal": _model_section,
+                    "orientation_model": _orientation_model_section, "symmetry": _symmetry_section,
+                    "files": _files_section}
 
 
 def _tasks_table(steps: Mapping[str, Mapping[str, Any]]) -> dict | None:
     """One row per recorded group step: what ran, how, in which run, and its model folder."""
-    rows = [{"step": TASK_TITLES.get(step, step), "mode": entry.get("mode"), "backbone": entry.get("backbone"),
+    rows = [{"step": step_view(step, entry).title, "mode": entry.get("mode"), "backbone": entry.get("backbone"),
              "run": entry.get("run_id"), "finished": entry.get("finished"), "model": entry.get("model")}
-            for step, entry in sorted(steps.items(), key=lambda item: list(TASK_TITLES).index(item[0])
-                                      if item[0] in TASK_TITLES else len(TASK_TITLES))]
+            for step, entry in sorted(steps.items(), key=lambda item: STEP_ORDER.index(item[0])
+                                      if item[0] in STEP_ORDER else len(STEP_ORDER))]
     return table_view(pd.DataFrame(rows)) if rows else None
 
 
@@ -340,6 +398,7 @@ def build_group_context(
     figures: Mapping[str, str | None] | None = None,
     relevance: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None,
     steps: Mapping[str, Mapping[str, Any]] | None = None,
+    views: Mapping[str, ReportView] | None = None,
     files: Sequence[str] = (),
     notes: Mapping[str, str] | None = None,
     seed: int = 0,
@@ -348,12 +407,14 @@ def build_group_context(
 
     Args:
         dataset: the input dataset's name.
-        tables: ``<step>_<role>`` -> table, the roles of :data:`SHOWN` (e.g. ``twin_metrics``,
+        tables: ``<step>_<role>`` -> table, the roles of :attr:`ReportView.shown` (e.g. ``twin_metrics``,
             ``longitudinal_predictions``, ``explain_ranking``, ``qc_orientation``), and ``twin_region_weights``,
             ``longitudinal_region_weights`` (a regional model's learned weights).
         figures: ``<step>_<role>`` -> SVG text (e.g. ``twin_loss_figure``, ``symmetry_detection_figure``).
         relevance: ``(group map, affine, template underlay)`` of the explanations.
         steps: the record's entries (:func:`~bids_siamese.bids.derivatives.group_record_entry`), one per step.
+        views: step -> :class:`ReportView`: each task's section is built by its layout's
+            :data:`SECTION_BUILDERS` entry (none given: no task section).
         files: paths (relative to OUTPUT_DIR) listed at the end.
         notes: facts shown in the summary.
         seed: seed of the t-SNE map.
@@ -368,8 +429,9 @@ def build_group_context(
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "notes": dict(notes or {}),
         "tasks": _tasks_table(steps or {}),
-        "twin": _model_section(tables, figures, "twin"),
-        "longitudinal": _model_section(tables, figures, "longitudinal"),
+        "twin": None,
+        "longitudinal": None,
+        "task_sections": [],
         "embedding_svg": None,
         "ranking_svg": None,
         "ranking": table_view(ranking, 25, ["rank", "region", "hemisphere", "structure_class", "importance", "voxels"]),
@@ -378,12 +440,18 @@ def build_group_context(
         "slices_svg": None,
         "surface_svg": None,
         "orientation": _orientation_section(tables.get("qc_orientation")),
-        "orientation_model": _orientation_model_section(tables.get("orientation_table"),
-                                                        tables.get("orientation_metrics")),
-        "symmetry": _symmetry_section(tables, figures),
+        "orientation_model": None,
+        "symmetry": None,
         "subjects": [],
         "files": list(files),
     }
+    for step, view in (views or {}).items():
+        build = SECTION_BUILDERS.get(view.section)
+        section = build(tables, figures, step) if build is not None else None  # qc, explain: built here
+        if section is not None and view.section == "files":
+            context["task_sections"].append({"id": f"task-{step}", "title": view.title, **section})
+        elif section is not None:
+            context[view.section] = section
     counts = {}
     if embeddings is not None and len(embeddings) >= 3:
         context["embedding_svg"] = embedding_figure(embeddings, seed)
@@ -490,15 +558,17 @@ def write_group_report(settings: Settings, explain: ExplainResult | None = None,
     out = Path(output_dir or settings.output_dir)
     dataset = dataset_name(Path(settings.bids_dir))
     steps = recorded_steps(out, settings, explain)
+    views = {step: step_view(step, entry) for step, entry in steps.items()}
     tables: dict[str, Any] = {}
     figures: dict[str, str | None] = {}
     for step, entry in steps.items():
+        shown = views[step].shown
         for role, name in entry["files"].items():
-            if role not in SHOWN.get(step, ()) or (role == "subjects" and not settings.report_subjects):
+            if (shown and role not in shown) or (role == "subjects" and not settings.report_subjects):
                 continue
             if name.endswith(".svg"):
                 figures[f"{step}_{role}"] = _read_text(out / name)
-            else:
+            elif name.endswith(".tsv"):
                 tables[f"{step}_{role}"] = _read_tsv(out / name)
     if explain is not None:  # this run's tables, as computed
         tables.update(explain_ranking=explain.ranking, explain_statistics=explain.statistics,
@@ -516,7 +586,7 @@ def write_group_report(settings: Settings, explain: ExplainResult | None = None,
         files += list(entry["files"].values()) + [p for p in entry["other"] if p.endswith(".spec")]
         files += [entry["model"]] if entry.get("model") else []
     context = build_group_context(
-        dataset=dataset, tables=tables, figures=figures, steps={k: v for k, v in steps.items()},
+        dataset=dataset, tables=tables, figures=figures, steps=steps, views=views,
         relevance=(explain.group_map, explain.affine, explain.template) if explain is not None else None,
         files=[f for f in dict.fromkeys(files) if (out / f).exists()], notes=notes, seed=int(settings.seed))
     return write_text(out / GROUP_REPORT, render_group_report(context))

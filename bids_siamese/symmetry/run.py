@@ -270,6 +270,9 @@ class SymmetryTask(GroupTask):
     another ``--task`` (no model), it scores the asymmetry and writes the group table only."""
 
     name = "symmetry"
+    title = "Symmetry"
+    shown = ("table", "evaluation", "detection_figure")
+    section = "symmetry"
     steps = ("collect (usable scans with brain masks) -> samples (asymmetry maps, group reference) -> family split "
              "of the lesion-free scans -> fit (planted lesions) or --model -> evaluate (lesions planted in test "
              "scans) -> write")

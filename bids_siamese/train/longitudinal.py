@@ -307,6 +307,9 @@ class LongitudinalTask(GroupTask):
     """``--task longitudinal``: collect -> samples -> split -> fit -> evaluate -> write (:func:`run_longitudinal`)."""
 
     name = "longitudinal"
+    title = "Longitudinal model"
+    shown = ("metrics", "predictions", "loss_figure", "roc_figure")
+    section = "longitudinal"
     distributed = True
     steps = ("collect (every session, labels, families) -> samples (session pairs) -> --n-draws family splits -> "
              "fit (BCE, one model per draw) or --model -> evaluate (test pairs) -> write")

@@ -120,6 +120,9 @@ class OrientationTask(GroupTask):
     """``--task orientation``: collect -> samples -> split -> fit -> evaluate -> write (module docstring)."""
 
     name = "orientation"
+    title = "Orientation model"
+    shown = ("table", "metrics")
+    section = "orientation_model"
     steps = ("collect (usable scans, participant-level verdicts) -> samples (stored and mirrored copies) -> family "
              "folds -> fit (one member per fold, held-out scores) or --model -> evaluate -> write")
 

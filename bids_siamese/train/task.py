@@ -16,9 +16,10 @@ Every task has the same steps, called in this order on one object (its attribute
 6. ``write()``: tables, figures and the checkpoint (names from :mod:`bids_siamese.bids.derivatives`); only in the
    first process under torchrun.
 
-A new task is one module with its :class:`GroupTask` subclass, one
-:func:`~bids_siamese.models.registry.register_model` line for its model (unless the models package builds it) and
-one entry in ``TASKS``.
+A new task is one module with its :class:`GroupTask` subclass (its report section declared by ``title``, ``shown``
+and ``section``), one :func:`~bids_siamese.models.registry.register_model` line for its model (unless the models
+package builds it), one entry in ``TASKS`` and its output names in ``TASK_FILES``
+(:mod:`bids_siamese.bids.derivatives`; ``--task`` takes its choices from there).
 """
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ class GroupTask:
         distributed: every torchrun process runs it (its training is distributed; only process 0 writes);
             False: only the first process runs it.
         steps: the task's steps in words (logged at the start).
+        title: its section title in ``group.html`` (default: ``name``).
+        shown: which of its files (roles of ``TASK_FILES[name]``) the report shows; empty: every file it wrote.
+        section: the report layout (:data:`bids_siamese.reports.group.SECTION_BUILDERS`): ``files`` (a heading,
+            each table and figure) or a built-in task's layout. The workflow records ``report_view()`` with the
+            task's outputs, and the report is built from that record.
 
     Attributes:
         settings: the run's settings.
@@ -59,6 +65,14 @@ class GroupTask:
     name: ClassVar[str]
     distributed: ClassVar[bool] = False
     steps: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    shown: ClassVar[tuple[str, ...]] = ()
+    section: ClassVar[str] = "files"
+
+    @classmethod
+    def report_view(cls) -> dict[str, object]:
+        """How the group report shows this task (recorded in ``group_outputs.json`` with its outputs)."""
+        return {"title": cls.title or cls.name, "shown": list(cls.shown), "section": cls.section}
 
     def __init__(self, settings: Settings, ctx: DistContext, device: torch.device):
         self.settings, self.ctx, self.device = settings, ctx, device

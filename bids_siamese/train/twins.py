@@ -286,6 +286,9 @@ class TwinTask(GroupTask):
     only the closest relatives are written."""
 
     name = "twin"
+    title = "Twin model"
+    shown = ("metrics", "loss_figure", "roc_figure")
+    section = "twin"
     distributed = True
     steps = ("collect (first usable scan per subject, relations) -> samples (volumes, masks) -> family split and "
              "pairs -> fit (triplet loss) or --model -> evaluate (test pairs, threshold from validation) -> write")

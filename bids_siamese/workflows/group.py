@@ -4,7 +4,8 @@ Every group run first writes the per-scan QC table ``group_orientation.tsv`` fro
 results, then runs the task (:data:`TASKS`: one :class:`~bids_siamese.train.task.GroupTask` per ``--task``,
 each in its own module: collect -> pairs or samples -> split -> fit -> evaluate -> write), then, after
 ``--task twin --explain``, the explanations (``explain/``). Each step returns the paths it wrote and the workflow
-records them in ``group_outputs.json`` (:func:`~bids_siamese.bids.derivatives.write_group_record`); the report
+records them in ``group_outputs.json`` (:func:`~bids_siamese.bids.derivatives.write_group_record`), a task's with
+how the report shows it (:meth:`~bids_siamese.train.task.GroupTask.report_view`); the report
 (``reports/group.py``) is built from that record.
 
 Importing this module imports every task module, which registers the tasks' model factories
@@ -210,9 +211,10 @@ class _Steps:
     def __init__(self, settings: Settings, main_process: bool):
         self.settings, self.main, self.written = settings, main_process, []
 
-    def __call__(self, step: str, written: list[Path]) -> list[Path]:
+    def __call__(self, step: str, written: list[Path], report: dict[str, Any] | None = None) -> list[Path]:
+        """Record ``written`` as ``step``'s outputs (with ``report``: how the group report shows them)."""
         if self.main and written:
-            write_group_record(self.settings.output_dir, step, written, self.settings)
+            write_group_record(self.settings.output_dir, step, written, self.settings, report)
         self.written += written
         return written
 
@@ -257,7 +259,7 @@ def run_group(settings: Settings, subjects: list[str], status: list[dict[str, An
         selected = usable_subjects(task.name, subjects, status)
         LOG.info("--task %s: %s", task.name, task.steps)
         if task.distributed or step.main:
-            step(task.name, run_task(task, settings, selected))
+            step(task.name, run_task(task, settings, selected), task.report_view())
         else:
             LOG.info("%s training is not distributed: process %s leaves it to process 0", task.name,
                      os.environ["RANK"])
