@@ -4,12 +4,15 @@ The participant level writes, per scan, ``<source>_space-MNI152NLin2009cAsym_des
 (float32 on :func:`bids_siamese.resources.model_grid`, 0 outside the brain) and the matching
 ``desc-brain_mask``. Training holds them in memory as one ``(N, 1, X, Y, Z)`` stack: a float16
 :class:`VolumeCache` by default (1.5 MB per scan at 2 mm; ``--volume-cache float32``: a float32 array, 3 MB per
-scan). Indexing either gives float32. The array axes are RAS, so axis 2 of a batch tensor is left-right.
+scan); a stack over 1 GiB is memory-mapped on a temporary file (:func:`stack_array`), so cohorts larger than
+the node's memory are paged from disk. Indexing either gives float32. The array axes are RAS, so axis 2 of a batch tensor is left-right.
 """
 from __future__ import annotations
 
 import logging
+import mmap
 import re
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -115,9 +118,45 @@ def load_volume(path: Path, grid: Grid) -> np.ndarray:
     return np.nan_to_num(data, copy=False)
 
 
+#: Stacks of volumes or masks larger than this (bytes) live in a memory-mapped temporary file rather than in
+#: anonymous memory: the kernel pages them in and out as they are used, so a cohort's stack never has to fit in RAM
+#: (a float16 stack of 13,200 scans at 2 mm is 20 GB). Below it, the stack is an ordinary array.
+SPILL_BYTES = 2 ** 30
+
+
+def stack_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array: in memory up to :data:`SPILL_BYTES`, else a ``numpy.memmap`` on an unlinked temporary
+    file in ``$TMPDIR`` (its disk space is freed when the array is).
+
+    Examples:
+        >>> stack_array((2, 3), np.float16).shape
+        (2, 3)
+    """
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes <= SPILL_BYTES:
+        return np.empty(shape, dtype=dtype)
+    LOG.info("a stack of %d model-grid arrays (%s, %.1f GB) is memory-mapped on a temporary file in %s", shape[0],
+             np.dtype(dtype).name, nbytes / 1e9, tempfile.gettempdir())
+    with tempfile.TemporaryFile(prefix="bids-siamese-stack-") as fh:  # the map keeps its own descriptor
+        return np.memmap(fh, dtype=dtype, mode="w+", shape=shape)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the pages of a :func:`stack_array` memory map from this process's resident memory (its data stay in
+    the file and the page cache, and are paged back in when read): a pass over a stack a scan or a slab at a time
+    then holds one scan or slab, not every page it has touched. Arrays in memory are left alone.
+
+    Examples:
+        >>> release_pages(np.zeros(3))  # an ordinary array: nothing to do
+    """
+    mapped = getattr(array, "_mmap", None)
+    if isinstance(array, np.memmap) and mapped is not None:
+        mapped.madvise(mmap.MADV_DONTNEED)
+
+
 def load_volumes(paths: Sequence[Path], grid: Grid) -> np.ndarray:
-    """Stack volumes into ``(N, 1, X, Y, Z)`` float32."""
-    out = np.empty((len(paths), 1, *grid.shape), dtype=np.float32)
+    """Stack volumes into ``(N, 1, X, Y, Z)`` float32 (memory-mapped when large: :func:`stack_array`)."""
+    out = stack_array((len(paths), 1, *grid.shape), np.float32)
     for i, path in enumerate(paths):
         out[i, 0] = load_volume(path, grid)
     return out
@@ -202,7 +241,7 @@ def volume_cache(volumes: Sequence[np.ndarray], dtype: str = "float16") -> Volum
     """
     shape = tuple(np.shape(volumes[0])) if len(volumes) else ()
     if dtype == "float32":
-        out = np.empty((len(volumes), 1, *shape), dtype=np.float32)
+        out = stack_array((len(volumes), 1, *shape), np.float32)
         for i, volume in enumerate(volumes):
             out[i, 0] = volume
         return out
@@ -215,7 +254,7 @@ def _fill_cache(n: int, shape: tuple[int, ...], dtype: str, volume_of: Callable[
     """A reduced-precision :class:`VolumeCache` of ``n`` volumes ``volume_of(i)`` (float32), filled one by one."""
     if dtype not in VOLUME_CACHE_DTYPES:
         raise ValueError(f"volume cache dtype {dtype!r} is not one of {VOLUME_CACHE_DTYPES}")
-    out = np.empty((n, 1, *shape), dtype=np.float16)
+    out = stack_array((n, 1, *shape), np.float16)
     limit = float(np.finfo(np.float16).max)
     for i in range(n):
         volume = volume_of(i)
@@ -246,8 +285,8 @@ class VolumeFiles:
 
 def load_masks(paths: Sequence[Path], grid: Grid) -> np.ndarray:
     """Brain masks ``(N, X, Y, Z)`` bool for the given preproc files (the mask next to each one; where a mask is
-    missing, the non-zero voxels of the volume)."""
-    out = np.empty((len(paths), *grid.shape), dtype=bool)
+    missing, the non-zero voxels of the volume); memory-mapped when large (:func:`stack_array`)."""
+    out = stack_array((len(paths), *grid.shape), bool)
     for i, path in enumerate(paths):
         mask = mask_path_for(path)
         out[i] = (load_volume(mask, grid) > 0.5) if mask.is_file() else (load_volume(path, grid) != 0)
