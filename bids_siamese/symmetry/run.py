@@ -331,7 +331,8 @@ class SymmetryTask(GroupTask):
 
     def samples(self) -> None:
         """Every scan's asymmetry map and regional indices, scored against the dataset reference
-        (:func:`score_dataset`)."""
+        (:func:`score_dataset`: streamed through a ``--volume-cache`` dtype stack, memory-mapped for a large
+        cohort)."""
         self.data = score_dataset(self.files, self.resolution, self.settings.atlas, self.fwhm,
                                   int(self.settings.symmetry_components), self.settings.volume_cache)
 
