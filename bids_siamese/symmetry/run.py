@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -213,7 +214,7 @@ def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwh
         raise ValueError(f"map dtype {map_dtype!r} is not one of {VOLUME_CACHE_DTYPES}")
     maps = stack_array((len(files), *grid.shape), np.dtype(map_dtype))
     masks = stack_array((len(files), *grid.shape), bool)
-    regions = []
+    regions, t_start = [], time.perf_counter()
     for i, f in enumerate(files):
         data, mask = load_scan(f, resolution)
         maps[i] = asymmetry_map(data, mask, resolution, fwhm)
@@ -222,8 +223,10 @@ def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwh
         if i % 64 == 63:
             release_pages(maps)
             release_pages(masks)
+    LOG.info("symmetry: asymmetry maps of %d scan(s) in %.0f s", len(files), time.perf_counter() - t_start)
     reference = group_reference(maps, masks, regions, template, resolution, fwhm,
                                 groups=[f.participant_id for f in files], components=components)
+    LOG.info("symmetry: dataset reference (%s) after %.0f s", reference.source, time.perf_counter() - t_start)
     rows = []
     for i, (f, reg) in enumerate(zip(files, regions)):
         s = score_map(np.asarray(maps[i], np.float32), masks[i], resolution, reference.member(i))
