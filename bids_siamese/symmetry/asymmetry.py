@@ -45,7 +45,8 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from ..preproc.grid import mirror
-from .normative import DEFAULT_COMPONENTS, NormativeModel, fit_normative_matrix
+from ..train.data import release_pages, stack_array
+from .normative import DEFAULT_COMPONENTS, NormativeModel, column_chunks, fit_normative_matrix
 
 #: In-mask percentiles mapped to :data:`POSITIVE_RANGE` by :func:`positive_intensities`.
 POSITIVE_PERCENTILES = (1.0, 99.0)
@@ -61,8 +62,11 @@ MIDLINE_MM = 4.0
 #: Voxels closer than this to the border of the symmetric brain mask are left out of the focal statistic and of
 #: the scan's spread (:func:`statistic_voxels`).
 EDGE_MM = 4.0
-#: x planes of the group maps whose voxelwise median is taken at once (bounds the reference's memory).
+#: x planes of the group maps whose voxelwise median is taken at once (bounds the reference's memory), at most;
+#: fewer when the slab would hold more than :data:`SLAB_VALUES` values (many scans), down to one plane.
 REFERENCE_SLAB = 8
+#: Values (scans x voxels) of one slab of the group reference: 2**25 float32 values, 128 MB.
+SLAB_VALUES = 2 ** 25
 #: Smallest per-scan rescaling of a z-map made with a voxelwise sd (:func:`z_map`).
 SCAN_SCALE_FLOOR = 0.25
 #: Fewer scans than this: the group reference falls back to the template mean and each scan's own spread.
@@ -516,9 +520,13 @@ def group_reference(
     With fewer than :data:`MIN_REFERENCE_SCANS` scans see :func:`few_scans_reference` (the template's voxelwise
     reference, each scan standardised by its own spread, the focal statistic by the dataset's).
 
+    Memory: the maps and masks are read a slab of x planes (all scans) or a scan at a time, so they may be
+    memory-mapped stacks (:func:`~bids_siamese.train.data.stack_array`, e.g. float16 maps: the results are then
+    those of the float32 maps within float16 rounding); the normative matrices are stacks too.
+
     Args:
-        ai_maps: the scans' :func:`asymmetry_map` results.
-        masks: their brain masks.
+        ai_maps: the scans' :func:`asymmetry_map` results (a list, or an ``(n, X, Y, Z)`` stack).
+        masks: their brain masks (or symmetric masks: only ``mask & mirror(mask)`` is used), likewise.
         regions: their regional tables (``region``, ``asymmetry_index``).
         template: :func:`template_reference` at the same resolution/smoothing.
         voxel_mm: grid resolution.
@@ -530,27 +538,34 @@ def group_reference(
     n = len(ai_maps)
     if n < MIN_REFERENCE_SCANS:
         return few_scans_reference(ai_maps, masks, template, voxel_mm, top_volume_mm3)
-    all_maps = [np.asarray(template.mean, np.float32)] + [np.asarray(a, np.float32) for a in ai_maps]
-    valid = np.stack([np.asarray(template.mean) != 0] + [symmetric_mask(m) for m in masks])
+    shape = np.shape(template.mean)
+    template_map = np.asarray(template.mean, np.float32)
+    template_seen = np.asarray(template.mean) != 0
     # voxels seen in fewer than half of the maps keep the template's value and the global spread
-    enough = valid.sum(axis=0) >= max(2, (n + 1) // 2)
-    med = np.empty(valid.shape[1:], np.float32)
-    sd = np.empty(valid.shape[1:], np.float32)
-    for start in range(0, valid.shape[1], REFERENCE_SLAB):  # a slab of x planes at a time: memory of one slab
-        slab = slice(start, start + REFERENCE_SLAB)
-        data = np.where(valid[:, slab], np.stack([a[slab] for a in all_maps]), np.float32(np.nan))
+    enough = np.empty(shape, bool)
+    med = np.empty(shape, np.float32)
+    sd = np.empty(shape, np.float32)
+    planes = int(np.clip(SLAB_VALUES // ((n + 1) * int(np.prod(shape[1:]))), 1, REFERENCE_SLAB))
+    for start in range(0, shape[0], planes):  # a slab of x planes at a time: memory of one slab
+        slab = slice(start, start + planes)
+        valid = np.stack([template_seen[slab]] + [symmetric_slab(m, slab) for m in masks])
+        enough[slab] = valid.sum(axis=0) >= max(2, (n + 1) // 2)
+        data = np.where(valid, np.stack([template_map[slab]] + [np.asarray(a[slab], np.float32) for a in ai_maps]),
+                        np.float32(np.nan))
+        release_pages(ai_maps)
+        release_pages(masks)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN voxels (outside every mask)
             med[slab] = np.nanmedian(data, axis=0)
             sd[slab] = MAD_TO_SD * np.nanmedian(np.abs(data - med[slab]), axis=0)
-    del all_maps
+        del data, valid
     mean = np.where(enough, med, template.mean).astype(np.float32)
     mean = (mean - mirror(mean)) / 2.0  # the centre of an antisymmetric quantity is antisymmetric
     base = np.nanmedian(sd[enough]) if enough.any() else 0.05
     sd = np.where(enough & np.isfinite(sd), sd, base)
     normative = None
     if components > 0:
-        normative, residual_sd = _normative_spread(ai_maps, valid[1:], mean, enough, groups, components)
+        normative, residual_sd = _normative_spread(ai_maps, masks, mean, enough, groups, components)
         sd = np.where(np.isfinite(residual_sd), residual_sd, sd)
     sd = smooth_in_mask(sd, enough, fwhm_mm, voxel_mm)
     sd = np.where(enough, sd, base).astype(np.float32)
@@ -569,8 +584,13 @@ def group_reference(
             r_sd = MAD_TO_SD * np.nanmedian(np.abs(values - r_med[:, None]), axis=1)
         ref.regions_mean = pd.Series(r_med, index=reg.index)
         ref.regions_sd = pd.Series(r_sd, index=reg.index)
-    focal = np.array([focal_statistic(z_map(a, m, ref.member(i), voxel_mm), m, voxel_mm, top_volume_mm3)[0]
-                      for i, (a, m) in enumerate(zip(ai_maps, masks))])
+    focal = np.empty(n)
+    for i in range(n):  # a scan at a time: the stacks may be memory-mapped
+        a, m = np.asarray(ai_maps[i]), np.asarray(masks[i])
+        focal[i] = focal_statistic(z_map(a, m, ref.member(i), voxel_mm), m, voxel_mm, top_volume_mm3)[0]
+        if i % 64 == 63:
+            release_pages(ai_maps)
+            release_pages(masks)
     ref.focal_median, ref.focal_sd = lower_half_spread(focal)
     ref.extra["focal"] = focal
     return ref
@@ -593,22 +613,51 @@ def lower_half_spread(values: np.ndarray) -> tuple[float, float]:
     return median, float(max((median - float(np.percentile(values, 25))) / 0.6745, 1e-6))
 
 
-def _normative_spread(ai_maps: Sequence[np.ndarray], valid: np.ndarray, mean: np.ndarray, enough: np.ndarray,
-                      groups: Sequence[str] | None, components: int) -> tuple[NormativeModel, np.ndarray]:
+def symmetric_slab(mask: np.ndarray, slab: slice) -> np.ndarray:
+    """``symmetric_mask(mask)[slab]`` for a slab of x planes (``slab.start`` to ``slab.stop``, step 1), reading
+    only the slab and its mirror planes (a mask in a memory-mapped stack stays on disk).
+
+    Examples:
+        >>> m = np.array([1, 1, 1, 0], bool).reshape(4, 1, 1)
+        >>> symmetric_slab(m, slice(0, 2)).ravel().tolist(), symmetric_mask(m)[:2].ravel().tolist()
+        ([False, True], [False, True])
+    """
+    nx = np.shape(mask)[0]
+    start, stop, _ = slab.indices(nx)
+    here = np.asarray(mask[start:stop]) > 0
+    there = np.asarray(mask[nx - stop:nx - start]) > 0
+    return here & there[::-1]
+
+
+def _normative_spread(ai_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], mean: np.ndarray,
+                      enough: np.ndarray, groups: Sequence[str] | None,
+                      components: int) -> tuple[NormativeModel, np.ndarray]:
     """The normative modes of the dataset and the voxelwise robust sd of the scans' out-of-fold residuals
-    (NaN outside the modelled voxels; the right hemisphere mirrors the left)."""
+    (NaN outside the modelled voxels; the right hemisphere mirrors the left). The ``(scans, voxels)`` matrices
+    are :func:`~bids_siamese.train.data.stack_array` stacks (memory-mapped for a large cohort), filled a scan at a
+    time and reduced a column chunk at a time."""
     voxels = np.flatnonzero((enough & left_hemisphere(enough.shape)).ravel())
-    seen = np.stack([np.asarray(v).ravel()[voxels] for v in valid])
+    n, fallback = len(ai_maps), np.asarray(mean, np.float32).ravel()[voxels]
+    seen = stack_array((n, voxels.size), bool)
     # each scan's values at the modelled voxels, the median where the scan has no brain
-    x = np.where(seen, np.stack([np.asarray(a, np.float32).ravel()[voxels] for a in ai_maps]),
-                 np.asarray(mean, np.float32).ravel()[voxels])
+    x = stack_array((n, voxels.size), np.float32)
+    for i in range(n):
+        seen[i] = symmetric_mask(masks[i]).ravel()[voxels]
+        x[i] = np.where(seen[i], np.asarray(ai_maps[i], np.float32).ravel()[voxels], fallback)
+        if i % 64 == 63:
+            for stack in (seen, x, ai_maps, masks):
+                release_pages(stack)
     model = fit_normative_matrix(x, voxels, enough.shape, groups, components)
-    residual = x - model.member_expected
-    residual = np.where(seen, residual, np.nan)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        centre = np.nanmedian(residual, axis=0)
-        spread = MAD_TO_SD * np.nanmedian(np.abs(residual - centre), axis=0)
+    spread = np.empty(voxels.size, np.float32)
+    for cols in column_chunks(n, voxels.size):
+        residual = np.where(seen[:, cols], np.asarray(x[:, cols]) - np.asarray(model.member_expected[:, cols]),
+                            np.nan)
+        for stack in (seen, x, model.member_expected):
+            release_pages(stack)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            centre = np.nanmedian(residual, axis=0)
+            spread[cols] = MAD_TO_SD * np.nanmedian(np.abs(residual - centre), axis=0)
     out = np.full(enough.size, np.nan, dtype=np.float32)
     out[voxels] = spread
     out = out.reshape(enough.shape)

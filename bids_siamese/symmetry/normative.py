@@ -35,6 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..train.data import release_pages, stack_array
+
 #: Default number of modes of normal asymmetry removed from each scan's map (0: the plain median reference).
 DEFAULT_COMPONENTS = 10
 #: At most this fraction of the training scans of a fold become modes (few scans: fewer modes).
@@ -46,6 +48,9 @@ DEFAULT_FOLDS = 10
 #: a minority head (a few scans with the same large-scale pattern) sets the quantile and is kept.
 CLIP_QUANTILE = 0.95
 CLIP_FACTOR = 1.5
+#: Values of the ``(scans, voxels)`` matrix read at once by the column-chunked passes (:func:`column_chunks`):
+#: 2**25 float32 values, 128 MB.
+CHUNK_VALUES = 2 ** 25
 
 
 @dataclass
@@ -118,8 +123,28 @@ def fold_assignment(groups: Sequence[str], folds: int, seed: int = 0) -> np.ndar
     return np.array([fold_of[g] for g in groups], dtype=int)
 
 
-def fit_basis(x: np.ndarray, components: int) -> Basis:
+def column_chunks(n_rows: int, n_cols: int) -> list[slice]:
+    """Column ranges of an ``(n_rows, n_cols)`` matrix holding about :data:`CHUNK_VALUES` values each (one range
+    when the matrix is that small), so that a voxelwise pass over a memory-mapped stack holds one chunk.
+
+    Examples:
+        >>> column_chunks(2, 5)
+        [slice(0, 5, None)]
+    """
+    width = max(1, CHUNK_VALUES // max(1, int(n_rows)))
+    return [slice(start, min(start + width, n_cols)) for start in range(0, n_cols, width)]
+
+
+def fit_basis(x: np.ndarray, components: int, rows: np.ndarray | None = None) -> Basis:
     """Median, clipping bounds and the first ``components`` modes of the rows of ``x`` (n, p).
+
+    ``x`` may be a memory-mapped stack (:func:`bids_siamese.train.data.stack_array`): it is read in column chunks
+    (:func:`column_chunks`), three passes, and the memory is that of a chunk and the ``(n, n)`` Gram matrix.
+
+    Args:
+        x: the scans' values at the analysis voxels.
+        components: modes kept.
+        rows: the rows to fit (default: all).
 
     Examples:
         >>> rng = np.random.default_rng(0)
@@ -129,21 +154,41 @@ def fit_basis(x: np.ndarray, components: int) -> Basis:
         >>> round(abs(float(b.components[:, 0] @ mode / np.linalg.norm(mode))), 2)
         1.0
     """
-    x = np.asarray(x, dtype=np.float32)
-    center = np.median(x, axis=0)
-    spread = np.quantile(np.abs(x - center), CLIP_QUANTILE, axis=0)
+    rows = np.arange(x.shape[0]) if rows is None else np.asarray(rows)
+    n, p = len(rows), x.shape[1]
+    chunks = column_chunks(n, p)
+
+    def block(cols: slice) -> np.ndarray:
+        out = np.asarray(x[rows, cols] if len(chunks) > 1 or len(rows) < x.shape[0] else x, dtype=np.float32)
+        release_pages(x)
+        return out
+
+    center = np.empty(p, np.float32)
+    spread = np.empty(p, np.float32)
+    for cols in chunks:
+        values = block(cols)
+        center[cols] = np.median(values, axis=0)
+        spread[cols] = np.quantile(np.abs(values - center[cols]), CLIP_QUANTILE, axis=0)
     clip = CLIP_FACTOR * np.maximum(spread, max(float(np.median(spread)) * 0.1, 1e-6))
-    dev = np.clip(x - center, -clip, clip).astype(np.float64)
-    r = int(max(0, min(components, x.shape[0] - 1)))
+    r = int(max(0, min(components, n - 1)))
     if r == 0:
-        return Basis(center, clip, np.zeros((x.shape[1], 0), np.float32))
-    gram = dev @ dev.T
+        return Basis(center, clip, np.zeros((p, 0), np.float32))
+
+    def deviation(cols: slice) -> np.ndarray:
+        return np.clip(block(cols) - center[cols], -clip[cols], clip[cols]).astype(np.float64)
+
+    gram = np.zeros((n, n))
+    for cols in chunks:
+        dev = deviation(cols)
+        gram += dev @ dev.T
     values, vectors = np.linalg.eigh(gram)
     keep = np.argsort(values)[::-1][:r]
     values, vectors = values[keep], vectors[:, keep]
     ok = values > values[0] * 1e-10 if values.size else np.zeros(0, bool)
-    comps = dev.T @ vectors[:, ok] / np.sqrt(values[ok])
-    return Basis(center, clip, comps.astype(np.float32))
+    comps = np.empty((p, int(ok.sum())), np.float32)
+    for cols in chunks:
+        comps[cols] = deviation(cols).T @ vectors[:, ok] / np.sqrt(values[ok])
+    return Basis(center, clip, comps)
 
 
 def fit_normative(
@@ -185,21 +230,27 @@ def fit_normative_matrix(x: np.ndarray, voxels: np.ndarray, shape: Sequence[int]
                          components: int = DEFAULT_COMPONENTS, folds: int = DEFAULT_FOLDS,
                          seed: int = 0) -> NormativeModel:
     """:func:`fit_normative` on the maps' values at the analysis voxels already gathered: ``x`` (n, p) at the
-    flat grid indices ``voxels`` of a grid of ``shape`` (the memory of the maps themselves is not needed)."""
+    flat grid indices ``voxels`` of a grid of ``shape`` (the memory of the maps themselves is not needed). ``x``
+    may be a memory-mapped stack (:func:`bids_siamese.train.data.stack_array`); the out-of-fold expectations
+    ``member_expected`` are then one too, and the bases are fitted a column chunk at a time (:func:`fit_basis`)."""
     shape = tuple(int(s) for s in shape)
-    x = np.asarray(x, dtype=np.float32)
+    if not isinstance(x, np.memmap):
+        x = np.asarray(x, dtype=np.float32)
     n = x.shape[0]
     groups = list(groups) if groups is not None else [str(i) for i in range(n)]
     fold = fold_assignment(groups, folds, seed)
-    expected = np.empty_like(x)
+    expected = stack_array(x.shape, np.float32)  # memory-mapped for a large cohort, as ``x`` may be
     for f in np.unique(fold):
         train = fold != f
         if not train.any():  # a single group: nothing to learn from
-            expected[~train] = np.median(x, axis=0)
+            for cols in column_chunks(n, x.shape[1]):
+                expected[:, cols] = np.median(np.asarray(x[:, cols], np.float32), axis=0)
             continue
         r = min(int(components), int(MAX_COMPONENT_FRACTION * int(train.sum())))
-        basis = fit_basis(x[train], r)
+        basis = fit_basis(x, r, np.flatnonzero(train))
         for i in np.flatnonzero(~train):
-            expected[i] = basis.expected(x[i])
+            expected[i] = basis.expected(np.asarray(x[i], np.float32))
+        release_pages(expected)
+        release_pages(x)
     r_full = min(int(components), int(MAX_COMPONENT_FRACTION * n))
     return NormativeModel(voxels, shape, expected, fit_basis(x, r_full), fold, int(r_full))

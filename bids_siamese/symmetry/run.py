@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -42,7 +43,7 @@ from ..bids.derivatives import (
 from ..config import Settings
 from ..errors import NoInputError
 from ..resources import TEMPLATE, model_grid
-from ..train.data import find_preproc, load_volume
+from ..train.data import VOLUME_CACHE_DTYPES, find_preproc, load_volume, release_pages, stack_array
 from ..train.ddp import DistContext
 from ..train.pairs import read_families, subject_split
 from ..train.reproducibility import prepare
@@ -158,38 +159,77 @@ def lr_flip_suspected(files: ScanFiles) -> bool:
         return False
 
 
+class ScanVolumes:
+    """The images (or, with ``masks=True``, the brain masks) of scans read from their files on demand:
+    ``volumes[i]`` is one volume (float32, or bool for masks), ``volumes[a:b]`` a list; so a pass over the scans
+    holds one batch, not N volumes.
+
+    Raises:
+        BadDataError: on access, as :func:`load_scan`.
+    """
+
+    def __init__(self, files: Sequence[ScanFiles], resolution: float, masks: bool = False):
+        self.files, self.grid, self.masks = list(files), model_grid(resolution), masks
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, idx: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(idx, slice):
+            return [self[i] for i in range(*idx.indices(len(self)))]
+        f = self.files[idx]
+        return load_volume(f.mask, self.grid) > 0.5 if self.masks else load_volume(f.preproc, self.grid)
+
+
 @dataclass
 class ScoredDataset:
-    """Every scan of the group level with its asymmetry results."""
+    """Every scan of the group level with its asymmetry results; ``volumes`` and ``masks`` read the scans from
+    disk when indexed (:class:`ScanVolumes`)."""
 
     files: list[ScanFiles]
-    volumes: list[np.ndarray]
-    masks: list[np.ndarray]
+    volumes: Sequence[np.ndarray]
+    masks: Sequence[np.ndarray]
     reference: object
     table: pd.DataFrame
 
 
 def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwhm: float,
-                  components: int = DEFAULT_COMPONENTS) -> ScoredDataset:
+                  components: int = DEFAULT_COMPONENTS, map_dtype: str = "float16") -> ScoredDataset:
     """Asymmetry maps and regional indices of every scan, the dataset reference (with ``components`` modes of
     normal asymmetry, :mod:`bids_siamese.symmetry.normative`) and the group table rows (Siamese columns empty,
-    ``split`` ``n/a``)."""
+    ``split`` ``n/a``).
+
+    Streams: each scan is read once and its asymmetry map and mask go to ``map_dtype`` and bool stacks
+    (:func:`~bids_siamese.train.data.stack_array`: memory-mapped temporary files for a large cohort, 1.5 MB per
+    scan at 2 mm in float16); the reference reads them a slab of x planes at a time
+    (:func:`~bids_siamese.symmetry.asymmetry.group_reference`) and the scores a scan at a time, so memory holds one
+    scan, one slab and per-scan records. With ``map_dtype="float32"`` (``--volume-cache float32``) the results are
+    those of every map held in memory, bit for bit; the default float16 rounds each map value by at most 2**-11 of
+    it (scores move by well under 1 %; tests/test_symmetry_streaming.py)."""
     labels, names = atlas_on_grid(atlas, resolution)
     pairs = homologous_pairs(names)
     template = template_reference(resolution, fwhm, atlas)
-    volumes, masks, maps, regions = [], [], [], []
-    for f in files:
+    grid = model_grid(resolution)
+    if map_dtype not in VOLUME_CACHE_DTYPES:
+        raise ValueError(f"map dtype {map_dtype!r} is not one of {VOLUME_CACHE_DTYPES}")
+    maps = stack_array((len(files), *grid.shape), np.dtype(map_dtype))
+    masks = stack_array((len(files), *grid.shape), bool)
+    regions, t_start = [], time.perf_counter()
+    for i, f in enumerate(files):
         data, mask = load_scan(f, resolution)
-        volumes.append(data)
-        masks.append(mask)
-        maps.append(asymmetry_map(data, mask, resolution, fwhm))
+        maps[i] = asymmetry_map(data, mask, resolution, fwhm)
+        masks[i] = mask
         regions.append(regional_asymmetry(positive_intensities(data, mask), mask, labels, pairs))
+        if i % 64 == 63:
+            release_pages(maps)
+            release_pages(masks)
+    LOG.info("symmetry: asymmetry maps of %d scan(s) in %.0f s", len(files), time.perf_counter() - t_start)
     reference = group_reference(maps, masks, regions, template, resolution, fwhm,
                                 groups=[f.participant_id for f in files], components=components)
-    grid = model_grid(resolution)
+    LOG.info("symmetry: dataset reference (%s) after %.0f s", reference.source, time.perf_counter() - t_start)
     rows = []
-    for i, (f, ai, mask, reg) in enumerate(zip(files, maps, masks, regions)):
-        s = score_map(ai, mask, resolution, reference.member(i))
+    for i, (f, reg) in enumerate(zip(files, regions)):
+        s = score_map(np.asarray(maps[i], np.float32), masks[i], resolution, reference.member(i))
         peak_mm = peak_location(s["peak"], s["z"], grid.affine)
         top = top_regions(regional_z(reg, reference), 3)
         rows.append({
@@ -203,7 +243,11 @@ def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwh
             "split": "n/a",
             "scan": f.preproc.name,
         })
-    return ScoredDataset(list(files), volumes, masks, reference, pd.DataFrame(rows, columns=GROUP_COLUMNS))
+        if i % 64 == 63:
+            release_pages(maps)
+            release_pages(masks)
+    return ScoredDataset(list(files), ScanVolumes(files, resolution), ScanVolumes(files, resolution, masks=True),
+                         reference, pd.DataFrame(rows, columns=GROUP_COLUMNS))
 
 
 def apply_model(data: ScoredDataset, model, model_res: float, resolution: float, fallback_threshold: float) -> dict:
@@ -293,9 +337,10 @@ class SymmetryTask(GroupTask):
 
     def samples(self) -> None:
         """Every scan's asymmetry map and regional indices, scored against the dataset reference
-        (:func:`score_dataset`)."""
+        (:func:`score_dataset`: streamed through a ``--volume-cache`` dtype stack, memory-mapped for a large
+        cohort)."""
         self.data = score_dataset(self.files, self.resolution, self.settings.atlas, self.fwhm,
-                                  int(self.settings.symmetry_components))
+                                  int(self.settings.symmetry_components), self.settings.volume_cache)
 
     def split(self) -> None:
         """Train: the lesion-free scans (``asymmetry_score`` <= 3, no left-right flip) split by family

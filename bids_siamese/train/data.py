@@ -10,6 +10,7 @@ the node's memory are paged from disk. Indexing either gives float32. The array 
 from __future__ import annotations
 
 import logging
+import mmap
 import re
 import tempfile
 from pathlib import Path
@@ -406,3 +407,16 @@ def pair_batches(n_pairs: int, batch_size: int, rng: np.random.Generator) -> lis
     """
     order = rng.permutation(n_pairs)
     return [order[i:i + batch_size] for i in range(0, n_pairs, batch_size)]
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the pages of a :func:`stack_array` memory map from this process's resident memory (its data stay in
+    the file and the page cache, and are paged back in when read): a pass over a stack a scan or a slab at a time
+    then holds one scan or slab, not every page it has touched. Arrays in memory are left alone.
+
+    Examples:
+        >>> release_pages(np.zeros(3))  # an ordinary array: nothing to do
+    """
+    mapped = getattr(array, "_mmap", None)
+    if isinstance(array, np.memmap) and mapped is not None:
+        mapped.madvise(mmap.MADV_DONTNEED)
