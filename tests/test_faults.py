@@ -597,3 +597,22 @@ def test_soak_killed_at_five_random_moments_then_resumed(reference_run, tmp_path
     proc = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=900)
     assert proc.returncode == 0, proc.stderr  # 75 here would be a stale lock
     assert_same_outputs(out, reference_run)
+
+
+def test_an_aborted_pool_ends_its_manager_thread_before_the_exit_hook():
+    """After a run is aborted (workers killed), the executor's management thread is joined, so CPython 3.11's
+    exit hook finds its wake-up pipe closed instead of racing the thread that closes it (the rare
+    ``Bad file descriptor`` traceback after a full disk's one-line error)."""
+    from concurrent.futures import ProcessPoolExecutor, process
+
+    from bids_siamese.workflows.plugin import join_manager_thread
+
+    pool = ProcessPoolExecutor(max_workers=1)
+    assert pool.submit(abs, -3).result(timeout=60) == 3
+    wakeup, manager = pool._executor_manager_thread_wakeup, pool._executor_manager_thread
+    for worker in list(pool._processes.values()):
+        worker.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert join_manager_thread(manager)
+    assert wakeup._closed  # the exit hook's wakeup() is now a no-op
+    assert all(w._closed for t, w in process._threads_wakeups.items() if t is manager)

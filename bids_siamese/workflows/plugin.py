@@ -257,12 +257,15 @@ def _safe_multiproc_class():
         def _stop_workers(self) -> None:
             """Cancel what is queued and end the workers now (an aborted run must not wait for them)."""
             processes = list((getattr(self.pool, "_processes", None) or {}).values())
+            manager = getattr(self.pool, "_executor_manager_thread", None)  # shutdown() forgets it
             self.pool.shutdown(wait=False, cancel_futures=True)
             for process in processes:
                 try:
                     process.kill()
                 except (OSError, ValueError, AttributeError):
                     pass
+            if manager is not None:
+                join_manager_thread(manager)
             shutil.rmtree(self._track_dir, ignore_errors=True)
 
         def _send_procs_to_workers(self, updatehash=False, graph=None):
@@ -293,6 +296,18 @@ def _safe_multiproc_class():
 
 
 _SAFE_CLASS = None
+
+
+def join_manager_thread(thread: threading.Thread, timeout: float = 10.0) -> bool:
+    """Wait (at most ``timeout`` s) for a shut-down executor's management thread to end; True when it did.
+
+    With its workers killed the thread ends at once, closing its wake-up pipe. Left running, it races with
+    CPython 3.11's exit hook (``concurrent.futures.process._python_exit``), which writes to that pipe unlocked:
+    an aborted run (a full disk, exit 73) then printed an ``OSError: [Errno 9] Bad file descriptor`` traceback
+    after its one-line error, now and then.
+    """
+    thread.join(timeout)
+    return not thread.is_alive()
 
 #: Errors of a full or read-only disk: ``(errno, text)``; found in a node's traceback they end the run.
 DISK_ERRORS = ((errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system"),
