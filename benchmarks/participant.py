@@ -484,7 +484,8 @@ def stage_cpu(path: Path, resolution: float, n_threads: int, reg_threads: int, o
     )
     from bids_siamese.resources import model_grid  # deferred: after _set_thread_env
     from bids_siamese.symmetry.analysis import analyse_scan, template_reference  # deferred: after _set_thread_env
-    from bids_siamese.symmetry.regional import atlas_on_grid, homologous_pairs  # deferred: after _set_thread_env
+    from bids_siamese.atlas import atlas_on_grid  # deferred: after _set_thread_env
+    from bids_siamese.symmetry.regional import homologous_pairs  # deferred: after _set_thread_env
 
     prepared = prepare(path, n_threads)
     watch = prepared.watch
