@@ -16,24 +16,8 @@ from bids_siamese.bids.derivatives import init_output_dir
 from bids_siamese.config import Settings
 from bids_siamese.preproc.grid import template_on_grid
 from bids_siamese.resources import model_grid
-from bids_siamese.symmetry import asymmetry, normative
+from bids_siamese.symmetry import asymmetry, normative, regional
 from bids_siamese.symmetry.analysis import template_reference
-from bids_siamese.symmetry.asymmetry import (
-    ASYMMETRY_THRESHOLD,
-    asymmetry_map,
-    group_reference,
-    peak_location,
-    positive_intensities,
-    score_map,
-)
-from bids_siamese.symmetry.regional import (
-    format_top_regions,
-    homologous_pairs,
-    region_at,
-    regional_asymmetry,
-    regional_z,
-    top_regions,
-)
 from bids_siamese.symmetry.run import ScanVolumes, collect_scans, load_scan, score_dataset
 from bids_siamese.symmetry.simulate import LesionConfig, simulate_lesion
 from bids_siamese.train import data as train_data
@@ -83,10 +67,10 @@ def stacks(maps, masks, dtype):
 def test_group_reference_from_memory_mapped_stacks_matches_the_lists(spill_everything):
     maps, masks, groups = population()
     template = asymmetry.Reference(mean=np.zeros(maps[0].shape, np.float32))
-    in_memory = group_reference(maps, masks, [], template, 4.0, groups=groups)
+    in_memory = asymmetry.group_reference(maps, masks, [], template, 4.0, groups=groups)
     m32, k32 = stacks(maps, masks, np.float32)
     assert isinstance(m32, np.memmap) and isinstance(k32, np.memmap)
-    streamed = group_reference(m32, k32, [], template, 4.0, groups=groups)
+    streamed = asymmetry.group_reference(m32, k32, [], template, 4.0, groups=groups)
     assert isinstance(streamed.normative.member_expected, np.memmap)  # the (scans, voxels) matrix is on disk
     # float32 maps: the same statistics; only the Gram matrix's sum is split in chunks (float64)
     np.testing.assert_array_equal(streamed.mean, in_memory.mean)
@@ -96,7 +80,7 @@ def test_group_reference_from_memory_mapped_stacks_matches_the_lists(spill_every
                                rtol=1e-4, atol=1e-6)
     # float16 maps: within their rounding (2**-11 of a value), and the lesion stays the top score
     m16, k16 = stacks(maps, masks, np.float16)
-    half = group_reference(m16, k16, [], template, 4.0, groups=groups)
+    half = asymmetry.group_reference(m16, k16, [], template, 4.0, groups=groups)
     bound = 2.0 ** -10 * max(float(np.abs(a).max()) for a in maps)
     assert 0 < float(np.abs(half.mean - in_memory.mean).max()) <= bound
     assert float(np.abs(half.sd - in_memory.sd).max()) <= 0.02 * float(in_memory.sd.max())
@@ -136,24 +120,26 @@ def in_memory_table(files, settings: Settings) -> pd.DataFrame:
     """The group table as the symmetry task made it before it streamed: every scan's map in memory as float32."""
     fwhm = float(settings.symmetry_fwhm)
     labels, names = atlas_on_grid(settings.atlas, RES)
-    pairs = homologous_pairs(names)
+    pairs = regional.homologous_pairs(names)
     grid = model_grid(RES)
     loaded = [load_scan(f, RES) for f in files]
-    maps = [asymmetry_map(d, m, RES, fwhm) for d, m in loaded]
-    regions = [regional_asymmetry(positive_intensities(d, m), m, labels, pairs) for d, m in loaded]
-    reference = group_reference(maps, [m for _, m in loaded], regions, template_reference(RES, fwhm, settings.atlas),
-                                RES, fwhm, groups=[f.participant_id for f in files],
-                                components=int(settings.symmetry_components))
+    maps = [asymmetry.asymmetry_map(d, m, RES, fwhm) for d, m in loaded]
+    regions = [regional.regional_asymmetry(asymmetry.positive_intensities(d, m), m, labels, pairs) for d, m in loaded]
+    reference = asymmetry.group_reference(maps, [m for _, m in loaded], regions,
+                                          template_reference(RES, fwhm, settings.atlas),
+                                          RES, fwhm, groups=[f.participant_id for f in files],
+                                          components=int(settings.symmetry_components))
     rows = []
     for i, (f, (_, mask)) in enumerate(zip(files, loaded)):
-        s = score_map(maps[i], mask, RES, reference.member(i))
-        peak = peak_location(s["peak"], s["z"], grid.affine)
+        s = asymmetry.score_map(maps[i], mask, RES, reference.member(i))
+        peak = asymmetry.peak_location(s["peak"], s["z"], grid.affine)
         rows.append({"asymmetry_score": round(s["asymmetry_score"], 3),
-                     "asymmetry_suspected": bool(s["asymmetry_score"] > ASYMMETRY_THRESHOLD),
+                     "asymmetry_suspected": bool(s["asymmetry_score"] > asymmetry.ASYMMETRY_THRESHOLD),
                      "focal_z": round(s["focal_z"], 3), "raw_magnitude": round(s["raw_magnitude"], 5),
                      "peak_mm": ",".join(f"{v:.0f}" for v in peak),
-                     "peak_region": region_at(peak, labels, names, grid.affine),
-                     "top_regions": format_top_regions(top_regions(regional_z(regions[i], reference), 3))})
+                     "peak_region": regional.region_at(peak, labels, names, grid.affine),
+                     "top_regions": regional.format_top_regions(
+                         regional.top_regions(regional.regional_z(regions[i], reference), 3))})
     return pd.DataFrame(rows)
 
 
