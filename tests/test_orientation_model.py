@@ -183,3 +183,28 @@ def test_participant_uses_the_orientation_model(trained, tmp_path: Path) -> None
     other_grid = main([str(bids), str(tmp_path / "out3"), "participant", "--skip-bids-validation", "--resolution", "2",
                        "--orientation-model", str(model)])
     assert other_grid == 64  # trained on the 4 mm grid
+
+
+@pytest.mark.parametrize("resolution, fits", [(4.0, True), (5.0, True), (6.0, False), (8.0, False)])
+def test_orientation_training_on_a_grid_too_coarse_for_latnet_is_one_line(tmp_path, resolution, fits):
+    """LatNet's pooling needs 32 voxels a side at the default input pooling: a coarser grid (6 mm, 8 mm) used to
+    end in a batch-norm or pooling traceback; now the task refuses it in one line before reading any scan."""
+    from bids_siamese.config import Settings
+    from bids_siamese.errors import UsageError
+    from bids_siamese.models.orientation import latnet_fits
+    from bids_siamese.train.ddp import DistContext
+    from bids_siamese.train.orientation import CHANNELS, INPUT_POOL, OrientationTask
+
+    grid = model_grid(resolution)
+    assert latnet_fits(grid.shape, INPUT_POOL, len(CHANNELS)) is fits
+    settings = Settings(output_dir=tmp_path / "out", bids_dir=tmp_path, analysis_level="group",
+                        work_dir=tmp_path / "work", resolution=resolution, task="orientation", mode="train")
+    if fits:  # the network builds and trains on such a grid
+        OrientationTask(settings, DistContext(), torch.device("cpu"))
+        net = LatNet(input_shape=grid.shape)
+        net.train()
+        assert net(torch.zeros(2, 1, *grid.shape)).shape == (2, 2)
+        return
+    with pytest.raises(UsageError, match=r"fix: use --resolution 5 or finer") as err:
+        OrientationTask(settings, DistContext(), torch.device("cpu"))
+    assert "\n" not in str(err.value) and "x".join(map(str, grid.shape)) in str(err.value)

@@ -22,6 +22,17 @@ import torch
 from torch import nn
 
 
+def latnet_fits(input_shape: Sequence[int], input_pool: int, n_blocks: int) -> bool:
+    """Whether LatNet's input pooling and ``n_blocks`` conv/pool blocks leave at least one voxel per side with more
+    than one value per batch-norm channel (the last block's input at least 2 voxels a side).
+
+    Examples:
+        >>> latnet_fits((42, 52, 44), 2, 4), latnet_fits((21, 26, 22), 2, 4)
+        (True, False)
+    """
+    return min(int(s) for s in input_shape) // max(1, int(input_pool)) >= 2 ** int(n_blocks)
+
+
 class LatNet(nn.Module):
     """One small 3D CNN: (average pooling) + ``len(channels)`` conv/BN/ReLU/max-pool blocks + linear layer.
 

@@ -21,13 +21,16 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..bids.derivatives import ORIENTATION_MODEL_FILES, model_folder, orientation_qc_path, write_tsv
 from ..config import Settings
-from ..errors import NoInputError, UserError
+from ..errors import NoInputError, UsageError, UserError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
-from ..models.orientation import LatNet, OrientationEnsemble
+from ..models.orientation import LatNet, OrientationEnsemble, latnet_fits
+from ..resources import model_grid
 from .data import find_preproc, load_volume_cache
+from .ddp import DistContext
 from .evaluate import safe_auc
 from .loop import MirrorData, predict_mirror, train_mirror_classifier
 from .pairs import FAMILY_FALLBACKS, family_folds, find_column, read_participants
@@ -125,6 +128,15 @@ class OrientationTask(GroupTask):
     section = "orientation_model"
     steps = ("collect (usable scans, participant-level verdicts) -> samples (stored and mirrored copies) -> family "
              "folds -> fit (one member per fold, held-out scores) or --model -> evaluate -> write")
+
+    def __init__(self, settings: Settings, ctx: DistContext, device: torch.device):
+        super().__init__(settings, ctx, device)
+        if self.train_mode and not latnet_fits(self.grid.shape, INPUT_POOL, len(CHANNELS)):
+            finest = max((r for r in range(1, int(settings.resolution) + 1)
+                          if latnet_fits(model_grid(r).shape, INPUT_POOL, len(CHANNELS))), default=1)
+            raise UsageError(f"--task orientation trains LatNet, whose {len(CHANNELS)} pooling blocks need at least "
+                             f"{2 ** len(CHANNELS) * INPUT_POOL} voxels a side; the --resolution {settings.resolution:g} "
+                             f"grid is {'x'.join(map(str, self.grid.shape))}; fix: use --resolution {finest} or finer")
 
     def collect(self, subjects: list[str]) -> None:
         """The usable scans and their participant-level verdicts (``ok`` ones are trusted as stored)."""
