@@ -22,6 +22,7 @@ from ..bids.derivatives import LONGITUDINAL_FILES, model_folder, write_tsv
 from ..config import Settings
 from ..errors import BadDataError, NoInputError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
+from ..models.init import init_record
 from ..models.regional import RegionalChange
 from ..resources import Grid, model_grid
 from .data import VolumeCache, VolumeFiles, find_preproc, load_volume_cache
@@ -457,6 +458,8 @@ class LongitudinalTask(GroupTask):
              "world_size": self.ctx.world_size, "training_seconds": round(first.seconds, 1),
              "volumes_per_second": round(first.volumes_per_second, 2)},
             reproducibility=reproducibility_record(settings.device))
+        if settings.init is not None:
+            card["init"] = init_record(settings.init)
         folder = model_folder(out_dir, "longitudinal", settings.backbone)
         if regional:
             card["hyperparameters"].update(l1=model.l1, l1_choices=list(L1_CHOICES),

@@ -24,6 +24,7 @@ from ..bids.derivatives import TWIN_FILES, model_folder, write_tsv
 from ..config import Settings
 from ..errors import BadDataError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
+from ..models.init import init_record
 from ..models.losses import pair_distance
 from ..models.regional import RegionalEncoder
 from ..resources import Grid
@@ -416,7 +417,7 @@ def _twin_card(settings: Settings, grid: Grid, model: nn.Module, cohort: TwinCoh
         cohort.scans, split_of, settings.bids_dir, n_subjects=pd.Series(split_of).value_counts().to_dict(),
         pairs={r: int((pairs["relation"] == r).sum()) for r in ("MZ", "DZ", "unrelated")})
     regional = isinstance(model, RegionalEncoder)
-    return make_card(
+    card = make_card(
         "twin", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, grid,
         settings.seed, training_data, decision.card,
         {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["mean"])},
@@ -427,6 +428,9 @@ def _twin_card(settings: Settings, grid: Grid, model: nn.Module, cohort: TwinCoh
          "training_seconds": round(result.seconds, 1),
          "volumes_per_second": round(result.volumes_per_second, 2)},
         reproducibility=reproducibility_record(settings.device))
+    if settings.init is not None:
+        card["init"] = init_record(settings.init)
+    return card
 
 
 def write_twin_training(settings: Settings, model: nn.Module, card: dict[str, Any], result: TrainResult,
