@@ -14,14 +14,14 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_siamese.bids.derivatives import TWIN_FILES
+from bids_siamese.bids.derivatives import LONGITUDINAL_FILES, TWIN_FILES
 from bids_siamese.errors import EXIT_DATA, EXIT_NO_INPUT, EXIT_USAGE, BadDataError
 from bids_siamese.models.backbones import Encoder, small_encoder
 from bids_siamese.models.checkpoint import make_card, read_card, save_checkpoint
 from bids_siamese.models.init import init_encoder, load_pretrained_encoder, save_pretrained_encoder, widened
 from bids_siamese.resources import model_grid
+from bids_siamese.train.evaluate import MIN_THRESHOLD_POSITIVES
 from bids_siamese.train.trainer import Trainer
-from bids_siamese.train.twins import MIN_THRESHOLD_POSITIVES
 from bids_siamese.workflows.group import run_group
 from test_train import RES, make_group_inputs, settings_for
 
@@ -144,6 +144,11 @@ def test_training_starts_from_the_pretrained_encoder(group_data, pretrained, tmp
         metrics = pd.read_csv(out / TWIN_FILES["metrics"], sep="\t").set_index("metric")["mean"]
         assert metrics["threshold_reliable"] == 0 and metrics["validation_positive_pairs"] < MIN_THRESHOLD_POSITIVES
         assert 0 <= metrics["test_unrelated_predicted_twin_rate"] <= 1
+        assert sum("rests on" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING) == 1
+    if task == "longitudinal":  # and its decision point: 12 labelled participants, a few decline pairs in validation
+        metrics = pd.read_csv(out / LONGITUDINAL_FILES["metrics"], sep="\t").set_index("metric")["mean"]
+        assert metrics["threshold_reliable"] == 0 and metrics["threshold_decline_pairs_min"] < MIN_THRESHOLD_POSITIVES
+        assert 0 <= metrics["test_stable_predicted_decline_rate"] <= 1
         assert sum("rests on" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING) == 1
     card = json.loads((out / "models" / folder / "model_card.json").read_text())
     assert card["init"] == {"path": str(pretrained.resolve()), "sha256": read_card(pretrained)["weights"]["sha256"],

@@ -38,7 +38,8 @@ from torch import nn
 
 from ..errors import BadDataError, NoInputError, UsageError
 from ..resources import Grid
-from .checkpoint import CARD, WEIGHTS, check_card, checkpoint_folder, load_weights, make_card, read_card, save_checkpoint
+from .checkpoint import (CARD, WEIGHTS, check_card, checkpoint_folder, load_weights, make_card, read_card,
+                         save_checkpoint)
 
 LOG = logging.getLogger("bids_siamese.group.models")
 

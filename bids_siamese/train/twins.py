@@ -31,6 +31,8 @@ from ..resources import Grid
 from .data import VolumeFiles, find_preproc, first_scan_per_subject, load_masks, load_volume_cache
 from .ddp import DistContext
 from .evaluate import (
+    MAX_NEGATIVE_POSITIVE_RATE,
+    MIN_THRESHOLD_POSITIVES,
     choose_threshold,
     draw_metrics,
     fit_probability_scale,
@@ -238,13 +240,6 @@ def score_twin_pairs(pairs: pd.DataFrame, emb: torch.Tensor, volumes: np.ndarray
     return pairs
 
 
-#: Fewer validation twin pairs than this place the decision threshold by chance (Youden's J on a handful of
-#: positives jumps from one gap to the next): the run says so and the metrics record ``threshold_reliable`` 0.
-MIN_THRESHOLD_POSITIVES = 10
-#: A threshold that calls more than this share of the unrelated test pairs twins is reported in one warning line.
-MAX_UNRELATED_TWIN_RATE = 0.5
-
-
 def choose_twin_decision(pairs: pd.DataFrame, positive_relations: list[str]) -> TwinDecision:
     """evaluate (2), train: thresholds (Youden's J) and probability scale from the validation pairs only, and how
     far to trust them.
@@ -253,7 +248,7 @@ def choose_twin_decision(pairs: pd.DataFrame, positive_relations: list[str]) -> 
     line says so, and ``threshold_reliable`` is 0 in the metrics (1 otherwise) with ``validation_positive_pairs``.
     The threshold is then applied to the held-out test pairs (it is not changed by them): ``test_predicted_twin_rate``
     is the share of all test pairs it calls twins, ``test_unrelated_predicted_twin_rate`` the share of unrelated
-    test pairs (the false-positive rate); above :data:`MAX_UNRELATED_TWIN_RATE` another WARNING line says so. The
+    test pairs (the false-positive rate); above :data:`MAX_NEGATIVE_POSITIVE_RATE` another WARNING line says so. The
     balanced draws of the test metrics (as many unrelated pairs as twin pairs) would otherwise hide a threshold
     that calls most pairs twins.
     """
@@ -277,7 +272,7 @@ def choose_twin_decision(pairs: pd.DataFrame, positive_relations: list[str]) -> 
     unrelated = test["relation"] == "unrelated"
     rate = float(called.mean()) if len(test) else float("nan")
     unrelated_rate = float(called[unrelated].mean()) if unrelated.any() else float("nan")
-    if unrelated_rate > MAX_UNRELATED_TWIN_RATE:
+    if unrelated_rate > MAX_NEGATIVE_POSITIVE_RATE:
         LOG.warning("twins: the threshold chosen on validation calls %.0f%% of the %d unrelated test pairs twins "
                     "(test_unrelated_predicted_twin_rate in %s): its decisions are not usable; fix: select more "
                     "twin families, or use the ranking (distance, auc_roc) instead of predicted_twin",

@@ -1,5 +1,5 @@
-"""The twin decision threshold is checked (issue 26): too few validation twin pairs to place it, or a threshold that
-calls most unrelated test pairs twins, is said in one warning line and recorded in the metrics."""
+"""The twin and longitudinal decision points are checked (issue 26): too few positive validation pairs to place one,
+or one that calls most held-out negative pairs positive, is said in one warning line and recorded in the metrics."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_siamese.train.twins import MAX_UNRELATED_TWIN_RATE, MIN_THRESHOLD_POSITIVES, choose_twin_decision
+from bids_siamese.train.evaluate import MAX_NEGATIVE_POSITIVE_RATE, MIN_THRESHOLD_POSITIVES
+from bids_siamese.train.longitudinal import decision_support
+from bids_siamese.train.twins import choose_twin_decision
 
 
 def pairs_table(n_val_mz: int, n_val_unrelated: int = 40, n_test_mz: int = 5, n_test_unrelated: int = 40,
@@ -54,7 +56,7 @@ def test_enough_validation_twins_make_a_reliable_threshold(caplog):
     assert decision.validation["test_predicted_twin_rate"] == pytest.approx(called.mean(), abs=1e-4)
     assert decision.validation["test_unrelated_predicted_twin_rate"] == pytest.approx(
         called[test["relation"] == "unrelated"].mean(), abs=1e-4)
-    assert decision.validation["test_unrelated_predicted_twin_rate"] <= MAX_UNRELATED_TWIN_RATE
+    assert decision.validation["test_unrelated_predicted_twin_rate"] <= MAX_NEGATIVE_POSITIVE_RATE
 
 
 def test_a_threshold_that_calls_most_unrelated_test_pairs_twins_is_reported(caplog):
@@ -64,3 +66,27 @@ def test_a_threshold_that_calls_most_unrelated_test_pairs_twins_is_reported(capl
     assert len(lines) == 1 and "calls 100% of the 40 unrelated test pairs twins" in lines[0]
     assert decision.validation["test_unrelated_predicted_twin_rate"] == 1.0
     assert decision.validation["threshold_reliable"] == 1  # enough validation pairs: the test data disagree
+
+
+def longitudinal_runs(declines: list[int], stable_rates: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"threshold_decline_pairs": declines, "test_predicted_decline_rate": [0.5] * len(declines),
+                         "test_stable_predicted_decline_rate": stable_rates})
+
+
+def test_longitudinal_decision_points_on_few_declines_are_unreliable(caplog):
+    with caplog.at_level(logging.WARNING, logger="bids_siamese"):
+        rows = decision_support(longitudinal_runs([12, 4, 15], [0.2, 0.3, 0.1])).set_index("metric")
+    lines = warnings_of(caplog)
+    assert len(lines) == 1 and "rests on 4 decline pair(s), fewer than 10" in lines[0] and "fix:" in lines[0]
+    assert rows.loc["threshold_reliable", "mean"] == 0 and rows.loc["threshold_decline_pairs_min", "mean"] == 4
+    assert rows.loc["test_stable_predicted_decline_rate", "mean"] == pytest.approx(0.2)
+    assert rows.loc["test_stable_predicted_decline_rate", "n_runs"] == 3
+
+
+def test_longitudinal_decision_points_on_enough_declines_are_reliable(caplog):
+    with caplog.at_level(logging.WARNING, logger="bids_siamese"):
+        rows = decision_support(longitudinal_runs([12, 10], [0.2, 0.3])).set_index("metric")
+    assert warnings_of(caplog) == [] and rows.loc["threshold_reliable", "mean"] == 1
+    with caplog.at_level(logging.WARNING, logger="bids_siamese"):
+        decision_support(longitudinal_runs([12, 10], [0.8, 0.9]))
+    assert len(warnings_of(caplog)) == 1 and "call 85% of the stable test pairs decline" in warnings_of(caplog)[0]
