@@ -16,7 +16,7 @@ import torch
 
 from bids_siamese.bids.derivatives import LONGITUDINAL_FILES, TWIN_FILES
 from bids_siamese.errors import EXIT_DATA, EXIT_NO_INPUT, EXIT_USAGE, BadDataError
-from bids_siamese.models.backbones import Encoder, small_encoder
+from bids_siamese.models.backbones import BACKBONES, Encoder, build_backbone, small_encoder
 from bids_siamese.models.checkpoint import make_card, read_card, save_checkpoint
 from bids_siamese.models.init import init_encoder, load_pretrained_encoder, save_pretrained_encoder, widened
 from bids_siamese.resources import model_grid
@@ -71,6 +71,20 @@ def test_a_one_channel_encoder_maps_onto_a_two_channel_one():
     x = torch.randn(2, 1, 16, 20, 16)
     with torch.no_grad():
         assert torch.allclose(two(torch.cat([x, 5 * torch.randn_like(x)], dim=1)), one(x), atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", [b for b in BACKBONES if b != "small"])
+def test_every_backbone_widens_to_the_pretrained_function(backbone):
+    """MONAI's U-Net reads the input with two convolutions (its first residual unit's and the residual path's):
+    every input-reading layer is widened, and the 2-channel encoder computes the 1-channel one's function."""
+    torch.manual_seed(0)
+    one, two = build_backbone(backbone, in_channels=1), build_backbone(backbone, in_channels=2)
+    assert set(init_encoder(two, one.state_dict())) == set(one.state_dict())
+    one.eval(), two.eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(two(torch.cat([x, torch.randn_like(x)], dim=1)), one(x), atol=1e-4)
 
 
 def test_the_copy_is_strict():
