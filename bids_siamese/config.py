@@ -66,6 +66,8 @@ class Settings:
     clean_workdir: bool = False
     # group level: Siamese models
     model: Path | None = None
+    #: ``--init``: a pretrained encoder (``group --task pretrain``) that twin/longitudinal/symmetry training starts from
+    init: Path | None = None
     task: str | None = None
     mode: str = "train"
     backbone: str = "small"

@@ -125,6 +125,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     proc.add_argument("--resolution", type=float, default=2.0, help="model grid spacing in mm")
     proc.add_argument("--model", type=Path, metavar="PATH",
                       help="a trained checkpoint (folder with model card); participant level also writes embeddings")
+    proc.add_argument("--init", type=Path, metavar="PATH",
+                      help="group --task twin, longitudinal or symmetry (--mode train): start the encoder from a "
+                           "pretrained one (the folder written by group --task pretrain, its model.pt or "
+                           "model_card.json); its backbone and --resolution must be the run's")
     proc.add_argument("--orientation-model", type=Path, metavar="PATH",
                       help="participant level: a checkpoint of 'group --task orientation' that gives the left-right "
                            "verdict (the image-based test is still recorded)")
@@ -327,6 +331,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     if backbone == "swin" and args.task == "twin" and args.explain:
         raise UsageError("--backbone swin has no LRP explanation (the LRP rules cover the CNN encoders); fix: add "
                          "--no-explain to --task twin")
+    if args.init is not None:  # a pretrained encoder that fits this run, checked before any scan is read
+        from ..models.init import check_init_options, pretrained_card  # deferred: torch, only with --init
+
+        check_init_options(args.init, args.task, args.mode, backbone)
+        if not args.init.exists():
+            raise NoInputError(f"--init {args.init} not found; fix: give the folder written by group --task pretrain")
+        pretrained_card(args.init, backbone=backbone, grid=model_grid(float(args.resolution)),
+                        in_channels=2 if args.task == "symmetry" else 1)
     for name, value in TRAINING_DEFAULTS["cnn" if backbone in BACKBONES else "regional"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -42,6 +42,7 @@ from ..bids.derivatives import (
 )
 from ..config import Settings
 from ..errors import NoInputError
+from ..models.init import init_record, start_from_pretrained
 from ..resources import TEMPLATE, model_grid
 from ..train.data import VOLUME_CACHE_DTYPES, find_preproc, load_volume, release_pages, stack_array
 from ..train.ddp import DistContext
@@ -386,6 +387,8 @@ class SymmetryTask(GroupTask):
         prepare(settings)  # the seeds again: the model's initial weights do not depend on the scoring before
         model = build_symmetry_model(settings.backbone, settings.symmetry_fusion,
                                      int(min(settings.embedding_dim, 128)), difference_channel=True)
+        if settings.init is not None:  # the pretrained encoder; the difference channel's weights start at zero
+            start_from_pretrained(model.encoder, settings.init, settings.backbone, self.grid)
 
         def on_grid(i: int):
             small, small_mask = to_model_resolution(data.volumes[i], data.masks[i], resolution, resolution)
@@ -446,7 +449,8 @@ class SymmetryTask(GroupTask):
                          "n_test": len(parts["test"]), "selection": "asymmetry_score <= 3 and no left-right flip"}
         folder = model_folder(out_dir, "symmetry", settings.backbone)
         written = list(save_symmetry_checkpoint(folder, model, config, resolution, training_data, metrics,
-                                                info["threshold"], info["samples"], settings.device))
+                                                info["threshold"], info["samples"], settings.device,
+                                                init=init_record(settings.init) if settings.init else None))
         written.append(write_tsv(out_dir / SYMMETRY_FILES["training"], self.result.history.round(5)))
         written.append(write_tsv(out_dir / SYMMETRY_FILES["evaluation"], self.per_bin))
         written.append(write_json(out_dir / SYMMETRY_FILES["evaluation_json"], {

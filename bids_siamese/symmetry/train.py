@@ -646,7 +646,7 @@ def hyperparameters(model: SymmetrySiamese, config: TrainConfig, resolution: flo
 
 def save_symmetry_checkpoint(folder, model: SymmetrySiamese, config: TrainConfig, resolution: float,
                              training_data: Mapping, metrics: Mapping, threshold: float = 0.5,
-                             samples: Mapping | None = None, device: str = "cpu") -> list:
+                             samples: Mapping | None = None, device: str = "cpu", init: Mapping | None = None) -> list:
     """Write ``model.pt``, ``model.pt.sha256`` and ``model_card.json`` for a trained symmetry model.
 
     Args:
@@ -659,6 +659,7 @@ def save_symmetry_checkpoint(folder, model: SymmetrySiamese, config: TrainConfig
         threshold: decision threshold on p(abnormal).
         samples: the sample builder's settings (:func:`sample_settings`).
         device: the device it was trained on (the card's ``reproducibility``).
+        init: the pretrained encoder it started from (``--init``; the card's ``init``), None: none.
 
     Returns:
         The paths written.
@@ -674,6 +675,7 @@ def save_symmetry_checkpoint(folder, model: SymmetrySiamese, config: TrainConfig
     card["input"]["left_right_flip_augmentation"] = bool(config.flip_lr)
     card["input"]["resampling"] = ("finer participant-level grids are block-averaged to the model grid "
                                    "(bids_siamese.symmetry.train.to_model_resolution)")
+    card.update({"init": dict(init)} if init is not None else {})
     return save_checkpoint(folder, model, card)
 
 

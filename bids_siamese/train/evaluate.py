@@ -20,6 +20,13 @@ from ..bids.derivatives import atomic_path
 from ..reports.figures import SVG_HASHSALT
 
 METRICS = ("accuracy", "precision", "recall", "f1", "auc_roc")
+#: Fewer positive validation pairs than this place a decision threshold by chance (Youden's J on a handful of
+#: positives jumps from one gap to the next): the twin and longitudinal tasks then say so in one warning line and
+#: record ``threshold_reliable`` 0 in their metrics.
+MIN_THRESHOLD_POSITIVES = 10
+#: A threshold that calls more than this share of the held-out negative pairs (unrelated, stable) positive is
+#: reported in one warning line.
+MAX_NEGATIVE_POSITIVE_RATE = 0.5
 
 
 def safe_auc(labels: Sequence[float], scores: Sequence[float]) -> float:

@@ -22,12 +22,13 @@ from ..bids.derivatives import LONGITUDINAL_FILES, model_folder, write_tsv
 from ..config import Settings
 from ..errors import BadDataError, NoInputError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
+from ..models.init import init_record
 from ..models.regional import RegionalChange
 from ..resources import Grid, model_grid
 from .data import VolumeCache, VolumeFiles, find_preproc, load_volume_cache
 from .ddp import DistContext
-from .evaluate import (METRICS, binary_metrics, choose_threshold, plot_history, plot_roc, safe_auc, save_figure,
-                       scalar_rows, summarise)
+from .evaluate import (MAX_NEGATIVE_POSITIVE_RATE, METRICS, MIN_THRESHOLD_POSITIVES, binary_metrics, choose_threshold,
+                       plot_history, plot_roc, safe_auc, save_figure, scalar_rows, summarise)
 from .loop import PairData, predict_pairs, train_longitudinal
 from .models import new_longitudinal_model, write_region_weights
 from .pairs import (family_folds, find_column, longitudinal_pairs, longitudinal_split_table, normalise_label,
@@ -222,6 +223,30 @@ def out_of_fold_threshold(settings: Settings, grid: Grid, data: PairData, config
     return choose_threshold(labels[done], scores[done]), int(np.nanmax(fold)) + 1
 
 
+def decision_support(runs: pd.DataFrame) -> pd.DataFrame:
+    """How far the sub-samplings' decision points can be trusted (metrics rows): the fewest decline pairs one was
+    placed on (``threshold_decline_pairs_min``), ``threshold_reliable`` (1 when that is at least
+    :data:`~bids_siamese.train.evaluate.MIN_THRESHOLD_POSITIVES`, else 0 and one WARNING line) and the share of
+    test pairs, and of stable test pairs, each draw's decision point calls decline (mean over the draws; one
+    WARNING line when the stable share exceeds :data:`~bids_siamese.train.evaluate.MAX_NEGATIVE_POSITIVE_RATE`)."""
+    fewest = int(runs["threshold_decline_pairs"].min())
+    reliable = fewest >= MIN_THRESHOLD_POSITIVES
+    stable_rate = float(runs["test_stable_predicted_decline_rate"].mean())
+    if not reliable:
+        LOG.warning("longitudinal: a decision point rests on %d decline pair(s), fewer than %d: predicted and the "
+                    "accuracy/precision/recall/f1 are unreliable (threshold_reliable 0 in %s; auc_roc is not "
+                    "affected); fix: select more labelled participants with two sessions, or judge the model by "
+                    "auc_roc only", fewest, MIN_THRESHOLD_POSITIVES, LONGITUDINAL_FILES["metrics"])
+    if stable_rate > MAX_NEGATIVE_POSITIVE_RATE:
+        LOG.warning("longitudinal: the decision points call %.0f%% of the stable test pairs decline (mean over %d "
+                    "sub-sampling(s), test_stable_predicted_decline_rate in %s): their decisions are not usable; fix: "
+                    "select more labelled participants, or use p_decline and auc_roc instead of predicted",
+                    100 * stable_rate, len(runs), LONGITUDINAL_FILES["metrics"])
+    return pd.concat([summarise(runs, "", ["test_predicted_decline_rate", "test_stable_predicted_decline_rate"]),
+                      scalar_rows({"threshold_decline_pairs_min": fewest, "threshold_reliable": int(reliable)})],
+                     ignore_index=True)
+
+
 def draw_split(inputs: LongitudinalInputs, seed: int) -> pd.DataFrame:
     """One sub-sampling's family-aware, label-stratified split (seed ``--seed + run``)."""
     return longitudinal_split_table(inputs.pairs, inputs.family, seed=seed)
@@ -290,8 +315,12 @@ def fit_longitudinal_draw(settings: Settings, grid: Grid, inputs: LongitudinalIn
         extra = {"l1": l1, "refit": 1.0, "refit_folds": float(oof[1] if oof else 0),
                  "threshold_p_decline_validation": val_threshold}
     test_p = predict_pairs(result.model, outputs or data, test_idx, device)
+    placed_on = final_train_idx if extra.get("refit_folds") else val_idx  # the pairs the decision point came from
+    called, stable = test_p >= threshold, labels[test_idx] == 0
     row = {"run": run, **binary_metrics(labels[test_idx], test_p, threshold), "threshold_p_decline": threshold,
-           **extra}
+           **extra, "threshold_decline_pairs": int((labels[placed_on] == 1).sum()),
+           "test_predicted_decline_rate": float(called.mean()) if len(called) else float("nan"),
+           "test_stable_predicted_decline_rate": float(called[stable].mean()) if stable.any() else float("nan")}
     if l1 is not None:
         row["accuracy_validation_threshold"] = binary_metrics(labels[test_idx], test_p, val_threshold)["accuracy"]
     LOG.info("longitudinal run %d/%d: %d epochs (best %d), %.0f s, threshold %.3f (%s), test accuracy %.3f%s",
@@ -386,7 +415,7 @@ class LongitudinalTask(GroupTask):
             metrics = pd.concat([metrics, scalar_rows({
                 "train_accuracy_run0": binary_metrics(labels[in_sample], p_all[in_sample], threshold)["accuracy"],
                 "threshold_p_decline_mean": float(np.mean([r["threshold_p_decline"] for r in run_rows])),
-            })], ignore_index=True)
+            }), decision_support(runs)], ignore_index=True)
             if refitted:
                 metrics = pd.concat([
                     metrics, summarise(pd.DataFrame(before_rows), "before_refit_"),
@@ -457,6 +486,8 @@ class LongitudinalTask(GroupTask):
              "world_size": self.ctx.world_size, "training_seconds": round(first.seconds, 1),
              "volumes_per_second": round(first.volumes_per_second, 2)},
             reproducibility=reproducibility_record(settings.device))
+        if settings.init is not None:
+            card["init"] = init_record(settings.init)
         folder = model_folder(out_dir, "longitudinal", settings.backbone)
         if regional:
             card["hyperparameters"].update(l1=model.l1, l1_choices=list(L1_CHOICES),

@@ -19,7 +19,8 @@ from torch import nn
 from ..atlas import labels_on_grid, load_atlas
 from ..bids.derivatives import REGION_WEIGHTS, write_tsv
 from ..config import Settings
-from ..models.heads import build_model
+from ..models.heads import LongitudinalSiamese, SiameseEncoder, build_model
+from ..models.init import start_from_pretrained
 from ..models.regional import REGIONAL_MODELS, RegionalChange, RegionalConvEncoder, RegionalEncoder, part_map_for
 from ..resources import Grid
 from .loop import PairData
@@ -69,11 +70,21 @@ def _regional_parts(settings: Settings, grid: Grid, brain: np.ndarray) -> tuple[
     return part_map_for(grid.shape, grid.affine, partial(labels_on_grid, atlas), brain, pool), pool, atlas.name
 
 
+def pretrained_start(model: SiameseEncoder | LongitudinalSiamese, settings: Settings, grid: Grid) -> nn.Module:
+    """``model`` with its encoder's weights from ``--init`` (:func:`~bids_siamese.models.init.start_from_pretrained`;
+    the heads keep their fresh weights); unchanged without ``--init``."""
+    if settings.init is not None:
+        backbone = model.backbone if isinstance(model, SiameseEncoder) else model.encoder.backbone
+        start_from_pretrained(backbone, settings.init, settings.backbone, grid)
+    return model
+
+
 def new_longitudinal_model(settings: Settings, grid: Grid, data: PairData, train_idx: np.ndarray) -> nn.Module:
     """A fresh longitudinal model for ``settings.backbone``; the ``regional`` one takes its regions inside the
     training scans' brain and standardises its change features by the training pairs."""
     if settings.backbone != "regional":
-        return build_model("longitudinal", settings.backbone, embedding_dim=settings.embedding_dim)
+        return pretrained_start(build_model("longitudinal", settings.backbone, embedding_dim=settings.embedding_dim),
+                                settings, grid)
     scans = np.unique(data.pairs[train_idx])
     brain = (data.volumes[scans, 0] != 0).mean(axis=0) >= 0.5
     parts, pool, atlas = _regional_parts(settings, grid, brain)
@@ -92,7 +103,8 @@ def new_twin_model(settings: Settings, grid: Grid, volumes: np.ndarray, masks: n
     """A fresh twin model for ``settings.backbone``; the ``regional`` model takes its regions from
     ``settings.atlas`` inside the training subjects' brain and its population reference from their scans."""
     if settings.backbone not in REGIONAL_MODELS:
-        return build_model("twin", settings.backbone, embedding_dim=settings.embedding_dim)
+        return pretrained_start(build_model("twin", settings.backbone, embedding_dim=settings.embedding_dim),
+                                settings, grid)
     parts, pool, atlas = _regional_parts(settings, grid, masks[train_idx].mean(axis=0) >= 0.5)
     model = (RegionalConvEncoder if settings.backbone == "regional_cnn" else RegionalEncoder)(grid.shape, parts, pool)
     model.set_reference(volumes[train_idx], masks[train_idx])

@@ -24,12 +24,15 @@ from ..bids.derivatives import TWIN_FILES, model_folder, write_tsv
 from ..config import Settings
 from ..errors import BadDataError, UsageError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
+from ..models.init import init_record
 from ..models.losses import pair_distance
 from ..models.regional import RegionalEncoder
 from ..resources import Grid
 from .data import VolumeFiles, find_preproc, first_scan_per_subject, load_masks, load_volume_cache
 from .ddp import DistContext
 from .evaluate import (
+    MAX_NEGATIVE_POSITIVE_RATE,
+    MIN_THRESHOLD_POSITIVES,
     choose_threshold,
     draw_metrics,
     fit_probability_scale,
@@ -187,8 +190,10 @@ class TwinCohort:
 
 @dataclass
 class TwinDecision:
-    """The decision rule: the learned score's threshold and probability scale, the baseline's threshold, and the
-    validation AUCs (train only); ``card`` is the ``decision`` entry of a model card."""
+    """The decision rule: the learned score's threshold and probability scale, the baseline's threshold, and (train
+    only) the metrics rows of its choice: validation AUCs and pair counts, whether the threshold is reliable, and
+    the share of test pairs it calls twins (:func:`choose_twin_decision`); ``card`` is the ``decision`` entry of a
+    model card."""
 
     threshold: float
     scale: float
@@ -236,18 +241,51 @@ def score_twin_pairs(pairs: pd.DataFrame, emb: torch.Tensor, volumes: np.ndarray
 
 
 def choose_twin_decision(pairs: pd.DataFrame, positive_relations: list[str]) -> TwinDecision:
-    """evaluate (2), train: thresholds (Youden's J) and probability scale from the validation pairs only."""
+    """evaluate (2), train: thresholds (Youden's J) and probability scale from the validation pairs only, and how
+    far to trust them.
+
+    Fewer than :data:`MIN_THRESHOLD_POSITIVES` validation twin pairs leave the threshold to chance: one WARNING
+    line says so, and ``threshold_reliable`` is 0 in the metrics (1 otherwise) with ``validation_positive_pairs``.
+    The threshold is then applied to the held-out test pairs (it is not changed by them): ``test_predicted_twin_rate``
+    is the share of all test pairs it calls twins, ``test_unrelated_predicted_twin_rate`` the share of unrelated
+    test pairs (the false-positive rate); above :data:`MAX_NEGATIVE_POSITIVE_RATE` another WARNING line says so. The
+    balanced draws of the test metrics (as many unrelated pairs as twin pairs) would otherwise hide a threshold
+    that calls most pairs twins.
+    """
     val = pairs[(pairs["split"] == "validation") & pairs["relation"].isin([*positive_relations, "unrelated"])]
     y_val = val["relation"].isin(positive_relations).astype(float).to_numpy()
     threshold = choose_threshold(y_val, val["score"])
     scale = fit_probability_scale(y_val, val["score"], threshold)
     b_val = val["baseline"].fillna(-1.0)
     b_threshold = choose_threshold(y_val, b_val)
+    n_positive = int(y_val.sum())
+    reliable = n_positive >= MIN_THRESHOLD_POSITIVES
+    kind = "/".join(positive_relations)
+    if not reliable:
+        LOG.warning("twins: the decision threshold rests on %d validation %s pair(s), fewer than %d: predicted_twin, "
+                    "twin_probability and the accuracy/precision/recall/f1 are unreliable (threshold_reliable 0 in "
+                    "%s; the ranking, auc_roc, is not affected); fix: select more twin families (the validation "
+                    "split holds about a fifth of them) or judge the model by auc_roc only", n_positive, kind,
+                    MIN_THRESHOLD_POSITIVES, TWIN_FILES["metrics"])
+    test = pairs[pairs["split"] == "test"]
+    called = test["score"] >= threshold
+    unrelated = test["relation"] == "unrelated"
+    rate = float(called.mean()) if len(test) else float("nan")
+    unrelated_rate = float(called[unrelated].mean()) if unrelated.any() else float("nan")
+    if unrelated_rate > MAX_NEGATIVE_POSITIVE_RATE:
+        LOG.warning("twins: the threshold chosen on validation calls %.0f%% of the %d unrelated test pairs twins "
+                    "(test_unrelated_predicted_twin_rate in %s): its decisions are not usable; fix: select more "
+                    "twin families, or use the ranking (distance, auc_roc) instead of predicted_twin",
+                    100 * unrelated_rate, int(unrelated.sum()), TWIN_FILES["metrics"])
     card = {"threshold_distance": -threshold, "probability_scale": scale,
             "baseline_threshold_correlation": b_threshold, "chosen_on": "validation pairs (Youden's J)",
-            "positive_relations": positive_relations}
+            "positive_relations": positive_relations, "validation_positive_pairs": n_positive,
+            "threshold_reliable": reliable}
     validation = {"validation_auc_roc": safe_auc(y_val, val["score"]),
-                  "baseline_validation_auc_roc": safe_auc(y_val, b_val)}
+                  "baseline_validation_auc_roc": safe_auc(y_val, b_val),
+                  "validation_positive_pairs": n_positive, "validation_unrelated_pairs": int(len(y_val) - n_positive),
+                  "threshold_reliable": int(reliable), "test_predicted_twin_rate": round(rate, 4),
+                  "test_unrelated_predicted_twin_rate": round(unrelated_rate, 4)}
     return TwinDecision(threshold, scale, b_threshold, validation, card)
 
 
@@ -416,7 +454,7 @@ def _twin_card(settings: Settings, grid: Grid, model: nn.Module, cohort: TwinCoh
         cohort.scans, split_of, settings.bids_dir, n_subjects=pd.Series(split_of).value_counts().to_dict(),
         pairs={r: int((pairs["relation"] == r).sum()) for r in ("MZ", "DZ", "unrelated")})
     regional = isinstance(model, RegionalEncoder)
-    return make_card(
+    card = make_card(
         "twin", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, grid,
         settings.seed, training_data, decision.card,
         {m: (None if pd.isna(v) else float(v)) for m, v in zip(metrics["metric"], metrics["mean"])},
@@ -427,6 +465,9 @@ def _twin_card(settings: Settings, grid: Grid, model: nn.Module, cohort: TwinCoh
          "training_seconds": round(result.seconds, 1),
          "volumes_per_second": round(result.volumes_per_second, 2)},
         reproducibility=reproducibility_record(settings.device))
+    if settings.init is not None:
+        card["init"] = init_record(settings.init)
+    return card
 
 
 def write_twin_training(settings: Settings, model: nn.Module, card: dict[str, Any], result: TrainResult,
