@@ -165,6 +165,10 @@ def group_args(bids: Path, results: Path, args: argparse.Namespace, mode: str, s
             "--nprocs", str(args.threads), *training_argv(args)]
     if mode == "apply":
         argv += ["--model", str(results / "models" / f"twins_{args.backbone}")]
+    elif getattr(args, "init", None):
+        argv += ["--init", str(args.init)]
+    if getattr(args, "no_explain", False):
+        argv += ["--no-explain"]
     return argv
 
 
@@ -230,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0", help="comma-separated seeds: one family split and training run each")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--throughput", action="store_true", help="also measure volumes/s of every backbone")
+    p.add_argument("--init", type=Path, help="train from this pretrained encoder (group --task pretrain's folder)")
+    p.add_argument("--no-explain", action="store_true", help="skip the explanations (group --no-explain)")
+    p.add_argument("--json", type=Path, help="write every split's metric means here")
     p.add_argument("--signal-check", action="store_true",
                    help="also print the model-free AUC with the truth of where the family signal is")
     args = p.parse_args(argv)
@@ -242,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = []
     for k, seed in enumerate(seeds):
         results = args.results if k == 0 else args.results.with_name(f"{args.results.name}_seed{seed}")
-        if args.inputs == "truth":
+        if args.inputs == "truth" and k > 0:  # the same inputs as the first split's folder
+            link_outputs(args.results, results)
+        elif args.inputs == "truth":
             t0 = time.perf_counter()
             n = truth_outputs(args.bids, results, args.resolution)
             print(f"truth resampling: {n} scans written in {time.perf_counter() - t0:.0f} s")
@@ -250,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             link_outputs(args.outputs, results)
         print(f"## split seed {seed}")
         per_seed.append(train_and_report(args, results, subjects, seed, apply=k == 0))
+    if args.json:
+        args.json.write_text(json.dumps({"seeds": seeds, "backbone": args.backbone, "init": str(args.init or ""),
+                                         "resolution": args.resolution, "splits": per_seed}, indent=1, default=float))
     if len(seeds) > 1:
         table = pd.DataFrame(per_seed)
         for prefix, label in (("", f"learned {args.backbone}, MZ vs unrelated"),
