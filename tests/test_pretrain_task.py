@@ -2,7 +2,7 @@
 
 The whole-run test uses the fake participant outputs of tests/test_train.py at 8 mm (7 scans, the ``small``
 encoder); the learning check there is the inpainting loss, the objective that learns within a few steps at this
-scale (training and validation fell by 13-17 % over 6 epochs with seeds 0, 1 and 2; the rotation loss needs some
+scale (training and validation fell by 10-18 % over 6 epochs with seeds 0, 1 and 2; the rotation loss needs some
 hundred steps, docs/benchmarks.md).
 """
 from __future__ import annotations

@@ -34,7 +34,6 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..bids.derivatives import PRETRAIN_FILES, model_folder, write_tsv
-from ..config import Settings
 from ..errors import UsageError
 from ..models.backbones import Encoder, build_backbone
 from ..models.checkpoint import make_card, save_checkpoint
