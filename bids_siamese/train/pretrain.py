@@ -146,7 +146,8 @@ class PretrainTrainer(Trainer):
         model: encoder and heads.
         volumes: ``(N, 1, X, Y, Z)`` model-grid scans: float32, or a float16 :class:`VolumeCache`.
         train_idx: training scans.
-        val_idx: validation scans (fewer than 2: no validation losses; the last epoch is kept).
+        val_idx: validation scans (fewer than 2: no validation losses; the epoch with the lowest training
+            loss is kept).
         config: training settings (``max_shift``, ``intensity``, ``noise_std``: the views' augmentation).
         cube: edge of the hidden cubes in voxels.
         device: where to train.
@@ -293,9 +294,10 @@ class PretrainTask(GroupTask):
         self.train_idx, self.val_idx = np.flatnonzero(split == "train"), np.flatnonzero(split == "validation")
         if not len(self.val_idx):
             LOG.warning("--task pretrain: %d scan(s) are too few to hold out a validation set (2 scans, leaving 2 "
-                        "for training); no validation losses, the last epoch is kept", len(self.scans))
-        LOG.info("pretrain: %d training scan(s), %d validation scan(s) of %d participant(s)", len(self.train_idx),
-                 len(self.val_idx), len(held))
+                        "for training); no validation losses, the epoch with the lowest training loss is kept",
+                        len(self.scans))
+        LOG.info("pretrain: %d training scan(s), %d validation scan(s) (%d held-out participant(s))",
+                 len(self.train_idx), len(self.val_idx), len(held))
 
     def fit(self) -> None:
         """A fresh encoder (``--backbone``) and heads, trained by :class:`PretrainTrainer`."""
