@@ -136,10 +136,12 @@ def test_a_trainer_step_gives_every_objective_and_moves_the_encoder(one_torch_th
 def test_pretrain_step_on_cuda_under_bf16_autocast_with_loader_workers():
     trainer = _tiny_trainer("cuda", loader_workers=2)
     batch = tuple(t.to("cuda") for t in trainer.assemble(np.arange(3), torch.Generator().manual_seed(0), 1))
-    with trainer.autocast():
-        features = trainer.net(batch[0])
-    assert features.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    conv = next(m for m in trainer.net.encoder.modules() if isinstance(m, torch.nn.Conv3d))
+    dtypes = []
+    hook = conv.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
     loss, extra = trainer.train_step(batch)
+    hook.remove()
+    assert dtypes == [torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16]  # under autocast
     assert loss.dtype == torch.float32 and np.isfinite(float(loss.detach())) and set(extra) == set(LOSSES)
     optimiser_step(loss, trainer.optimizer, trainer.scaler)
     result = trainer.fit()  # one epoch through the DataLoader workers from the float16 cache
