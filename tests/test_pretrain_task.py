@@ -22,9 +22,11 @@ from bids_siamese.models.checkpoint import grid_record, load_checkpoint, load_we
 from bids_siamese.models.pretrain import LOSSES, PretrainHeads
 from bids_siamese.resources import model_grid
 from bids_siamese.train.data import volume_cache
+from bids_siamese.train.ddp import DistContext
 from bids_siamese.train.pretrain import (
     LOSS_COLUMNS,
     PretrainNet,
+    PretrainTask,
     PretrainTrainer,
     scan_batches,
     validation_participants,
@@ -68,6 +70,17 @@ def test_one_usable_scan_is_refused_in_one_line(tmp_path):
     with pytest.raises(UsageError, match=r"needs at least 2 usable participant-level scans .* found 1 .*; fix:"):
         group.run_group(settings_for(bids, out, "pretrain", backbone="small"), subjects)
     assert not (out / PRETRAIN_FILES["losses"]).exists()
+
+
+def test_every_session_of_the_selection_is_collected(tmp_path):
+    bids, out, subjects = make_group_inputs(tmp_path, n_mz=1, n_dz=0, n_single=2, n_long=2)  # 2 with 2 sessions
+    task = PretrainTask(settings_for(bids, out, "pretrain", backbone="small"), DistContext(), torch.device("cpu"))
+    task.collect(subjects)
+    assert len(task.scans) == len(subjects) + 2 and task.scans["participant_id"].nunique() == len(subjects)
+    task = PretrainTask(settings_for(bids, out, "pretrain", backbone="small", session_label=["2"]), DistContext(),
+                        torch.device("cpu"))
+    task.collect(subjects[:2])
+    assert task.scans["session"].tolist() == ["2", "2"]
 
 
 @pytest.mark.slow
