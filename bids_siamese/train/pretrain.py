@@ -195,6 +195,15 @@ class PretrainTrainer(Trainer):
 
         recompute_batch_norm(self.net, self.volumes, self.train_idx, self.device, self.config.batch_size, forward)
 
+    def on_epoch_end(self, epoch: int, row: dict[str, Any]) -> None:
+        """One log line per epoch (pretraining runs long): the training and validation total and objectives."""
+        def losses(prefix: str) -> str:
+            return ", ".join(f"{name} {row[prefix + name]:.3f}" for name in LOSSES)
+
+        LOG.info("pretrain epoch %d/%d (%.0f s, %.2f scans/s): training %.4f (%s); validation %.4f (%s)", epoch,
+                 self.config.epochs, row["seconds"], row["volumes_per_second"], row["train_loss"], losses(""),
+                 row["val_loss"], losses("val_"))
+
     @torch.no_grad()
     def validation_step(self) -> dict[str, float]:
         names = ("total", *LOSSES)
