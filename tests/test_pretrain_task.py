@@ -65,6 +65,15 @@ def test_the_cli_refuses_what_cannot_be_pretrained(mini_bids, tmp_path):
     assert (settings.task, settings.backbone, settings.mode) == ("pretrain", "small", "train")
 
 
+def test_a_grid_too_coarse_for_the_encoder_is_refused_before_any_scan_is_read(tmp_path):
+    settings = settings_for(tmp_path / "bids", tmp_path / "out", "pretrain", backbone="densenet121", resolution=8.0)
+    with pytest.raises(UsageError, match=r"--backbone densenet121 cannot encode the 8 mm model grid \(21x26x22\): .*"
+                                         r"fix: use --resolution 5 or finer"):
+        PretrainTask(settings, DistContext(), torch.device("cpu"))
+    assert PretrainTask(settings_for(tmp_path / "bids", tmp_path / "out", "pretrain", backbone="resnet18"),
+                        DistContext(), torch.device("cpu")).encoder.out_channels == 512  # 8 mm fits resnet18
+
+
 def test_one_usable_scan_is_refused_in_one_line(tmp_path):
     bids, out, subjects = make_group_inputs(tmp_path, n_mz=0, n_dz=0, n_single=1, n_long=0)
     with pytest.raises(UsageError, match=r"needs at least 2 usable participant-level scans .* found 1 .*; fix:"):

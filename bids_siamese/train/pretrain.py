@@ -22,10 +22,11 @@ card with ``task: pretrain``, ``backbone``, ``grid``, ``in_channels`` and the tr
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,12 +35,14 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ..bids.derivatives import PRETRAIN_FILES, model_folder, write_tsv
+from ..config import Settings
 from ..errors import UsageError
 from ..models.backbones import Encoder, build_backbone
 from ..models.checkpoint import make_card, save_checkpoint
 from ..models.pretrain import (DEFAULT_WEIGHTS, LOSSES, TEMPERATURE, PretrainHeads, PretrainViews, make_views,
                                view_losses)
 from ..models.registry import register_model
+from ..resources import model_grid
 from .data import VolumeCache, augment, find_preproc, load_volume_cache, pair_batches
 from .ddp import DistContext, unwrap
 from .evaluate import save_figure
@@ -128,6 +131,39 @@ class PretrainNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
+
+
+def view_shape(grid_shape: Sequence[int]) -> tuple[int, int, int]:
+    """The spatial shape of a view of a ``grid_shape`` scan: the sagittal plane padded to a square
+    (:func:`~bids_siamese.models.pretrain.square_sagittal`).
+
+    Examples:
+        >>> view_shape((42, 52, 44))
+        (42, 52, 52)
+    """
+    x, y, z = (int(n) for n in grid_shape)
+    return x, max(y, z), max(y, z)
+
+
+def shapes_passing(encoder: nn.Module, shapes: Sequence[tuple[int, ...]]) -> list[bool]:
+    """Whether a batch of two one-channel volumes of each shape passes through ``encoder`` (a network whose
+    pooling runs out of voxels on a coarse grid does not): one forward per shape through a copy of the encoder on
+    PyTorch's ``meta`` device, which computes shapes only.
+
+    Examples:
+        >>> shapes_passing(nn.AvgPool3d(4), [(8, 8, 8), (2, 8, 8)])  # a 4-voxel pooling needs 4 voxels a side
+        [True, False]
+    """
+    meta = copy.deepcopy(encoder).to("meta")
+    passing = []
+    for shape in shapes:
+        try:
+            meta(torch.empty(2, 1, *shape, device="meta"))
+        except RuntimeError:  # a pooling or convolution larger than what is left of the grid: the answer is no
+            passing.append(False)
+        else:
+            passing.append(True)
+    return passing
 
 
 def views_on(views: PretrainViews, device: torch.device) -> PretrainViews:
@@ -280,6 +316,19 @@ class PretrainTask(GroupTask):
              "of the participants for validation losses) -> fit (contrastive, rotation, inpainting, left-right) -> "
              "evaluate (loss table) -> write (encoder checkpoint, loss curves)")
 
+    def __init__(self, settings: Settings, ctx: DistContext, device: torch.device):
+        """Builds the encoder (seeded by ``--seed``) and refuses, before any scan is read, a grid too coarse for it."""
+        super().__init__(settings, ctx, device)
+        torch.manual_seed(int(settings.seed))
+        self.encoder = build_backbone(settings.backbone, in_channels=1)
+        if not shapes_passing(self.encoder, [view_shape(self.grid.shape)])[0]:
+            finer = [float(r) for r in range(int(math.ceil(settings.resolution)) - 1, 0, -1)]
+            passing = shapes_passing(self.encoder, [view_shape(model_grid(r).shape) for r in finer])
+            fits = next((f"--resolution {r:g} or finer" for r, ok in zip(finer, passing) if ok), "a finer grid")
+            raise UsageError(f"--backbone {settings.backbone} cannot encode the {settings.resolution:g} mm model grid "
+                             f"({'x'.join(map(str, self.grid.shape))}): its pooling runs out of voxels; fix: use "
+                             f"{fits} (and the participant level at that resolution), or another --backbone")
+
     def collect(self, subjects: list[str]) -> None:
         """Every usable scan of the selection (every session)."""
         settings = self.settings
@@ -309,10 +358,8 @@ class PretrainTask(GroupTask):
                  len(self.train_idx), len(self.val_idx), len(held))
 
     def fit(self) -> None:
-        """A fresh encoder (``--backbone``) and heads, trained by :class:`PretrainTrainer`."""
-        settings = self.settings
-        torch.manual_seed(int(settings.seed))
-        encoder = build_backbone(settings.backbone, in_channels=1)
+        """The fresh encoder (``--backbone``, built with the task) and heads, trained by :class:`PretrainTrainer`."""
+        settings, encoder = self.settings, self.encoder
         heads = PretrainHeads(encoder.out_channels, projection_dim=PROJECTION_DIM)
         self.config = train_config(settings, flip_lr=False, max_shift=shift_voxels(settings.resolution))
         self.cube = cube_voxels(settings.resolution)
