@@ -21,6 +21,12 @@ section, ``--section participant`` only the participant figures above. With ``--
 measures the app's training path instead (``train_twin`` from a float16 ``--volume-cache`` stack, batches
 assembled by ``--loader-workers`` DataLoader workers into pinned memory, non-blocking copies to the GPU), e.g.
 ``python benchmarks/gpu.py --section training --backbones small --pipeline --loader-workers 4``.
+
+Then the pretraining section (``benchmarks/pretrain.py``, issue 26): for each of ``--pretrain-backbones`` (all five
+encoders) the step of ``group --task pretrain``'s trainer under bf16 autocast at the model grid of ``--resolution``
+with ``--pretrain-batch`` (4) scans, two views each: scans/s, the CPU time of making the views and the peak GPU
+memory. ``--section pretrain`` runs only that section, e.g.
+``python benchmarks/gpu.py --section pretrain --resolution 2 --pretrain-backbones small unet swin``.
 """
 from __future__ import annotations
 
@@ -89,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bids", type=Path, default=None, help="also run the participant workflow on this dataset")
     parser.add_argument("--participant-label", nargs="+", default=[], help="with --bids: these participants")
     parser.add_argument("--nprocs", type=int, default=min(8, os.cpu_count() or 1), help="with --bids: --nprocs")
-    parser.add_argument("--section", choices=("all", "participant", "training"), default="all",
-                        help="which figures: the participant level, the training throughput, or both")
+    parser.add_argument("--section", choices=("all", "participant", "training", "pretrain"), default="all",
+                        help="which figures: the participant level, the training or the pretraining throughput, or all")
+    parser.add_argument("--pretrain-backbones", nargs="+", default=["small", "unet", "resnet18", "densenet121", "swin"],
+                        help="encoders of the pretraining section")
+    parser.add_argument("--pretrain-batch", type=int, default=4, help="scans per pretraining step (2 views each)")
     sys.path.insert(0, str(Path(__file__).parent))
     import train_throughput  # benchmarks/train_throughput.py
 
@@ -114,18 +123,25 @@ def main(argv: list[str] | None = None) -> int:
               f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     else:
         print(f"device: {device} (script check only: no GPU figures); {os.cpu_count()} cores")
-    if args.section != "training":
+    if args.section in ("all", "participant"):
         participant_section(args, device)
     if args.section != "participant":
         if device.startswith("cuda"):
             torch.backends.cudnn.benchmark = True
         torch.set_num_threads(args.threads)
+    if args.section in ("all", "training"):
         if args.pipeline:
             train_throughput.run_pipeline_section(args, device)
-            return 0
-        train_throughput.run_training_section(
-            args.backbones, args.resolution, args.train_batch, device, args.steps, args.warmup, args.channels_last,
-            args.compile, args.peak_tflops, train_throughput.batch_overrides(args.train_batch_for))
+        else:
+            train_throughput.run_training_section(
+                args.backbones, args.resolution, args.train_batch, device, args.steps, args.warmup,
+                args.channels_last, args.compile, args.peak_tflops,
+                train_throughput.batch_overrides(args.train_batch_for))
+    if args.section in ("all", "pretrain"):
+        import pretrain  # benchmarks/pretrain.py
+
+        pretrain.run_pretrain_section(args.pretrain_backbones, args.resolution, args.pretrain_batch, args.steps,
+                                      args.warmup, device)
     return 0
 
 

@@ -77,6 +77,8 @@ ORIENTATION_MODEL_FILES = task_files("orientation_model", ("", "metrics", "histo
 #: ``group --task symmetry`` (written by symmetry/run.py).
 SYMMETRY_FILES = {**task_files("symmetry", ("", "training", "evaluation"), ("detection",)),
                   "evaluation_json": group_file("symmetry", "evaluation", ".json")}
+#: ``group --task pretrain`` (written by train/pretrain.py): the per-epoch loss table and its curves.
+PRETRAIN_FILES = task_files("pretrain", ("losses",), ("losses",))
 #: The explanations of a twin model (written by explain/run.py); ``workbench``: the Workbench folder.
 EXPLAIN_FILES = {**task_files("regions", ("ranking", "subjects", "statistics")),
                  "embeddings": group_file("twins", "embeddings"), "workbench": "group"}
@@ -84,7 +86,8 @@ EXPLAIN_FILES = {**task_files("regions", ("ranking", "subjects", "statistics")),
 QC_FILES = {"orientation": group_file("orientation")}
 #: Files of each group step by role, keyed as in the record (:func:`write_group_record`).
 TASK_FILES = {"qc": QC_FILES, "twin": TWIN_FILES, "longitudinal": LONGITUDINAL_FILES,
-              "orientation": ORIENTATION_MODEL_FILES, "symmetry": SYMMETRY_FILES, "explain": EXPLAIN_FILES}
+              "orientation": ORIENTATION_MODEL_FILES, "symmetry": SYMMETRY_FILES, "pretrain": PRETRAIN_FILES,
+              "explain": EXPLAIN_FILES}
 #: Steps of :data:`TASK_FILES` that are not ``--task`` values: the per-scan QC table and the explanations.
 GROUP_STEPS = ("qc", "explain")
 
@@ -95,7 +98,7 @@ def group_tasks() -> tuple[str, ...]:
 
     Examples:
         >>> group_tasks()
-        ('twin', 'longitudinal', 'orientation', 'symmetry')
+        ('twin', 'longitudinal', 'orientation', 'symmetry', 'pretrain')
     """
     return tuple(step for step in TASK_FILES if step not in GROUP_STEPS)
 
@@ -112,7 +115,7 @@ GROUP_FILES = {"orientation": QC_FILES["orientation"],
 
 
 def model_folder(output_dir: Path, task: str, backbone: str) -> Path:
-    """The checkpoint folder of a group task: ``OUTPUT_DIR/models/<twins|longitudinal|symmetry>_<backbone>``
+    """The checkpoint folder of a group task: ``OUTPUT_DIR/models/<twins|longitudinal|symmetry|pretrain>_<backbone>``
     (``models/orientation_latnet`` for the orientation ensemble).
 
     Examples:

@@ -317,6 +317,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
 
         check_card(read_card(args.orientation_model), "orientation", model_grid(float(args.resolution)),
                    source=f"--orientation-model {args.orientation_model}")
+    if args.task == "pretrain" and args.mode == "apply":
+        raise UsageError("--task pretrain has no --mode apply (it writes an encoder for --init, not predictions); "
+                         "fix: use --mode train, then --init models/pretrain_<backbone> with --task twin, "
+                         "longitudinal or symmetry")
+    if args.task == "pretrain" and args.backbone in ("regional", "regional_cnn"):
+        raise UsageError(f"--backbone {args.backbone} has no convolutional or transformer encoder to pretrain; fix: "
+                         f"choose one of {', '.join(BACKBONES)} for --task pretrain")
     if args.mode == "apply" and args.task and args.model is None:
         raise UsageError("--mode apply needs --model PATH; fix: pass the checkpoint of a trained model")
     if args.pairs_file is not None and not args.pairs_file.is_file():

@@ -332,20 +332,50 @@ def pretrain_losses(encoder: Encoder, heads: PretrainHeads, volumes: torch.Tenso
     """
     if volumes.dim() != 5 or volumes.shape[0] < 2:
         raise ValueError(f"need a batch (B >= 2, 1, X, Y, Z) of volumes, got {tuple(volumes.shape)}")
+    check_weights(weights)
+    return view_losses(encoder, heads, make_views(volumes, generator, augment, mask_fraction, cube), weights)
+
+
+def check_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
+    """The loss weights with the defaults filled in (:data:`DEFAULT_WEIGHTS`).
+
+    Raises:
+        ValueError: a name that is not one of :data:`LOSSES`.
+
+    Examples:
+        >>> check_weights({"mirror": 0.0})["mirror"], check_weights(None)["rotation"]
+        (0.0, 1.0)
+    """
     unknown = set(weights or {}) - set(LOSSES)
     if unknown:
         raise ValueError(f"unknown loss weight(s) {sorted(unknown)}; the losses are {', '.join(LOSSES)}")
-    w = {**DEFAULT_WEIGHTS, **dict(weights or {})}
-    views = make_views(volumes, generator, augment, mask_fraction, cube)
+    return {**DEFAULT_WEIGHTS, **dict(weights or {})}
+
+
+def view_losses(encoder: Callable[[torch.Tensor], torch.Tensor], heads: PretrainHeads, views: PretrainViews,
+                weights: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """The four proxy losses and their weighted ``total`` for views already made (:func:`make_views`; a trainer
+    makes them where it assembles its batches, e.g. in a DataLoader worker): one encoder pass over the ``2B``
+    views. The heads' outputs are cast to float32 before the losses, so the losses are float32 under a bf16
+    autocast too.
+
+    Args:
+        encoder: what maps the views to a feature map: an :class:`~bids_siamese.models.backbones.Encoder`, or a
+            wrapper that runs one (compiled, DistributedDataParallel).
+        heads: :class:`PretrainHeads` for the encoder's output channels.
+        views: the two views of ``B >= 2`` scans, on the device.
+        weights: per-loss weights (see :func:`pretrain_losses`).
+    """
+    w = check_weights(weights)
     features = encoder(views.inputs)
-    b = volumes.shape[0]
-    projections = heads.project(features)
+    b = views.inputs.shape[0] // 2
+    projections = heads.project(features).float()
+    reconstruction = heads.reconstruct(features, tuple(views.targets.shape[2:])).float()
     out = {
         "contrastive": info_nce(projections[:b], projections[b:]),
-        "rotation": F.cross_entropy(heads.rotation(features), views.rotations),
-        "inpainting": inpainting_loss(heads.reconstruct(features, tuple(views.targets.shape[2:])), views.targets,
-                                      views.masks),
-        "mirror": mirror_loss(heads.mirror(features), views.mirrored),
+        "rotation": F.cross_entropy(heads.rotation(features).float(), views.rotations),
+        "inpainting": inpainting_loss(reconstruction, views.targets.float(), views.masks),
+        "mirror": mirror_loss(heads.mirror(features).float(), views.mirrored),
     }
     out["total"] = sum(float(w[name]) * out[name] for name in LOSSES)
     return out

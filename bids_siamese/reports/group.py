@@ -286,7 +286,8 @@ EARLIER_VIEWS = {"twin": ReportView("Twin model", ("metrics", "loss_figure", "ro
                  "longitudinal": ReportView("Longitudinal model", ("metrics", "predictions", "loss_figure",
                                                                    "roc_figure"), "longitudinal"),
                  "orientation": ReportView("Orientation model", ("table", "metrics"), "orientation_model"),
-                 "symmetry": ReportView("Symmetry", ("table", "evaluation", "detection_figure"), "symmetry")}
+                 "symmetry": ReportView("Symmetry", ("table", "evaluation", "detection_figure"), "symmetry"),
+                 "pretrain": ReportView("Self-supervised pretraining", ("losses", "losses_figure"), "files")}
 #: Report order of the known steps in the ``Tasks`` table (others follow in record order).
 STEP_ORDER = (*EARLIER_VIEWS, "explain", "qc")
 

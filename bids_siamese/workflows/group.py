@@ -39,6 +39,7 @@ from ..reports.group import write_group_report
 from ..symmetry.run import SymmetryTask
 from ..train.longitudinal import LongitudinalTask
 from ..train.orientation import OrientationTask
+from ..train.pretrain import PretrainTask
 from ..train.task import GroupTask, run_task
 from ..train.twins import TwinTask
 
@@ -223,7 +224,7 @@ class _Steps:
 #: with the same steps (collect -> samples -> split -> fit -> evaluate -> write), run by
 #: :func:`~bids_siamese.train.task.run_task`.
 TASKS: dict[str, type[GroupTask]] = {task.name: task for task in (TwinTask, LongitudinalTask, OrientationTask,
-                                                                   SymmetryTask)}
+                                                                   SymmetryTask, PretrainTask)}
 
 
 def check_checkpoint(path: Path, task: str | None = None) -> dict[str, Any]:
