@@ -56,8 +56,12 @@ LESION_EVERY = 200
 
 
 def cli(bids: Path, out: Path, level: str, *args: str) -> list[str]:
-    """The command line of one bids-siamese run with this checkout's sources."""
-    return [sys.executable, "-m", "bids_siamese", str(bids), str(out), level, *args]
+    """The command line of one bids-siamese run with the sources first on ``PYTHONPATH`` (:func:`child_env`).
+
+    ``-P``: without it ``python -m`` puts the working folder first on the path, and a run started in another
+    checkout would use that checkout's sources instead of ``--source``'s.
+    """
+    return [sys.executable, "-P", "-m", "bids_siamese", str(bids), str(out), level, *args]
 
 
 def child_env(source: Path = ROOT) -> dict[str, str]:

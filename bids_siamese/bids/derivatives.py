@@ -302,7 +302,7 @@ def output_names(entities: Mapping[str, Any], resolution_label: str | None = Non
         "native_mask": build_path(dict(base, desc="brain", suffix="mask", extension=".nii.gz")),
         "xfm": build_path(dict(base, **{"from": "T1w", "to": TEMPLATE, "mode": "image"}, suffix="xfm",
                                extension=".txt")),
-        "orientation": build_path(dict(base, desc="orientation", suffix="qc", extension=".json")),
+        "orientation": orientation_record_name(entities),
         "asymmetry_map": build_path(dict(std, res=RESULT_RES, desc="asymmetry", suffix="statmap",
                                          extension=".nii.gz")),
         "asymmetry_regions": build_path(dict(std, desc="asymmetry", suffix="regions", extension=".tsv")),
@@ -314,9 +314,29 @@ def output_names(entities: Mapping[str, Any], resolution_label: str | None = Non
     return names
 
 
+def orientation_record_name(entities: Mapping[str, Any]) -> Path:
+    """``<source>_desc-orientation_qc.json``: the scan's orientation QC record (``output_names``'s ``orientation``)."""
+    return build_path(dict(entities, desc="orientation", suffix="qc", extension=".json"))
+
+
 def completion_record_name(entities: Mapping[str, Any]) -> Path:
     """``<source>_desc-status_qc.json``: the scan's completion record (see docs/reliability.md)."""
     return build_path(dict(entities, desc="status", suffix="qc", extension=".json"))
+
+
+def qc_record_names(entities: Mapping[str, Any]) -> tuple[Path, Path]:
+    """``(completion record, orientation QC record)`` of one scan, from one naming-pattern lookup.
+
+    The two names differ only in ``desc-`` (the last entity before the suffix), so the second is the first with its
+    end replaced: the group level names 10,000 scans' records in a fraction of the time of two lookups each.
+
+    Examples:
+        >>> ents = {"subject": "01", "session": "2", "acquisition": "mp", "run": "3"}
+        >>> qc_record_names(ents) == (completion_record_name(ents), orientation_record_name(ents))
+        True
+    """
+    status = completion_record_name(entities)
+    return status, status.with_name(status.name[: -len("desc-status_qc.json")] + "desc-orientation_qc.json")
 
 
 def embedding_name(entities: Mapping[str, Any], task: str) -> Path:
@@ -793,10 +813,10 @@ def check_completion_record(output_dir: Path, rel: Path) -> tuple[str, str | Non
         return STATUS_MISSING, f"unreadable completion record {path.name} ({err})"
     if record.get("status") != STATUS_OK:
         return STATUS_FAILED, str(record.get("reason") or "failed at the participant level")
+    root = os.fspath(output_dir)
     for item in record.get("files", []):
-        target = Path(output_dir) / item["path"]
-        try:
-            size = target.stat().st_size
+        try:  # os.stat of a joined string: a Path per listed file cost more than the stat at 10,000 scans
+            size = os.stat(os.path.join(root, item["path"])).st_size
         except OSError:
             return STATUS_MISSING, f"{item['path']} was deleted after the participant run"
         if size != item["size"]:

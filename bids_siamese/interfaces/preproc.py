@@ -32,7 +32,7 @@ from ..bids.fmriprep import (
 from ..errors import BadDataError
 from ..models.checkpoint import load_checkpoint
 from ..models.orientation import p_flipped
-from ..preproc.brain import extract_brain, mask_from_image
+from ..preproc.brain import brain_mask, mask_from_image
 from ..preproc.conform import conform, header_checks, load_t1w
 from ..preproc.grid import normalise_intensity, resample_to_grid, template_on_grid
 from ..preproc.register import read_itk_transform, register_affine, write_itk_affine
@@ -121,7 +121,7 @@ class BrainExtraction(StepInterface):
 
     def _run_step(self, runtime):
         img = nib.load(self.inputs.in_file)
-        mask, _ = extract_brain(img, device=self.inputs.device)
+        mask = brain_mask(img, device=self.inputs.device)  # the node writes the mask only
         out = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
         out.header.set_xyzt_units("mm", "sec")
         self._results["out_mask"] = _save(out, "brain_mask.nii.gz")

@@ -92,6 +92,21 @@ def extract_brain(
     Raises:
         BadDataError: deepbet found no brain in the image.
     """
+    mask = brain_mask(img, device, threshold, n_threads)
+    return mask, brain_image(img, mask)
+
+
+def brain_mask(
+    img: nib.spatialimages.SpatialImage,
+    device: str = "cpu",
+    threshold: float = DEFAULT_THRESHOLD,
+    n_threads: int | None = None,
+) -> np.ndarray:
+    """:func:`extract_brain`'s mask alone (a boolean array of ``img``'s shape), without the skull-stripped copy.
+
+    Raises:
+        BadDataError: deepbet found no brain in the image.
+    """
     data_ras, ornt = _canonical_data(img)
     bet = bet_model(str(device))
     try:
@@ -103,8 +118,7 @@ def extract_brain(
             "fix: check that the scan is a T1w head image, or provide a brain mask"
         ) from err
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
-    mask = np.ascontiguousarray(nib.orientations.apply_orientation(mask_ras, back), dtype=bool)
-    return mask, brain_image(img, mask)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(mask_ras, back), dtype=bool)
 
 
 def brain_image(img: nib.spatialimages.SpatialImage, mask: np.ndarray) -> nib.Nifti1Image:

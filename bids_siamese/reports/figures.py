@@ -51,6 +51,8 @@ RASTER_DPI = 72
 MAX_SVG_BYTES = 480_000
 
 BACKGROUND = "black"
+#: The panels' colormap, made once: a name would make matplotlib copy the map and rebuild its lookup table per panel.
+GRAY = matplotlib.colormaps["gray"]
 LETTER_COLOUR = "#f2f2f2"
 MASK_COLOUR = "#ff2d2d"
 OUTLINE_COLOUR = "#ffd23f"
@@ -108,8 +110,11 @@ def robust_window(data: np.ndarray, low: float = 2.0, high: float = 99.5) -> tup
         >>> robust_window(np.arange(1, 101, dtype=float), 0, 100)
         (21.0, 100.0)
     """
-    arr = np.nan_to_num(np.asarray(data, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    values = _sample_values(arr)
+    arr = np.asarray(data)
+    if not np.all(np.isfinite(arr)):
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    # float64 after the selection: the same values as converting the whole volume first, at a fraction of the cost
+    values = _sample_values(arr).astype(np.float64, copy=False)
     vmax = float(np.percentile(values, high))
     foreground = values
     if vmax > 0 and np.count_nonzero(values < 0) < 0.05 * values.size:
@@ -257,7 +262,7 @@ def _check_zooms(zooms: Sequence[float]) -> tuple[float, float, float]:
 def _show(ax: Axes, panel: np.ndarray, extent, window: tuple[float, float]) -> None:
     ax.imshow(
         panel,
-        cmap="gray",
+        cmap=GRAY,
         vmin=window[0],
         vmax=window[1],
         origin="lower",
@@ -270,34 +275,38 @@ def _show(ax: Axes, panel: np.ndarray, extent, window: tuple[float, float]) -> N
 def _simplify_line(line: np.ndarray, tolerance: float) -> np.ndarray:
     """Douglas-Peucker simplification of a polyline (N x 2): drop vertices within ``tolerance``.
 
-    The first and last vertices are always kept, so closed contours stay closed.
+    The first and last vertices are always kept, so closed contours stay closed. All segments of one
+    recursion depth are split at once (each at its farthest vertex, the first of equals): the result of the
+    recursive algorithm, in one pass of array operations per depth instead of one per segment.
+
+    Examples:
+        >>> _simplify_line(np.array([[0.0, 0.0], [1.0, 0.01], [2.0, 0.0], [3.0, 1.0]]), 0.1).tolist()
+        [[0.0, 0.0], [2.0, 0.0], [3.0, 1.0]]
     """
     n = len(line)
     if n <= 2 or tolerance <= 0:
         return line
+    line = np.asarray(line, dtype=np.float64)
     keep = np.zeros(n, dtype=bool)
     keep[0] = keep[-1] = True
-    stack = [(0, n - 1)]
-    while stack:
-        start, end = stack.pop()
-        if end - start < 2:
-            continue
-        inner = line[start + 1 : end]
-        a, b = line[start], line[end]
-        ab = b - a
-        length = float(np.hypot(ab[0], ab[1]))
-        rel = inner - a
-        if length > 0:
-            dist = np.abs(ab[0] * rel[:, 1] - ab[1] * rel[:, 0]) / length
-        else:
-            dist = np.hypot(rel[:, 0], rel[:, 1])
-        worst = int(np.argmax(dist))
-        if dist[worst] > tolerance:
-            split = start + 1 + worst
-            keep[split] = True
-            stack.append((start, split))
-            stack.append((split, end))
-    return line[keep]
+    index = np.arange(n)
+    while True:
+        kept = np.flatnonzero(keep)
+        # each vertex's segment: between the kept vertices around it (a kept vertex starts its own)
+        segment = np.minimum(np.searchsorted(kept, index, side="right") - 1, len(kept) - 2)
+        a, b = line[kept[segment]], line[kept[segment + 1]]
+        ab, rel = b - a, line - a
+        length = np.hypot(ab[:, 0], ab[:, 1])
+        cross = np.abs(ab[:, 0] * rel[:, 1] - ab[:, 1] * rel[:, 0])
+        dist = np.where(length > 0, cross / np.where(length > 0, length, 1.0), np.hypot(rel[:, 0], rel[:, 1]))
+        dist[keep] = -1.0
+        worst = np.maximum.reduceat(dist, kept[:-1])
+        split = (dist > tolerance) & (dist == worst[segment])
+        if not split.any():
+            return line[keep]
+        candidates = np.flatnonzero(split)
+        _, first = np.unique(segment[candidates], return_index=True)  # the first farthest vertex per segment
+        keep[candidates[first]] = True
 
 
 def _contour(ax: Axes, panel: np.ndarray, extent, level: float, colour: str, width: float,
@@ -555,10 +564,12 @@ def mask_contour_mosaic(
     img, msk = _volume_pair(t1w, "t1w", mask, "mask", n_slices)
     vox = _check_zooms(zooms)
     binary = (msk > 0).astype(np.float32)
-    # Window on the brain when there is one, so the skull does not wash out the tissue contrast.
-    window = robust_window(img * binary) if binary.any() and np.any(img * binary) else robust_window(img)
+    # cropped first: the box holds every non-zero voxel the window below reads, in the same order
     box = _crop_box(binary if binary.any() else img, _margin(vox, 12.0))
-    img, binary = img[box], binary[box]
+    whole, img, binary = img, img[box], binary[box]
+    brain = img * binary
+    # Window on the brain when there is one, so the skull does not wash out the tissue contrast.
+    window = robust_window(brain) if np.any(brain) else robust_window(whole)
     reference = binary if binary.any() else img
 
     mosaic = _mosaic_figure(img.shape, vox, n_slices, None)
