@@ -44,6 +44,8 @@ def group_args(bids: Path, results: Path, args: argparse.Namespace, mode: str) -
             "--omp-nthreads", str(args.threads), "--nprocs", str(args.threads)]
     if mode == "apply":
         argv += ["--model", str(results / "models" / f"longitudinal_{args.backbone}")]
+    elif getattr(args, "init", None):
+        argv += ["--init", str(args.init)]
     return argv
 
 
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-draws", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init", type=Path, help="train from this pretrained encoder (group --task pretrain's folder)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     link_outputs(args.outputs, args.results)
