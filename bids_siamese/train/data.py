@@ -14,7 +14,7 @@ import mmap
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -25,6 +25,7 @@ from ..bids.derivatives import PREPROC_SUFFIX, legacy_preproc_pattern, mask_path
 from ..errors import BadDataError, NoInputError
 from ..qc.gate import qc_record_usable
 from ..resources import TEMPLATE, Grid
+from .batches import usable_loader_workers
 from .pairs import order_sessions, participant_id
 
 LOG = logging.getLogger("bids_siamese.data")
@@ -249,6 +250,80 @@ def _fill_cache(n: int, shape: tuple[int, ...], dtype: str, volume_of: Callable[
             raise BadDataError(f"{name_of(i)} has values beyond the float16 range (|value| > {limit:g}); fix: {fix}")
         out[i, 0] = volume
     return VolumeCache(out)
+
+
+def stored_precision(volume: np.ndarray, dtype: str, name: str = "a volume") -> np.ndarray:
+    """``volume`` (float32) as a ``dtype`` training stack would give it back: rounded through float16 for
+    ``float16`` (what indexing a :class:`VolumeCache` returns), unchanged for ``float32``. Streaming passes use it
+    to score exactly what the in-memory stack held.
+
+    Raises:
+        BadDataError: a value beyond the float16 range (65504), as :func:`load_volume_cache`.
+
+    Examples:
+        >>> float(stored_precision(np.array([0.1], np.float32), "float16")[0]) == float(np.float16(0.1))
+        True
+    """
+    if dtype == "float32":
+        return volume
+    if dtype not in VOLUME_CACHE_DTYPES:
+        raise ValueError(f"volume cache dtype {dtype!r} is not one of {VOLUME_CACHE_DTYPES}")
+    limit = float(np.finfo(np.float16).max)
+    if volume.size and float(np.abs(volume).max()) > limit:
+        raise BadDataError(f"{name} has values beyond the float16 range (|value| > {limit:g}); fix: pass "
+                           "--volume-cache float32")
+    return volume.astype(np.float16).astype(np.float32)
+
+
+class _VolumeReads(torch.utils.data.Dataset):
+    """Item ``i``: ``(i, volume)`` of ``paths[i]`` at the stored precision, or ``(i, error)`` for a
+    :class:`~bids_siamese.errors.BadDataError` (raised again by :func:`stream_volumes` in the calling process,
+    as its one line: a DataLoader would wrap it in a worker traceback)."""
+
+    def __init__(self, paths: Sequence[Path], grid: Grid, dtype: str):
+        self.paths, self.grid, self.dtype = list(paths), grid, dtype
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | BadDataError]:
+        try:
+            volume = stored_precision(load_volume(self.paths[i], self.grid), self.dtype, str(self.paths[i]))
+        except BadDataError as err:
+            return i, err
+        return i, torch.from_numpy(volume)
+
+
+def _collate_reads(items: list) -> list:
+    return items
+
+
+def stream_volumes(paths: Sequence[Path], grid: Grid, batch_size: int = 8, workers: int = 0,
+                   dtype: str = "float32") -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """The volumes of ``paths`` read once each, in order, a batch at a time: ``(indices, (B, X, Y, Z) float32
+    tensor)``; decoded by ``workers`` DataLoader processes (``--loader-workers``; 0: in this process) while the
+    caller works on the previous batch. ``dtype``: the values as a ``--volume-cache`` stack of that dtype would hold
+    them (:func:`stored_precision`). Memory: a few batches, whatever the number of scans.
+
+    Raises:
+        BadDataError: as :func:`load_volume` (one line, also from a worker).
+
+    Examples:
+        >>> from bids_siamese.resources import model_grid
+        >>> list(stream_volumes([], model_grid(8.0)))
+        []
+    """
+    if not len(paths):
+        return
+    workers = usable_loader_workers(workers)
+    loader = torch.utils.data.DataLoader(
+        _VolumeReads(paths, grid, dtype), batch_size=batch_size, num_workers=workers, collate_fn=_collate_reads,
+        multiprocessing_context="fork" if workers else None, prefetch_factor=2 if workers else None)
+    for items in loader:
+        for _, value in items:
+            if isinstance(value, BadDataError):
+                raise value
+        yield np.array([i for i, _ in items]), torch.stack([v for _, v in items])
 
 
 class VolumeFiles:
