@@ -94,6 +94,24 @@ def test_group_reference_from_memory_mapped_stacks_matches_the_lists(spill_every
     assert int(np.argmax(half.extra["focal"])) == int(np.argmax(in_memory.extra["focal"])) == 0
 
 
+def test_normative_bases_of_a_large_cohort_use_a_bounded_random_subset(monkeypatch):
+    """Above MAX_BASIS_SCANS scans in a fold, a random subset fits its modes (bounded time per fold: linear in the
+    cohort); below it, every scan, as before. The lesion stays the top focal statistic either way."""
+    maps, masks, groups = population()
+    template = asymmetry.Reference(mean=np.zeros(maps[0].shape, np.float32))
+    full = asymmetry.group_reference(maps, masks, [], template, 4.0, groups=groups)
+    fitted = []
+    real_fit = normative.fit_basis
+    monkeypatch.setattr(normative, "fit_basis", lambda x, r, rows=None: fitted.append(
+        len(x) if rows is None else len(rows)) or real_fit(x, r, rows))
+    monkeypatch.setattr(normative, "MAX_BASIS_SCANS", 12)
+    capped = asymmetry.group_reference(maps, masks, [], template, 4.0, groups=groups)
+    assert max(fitted) == 12 and len(fitted) == 11  # ten folds of about 25 scans, and all 28 scans
+    assert not np.array_equal(capped.sd, full.sd)
+    assert int(np.argmax(capped.extra["focal"])) == int(np.argmax(full.extra["focal"])) == 0
+    np.testing.assert_array_equal(normative.basis_rows(np.arange(30), 3, 12), normative.basis_rows(np.arange(30), 3, 12))
+
+
 def _save(path: Path, data: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data, model_grid(RES).affine), str(path))
