@@ -396,9 +396,13 @@ def augment(
         vol = _shift(x[i], [int(s) for s in shifts[i]])
         if flips[i]:
             vol = torch.flip(vol, dims=[1])
-        brain = vol != 0
-        noise = torch.randn(vol.shape, generator=generator).to(vol.device) * noise_std if noise_std > 0 else 0.0
-        out[i] = torch.where(brain, vol * float(scale[i]) + float(offset[i]) + noise, torch.zeros_like(vol))
+        outside = vol == 0
+        # in place on the shifted copy: the same operations in the same order as
+        # ``where(brain, vol * scale + offset + noise, 0)``, without four volume-sized temporaries
+        vol.mul_(float(scale[i])).add_(float(offset[i]))
+        if noise_std > 0:
+            vol.add_(torch.randn(vol.shape, generator=generator).to(vol.device).mul_(noise_std))
+        out[i] = vol.masked_fill_(outside, 0.0)
     return out
 
 
