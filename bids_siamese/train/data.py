@@ -121,8 +121,10 @@ def load_volume(path: Path, grid: Grid) -> np.ndarray:
 
 #: Stacks of volumes or masks larger than this (bytes) live in a memory-mapped temporary file rather than in
 #: anonymous memory: the kernel pages them in and out as they are used, so a cohort's stack never has to fit in RAM
-#: (a float16 stack of 13,200 scans at 2 mm is 20 GB). Below it, the stack is an ordinary array.
-SPILL_BYTES = 2 ** 30
+#: (a float16 stack of 13,200 scans at 2 mm is 20 GB). Below it, the stack is an ordinary array. 256 MiB (1 GiB
+#: before issue 27's streaming branch): a step holds up to five such stacks (symmetry: maps, masks and the three
+#: normative matrices), each just under the threshold at about 1,000 scans.
+SPILL_BYTES = 2 ** 28
 
 
 def stack_array(shape: tuple[int, ...], dtype) -> np.ndarray:
