@@ -4,7 +4,7 @@
 A :class:`Scan` holds its image (0 outside the brain), its mask and the distance of every voxel to the brain's
 border (``depth_mm``, what the lesion simulator places lesions by: 8 bytes a voxel, 6 MB a scan at 2 mm). A list
 of them holds about 10 MB per scan at 2 mm; a :class:`ScanStack` holds the images and masks in
-:func:`~bids_siamese.train.data.stack_array` stacks (memory-mapped on a temporary file above 1 GiB) and computes a
+:func:`~bids_siamese.train.data.stack_array` stacks (memory-mapped on a temporary file above 256 MiB) and computes a
 scan's depth map when the scan is taken out, so that thousands of scans take disk, not memory, with the same
 values as the list.
 """

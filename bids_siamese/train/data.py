@@ -4,7 +4,7 @@ The participant level writes, per scan, ``<source>_space-MNI152NLin2009cAsym_des
 (float32 on :func:`bids_siamese.resources.model_grid`, 0 outside the brain) and the matching
 ``desc-brain_mask``. Training holds them in memory as one ``(N, 1, X, Y, Z)`` stack: a float16
 :class:`VolumeCache` by default (1.5 MB per scan at 2 mm; ``--volume-cache float32``: a float32 array, 3 MB per
-scan); a stack over 1 GiB is memory-mapped on a temporary file (:func:`stack_array`), so cohorts larger than
+scan); a stack over 256 MiB is memory-mapped on a temporary file (:func:`stack_array`), so cohorts larger than
 the node's memory are paged from disk. Indexing either gives float32. The array axes are RAS, so axis 2 of a batch tensor is left-right.
 """
 from __future__ import annotations
