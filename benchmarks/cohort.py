@@ -17,8 +17,9 @@ through the CLI, each measured (wall, CPU, peak RSS of the process tree, disk wr
    ``twin_train`` (``--task twin``, default model, ``--epochs E``, ``--no-explain``; writes the relatives
    table), ``twin_apply`` (``--mode apply --model`` the checkpoint just trained), ``longitudinal``
    (``--epochs E --n-draws D``, default 2 and 2), ``symmetry`` (``--mode apply`` with the seed checkpoint: reference, scoring and the
-   Siamese model), ``orientation_apply`` (``--mode apply`` with the seed checkpoint). All with
-   ``--skip-bids-validation``.
+   Siamese model), ``orientation_apply`` (``--mode apply`` with the seed checkpoint), ``symmetry_train``
+   (``--task symmetry --mode train --epochs`` ``--symmetry-epochs``, default 1: reference, scoring, training on
+   planted lesions, evaluation on the test scans). All with ``--skip-bids-validation``.
 
 Peak RSS is the largest sum of VmRSS over the step's process tree, polled every 0.2 s (``/proc``; not the
 kernel's ``ru_maxrss``, which counts the forked child's copy of this process's memory before ``exec``);
@@ -51,7 +52,7 @@ from bids_siamese.bids.derivatives import write_tsv
 from bids_siamese.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("qc", "twin_train", "twin_apply", "longitudinal", "symmetry", "orientation_apply")
+STEPS = ("qc", "twin_train", "twin_apply", "longitudinal", "symmetry", "orientation_apply", "symmetry_train")
 LESION_EVERY = 200
 
 
@@ -339,7 +340,8 @@ def build_cohort(seed: Path, dest: Path, n: int, rng_seed: int = 0, perturb: boo
             "two_sessions": int((plan["n_sessions"] == 2).sum()), "lesions": lesions}
 
 
-def step_commands(seed: Path, dest: Path, resolution: float, epochs: int, draws: int) -> dict[str, list[str]]:
+def step_commands(seed: Path, dest: Path, resolution: float, epochs: int, draws: int,
+                  symmetry_epochs: int = 1) -> dict[str, list[str]]:
     bids, out = dest / "bids", dest / "out"
     common = ["--resolution", f"{resolution:g}", "--skip-bids-validation"]
     train = ["--epochs", str(epochs)]
@@ -354,6 +356,8 @@ def step_commands(seed: Path, dest: Path, resolution: float, epochs: int, draws:
                         str(checkpoint(seed / "models_run", "symmetry"))),
         "orientation_apply": cli(bids, out, "group", *common, "--task", "orientation", "--mode", "apply",
                                  "--model", str(checkpoint(seed / "models_run", "orientation"))),
+        "symmetry_train": cli(bids, out, "group", *common, "--task", "symmetry", "--mode", "train", "--epochs",
+                              str(symmetry_epochs)),
     }
 
 
@@ -389,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resolution", type=float, default=2.0, help="model grid (mm)")
     p.add_argument("--epochs", type=int, default=2, help="training epochs of twin_train and longitudinal")
     p.add_argument("--n-draws", type=int, default=2, help="--n-draws of the longitudinal step (its splits)")
+    p.add_argument("--symmetry-epochs", type=int, default=1, help="--epochs of the symmetry_train step")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     p.add_argument("--source", type=Path, default=ROOT,
                    help="the checkout whose bids_siamese runs the group steps (default: this one), e.g. an older "
@@ -426,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"generate: {cohort['subjects']} subjects, {cohort['scans']} scans, {cohort['twin_pairs']} twin pairs, "
           f"{cohort['two_sessions']} with two sessions, {len(cohort['lesions'])} lesions: "
           f"{generation['wall_s']:.1f} s wall, {generation['disk_gb']:.2f} GB", flush=True)
-    commands = step_commands(seed, dest, args.resolution, args.epochs, args.n_draws)
+    commands = step_commands(seed, dest, args.resolution, args.epochs, args.n_draws, args.symmetry_epochs)
     results = {}
     for name in args.steps:
         load = os.getloadavg()
@@ -437,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(anon {res['peak_anon_gb']:5.2f})  disk {res['disk_gb']:7.4f} GB  ok {res['ok']}  (load {load[0]:.1f})", flush=True)
     report = {"subjects": args.subjects, "cohort": {k: v for k, v in cohort.items() if k != "lesions"},
               "lesions": cohort["lesions"], "generation": generation, "seed_s": round(seed_s, 1),
-              "options": {"resolution": args.resolution, "epochs": args.epochs, "n_draws": args.n_draws, "explain": False, "volumes": args.volumes,
+              "options": {"resolution": args.resolution, "epochs": args.epochs, "n_draws": args.n_draws,
+                          "symmetry_epochs": args.symmetry_epochs, "explain": False, "volumes": args.volumes,
                           "source": str(args.source),
                           "bids_validation": False},
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},

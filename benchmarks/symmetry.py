@@ -54,10 +54,10 @@ from bids_siamese.atlas import atlas_on_grid
 from bids_siamese.symmetry.regional import homologous_pairs, regional_asymmetry
 from bids_siamese.symmetry.run import SPLIT_FRACTIONS
 from bids_siamese.symmetry.simulate import LesionConfig, sphere_cross_section_mm2
+from bids_siamese.symmetry.scans import prepare_scan
 from bids_siamese.symmetry.train import (
     detection_figure,
     evaluate_detection,
-    prepare_scan,
     save_symmetry_checkpoint,
     siamese_logits,
     siamese_scorers,

@@ -13,6 +13,7 @@ import numpy as np, torch
 from bids_siamese.resources import model_grid
 from bids_siamese.symmetry.simulate import LesionConfig
 import bids_siamese.symmetry.train as T
+from bids_siamese.symmetry.scans import prepare_scan
 new = hasattr(T, "train_config")
 if new:
     from bids_siamese.preproc.grid import template_on_grid
@@ -24,7 +25,7 @@ med = np.median(data[mask]); q75, q25 = np.percentile(data[mask], [75, 25])
 data = np.where(mask, (data - med) / (q75 - q25), 0).astype(np.float32)
 seed = int(sys.argv[1]); epochs = int(sys.argv[2])
 rng = np.random.default_rng(100)
-scans = [T.prepare_scan(np.where(mask, data + rng.normal(0, 0.1, data.shape), 0).astype(np.float32), mask, 8.0, f"s{i}") for i in range(12)]
+scans = [prepare_scan(np.where(mask, data + rng.normal(0, 0.1, data.shape), 0).astype(np.float32), mask, 8.0, f"s{i}") for i in range(12)]
 lesion = LesionConfig(volume_mm3=(2000.0, 16000.0))
 torch.set_num_threads(1)
 t = time.time()

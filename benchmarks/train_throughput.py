@@ -269,7 +269,8 @@ def measure_symmetry_pipeline(backbone: str = "small", resolution: float = 4.0, 
     from bids_siamese.resources import model_grid
     from bids_siamese.symmetry.model import build_symmetry_model
     from bids_siamese.symmetry.simulate import LesionConfig
-    from bids_siamese.symmetry.train import make_example, prepare_scan, train_symmetry_model
+    from bids_siamese.symmetry.scans import prepare_scan
+    from bids_siamese.symmetry.train import make_example, train_symmetry_model
     from bids_siamese.train.loop import TrainConfig
 
     volumes = brain_volumes(scans, tuple(model_grid(resolution).shape))

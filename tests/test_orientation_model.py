@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from bids_siamese.cli.main import main
+from bids_siamese.models.checkpoint import load_checkpoint
 from bids_siamese.models.orientation import LatNet, OrientationEnsemble, p_flipped
 from bids_siamese.preproc.grid import normalise_intensity, template_on_grid
 from bids_siamese.qc.orientation import LR_MODEL_MARGIN, model_verdict, with_model_verdict
 from bids_siamese.resources import model_grid
+from bids_siamese.train.data import load_volume
 from bids_siamese.train.pairs import family_folds
 
 from conftest import write_t1w
@@ -148,6 +150,19 @@ def test_group_orientation_train_and_apply(trained) -> None:
     assert set(applied["fold"]) == {"apply"}
     assert float(pd.read_csv(out / "group_orientation_model_metrics.tsv", sep="\t")
                  .set_index("metric").loc["auc_mirrored_copies", "value"]) >= 0.9
+    # issue 27: apply streams the files (each read once, stored and mirrored copies in one batch); its p_flipped is
+    # the ensemble's averaged softmax, as the participant level's p_flipped (not a softmax of it), on the volumes at
+    # the float16 stack's precision
+    model, _ = load_checkpoint(out / "models" / "orientation_latnet", task="orientation")
+    grid = model_grid(RES)
+    for row in applied.itertuples():
+        path = next(out.glob(f"{row.participant_id}/**/anat/{row.scan}_space-*_desc-preproc_T1w.nii.gz"))
+        volume = load_volume(path, grid).astype(np.float16).astype(np.float32)
+        expected = p_flipped(model, np.stack([volume, volume[::-1]]))
+        assert abs(row.p_flipped - expected[0]) <= 1e-4 and abs(row.p_flipped_mirrored - expected[1]) <= 1e-4
+    assert main([*common, "--mode", "apply", "--model", str(out / "models" / "orientation_latnet"),
+                 "--loader-workers", "1"]) == 0  # decoded in a loader worker: the same table
+    pd.testing.assert_frame_equal(pd.read_csv(out / "group_orientation_model.tsv", sep="\t"), applied)
     assert main([*common, "--mode", "apply", "--model", str(out / "models" / "orientation_latnet"),
                  "--resolution", "2"]) != 0  # another grid: refused with a message
 

@@ -300,7 +300,7 @@ def test_model_uses_the_backbones_module():
 
 
 def _jittered_scans(template8, n, seed=0):
-    from bids_siamese.symmetry.train import prepare_scan
+    from bids_siamese.symmetry.scans import prepare_scan
 
     data, mask = template8
     rng = np.random.default_rng(seed)

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import ndimage as ndi
 
 from bids_siamese.atlas import atlas_on_grid
@@ -17,11 +18,16 @@ from bids_siamese.config import Settings
 from bids_siamese.preproc.grid import template_on_grid
 from bids_siamese.resources import model_grid
 from bids_siamese.symmetry import asymmetry, normative, regional
+from bids_siamese.symmetry import model as symmetry_model
+from bids_siamese.symmetry.model import build_symmetry_model
 from bids_siamese.symmetry.analysis import template_reference
 from bids_siamese.symmetry.run import ScanVolumes, collect_scans, load_scan, score_dataset
+from bids_siamese.symmetry.scans import Scan, ScanStack, prepare_scan
 from bids_siamese.symmetry.simulate import LesionConfig, simulate_lesion
+from bids_siamese.symmetry.train import train_symmetry_model
 from bids_siamese.train import data as train_data
 from bids_siamese.train.data import stack_array
+from bids_siamese.train.trainer import TrainConfig
 
 RES = 8.0
 
@@ -86,6 +92,24 @@ def test_group_reference_from_memory_mapped_stacks_matches_the_lists(spill_every
     assert float(np.abs(half.sd - in_memory.sd).max()) <= 0.02 * float(in_memory.sd.max())
     np.testing.assert_allclose(half.extra["focal"], in_memory.extra["focal"], rtol=0.01)
     assert int(np.argmax(half.extra["focal"])) == int(np.argmax(in_memory.extra["focal"])) == 0
+
+
+def test_normative_bases_of_a_large_cohort_use_a_bounded_random_subset(monkeypatch):
+    """Above MAX_BASIS_SCANS scans in a fold, a random subset fits its modes (bounded time per fold: linear in the
+    cohort); below it, every scan, as before. The lesion stays the top focal statistic either way."""
+    maps, masks, groups = population()
+    template = asymmetry.Reference(mean=np.zeros(maps[0].shape, np.float32))
+    full = asymmetry.group_reference(maps, masks, [], template, 4.0, groups=groups)
+    fitted = []
+    real_fit = normative.fit_basis
+    monkeypatch.setattr(normative, "fit_basis", lambda x, r, rows=None: fitted.append(
+        len(x) if rows is None else len(rows)) or real_fit(x, r, rows))
+    monkeypatch.setattr(normative, "MAX_BASIS_SCANS", 12)
+    capped = asymmetry.group_reference(maps, masks, [], template, 4.0, groups=groups)
+    assert max(fitted) == 12 and len(fitted) == 11  # ten folds of about 25 scans, and all 28 scans
+    assert not np.array_equal(capped.sd, full.sd)
+    assert int(np.argmax(capped.extra["focal"])) == int(np.argmax(full.extra["focal"])) == 0
+    np.testing.assert_array_equal(normative.basis_rows(np.arange(30), 3, 12), normative.basis_rows(np.arange(30), 3, 12))
 
 
 def _save(path: Path, data: np.ndarray) -> None:
@@ -165,3 +189,51 @@ def test_score_dataset_streams_with_todays_results(tmp_path, spill_everything):
     image, mask = load_scan(files[3], RES)
     np.testing.assert_array_equal(half.volumes[3], image)
     assert [m.dtype for m in half.masks[2:4]] == [np.dtype(bool)] * 2 and np.array_equal(half.masks[3], mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training (issue 27): the training, validation and test scans as memory-mapped stacks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _training_scans(n: int = 6) -> list[Scan]:
+    mask = np.zeros((20, 24, 20), bool)
+    mask[3:17, 4:20, 4:16] = True
+    rng = np.random.default_rng(1)
+    return [prepare_scan(np.where(mask, rng.normal(size=mask.shape), 0), mask, 4.0, key=f"s{i}") for i in range(n)]
+
+
+def _train(train, val, cache: str):
+    config = TrainConfig(epochs=2, batch_size=2, flip_lr=True, progress=False)
+    torch.manual_seed(0)
+    model = build_symmetry_model("small", embedding_dim=16, difference_channel=True)
+    return train_symmetry_model(model, train, val, config, 4.0, LesionConfig(volume_mm3=(500.0, 2000.0)),
+                                samples_per_scan=1, val_draws=1, volume_cache_dtype=cache)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["float32", "float16"])
+def test_symmetry_training_from_memory_mapped_stacks_is_the_same(monkeypatch, one_torch_thread, cache):
+    """ScanStack (every stack memory-mapped, the difference channel's reference a y plane at a time) trains the
+    same model as the list of scans: the same history, weights, reference and thresholds, bit for bit."""
+    scans = _training_scans()
+    listed, listed_info = _train(scans[:4], scans[4:], cache)
+    monkeypatch.setattr(train_data, "SPILL_BYTES", 0)
+    monkeypatch.setattr(symmetry_model, "REFERENCE_CHUNK_VALUES", 1)
+
+    def gather(part):
+        return ScanStack.gather(len(part), part[0].volume.shape, 4.0, lambda i: (part[i].volume, part[i].mask,
+                                                                                  part[i].key))
+
+    train, val = gather(scans[:4]), gather(scans[4:])
+    assert isinstance(train.volumes, np.memmap) and isinstance(train.masks, np.memmap)
+    for a, b in zip(train, scans[:4]):  # a stacked scan is the scan
+        assert a.key == b.key and all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("volume", "mask",
+                                                                                            "depth_mm"))
+    stacked, stacked_info = _train(train, val, cache)
+    pd.testing.assert_frame_equal(stacked.history.drop(columns=["seconds", "volumes_per_second"]),
+                                  listed.history.drop(columns=["seconds", "volumes_per_second"]))
+    sa, sb = stacked.model.state_dict(), listed.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # the reference buffers included
+    for key in ("best_epoch", "best_val_loss", "threshold", "threshold_fp5", "threshold_clean_fp5"):
+        assert stacked_info[key] == listed_info[key]

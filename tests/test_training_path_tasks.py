@@ -17,7 +17,8 @@ from bids_siamese.models import build_model
 from bids_siamese.resources import model_grid
 from bids_siamese.symmetry.model import build_symmetry_model
 from bids_siamese.symmetry.simulate import LesionConfig, curriculum_range
-from bids_siamese.symmetry.train import RAMP_FRACTION, Scan, make_example, prepare_scan, train_symmetry_model
+from bids_siamese.symmetry.scans import Scan, prepare_scan
+from bids_siamese.symmetry.train import RAMP_FRACTION, make_example, train_symmetry_model
 from bids_siamese.train.batches import batch_seed
 from bids_siamese.train.data import VolumeCache, VolumeFiles, pair_batches, volume_cache
 from bids_siamese.train.longitudinal import collect_longitudinal

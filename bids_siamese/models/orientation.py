@@ -92,6 +92,55 @@ class OrientationEnsemble(nn.Module):
                            input_pool=arch["input_pool"]) for _ in range(int(arch["members"]))])
 
 
+def inference_layout(model: nn.Module) -> nn.Module:
+    """``model`` (in place) with its weights in the ``channels_last_3d`` memory layout, the one
+    :func:`ensemble_proba` feeds it: on the CPU, 3D convolutions run about 1.7 times faster in it; the values are the
+    same up to float32 rounding (the order of the sums changes)."""
+    return model.to(memory_format=torch.channels_last_3d)
+
+
+def _member_features(member: LatNet, pooled: dict, x: torch.Tensor) -> torch.Tensor:
+    """``member.features(x)`` for inference: the input pooling shared with the other members (``pooled``, by
+    factor) and each ReLU moved after the max-pooling that follows it (max and ReLU commute exactly; the ReLU then
+    sees an eighth of the values)."""
+    layers = list(member.features)
+    h = x
+    if layers and isinstance(layers[0], nn.AvgPool3d):
+        key = layers[0].kernel_size
+        if key not in pooled:
+            pooled[key] = layers[0](x)
+        h, layers = pooled[key], layers[1:]
+    i = 0
+    while i < len(layers):
+        if isinstance(layers[i], nn.ReLU) and i + 1 < len(layers) and isinstance(layers[i + 1], nn.MaxPool3d):
+            h = torch.relu_(layers[i + 1](h))
+            i += 2
+        else:
+            h = layers[i](h)
+            i += 1
+    return h
+
+
+@torch.inference_mode()
+def ensemble_proba(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Softmax ``(B, 2)`` of ``x`` ``(B, 1, X, Y, Z)``, as ``model(x)`` in eval mode (an
+    :class:`OrientationEnsemble`: averaged over the members; a :class:`LatNet`: its softmax), for inference
+    only: no autograd, the batch in the ``channels_last_3d`` layout (pair with :func:`inference_layout`), the
+    members' input pooling computed once. Equal to the plain forward up to float32 rounding.
+
+    Examples:
+        >>> net = OrientationEnsemble([LatNet((24, 28, 24), input_pool=2, channels=(4, 4)) for _ in range(2)]).eval()
+        >>> x = torch.randn(3, 1, 24, 28, 24)
+        >>> bool(torch.allclose(ensemble_proba(net, x), net(x), atol=1e-6))
+        True
+    """
+    members = list(model.members) if isinstance(model, OrientationEnsemble) else [model]
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    pooled: dict = {}
+    probs = [torch.softmax(m.classifier(_member_features(m, pooled, x)).float(), dim=1) for m in members]
+    return torch.stack(probs).mean(dim=0)
+
+
 @torch.no_grad()
 def p_flipped(model: nn.Module, volumes, device: torch.device | str = "cpu", batch_size: int = 8):
     """Probability of ``flipped`` (numpy, ``(N,)``) for volumes ``(N, X, Y, Z)`` (numpy float32).

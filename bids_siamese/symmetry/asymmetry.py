@@ -556,8 +556,8 @@ def group_reference(
         release_pages(masks)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN voxels (outside every mask)
-            med[slab] = np.nanmedian(data, axis=0)
-            sd[slab] = MAD_TO_SD * np.nanmedian(np.abs(data - med[slab]), axis=0)
+            med[slab] = column_nanmedian(data)
+            sd[slab] = MAD_TO_SD * column_nanmedian(np.abs(data - med[slab]))
         del data, valid
     mean = np.where(enough, med, template.mean).astype(np.float32)
     mean = (mean - mirror(mean)) / 2.0  # the centre of an antisymmetric quantity is antisymmetric
@@ -594,6 +594,27 @@ def group_reference(
     ref.focal_median, ref.focal_sd = lower_half_spread(focal)
     ref.extra["focal"] = focal
     return ref
+
+
+def column_nanmedian(values: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(values, axis=0)`` of a float array, the same values (NaN where a column has none), by one
+    sort along axis 0 (NaNs sort last) and the middle of each column's valid values. numpy's own nanmedian along
+    an axis goes through a masked-array sort below 600 rows and a Python call per column above: this is 5-50 times
+    faster on the group reference's slabs (issue 27).
+
+    Examples:
+        >>> v = np.array([[1.0, np.nan, np.nan], [3.0, 2.0, np.nan], [2.0, 4.0, np.nan], [9.0, np.nan, np.nan]])
+        >>> column_nanmedian(v).tolist()[:2], bool(np.isnan(column_nanmedian(v)[2]))
+        ([2.5, 3.0], True)
+    """
+    values = np.asarray(values)
+    ordered = np.sort(values, axis=0)
+    count = np.count_nonzero(~np.isnan(values), axis=0)[None]
+    low = np.take_along_axis(ordered, np.maximum(count - 1, 0) // 2, axis=0)[0]
+    high = np.take_along_axis(ordered, count // 2 - (count == 0), axis=0)[0]
+    with np.errstate(invalid="ignore"):
+        middle = (low + high) / np.asarray(2, values.dtype)
+    return np.where(count[0] > 0, middle, np.asarray(np.nan, values.dtype))
 
 
 def lower_half_spread(values: np.ndarray) -> tuple[float, float]:
@@ -656,8 +677,8 @@ def _normative_spread(ai_maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]
             release_pages(stack)
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            centre = np.nanmedian(residual, axis=0)
-            spread[cols] = MAD_TO_SD * np.nanmedian(np.abs(residual - centre), axis=0)
+            centre = column_nanmedian(residual)
+            spread[cols] = MAD_TO_SD * column_nanmedian(np.abs(residual - centre))
     out = np.full(enough.size, np.nan, dtype=np.float32)
     out[voxels] = spread
     out = out.reshape(enough.shape)

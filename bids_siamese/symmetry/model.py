@@ -25,6 +25,7 @@ feature voxel ``v`` of both describes the same homologous place. Fusions (``fusi
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
@@ -37,6 +38,10 @@ from ..models.registry import register_model
 FUSIONS = ("difference", "embedding", "cross_attention")
 #: Largest magnitude of the standardised difference channel.
 REFERENCE_CLIP = 10.0
+
+
+#: Values of the training volumes read at once by :meth:`SymmetrySiamese.set_reference` (2**25 float32: 128 MB).
+REFERENCE_CHUNK_VALUES = 2 ** 25
 
 
 def split_hemispheres(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,16 +195,30 @@ class SymmetrySiamese(nn.Module):
         )
 
     @torch.no_grad()
-    def set_reference(self, volumes: torch.Tensor, smooth_vox: float = 1.0) -> None:
-        """Standardise the difference channel by the lesion-free ``volumes`` ``(N, 1, X, Y, Z)``: their voxelwise
-        median left-minus-mirrored-right difference and its robust spread (1.4826 MAD, Gaussian-smoothed by
-        ``smooth_vox`` voxels, floored at its 5th percentile), stored as buffers (saved with the weights).
-        The channel then shows how unusual each voxel's asymmetry is for this population, as the asymmetry
-        score's z-map does, instead of the raw difference in which normal anatomical asymmetry dominates."""
-        left, right = split_hemispheres(volumes.float())
-        diff = (left - right)[:, 0]
-        mean = diff.median(dim=0).values
-        sd = 1.4826 * (diff - mean).abs().median(dim=0).values
+    def set_reference(self, volumes: torch.Tensor | np.ndarray, smooth_vox: float = 1.0) -> None:
+        """Standardise the difference channel by the lesion-free ``volumes`` ``(N, 1, X, Y, Z)`` or
+        ``(N, X, Y, Z)``: their voxelwise median left-minus-mirrored-right difference and its robust spread (1.4826
+        MAD, Gaussian-smoothed by ``smooth_vox`` voxels, floored at its 5th percentile), stored as buffers (saved
+        with the weights). The channel then shows how unusual each voxel's asymmetry is for this population, as the
+        asymmetry score's z-map does, instead of the raw difference in which normal anatomical asymmetry dominates.
+
+        ``volumes`` (a tensor, an array or a memory-mapped stack) is read a few y planes of every scan at a time
+        (:data:`REFERENCE_CHUNK_VALUES` values): the medians are per voxel, so the result is the same as from all
+        volumes at once, with the memory of one chunk (issue 27)."""
+        arr = volumes.detach().cpu().numpy() if isinstance(volumes, torch.Tensor) else volumes
+        if np.ndim(arr) == 5:
+            arr = arr[:, 0]
+        n, nx, ny, nz = np.shape(arr)
+        planes = int(np.clip(REFERENCE_CHUNK_VALUES // max(1, n * nx * nz), 1, ny))
+        mean, sd = torch.empty(nx // 2, ny, nz), torch.empty(nx // 2, ny, nz)
+        for y0 in range(0, ny, planes):
+            chunk = torch.from_numpy(np.asarray(arr[:, :, y0:y0 + planes], np.float32))[:, None]
+            left, right = split_hemispheres(chunk)
+            diff = (left - right)[:, 0]
+            mean[:, y0:y0 + planes] = centre = diff.median(dim=0).values
+            sd[:, y0:y0 + planes] = 1.4826 * (diff - centre).abs().median(dim=0).values
+            del chunk, left, right, diff
+        sd = sd.contiguous()
         if smooth_vox > 0:
             sd = torch.from_numpy(ndi.gaussian_filter(sd.numpy(), smooth_vox)).to(sd)
         inside = sd > 0

@@ -23,7 +23,8 @@ How (see :func:`fit_normative`):
   scan's coefficients are estimated from its clipped deviation (a lesion cannot pull the projection much),
   while the residual is taken from the unclipped one;
 * the decomposition is an eigendecomposition of the fold's Gram matrix (``n x n``), so its cost is
-  ``O(n^2 p)`` and the memory that of the maps.
+  ``O(n^2 p)`` and the memory that of the maps; a basis uses at most :data:`MAX_BASIS_SCANS` scans (a random
+  subset of a larger fold), so that a large cohort's reference costs time linear in its size.
 
 A scan that was not in the dataset (e.g. a held-out scan with a simulated lesion) is projected on the modes of
 all the dataset's scans (:meth:`NormativeModel.expected`).
@@ -48,6 +49,10 @@ DEFAULT_FOLDS = 10
 #: a minority head (a few scans with the same large-scale pattern) sets the quantile and is kept.
 CLIP_QUANTILE = 0.95
 CLIP_FACTOR = 1.5
+#: At most this many scans (drawn at random, seed ``seed``, when a fold has more) fit a basis: the modes of a large
+#: cohort are as well determined from 500 scans as from all, and a basis then costs a bounded time (its Gram matrix is
+#: ``O(rows^2 voxels)``), so the reference grows linearly with the cohort (issue 27). Smaller folds use every scan.
+MAX_BASIS_SCANS = 500
 #: Values of the ``(scans, voxels)`` matrix read at once by the column-chunked passes (:func:`column_chunks`):
 #: 2**25 float32 values, 128 MB.
 CHUNK_VALUES = 2 ** 25
@@ -191,6 +196,21 @@ def fit_basis(x: np.ndarray, components: int, rows: np.ndarray | None = None) ->
     return Basis(center, clip, comps)
 
 
+def basis_rows(rows: np.ndarray, seed: int = 0, limit: int | None = None) -> np.ndarray:
+    """``rows`` (sorted indices of the scans a basis may use), or a sorted random subset of ``limit``
+    (:data:`MAX_BASIS_SCANS`) of them when there are more.
+
+    Examples:
+        >>> basis_rows(np.arange(5)).tolist(), len(basis_rows(np.arange(900), limit=100))
+        ([0, 1, 2, 3, 4], 100)
+    """
+    limit = MAX_BASIS_SCANS if limit is None else int(limit)
+    rows = np.asarray(rows)
+    if len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
+
+
 def fit_normative(
     ai_maps: Sequence[np.ndarray],
     analysis: np.ndarray,
@@ -247,10 +267,11 @@ def fit_normative_matrix(x: np.ndarray, voxels: np.ndarray, shape: Sequence[int]
                 expected[:, cols] = np.median(np.asarray(x[:, cols], np.float32), axis=0)
             continue
         r = min(int(components), int(MAX_COMPONENT_FRACTION * int(train.sum())))
-        basis = fit_basis(x, r, np.flatnonzero(train))
+        basis = fit_basis(x, r, basis_rows(np.flatnonzero(train), seed + int(f)))
         for i in np.flatnonzero(~train):
             expected[i] = basis.expected(np.asarray(x[i], np.float32))
         release_pages(expected)
         release_pages(x)
     r_full = min(int(components), int(MAX_COMPONENT_FRACTION * n))
-    return NormativeModel(voxels, shape, expected, fit_basis(x, r_full), fold, int(r_full))
+    full = fit_basis(x, r_full, basis_rows(np.arange(n), seed) if n > MAX_BASIS_SCANS else None)
+    return NormativeModel(voxels, shape, expected, full, fold, int(r_full))

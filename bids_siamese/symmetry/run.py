@@ -72,6 +72,7 @@ from .regional import (
 from .calibration import MIN_REFERENCE_SCANS, SIAMESE_Z_THRESHOLD, reference_statistics, siamese_z, suspected
 from .model import build_symmetry_model
 from .normative import DEFAULT_COMPONENTS
+from .scans import ScanStack
 from .simulate import LesionConfig
 from .train import (
     detection_figure,
@@ -79,7 +80,6 @@ from .train import (
     hyperparameters,
     load_symmetry_model,
     model_resolution,
-    prepare_scan,
     save_symmetry_checkpoint,
     siamese_logits,
     siamese_scorers,
@@ -251,6 +251,19 @@ def score_dataset(files: Sequence[ScanFiles], resolution: float, atlas: str, fwh
                          reference, pd.DataFrame(rows, columns=GROUP_COLUMNS))
 
 
+def scan_stack(data: ScoredDataset, idx: Sequence[int], resolution: float) -> ScanStack:
+    """The scans ``idx`` of ``data`` on the model grid of ``resolution`` as a
+    :class:`~bids_siamese.symmetry.scans.ScanStack` (read one at a time from their files, held in memory-mapped stacks when large; keys: the scans' sources)."""
+    idx = list(idx)
+
+    def scan_of(k: int) -> tuple[np.ndarray, np.ndarray, str]:
+        i = idx[k]
+        small, small_mask = to_model_resolution(data.volumes[i], data.masks[i], resolution, resolution)
+        return small, small_mask, data.files[i].source
+
+    return ScanStack.gather(len(idx), model_grid(resolution).shape, resolution, scan_of)
+
+
 def apply_model(data: ScoredDataset, model, model_res: float, resolution: float, fallback_threshold: float) -> dict:
     """Fill the Siamese columns of ``data.table``: ``siamese_probability``, ``siamese_p_left`` and the
     group-relative ``siamese_z`` against every scan with ``split`` other than ``train``
@@ -379,7 +392,7 @@ class SymmetryTask(GroupTask):
             apply_model(data, self.model, model_resolution(self.card), resolution,
                         float(self.card.get("decision", {}).get("threshold", 0.5)))
             return
-        parts, files = self.parts, data.files
+        parts = self.parts
         # the task's overrides: left-right flips (the lesion side flips with the image), evaluation in training
         # batches
         self.config = train_config(settings, flip_lr=True, eval_batch_size=int(settings.batch_size))
@@ -390,15 +403,11 @@ class SymmetryTask(GroupTask):
         if settings.init is not None:  # the pretrained encoder; the difference channel's weights start at zero
             start_from_pretrained(model.encoder, settings.init, settings.backbone, self.grid)
 
-        def on_grid(i: int):
-            small, small_mask = to_model_resolution(data.volumes[i], data.masks[i], resolution, resolution)
-            return prepare_scan(small, small_mask, resolution, files[i].source)
-
         LOG.info("symmetry: training the %s/%s model on %d scans (validation %d, test %d)", settings.backbone,
                  settings.symmetry_fusion, len(parts["train"]), len(parts["validation"]), len(parts["test"]))
         self.result, self.info = train_symmetry_model(
-            model, [on_grid(i) for i in parts["train"]], [on_grid(i) for i in parts["validation"]], self.config,
-            resolution, self.lesion, volume_cache_dtype=settings.volume_cache, device=settings.device)
+            model, scan_stack(data, parts["train"], resolution), scan_stack(data, parts["validation"], resolution),
+            self.config, resolution, self.lesion, volume_cache_dtype=settings.volume_cache, device=settings.device)
         self.model, info = self.result.model, self.info
         LOG.info("symmetry: best epoch %d of %d, validation loss %.4f, AUC %.3f (%.1f s)", info["best_epoch"],
                  info["epochs_run"], info["best_val_loss"], info["best_val_auc"], info["seconds"])
@@ -409,9 +418,8 @@ class SymmetryTask(GroupTask):
         (:func:`~bids_siamese.symmetry.train.evaluate_detection`)."""
         if not self.training:
             return
-        data, resolution, info, files = self.data, self.resolution, self.info, self.data.files
-        self.test_scans = [prepare_scan(data.volumes[i], data.masks[i], resolution, files[i].source)
-                           for i in self.parts["test"]]
+        data, resolution, info = self.data, self.resolution, self.info
+        self.test_scans = scan_stack(data, self.parts["test"], resolution)
         reference, fwhm = data.reference, self.fwhm
         scorers = {  # siamese_z only with enough reference scans (else it is n/a)
             **siamese_scorers(self.model, resolution, resolution, self.stats),

@@ -45,7 +45,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -61,7 +61,7 @@ from ..preproc.grid import resample_array
 from ..reports.figures import SVG_HASHSALT
 from ..resources import model_grid
 from ..train.batches import BatchAssembly
-from ..train.data import pair_batches, volume_cache
+from ..train.data import pair_batches, stack_array, volume_cache
 from ..train.ddp import DistContext, unwrap
 from ..train.evaluate import choose_threshold, safe_auc
 from ..train.loop import recompute_batch_norm
@@ -69,6 +69,7 @@ from ..train.trainer import TrainConfig, Trainer, TrainResult
 from ..train.reproducibility import reproducibility_record
 from .calibration import siamese_z
 from .model import SymmetrySiamese, predict_logits, predict_proba, side_loss
+from .scans import Scan, ScanStack, scan_arrays
 from .simulate import VOLUME_BINS, LesionConfig, bin_label, curriculum_range, simulate_lesion
 
 LOG = logging.getLogger("bids_siamese.symmetry")
@@ -89,6 +90,9 @@ RAMP_FRACTION = 0.5
 SAMPLES_PER_SCAN = 2
 #: Lesioned (and as many lesion-free) samples of each validation scan.
 VAL_DRAWS = 4
+#: At most this many validation scans give the simulated validation samples (2 x ``val_draws`` each, 4.5 MB a
+#: sample at 2 mm): a large cohort's validation loss per epoch costs a bounded time and disk.
+MAX_VALIDATION_SCANS = 64
 #: False-positive rate on the validation lesion-free samples that ``threshold_fp5`` allows.
 FP_TARGET = 0.05
 
@@ -154,29 +158,6 @@ def to_model_resolution(volume: np.ndarray, mask: np.ndarray, in_resolution: flo
     out = resample_array(volume, source.affine, target, order=1)
     out_mask = resample_array(mask_f, source.affine, target, order=1) > 0.5
     return np.where(out_mask, out, 0.0).astype(np.float32), out_mask
-
-
-@dataclass
-class Scan:
-    """A scan on the model grid with what the simulator needs."""
-
-    volume: np.ndarray
-    mask: np.ndarray
-    depth_mm: np.ndarray
-    key: str = ""
-
-
-def prepare_scan(volume: np.ndarray, mask: np.ndarray, resolution: float, key: str = "") -> Scan:
-    """A :class:`Scan` (the distance-to-border map is computed once here).
-
-    Examples:
-        >>> m = np.zeros((8, 8, 8), bool); m[2:6, 2:6, 2:6] = True
-        >>> float(prepare_scan(np.ones((8, 8, 8)), m, 4.0).depth_mm.max())
-        8.0
-    """
-    mask = np.asarray(mask) > 0
-    depth = ndi.distance_transform_edt(mask) * float(resolution)
-    return Scan(np.where(mask, np.asarray(volume, np.float32), 0.0).astype(np.float32), mask, depth, key)
 
 
 def augment(volume: np.ndarray, rng: np.random.Generator, config: TrainConfig) -> tuple[np.ndarray, bool]:
@@ -269,13 +250,31 @@ def position_targets(weights: torch.Tensor, shape: Sequence[int]) -> torch.Tenso
 
 
 def validation_set(scans: Sequence[Scan], config: TrainConfig, lesion: LesionConfig, affine: np.ndarray,
-                   val_draws: int = VAL_DRAWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed validation samples ``(x, label, is_left, target)`` (seed ``config.seed + 1``): from each scan
-    ``val_draws`` lesion-free and ``val_draws`` lesioned samples, drawn like training samples (same augmentation)
-    but with lesion volumes over the whole range (no curriculum)."""
+                   val_draws: int = VAL_DRAWS) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Fixed validation samples ``(x, label, is_left, target)`` (seed ``config.seed + 1``): from each of the first
+    :data:`MAX_VALIDATION_SCANS` scans ``val_draws`` lesion-free and ``val_draws`` lesioned samples, drawn like
+    training samples (same augmentation) but with lesion volumes over the whole range (no curriculum). ``x``
+    ``(M, 1, X, Y, Z)`` and ``target`` are :func:`~bids_siamese.train.data.stack_array` stacks (memory-mapped when
+    large), filled a sample at a time."""
     rng = np.random.default_rng(config.seed + 1)
-    return _stack([make_example(scan, lesioned, rng, config, lesion, lesion.volume_mm3, affine)
-                   for scan in scans for lesioned in (False, True) for _ in range(max(1, val_draws))])
+    if len(scans) > MAX_VALIDATION_SCANS:
+        LOG.info("symmetry: simulated validation samples from the first %d of %d validation scans",
+                 MAX_VALIDATION_SCANS, len(scans))
+    chosen = range(min(len(scans), MAX_VALIDATION_SCANS))
+    kinds = [lesioned for lesioned in (False, True) for _ in range(max(1, val_draws))]
+    m, shape = len(chosen) * len(kinds), tuple(np.shape(scans[0].volume)) if len(scans) else (0, 0, 0)
+    x = stack_array((m, 1, *shape), np.float32)
+    target = stack_array((m, shape[0] // 2, *shape[1:]), np.float32)
+    labels, sides, k = [], [], 0
+    for i in chosen:
+        scan = scans[i]
+        for lesioned in kinds:
+            x[k, 0], label, side, target[k] = make_example(scan, lesioned, rng, config, lesion, lesion.volume_mm3,
+                                                           affine)
+            labels.append(label)
+            sides.append(side)
+            k += 1
+    return x, torch.tensor(labels), torch.tensor(sides), target
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,18 +306,22 @@ class SymmetryTrainer(Trainer):
 
     name = TASK
 
-    def __init__(self, model: SymmetrySiamese, train_scans: Sequence[Scan], val_scans: Sequence[Scan],
+    def __init__(self, model: SymmetrySiamese, train_scans: Sequence[Scan] | ScanStack,
+                 val_scans: Sequence[Scan] | ScanStack,
                  config: TrainConfig, resolution: float, lesion: LesionConfig = LesionConfig(),
                  samples_per_scan: int = SAMPLES_PER_SCAN, val_draws: int = VAL_DRAWS, ctx: DistContext | None = None,
                  volume_cache_dtype: str = "float32", device: torch.device | str = "cpu"):
         self.affine = np.diag([float(resolution)] * 3 + [1.0])  # only the voxel size matters to the simulator
+        volumes, _ = scan_arrays(train_scans)
         if getattr(model, "difference_channel", False):  # the reference of the volumes as given (float32)
-            model.set_reference(torch.from_numpy(np.stack([scan.volume for scan in train_scans])[:, None]))
-        self.volumes = volume_cache([scan.volume for scan in train_scans], volume_cache_dtype)
+            model.set_reference(volumes if isinstance(train_scans, ScanStack) else np.stack(volumes))
+        # a ScanStack's float32 stack is the float32 training stack itself: no second copy
+        self.volumes = (volumes[:, None] if isinstance(train_scans, ScanStack) and volume_cache_dtype == "float32"
+                        else volume_cache(volumes, volume_cache_dtype))
         self.items = [(i, lesioned) for i in range(len(train_scans)) for lesioned in (True, False)
                       for _ in range(max(1, samples_per_scan))]
         super().__init__(model, config, np.arange(len(self.items)), device, ctx)
-        self.train_scans, self.lesion = list(train_scans), lesion
+        self.train_scans, self.lesion = train_scans, lesion
         self.patience_after = int(np.ceil(RAMP_FRACTION * config.epochs))
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(1, config.epochs),
                                                                    eta_min=0.05 * config.lr)
@@ -369,8 +372,9 @@ class SymmetryTrainer(Trainer):
         size, val_y = self.config.eval_batch_size, self.val_y
         for b in range(0, len(val_y), size):
             sl = slice(b, b + size)
-            loss, logit = _loss(unwrap(self.net), *(t[sl].to(self.device) for t in (self.val_x, val_y, self.val_side,
-                                                                                     self.val_target)))
+            batch = (torch.from_numpy(np.asarray(self.val_x[sl])), val_y[sl], self.val_side[sl],
+                     torch.from_numpy(np.asarray(self.val_target[sl])))
+            loss, logit = _loss(unwrap(self.net), *(t.to(self.device) for t in batch))
             losses.append(float(loss) * len(val_y[sl]))
             scores.append(torch.sigmoid(logit.float()).cpu())
         return {"val_loss": sum(losses) / len(val_y), "val_auc": safe_auc(val_y.numpy(), torch.cat(scores).numpy())}
@@ -381,8 +385,8 @@ class SymmetryTrainer(Trainer):
 
 def train_symmetry_model(
     model: SymmetrySiamese,
-    train_scans: Sequence[Scan],
-    val_scans: Sequence[Scan],
+    train_scans: Sequence[Scan] | ScanStack,
+    val_scans: Sequence[Scan] | ScanStack,
     config: TrainConfig,
     resolution: float,
     lesion: LesionConfig = LesionConfig(),
@@ -398,7 +402,8 @@ def train_symmetry_model(
     Args:
         model: a fresh :class:`SymmetrySiamese` (with ``difference_channel`` its reference is set here from the
             training scans).
-        train_scans: training scans (:func:`prepare_scan` on ``model_grid(resolution)``).
+        train_scans: training scans (:func:`~bids_siamese.symmetry.scans.prepare_scan` on ``model_grid(resolution)``;
+            a list, or a :class:`~bids_siamese.symmetry.scans.ScanStack`: memory-mapped, the same results).
         val_scans: validation scans (at least one).
         config: the shared training settings (:func:`~bids_siamese.train.trainer.train_config`).
         resolution: the model grid resolution (mm).
@@ -422,6 +427,7 @@ def train_symmetry_model(
 
     Examples:
         >>> from bids_siamese.symmetry.model import build_symmetry_model
+        >>> from bids_siamese.symmetry.scans import prepare_scan
         >>> m = np.zeros((20, 40, 40), bool); m[3:17, 6:34, 6:34] = True
         >>> rng = np.random.default_rng(0)
         >>> scans = [prepare_scan(np.where(m, rng.normal(size=m.shape), 0), m, 4.0) for _ in range(3)]
@@ -438,14 +444,16 @@ def train_symmetry_model(
     start = time.time()
     result = trainer.fit()
     val_x, val_y = trainer.val_x, trainer.val_y
-    p_val, _ = predict_proba(result.model, val_x, batch_size=config.eval_batch_size)
+    chunk = config.eval_batch_size * max(1, 64 // config.eval_batch_size)  # whole batches: the same as at once
+    p_val = torch.cat([predict_proba(result.model, torch.from_numpy(np.asarray(val_x[b:b + chunk])),
+                                     batch_size=config.eval_batch_size)[0] for b in range(0, len(val_x), chunk)])
     threshold = choose_threshold(val_y.numpy(), p_val.numpy()) if 0 < float(val_y.sum()) < len(val_y) else 0.5
     negatives = p_val.numpy()[val_y.numpy() < 0.5]
     # the alternative decision point for a screen: at most FP_TARGET of the validation lesion-free samples above it
     threshold_fp = float(np.quantile(negatives, 1.0 - FP_TARGET)) if negatives.size else float("nan")
     # ... and the same on the validation scans themselves, unaugmented and without a lesion, scored as any scan is
-    p_clean, _ = siamese_predict(result.model, [s.volume for s in val_scans], [s.mask for s in val_scans],
-                                 resolution, resolution, config.eval_batch_size)
+    p_clean, _ = siamese_predict(result.model, *scan_arrays(val_scans), resolution, resolution,
+                                 config.eval_batch_size)
     threshold_clean = float(np.quantile(p_clean, 1.0 - FP_TARGET)) if p_clean.size else float("nan")
     best = result.history.loc[result.history["epoch"] == result.best_epoch].iloc[0]
     info = {"best_epoch": int(result.best_epoch), "best_val_loss": float(best["val_loss"]),

@@ -4,7 +4,7 @@ The participant level writes, per scan, ``<source>_space-MNI152NLin2009cAsym_des
 (float32 on :func:`bids_siamese.resources.model_grid`, 0 outside the brain) and the matching
 ``desc-brain_mask``. Training holds them in memory as one ``(N, 1, X, Y, Z)`` stack: a float16
 :class:`VolumeCache` by default (1.5 MB per scan at 2 mm; ``--volume-cache float32``: a float32 array, 3 MB per
-scan); a stack over 1 GiB is memory-mapped on a temporary file (:func:`stack_array`), so cohorts larger than
+scan); a stack over 256 MiB is memory-mapped on a temporary file (:func:`stack_array`), so cohorts larger than
 the node's memory are paged from disk. Indexing either gives float32. The array axes are RAS, so axis 2 of a batch tensor is left-right.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import mmap
 import re
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -25,6 +25,7 @@ from ..bids.derivatives import PREPROC_SUFFIX, legacy_preproc_pattern, mask_path
 from ..errors import BadDataError, NoInputError
 from ..qc.gate import qc_record_usable
 from ..resources import TEMPLATE, Grid
+from .batches import usable_loader_workers
 from .pairs import order_sessions, participant_id
 
 LOG = logging.getLogger("bids_siamese.data")
@@ -120,8 +121,10 @@ def load_volume(path: Path, grid: Grid) -> np.ndarray:
 
 #: Stacks of volumes or masks larger than this (bytes) live in a memory-mapped temporary file rather than in
 #: anonymous memory: the kernel pages them in and out as they are used, so a cohort's stack never has to fit in RAM
-#: (a float16 stack of 13,200 scans at 2 mm is 20 GB). Below it, the stack is an ordinary array.
-SPILL_BYTES = 2 ** 30
+#: (a float16 stack of 13,200 scans at 2 mm is 20 GB). Below it, the stack is an ordinary array. 256 MiB (1 GiB
+#: before issue 27's streaming branch): a step holds up to five such stacks (symmetry: maps, masks and the three
+#: normative matrices), each just under the threshold at about 1,000 scans.
+SPILL_BYTES = 2 ** 28
 
 
 def stack_array(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -251,6 +254,80 @@ def _fill_cache(n: int, shape: tuple[int, ...], dtype: str, volume_of: Callable[
     return VolumeCache(out)
 
 
+def stored_precision(volume: np.ndarray, dtype: str, name: str = "a volume") -> np.ndarray:
+    """``volume`` (float32) as a ``dtype`` training stack would give it back: rounded through float16 for
+    ``float16`` (what indexing a :class:`VolumeCache` returns), unchanged for ``float32``. Streaming passes use it
+    to score exactly what the in-memory stack held.
+
+    Raises:
+        BadDataError: a value beyond the float16 range (65504), as :func:`load_volume_cache`.
+
+    Examples:
+        >>> float(stored_precision(np.array([0.1], np.float32), "float16")[0]) == float(np.float16(0.1))
+        True
+    """
+    if dtype == "float32":
+        return volume
+    if dtype not in VOLUME_CACHE_DTYPES:
+        raise ValueError(f"volume cache dtype {dtype!r} is not one of {VOLUME_CACHE_DTYPES}")
+    limit = float(np.finfo(np.float16).max)
+    if volume.size and float(np.abs(volume).max()) > limit:
+        raise BadDataError(f"{name} has values beyond the float16 range (|value| > {limit:g}); fix: pass "
+                           "--volume-cache float32")
+    return volume.astype(np.float16).astype(np.float32)
+
+
+class _VolumeReads(torch.utils.data.Dataset):
+    """Item ``i``: ``(i, volume)`` of ``paths[i]`` at the stored precision, or ``(i, error)`` for a
+    :class:`~bids_siamese.errors.BadDataError` (raised again by :func:`stream_volumes` in the calling process,
+    as its one line: a DataLoader would wrap it in a worker traceback)."""
+
+    def __init__(self, paths: Sequence[Path], grid: Grid, dtype: str):
+        self.paths, self.grid, self.dtype = list(paths), grid, dtype
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | BadDataError]:
+        try:
+            volume = stored_precision(load_volume(self.paths[i], self.grid), self.dtype, str(self.paths[i]))
+        except BadDataError as err:
+            return i, err
+        return i, torch.from_numpy(volume)
+
+
+def _collate_reads(items: list) -> list:
+    return items
+
+
+def stream_volumes(paths: Sequence[Path], grid: Grid, batch_size: int = 8, workers: int = 0,
+                   dtype: str = "float32") -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """The volumes of ``paths`` read once each, in order, a batch at a time: ``(indices, (B, X, Y, Z) float32
+    tensor)``; decoded by ``workers`` DataLoader processes (``--loader-workers``; 0: in this process) while the
+    caller works on the previous batch. ``dtype``: the values as a ``--volume-cache`` stack of that dtype would hold
+    them (:func:`stored_precision`). Memory: a few batches, whatever the number of scans.
+
+    Raises:
+        BadDataError: as :func:`load_volume` (one line, also from a worker).
+
+    Examples:
+        >>> from bids_siamese.resources import model_grid
+        >>> list(stream_volumes([], model_grid(8.0)))
+        []
+    """
+    if not len(paths):
+        return
+    workers = usable_loader_workers(workers)
+    loader = torch.utils.data.DataLoader(
+        _VolumeReads(paths, grid, dtype), batch_size=batch_size, num_workers=workers, collate_fn=_collate_reads,
+        multiprocessing_context="fork" if workers else None, prefetch_factor=2 if workers else None)
+    for items in loader:
+        for _, value in items:
+            if isinstance(value, BadDataError):
+                raise value
+        yield np.array([i for i, _ in items]), torch.stack([v for _, v in items])
+
+
 class VolumeFiles:
     """Model-grid volumes read from their files on demand: ``files[idx]`` is ``(len(idx), 1, X, Y, Z)`` float32.
 
@@ -321,9 +398,13 @@ def augment(
         vol = _shift(x[i], [int(s) for s in shifts[i]])
         if flips[i]:
             vol = torch.flip(vol, dims=[1])
-        brain = vol != 0
-        noise = torch.randn(vol.shape, generator=generator).to(vol.device) * noise_std if noise_std > 0 else 0.0
-        out[i] = torch.where(brain, vol * float(scale[i]) + float(offset[i]) + noise, torch.zeros_like(vol))
+        outside = vol == 0
+        # in place on the shifted copy: the same operations in the same order as
+        # ``where(brain, vol * scale + offset + noise, 0)``, without four volume-sized temporaries
+        vol.mul_(float(scale[i])).add_(float(offset[i]))
+        if noise_std > 0:
+            vol.add_(torch.randn(vol.shape, generator=generator).to(vol.device).mul_(noise_std))
+        out[i] = vol.masked_fill_(outside, 0.0)
     return out
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
 from ..atlas import labels_on_grid, load_atlas
@@ -23,7 +22,8 @@ from ..models.heads import LongitudinalSiamese, SiameseEncoder, build_model
 from ..models.init import start_from_pretrained
 from ..models.regional import REGIONAL_MODELS, RegionalChange, RegionalConvEncoder, RegionalEncoder, part_map_for
 from ..resources import Grid
-from .loop import PairData
+from .data import VolumeCache, release_pages
+from .loop import PairData, embed
 
 LOG = logging.getLogger("bids_siamese.group.models")
 
@@ -79,6 +79,29 @@ def pretrained_start(model: SiameseEncoder | LongitudinalSiamese, settings: Sett
     return model
 
 
+#: Volumes read at once by the passes over the training scans that set a model up (:func:`brain_majority`, the
+#: embeddings of :func:`new_longitudinal_model`): the memory of a chunk, not of every training scan (issue 27).
+SCAN_CHUNK = 16
+
+
+def brain_majority(volumes: np.ndarray | VolumeCache, idx: np.ndarray, chunk: int = SCAN_CHUNK) -> np.ndarray:
+    """The voxels that are non-zero (inside the brain) in at least half of ``volumes[idx]`` ``(N, 1, X, Y, Z)``,
+    counted a chunk of volumes at a time (the stack may be memory-mapped); the same as
+    ``(volumes[idx, 0] != 0).mean(axis=0) >= 0.5`` without the ``(N, X, Y, Z)`` copy.
+
+    Examples:
+        >>> v = np.zeros((3, 1, 2, 1, 1), np.float32); v[:2, 0, 0] = 1.0
+        >>> brain_majority(v, np.arange(3), chunk=2).ravel().tolist()
+        [True, False]
+    """
+    idx = np.asarray(idx)
+    count = np.zeros(np.shape(volumes)[2:], np.int64)
+    for start in range(0, len(idx), chunk):
+        count += (volumes[idx[start:start + chunk], 0] != 0).sum(axis=0)
+        release_pages(getattr(volumes, "array", volumes))
+    return count / max(1, len(idx)) >= 0.5
+
+
 def new_longitudinal_model(settings: Settings, grid: Grid, data: PairData, train_idx: np.ndarray) -> nn.Module:
     """A fresh longitudinal model for ``settings.backbone``; the ``regional`` one takes its regions inside the
     training scans' brain and standardises its change features by the training pairs."""
@@ -86,11 +109,9 @@ def new_longitudinal_model(settings: Settings, grid: Grid, data: PairData, train
         return pretrained_start(build_model("longitudinal", settings.backbone, embedding_dim=settings.embedding_dim),
                                 settings, grid)
     scans = np.unique(data.pairs[train_idx])
-    brain = (data.volumes[scans, 0] != 0).mean(axis=0) >= 0.5
-    parts, pool, atlas = _regional_parts(settings, grid, brain)
+    parts, pool, atlas = _regional_parts(settings, grid, brain_majority(data.volumes, scans, SCAN_CHUNK))
     model = RegionalChange(grid.shape, parts, pool)
-    with torch.no_grad():
-        emb = model.embed(torch.from_numpy(data.volumes[scans]))
+    emb = embed(model, data.volumes, scans, batch_size=SCAN_CHUNK)  # a chunk of volumes at a time
     row = {int(s): k for k, s in enumerate(scans)}
     pairs = data.pairs[train_idx]
     model.set_feature_scale(emb[[row[int(b)] for b in pairs[:, 1]]] - emb[[row[int(a)] for a in pairs[:, 0]]])

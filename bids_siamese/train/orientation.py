@@ -27,9 +27,9 @@ from ..bids.derivatives import ORIENTATION_MODEL_FILES, model_folder, orientatio
 from ..config import Settings
 from ..errors import NoInputError, UsageError, UserError
 from ..models.checkpoint import load_checkpoint, make_card, save_checkpoint
-from ..models.orientation import LatNet, OrientationEnsemble, latnet_fits
-from ..resources import model_grid
-from .data import find_preproc, load_volume_cache
+from ..models.orientation import LatNet, OrientationEnsemble, ensemble_proba, inference_layout, latnet_fits
+from ..resources import Grid, model_grid
+from .data import find_preproc, load_volume_cache, stream_volumes
 from .ddp import DistContext
 from .evaluate import safe_auc
 from .loop import MirrorData, predict_mirror, train_mirror_classifier
@@ -114,6 +114,22 @@ def _score_table(scans: pd.DataFrame, p_stored: np.ndarray, p_mirrored: np.ndarr
     return table[MODEL_COLUMNS]
 
 
+def predict_files(model: torch.nn.Module, paths: Sequence[Path], grid: Grid, device: torch.device | str = "cpu",
+                  batch_size: int = 8, workers: int = 0, dtype: str = "float16") -> np.ndarray:
+    """p(flipped) ``(2N,)`` of every scan as stored (first N) and mirrored left-right (last N), in the order of
+    :func:`mirror_examples`: each file read once (:func:`~bids_siamese.train.data.stream_volumes`, ``workers``
+    decoding ahead, values at the ``dtype`` stack's precision), its two copies in one inference batch
+    (:func:`~bids_siamese.models.orientation.ensemble_proba`). Memory: a few batches, whatever N."""
+    model = inference_layout(model.eval())
+    n = len(paths)
+    p = np.zeros(2 * n, dtype=np.float64)
+    for idx, x in stream_volumes(paths, grid, max(1, batch_size // 2), workers, dtype):
+        both = torch.cat([x, torch.flip(x, dims=[1])])[:, None].to(device)
+        prob = ensemble_proba(model, both)[:, 1].float().cpu().numpy()
+        p[idx], p[n + idx] = prob[:len(idx)], prob[len(idx):]
+    return p
+
+
 def run_orientation(settings: Settings, subjects: list[str]) -> list[Path]:
     """``group --task orientation --mode train|apply``; returns the files written."""
     return run_task(OrientationTask, settings, subjects)
@@ -151,15 +167,19 @@ class OrientationTask(GroupTask):
         self.trusted = np.array([v == "ok" for v in self.verdicts])
 
     def samples(self) -> None:
-        """Every scan as stored (label ``ok``) and mirrored (label ``flipped``) (:func:`mirror_examples`)."""
+        """Every scan as stored (label ``ok``) and mirrored (label ``flipped``) (:func:`mirror_examples`): held in
+        the training stack (``--volume-cache``) to train; ``--mode apply`` streams the files instead
+        (:func:`predict_files`, in :meth:`fit`)."""
+        self.examples, labels = mirror_examples(len(self.paths))
+        self.n = len(self.paths)
+        if not self.train_mode:
+            return
         t_load = time.perf_counter()
         volumes = load_volume_cache(self.paths, self.grid, self.settings.volume_cache)
         LOG.info("orientation: %d scan(s) loaded in %.1f s (%d trusted as stored, %d not trained on: image verdict "
                  "flipped/undetermined)", len(self.paths), time.perf_counter() - t_load, int(self.trusted.sum()),
                  int((~self.trusted).sum()))
-        self.examples, labels = mirror_examples(len(self.paths))
         self.data = MirrorData(volumes, self.examples, labels)
-        self.n = len(self.paths)
 
     def split(self) -> None:
         """``--orientation-folds`` family-aware folds (train; at least 3 families)."""
@@ -180,14 +200,15 @@ class OrientationTask(GroupTask):
     def fit(self) -> None:
         """Train: member ``k`` trained on the other folds (fold ``k+1`` for early stopping) scores the examples of
         fold ``k``; the members together are the ensemble. Apply: the checkpoint scores every example."""
-        settings, data, device = self.settings, self.data, self.device
+        settings, device = self.settings, self.device
         if not self.train_mode:
             self.model, self.card = load_checkpoint(settings.model, task="orientation", grid=self.grid, device=device)
             t0 = time.perf_counter()
-            self.p = predict_mirror(self.model, data, None, device)
+            self.p = predict_files(self.model, self.paths, self.grid, device, int(settings.batch_size),
+                                   int(settings.loader_workers), settings.volume_cache)
             self.inference = (time.perf_counter() - t0) / max(1, 2 * self.n)
             return
-        k = self.k
+        k, data = self.k, self.data
         example_fold = self.scan_fold[self.examples[:, 0]]
         example_trusted = self.trusted[self.examples[:, 0]]
         self.p = np.zeros(len(self.examples), dtype=np.float64)
