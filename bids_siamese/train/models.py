@@ -20,9 +20,16 @@ from ..atlas import labels_on_grid, load_atlas
 from ..bids.derivatives import REGION_WEIGHTS, write_tsv
 from ..config import Settings
 from ..models.heads import build_model
-from ..models.regional import REGIONAL_MODELS, RegionalChange, RegionalConvEncoder, RegionalEncoder, part_map_for
+from ..models.regional import (
+    REGIONAL_MODELS,
+    RegionalChange,
+    RegionalConvEncoder,
+    RegionalEncoder,
+    brain_majority,
+    part_map_for,
+)
 from ..resources import Grid
-from .loop import PairData
+from .loop import PairData, release_stack
 
 LOG = logging.getLogger("bids_siamese.group.models")
 
@@ -93,9 +100,10 @@ def new_twin_model(settings: Settings, grid: Grid, volumes: np.ndarray, masks: n
     ``settings.atlas`` inside the training subjects' brain and its population reference from their scans."""
     if settings.backbone not in REGIONAL_MODELS:
         return build_model("twin", settings.backbone, embedding_dim=settings.embedding_dim)
-    parts, pool, atlas = _regional_parts(settings, grid, masks[train_idx].mean(axis=0) >= 0.5)
+    release = partial(release_stack, volumes, masks)  # a cohort's stacks are memory-mapped: hold a chunk at a time
+    parts, pool, atlas = _regional_parts(settings, grid, brain_majority(masks, train_idx, after_chunk=release))
     model = (RegionalConvEncoder if settings.backbone == "regional_cnn" else RegionalEncoder)(grid.shape, parts, pool)
-    model.set_reference(volumes[train_idx], masks[train_idx])
+    model.set_reference(volumes, masks, train_idx, after_chunk=release)
     LOG.info("regional twin model: %d %s regions, %d-d embedding", model.n_parts, atlas, model.embedding_dim)
     return model
 
