@@ -101,8 +101,8 @@ def test_sample_unrelated_counts_without_listing_all_pairs():
     assert unrelated_pairs_available(families) == 15 - 1 - 3
     everything = sample_unrelated(families, 20, np.random.default_rng(0))
     assert everything == [(a, b) for a, b in combinations(range(6), 2) if families[a] != families[b]]
-    # 20,000 subjects in one split: 20 draws each (a list of all pairs would hold 200 million)
-    big = [str(k // 2) for k in range(20_000)]
+    # 12,000 subjects in one split (ABCD size): 20 draws each; a list of all pairs would hold 72 million
+    big = [str(k // 2) for k in range(12_000)]
     sample = sample_unrelated(big, 20, np.random.default_rng(0))
     assert len(sample) <= 20 * len(big) and all(big[a] != big[b] and a < b for a, b in sample[:1000])
 
