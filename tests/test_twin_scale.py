@@ -96,6 +96,7 @@ def test_pair_table_samples_a_bounded_seeded_set_of_unrelated_pairs():
     assert set(zip(other.subject_a, other.subject_b)) != set(zip(table.subject_a, table.subject_b))
 
 
+@pytest.mark.slow
 def test_sample_unrelated_counts_without_listing_all_pairs():
     families = ["a", "a", "b", "c", "c", "c"]
     assert unrelated_pairs_available(families) == 15 - 1 - 3
