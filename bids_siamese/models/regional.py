@@ -77,12 +77,14 @@ def running_moments(volumes: np.ndarray | torch.Tensor, masks: np.ndarray | None
     count, mean, m2, inside = 0, None, None, None
     for start in range(0, len(rows), max(1, int(chunk))):
         part = rows[start:start + max(1, int(chunk))]
-        x = np.asarray(volumes[torch.as_tensor(part)] if isinstance(volumes, torch.Tensor) else volumes[part],
-                       dtype=np.float64).reshape(len(part), -1)
+        x = np.array(volumes[torch.as_tensor(part)] if isinstance(volumes, torch.Tensor) else volumes[part],
+                     dtype=np.float64).reshape(len(part), -1)  # a copy: squared in place below
         m = np.asarray(masks[part]).reshape(len(part), -1) if masks is not None else x != 0
-        c_mean = x.mean(axis=0)
-        c_m2 = ((x - c_mean) ** 2).sum(axis=0)
         c_inside = m.sum(axis=0, dtype=np.int64)
+        c_mean = x.mean(axis=0)
+        x -= c_mean
+        c_m2 = np.square(x, out=x).sum(axis=0)
+        del x, m  # before the next chunk is read: one chunk in memory, not two
         if mean is None:
             count, mean, m2, inside = len(part), c_mean, c_m2, c_inside
         else:
