@@ -78,13 +78,17 @@ def embed(model: nn.Module, volumes: np.ndarray, idx: np.ndarray | None = None, 
     was_training = net.training
     net.eval()
     idx = np.arange(len(volumes)) if idx is None else np.asarray(idx)
-    out = []
+    out: torch.Tensor | None = None  # filled in place: a list of per-batch results, each allocated between a
+    start = 0  # batch's large temporaries, kept the freed heap from being reused (4 GB more at 4,000 scans)
     for _, x in _batches(volumes, idx, batch_size):
         with autocast(device, amp):
             e = net.embed(x.to(device)) if hasattr(net, "embed") else net(x.to(device))
-        out.append(e.float().cpu())
+        if out is None:
+            out = torch.empty((len(idx), *e.shape[1:]), dtype=torch.float32)
+        out[start:start + len(e)] = e.float().cpu()
+        start += len(e)
     net.train(was_training)
-    return torch.cat(out) if out else torch.zeros((0, 0))
+    return out if out is not None else torch.zeros((0, 0))
 
 
 @torch.no_grad()
