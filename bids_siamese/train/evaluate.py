@@ -167,7 +167,7 @@ def scalar_rows(values: Mapping[str, float]) -> pd.DataFrame:
 
 
 #: :func:`voxel_correlation` lets go of the pages of memory-mapped stacks after this many pairs.
-RELEASE_EVERY_PAIRS = 512
+RELEASE_EVERY_PAIRS = 128
 
 
 def voxel_correlation(volumes: np.ndarray, masks: np.ndarray, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
