@@ -47,7 +47,7 @@ from bids_siamese.train.ddp import DistContext
 from bids_siamese.train.evaluate import safe_auc
 from bids_siamese.train.pairs import twin_split_table
 from bids_siamese.train.run import load_relations
-from bids_siamese.train.twins import twin_matrices, twin_pair_table
+from bids_siamese.train.twins import twin_pair_table, twin_relations
 
 HINGE = loop.batch_hard_triplet_loss
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 sd = x[train].std(0, keepdims=True)
                 x = x / np.maximum(sd, np.percentile(sd[sd > 0], 10))
             x = np.where(masks, x, 0).astype(np.float32)
-        family, positive, unrelated = twin_matrices(pids, relations, False)
+        family, positive = twin_relations(pids, relations, False)
         torch.manual_seed(seed)
         arch = kw.get("arch", "cnn")
         if arch == "regional":
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                                   lr=float(kw.get("lr", 1e-3)), patience=int(kw.get("pat", 10)),
                                   margin=float(kw.get("margin", 0.2)), max_shift=int(kw.get("shift", 1)),
                                   noise_std=float(kw.get("noise", 0.05)), seed=seed, progress=False)
-        result = loop.train_twin(model, loop.TwinData(x, family, positive, unrelated), train, val, config, "cpu",
+        result = loop.train_twin(model, loop.TwinData(x, family, positive), train, val, config, "cpu",
                                  DistContext())
         dist = pairwise_distance(loop.embed(result.model, x, None, "cpu", 8), "cosine").numpy()
         pairs = twin_pair_table(pids, relations, split_of)

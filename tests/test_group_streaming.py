@@ -2,7 +2,7 @@
 
 * ``stream_volumes`` reads each file once, in order, at the training stack's precision, in this process or in
   loader workers, and a bad file is one line (not a worker traceback);
-* the longitudinal regional model sets itself up a chunk of scans at a time (:func:`brain_majority`, the
+* the longitudinal regional model sets itself up a chunk of scans at a time (:func:`nonzero_majority`, the
   embeddings), bit for bit as from the whole stack;
 * ``augment`` works in place on its shifted copy, with the values of the formula it replaced.
 """
@@ -19,7 +19,7 @@ from bids_siamese.train import models as train_models
 from bids_siamese.train.data import augment, load_volume, load_volume_cache, stored_precision, stream_volumes
 from bids_siamese.train.longitudinal import collect_longitudinal
 from bids_siamese.train.loop import PairData
-from bids_siamese.train.models import brain_majority, new_longitudinal_model
+from bids_siamese.train.models import new_longitudinal_model, nonzero_majority
 
 from test_train import make_group_inputs, settings_for
 
@@ -68,7 +68,7 @@ def test_brain_majority_by_chunks_is_the_mean_of_the_stack():
     idx = np.array([0, 2, 3, 5, 6, 8])
     expected = (volumes[idx, 0] != 0).mean(axis=0) >= 0.5
     for chunk in (1, 4, 16):
-        np.testing.assert_array_equal(brain_majority(volumes, idx, chunk), expected)
+        np.testing.assert_array_equal(nonzero_majority(volumes, idx, chunk), expected)
 
 
 @pytest.mark.slow

@@ -127,6 +127,11 @@ def load_volume(path: Path, grid: Grid) -> np.ndarray:
 SPILL_BYTES = 2 ** 28
 
 
+#: While a memory-mapped stack is filled, its pages are let go (:func:`release_pages`) every this many scans: the
+#: written pages stay in the file and the page cache, not in the filling process's resident memory.
+RELEASE_EVERY = 64
+
+
 def stack_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     """An uninitialised array: in memory up to :data:`SPILL_BYTES`, else a ``numpy.memmap`` on an unlinked temporary
     file in ``$TMPDIR`` (its disk space is freed when the array is).
@@ -251,6 +256,9 @@ def _fill_cache(n: int, shape: tuple[int, ...], dtype: str, volume_of: Callable[
         if volume.size and float(np.abs(volume).max()) > limit:
             raise BadDataError(f"{name_of(i)} has values beyond the float16 range (|value| > {limit:g}); fix: {fix}")
         out[i, 0] = volume
+        if i % RELEASE_EVERY == RELEASE_EVERY - 1:
+            release_pages(out)
+    release_pages(out)
     return VolumeCache(out)
 
 
@@ -354,6 +362,9 @@ def load_masks(paths: Sequence[Path], grid: Grid) -> np.ndarray:
     for i, path in enumerate(paths):
         mask = mask_path_for(path)
         out[i] = (load_volume(mask, grid) > 0.5) if mask.is_file() else (load_volume(path, grid) != 0)
+        if i % RELEASE_EVERY == RELEASE_EVERY - 1:
+            release_pages(out)
+    release_pages(out)
     return out
 
 

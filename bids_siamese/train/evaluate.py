@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from ..bids.derivatives import atomic_path
 from ..reports.figures import SVG_HASHSALT
+from .data import release_pages
 
 METRICS = ("accuracy", "precision", "recall", "f1", "auc_roc")
 #: Fewer positive validation pairs than this place a decision threshold by chance (Youden's J on a handful of
@@ -172,8 +173,15 @@ def scalar_rows(values: Mapping[str, float]) -> pd.DataFrame:
                         columns=["metric", "mean", "std", "n_runs"])
 
 
+#: :func:`voxel_correlation` lets go of the pages of memory-mapped stacks after this many pairs.
+RELEASE_EVERY_PAIRS = 128
+
+
 def voxel_correlation(volumes: np.ndarray, masks: np.ndarray, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
     """The model-free baseline: Pearson correlation of two registered brains inside both brain masks.
+
+    One pair's two volumes are converted to float64 at a time; the pages of memory-mapped stacks are let go every
+    :data:`RELEASE_EVERY_PAIRS` pairs, so memory does not grow with the stack.
 
     Args:
         volumes: ``(N, X, Y, Z)`` or ``(N, 1, X, Y, Z)`` model-grid volumes (an array, or a
@@ -194,6 +202,9 @@ def voxel_correlation(volumes: np.ndarray, masks: np.ndarray, pairs: Sequence[tu
     flat = masks.reshape(len(masks), -1)
     out = np.full(len(pairs), np.nan)
     for k, (i, j) in enumerate(pairs):
+        if k % RELEASE_EVERY_PAIRS == RELEASE_EVERY_PAIRS - 1:  # memory-mapped stacks: keep few pages resident
+            release_pages(stored)
+            release_pages(masks)
         m = flat[i] & flat[j]
         if m.sum() < 3:
             continue

@@ -20,10 +20,17 @@ from ..bids.derivatives import REGION_WEIGHTS, write_tsv
 from ..config import Settings
 from ..models.heads import LongitudinalSiamese, SiameseEncoder, build_model
 from ..models.init import start_from_pretrained
-from ..models.regional import REGIONAL_MODELS, RegionalChange, RegionalConvEncoder, RegionalEncoder, part_map_for
+from ..models.regional import (
+    REGIONAL_MODELS,
+    RegionalChange,
+    RegionalConvEncoder,
+    RegionalEncoder,
+    brain_majority,
+    part_map_for,
+)
 from ..resources import Grid
 from .data import VolumeCache, release_pages
-from .loop import PairData, embed
+from .loop import PairData, embed, release_stack
 
 LOG = logging.getLogger("bids_siamese.group.models")
 
@@ -79,19 +86,19 @@ def pretrained_start(model: SiameseEncoder | LongitudinalSiamese, settings: Sett
     return model
 
 
-#: Volumes read at once by the passes over the training scans that set a model up (:func:`brain_majority`, the
+#: Volumes read at once by the passes over the training scans that set a model up (:func:`nonzero_majority`, the
 #: embeddings of :func:`new_longitudinal_model`): the memory of a chunk, not of every training scan (issue 27).
 SCAN_CHUNK = 16
 
 
-def brain_majority(volumes: np.ndarray | VolumeCache, idx: np.ndarray, chunk: int = SCAN_CHUNK) -> np.ndarray:
+def nonzero_majority(volumes: np.ndarray | VolumeCache, idx: np.ndarray, chunk: int = SCAN_CHUNK) -> np.ndarray:
     """The voxels that are non-zero (inside the brain) in at least half of ``volumes[idx]`` ``(N, 1, X, Y, Z)``,
     counted a chunk of volumes at a time (the stack may be memory-mapped); the same as
     ``(volumes[idx, 0] != 0).mean(axis=0) >= 0.5`` without the ``(N, X, Y, Z)`` copy.
 
     Examples:
         >>> v = np.zeros((3, 1, 2, 1, 1), np.float32); v[:2, 0, 0] = 1.0
-        >>> brain_majority(v, np.arange(3), chunk=2).ravel().tolist()
+        >>> nonzero_majority(v, np.arange(3), chunk=2).ravel().tolist()
         [True, False]
     """
     idx = np.asarray(idx)
@@ -109,7 +116,7 @@ def new_longitudinal_model(settings: Settings, grid: Grid, data: PairData, train
         return pretrained_start(build_model("longitudinal", settings.backbone, embedding_dim=settings.embedding_dim),
                                 settings, grid)
     scans = np.unique(data.pairs[train_idx])
-    parts, pool, atlas = _regional_parts(settings, grid, brain_majority(data.volumes, scans, SCAN_CHUNK))
+    parts, pool, atlas = _regional_parts(settings, grid, nonzero_majority(data.volumes, scans, SCAN_CHUNK))
     model = RegionalChange(grid.shape, parts, pool)
     emb = embed(model, data.volumes, scans, batch_size=SCAN_CHUNK)  # a chunk of volumes at a time
     row = {int(s): k for k, s in enumerate(scans)}
@@ -126,9 +133,10 @@ def new_twin_model(settings: Settings, grid: Grid, volumes: np.ndarray, masks: n
     if settings.backbone not in REGIONAL_MODELS:
         return pretrained_start(build_model("twin", settings.backbone, embedding_dim=settings.embedding_dim),
                                 settings, grid)
-    parts, pool, atlas = _regional_parts(settings, grid, masks[train_idx].mean(axis=0) >= 0.5)
+    release = partial(release_stack, volumes, masks)  # a cohort's stacks are memory-mapped: hold a chunk at a time
+    parts, pool, atlas = _regional_parts(settings, grid, brain_majority(masks, train_idx, after_chunk=release))
     model = (RegionalConvEncoder if settings.backbone == "regional_cnn" else RegionalEncoder)(grid.shape, parts, pool)
-    model.set_reference(volumes[train_idx], masks[train_idx])
+    model.set_reference(volumes, masks, train_idx, after_chunk=release)
     LOG.info("regional twin model: %d %s regions, %d-d embedding", model.n_parts, atlas, model.embedding_dim)
     return model
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from scipy import sparse
 from torch import nn
 
 from ..bids.derivatives import TWIN_FILES, model_folder, write_tsv
@@ -80,9 +82,20 @@ def relation_lookup(relations: Relations):
     return relation_of
 
 
-def twin_pair_table(pids: Sequence[str], relations: Relations, split_of: dict[str, str]) -> pd.DataFrame:
-    """Every MZ/DZ pair, and every unrelated pair of two subjects in the same split:
-    ``subject_a, subject_b, relation, split, i, j`` (i, j: positions in ``pids``).
+#: Unrelated partners drawn per subject for the pair table (:func:`twin_pair_table`): the unrelated pairs of a
+#: split grow as N^2 (26 million at 11,000 subjects), the metrics need only a sample of them.
+UNRELATED_PER_SUBJECT = 20
+
+
+def twin_pair_table(pids: Sequence[str], relations: Relations, split_of: dict[str, str], seed: int = 0,
+                    per_subject: int = UNRELATED_PER_SUBJECT) -> pd.DataFrame:
+    """Every MZ/DZ pair, and unrelated pairs of two subjects in the same split:
+    ``subject_a, subject_b, relation, split, i, j`` (i, j: positions in ``pids``), sorted by the two ids.
+
+    A split whose unrelated pairs are at most ``per_subject`` times its subjects keeps them all (every demo
+    split); a larger one keeps a seeded random sample (:func:`sample_unrelated`): each subject draws
+    ``per_subject`` unrelated partners of its split, so the table grows as N, not N^2. The same ``pids``,
+    relations, split and ``seed`` give the same table.
 
     Examples:
         >>> r = Relations({"sub-1": "a", "sub-2": "a", "sub-3": "b"},
@@ -98,31 +111,98 @@ def twin_pair_table(pids: Sequence[str], relations: Relations, split_of: dict[st
             sa, sb = split_of[row.subject_a], split_of[row.subject_b]
             rows.append((row.subject_a, row.subject_b, row.relation, sa if sa == sb else f"{sa}/{sb}",
                          index[row.subject_a], index[row.subject_b]))
-    ordered = sorted(pids)
-    for a_pos, a in enumerate(ordered):
-        for b in ordered[a_pos + 1:]:
-            if relations.family[a] != relations.family[b] and split_of[a] == split_of[b]:
-                rows.append((a, b, "unrelated", split_of[a], index[a], index[b]))
+    rng = np.random.default_rng(seed)
+    for split, members in _split_members(pids, split_of).items():
+        families = [relations.family[p] for p in members]
+        for a, b in sample_unrelated(families, per_subject, rng):
+            rows.append((members[a], members[b], "unrelated", split, index[members[a]], index[members[b]]))
     table = pd.DataFrame(rows, columns=["subject_a", "subject_b", "relation", "split", "i", "j"])
     return table.sort_values(["subject_a", "subject_b"]).reset_index(drop=True)
 
 
-def twin_matrices(pids: Sequence[str], relations: Relations, dz_positives: bool, dz_weight: float = 0.5
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Family index ``(N,)``, positive weights ``(N, N)`` (MZ 1, DZ ``dz_weight`` if used) and the unrelated
-    mask ``(N, N)`` for subjects ``pids``."""
+def _split_members(pids: Sequence[str], split_of: dict[str, str]) -> dict[str, list[str]]:
+    """Split name -> its subjects in id order (splits in name order)."""
+    members: dict[str, list[str]] = {}
+    for p in sorted(pids):
+        members.setdefault(split_of[p], []).append(p)
+    return dict(sorted(members.items()))
+
+
+def unrelated_pairs_available(families: Sequence[str]) -> int:
+    """How many unrelated pairs ``len(families)`` subjects form (pairs of two different families), counted
+    without listing them.
+
+    Examples:
+        >>> unrelated_pairs_available(["a", "a", "b", "c"])
+        5
+    """
+    n = len(families)
+    return n * (n - 1) // 2 - sum(c * (c - 1) // 2 for c in Counter(families).values())
+
+
+def unrelated_pair_counts(pids: Sequence[str], relations: Relations, split_of: dict[str, str]) -> dict[str, int]:
+    """Per split, the unrelated pairs of two of its subjects (all of them, scored or not)."""
+    return {split: unrelated_pairs_available([relations.family[p] for p in members])
+            for split, members in _split_members(pids, split_of).items()}
+
+
+def sample_unrelated(families: Sequence[str], per_subject: int, rng: np.random.Generator
+                     ) -> list[tuple[int, int]]:
+    """Unrelated pairs ``(a, b)``, ``a < b``, of subjects whose family ids are ``families``, in order.
+
+    All of them when there are at most ``per_subject * len(families)``; else each subject in turn draws
+    ``per_subject`` partners of another family (``rng.choice`` over the others without replacement, its
+    relatives drawn and rejected), and the union is kept: at most ``per_subject * len(families)`` pairs, and
+    no list of all N^2 pairs is ever made.
+
+    Examples:
+        >>> sample_unrelated(["a", "a", "b"], 20, np.random.default_rng(0))
+        [(0, 2), (1, 2)]
+        >>> len(sample_unrelated([str(k) for k in range(100)], 2, np.random.default_rng(0))) <= 200
+        True
+    """
+    n = len(families)
+    codes = np.unique(np.asarray(families, dtype=object).astype(str), return_inverse=True)[1]
+    if unrelated_pairs_available(list(codes)) <= per_subject * n:
+        return [(a, int(b)) for a in range(n) for b in a + 1 + np.flatnonzero(codes[a + 1:] != codes[a])]
+    size = np.bincount(codes)
+    pairs: set[tuple[int, int]] = set()
+    for a in range(n):
+        draw = rng.choice(n - 1, size=min(n - 1, per_subject + int(size[codes[a]]) - 1), replace=False)
+        draw = draw + (draw >= a)  # the others: positions 0..n-1 without a
+        for b in draw[codes[draw] != codes[a]][:per_subject]:
+            pairs.add((min(a, int(b)), max(a, int(b))))
+    return sorted(pairs)
+
+
+def twin_relations(pids: Sequence[str], relations: Relations, dz_positives: bool, dz_weight: float = 0.5
+                   ) -> tuple[np.ndarray, sparse.csr_matrix]:
+    """What twin training needs to know of ``pids``: the family index ``(N,)`` (subjects of different families
+    are the unrelated pairs) and the positive weights as a sparse ``(N, N)`` matrix (MZ 1, DZ ``dz_weight`` if
+    used; only the twin pairs are stored, not N^2 values).
+
+    Examples:
+        >>> r = Relations({"sub-1": "a", "sub-2": "a", "sub-3": "b"},
+        ...               pd.DataFrame([("sub-1", "sub-2", "MZ")], columns=["subject_a", "subject_b", "relation"]))
+        >>> family, positive = twin_relations(["sub-1", "sub-2", "sub-3"], r, False)
+        >>> family.tolist(), positive.toarray().tolist()
+        ([0, 0, 1], [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    """
     fam_ids = {f: k for k, f in enumerate(sorted(set(relations.family[p] for p in pids)))}
     family = np.array([fam_ids[relations.family[p]] for p in pids])
     index = {p: k for k, p in enumerate(pids)}
-    positive = np.zeros((len(pids), len(pids)), dtype=np.float32)
+    rows, cols, weights = [], [], []
     for row in relations.pairs.itertuples(index=False):
         if row.subject_a not in index or row.subject_b not in index:
             continue
         w = 1.0 if row.relation == "MZ" else dz_weight if (row.relation == "DZ" and dz_positives) else 0.0
-        i, j = index[row.subject_a], index[row.subject_b]
-        positive[i, j] = positive[j, i] = w
-    unrelated = family[:, None] != family[None, :]
-    return family, positive, unrelated
+        if w:
+            i, j = index[row.subject_a], index[row.subject_b]
+            rows += [i, j]
+            cols += [j, i]
+            weights += [w, w]
+    positive = sparse.csr_matrix((np.asarray(weights, dtype=np.float32), (rows, cols)), shape=(len(pids),) * 2)
+    return family, positive
 
 
 def _check_twin_splits(pairs: pd.DataFrame, positive_relations: Sequence[str]) -> None:
@@ -296,10 +376,13 @@ def card_decision(card: dict[str, Any]) -> TwinDecision:
                         float(decision["baseline_threshold_correlation"]), {}, decision)
 
 
-def evaluate_twins(pairs: pd.DataFrame, decision: TwinDecision, n_draws: int, seed: int
+def evaluate_twins(pairs: pd.DataFrame, decision: TwinDecision, n_draws: int, seed: int,
+                   test_unrelated_available: int | None = None
                    ) -> tuple[pd.DataFrame, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """evaluate (3): every pair's twin probability and decision, and the test metrics of the model and the
-    baseline (MZ and DZ vs unrelated, ``n_draws`` draws) with their ROC curves."""
+    baseline (MZ and DZ vs unrelated, ``n_draws`` draws from the scored unrelated test pairs) with their ROC
+    curves. ``test_unrelated_available``: all unrelated test pairs, scored or not (a metrics row; default: the
+    scored ones)."""
     pairs["twin_probability"] = probability(pairs["score"].to_numpy(), decision.threshold, decision.scale)
     pairs["predicted_twin"] = pairs["score"] >= decision.threshold
     learned, curves = _twin_test_metrics(pairs, "score", decision.threshold, n_draws, seed, "")
@@ -307,6 +390,8 @@ def evaluate_twins(pairs: pd.DataFrame, decision: TwinDecision, n_draws: int, se
                                             decision.baseline_threshold, n_draws, seed, "baseline_")
     test = pairs[pairs["split"] == "test"]
     counts = {f"n_test_{r.lower()}_pairs": int((test["relation"] == r).sum()) for r in ("MZ", "DZ", "unrelated")}
+    counts["n_test_unrelated_pairs_available"] = (counts["n_test_unrelated_pairs"] if test_unrelated_available is None
+                                                  else int(test_unrelated_available))
     if not counts["n_test_mz_pairs"]:
         LOG.warning("no MZ pair among the test subjects: the twin metrics are n/a")
     metrics = pd.concat([learned, baseline, scalar_rows({
@@ -369,10 +454,11 @@ class TwinTask(GroupTask):
         if self.relatives_only:
             return
         self.split_of, self.split_table = twin_splits(self.settings, self.cohort, self.card)
-        self.pairs = twin_pair_table(self.pids, self.cohort.relations, self.split_of)
+        self.pairs = twin_pair_table(self.pids, self.cohort.relations, self.split_of, self.settings.seed)
+        self.unrelated_available = unrelated_pair_counts(self.pids, self.cohort.relations, self.split_of)
         if self.train_mode:
             _check_twin_splits(self.pairs, self.positive_relations)
-        _log_pairs(self.pids, self.pairs, self.split_of)
+        _log_pairs(self.pids, self.pairs, self.split_of, self.unrelated_available)
         self.split_arr = np.array([self.split_of[p] for p in self.pids])
 
     def fit(self) -> None:
@@ -398,7 +484,8 @@ class TwinTask(GroupTask):
         self.pairs = score_twin_pairs(self.pairs, self.emb, self.volumes, self.masks, self.distance)
         self.decision = (choose_twin_decision(self.pairs, self.positive_relations) if self.train_mode
                          else card_decision(card))
-        self.metrics, self.roc = evaluate_twins(self.pairs, self.decision, settings.n_draws, settings.seed)
+        self.metrics, self.roc = evaluate_twins(self.pairs, self.decision, settings.n_draws, settings.seed,
+                                                self.unrelated_available.get("test", 0))
 
     def write(self) -> list[Path]:
         """The training outputs and checkpoint (train), the pairs, relatives, metrics and ROC figure."""
@@ -415,7 +502,8 @@ class TwinTask(GroupTask):
         card = self.card
         if self.result is not None:
             card = _twin_card(settings, self.grid, self.model, self.cohort, self.split_of, self.pairs,
-                              self.decision, self.metrics, self.result, self.config, self.ctx)
+                              self.decision, self.metrics, self.result, self.config, self.ctx,
+                              self.unrelated_available)
             written += write_twin_training(settings, self.model, card, self.result, self.split_table,
                                            int((self.split_arr == "train").sum()))
         written += write_twins(settings, self.pids, self.pairs, self.emb,
@@ -425,10 +513,10 @@ class TwinTask(GroupTask):
         return written
 
 
-def _log_pairs(pids: list[str], pairs: pd.DataFrame, split_of: dict[str, str]) -> None:
-    LOG.info("twins: %d subjects, %d MZ and %d DZ pairs, %d unrelated pairs (%s)", len(pids),
+def _log_pairs(pids: list[str], pairs: pd.DataFrame, split_of: dict[str, str], available: dict[str, int]) -> None:
+    LOG.info("twins: %d subjects, %d MZ and %d DZ pairs, %d unrelated pairs scored of %d (%s)", len(pids),
              int((pairs.relation == "MZ").sum()), int((pairs.relation == "DZ").sum()),
-             int((pairs.relation == "unrelated").sum()),
+             int((pairs.relation == "unrelated").sum()), sum(available.values()),
              ", ".join(f"{k} {v}" for k, v in pd.Series(split_of).value_counts().sort_index().items()))
 
 
@@ -438,9 +526,8 @@ def fit_twin(settings: Settings, grid: Grid, cohort: TwinCohort, volumes: np.nda
     loss on the training subjects, early-stopped on the validation subjects."""
     train_idx, val_idx = np.flatnonzero(split_arr == "train"), np.flatnonzero(split_arr == "validation")
     model = new_twin_model(settings, grid, volumes, masks, train_idx)
-    family, positive, unrelated = twin_matrices(cohort.pids, cohort.relations, settings.dz_positives)
-    result = train_twin(model, TwinData(volumes, family, positive, unrelated), train_idx, val_idx, config, device,
-                        ctx)
+    family, positive = twin_relations(cohort.pids, cohort.relations, settings.dz_positives)
+    result = train_twin(model, TwinData(volumes, family, positive), train_idx, val_idx, config, device, ctx)
     LOG.info("twin training: %d epochs (best %d) in %.0f s, %.1f volumes/s", len(result.history),
              result.best_epoch, result.seconds, result.volumes_per_second)
     return result
@@ -448,11 +535,13 @@ def fit_twin(settings: Settings, grid: Grid, cohort: TwinCohort, volumes: np.nda
 
 def _twin_card(settings: Settings, grid: Grid, model: nn.Module, cohort: TwinCohort, split_of: dict[str, str],
                pairs: pd.DataFrame, decision: TwinDecision, metrics: pd.DataFrame, result: TrainResult,
-               config: TrainConfig, ctx: DistContext) -> dict[str, Any]:
+               config: TrainConfig, ctx: DistContext, unrelated_available: dict[str, int]) -> dict[str, Any]:
     """The model card of a trained twin model."""
     training_data = card_training_data(
         cohort.scans, split_of, settings.bids_dir, n_subjects=pd.Series(split_of).value_counts().to_dict(),
-        pairs={r: int((pairs["relation"] == r).sum()) for r in ("MZ", "DZ", "unrelated")})
+        pairs={**{r: int((pairs["relation"] == r).sum()) for r in ("MZ", "DZ", "unrelated")},
+               "unrelated_available": int(sum(unrelated_available.values())),
+               "unrelated_per_subject": UNRELATED_PER_SUBJECT})
     regional = isinstance(model, RegionalEncoder)
     card = make_card(
         "twin", settings.backbone, model.embedding_dim if regional else settings.embedding_dim, grid,
