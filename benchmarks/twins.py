@@ -67,7 +67,8 @@ def truth_outputs(bids: Path, results: Path, resolution: float) -> int:
     generator's truth (true affine and mask); existing files are kept. Returns the number written."""
     import nibabel as nib
 
-    from bids_siamese.bids.derivatives import STATUS_OK, init_output_dir, write_completion_record
+    from bids_siamese.bids.derivatives import init_output_dir
+    from bids_siamese.bids.records import STATUS_OK, write_completion_record
     from symmetry import resample_with_truth
 
     truth = pd.read_csv(bids / "sourcedata" / "truth" / "scans.tsv", sep="\t", dtype=str)

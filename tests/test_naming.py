@@ -7,9 +7,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bids_siamese.bids.derivatives import (BIDSIGNORE, BIDSIGNORE_REASONS, RESULT_RES, TEMPLATEFLOW_GRIDS,
-                                           model_grid_sidecar, output_names, path_patterns,
-                                           resample_to_templateflow, templateflow_grid)
+from bids_siamese.bids.derivatives import BIDSIGNORE, BIDSIGNORE_REASONS, RESULT_RES, output_names, path_patterns
+from bids_siamese.bids.grids import TEMPLATEFLOW_GRIDS, model_grid_sidecar, resample_to_templateflow, templateflow_grid
 from bids_siamese.resources import TEMPLATE, model_grid, template_brain_path
 
 DOCS = Path(__file__).parents[1] / "docs" / "outputs.md"

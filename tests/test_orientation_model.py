@@ -71,7 +71,8 @@ def _dataset(root: Path, n_subjects: int = 14) -> tuple[Path, Path]:
     smooth random intensity changes and noise; sub-01 is stored mirrored (image verdict ``flipped``)."""
     from scipy import ndimage
 
-    from bids_siamese.bids.derivatives import init_output_dir, write_completion_record
+    from bids_siamese.bids.derivatives import init_output_dir
+    from bids_siamese.bids.records import write_completion_record
 
     bids, out = root / "bids", root / "out"
     bids.mkdir(parents=True)

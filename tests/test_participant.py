@@ -464,7 +464,7 @@ def test_bidsignore_is_the_documented_one_and_the_output_validates(participant_r
 def test_res_entity_means_templateflow_grid(participant_run):
     """Every written ``space-MNI152NLin2009cAsym`` image with ``res-R`` has TemplateFlow's header for R; the
     model-grid images carry no ``res-``."""
-    from bids_siamese.bids.derivatives import TEMPLATEFLOW_GRIDS, templateflow_grid
+    from bids_siamese.bids.grids import TEMPLATEFLOW_GRIDS, templateflow_grid
     from bids_siamese.resources import model_grid, template_brain_path
 
     _, out, _ = participant_run

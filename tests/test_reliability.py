@@ -17,13 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bids_siamese.bids.derivatives import (
-    check_completion_record,
-    output_names,
-    sweep_partial_files,
-    write_completion_record,
-    write_json,
-)
+from bids_siamese.bids.derivatives import output_names, sweep_partial_files, write_json
+from bids_siamese.bids.records import check_completion_record, write_completion_record
 from bids_siamese.cli.parser import build_parser
 from conftest import BROKEN_KINDS, add_broken_subject
 

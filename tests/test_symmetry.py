@@ -499,8 +499,8 @@ def test_group_train_and_apply(template8, tmp_path):
 @pytest.mark.slow
 def test_output_names_pass_the_validator(template8, tmp_path):
     """The asymmetry outputs under the writer's names, with the app's own .bidsignore and nothing added."""
-    from bids_siamese.bids.derivatives import (BIDSIGNORE, init_output_dir, resample_to_templateflow, write_json,
-                                               write_nifti, write_tsv)
+    from bids_siamese.bids.derivatives import BIDSIGNORE, init_output_dir, write_json, write_nifti, write_tsv
+    from bids_siamese.bids.grids import resample_to_templateflow
     from bids_siamese.bids.derivatives import output_names
     from bids_siamese.interfaces.symmetry import map_sidecar
 

@@ -27,8 +27,7 @@ from bids.layout.writing import build_path as _pybids_build_path
 
 from .. import __version__
 from ..errors import CannotCreateError
-from ..preproc.grid import resample_array
-from ..resources import GRID_BOX_MM, TEMPLATE, TEMPLATE_BRAIN, Grid, model_grid, template_brain
+from ..resources import TEMPLATE, TEMPLATE_BRAIN, template_brain
 
 if TYPE_CHECKING:  # config sits above bids in the layers; the type only
     from ..config import Settings
@@ -154,7 +153,8 @@ def relevance_path(preproc: Path, desc: str = "lrp") -> Path:
 
 def map_file_names(stem: str, desc: str, suffix: str, resolution_label: str = "") -> dict[str, str]:
     """Names of the volume, GIFTI and CIFTI files of one set of template-space maps (``stem``: ``group`` or a
-    scan's source). The volume is on the model grid and so carries no ``res-`` (:data:`TEMPLATEFLOW_GRIDS`);
+    scan's source). The volume is on the model grid and so carries no ``res-``
+    (:data:`~bids_siamese.bids.grids.TEMPLATEFLOW_GRIDS`);
     ``resolution_label`` is accepted for the callers' signature and not part of any name.
 
     Examples:
@@ -286,7 +286,8 @@ def output_names(entities: Mapping[str, Any], resolution_label: str | None = Non
     """Relative output paths for one scan (a pure function of its BIDS entities).
 
     The model-grid files (``preproc``, ``grid_mask``) carry ``space-`` without ``res-``: ``res-`` means
-    TemplateFlow's grid of that resolution (:data:`TEMPLATEFLOW_GRIDS`), which only the asymmetry map is
+    TemplateFlow's grid of that resolution (:data:`~bids_siamese.bids.grids.TEMPLATEFLOW_GRIDS`), which only the
+    asymmetry map is
     resampled onto. ``resolution_label`` (``--resolution``) is accepted for the callers and names nothing.
 
     Examples:
@@ -390,85 +391,8 @@ def run_log_dir(output_dir: Path | str, run_id: str) -> Path:
 RUN_FAILURES = "failures.json"
 
 
-def read_qc_record(path: Path | str) -> dict[str, Any] | None:
-    """A per-scan QC record (``*_desc-orientation_qc.json``) as a dict; None when the file does not exist.
-
-    Raises:
-        OSError: the file exists but cannot be read.
-        ValueError: it is not JSON, or not a JSON object.
-    """
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return None
-    record = json.loads(text)
-    if not isinstance(record, dict):
-        raise ValueError(f"a JSON object was expected, not {type(record).__name__}")
-    return record
-
-
-# --------------------------------------------------------------------------------------------------
-# Grids: ``res-`` means TemplateFlow's grid of that resolution, nothing else
-# --------------------------------------------------------------------------------------------------
-
-#: TemplateFlow's grids of MNI152NLin2009cAsym by ``res-`` label: shape and voxel size (mm); the affine is
-#: diagonal with the first voxel's centre at :data:`TEMPLATEFLOW_ORIGIN_MM`. ``1``: the header of
-#: ``tpl-MNI152NLin2009cAsym_res-01_*.nii.gz`` (the bundled copy; tests/test_naming.py compares); ``2``: its 2 mm
-#: subsampling from the same first voxel, ``tpl-MNI152NLin2009cAsym_res-02`` and fMRIPrep's ``res-2`` (97x115x97).
-TEMPLATEFLOW_GRIDS = {"1": ((193, 229, 193), 1.0), "2": ((97, 115, 97), 2.0)}
-TEMPLATEFLOW_ORIGIN_MM = (-96.0, -132.0, -78.0)
 #: The ``res-`` of the result maps resampled for users (fMRIPrep's default output grid).
 RESULT_RES = "2"
-
-
-def templateflow_grid(label: str) -> Grid:
-    """TemplateFlow's MNI152NLin2009cAsym grid ``res-<label>``.
-
-    Examples:
-        >>> g = templateflow_grid("2")
-        >>> g.shape, g.affine[:3, 3].tolist(), g.resolution
-        ((97, 115, 97), [-96.0, -132.0, -78.0], 2.0)
-    """
-    shape, size = TEMPLATEFLOW_GRIDS[str(label)]
-    affine = np.diag([size, size, size, 1.0])
-    affine[:3, 3] = TEMPLATEFLOW_ORIGIN_MM
-    return Grid(shape=shape, affine=affine)
-
-
-def model_grid_sidecar(resolution: float) -> dict[str, Any]:
-    """Sidecar keys describing the model grid of a file named without ``res-``: ``Resolution`` (in words),
-    ``VoxelSizeMM``, ``GridShape``, ``GridAffine`` (voxel -> MNI152NLin2009cAsym mm).
-
-    Examples:
-        >>> model_grid_sidecar(2.0)["GridShape"]
-        [84, 104, 88]
-    """
-    grid = model_grid(resolution)
-    (x0, x1), (y0, y1), (z0, z1) = GRID_BOX_MM
-    return {"Resolution": (f"{resolution:g} mm isotropic bids-siamese model grid: the box x in [{x0:g}, {x1:g}], "
-                           f"y in [{y0:g}, {y1:g}], z in [{z0:g}, {z1:g}] mm, symmetric about x = 0 "
-                           f"({'x'.join(map(str, grid.shape))} voxels); not a TemplateFlow grid, hence no res-"),
-            "VoxelSizeMM": float(resolution), "GridShape": list(grid.shape),
-            "GridAffine": np.round(grid.affine, 6).tolist()}
-
-
-def templateflow_grid_sidecar(label: str) -> dict[str, Any]:
-    """``Resolution`` of a file named ``res-<label>`` (BIDS: the meaning of each ``res`` value)."""
-    grid = templateflow_grid(label)
-    return {"Resolution": {str(label): f"TemplateFlow's {grid.resolution:g} mm grid of {TEMPLATE} "
-                                       f"({'x'.join(map(str, grid.shape))} voxels), as tpl-{TEMPLATE}_res-0{label}"}}
-
-
-def resample_to_templateflow(data: np.ndarray, grid: Grid, label: str = RESULT_RES) -> nib.Nifti1Image:
-    """A model-grid float map resampled (linear) onto TemplateFlow's ``res-<label>`` grid, 0 outside the model
-    grid's box; float32 with qform and sform set to TemplateFlow's affine."""
-    target = templateflow_grid(label)
-    img = nib.Nifti1Image(resample_array(np.asarray(data, dtype=np.float32), grid.affine, target, order=1),
-                          target.affine)
-    img.set_qform(target.affine, 4)
-    img.set_sform(target.affine, 4)
-    return img
-
 
 #: ``.bidsignore``: the outputs that BIDS 1.11 has no name for, each with why (docs/outputs.md lists them).
 #: Everything else (T1w, masks, dataset_description.json, README.md, sidecars) is validated; ``logs/`` is a
@@ -541,7 +465,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{PART_MARK}{suffix}", dir=path.parent)
     except OSError as err:
-        raise _cannot_write(path, err) from err
+        raise cannot_write(path, err) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -550,14 +474,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.chmod(tmp_path, 0o644)
             os.replace(tmp_path, path)
         except OSError as err:  # disk full, folder made read-only, quota, ... while writing
-            raise _cannot_write(path, err) from err
+            raise cannot_write(path, err) from err
     finally:
         with contextlib.suppress(OSError):
             if tmp_path.exists():
                 tmp_path.unlink()
 
 
-def _cannot_write(path: Path, err: OSError) -> CannotCreateError:
+def cannot_write(path: Path, err: OSError) -> CannotCreateError:
     return CannotCreateError(f"cannot write {path}: {err.strerror or err}; fix: free space or restore write access "
                              "to OUTPUT_DIR, then rerun (finished scans are reused)")
 
@@ -758,67 +682,3 @@ def init_output_dir(output_dir: Path, bids_dir: Path | None = None, derivatives:
             "# bids-siamese derivatives\n\nOutputs of bids-siamese "
             f"{__version__}. Every file is described in the bids-siamese documentation (docs/outputs.md).\n",
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# Completion records: one per scan, written after every other output of the scan
-# --------------------------------------------------------------------------------------------------
-
-#: ``status`` values of a completion record and of ``group_orientation.tsv``.
-STATUS_OK, STATUS_FAILED, STATUS_MISSING = "ok", "failed", "missing"
-
-
-def write_completion_record(output_dir: Path, rel: Path, *, status: str, scan: str, run_id: str,
-                            files: Sequence[str] = (), reason: str | None = None) -> Path:
-    """Write ``<source>_desc-status_qc.json``: the scan's outcome and the size of every file it wrote.
-
-    Written last, after the scan's derivatives, figures and the subject report: a scan without this record
-    (or with a listed file missing or of another size) is incomplete.
-    """
-
-    output_dir = Path(output_dir)
-    listed = []
-    for name in files:
-        listed.append({"path": str(name), "size": (output_dir / name).stat().st_size})
-    record = {
-        "status": status,
-        "reason": reason,
-        "scan": scan,
-        "run_id": run_id,
-        "version": __version__,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": listed,
-    }
-    return write_json(output_dir / rel, record)
-
-
-def remove_completion_record(output_dir: Path, rel: Path) -> None:
-    """Forget a scan's completion before its outputs are rewritten (a killed rewrite leaves none)."""
-    try:
-        (Path(output_dir) / rel).unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise _cannot_write(Path(output_dir) / rel, err) from err
-
-
-def check_completion_record(output_dir: Path, rel: Path) -> tuple[str, str | None]:
-    """``(status, reason)`` of one scan from its completion record: ok, failed or missing."""
-    path = Path(output_dir) / rel
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        return STATUS_MISSING, "no completed participant-level results (never run, or the run was interrupted)"
-    except (OSError, ValueError) as err:
-        return STATUS_MISSING, f"unreadable completion record {path.name} ({err})"
-    if record.get("status") != STATUS_OK:
-        return STATUS_FAILED, str(record.get("reason") or "failed at the participant level")
-    root = os.fspath(output_dir)
-    for item in record.get("files", []):
-        try:  # os.stat of a joined string: a Path per listed file cost more than the stat at 10,000 scans
-            size = os.stat(os.path.join(root, item["path"])).st_size
-        except OSError:
-            return STATUS_MISSING, f"{item['path']} was deleted after the participant run"
-        if size != item["size"]:
-            return STATUS_MISSING, f"{item['path']} changed after the participant run ({size} != {item['size']} bytes)"
-    return STATUS_OK, None

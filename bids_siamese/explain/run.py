@@ -36,18 +36,10 @@ from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
 from ..atlas import Atlas, labels_on_grid, load_atlas
 from ..bids.derivatives import (
-    EXPLAIN_FILES,
-    mask_path_for,
-    model_folder,
-    model_grid_sidecar,
-    relevance_desc,
-    relevance_path,
-    template_reference,
-    write_json,
-    write_nifti,
-    write_text,
-    write_tsv,
+    EXPLAIN_FILES, mask_path_for, model_folder, relevance_desc, relevance_path, template_reference, write_json,
+    write_nifti, write_text, write_tsv,
 )
+from ..bids.grids import model_grid_sidecar
 from ..config import Settings
 from ..errors import NoInputError, UsageError, UserError
 from ..models.checkpoint import load_checkpoint

@@ -17,18 +17,11 @@ from nipype.interfaces.base import (
 )
 
 from ..bids.derivatives import (
-    FIGURE_DESCS,
-    embedding_name,
-    model_grid_sidecar,
-    output_names,
-    remove_completion_record,
-    resample_to_templateflow,
-    sidecar_path,
-    template_reference,
-    write_bytes,
-    write_json,
+    FIGURE_DESCS, embedding_name, output_names, sidecar_path, template_reference, write_bytes, write_json,
     write_nifti,
 )
+from ..bids.grids import model_grid_sidecar, resample_to_templateflow
+from ..bids.records import remove_completion_record
 from ..bids.layout import bids_relative
 from ..resources import Grid
 from .base import StepInterface

@@ -27,7 +27,8 @@ from nipype.interfaces.base import (
 )
 
 from ..atlas import atlas_on_grid, atlas_provenance
-from ..bids.derivatives import RESULT_RES, template_reference, templateflow_grid_sidecar, write_json, write_tsv
+from ..bids.derivatives import RESULT_RES, template_reference, write_json, write_tsv
+from ..bids.grids import templateflow_grid_sidecar
 from ..config import Settings
 from ..errors import BadDataError
 from ..resources import model_grid

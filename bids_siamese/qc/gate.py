@@ -31,7 +31,7 @@ import numpy as np
 
 # orientation_qc_path: train/data.py, train/orientation.py and symmetry/run.py still import it from here; they
 # should import it from bids.derivatives, its owner (then drop it from this line)
-from ..bids.derivatives import read_qc_record
+from ..bids.records import read_qc_record
 
 LOG = logging.getLogger("bids_siamese.qc")
 

@@ -21,16 +21,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ..bids.derivatives import (
-    ORIENTATION_QC_SUFFIX,
-    QC_FILES,
-    STATUS_MISSING,
-    STATUS_OK,
-    check_completion_record,
-    qc_record_names,
-    write_group_record,
-    write_tsv,
-)
+from ..bids.derivatives import ORIENTATION_QC_SUFFIX, QC_FILES, qc_record_names, write_group_record, write_tsv
+from ..bids.records import STATUS_MISSING, STATUS_OK, check_completion_record
 from ..config import Settings
 from ..explain.run import run_explain
 from ..models.checkpoint import load_checkpoint

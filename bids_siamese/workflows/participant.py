@@ -21,18 +21,8 @@ from nipype.pipeline.engine.utils import load_resultfile
 
 from .. import __version__
 from ..atlas import atlas_on_grid
-from ..bids.derivatives import (
-    CRASH_FOLDER,
-    RUN_FAILURES,
-    STATUS_FAILED,
-    STATUS_OK,
-    output_names,
-    read_qc_record,
-    run_log_dir,
-    subject_report_name,
-    write_completion_record,
-    write_json,
-)
+from ..bids.derivatives import CRASH_FOLDER, RUN_FAILURES, output_names, run_log_dir, subject_report_name, write_json
+from ..bids.records import STATUS_FAILED, STATUS_OK, read_qc_record, write_completion_record
 from ..bids.fmriprep import reuse_summary
 from ..bids.layout import T1wScan, bids_relative
 from ..config import Settings
