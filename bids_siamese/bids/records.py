@@ -3,10 +3,12 @@ the orientation QC record (``*_desc-orientation_qc.json``); the names come from 
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from .. import __version__
 from .derivatives import cannot_write, write_json
 
 
