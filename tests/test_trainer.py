@@ -99,7 +99,7 @@ def test_the_group_workflow_registers_every_task_model():
     """Importing the group workflow imports the task modules: the symmetry model's factory is then registered."""
     from bids_siamese.workflows.group import TASKS
 
-    assert set(TASKS) == {"twin", "longitudinal", "orientation", "symmetry"}
+    assert set(TASKS) == {"twin", "longitudinal", "orientation", "symmetry", "pretrain"}
     assert all(issubclass(task, GroupTask) and task.name == name for name, task in TASKS.items())
     assert model_factory("symmetry", "small") is FACTORIES[("symmetry", None)]
 
