@@ -101,20 +101,25 @@ def running_moments(volumes: np.ndarray | torch.Tensor, masks: np.ndarray | None
 
 
 def brain_majority(masks: np.ndarray, rows: np.ndarray, chunk: int = REFERENCE_CHUNK,
-                   after_chunk: Callable[[], None] | None = None) -> np.ndarray:
-    """Bool ``masks.shape[1:]``: the voxels inside at least half of ``masks[rows]``, counted ``chunk`` masks at
-    a time (no copy of all of them); ``after_chunk`` runs after each chunk.
+                   after_chunk: Callable[[], None] | None = None,
+                   inside: Callable[[np.ndarray], np.ndarray] = np.asarray) -> np.ndarray:
+    """Bool ``masks.shape[1:]`` (or the shape ``inside`` gives): the voxels inside at least half of ``masks[rows]``,
+    counted ``chunk`` masks at a time (no copy of all of them); ``inside`` turns a chunk into its bool masks (e.g.
+    the non-zero voxels of a volume stack); ``after_chunk`` runs after each chunk.
 
     Examples:
         >>> brain_majority(np.array([[1, 1, 0], [1, 0, 0], [0, 1, 0]], bool), np.array([0, 1, 2]), chunk=2).tolist()
         [True, True, False]
     """
-    inside = np.zeros(np.shape(masks)[1:], dtype=np.int64)
+    count = None
     for start in range(0, len(rows), max(1, int(chunk))):
-        inside += np.asarray(masks[rows[start:start + max(1, int(chunk))]]).sum(axis=0, dtype=np.int64)
+        part = np.asarray(inside(masks[rows[start:start + max(1, int(chunk))]])).sum(axis=0, dtype=np.int64)
+        count = part if count is None else count + part
         if after_chunk is not None:
             after_chunk()
-    return inside >= 0.5 * len(rows)
+    if count is None:  # no rows: nothing is inside
+        return np.zeros(np.shape(inside(masks[:0]))[1:], dtype=bool)
+    return count >= 0.5 * len(rows)
 
 
 class RegionParts(nn.Module):

@@ -101,12 +101,8 @@ def nonzero_majority(volumes: np.ndarray | VolumeCache, idx: np.ndarray, chunk: 
         >>> nonzero_majority(v, np.arange(3), chunk=2).ravel().tolist()
         [True, False]
     """
-    idx = np.asarray(idx)
-    count = np.zeros(np.shape(volumes)[2:], np.int64)
-    for start in range(0, len(idx), chunk):
-        count += (volumes[idx[start:start + chunk], 0] != 0).sum(axis=0)
-        release_pages(getattr(volumes, "array", volumes))
-    return count / max(1, len(idx)) >= 0.5
+    return brain_majority(volumes, np.asarray(idx), chunk, inside=lambda part: np.asarray(part)[:, 0] != 0,
+                          after_chunk=lambda: release_pages(getattr(volumes, "array", volumes)))
 
 
 def new_longitudinal_model(settings: Settings, grid: Grid, data: PairData, train_idx: np.ndarray) -> nn.Module:
